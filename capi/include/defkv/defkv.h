@@ -1,0 +1,349 @@
+/*
+ * defkv: KV-cache eviction with defensive aggregation (DefensiveKV, Feng et al., ICLR 2026)
+ * and the methods it is compared with, behind a stable C ABI.
+ *
+ * Conventions (apply to every function below unless it says otherwise)
+ * - Every fallible call returns a defkv_status: DEFKV_SUCCESS (0) or a negative error.
+ *   On error the call has written nothing to any caller buffer, and
+ *   defkv_context_last_error() names the offending argument and what was expected.
+ * - Handles are opaque; every *_destroy accepts NULL.
+ * - Threading: a context (and any defkv_global made from it) is used by one thread at a time.
+ *   Different contexts are fully independent and may be used concurrently, also on shared
+ *   read-only inputs.
+ * - Ownership: the library never keeps a pointer to caller memory after a call returns,
+ *   except defkv_global, which copies the scores it needs (O(Hk*L) floats per layer).
+ * - Extensible structs begin with `struct_size`; fill them with the matching *_default()
+ *   function, then change the fields you need. Fields added in later versions are appended,
+ *   and a caller built against an older header gets their defaults.
+ * - Enums have explicit values, only grow at the end and never reuse a value.
+ * - Only fixed-width integer types appear in signatures.
+ * "since" gives the library version that introduced a function.
+ */
+#ifndef DEFKV_H
+#define DEFKV_H
+
+#include <stdint.h>
+
+#if defined(SWIG)
+#define DEFKV_API
+#elif defined(_WIN32)
+#if defined(DEFKV_BUILD)
+#define DEFKV_API __declspec(dllexport)
+#else
+#define DEFKV_API __declspec(dllimport)
+#endif
+#else
+#define DEFKV_API __attribute__((visibility("default")))
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define DEFKV_VERSION_MAJOR 0
+#define DEFKV_VERSION_MINOR 1
+#define DEFKV_VERSION_PATCH 0
+/* ABI major: the SONAME is libdefkv.so.DEFKV_ABI_VERSION */
+#define DEFKV_ABI_VERSION 0
+#define DEFKV_VERSION_NUMBER (DEFKV_VERSION_MAJOR * 10000 + DEFKV_VERSION_MINOR * 100 + DEFKV_VERSION_PATCH)
+
+/* ------------------------------------------------------------------------------------------ */
+/* Enumerations                                                                              */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef enum defkv_status {
+    DEFKV_SUCCESS = 0,
+    DEFKV_ERROR_INVALID_ARGUMENT = -1,    /* a shape, stride, dtype, pointer or value is wrong   */
+    DEFKV_ERROR_OUT_OF_MEMORY = -2,       /* host or device allocation failed                     */
+    DEFKV_ERROR_UNSUPPORTED = -3,         /* valid request this build/backend cannot do           */
+    DEFKV_ERROR_BACKEND_UNAVAILABLE = -4, /* backend not compiled in, or no driver/device here    */
+    DEFKV_ERROR_SIZE_OVERFLOW = -5,       /* a size product does not fit the index types          */
+    DEFKV_ERROR_NON_FINITE = -6,          /* NaN/Inf in an input under DEFKV_NONFINITE_REJECT     */
+    DEFKV_ERROR_INVALID_STATE = -7,       /* calls out of order (e.g. defkv_global before select) */
+    DEFKV_ERROR_BUFFER_TOO_SMALL = -8,    /* an output capacity is smaller than needed            */
+    DEFKV_ERROR_BACKEND_FAILURE = -9,     /* the device/driver reported an error                  */
+    DEFKV_ERROR_INTERNAL = -10,           /* a bug in defkv: please report                        */
+    DEFKV_STATUS_MAX_ENUM = 0x7FFFFFFF
+} defkv_status;
+
+typedef enum defkv_dtype {
+    DEFKV_DTYPE_F32 = 0,
+    DEFKV_DTYPE_F16 = 1,  /* IEEE binary16 */
+    DEFKV_DTYPE_BF16 = 2, /* bfloat16 */
+    DEFKV_DTYPE_MAX_ENUM = 0x7FFFFFFF
+} defkv_dtype;
+
+/* Methods; see docs in README.md and the spec (algorithm.md) for exact definitions. */
+typedef enum defkv_method {
+    DEFKV_METHOD_SNAPKV = 0,            /* kvpress SnapKVPress, per-head                       */
+    DEFKV_METHOD_ADA_SNAPKV = 1,        /* EfficientAdaSnapKVPress, head-adaptive              */
+    DEFKV_METHOD_CRITICALKV = 2,        /* CriticalKVPress(SnapKVPress()), per-head            */
+    DEFKV_METHOD_ADA_CRITICALKV = 3,    /* CriticalAdaKVPress(SnapKVPress()), per-head budgets */
+    DEFKV_METHOD_DEFENSIVEKV = 4,       /* EfficientDefensiveKVPress, head-adaptive            */
+    DEFKV_METHOD_LAYER_DEFENSIVEKV = 5, /* EfficientLayerDefensiveKVPress, layer-adaptive      */
+    DEFKV_METHOD_STREAMINGLLM = 6,      /* StreamingLLMPress                                   */
+    DEFKV_METHOD_KNORM = 7,             /* KnormPress                                          */
+    DEFKV_METHOD_TOVA = 8,              /* TOVAPress                                           */
+    DEFKV_METHOD_RANDOM = 9,            /* RandomPress (own generator, seeded)                 */
+    DEFKV_METHOD_COUNT = 10,            /* number of methods in this version (grows)           */
+    DEFKV_METHOD_MAX_ENUM = 0x7FFFFFFF
+} defkv_method;
+
+typedef enum defkv_backend {
+    DEFKV_BACKEND_AUTO = 0, /* the best available: CUDA, then Vulkan, then CPU */
+    DEFKV_BACKEND_CPU = 1,
+    DEFKV_BACKEND_CUDA = 2,
+    DEFKV_BACKEND_VULKAN = 3,
+    DEFKV_BACKEND_MAX_ENUM = 0x7FFFFFFF
+} defkv_backend;
+
+/* Where a tensor's `data` lives. */
+typedef enum defkv_memory {
+    DEFKV_MEMORY_HOST = 0,          /* ordinary host pointer (every backend accepts it)          */
+    DEFKV_MEMORY_CUDA_DEVICE = 1,   /* CUDA device pointer (CUDA backend)                        */
+    DEFKV_MEMORY_VULKAN_BUFFER = 2, /* data is a VkBuffer handle, byte_offset within it (Vulkan) */
+    DEFKV_MEMORY_MAX_ENUM = 0x7FFFFFFF
+} defkv_memory;
+
+/* How DefensiveKV's window bias omega is measured (the mass threshold is 0.9 - omega). */
+typedef enum defkv_window_bias {
+    /* Official code (default): mean attention mass on the last W columns of the PREFIX,
+     * j in [max(0,P-W), P), because it slices the window off before summing. */
+    DEFKV_WINDOW_BIAS_OFFICIAL = 0,
+    /* The paper's intent: mean attention mass on the window itself, j in [P, L). */
+    DEFKV_WINDOW_BIAS_WINDOW = 1,
+    DEFKV_WINDOW_BIAS_MAX_ENUM = 0x7FFFFFFF
+} defkv_window_bias;
+
+/* What to do with NaN/Inf in inputs. */
+typedef enum defkv_nonfinite_policy {
+    /* Default: any non-finite value in queries, attention, keys, values or o_proj is rejected
+     * with DEFKV_ERROR_NON_FINITE naming the tensor and the first bad element. */
+    DEFKV_NONFINITE_REJECT = 0,
+    /* A cache entry whose key or value row holds a non-finite value is treated as the least
+     * important entry of its head: it is masked out of attention, never must-keep, and ranked
+     * below every finite entry. Non-finite queries, attention or o_proj are still rejected. */
+    DEFKV_NONFINITE_LOWEST = 1,
+    DEFKV_NONFINITE_MAX_ENUM = 0x7FFFFFFF
+} defkv_nonfinite_policy;
+
+/* ------------------------------------------------------------------------------------------ */
+/* Tensors                                                                                   */
+/* ------------------------------------------------------------------------------------------ */
+
+#define DEFKV_MAX_DIMS 4
+
+/* A strided view of caller memory. Shapes are LOGICAL (see each use); `strides` are in
+ * elements, per logical dimension, and may be any non-negative values that keep distinct
+ * elements distinct (so head-major [Hk, L, d] and token-major [L, Hk, d] caches are both
+ * described as logical [Hk, L, d] without copies). If every stride is 0 the tensor is
+ * contiguous row-major. A tensor with data == NULL is "absent". */
+typedef struct defkv_tensor {
+    void *data;          /* host pointer, CUDA device pointer, or VkBuffer handle (see memory) */
+    int32_t dtype;       /* defkv_dtype */
+    int32_t ndim;        /* number of logical dimensions used */
+    int64_t shape[DEFKV_MAX_DIMS];
+    int64_t strides[DEFKV_MAX_DIMS];
+    int32_t memory;      /* defkv_memory; DEFKV_MEMORY_HOST (0) for ordinary pointers */
+    int32_t reserved0;   /* must be 0 */
+    int64_t byte_offset; /* added to data (bytes); for VkBuffers the offset within the buffer */
+} defkv_tensor;
+
+/* One sequence of a (possibly ragged) batch, for one layer. Logical shapes:
+ *   queries   [H, W, d]  post-rotary queries of the last W prompt tokens (query w sits at
+ *                        absolute position L-W+w)                       } exactly one of the
+ *   attention [H, W, L]  precomputed window attention probabilities     } two is present
+ *   keys      [Hk, L, d] post-rotary keys
+ *   values    [Hk, L, d]
+ * L may differ between sequences; H, Hk, W and d may not. */
+typedef struct defkv_sequence {
+    defkv_tensor queries;
+    defkv_tensor attention;
+    defkv_tensor keys;
+    defkv_tensor values;
+} defkv_sequence;
+
+/* One layer of a batch. o_proj is the output projection, logical [D, H*d] as PyTorch's
+ * o_proj.weight (pass its transpose through strides); required by criticalkv,
+ * ada-criticalkv, defensivekv and layer-defensivekv, ignored by the others. */
+typedef struct defkv_layer {
+    uint32_t struct_size; /* sizeof(defkv_layer) */
+    int32_t n_seqs;
+    const defkv_sequence *seqs; /* [n_seqs] */
+    defkv_tensor o_proj;
+} defkv_layer;
+
+/* ------------------------------------------------------------------------------------------ */
+/* Parameters                                                                                */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef struct defkv_params {
+    uint32_t struct_size;     /* sizeof(defkv_params) */
+    int32_t method;           /* defkv_method; default DEFKV_METHOD_DEFENSIVEKV */
+    double compression_ratio; /* fraction evicted, in [0, 1) (kvpress convention); default 0.5.
+                                 Used when budget == 0. Per-head budget n = int(L * (1 - r)) */
+    int64_t budget;           /* > 0: absolute per-head budget n in tokens (>= window; n >= L keeps
+                                 everything); 0 (default): use compression_ratio */
+    int32_t window;           /* observation window W; default 32; every L must exceed it */
+    int32_t kernel;           /* pooling kernel, odd, >= 1; default 5 */
+    float scale;              /* softmax scale; 0 (default) means 1/sqrt(d) */
+    int32_t n_sink;           /* streamingllm sink tokens; default 4 */
+    double alpha_safeguard;   /* AdaKV safeguard fraction; default 0.2 */
+    double first_stage_ratio; /* CriticalKV stage-1 fraction; default 0.5 */
+    double epsilon;           /* CriticalKV epsilon; default 1e-4 */
+    double mass_threshold;    /* DefensiveKV base threshold (tau = this - omega); default 0.9 */
+    int32_t window_bias;      /* defkv_window_bias; default DEFKV_WINDOW_BIAS_OFFICIAL */
+    int32_t nonfinite;        /* defkv_nonfinite_policy; default DEFKV_NONFINITE_REJECT */
+    uint64_t seed;            /* random method; default 0 */
+} defkv_params;
+
+/* Fills *params with the defaults above (which equal the official code's). since 0.1 */
+DEFKV_API void defkv_params_default(defkv_params *params);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Outputs                                                                                   */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Where defkv_select writes its result. Every pointer is caller memory on the host (or on the
+ * context's device for device backends, see memory); only head_lens is required.
+ * Layouts over a batch: "per entry" arrays are the concatenation over sequences b of
+ * [Hk, L_b] row-major blocks; "per head" arrays have n_seqs*Hk entries, sequence-major. */
+typedef struct defkv_selection {
+    uint32_t struct_size; /* sizeof(defkv_selection) */
+    int32_t memory;       /* defkv_memory of the pointers below; DEFKV_MEMORY_HOST (0) */
+    int32_t *head_lens;   /* required, per head: number of kept entries */
+    int32_t *cu_seqlens;  /* optional, [n_seqs*Hk + 1]: 0, then running sums of head_lens
+                             (flash-attention varlen cu_seqlens over batch x heads) */
+    int32_t *indices;     /* optional: kept token positions; head i's at
+                             [cu_seqlens[i], cu_seqlens[i+1]), ascending */
+    int64_t indices_capacity; /* elements available at indices */
+    uint8_t *keep_mask;   /* optional, per entry: 1 kept, 0 evicted */
+    float *scores;        /* optional, per entry: the final score the selection ranked, with
+                             must-keep entries written as the official code writes them */
+} defkv_selection;
+
+/* ------------------------------------------------------------------------------------------ */
+/* Library information                                                                       */
+/* ------------------------------------------------------------------------------------------ */
+
+DEFKV_API uint32_t defkv_version_number(void);                 /* since 0.1 */
+DEFKV_API const char *defkv_version_string(void);              /* since 0.1 */
+DEFKV_API const char *defkv_status_string(int32_t status);     /* never NULL; since 0.1 */
+/* The method's name as used by the CLI ("defensivekv"), or NULL for an unknown value. */
+DEFKV_API const char *defkv_method_name(int32_t method);       /* since 0.1 */
+/* The official press class ("EfficientDefensiveKVPress"), or NULL. */
+DEFKV_API const char *defkv_method_press_name(int32_t method); /* since 0.1 */
+/* Parses a method name; DEFKV_ERROR_INVALID_ARGUMENT for an unknown one. since 0.1 */
+DEFKV_API defkv_status defkv_method_from_name(const char *name, int32_t *method);
+/* DEFKV_SUCCESS if the backend can be used on this machine, else DEFKV_ERROR_BACKEND_UNAVAILABLE
+ * (not built in, no loader/driver, no device). since 0.1 */
+DEFKV_API defkv_status defkv_backend_available(int32_t backend);
+DEFKV_API const char *defkv_backend_name(int32_t backend);     /* "cpu", ...; since 0.1 */
+
+/* ------------------------------------------------------------------------------------------ */
+/* Context                                                                                   */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef struct defkv_context defkv_context;
+
+typedef struct defkv_context_options {
+    uint32_t struct_size; /* sizeof(defkv_context_options) */
+    int32_t backend;      /* defkv_backend; default DEFKV_BACKEND_CPU */
+    int32_t n_threads;    /* CPU threads; 0 (default) = all cores. Results do not depend on it */
+    int32_t device_index; /* GPU backends: device to use; -1 (default) = the best one */
+    /* Optional caller-owned device objects (NULL = the library creates its own):
+     * CUDA: cudaStream_t. Vulkan: VkInstance, VkPhysicalDevice, VkDevice, VkQueue and the
+     * queue's family index. They must outlive the context. */
+    void *cuda_stream;
+    void *vk_instance;
+    void *vk_physical_device;
+    void *vk_device;
+    void *vk_queue;
+    uint32_t vk_queue_family;
+    int32_t reserved0;    /* must be 0 */
+} defkv_context_options;
+
+DEFKV_API void defkv_context_options_default(defkv_context_options *options); /* since 0.1 */
+
+/* Creates a context. options may be NULL (defaults). On failure *ctx is NULL and the reason
+ * is available from defkv_last_error_global(). since 0.1 */
+DEFKV_API defkv_status defkv_context_create(const defkv_context_options *options, defkv_context **ctx);
+DEFKV_API void defkv_context_destroy(defkv_context *ctx); /* NULL ok; since 0.1 */
+/* The last error of this context ("" if none); valid until the next call on ctx. since 0.1 */
+DEFKV_API const char *defkv_context_last_error(const defkv_context *ctx);
+/* The error of the last failed defkv_context_create on this thread. since 0.1 */
+DEFKV_API const char *defkv_last_error_global(void);
+/* The backend actually in use (never AUTO). since 0.1 */
+DEFKV_API int32_t defkv_context_backend(const defkv_context *ctx);
+/* Threads the CPU backend uses. since 0.1 */
+DEFKV_API int32_t defkv_context_n_threads(const defkv_context *ctx);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Scoring and selection of one layer                                                        */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Upper bound of the number of entries defkv_select keeps for this layer over the batch (exact
+ * for every method: the sum of the budgets), for sizing `indices` and varlen buffers. since 0.1 */
+DEFKV_API defkv_status defkv_kept_count(defkv_context *ctx, const defkv_params *params,
+                                        const defkv_layer *layer, int64_t *count);
+
+/* Scratch memory defkv_select needs for this layer (the context keeps and reuses it). since 0.1 */
+DEFKV_API defkv_status defkv_workspace_size(defkv_context *ctx, const defkv_params *params,
+                                            const defkv_layer *layer, int64_t *bytes);
+
+/* Scores every cache entry of every sequence of the layer with params->method and selects the
+ * entries to keep. layer-defensivekv on a single layer equals defensivekv; use defkv_global for
+ * several layers. since 0.1 */
+DEFKV_API defkv_status defkv_select(defkv_context *ctx, const defkv_params *params,
+                                    const defkv_layer *layer, defkv_selection *out);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Compaction                                                                                */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Moves each head's kept entries (sel->indices at sel->cu_seqlens, both required) to the front
+ * of that head's own rows of the layer's keys and values, in order; rows past head_lens are
+ * left as they were. Keys and values must be writable. since 0.1 */
+DEFKV_API defkv_status defkv_compact_inplace(defkv_context *ctx, const defkv_layer *layer,
+                                             const defkv_selection *sel);
+
+/* Gathers the kept entries into flattened varlen buffers keys_out/values_out, logical
+ * [sum(head_lens), d] (head i's rows at [cu_seqlens[i], cu_seqlens[i+1])), with the dtype of
+ * the layer's keys/values. The layer's tensors are not modified. since 0.1 */
+DEFKV_API defkv_status defkv_compact_varlen(defkv_context *ctx, const defkv_layer *layer,
+                                            const defkv_selection *sel, defkv_tensor *keys_out,
+                                            defkv_tensor *values_out);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Layer-adaptive selection across layers (Layer-DefensiveKV)                                */
+/* ------------------------------------------------------------------------------------------ */
+
+/* The caller submits layers as their prefill finishes; the library keeps only each layer's
+ * scores (Hk*L floats and flags per sequence), never the caches, so peak memory is one layer's
+ * cache plus n_layers*Hk*L scores, where the official code holds every layer's full cache until
+ * the last layer is scored. Then defkv_global_select ranks all layers together (per sequence,
+ * budget int(L*(1-r)*Hk*n_layers)), and each layer's selection is read back and compacted. */
+typedef struct defkv_global defkv_global;
+
+/* params->method must be DEFKV_METHOD_LAYER_DEFENSIVEKV. ctx must outlive *global. since 0.1 */
+DEFKV_API defkv_status defkv_global_create(defkv_context *ctx, const defkv_params *params,
+                                           int32_t n_layers, defkv_global **global);
+DEFKV_API void defkv_global_destroy(defkv_global *global); /* NULL ok; since 0.1 */
+/* Scores layer `layer_index` (each exactly once, any order; same batch shape every time). */
+DEFKV_API defkv_status defkv_global_add_layer(defkv_global *global, int32_t layer_index,
+                                              const defkv_layer *layer);
+/* Once every layer was added: the global selection. since 0.1 */
+DEFKV_API defkv_status defkv_global_select(defkv_global *global);
+/* Writes layer `layer_index`'s share of the global selection (head_lens may be 0; a head or
+ * a whole layer may lose every entry). since 0.1 */
+DEFKV_API defkv_status defkv_global_layer_selection(defkv_global *global, int32_t layer_index,
+                                                    defkv_selection *out);
+/* Entries layer `layer_index` keeps over the batch, after defkv_global_select. since 0.1 */
+DEFKV_API defkv_status defkv_global_layer_kept_count(defkv_global *global, int32_t layer_index,
+                                                     int64_t *count);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* DEFKV_H */

@@ -1,0 +1,293 @@
+// The C ABI: argument presence checks, exception containment and error bookkeeping around
+// the core. No exception, abort or exit crosses this boundary.
+#include <cstring>
+#include <new>
+#include <string>
+#include <thread>
+
+#include "defkv/defkv.h"
+#include "pipeline.hpp"
+
+namespace {
+
+thread_local std::string g_create_error;
+
+const char *const kMethodNames[DEFKV_METHOD_COUNT] = {
+    "snapkv", "ada-snapkv", "criticalkv", "ada-criticalkv", "defensivekv",
+    "layer-defensivekv", "streamingllm", "knorm", "tova", "random"};
+const char *const kPressNames[DEFKV_METHOD_COUNT] = {
+    "SnapKVPress", "EfficientAdaSnapKVPress", "CriticalKVPress(SnapKVPress)", "CriticalAdaKVPress(SnapKVPress)",
+    "EfficientDefensiveKVPress", "EfficientLayerDefensiveKVPress", "StreamingLLMPress", "KnormPress", "TOVAPress",
+    "RandomPress"};
+
+template <class F>
+defkv_status guarded(std::string *err, F &&f) {
+    try {
+        return f();
+    } catch (const std::bad_alloc &) {
+        if (err) *err = "out of host memory";
+        return DEFKV_ERROR_OUT_OF_MEMORY;
+    } catch (const std::exception &e) {
+        if (err) *err = std::string("internal error: ") + e.what();
+        return DEFKV_ERROR_INTERNAL;
+    } catch (...) {
+        if (err) *err = "internal error: unknown exception";
+        return DEFKV_ERROR_INTERNAL;
+    }
+}
+
+} // namespace
+
+extern "C" {
+
+DEFKV_API uint32_t defkv_version_number(void) { return DEFKV_VERSION_NUMBER; }
+
+DEFKV_API const char *defkv_version_string(void) {
+#define DEFKV_STR2(x) #x
+#define DEFKV_STR(x) DEFKV_STR2(x)
+    return DEFKV_STR(DEFKV_VERSION_MAJOR) "." DEFKV_STR(DEFKV_VERSION_MINOR) "." DEFKV_STR(DEFKV_VERSION_PATCH);
+}
+
+DEFKV_API const char *defkv_status_string(int32_t s) {
+    switch (s) {
+    case DEFKV_SUCCESS: return "success";
+    case DEFKV_ERROR_INVALID_ARGUMENT: return "invalid argument";
+    case DEFKV_ERROR_OUT_OF_MEMORY: return "out of memory";
+    case DEFKV_ERROR_UNSUPPORTED: return "unsupported";
+    case DEFKV_ERROR_BACKEND_UNAVAILABLE: return "backend unavailable";
+    case DEFKV_ERROR_SIZE_OVERFLOW: return "size overflow";
+    case DEFKV_ERROR_NON_FINITE: return "non-finite input";
+    case DEFKV_ERROR_INVALID_STATE: return "invalid state";
+    case DEFKV_ERROR_BUFFER_TOO_SMALL: return "buffer too small";
+    case DEFKV_ERROR_BACKEND_FAILURE: return "backend failure";
+    case DEFKV_ERROR_INTERNAL: return "internal error";
+    default: return "unknown status";
+    }
+}
+
+DEFKV_API const char *defkv_method_name(int32_t m) {
+    return m >= 0 && m < DEFKV_METHOD_COUNT ? kMethodNames[m] : nullptr;
+}
+DEFKV_API const char *defkv_method_press_name(int32_t m) {
+    return m >= 0 && m < DEFKV_METHOD_COUNT ? kPressNames[m] : nullptr;
+}
+DEFKV_API defkv_status defkv_method_from_name(const char *name, int32_t *method) {
+    if (!name || !method) return DEFKV_ERROR_INVALID_ARGUMENT;
+    for (int32_t i = 0; i < DEFKV_METHOD_COUNT; i++)
+        if (std::strcmp(name, kMethodNames[i]) == 0) {
+            *method = i;
+            return DEFKV_SUCCESS;
+        }
+    return DEFKV_ERROR_INVALID_ARGUMENT;
+}
+
+DEFKV_API const char *defkv_backend_name(int32_t b) {
+    switch (b) {
+    case DEFKV_BACKEND_AUTO: return "auto";
+    case DEFKV_BACKEND_CPU: return "cpu";
+    case DEFKV_BACKEND_CUDA: return "cuda";
+    case DEFKV_BACKEND_VULKAN: return "vulkan";
+    default: return "unknown";
+    }
+}
+
+DEFKV_API defkv_status defkv_backend_available(int32_t backend) {
+    std::string why;
+    if (backend == DEFKV_BACKEND_AUTO) return DEFKV_SUCCESS;
+    return guarded(nullptr, [&] { return defkv::backend_available(backend, &why); });
+}
+
+DEFKV_API void defkv_params_default(defkv_params *p) {
+    if (!p) return;
+    std::memset(p, 0, sizeof *p);
+    p->struct_size = sizeof *p;
+    p->method = DEFKV_METHOD_DEFENSIVEKV;
+    p->compression_ratio = 0.5;
+    p->budget = 0;
+    p->window = 32;
+    p->kernel = 5;
+    p->scale = 0.0f;
+    p->n_sink = 4;
+    p->alpha_safeguard = 0.2;
+    p->first_stage_ratio = 0.5;
+    p->epsilon = 1e-4;
+    p->mass_threshold = 0.9;
+    p->window_bias = DEFKV_WINDOW_BIAS_OFFICIAL;
+    p->nonfinite = DEFKV_NONFINITE_REJECT;
+    p->seed = 0;
+}
+
+DEFKV_API void defkv_context_options_default(defkv_context_options *o) {
+    if (!o) return;
+    std::memset(o, 0, sizeof *o);
+    o->struct_size = sizeof *o;
+    o->backend = DEFKV_BACKEND_CPU;
+    o->n_threads = 0;
+    o->device_index = -1;
+}
+
+DEFKV_API defkv_status defkv_context_create(const defkv_context_options *options, defkv_context **out) {
+    g_create_error.clear();
+    if (!out) {
+        g_create_error = "defkv_context_create: ctx (the output pointer) is NULL";
+        return DEFKV_ERROR_INVALID_ARGUMENT;
+    }
+    *out = nullptr;
+    return guarded(&g_create_error, [&]() -> defkv_status {
+        defkv_context_options o;
+        defkv_context_options_default(&o);
+        if (options) {
+            if (options->struct_size < offsetof(defkv_context_options, device_index) + sizeof(int32_t)) {
+                g_create_error = "defkv_context_create: options->struct_size is too small (use defkv_context_options_default)";
+                return DEFKV_ERROR_INVALID_ARGUMENT;
+            }
+            std::memcpy(&o, options, std::min<size_t>(options->struct_size, sizeof o));
+            o.struct_size = sizeof o;
+        }
+        if (o.backend < DEFKV_BACKEND_AUTO || o.backend > DEFKV_BACKEND_VULKAN) {
+            g_create_error = "defkv_context_create: options->backend is " + std::to_string(o.backend) +
+                             ", expected a defkv_backend value (0 auto, 1 cpu, 2 cuda, 3 vulkan)";
+            return DEFKV_ERROR_INVALID_ARGUMENT;
+        }
+        if (o.n_threads < 0 || o.n_threads > 4096) {
+            g_create_error = "defkv_context_create: options->n_threads is " + std::to_string(o.n_threads) +
+                             ", expected 0 (all cores) or 1..4096";
+            return DEFKV_ERROR_INVALID_ARGUMENT;
+        }
+        std::unique_ptr<defkv_context> ctx(new defkv_context);
+        ctx->options = o;
+        int32_t n = o.n_threads;
+        if (n == 0) {
+            unsigned hc = std::thread::hardware_concurrency();
+            n = hc == 0 ? 1 : static_cast<int32_t>(hc);
+        }
+        ctx->n_threads = n;
+        ctx->pool.reset(new defkv::ThreadPool(n));
+        std::string msg;
+        defkv_status st = defkv::backend_create(o, ctx->pool.get(), n, &ctx->backend, &msg);
+        if (st != DEFKV_SUCCESS) {
+            g_create_error = std::string("defkv_context_create: backend ") + defkv_backend_name(o.backend) + ": " + msg;
+            return st;
+        }
+        *out = ctx.release();
+        return DEFKV_SUCCESS;
+    });
+}
+
+DEFKV_API void defkv_context_destroy(defkv_context *ctx) { delete ctx; }
+
+DEFKV_API const char *defkv_context_last_error(const defkv_context *ctx) {
+    return ctx ? ctx->last_error.c_str() : "ctx is NULL";
+}
+DEFKV_API const char *defkv_last_error_global(void) { return g_create_error.c_str(); }
+DEFKV_API int32_t defkv_context_backend(const defkv_context *ctx) { return ctx ? ctx->backend->kind() : -1; }
+DEFKV_API int32_t defkv_context_n_threads(const defkv_context *ctx) { return ctx ? ctx->n_threads : 0; }
+
+#define DEFKV_NEED_CTX(ctx) \
+    if (!(ctx)) return DEFKV_ERROR_INVALID_ARGUMENT; \
+    (ctx)->last_error.clear()
+
+DEFKV_API defkv_status defkv_kept_count(defkv_context *ctx, const defkv_params *params, const defkv_layer *layer,
+                                        int64_t *count) {
+    DEFKV_NEED_CTX(ctx);
+    return guarded(&ctx->last_error, [&] { return defkv::do_kept_count(*ctx, params, layer, count); });
+}
+
+DEFKV_API defkv_status defkv_workspace_size(defkv_context *ctx, const defkv_params *params, const defkv_layer *layer,
+                                            int64_t *bytes) {
+    DEFKV_NEED_CTX(ctx);
+    return guarded(&ctx->last_error, [&] { return defkv::do_workspace_size(*ctx, params, layer, bytes); });
+}
+
+DEFKV_API defkv_status defkv_select(defkv_context *ctx, const defkv_params *params, const defkv_layer *layer,
+                                    defkv_selection *out) {
+    DEFKV_NEED_CTX(ctx);
+    return guarded(&ctx->last_error, [&] { return defkv::do_select(*ctx, params, layer, out); });
+}
+
+DEFKV_API defkv_status defkv_compact_inplace(defkv_context *ctx, const defkv_layer *layer, const defkv_selection *sel) {
+    DEFKV_NEED_CTX(ctx);
+    return guarded(&ctx->last_error, [&] { return defkv::do_compact(*ctx, layer, sel, nullptr, nullptr, true); });
+}
+
+DEFKV_API defkv_status defkv_compact_varlen(defkv_context *ctx, const defkv_layer *layer, const defkv_selection *sel,
+                                            defkv_tensor *keys_out, defkv_tensor *values_out) {
+    DEFKV_NEED_CTX(ctx);
+    return guarded(&ctx->last_error, [&] { return defkv::do_compact(*ctx, layer, sel, keys_out, values_out, false); });
+}
+
+DEFKV_API defkv_status defkv_global_create(defkv_context *ctx, const defkv_params *params, int32_t n_layers,
+                                           defkv_global **global) {
+    DEFKV_NEED_CTX(ctx);
+    return guarded(&ctx->last_error, [&]() -> defkv_status {
+        if (!global) {
+            ctx->last_error = "defkv_global_create: global (the output pointer) is NULL";
+            return DEFKV_ERROR_INVALID_ARGUMENT;
+        }
+        *global = nullptr;
+        defkv::Params p;
+        defkv_status st = defkv::resolve_params(params, &p, &ctx->last_error);
+        if (st != DEFKV_SUCCESS) {
+            ctx->last_error = "defkv_global_create: " + ctx->last_error;
+            return st;
+        }
+        if (p.method != DEFKV_METHOD_LAYER_DEFENSIVEKV) {
+            ctx->last_error = std::string("defkv_global_create: params->method is ") +
+                              (defkv_method_name(p.method) ? defkv_method_name(p.method) : "?") +
+                              ", expected layer-defensivekv (the layer-adaptive method)";
+            return DEFKV_ERROR_INVALID_ARGUMENT;
+        }
+        if (n_layers < 1 || n_layers > 100000) {
+            ctx->last_error = "defkv_global_create: n_layers is " + std::to_string(n_layers) + ", expected 1..100000";
+            return DEFKV_ERROR_INVALID_ARGUMENT;
+        }
+        std::unique_ptr<defkv_global> g(new defkv_global);
+        g->ctx = ctx;
+        g->params = p;
+        g->n_layers = n_layers;
+        g->layers.resize(static_cast<size_t>(n_layers));
+        g->added.assign(static_cast<size_t>(n_layers), 0);
+        *global = g.release();
+        return DEFKV_SUCCESS;
+    });
+}
+
+DEFKV_API void defkv_global_destroy(defkv_global *g) { delete g; }
+
+DEFKV_API defkv_status defkv_global_add_layer(defkv_global *g, int32_t layer_index, const defkv_layer *layer) {
+    if (!g) return DEFKV_ERROR_INVALID_ARGUMENT;
+    g->ctx->last_error.clear();
+    return guarded(&g->ctx->last_error, [&] { return defkv::global_add(*g, layer_index, layer); });
+}
+
+DEFKV_API defkv_status defkv_global_select(defkv_global *g) {
+    if (!g) return DEFKV_ERROR_INVALID_ARGUMENT;
+    g->ctx->last_error.clear();
+    return guarded(&g->ctx->last_error, [&] { return defkv::global_select(*g); });
+}
+
+DEFKV_API defkv_status defkv_global_layer_selection(defkv_global *g, int32_t layer_index, defkv_selection *out) {
+    if (!g) return DEFKV_ERROR_INVALID_ARGUMENT;
+    g->ctx->last_error.clear();
+    return guarded(&g->ctx->last_error, [&] { return defkv::global_layer_selection(*g, layer_index, out); });
+}
+
+DEFKV_API defkv_status defkv_global_layer_kept_count(defkv_global *g, int32_t layer_index, int64_t *count) {
+    if (!g) return DEFKV_ERROR_INVALID_ARGUMENT;
+    g->ctx->last_error.clear();
+    if (!g->selected) {
+        g->ctx->last_error = "defkv_global_layer_kept_count: call defkv_global_select first";
+        return DEFKV_ERROR_INVALID_STATE;
+    }
+    if (layer_index < 0 || layer_index >= g->n_layers || !count) {
+        g->ctx->last_error = "defkv_global_layer_kept_count: layer_index out of range or count is NULL";
+        return DEFKV_ERROR_INVALID_ARGUMENT;
+    }
+    int64_t c = 0;
+    for (const auto &r : g->layers[layer_index])
+        for (uint8_t k : r.keep) c += k;
+    *count = c;
+    return DEFKV_SUCCESS;
+}
+
+} // extern "C"
