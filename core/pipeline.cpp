@@ -343,6 +343,9 @@ defkv_status check_inputs_finite(ThreadPool &pool, const Params &p, const SeqInf
     }
     for (const Named &n : list) {
         if (lowest && n.policy_applies) continue;
+        // Device memory is not readable here: the scores' finiteness check after scoring
+        // catches non-finite device inputs instead.
+        if (n.v->memory != DEFKV_MEMORY_HOST) continue;
         int64_t idx[3];
         if (find_nonfinite(pool, *n.v, idx)) {
             if (n.v->ndim == 2)
@@ -388,6 +391,8 @@ defkv_status score_and_select(defkv_context &ctx, const Params &p, const SeqInfo
     DEFKV_FORWARD(check_inputs_finite(pool, p, si, msg));
     std::vector<uint8_t> bad;
     const bool lowest = p.nonfinite == DEFKV_NONFINITE_LOWEST && (method_reads_keys(m) || method_reads_values(m));
+    if (lowest && si.v.keys.memory != DEFKV_MEMORY_HOST)
+        DEFKV_FAIL(DEFKV_ERROR_UNSUPPORTED, "params->nonfinite = DEFKV_NONFINITE_LOWEST needs host-memory keys and values");
     if (lowest) flag_nonfinite_rows(pool, si, method_reads_keys(m), method_reads_values(m), &bad);
     const uint8_t *badp = lowest ? bad.data() : nullptr;
 
