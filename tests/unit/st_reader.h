@@ -25,7 +25,7 @@ typedef struct st_tensor {
     int64_t nbytes;
 } st_tensor;
 
-static int st_open(st_file *f, const char *path) {
+static inline int st_open(st_file *f, const char *path) {
     memset(f, 0, sizeof *f);
     FILE *fp = fopen(path, "rb");
     if (!fp) return 0;
@@ -47,14 +47,14 @@ static int st_open(st_file *f, const char *path) {
     return 1;
 }
 
-static void st_close(st_file *f) {
+static inline void st_close(st_file *f) {
     free(f->buf);
     free(f->header);
     memset(f, 0, sizeof *f);
 }
 
 /* Finds "name":{...} in the header and parses dtype, shape, data_offsets. */
-static int st_get(const st_file *f, const char *name, st_tensor *t) {
+static inline int st_get(const st_file *f, const char *name, st_tensor *t) {
     char key[256];
     snprintf(key, sizeof key, "\"%s\":{", name);
     const char *p = strstr(f->header, key);
@@ -88,7 +88,7 @@ static int st_get(const st_file *f, const char *name, st_tensor *t) {
 }
 
 /* Metadata value (all metadata values are strings); returns 0 when absent. */
-static int st_meta(const st_file *f, const char *key, char *out, size_t cap) {
+static inline int st_meta(const st_file *f, const char *key, char *out, size_t cap) {
     char k[128];
     snprintf(k, sizeof k, "\"%s\":\"", key);
     const char *p = strstr(f->header, k);
@@ -100,7 +100,7 @@ static int st_meta(const st_file *f, const char *key, char *out, size_t cap) {
     return 1;
 }
 
-static const char *const k_case_names[4] = {"pub1-g4-L1024", "pub2-g1-L300", "pub3-g8-L700", "pub4-3layer-L512"};
+static const char *const k_case_names[4] __attribute__((unused)) = {"pub1-g4-L1024", "pub2-g1-L300", "pub3-g8-L700", "pub4-3layer-L512"};
 
 #define GC_MAX_LAYERS 4
 typedef struct golden_case {
@@ -111,7 +111,7 @@ typedef struct golden_case {
     const float *q[GC_MAX_LAYERS], *k[GC_MAX_LAYERS], *v[GC_MAX_LAYERS], *o[GC_MAX_LAYERS];
 } golden_case;
 
-static int gc_load(golden_case *c, const char *dir, const char *name) {
+static inline int gc_load(golden_case *c, const char *dir, const char *name) {
     char path[1024], buf[64];
     snprintf(path, sizeof path, "%s/%s.case.safetensors", dir, name);
     memset(c, 0, sizeof *c);
@@ -149,9 +149,9 @@ static int gc_load(golden_case *c, const char *dir, const char *name) {
     return 1;
 }
 
-static void gc_free(golden_case *c) { st_close(&c->file); }
+static inline void gc_free(golden_case *c) { st_close(&c->file); }
 
-static defkv_tensor gc_tensor3(const void *data, int32_t dtype, int64_t a, int64_t b, int64_t c) {
+static inline defkv_tensor gc_tensor3(const void *data, int32_t dtype, int64_t a, int64_t b, int64_t c) {
     defkv_tensor t;
     memset(&t, 0, sizeof t);
     t.data = (void *)data;
@@ -163,7 +163,7 @@ static defkv_tensor gc_tensor3(const void *data, int32_t dtype, int64_t a, int64
     return t;
 }
 
-static defkv_tensor gc_tensor2(const void *data, int32_t dtype, int64_t a, int64_t b) {
+static inline defkv_tensor gc_tensor2(const void *data, int32_t dtype, int64_t a, int64_t b) {
     defkv_tensor t;
     memset(&t, 0, sizeof t);
     t.data = (void *)data;
@@ -175,7 +175,7 @@ static defkv_tensor gc_tensor2(const void *data, int32_t dtype, int64_t a, int64
 }
 
 /* Fills a one-sequence layer of the golden case (queries, head-major keys/values, o_proj). */
-static void gc_layer(const golden_case *c, int li, defkv_sequence *seq, defkv_layer *layer) {
+static inline void gc_layer(const golden_case *c, int li, defkv_sequence *seq, defkv_layer *layer) {
     memset(seq, 0, sizeof *seq);
     seq->queries = gc_tensor3(c->q[li], DEFKV_DTYPE_F32, c->H, c->window, c->d);
     seq->keys = gc_tensor3(c->k[li], DEFKV_DTYPE_F32, c->Hk, c->L, c->d);
@@ -187,7 +187,7 @@ static void gc_layer(const golden_case *c, int li, defkv_sequence *seq, defkv_la
     layer->o_proj = gc_tensor2(c->o[li], DEFKV_DTYPE_F32, c->D, c->H * c->d);
 }
 
-static void gc_params(const golden_case *c, int32_t method, defkv_params *p) {
+static inline void gc_params(const golden_case *c, int32_t method, defkv_params *p) {
     defkv_params_default(p);
     p->method = method;
     p->window = c->window;
@@ -200,6 +200,6 @@ static void gc_params(const golden_case *c, int32_t method, defkv_params *p) {
 #endif
 
 /* The conformance directory: argv[1] if given, else the compile-time definition. */
-static const char *g_conf_dir = DEFKV_CONFORMANCE_DIR;
+static const char *g_conf_dir __attribute__((unused)) = DEFKV_CONFORMANCE_DIR;
 
 #endif
