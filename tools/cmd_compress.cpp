@@ -1,0 +1,462 @@
+// defkv compress: runs one method over every layer of a case file (tests/data/conformance
+// README, "Case file") and writes the selection in the result-file format compare.py reads.
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <defkv/defkv.h>
+
+#include "cmd_common.hpp"
+#include "safetensors.hpp"
+
+namespace defkv_cli {
+namespace {
+
+using defkv_st::DType;
+using defkv_st::SafeFile;
+using defkv_st::Tensor;
+
+struct Options {
+    std::string input, output, method_name;
+    bool have_ratio = false, have_budget = false, have_window = false, have_kernel = false;
+    double ratio = 0;
+    long long budget = 0, window = 0, kernel = 0, threads = 0;
+    int32_t backend = DEFKV_BACKEND_CPU;
+    int32_t window_bias = DEFKV_WINDOW_BIAS_OFFICIAL;
+    bool compact = false;
+};
+
+struct ContextDeleter {
+    void operator()(defkv_context* c) const { defkv_context_destroy(c); }
+};
+struct GlobalDeleter {
+    void operator()(defkv_global* g) const { defkv_global_destroy(g); }
+};
+
+const char* kUsage =
+    "usage: defkv compress --input CASE.safetensors --output OUT.safetensors --method METHOD "
+    "[--compression-ratio R | --budget N] [--window W] [--kernel K] [--backend cpu|vulkan|cuda|auto] "
+    "[--threads N] [--window-bias official|window] [--compact]";
+
+// Returns -1 when parsing succeeded, else the exit code (usage error already printed).
+int parse_options(int argc, char** argv, Options* o) {
+    for (int i = 1; i < argc; ++i) {
+        std::string arg = argv[i];
+        std::string value;
+        bool inline_value = false;
+        if (arg.rfind("--", 0) == 0) {
+            size_t eq = arg.find('=');
+            if (eq != std::string::npos) {
+                value = arg.substr(eq + 1);
+                arg = arg.substr(0, eq);
+                inline_value = true;
+            }
+        }
+        if (arg == "--help" || arg == "-h") {
+            std::printf("%s\n", kUsage);
+            return kExitOk;
+        }
+        if (arg == "--compact") {
+            if (inline_value) return error(kExitUsage, "compress: --compact takes no value");
+            o->compact = true;
+            continue;
+        }
+        static const char* kWithValue[] = {"--input", "--output", "--method", "--compression-ratio", "--budget",
+                                           "--window", "--kernel", "--backend", "--threads", "--window-bias"};
+        bool known = false;
+        for (const char* k : kWithValue) known = known || arg == k;
+        if (!known) return error(kExitUsage, "compress: unknown argument '" + arg + "' (" + kUsage + ")");
+        if (!inline_value) {
+            if (i + 1 >= argc) return error(kExitUsage, "compress: " + arg + " needs a value");
+            value = argv[++i];
+        }
+        if (arg == "--input") {
+            o->input = value;
+        } else if (arg == "--output") {
+            o->output = value;
+        } else if (arg == "--method") {
+            o->method_name = value;
+        } else if (arg == "--compression-ratio") {
+            if (!parse_double(value, &o->ratio))
+                return error(kExitUsage, "compress: --compression-ratio '" + value + "' is not a number");
+            o->have_ratio = true;
+        } else if (arg == "--budget") {
+            if (!parse_int(value, &o->budget))
+                return error(kExitUsage, "compress: --budget '" + value + "' is not an integer");
+            if (o->budget <= 0) return error(kExitUsage, "compress: --budget is " + value + ", expected a positive count");
+            o->have_budget = true;
+        } else if (arg == "--window") {
+            if (!parse_int(value, &o->window) || o->window < 1 || o->window > INT32_MAX)
+                return error(kExitUsage, "compress: --window '" + value + "' is not a positive integer");
+            o->have_window = true;
+        } else if (arg == "--kernel") {
+            if (!parse_int(value, &o->kernel) || o->kernel < 1 || o->kernel > INT32_MAX)
+                return error(kExitUsage, "compress: --kernel '" + value + "' is not a positive integer");
+            o->have_kernel = true;
+        } else if (arg == "--threads") {
+            if (!parse_int(value, &o->threads) || o->threads < 0 || o->threads > 4096)
+                return error(kExitUsage, "compress: --threads '" + value + "' is not an integer in [0, 4096]");
+        } else if (arg == "--backend") {
+            if (value == "cpu") o->backend = DEFKV_BACKEND_CPU;
+            else if (value == "vulkan") o->backend = DEFKV_BACKEND_VULKAN;
+            else if (value == "cuda") o->backend = DEFKV_BACKEND_CUDA;
+            else if (value == "auto") o->backend = DEFKV_BACKEND_AUTO;
+            else return error(kExitUsage, "compress: --backend '" + value + "' is not one of cpu, vulkan, cuda, auto");
+        } else if (arg == "--window-bias") {
+            if (value == "official") o->window_bias = DEFKV_WINDOW_BIAS_OFFICIAL;
+            else if (value == "window") o->window_bias = DEFKV_WINDOW_BIAS_WINDOW;
+            else return error(kExitUsage, "compress: --window-bias '" + value + "' is not 'official' or 'window'");
+        }
+    }
+    if (o->input.empty()) return error(kExitUsage, "compress: --input is required");
+    if (o->output.empty()) return error(kExitUsage, "compress: --output is required");
+    if (o->method_name.empty()) return error(kExitUsage, "compress: --method is required");
+    if (o->have_ratio && o->have_budget)
+        return error(kExitUsage, "compress: give either --compression-ratio or --budget, not both");
+    return -1;
+}
+
+bool to_defkv_dtype(DType d, int32_t* out) {
+    switch (d) {
+        case DType::F32: *out = DEFKV_DTYPE_F32; return true;
+        case DType::F16: *out = DEFKV_DTYPE_F16; return true;
+        case DType::BF16: *out = DEFKV_DTYPE_BF16; return true;
+        default: return false;
+    }
+}
+
+// A host tensor view of a file tensor (the library only reads it).
+bool view_of(const Tensor& t, size_t rank, defkv_tensor* out, std::string* err) {
+    std::memset(out, 0, sizeof(*out));
+    if (!to_defkv_dtype(t.dtype, &out->dtype)) {
+        *err = "tensor '" + t.name + "' has dtype " + defkv_st::dtype_name(t.dtype) + ", expected F32, F16 or BF16";
+        return false;
+    }
+    if (t.shape.size() != rank) {
+        *err = "tensor '" + t.name + "' has rank " + std::to_string(t.shape.size()) + ", expected " +
+               std::to_string(rank);
+        return false;
+    }
+    for (size_t i = 0; i < rank; ++i)
+        if (t.shape[i] < 1) {
+            *err = "tensor '" + t.name + "' has an empty dimension " + std::to_string(i);
+            return false;
+        }
+    out->data = const_cast<uint8_t*>(t.data.data());
+    out->ndim = static_cast<int32_t>(rank);
+    for (size_t i = 0; i < rank; ++i) out->shape[i] = t.shape[i];
+    out->memory = DEFKV_MEMORY_HOST;
+    return true;
+}
+
+struct Layer {
+    defkv_sequence seq{};
+    defkv_layer layer{};
+    int64_t Hk = 0, L = 0, d = 0;
+    DType kv_dtype = DType::F32;
+};
+
+struct LayerResult {
+    std::vector<uint8_t> keep;
+    std::vector<float> scores;
+    std::vector<int32_t> head_lens, cu_seqlens, indices;
+    std::vector<uint8_t> keys_compact, values_compact;
+    int64_t kept = 0;
+    double ms = 0;
+};
+
+const char* selection_kind(int32_t method) {
+    switch (method) {
+        case DEFKV_METHOD_ADA_SNAPKV:
+        case DEFKV_METHOD_DEFENSIVEKV: return "head-adaptive";
+        case DEFKV_METHOD_ADA_CRITICALKV: return "per-head-budget";
+        case DEFKV_METHOD_LAYER_DEFENSIVEKV: return "layer-adaptive";
+        default: return "per-head";
+    }
+}
+
+std::string layer_name(int64_t i, const char* what) { return "layers." + std::to_string(i) + "." + what; }
+
+int run(const Options& o) {
+    int32_t method = 0;
+    if (defkv_method_from_name(o.method_name.c_str(), &method) != DEFKV_SUCCESS) {
+        std::string known;
+        for (int32_t m = 0; m < DEFKV_METHOD_COUNT; ++m)
+            if (defkv_method_name(m)) known += std::string(known.empty() ? "" : ", ") + defkv_method_name(m);
+        return error(kExitUsage, "compress: --method '" + o.method_name + "' is unknown (one of: " + known + ")");
+    }
+    if (o.input == o.output) return error(kExitUsage, "compress: --output must differ from --input");
+
+    SafeFile file;
+    std::string err;
+    if (!defkv_st::read_safetensors(o.input, &file, &err)) return error(kExitError, "--input " + err);
+
+    // Layers: layers.0 .. layers.{n-1}, each with keys; metadata n_layers must agree.
+    int64_t n_layers = 0;
+    while (file.find(layer_name(n_layers, "keys"))) ++n_layers;
+    if (n_layers == 0) return error(kExitError, "--input " + o.input + ": no tensor 'layers.0.keys'");
+    if (const std::string* nl = file.meta("n_layers")) {
+        long long v = 0;
+        if (!parse_int(*nl, &v) || v != n_layers)
+            return error(kExitError, "--input " + o.input + ": metadata n_layers '" + *nl + "' but the file has " +
+                                         std::to_string(n_layers) + " layers (layers.i.keys)");
+    }
+    for (const Tensor& t : file.tensors) {
+        if (t.name.rfind("layers.", 0) != 0) continue;
+        long long idx = -1;
+        size_t dot = t.name.find('.', 7);
+        if (dot == std::string::npos || !parse_int(t.name.substr(7, dot - 7), &idx) || idx < 0 || idx >= n_layers)
+            return error(kExitError, "--input " + o.input + ": tensor '" + t.name + "' belongs to no layer 0.." +
+                                         std::to_string(n_layers - 1) + " (a layer without keys?)");
+    }
+
+    // Parameters: flags, then the file's metadata, then the library's defaults.
+    defkv_params params;
+    defkv_params_default(&params);
+    params.method = method;
+    params.window_bias = o.window_bias;
+    auto meta_number = [&](const char* key, double* out) -> int {
+        const std::string* v = file.meta(key);
+        if (!v) return 0;
+        if (!parse_double(*v, out)) {
+            error(kExitError, "--input " + o.input + ": metadata " + key + " '" + *v + "' is not a number");
+            return -1;
+        }
+        return 1;
+    };
+    double mv = 0;
+    int r;
+    if (o.have_window) params.window = static_cast<int32_t>(o.window);
+    else if ((r = meta_number("window", &mv)) < 0) return kExitError;
+    else if (r > 0) {
+        if (mv < 1 || mv > 1e9 || mv != static_cast<int32_t>(mv))
+            return error(kExitError, "--input " + o.input + ": metadata window is not a positive integer");
+        params.window = static_cast<int32_t>(mv);
+    }
+    if (o.have_kernel) params.kernel = static_cast<int32_t>(o.kernel);
+    else if ((r = meta_number("kernel", &mv)) < 0) return kExitError;
+    else if (r > 0) {
+        if (mv < 1 || mv > 1e9 || mv != static_cast<int32_t>(mv))
+            return error(kExitError, "--input " + o.input + ": metadata kernel is not a positive integer");
+        params.kernel = static_cast<int32_t>(mv);
+    }
+    if (o.have_budget) {
+        params.budget = o.budget;
+    } else if (o.have_ratio) {
+        params.compression_ratio = o.ratio;
+    } else if ((r = meta_number("compression_ratio", &mv)) < 0) {
+        return kExitError;
+    } else if (r > 0) {
+        params.compression_ratio = mv;
+    }
+
+    // Views of every layer, checked for the tensors and ranks this command needs.
+    std::vector<Layer> layers(static_cast<size_t>(n_layers));
+    for (int64_t i = 0; i < n_layers; ++i) {
+        Layer& ly = layers[static_cast<size_t>(i)];
+        const Tensor* keys = file.find(layer_name(i, "keys"));
+        const Tensor* values = file.find(layer_name(i, "values"));
+        const Tensor* queries = file.find(layer_name(i, "queries"));
+        const Tensor* attention = file.find(layer_name(i, "attention"));
+        const Tensor* o_proj = file.find(layer_name(i, "o_proj"));
+        if (!values) return error(kExitError, "--input " + o.input + ": missing tensor '" + layer_name(i, "values") + "'");
+        if (!queries && !attention)
+            return error(kExitError, "--input " + o.input + ": missing tensor '" + layer_name(i, "queries") + "'");
+        if (queries && attention)
+            return error(kExitError, "--input " + o.input + ": layer " + std::to_string(i) +
+                                         " has both queries and attention; give one");
+        if (!view_of(*keys, 3, &ly.seq.keys, &err) || !view_of(*values, 3, &ly.seq.values, &err) ||
+            (queries && !view_of(*queries, 3, &ly.seq.queries, &err)) ||
+            (attention && !view_of(*attention, 3, &ly.seq.attention, &err)))
+            return error(kExitError, "--input " + o.input + ": " + err);
+        if (o_proj && !view_of(*o_proj, 2, &ly.layer.o_proj, &err))
+            return error(kExitError, "--input " + o.input + ": " + err);
+        if (values->shape != keys->shape)
+            return error(kExitError, "--input " + o.input + ": " + layer_name(i, "values") +
+                                         " and keys have different shapes");
+        ly.Hk = keys->shape[0];
+        ly.L = keys->shape[1];
+        ly.d = keys->shape[2];
+        ly.kv_dtype = keys->dtype;
+        ly.layer.struct_size = sizeof(defkv_layer);
+        ly.layer.n_seqs = 1;
+        ly.layer.seqs = &ly.seq;
+    }
+
+    defkv_context_options copts;
+    defkv_context_options_default(&copts);
+    copts.backend = o.backend;
+    copts.n_threads = static_cast<int32_t>(o.threads);
+    defkv_context* raw_ctx = nullptr;
+    if (defkv_context_create(&copts, &raw_ctx) != DEFKV_SUCCESS)
+        return error(kExitError, std::string("--backend: cannot create a context: ") + defkv_last_error_global());
+    std::unique_ptr<defkv_context, ContextDeleter> ctx(raw_ctx);
+
+    auto lib_error = [&](const std::string& where, defkv_status st) {
+        const char* detail = defkv_context_last_error(ctx.get());
+        return error(kExitError, where + ": " + defkv_status_string(st) + (detail && *detail ? ": " : "") +
+                                     (detail ? detail : ""));
+    };
+    using Clock = std::chrono::steady_clock;
+    auto ms_since = [](Clock::time_point t0) {
+        return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+    };
+
+    std::vector<LayerResult> results(layers.size());
+    auto prepare = [](const Layer& ly, int64_t count, LayerResult* res, defkv_selection* sel) {
+        const size_t entries = static_cast<size_t>(ly.Hk * ly.L);
+        res->keep.assign(entries, 0);
+        res->scores.assign(entries, 0.0f);
+        res->head_lens.assign(static_cast<size_t>(ly.Hk), 0);
+        res->cu_seqlens.assign(static_cast<size_t>(ly.Hk + 1), 0);
+        res->indices.assign(static_cast<size_t>(count > 0 ? count : 1), 0);
+        std::memset(sel, 0, sizeof(*sel));
+        sel->struct_size = sizeof(defkv_selection);
+        sel->memory = DEFKV_MEMORY_HOST;
+        sel->head_lens = res->head_lens.data();
+        sel->cu_seqlens = res->cu_seqlens.data();
+        sel->indices = res->indices.data();
+        sel->indices_capacity = static_cast<int64_t>(res->indices.size());
+        sel->keep_mask = res->keep.data();
+        sel->scores = res->scores.data();
+    };
+    std::vector<defkv_selection> sels(layers.size());
+    double global_ms = 0;
+
+    if (method == DEFKV_METHOD_LAYER_DEFENSIVEKV) {
+        defkv_global* raw_g = nullptr;
+        defkv_status st = defkv_global_create(ctx.get(), &params, static_cast<int32_t>(n_layers), &raw_g);
+        if (st != DEFKV_SUCCESS) return lib_error("defkv_global_create", st);
+        std::unique_ptr<defkv_global, GlobalDeleter> global(raw_g);
+        for (int64_t i = 0; i < n_layers; ++i) {
+            auto t0 = Clock::now();
+            st = defkv_global_add_layer(global.get(), static_cast<int32_t>(i), &layers[i].layer);
+            results[i].ms = ms_since(t0);
+            if (st != DEFKV_SUCCESS) return lib_error("layer " + std::to_string(i), st);
+        }
+        auto t0 = Clock::now();
+        st = defkv_global_select(global.get());
+        global_ms = ms_since(t0);
+        if (st != DEFKV_SUCCESS) return lib_error("defkv_global_select", st);
+        for (int64_t i = 0; i < n_layers; ++i) {
+            int64_t count = 0;
+            st = defkv_global_layer_kept_count(global.get(), static_cast<int32_t>(i), &count);
+            if (st != DEFKV_SUCCESS) return lib_error("layer " + std::to_string(i), st);
+            prepare(layers[i], count, &results[i], &sels[i]);
+            st = defkv_global_layer_selection(global.get(), static_cast<int32_t>(i), &sels[i]);
+            if (st != DEFKV_SUCCESS) return lib_error("layer " + std::to_string(i), st);
+        }
+    } else {
+        for (int64_t i = 0; i < n_layers; ++i) {
+            int64_t count = 0;
+            defkv_status st = defkv_kept_count(ctx.get(), &params, &layers[i].layer, &count);
+            if (st != DEFKV_SUCCESS) return lib_error("layer " + std::to_string(i), st);
+            prepare(layers[i], count, &results[i], &sels[i]);
+            auto t0 = Clock::now();
+            st = defkv_select(ctx.get(), &params, &layers[i].layer, &sels[i]);
+            results[i].ms = ms_since(t0);
+            if (st != DEFKV_SUCCESS) return lib_error("layer " + std::to_string(i), st);
+        }
+    }
+
+    int64_t total_kept = 0;
+    for (size_t i = 0; i < layers.size(); ++i) {
+        LayerResult& res = results[i];
+        res.kept = 0;
+        for (int32_t h : res.head_lens) res.kept += h;
+        total_kept += res.kept;
+        if (!o.compact) continue;
+        const Layer& ly = layers[i];
+        const size_t row_bytes = static_cast<size_t>(ly.d) * defkv_st::dtype_size(ly.kv_dtype);
+        res.keys_compact.assign(static_cast<size_t>(res.kept) * row_bytes, 0);
+        res.values_compact.assign(static_cast<size_t>(res.kept) * row_bytes, 0);
+        if (res.kept == 0) continue;  // nothing to gather (an empty tensor is not a valid view)
+        defkv_tensor kout, vout;
+        std::memset(&kout, 0, sizeof(kout));
+        kout.dtype = ly.seq.keys.dtype;
+        kout.ndim = 2;
+        kout.shape[0] = res.kept;
+        kout.shape[1] = ly.d;
+        vout = kout;
+        kout.data = res.keys_compact.data();
+        vout.data = res.values_compact.data();
+        defkv_status st = defkv_compact_varlen(ctx.get(), &ly.layer, &sels[i], &kout, &vout);
+        if (st != DEFKV_SUCCESS) return lib_error("layer " + std::to_string(i) + ": compaction", st);
+    }
+
+    // The result file.
+    std::vector<defkv_st::TensorView> out;
+    auto add = [&](std::string name, DType dt, std::vector<int64_t> shape, const void* data, size_t nbytes) {
+        defkv_st::TensorView v;
+        v.name = std::move(name);
+        v.dtype = dt;
+        v.shape = std::move(shape);
+        v.data = data;
+        v.nbytes = nbytes;
+        out.push_back(std::move(v));
+    };
+    for (size_t i = 0; i < layers.size(); ++i) {
+        const Layer& ly = layers[i];
+        const LayerResult& res = results[i];
+        const int64_t li = static_cast<int64_t>(i);
+        add(layer_name(li, "keep"), DType::U8, {ly.Hk, ly.L}, res.keep.data(), res.keep.size());
+        add(layer_name(li, "scores"), DType::F32, {ly.Hk, ly.L}, res.scores.data(), res.scores.size() * 4);
+        add(layer_name(li, "head_lens"), DType::I32, {ly.Hk}, res.head_lens.data(), res.head_lens.size() * 4);
+        if (o.compact) {
+            add(layer_name(li, "cu_seqlens"), DType::I32, {ly.Hk + 1}, res.cu_seqlens.data(), res.cu_seqlens.size() * 4);
+            add(layer_name(li, "keys_compact"), ly.kv_dtype, {res.kept, ly.d}, res.keys_compact.data(),
+                res.keys_compact.size());
+            add(layer_name(li, "values_compact"), ly.kv_dtype, {res.kept, ly.d}, res.values_compact.data(),
+                res.values_compact.size());
+        }
+    }
+    std::map<std::string, std::string> meta;
+    meta["format"] = "defkv-result-v1";
+    meta["method"] = defkv_method_name(method);
+    if (const std::string* c = file.meta("case")) meta["case"] = *c;
+    meta["selection"] = selection_kind(method);
+    meta["n_layers"] = std::to_string(n_layers);
+    // Kept entries per layer (over all layers for the layer-adaptive selection), as in the
+    // expected files; with several layers of other methods, layer 0's.
+    meta["budget"] = std::to_string(method == DEFKV_METHOD_LAYER_DEFENSIVEKV ? total_kept : results[0].kept);
+    meta["backend"] = defkv_backend_name(defkv_context_backend(ctx.get()));
+    meta["window"] = std::to_string(params.window);
+    meta["kernel"] = std::to_string(params.kernel);
+    if (params.budget > 0) meta["budget_per_head"] = std::to_string(params.budget);
+    else {
+        char buf[64];
+        std::snprintf(buf, sizeof buf, "%.17g", params.compression_ratio);
+        meta["compression_ratio"] = buf;
+    }
+    meta["window_bias"] = params.window_bias == DEFKV_WINDOW_BIAS_WINDOW ? "window" : "official";
+    meta["defkv_version"] = defkv_version_string();
+    if (!defkv_st::write_safetensors(o.output, out, meta, &err)) return error(kExitError, "--output " + err);
+
+    for (size_t i = 0; i < layers.size(); ++i) {
+        std::string heads;
+        for (int32_t h : results[i].head_lens) heads += (heads.empty() ? "" : " ") + std::to_string(h);
+        std::printf("layer %zu: kept per head [%s] = %lld of %lld entries, %.3f ms\n", i, heads.c_str(),
+                    static_cast<long long>(results[i].kept), static_cast<long long>(layers[i].Hk * layers[i].L),
+                    results[i].ms);
+    }
+    if (method == DEFKV_METHOD_LAYER_DEFENSIVEKV) std::printf("global selection: %.3f ms\n", global_ms);
+    std::printf("%s: %s, %lld layers, %lld entries kept, backend %s -> %s\n", meta["method"].c_str(),
+                meta["selection"].c_str(), static_cast<long long>(n_layers), static_cast<long long>(total_kept),
+                meta["backend"].c_str(), o.output.c_str());
+    return kExitOk;
+}
+
+}  // namespace
+
+int cmd_compress(int argc, char** argv) {
+    Options o;
+    int rc = parse_options(argc, argv, &o);
+    if (rc >= 0) return rc;
+    return run(o);
+}
+
+}  // namespace defkv_cli
