@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what defkv's build, tests and demo need on Debian 12 (idempotent: packages already
+# present are not reinstalled). Run as root or with sudo available.
+#   tools/install-deps.sh            everything the tests use
+#   tools/install-deps.sh --minimal  only the library, the CLI and the C tests
+set -euo pipefail
+
+core=(build-essential cmake ninja-build pkg-config ccache python3 libopenblas-dev libopenblas0-pthread
+      nlohmann-json3-dev libcmocka-dev)
+extra=(clang-14 libclang-rt-14-dev libclang1-14 valgrind
+       mesa-vulkan-drivers libvulkan-dev libvulkan1 vulkan-tools glslc glslang-tools spirv-tools vulkan-validationlayers
+       swig golang-go default-jdk-headless junit5 bindgen python3-pip dpkg-dev)
+pkgs=("${core[@]}")
+if [[ "${1:-}" != "--minimal" ]]; then pkgs+=("${extra[@]}"); fi
+command -v cargo >/dev/null 2>&1 || pkgs+=(cargo rustc)
+
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  SUDO=""
+  [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+  echo "defkv: installing ${missing[*]}" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
