@@ -1,0 +1,633 @@
+// `defkv bench`: times each phase of the CPU backend on model-shaped layers, sets every rate
+// against a ceiling measured on this machine in the same run (OpenBLAS sgemm of a comparable
+// shape for FLOP-bound phases, a large multi-threaded memcpy for byte-bound ones), times each
+// method end to end through the public C API, and runs a straightforward PyTorch
+// implementation of the same methods (baseline.py) on the same inputs, after checking that it
+// keeps the same entries. Prints a table and writes a JSON file.
+#include <cblas.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "backend.hpp"
+#include "defkv/defkv.h"
+#include "tensor.hpp"
+#include "thread_pool.hpp"
+
+extern "C" void openblas_set_num_threads(int);
+extern "C" int openblas_get_num_threads(void);
+
+namespace {
+
+using nlohmann::json;
+
+struct ModelShape {
+    const char *name;
+    int64_t H, Hk, d, D;
+};
+const ModelShape kShapes[] = {
+    {"llama3.1-8b", 32, 8, 128, 4096},
+    {"mistral-7b", 32, 8, 128, 4096},
+    {"qwen2.5-32b", 40, 8, 128, 5120},
+    {"smollm2-135m", 9, 3, 64, 576},
+};
+
+struct Options {
+    std::vector<std::string> shapes{"llama3.1-8b", "smollm2-135m"};
+    std::vector<int64_t> lengths{2048, 8192};
+    std::vector<std::string> dtypes{"f32", "bf16"};
+    std::vector<std::string> methods{"defensivekv", "snapkv", "criticalkv", "knorm"};
+    int32_t threads = 0;
+    int repeats = 3;
+    double ratio = 0.5;
+    int32_t window = 32;
+    uint64_t seed = 20260101;
+    std::string json_path = "defkv-bench.json";
+    bool baseline = true;
+    std::string python = "/usr/bin/python3";
+    std::string baseline_script = DEFKV_BENCH_BASELINE;
+    std::string workdir;
+};
+
+void usage(FILE *f) {
+    std::fprintf(f,
+                 "usage: defkv bench [options]\n"
+                 "  --shapes LIST     comma list of llama3.1-8b, mistral-7b, qwen2.5-32b, smollm2-135m, or all\n"
+                 "                    (default llama3.1-8b,smollm2-135m)\n"
+                 "  --lengths LIST    cache lengths L, e.g. 2048,8192,32768 (suffix k = 1024; default 2k,8k)\n"
+                 "  --dtypes LIST     f32, bf16, f16 (default f32,bf16)\n"
+                 "  --methods LIST    methods timed end to end, or all (default defensivekv,snapkv,criticalkv,knorm)\n"
+                 "  --threads N       CPU threads (0 = all cores; default 0)\n"
+                 "  --repeats N       timed repetitions after one warm-up; the median is reported (default 3)\n"
+                 "  --ratio R         compression ratio (default 0.5)\n"
+                 "  --window W        observation window (default 32)\n"
+                 "  --seed S          input generator seed (default 20260101)\n"
+                 "  --json PATH       JSON output (default defkv-bench.json)\n"
+                 "  --no-baseline     skip the PyTorch side\n"
+                 "  --python PATH     interpreter for the baseline (default /usr/bin/python3)\n"
+                 "  --baseline PATH   the baseline script (default: the one in the source tree)\n"
+                 "  --workdir DIR     where inputs are written for the baseline (default a fresh /tmp dir)\n");
+}
+
+std::vector<std::string> split(const std::string &s) {
+    std::vector<std::string> out;
+    std::stringstream ss(s);
+    std::string item;
+    while (std::getline(ss, item, ','))
+        if (!item.empty()) out.push_back(item);
+    return out;
+}
+
+bool parse_i64(const std::string &s, int64_t *v) {
+    if (s.empty()) return false;
+    std::string t = s;
+    int64_t mul = 1;
+    if (t.back() == 'k' || t.back() == 'K') {
+        mul = 1024;
+        t.pop_back();
+    }
+    char *end = nullptr;
+    long long x = std::strtoll(t.c_str(), &end, 10);
+    if (!end || *end || t.empty()) return false;
+    *v = x * mul;
+    return true;
+}
+
+// ---- inputs ----------------------------------------------------------------------------
+
+uint64_t splitmix(uint64_t *s) {
+    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// n values, approximately N(0, sigma^2) (sum of 4 uniforms), stored in dtype.
+std::vector<uint8_t> make_tensor(int64_t n, float sigma, int32_t dtype, uint64_t seed) {
+    std::vector<uint8_t> buf(static_cast<size_t>(n * defkv::dtype_size(dtype)));
+    uint64_t st = seed;
+    const float k = sigma * std::sqrt(3.0f) / 2.0f / 32768.0f;
+    for (int64_t i = 0; i < n; i++) {
+        const uint64_t r = splitmix(&st);
+        float u = 0.0f;
+        for (int q = 0; q < 4; q++) u += static_cast<float>(static_cast<int64_t>((r >> (16 * q)) & 0xFFFF) - 32768);
+        const float x = u * k;
+        if (dtype == DEFKV_DTYPE_F32) std::memcpy(&buf[i * 4], &x, 4);
+        else {
+            uint16_t h = dtype == DEFKV_DTYPE_BF16 ? defkv::float_to_bf16(x) : defkv::float_to_half(x);
+            std::memcpy(&buf[i * 2], &h, 2);
+        }
+    }
+    return buf;
+}
+
+defkv_tensor tens(void *data, int32_t dtype, std::initializer_list<int64_t> shape) {
+    defkv_tensor t;
+    std::memset(&t, 0, sizeof t);
+    t.data = data;
+    t.dtype = dtype;
+    t.ndim = static_cast<int32_t>(shape.size());
+    int i = 0;
+    for (int64_t s : shape) t.shape[i++] = s;
+    return t;
+}
+
+// ---- timing ----------------------------------------------------------------------------
+
+double now_s() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+struct Timing {
+    double median = 0, min = 0;
+};
+
+Timing time_it(int repeats, const std::function<void()> &fn) {
+    fn(); // warm-up
+    std::vector<double> t;
+    for (int r = 0; r < repeats; r++) {
+        const double t0 = now_s();
+        fn();
+        t.push_back(now_s() - t0);
+    }
+    std::sort(t.begin(), t.end());
+    Timing out;
+    out.min = t.front();
+    out.median = t.size() % 2 ? t[t.size() / 2] : 0.5 * (t[t.size() / 2 - 1] + t[t.size() / 2]);
+    return out;
+}
+
+struct Ceilings {
+    double sgemm_flops = 0;  // FLOP/s of one sgemm M=2048, N=D, K=d, all threads
+    double memcpy_bytes = 0; // bytes/s (read + written) of a 256 MiB copy split over the threads
+};
+
+double measure_sgemm(int64_t M, int64_t N, int64_t K, int threads, int repeats) {
+    std::vector<float> a(static_cast<size_t>(M * K)), b(static_cast<size_t>(K * N)), c(static_cast<size_t>(M * N));
+    for (size_t i = 0; i < a.size(); i++) a[i] = static_cast<float>((i * 7) % 13) * 0.01f;
+    for (size_t i = 0; i < b.size(); i++) b[i] = static_cast<float>((i * 5) % 11) * 0.01f;
+    const int saved = openblas_get_num_threads();
+    openblas_set_num_threads(threads);
+    Timing t = time_it(repeats, [&] {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(M), static_cast<int>(N),
+                    static_cast<int>(K), 1.0f, a.data(), static_cast<int>(K), b.data(), static_cast<int>(N), 0.0f,
+                    c.data(), static_cast<int>(N));
+    });
+    openblas_set_num_threads(saved);
+    return 2.0 * static_cast<double>(M) * N * K / t.median;
+}
+
+double measure_memcpy(defkv::ThreadPool &pool, int repeats) {
+    const size_t n = size_t(256) << 20;
+    std::vector<char> src(n, 1), dst(n, 0);
+    const int64_t parts = pool.size();
+    Timing t = time_it(repeats, [&] {
+        pool.parallel_for(parts, [&](int64_t i) {
+            const size_t lo = n * i / parts, hi = n * (i + 1) / parts;
+            std::memcpy(&dst[lo], &src[lo], hi - lo);
+        });
+    });
+    return 2.0 * static_cast<double>(n) / t.median;
+}
+
+// ---- output ----------------------------------------------------------------------------
+
+std::string human(double x, const char *unit) {
+    const char *pre[] = {"", "K", "M", "G", "T"};
+    int i = 0;
+    while (std::fabs(x) >= 1000.0 && i < 4) {
+        x /= 1000.0;
+        i++;
+    }
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%.3g %s%s", x, pre[i], unit);
+    return buf;
+}
+
+struct Row {
+    std::string case_name, phase, kind; // kind: "flop", "byte" or ""
+    Timing t;
+    double work = 0, ceiling = 0;
+    double torch_s = -1;
+    std::string note;
+};
+
+void print_header() {
+    std::printf("%-28s %-26s %10s %12s %14s %8s %10s %8s\n", "case", "phase", "ms", "work", "rate", "%ceil",
+                "torch ms", "speedup");
+}
+
+void print_row(const Row &r) {
+    char ms[32], tms[32] = "-", sp[32] = "-", pc[32] = "-";
+    std::snprintf(ms, sizeof ms, "%.2f", r.t.median * 1e3);
+    std::string work = "-", rate = "-";
+    if (r.kind == "flop") {
+        work = human(r.work, "FLOP");
+        rate = human(r.work / r.t.median, "FLOP/s");
+    } else if (r.kind == "byte") {
+        work = human(r.work, "B");
+        rate = human(r.work / r.t.median, "B/s");
+    }
+    if (r.ceiling > 0 && !r.kind.empty()) std::snprintf(pc, sizeof pc, "%.1f%%", 100.0 * r.work / r.t.median / r.ceiling);
+    if (r.torch_s > 0) {
+        std::snprintf(tms, sizeof tms, "%.2f", r.torch_s * 1e3);
+        std::snprintf(sp, sizeof sp, "%.2fx", r.torch_s / r.t.median);
+    }
+    std::printf("%-28s %-26s %10s %12s %14s %8s %10s %8s%s%s\n", r.case_name.c_str(), r.phase.c_str(), ms, work.c_str(),
+                rate.c_str(), pc, tms, sp, r.note.empty() ? "" : "  ", r.note.c_str());
+    std::fflush(stdout);
+}
+
+json row_json(const Row &r) {
+    json j;
+    j["phase"] = r.phase;
+    j["median_s"] = r.t.median;
+    j["min_s"] = r.t.min;
+    if (!r.kind.empty()) {
+        j["work_kind"] = r.kind == "flop" ? "FLOP" : "bytes";
+        j["work"] = r.work;
+        j["rate"] = r.work / r.t.median;
+        if (r.ceiling > 0) j["fraction_of_ceiling"] = r.work / r.t.median / r.ceiling;
+    }
+    if (r.torch_s > 0) {
+        j["torch_median_s"] = r.torch_s;
+        j["speedup_vs_torch"] = r.torch_s / r.t.median;
+    }
+    if (!r.note.empty()) j["note"] = r.note;
+    return j;
+}
+
+bool write_file(const std::string &path, const void *data, size_t n) {
+    FILE *f = std::fopen(path.c_str(), "wb");
+    if (!f) return false;
+    const bool ok = std::fwrite(data, 1, n, f) == n;
+    return std::fclose(f) == 0 && ok;
+}
+
+bool read_file(const std::string &path, std::vector<uint8_t> *out) {
+    std::ifstream f(path, std::ios::binary);
+    if (!f) return false;
+    out->assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+    return true;
+}
+
+int fail(const char *fmt, const std::string &a) {
+    std::fprintf(stderr, "defkv bench: ");
+    std::fprintf(stderr, fmt, a.c_str());
+    std::fprintf(stderr, "\n");
+    return 2;
+}
+
+} // namespace
+
+int defkv_cmd_bench(int argc, char **argv) {
+    Options o;
+    for (int i = 1; i < argc; i++) {
+        const std::string a = argv[i];
+        auto val = [&](std::string *out) -> bool {
+            if (i + 1 >= argc) return false;
+            *out = argv[++i];
+            return true;
+        };
+        std::string v;
+        if (a == "-h" || a == "--help") {
+            usage(stdout);
+            return 0;
+        } else if (a == "--no-baseline") {
+            o.baseline = false;
+        } else if (a == "--shapes" || a == "--lengths" || a == "--dtypes" || a == "--methods" || a == "--threads" ||
+                   a == "--repeats" || a == "--ratio" || a == "--window" || a == "--seed" || a == "--json" ||
+                   a == "--python" || a == "--baseline" || a == "--workdir") {
+            if (!val(&v)) return fail("%s needs a value", a);
+            if (a == "--shapes") {
+                o.shapes = split(v);
+                if (v == "all") {
+                    o.shapes.clear();
+                    for (const auto &s : kShapes) o.shapes.push_back(s.name);
+                }
+                for (const auto &s : o.shapes) {
+                    bool found = false;
+                    for (const auto &k : kShapes) found |= s == k.name;
+                    if (!found) return fail("--shapes: unknown shape '%s'", s);
+                }
+            } else if (a == "--lengths") {
+                o.lengths.clear();
+                for (const auto &s : split(v)) {
+                    int64_t L;
+                    if (!parse_i64(s, &L) || L <= 0 || L > (int64_t(1) << 24)) return fail("--lengths: bad length '%s'", s);
+                    o.lengths.push_back(L);
+                }
+                if (o.lengths.empty()) return fail("--lengths: empty list '%s'", v);
+            } else if (a == "--dtypes") {
+                o.dtypes = split(v);
+                for (const auto &s : o.dtypes)
+                    if (s != "f32" && s != "bf16" && s != "f16") return fail("--dtypes: unknown dtype '%s' (f32, bf16, f16)", s);
+            } else if (a == "--methods") {
+                o.methods = split(v);
+                if (v == "all") {
+                    o.methods.clear();
+                    for (int32_t m = 0; m < DEFKV_METHOD_COUNT; m++)
+                        if (m != DEFKV_METHOD_LAYER_DEFENSIVEKV) o.methods.push_back(defkv_method_name(m));
+                }
+                for (const auto &s : o.methods) {
+                    int32_t m;
+                    if (defkv_method_from_name(s.c_str(), &m) != DEFKV_SUCCESS) return fail("--methods: unknown method '%s'", s);
+                }
+            } else if (a == "--threads" || a == "--repeats" || a == "--window" || a == "--seed") {
+                int64_t x;
+                if (!parse_i64(v, &x) || x < 0) return fail(("bad value for " + a + ": '%s'").c_str(), v);
+                if (a == "--threads") o.threads = static_cast<int32_t>(std::min<int64_t>(x, 1024));
+                if (a == "--repeats") {
+                    if (x < 1) return fail("--repeats must be >= 1, got '%s'", v);
+                    o.repeats = static_cast<int>(std::min<int64_t>(x, 1000));
+                }
+                if (a == "--window") {
+                    if (x < 1) return fail("--window must be >= 1, got '%s'", v);
+                    o.window = static_cast<int32_t>(std::min<int64_t>(x, 1 << 20));
+                }
+                if (a == "--seed") o.seed = static_cast<uint64_t>(x);
+            } else if (a == "--ratio") {
+                char *end = nullptr;
+                o.ratio = std::strtod(v.c_str(), &end);
+                if (!end || *end || !(o.ratio >= 0.0 && o.ratio < 1.0)) return fail("--ratio must be in [0, 1), got '%s'", v);
+            } else if (a == "--json") o.json_path = v;
+            else if (a == "--python") o.python = v;
+            else if (a == "--baseline") o.baseline_script = v;
+            else if (a == "--workdir") o.workdir = v;
+        } else {
+            usage(stderr);
+            return fail("unknown argument '%s'", a);
+        }
+    }
+    for (int64_t L : o.lengths)
+        if (L <= o.window) return fail("--lengths: every L must exceed the window (L = %s)", std::to_string(L));
+
+    // Context (its thread count is the run's thread count).
+    defkv_context_options copts;
+    defkv_context_options_default(&copts);
+    copts.backend = DEFKV_BACKEND_CPU;
+    copts.n_threads = o.threads;
+    defkv_context *ctx = nullptr;
+    if (defkv_context_create(&copts, &ctx) != DEFKV_SUCCESS) return fail("cannot create a context: %s", defkv_last_error_global());
+    std::unique_ptr<defkv_context, void (*)(defkv_context *)> ctx_guard(ctx, defkv_context_destroy);
+    const int32_t nthreads = defkv_context_n_threads(ctx);
+    defkv::ThreadPool pool(nthreads);
+    std::unique_ptr<defkv::Backend> be = defkv::make_cpu_backend(&pool, nthreads);
+
+    if (o.baseline) {
+        if (access(o.python.c_str(), X_OK) != 0) return fail("--python: '%s' is not executable (or pass --no-baseline)", o.python);
+        if (access(o.baseline_script.c_str(), R_OK) != 0)
+            return fail("--baseline: cannot read '%s' (or pass --no-baseline)", o.baseline_script);
+        if (o.workdir.empty()) {
+            char tmpl[] = "/tmp/defkv-bench-XXXXXX";
+            if (!mkdtemp(tmpl)) return fail("cannot create a work directory under %s", "/tmp");
+            o.workdir = tmpl;
+        }
+    }
+
+    char host[256] = "?";
+    gethostname(host, sizeof host - 1);
+    json out;
+    out["defkv_version"] = defkv_version_string();
+    out["threads"] = nthreads;
+    out["repeats"] = o.repeats;
+    out["statistic"] = "median";
+    out["compression_ratio"] = o.ratio;
+    out["window"] = o.window;
+    out["host"] = host;
+    std::printf("defkv bench: defkv %s, CPU backend, %d threads, median of %d runs after a warm-up, r = %g, W = %d\n",
+                defkv_version_string(), nthreads, o.repeats, o.ratio, o.window);
+
+    // Ceilings.
+    Ceilings ceil;
+    ceil.memcpy_bytes = measure_memcpy(pool, o.repeats);
+    std::printf("ceiling: memcpy 256 MiB over %d threads: %s (bytes read + written)\n", nthreads,
+                human(ceil.memcpy_bytes, "B/s").c_str());
+    const double sq = measure_sgemm(2048, 2048, 2048, nthreads, o.repeats);
+    std::printf("reference: OpenBLAS sgemm 2048^3, %d threads: %s\n", nthreads, human(sq, "FLOP/s").c_str());
+    out["ceilings"] = {{"memcpy_bytes_per_s", ceil.memcpy_bytes}, {"sgemm_2048_cubed_flops", sq}};
+    json cases = json::array();
+
+    for (const std::string &sname : o.shapes) {
+        const ModelShape *ms = nullptr;
+        for (const auto &k : kShapes)
+            if (sname == k.name) ms = &k;
+        const double sg = measure_sgemm(2048, ms->D, ms->d, nthreads, o.repeats);
+        std::printf("ceiling for %s: OpenBLAS sgemm M=2048 N=%lld K=%lld, %d threads: %s\n", ms->name,
+                    (long long)ms->D, (long long)ms->d, nthreads, human(sg, "FLOP/s").c_str());
+        out["ceilings"][std::string("sgemm_") + ms->name] = sg;
+        for (const std::string &dts : o.dtypes) {
+            const int32_t dt = dts == "f32" ? DEFKV_DTYPE_F32 : dts == "bf16" ? DEFKV_DTYPE_BF16 : DEFKV_DTYPE_F16;
+            for (int64_t L : o.lengths) {
+                const int64_t H = ms->H, Hk = ms->Hk, d = ms->d, D = ms->D, W = o.window, P = L - W, G = H / Hk;
+                const std::string cname = std::string(ms->name) + " " + dts + " L=" + std::to_string(L);
+                const uint64_t seed = o.seed ^ (static_cast<uint64_t>(L) << 20) ^ (static_cast<uint64_t>(dt) << 40) ^
+                                      std::hash<std::string>()(sname);
+                auto q = make_tensor(H * W * d, 1.0f, dt, seed + 1);
+                auto k = make_tensor(Hk * L * d, 1.0f, dt, seed + 2);
+                auto v = make_tensor(Hk * L * d, 1.0f, dt, seed + 3);
+                auto w = make_tensor(D * H * d, 1.0f / std::sqrt(static_cast<float>(H * d)), dt, seed + 4);
+                const double input_bytes = static_cast<double>(q.size() + k.size() + v.size() + w.size());
+
+                defkv_sequence seq;
+                std::memset(&seq, 0, sizeof seq);
+                seq.queries = tens(q.data(), dt, {H, W, d});
+                seq.keys = tens(k.data(), dt, {Hk, L, d});
+                seq.values = tens(v.data(), dt, {Hk, L, d});
+                defkv_layer layer;
+                std::memset(&layer, 0, sizeof layer);
+                layer.struct_size = sizeof layer;
+                layer.n_seqs = 1;
+                layer.seqs = &seq;
+                layer.o_proj = tens(w.data(), dt, {D, H * d});
+
+                json cj;
+                cj["shape"] = ms->name;
+                cj["H"] = H;
+                cj["Hk"] = Hk;
+                cj["d"] = d;
+                cj["D"] = D;
+                cj["L"] = L;
+                cj["dtype"] = dts;
+                cj["input_bytes"] = input_bytes;
+                std::vector<Row> rows;
+
+                // ---- phases through the internal backend ----
+                defkv::SeqViews sv;
+                std::string msg;
+                defkv::resolve_view(seq.queries, 3, "queries", &sv.queries, &msg);
+                defkv::resolve_view(seq.keys, 3, "keys", &sv.keys, &msg);
+                defkv::resolve_view(seq.values, 3, "values", &sv.values, &msg);
+                defkv::resolve_view(layer.o_proj, 2, "o_proj", &sv.o_proj, &msg);
+                defkv::SeqShape s;
+                s.H = H, s.Hk = Hk, s.G = G, s.d = d, s.L = L, s.W = W, s.P = P, s.D = D;
+                std::vector<float> dmax(static_cast<size_t>(Hk * P)), davg(static_cast<size_t>(Hk * P));
+                double om0 = 0, om1 = 0;
+                defkv::AttentionRequest req;
+                req.scale = 1.0f / std::sqrt(static_cast<float>(d));
+                req.kernel = 5;
+                req.def_max = dmax.data();
+                req.def_avg = davg.data();
+                req.omega_official = &om0;
+                req.omega_window = &om1;
+                Row ra{cname, "window attention", "flop"};
+                ra.t = time_it(o.repeats, [&] { be->attention(sv, s, req, &msg); });
+                ra.work = 2.0 * H * W * L * d;
+                ra.ceiling = sg;
+                ra.note = "FLOPs of Q.K only; softmax, pooling, reductions uncounted";
+                rows.push_back(ra);
+
+                std::vector<float> pn(static_cast<size_t>(Hk * P));
+                Row rp{cname, "projected norm", "flop"};
+                rp.t = time_it(o.repeats, [&] { be->projected_norm(sv, s, P, nullptr, pn.data(), &msg); });
+                rp.work = 2.0 * H * P * D * d;
+                rp.ceiling = sg;
+                rows.push_back(rp);
+
+                std::vector<float> kn(static_cast<size_t>(Hk * L));
+                Row rk{cname, "key norm", "byte"};
+                rk.t = time_it(o.repeats, [&] { be->key_norm(sv, s, kn.data(), &msg); });
+                rk.work = static_cast<double>(k.size());
+                rk.ceiling = ceil.memcpy_bytes;
+                rows.push_back(rk);
+
+                // ---- end to end through the public C API ----
+                json keeps;
+                std::vector<std::pair<std::string, std::vector<uint8_t>>> keep_masks;
+                int64_t ws_bytes = 0;
+                double e2e_def = -1;
+                for (const std::string &mname : o.methods) {
+                    int32_t method;
+                    defkv_method_from_name(mname.c_str(), &method);
+                    defkv_params p;
+                    defkv_params_default(&p);
+                    p.method = method;
+                    p.compression_ratio = o.ratio;
+                    p.window = static_cast<int32_t>(W);
+                    int64_t kept = 0, wsb = 0;
+                    if (defkv_kept_count(ctx, &p, &layer, &kept) != DEFKV_SUCCESS ||
+                        defkv_workspace_size(ctx, &p, &layer, &wsb) != DEFKV_SUCCESS)
+                        return fail("defkv_kept_count/defkv_workspace_size failed: %s", defkv_context_last_error(ctx));
+                    ws_bytes = std::max(ws_bytes, wsb);
+                    std::vector<int32_t> hl(static_cast<size_t>(Hk)), cu(static_cast<size_t>(Hk + 1)),
+                        idx(static_cast<size_t>(std::max<int64_t>(kept, 1)));
+                    std::vector<uint8_t> keep(static_cast<size_t>(Hk * L));
+                    defkv_selection sel;
+                    std::memset(&sel, 0, sizeof sel);
+                    sel.struct_size = sizeof sel;
+                    sel.head_lens = hl.data();
+                    sel.cu_seqlens = cu.data();
+                    sel.indices = idx.data();
+                    sel.indices_capacity = static_cast<int64_t>(idx.size());
+                    sel.keep_mask = keep.data();
+                    defkv_status st = DEFKV_SUCCESS;
+                    Row re{cname, "end to end " + mname, ""};
+                    re.t = time_it(o.repeats, [&] {
+                        const defkv_status x = defkv_select(ctx, &p, &layer, &sel);
+                        if (x != DEFKV_SUCCESS) st = x;
+                    });
+                    if (st != DEFKV_SUCCESS) return fail("defkv_select failed: %s", defkv_context_last_error(ctx));
+                    rows.push_back(re);
+                    keep_masks.emplace_back(mname, keep);
+                    if (method == DEFKV_METHOD_DEFENSIVEKV) {
+                        e2e_def = re.t.median;
+                        // Compaction of the kept entries into varlen buffers (byte-bound).
+                        const int64_t total = cu[Hk];
+                        std::vector<uint8_t> ko(static_cast<size_t>(std::max<int64_t>(total, 1) * d * defkv::dtype_size(dt))),
+                            vo(ko.size());
+                        defkv_tensor kt = tens(ko.data(), dt, {total, d}), vt = tens(vo.data(), dt, {total, d});
+                        Row rc{cname, "compact varlen (K+V)", "byte"};
+                        rc.t = time_it(o.repeats, [&] { defkv_compact_varlen(ctx, &layer, &sel, &kt, &vt); });
+                        rc.work = 4.0 * static_cast<double>(total * d * defkv::dtype_size(dt));
+                        rc.ceiling = ceil.memcpy_bytes;
+                        rows.push_back(rc);
+                    }
+                }
+                if (e2e_def > 0) {
+                    Row rr{cname, "defensivekv rest", ""};
+                    rr.t.median = rr.t.min = std::max(0.0, e2e_def - ra.t.median - rp.t.median);
+                    char note[96];
+                    std::snprintf(note, sizeof note, "end to end minus attention and norm: %.1f%% of end to end",
+                                  100.0 * rr.t.median / e2e_def);
+                    rr.note = note;
+                    cj["rest_fraction_of_defensivekv"] = rr.t.median / e2e_def;
+                    rows.push_back(rr);
+                }
+                cj["workspace_bytes"] = ws_bytes;
+
+                // ---- the PyTorch side ----
+                json torch_res;
+                if (o.baseline) {
+                    const std::string dir = o.workdir + "/";
+                    bool ok = write_file(dir + "q.bin", q.data(), q.size()) && write_file(dir + "k.bin", k.data(), k.size()) &&
+                              write_file(dir + "v.bin", v.data(), v.size()) && write_file(dir + "o.bin", w.data(), w.size());
+                    json meta = {{"H", H}, {"Hk", Hk}, {"d", d}, {"D", D}, {"L", L}, {"W", W}, {"dtype", dts},
+                                 {"ratio", o.ratio}, {"methods", o.methods}, {"repeats", o.repeats}, {"threads", nthreads}};
+                    std::ofstream(dir + "meta.json") << meta.dump();
+                    std::remove((dir + "result.json").c_str());
+                    if (!ok) return fail("cannot write the baseline inputs to %s", o.workdir);
+                    const std::string cmd = "'" + o.python + "' '" + o.baseline_script + "' '" + o.workdir + "'";
+                    const int rc = std::system(cmd.c_str());
+                    std::ifstream rf(dir + "result.json");
+                    if (rc != 0 || !rf) {
+                        std::fprintf(stderr, "defkv bench: the PyTorch baseline failed (exit %d): %s\n", rc, cmd.c_str());
+                        torch_res["error"] = "baseline failed";
+                    } else {
+                        rf >> torch_res;
+                        for (auto &km : keep_masks) {
+                            if (!torch_res.contains(km.first)) continue;
+                            std::vector<uint8_t> tk;
+                            int64_t diff = -1;
+                            if (read_file(dir + "keep_" + km.first + ".bin", &tk) && tk.size() == km.second.size()) {
+                                diff = 0;
+                                for (size_t i = 0; i < tk.size(); i++) diff += tk[i] != km.second[i];
+                            }
+                            torch_res[km.first]["keep_mismatches"] = diff;
+                            for (Row &r : rows)
+                                if (r.phase == "end to end " + km.first) {
+                                    if (diff == 0) r.torch_s = torch_res[km.first]["median_s"].get<double>();
+                                    else r.note = "torch keep set DIFFERS (" + std::to_string(diff) + " entries): no ratio";
+                                }
+                            if (km.first == "defensivekv" && torch_res[km.first].contains("phases")) {
+                                const json &ph = torch_res[km.first]["phases"];
+                                for (Row &r : rows) {
+                                    if (r.phase == "window attention" && ph.contains("attention")) r.torch_s = ph["attention"];
+                                    if (r.phase == "projected norm" && ph.contains("projected_norm")) r.torch_s = ph["projected_norm"];
+                                }
+                            }
+                        }
+                    }
+                }
+                cj["torch"] = torch_res;
+                json rj = json::array();
+                for (const Row &r : rows) rj.push_back(row_json(r));
+                cj["phases"] = rj;
+                cases.push_back(cj);
+
+                std::printf("\n%s: inputs %s, workspace %s (defkv_workspace_size, max over methods)\n", cname.c_str(),
+                            human(input_bytes, "B").c_str(), human(static_cast<double>(ws_bytes), "B").c_str());
+                print_header();
+                for (const Row &r : rows) print_row(r);
+            }
+        }
+    }
+    out["cases"] = cases;
+    std::ofstream jf(o.json_path);
+    if (!jf) return fail("cannot write --json %s", o.json_path);
+    jf << out.dump(2) << "\n";
+    std::printf("\nwrote %s\n", o.json_path.c_str());
+    return 0;
+}
