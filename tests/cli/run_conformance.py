@@ -1,0 +1,29 @@
+#!/usr/bin/env python3
+"""Runs `defkv compress` on a golden case and checks the result with the oracle's compare.py.
+
+usage: run_conformance.py DEFKV COMPARE_PY CASE EXPECTED METHOD OUTDIR
+Exit 0 only when defkv succeeded and compare.py exited 0."""
+import os
+import subprocess
+import sys
+
+
+def main():
+    defkv, compare, case, expected, method, outdir = sys.argv[1:7]
+    os.makedirs(outdir, exist_ok=True)
+    out = os.path.join(outdir, "%s.%s.result.safetensors" % (os.path.basename(case).split(".")[0], method))
+    if os.path.exists(out):
+        os.remove(out)
+    run = subprocess.run([defkv, "compress", "--input", case, "--output", out, "--method", method])
+    if run.returncode != 0:
+        print("FAIL: defkv compress exited %d" % run.returncode)
+        return 1
+    cmp = subprocess.run([sys.executable, compare, expected, out])
+    if cmp.returncode != 0:
+        print("FAIL: compare.py exited %d" % cmp.returncode)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
