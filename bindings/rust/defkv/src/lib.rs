@@ -1,0 +1,859 @@
+//! Safe Rust API of libdefkv: KV-cache eviction with DefensiveKV and the methods it is compared
+//! with. Inputs are borrowed views of the caller's memory (no copies); results come back as a
+//! [`Selection`]; [`Context::compact_inplace`] moves the kept entries to the front of the
+//! caller's own key/value buffers.
+//!
+//! ```no_run
+//! use defkv::{Context, Layer, Method, Params, Sequence, Tensor};
+//! # fn main() -> defkv::Result<()> {
+//! let (h, hk, w, l, d) = (8, 2, 32, 1024, 64);
+//! let q = vec![0f32; h * w * d];
+//! let mut k = vec![0f32; hk * l * d];
+//! let mut v = vec![0f32; hk * l * d];
+//! let o = vec![0f32; 512 * h * d];
+//! let ctx = Context::new()?;
+//! let mut layer = Layer::new(vec![Sequence::with_queries(
+//!     Tensor::f32(&q, &[h as i64, w as i64, d as i64])?,
+//!     Tensor::f32_mut(&mut k, &[hk as i64, l as i64, d as i64])?,
+//!     Tensor::f32_mut(&mut v, &[hk as i64, l as i64, d as i64])?,
+//! )])
+//! .with_o_proj(Tensor::f32(&o, &[512, (h * d) as i64])?);
+//! let params = Params::new(Method::DEFENSIVEKV).compression_ratio(0.8);
+//! let sel = ctx.select(&params, &layer)?;
+//! ctx.compact_inplace(&mut layer, &sel)?;
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+use defkv_sys as sys;
+use std::cell::Cell;
+use std::ffi::{CStr, CString};
+use std::fmt;
+use std::marker::PhantomData;
+use std::os::raw::c_char;
+use std::ptr::NonNull;
+
+/// `defkv_status` as an integer newtype: values this crate does not know are kept, not lost.
+#[derive(Copy, Clone, PartialEq, Eq, Hash, Debug)]
+#[repr(transparent)]
+pub struct Status(pub i32);
+
+impl Status {
+    /// DEFKV_SUCCESS
+    pub const SUCCESS: Status = Status(0);
+    /// DEFKV_ERROR_INVALID_ARGUMENT
+    pub const INVALID_ARGUMENT: Status = Status(-1);
+    /// DEFKV_ERROR_OUT_OF_MEMORY
+    pub const OUT_OF_MEMORY: Status = Status(-2);
+    /// DEFKV_ERROR_UNSUPPORTED
+    pub const UNSUPPORTED: Status = Status(-3);
+    /// DEFKV_ERROR_BACKEND_UNAVAILABLE
+    pub const BACKEND_UNAVAILABLE: Status = Status(-4);
+    /// DEFKV_ERROR_SIZE_OVERFLOW
+    pub const SIZE_OVERFLOW: Status = Status(-5);
+    /// DEFKV_ERROR_NON_FINITE
+    pub const NON_FINITE: Status = Status(-6);
+    /// DEFKV_ERROR_INVALID_STATE
+    pub const INVALID_STATE: Status = Status(-7);
+    /// DEFKV_ERROR_BUFFER_TOO_SMALL
+    pub const BUFFER_TOO_SMALL: Status = Status(-8);
+    /// DEFKV_ERROR_BACKEND_FAILURE
+    pub const BACKEND_FAILURE: Status = Status(-9);
+    /// DEFKV_ERROR_INTERNAL
+    pub const INTERNAL: Status = Status(-10);
+
+    /// The library's short description of the status ("invalid argument", ...).
+    pub fn description(self) -> &'static str {
+        // SAFETY: defkv_status_string never returns NULL and returns static strings.
+        unsafe { static_str(sys::defkv_status_string(self.0)).unwrap_or("") }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.description(), self.0)
+    }
+}
+
+/// `defkv_method` as an integer newtype.
+#[derive(Copy, Clone, PartialEq, Eq, Hash, Debug)]
+#[repr(transparent)]
+pub struct Method(pub i32);
+
+impl Method {
+    /// SnapKV, per head.
+    pub const SNAPKV: Method = Method(0);
+    /// AdaKV-SnapKV, head-adaptive.
+    pub const ADA_SNAPKV: Method = Method(1);
+    /// CriticalKV, per head.
+    pub const CRITICALKV: Method = Method(2);
+    /// CriticalKV with AdaKV budgets.
+    pub const ADA_CRITICALKV: Method = Method(3);
+    /// DefensiveKV, head-adaptive.
+    pub const DEFENSIVEKV: Method = Method(4);
+    /// Layer-DefensiveKV, layer-adaptive (use [`Context::global`] for several layers).
+    pub const LAYER_DEFENSIVEKV: Method = Method(5);
+    /// StreamingLLM.
+    pub const STREAMINGLLM: Method = Method(6);
+    /// Key-norm.
+    pub const KNORM: Method = Method(7);
+    /// TOVA.
+    pub const TOVA: Method = Method(8);
+    /// Random (seeded).
+    pub const RANDOM: Method = Method(9);
+    /// Number of methods this header version knows.
+    pub const COUNT: i32 = 10;
+
+    /// Parses a CLI method name such as "defensivekv".
+    pub fn from_name(name: &str) -> Result<Method> {
+        let c = CString::new(name).map_err(|_| Error::new(Status::INVALID_ARGUMENT, "method name contains a NUL byte"))?;
+        let mut m = 0i32;
+        // SAFETY: c is a valid C string and m a valid out pointer for the call.
+        let st = unsafe { sys::defkv_method_from_name(c.as_ptr(), &mut m) };
+        if st != 0 {
+            return Err(Error::new(Status(st), format!("unknown method name {name:?}")));
+        }
+        Ok(Method(m))
+    }
+    /// The CLI name ("defensivekv"), or None for an unknown value.
+    pub fn name(self) -> Option<&'static str> {
+        // SAFETY: static string or NULL.
+        unsafe { static_str(sys::defkv_method_name(self.0)) }
+    }
+    /// The official press class name ("EfficientDefensiveKVPress"), or None.
+    pub fn press_name(self) -> Option<&'static str> {
+        // SAFETY: static string or NULL.
+        unsafe { static_str(sys::defkv_method_press_name(self.0)) }
+    }
+}
+
+/// `defkv_dtype` as an integer newtype.
+#[derive(Copy, Clone, PartialEq, Eq, Hash, Debug)]
+#[repr(transparent)]
+pub struct Dtype(pub i32);
+impl Dtype {
+    /// float32
+    pub const F32: Dtype = Dtype(0);
+    /// IEEE binary16 (stored as u16 bits)
+    pub const F16: Dtype = Dtype(1);
+    /// bfloat16 (stored as u16 bits)
+    pub const BF16: Dtype = Dtype(2);
+}
+
+/// `defkv_backend` as an integer newtype.
+#[derive(Copy, Clone, PartialEq, Eq, Hash, Debug)]
+#[repr(transparent)]
+pub struct Backend(pub i32);
+impl Backend {
+    /// The best available backend.
+    pub const AUTO: Backend = Backend(0);
+    /// CPU backend.
+    pub const CPU: Backend = Backend(1);
+    /// CUDA backend.
+    pub const CUDA: Backend = Backend(2);
+    /// Vulkan backend.
+    pub const VULKAN: Backend = Backend(3);
+    /// Ok if the backend can be used on this machine.
+    pub fn available(self) -> Result<()> {
+        // SAFETY: plain value call.
+        let st = unsafe { sys::defkv_backend_available(self.0) };
+        if st == 0 {
+            Ok(())
+        } else {
+            Err(Error::new(Status(st), format!("backend {} is not available here", self.0)))
+        }
+    }
+    /// "cpu", "cuda", ...
+    pub fn name(self) -> Option<&'static str> {
+        // SAFETY: static string or NULL.
+        unsafe { static_str(sys::defkv_backend_name(self.0)) }
+    }
+}
+
+/// `defkv_memory`: where a tensor's data lives.
+#[derive(Copy, Clone, PartialEq, Eq, Hash, Debug)]
+#[repr(transparent)]
+pub struct Memory(pub i32);
+impl Memory {
+    /// Host memory.
+    pub const HOST: Memory = Memory(0);
+    /// CUDA device pointer.
+    pub const CUDA_DEVICE: Memory = Memory(1);
+    /// VkBuffer handle.
+    pub const VULKAN_BUFFER: Memory = Memory(2);
+}
+
+/// `defkv_window_bias` as an integer newtype.
+#[derive(Copy, Clone, PartialEq, Eq, Hash, Debug)]
+#[repr(transparent)]
+pub struct WindowBias(pub i32);
+impl WindowBias {
+    /// The official code's measurement (default).
+    pub const OFFICIAL: WindowBias = WindowBias(0);
+    /// The paper's intent.
+    pub const WINDOW: WindowBias = WindowBias(1);
+}
+
+/// `defkv_nonfinite_policy` as an integer newtype.
+#[derive(Copy, Clone, PartialEq, Eq, Hash, Debug)]
+#[repr(transparent)]
+pub struct NonFinite(pub i32);
+impl NonFinite {
+    /// Reject NaN/Inf (default).
+    pub const REJECT: NonFinite = NonFinite(0);
+    /// Rank non-finite cache entries lowest.
+    pub const LOWEST: NonFinite = NonFinite(1);
+}
+
+/// An error of the library: the status code and the message naming the offending argument.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Error {
+    status: Status,
+    message: String,
+}
+
+impl Error {
+    fn new(status: Status, message: impl Into<String>) -> Error {
+        Error { status, message: message.into() }
+    }
+    /// The status code (never SUCCESS).
+    pub fn status(&self) -> Status {
+        self.status
+    }
+    /// The library's message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "defkv: {}: {}", self.status, self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Result of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+unsafe fn static_str(p: *const c_char) -> Option<&'static str> {
+    if p.is_null() {
+        None
+    } else {
+        CStr::from_ptr(p).to_str().ok()
+    }
+}
+
+unsafe fn owned_str(p: *const c_char) -> String {
+    if p.is_null() {
+        String::new()
+    } else {
+        CStr::from_ptr(p).to_string_lossy().into_owned()
+    }
+}
+
+/// The library version ("0.1.0").
+pub fn version() -> &'static str {
+    // SAFETY: static string.
+    unsafe { static_str(sys::defkv_version_string()).unwrap_or("") }
+}
+
+/// The library version as MAJOR*10000 + MINOR*100 + PATCH.
+pub fn version_number() -> u32 {
+    // SAFETY: plain call.
+    unsafe { sys::defkv_version_number() }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensors
+// ---------------------------------------------------------------------------------------------
+
+/// A strided view of caller memory, borrowed for `'a`. Built from a shared slice it is
+/// read-only; built from a mutable slice (`*_mut`) the library may write to it (compaction).
+#[derive(Clone, Copy)]
+pub struct Tensor<'a> {
+    raw: sys::defkv_tensor,
+    len: usize, // elements available from data (host tensors)
+    writable: bool,
+    _borrow: PhantomData<&'a ()>,
+}
+
+fn check_shape(shape: &[i64]) -> Result<()> {
+    if shape.is_empty() || shape.len() > sys::DEFKV_MAX_DIMS as usize {
+        return Err(Error::new(Status::INVALID_ARGUMENT, format!("shape has {} dimensions, expected 1 to 4", shape.len())));
+    }
+    if let Some(s) = shape.iter().find(|&&s| s < 0) {
+        return Err(Error::new(Status::INVALID_ARGUMENT, format!("shape has a negative extent {s}")));
+    }
+    Ok(())
+}
+
+fn contiguous_len(shape: &[i64]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |acc, &s| acc.checked_mul(usize::try_from(s).ok()?))
+}
+
+impl<'a> Tensor<'a> {
+    fn host(ptr: *const u8, len: usize, dtype: Dtype, shape: &[i64], writable: bool) -> Result<Tensor<'a>> {
+        check_shape(shape)?;
+        let need = contiguous_len(shape)
+            .ok_or_else(|| Error::new(Status::SIZE_OVERFLOW, "shape product overflows"))?;
+        if need != len {
+            return Err(Error::new(
+                Status::INVALID_ARGUMENT,
+                format!("slice has {len} elements but shape {shape:?} needs {need}"),
+            ));
+        }
+        let mut raw = sys::defkv_tensor {
+            data: ptr as *mut std::ffi::c_void,
+            dtype: dtype.0,
+            ndim: shape.len() as i32,
+            shape: [0; 4],
+            strides: [0; 4],
+            memory: Memory::HOST.0,
+            reserved0: 0,
+            byte_offset: 0,
+        };
+        raw.shape[..shape.len()].copy_from_slice(shape);
+        Ok(Tensor { raw, len, writable, _borrow: PhantomData })
+    }
+    /// A read-only contiguous row-major f32 tensor over `data`.
+    pub fn f32(data: &'a [f32], shape: &[i64]) -> Result<Tensor<'a>> {
+        Self::host(data.as_ptr().cast(), data.len(), Dtype::F32, shape, false)
+    }
+    /// A writable contiguous row-major f32 tensor over `data`.
+    pub fn f32_mut(data: &'a mut [f32], shape: &[i64]) -> Result<Tensor<'a>> {
+        Self::host(data.as_mut_ptr().cast(), data.len(), Dtype::F32, shape, true)
+    }
+    /// A read-only f16 tensor over raw binary16 bits.
+    pub fn f16(data: &'a [u16], shape: &[i64]) -> Result<Tensor<'a>> {
+        Self::host(data.as_ptr().cast(), data.len(), Dtype::F16, shape, false)
+    }
+    /// A writable f16 tensor over raw binary16 bits.
+    pub fn f16_mut(data: &'a mut [u16], shape: &[i64]) -> Result<Tensor<'a>> {
+        Self::host(data.as_mut_ptr().cast(), data.len(), Dtype::F16, shape, true)
+    }
+    /// A read-only bf16 tensor over raw bfloat16 bits.
+    pub fn bf16(data: &'a [u16], shape: &[i64]) -> Result<Tensor<'a>> {
+        Self::host(data.as_ptr().cast(), data.len(), Dtype::BF16, shape, false)
+    }
+    /// A writable bf16 tensor over raw bfloat16 bits.
+    pub fn bf16_mut(data: &'a mut [u16], shape: &[i64]) -> Result<Tensor<'a>> {
+        Self::host(data.as_mut_ptr().cast(), data.len(), Dtype::BF16, shape, true)
+    }
+    /// Sets element strides (one per logical dimension); the slice must hold every element
+    /// the strides reach (checked). For host tensors only.
+    pub fn with_strides(mut self, strides: &[i64]) -> Result<Tensor<'a>> {
+        let nd = self.raw.ndim as usize;
+        if strides.len() != nd {
+            return Err(Error::new(Status::INVALID_ARGUMENT, format!("{} strides for {nd} dimensions", strides.len())));
+        }
+        if strides.iter().any(|&s| s < 0) {
+            return Err(Error::new(Status::INVALID_ARGUMENT, "strides must be non-negative"));
+        }
+        let mut last: i64 = 0;
+        for (&n, &s) in self.raw.shape[..nd].iter().zip(strides) {
+            if n == 0 {
+                last = -1;
+                break;
+            }
+            last = (n - 1).checked_mul(s).and_then(|x| x.checked_add(last))
+                .ok_or_else(|| Error::new(Status::SIZE_OVERFLOW, "strided extent overflows"))?;
+        }
+        if last >= 0 && (last as u64) >= self.len as u64 {
+            return Err(Error::new(
+                Status::INVALID_ARGUMENT,
+                format!("strides {strides:?} reach element {last} of a slice of {}", self.len),
+            ));
+        }
+        self.raw.strides[..nd].copy_from_slice(strides);
+        Ok(self)
+    }
+    /// A tensor in device memory (a CUDA pointer or a VkBuffer handle given as an integer).
+    ///
+    /// # Safety
+    /// `address` must be valid device memory of the given memory kind holding every element
+    /// the shape and strides reach, and must stay valid while the tensor is used; it is
+    /// writable if `writable` is true.
+    pub unsafe fn device(address: usize, memory: Memory, dtype: Dtype, shape: &[i64], strides: Option<&[i64]>,
+                         byte_offset: i64, writable: bool) -> Result<Tensor<'static>> {
+        check_shape(shape)?;
+        let mut raw = sys::defkv_tensor {
+            data: address as *mut std::ffi::c_void,
+            dtype: dtype.0,
+            ndim: shape.len() as i32,
+            shape: [0; 4],
+            strides: [0; 4],
+            memory: memory.0,
+            reserved0: 0,
+            byte_offset,
+        };
+        raw.shape[..shape.len()].copy_from_slice(shape);
+        if let Some(s) = strides {
+            if s.len() != shape.len() {
+                return Err(Error::new(Status::INVALID_ARGUMENT, "strides and shape differ in length"));
+            }
+            raw.strides[..s.len()].copy_from_slice(s);
+        }
+        Ok(Tensor { raw, len: usize::MAX, writable, _borrow: PhantomData })
+    }
+    /// The logical shape.
+    pub fn shape(&self) -> &[i64] {
+        &self.raw.shape[..self.raw.ndim as usize]
+    }
+    /// The element type.
+    pub fn dtype(&self) -> Dtype {
+        Dtype(self.raw.dtype)
+    }
+    /// Whether the library may write through this view.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+}
+
+const ABSENT: sys::defkv_tensor = sys::defkv_tensor {
+    data: std::ptr::null_mut(),
+    dtype: 0,
+    ndim: 0,
+    shape: [0; 4],
+    strides: [0; 4],
+    memory: 0,
+    reserved0: 0,
+    byte_offset: 0,
+};
+
+/// One sequence of a batch: queries (or attention), keys and values of one layer.
+#[derive(Clone, Copy)]
+pub struct Sequence<'a> {
+    queries: Option<Tensor<'a>>,
+    attention: Option<Tensor<'a>>,
+    keys: Tensor<'a>,
+    values: Tensor<'a>,
+}
+
+impl<'a> Sequence<'a> {
+    /// Queries [H, W, d], keys [Hk, L, d], values [Hk, L, d].
+    pub fn with_queries(queries: Tensor<'a>, keys: Tensor<'a>, values: Tensor<'a>) -> Sequence<'a> {
+        Sequence { queries: Some(queries), attention: None, keys, values }
+    }
+    /// Precomputed window attention [H, W, L], keys and values [Hk, L, d].
+    pub fn with_attention(attention: Tensor<'a>, keys: Tensor<'a>, values: Tensor<'a>) -> Sequence<'a> {
+        Sequence { queries: None, attention: Some(attention), keys, values }
+    }
+    fn raw(&self) -> sys::defkv_sequence {
+        sys::defkv_sequence {
+            queries: self.queries.map_or(ABSENT, |t| t.raw),
+            attention: self.attention.map_or(ABSENT, |t| t.raw),
+            keys: self.keys.raw,
+            values: self.values.raw,
+        }
+    }
+    fn kv_heads(&self) -> i64 {
+        self.keys.raw.shape[0]
+    }
+    fn len(&self) -> i64 {
+        self.keys.raw.shape[1]
+    }
+}
+
+/// One layer of a (possibly ragged) batch, borrowing every tensor for `'a`.
+pub struct Layer<'a> {
+    seqs: Vec<Sequence<'a>>,
+    raw_seqs: Vec<sys::defkv_sequence>,
+    o_proj: Option<Tensor<'a>>,
+}
+
+impl<'a> Layer<'a> {
+    /// A layer of the given sequences (one per batch element).
+    pub fn new(seqs: Vec<Sequence<'a>>) -> Layer<'a> {
+        let raw_seqs = seqs.iter().map(|s| s.raw()).collect();
+        Layer { seqs, raw_seqs, o_proj: None }
+    }
+    /// Adds the output projection [D, H*d] (needed by the CriticalKV and DefensiveKV family).
+    pub fn with_o_proj(mut self, o_proj: Tensor<'a>) -> Layer<'a> {
+        self.o_proj = Some(o_proj);
+        self
+    }
+    /// The sequences.
+    pub fn sequences(&self) -> &[Sequence<'a>] {
+        &self.seqs
+    }
+    fn raw(&self) -> sys::defkv_layer {
+        sys::defkv_layer {
+            struct_size: std::mem::size_of::<sys::defkv_layer>() as u32,
+            n_seqs: self.raw_seqs.len() as i32,
+            seqs: self.raw_seqs.as_ptr(),
+            o_proj: self.o_proj.map_or(ABSENT, |t| t.raw),
+        }
+    }
+    fn shape(&self) -> LayerShape {
+        LayerShape { heads: self.seqs.iter().map(|s| (s.kv_heads().max(0), s.len().max(0))).collect() }
+    }
+}
+
+#[derive(Clone, PartialEq, Eq, Debug)]
+struct LayerShape {
+    heads: Vec<(i64, i64)>, // (Hk, L) per sequence
+}
+
+impl LayerShape {
+    fn n_heads(&self) -> usize {
+        self.heads.iter().map(|&(hk, _)| hk as usize).sum()
+    }
+    fn n_entries(&self) -> usize {
+        self.heads.iter().map(|&(hk, l)| (hk * l) as usize).sum()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parameters
+// ---------------------------------------------------------------------------------------------
+
+/// Compression parameters; `Params::new` starts from the library's defaults (the official
+/// code's) and each setter returns the changed value.
+#[derive(Clone, Copy)]
+pub struct Params {
+    raw: sys::defkv_params,
+}
+
+macro_rules! setter {
+    ($(#[$doc:meta])* $name:ident: $t:ty => $field:ident) => {
+        $(#[$doc])*
+        pub fn $name(mut self, value: $t) -> Params {
+            self.raw.$field = value;
+            self
+        }
+    };
+}
+
+impl Params {
+    /// The defaults with the given method.
+    pub fn new(method: Method) -> Params {
+        // SAFETY: defkv_params is plain data; defkv_params_default fills every field.
+        let mut raw: sys::defkv_params = unsafe { std::mem::zeroed() };
+        unsafe { sys::defkv_params_default(&mut raw) };
+        raw.method = method.0;
+        Params { raw }
+    }
+    /// The method.
+    pub fn method(&self) -> Method {
+        Method(self.raw.method)
+    }
+    setter!(/// Fraction evicted in [0, 1).
+        compression_ratio: f64 => compression_ratio);
+    setter!(/// Absolute per-head budget (0: use the ratio).
+        budget: i64 => budget);
+    setter!(/// Observation window W.
+        window: i32 => window);
+    setter!(/// Pooling kernel (odd).
+        kernel: i32 => kernel);
+    setter!(/// Softmax scale (0: 1/sqrt(d)).
+        scale: f32 => scale);
+    setter!(/// StreamingLLM sink tokens.
+        n_sink: i32 => n_sink);
+    setter!(/// AdaKV safeguard fraction.
+        alpha_safeguard: f64 => alpha_safeguard);
+    setter!(/// CriticalKV stage-1 fraction.
+        first_stage_ratio: f64 => first_stage_ratio);
+    setter!(/// CriticalKV epsilon.
+        epsilon: f64 => epsilon);
+    setter!(/// DefensiveKV base mass threshold.
+        mass_threshold: f64 => mass_threshold);
+    setter!(/// Random method seed.
+        seed: u64 => seed);
+    /// How DefensiveKV measures the window bias.
+    pub fn window_bias(mut self, b: WindowBias) -> Params {
+        self.raw.window_bias = b.0;
+        self
+    }
+    /// What to do with NaN/Inf inputs.
+    pub fn nonfinite(mut self, p: NonFinite) -> Params {
+        self.raw.nonfinite = p.0;
+        self
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Selection
+// ---------------------------------------------------------------------------------------------
+
+/// What a selection keeps, in the library's batch layouts: per-head arrays have
+/// n_seqs*Hk entries (sequence-major), per-entry arrays concatenate [Hk, L_b] blocks.
+#[derive(Clone, Debug, Default)]
+pub struct Selection {
+    head_lens: Vec<i32>,
+    cu_seqlens: Vec<i32>,
+    indices: Vec<i32>,
+    keep_mask: Vec<u8>,
+    scores: Vec<f32>,
+}
+
+impl Selection {
+    fn for_shape(shape: &LayerShape, capacity: i64) -> Selection {
+        let heads = shape.n_heads();
+        let entries = shape.n_entries();
+        Selection {
+            head_lens: vec![0; heads],
+            cu_seqlens: vec![0; heads + 1],
+            indices: vec![0; capacity.max(0) as usize],
+            keep_mask: vec![0; entries],
+            scores: vec![0.0; entries],
+        }
+    }
+    fn raw(&mut self) -> sys::defkv_selection {
+        sys::defkv_selection {
+            struct_size: std::mem::size_of::<sys::defkv_selection>() as u32,
+            memory: 0,
+            head_lens: self.head_lens.as_mut_ptr(),
+            cu_seqlens: self.cu_seqlens.as_mut_ptr(),
+            indices: self.indices.as_mut_ptr(),
+            indices_capacity: self.indices.len() as i64,
+            keep_mask: self.keep_mask.as_mut_ptr(),
+            scores: self.scores.as_mut_ptr(),
+        }
+    }
+    fn raw_const(&self) -> sys::defkv_selection {
+        sys::defkv_selection {
+            struct_size: std::mem::size_of::<sys::defkv_selection>() as u32,
+            memory: 0,
+            head_lens: self.head_lens.as_ptr() as *mut i32,
+            cu_seqlens: self.cu_seqlens.as_ptr() as *mut i32,
+            indices: self.indices.as_ptr() as *mut i32,
+            indices_capacity: self.indices.len() as i64,
+            keep_mask: self.keep_mask.as_ptr() as *mut u8,
+            scores: self.scores.as_ptr() as *mut f32,
+        }
+    }
+    /// Kept entries per head.
+    pub fn head_lens(&self) -> &[i32] {
+        &self.head_lens
+    }
+    /// 0, then running sums of head_lens.
+    pub fn cu_seqlens(&self) -> &[i32] {
+        &self.cu_seqlens
+    }
+    /// Kept token positions of every head, concatenated.
+    pub fn indices(&self) -> &[i32] {
+        &self.indices[..*self.cu_seqlens.last().unwrap_or(&0) as usize]
+    }
+    /// Kept token positions of head `head` (ascending).
+    pub fn kept(&self, head: usize) -> &[i32] {
+        &self.indices[self.cu_seqlens[head] as usize..self.cu_seqlens[head + 1] as usize]
+    }
+    /// 1 kept, 0 evicted, per entry.
+    pub fn keep_mask(&self) -> &[u8] {
+        &self.keep_mask
+    }
+    /// The final score of every entry.
+    pub fn scores(&self) -> &[f32] {
+        &self.scores
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Context
+// ---------------------------------------------------------------------------------------------
+
+/// Options of a new context.
+#[derive(Clone, Copy)]
+pub struct ContextBuilder {
+    raw: sys::defkv_context_options,
+}
+
+impl ContextBuilder {
+    /// The backend (default CPU).
+    pub fn backend(mut self, b: Backend) -> ContextBuilder {
+        self.raw.backend = b.0;
+        self
+    }
+    /// CPU threads (0 = all cores).
+    pub fn threads(mut self, n: i32) -> ContextBuilder {
+        self.raw.n_threads = n;
+        self
+    }
+    /// GPU device index (-1 = best).
+    pub fn device_index(mut self, i: i32) -> ContextBuilder {
+        self.raw.device_index = i;
+        self
+    }
+    /// Creates the context.
+    pub fn build(self) -> Result<Context> {
+        let mut ctx: *mut sys::defkv_context = std::ptr::null_mut();
+        // SAFETY: valid options and out pointer.
+        let st = unsafe { sys::defkv_context_create(&self.raw, &mut ctx) };
+        if st != 0 {
+            // SAFETY: thread-local message of the failed create.
+            let msg = unsafe { owned_str(sys::defkv_last_error_global()) };
+            return Err(Error::new(Status(st), msg));
+        }
+        let raw = NonNull::new(ctx).ok_or_else(|| Error::new(Status::INTERNAL, "defkv_context_create returned NULL"))?;
+        Ok(Context { raw, _not_sync: PhantomData })
+    }
+}
+
+/// A library context (backend, threads, scratch memory). Released on drop.
+///
+/// `Send` but not `Sync`: the C API allows a context to move between threads but to be used by
+/// only one thread at a time, and its last-error string is per context.
+pub struct Context {
+    raw: NonNull<sys::defkv_context>,
+    _not_sync: PhantomData<Cell<()>>,
+}
+
+// SAFETY: the C API lets a context be used from any thread, one at a time; `!Sync` (the Cell
+// marker) rules out concurrent use through shared references.
+unsafe impl Send for Context {}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        // SAFETY: we own the handle; any Global borrowing it has already been dropped.
+        unsafe { sys::defkv_context_destroy(self.raw.as_ptr()) }
+    }
+}
+
+impl Context {
+    /// A CPU context with default options.
+    pub fn new() -> Result<Context> {
+        Context::builder().build()
+    }
+    /// Options for a new context.
+    pub fn builder() -> ContextBuilder {
+        // SAFETY: plain data filled by the default function.
+        let mut raw: sys::defkv_context_options = unsafe { std::mem::zeroed() };
+        unsafe { sys::defkv_context_options_default(&mut raw) };
+        ContextBuilder { raw }
+    }
+    fn check(&self, st: i32) -> Result<()> {
+        if st == 0 {
+            Ok(())
+        } else {
+            // SAFETY: the context's message, copied before any other call on it.
+            let msg = unsafe { owned_str(sys::defkv_context_last_error(self.raw.as_ptr())) };
+            Err(Error::new(Status(st), msg))
+        }
+    }
+    /// The backend in use.
+    pub fn backend(&self) -> Backend {
+        // SAFETY: valid handle.
+        Backend(unsafe { sys::defkv_context_backend(self.raw.as_ptr()) })
+    }
+    /// CPU threads in use.
+    pub fn n_threads(&self) -> i32 {
+        // SAFETY: valid handle.
+        unsafe { sys::defkv_context_n_threads(self.raw.as_ptr()) }
+    }
+    /// Upper bound (exact) of the entries `select` keeps.
+    pub fn kept_count(&self, params: &Params, layer: &Layer<'_>) -> Result<i64> {
+        let raw = layer.raw();
+        let mut n = 0i64;
+        // SAFETY: every pointer in raw borrows live memory for this call.
+        self.check(unsafe { sys::defkv_kept_count(self.raw.as_ptr(), &params.raw, &raw, &mut n) })?;
+        Ok(n)
+    }
+    /// Scratch bytes `select` needs for this layer.
+    pub fn workspace_size(&self, params: &Params, layer: &Layer<'_>) -> Result<i64> {
+        let raw = layer.raw();
+        let mut n = 0i64;
+        // SAFETY: as above.
+        self.check(unsafe { sys::defkv_workspace_size(self.raw.as_ptr(), &params.raw, &raw, &mut n) })?;
+        Ok(n)
+    }
+    /// Scores and selects the entries of one layer to keep.
+    pub fn select(&self, params: &Params, layer: &Layer<'_>) -> Result<Selection> {
+        let cap = self.kept_count(params, layer)?;
+        let mut sel = Selection::for_shape(&layer.shape(), cap);
+        let raw = layer.raw();
+        let mut out = sel.raw();
+        // SAFETY: inputs borrow live memory; outputs are sized for this layer's shape.
+        self.check(unsafe { sys::defkv_select(self.raw.as_ptr(), &params.raw, &raw, &mut out) })?;
+        Ok(sel)
+    }
+    fn require_writable(layer: &Layer<'_>) -> Result<()> {
+        for (b, s) in layer.seqs.iter().enumerate() {
+            if !s.keys.writable || !s.values.writable {
+                return Err(Error::new(
+                    Status::INVALID_ARGUMENT,
+                    format!("sequence {b}: keys and values must be writable tensors (Tensor::*_mut) for compaction"),
+                ));
+            }
+        }
+        Ok(())
+    }
+    /// Moves each head's kept entries to the front of its own rows of the layer's keys and
+    /// values, in the caller's buffers (no copies).
+    pub fn compact_inplace(&self, layer: &mut Layer<'_>, sel: &Selection) -> Result<()> {
+        Self::require_writable(layer)?;
+        let raw = layer.raw();
+        let s = sel.raw_const();
+        // SAFETY: keys/values were borrowed mutably for the layer's lifetime.
+        self.check(unsafe { sys::defkv_compact_inplace(self.raw.as_ptr(), &raw, &s) })
+    }
+    /// Gathers the kept entries into `keys_out`/`values_out`, logical [sum(head_lens), d].
+    pub fn compact_varlen(&self, layer: &Layer<'_>, sel: &Selection, keys_out: &mut Tensor<'_>,
+                          values_out: &mut Tensor<'_>) -> Result<()> {
+        if !keys_out.writable || !values_out.writable {
+            return Err(Error::new(Status::INVALID_ARGUMENT, "keys_out and values_out must be writable tensors"));
+        }
+        let raw = layer.raw();
+        let s = sel.raw_const();
+        // SAFETY: outputs are writable borrows.
+        self.check(unsafe {
+            sys::defkv_compact_varlen(self.raw.as_ptr(), &raw, &s, &mut keys_out.raw, &mut values_out.raw)
+        })
+    }
+    /// Starts a layer-adaptive (Layer-DefensiveKV) selection over `n_layers` layers.
+    pub fn global(&self, params: &Params, n_layers: i32) -> Result<Global<'_>> {
+        let mut g: *mut sys::defkv_global = std::ptr::null_mut();
+        // SAFETY: valid handle, params and out pointer.
+        self.check(unsafe { sys::defkv_global_create(self.raw.as_ptr(), &params.raw, n_layers, &mut g) })?;
+        let raw = NonNull::new(g).ok_or_else(|| Error::new(Status::INTERNAL, "defkv_global_create returned NULL"))?;
+        Ok(Global { raw, ctx: self, shape: None })
+    }
+}
+
+/// A layer-adaptive selection in progress; borrows its context.
+pub struct Global<'c> {
+    raw: NonNull<sys::defkv_global>,
+    ctx: &'c Context,
+    shape: Option<LayerShape>,
+}
+
+impl Drop for Global<'_> {
+    fn drop(&mut self) {
+        // SAFETY: owned handle; the context outlives it by the borrow.
+        unsafe { sys::defkv_global_destroy(self.raw.as_ptr()) }
+    }
+}
+
+impl Global<'_> {
+    /// Scores layer `index` (each exactly once, same batch shape every time).
+    pub fn add_layer(&mut self, index: i32, layer: &Layer<'_>) -> Result<()> {
+        let raw = layer.raw();
+        // SAFETY: the layer's memory is live for the call; the library copies the scores.
+        self.ctx.check(unsafe { sys::defkv_global_add_layer(self.raw.as_ptr(), index, &raw) })?;
+        self.shape.get_or_insert_with(|| layer.shape());
+        Ok(())
+    }
+    /// Ranks all layers together (after every layer was added).
+    pub fn select(&mut self) -> Result<()> {
+        // SAFETY: valid handle.
+        self.ctx.check(unsafe { sys::defkv_global_select(self.raw.as_ptr()) })
+    }
+    /// Entries layer `index` keeps.
+    pub fn layer_kept_count(&self, index: i32) -> Result<i64> {
+        let mut n = 0i64;
+        // SAFETY: valid handle and out pointer.
+        self.ctx.check(unsafe { sys::defkv_global_layer_kept_count(self.raw.as_ptr(), index, &mut n) })?;
+        Ok(n)
+    }
+    /// Layer `index`'s share of the global selection.
+    pub fn layer_selection(&self, index: i32) -> Result<Selection> {
+        let shape = self.shape.clone().unwrap_or(LayerShape { heads: Vec::new() });
+        let cap = self.layer_kept_count(index)?;
+        let mut sel = Selection::for_shape(&shape, cap);
+        let mut out = sel.raw();
+        // SAFETY: outputs sized for the batch shape the layers were added with.
+        self.ctx.check(unsafe { sys::defkv_global_layer_selection(self.raw.as_ptr(), index, &mut out) })?;
+        Ok(sel)
+    }
+}
