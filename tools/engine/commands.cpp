@@ -1,0 +1,747 @@
+#include "commands.hpp"
+
+#include <defkv/defkv.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <random>
+#include <sstream>
+#include <sys/stat.h>
+
+#include "workloads.hpp"
+
+using namespace defkv_engine;
+
+namespace {
+
+const char *kAllMethods[] = {"snapkv", "ada-snapkv", "ada-criticalkv", "defensivekv", "layer-defensivekv",
+                             "streamingllm"};
+
+bool file_exists(const std::string &p) {
+    struct stat st;
+    return stat(p.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+}
+
+std::string cache_dir() {
+    if (const char *e = std::getenv("DEFKV_CACHE_DIR"); e && *e) return e;
+    if (const char *e = std::getenv("XDG_CACHE_HOME"); e && *e) return std::string(e) + "/defkv";
+    const char *home = std::getenv("HOME");
+    return std::string(home && *home ? home : ".") + "/.cache/defkv";
+}
+
+std::string default_model() {
+    if (const char *e = std::getenv("DEFKV_MODEL"); e && *e) return e;
+    return cache_dir() + "/SmolLM2-135M-Instruct.Q4_1.gguf";
+}
+
+std::string default_text() {
+    if (const char *e = std::getenv("DEFKV_TEXT"); e && *e) return e;
+    return cache_dir() + "/mobydick.txt";
+}
+
+// --name value options; flags are "--name" with no value. Every option must be known.
+struct Args {
+    std::map<std::string, std::string> kv;
+    std::string error;
+    bool parse(int argc, char **argv, const std::vector<std::string> &with_value,
+               const std::vector<std::string> &flags) {
+        for (int i = 1; i < argc; ++i) {
+            std::string a = argv[i];
+            if (std::find(flags.begin(), flags.end(), a) != flags.end()) {
+                kv[a] = "1";
+            } else if (std::find(with_value.begin(), with_value.end(), a) != with_value.end()) {
+                if (i + 1 >= argc) {
+                    error = "option " + a + " needs a value";
+                    return false;
+                }
+                kv[a] = argv[++i];
+            } else {
+                error = "unknown argument '" + a + "'";
+                return false;
+            }
+        }
+        return true;
+    }
+    bool has(const std::string &k) const { return kv.count(k) != 0; }
+    std::string str(const std::string &k, const std::string &def) const {
+        auto it = kv.find(k);
+        return it == kv.end() ? def : it->second;
+    }
+    // Integer in [lo, hi]; sets error naming the option otherwise.
+    bool integer(const std::string &k, long lo, long hi, long *out) {
+        if (!has(k)) return true;
+        const std::string &s = kv[k];
+        char *end = nullptr;
+        long v = std::strtol(s.c_str(), &end, 10);
+        if (s.empty() || *end || v < lo || v > hi) {
+            error = "option " + k + ": expected an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) +
+                    "], got '" + s + "'";
+            return false;
+        }
+        *out = v;
+        return true;
+    }
+    bool int_list(const std::string &k, long lo, long hi, std::vector<int> *out) {
+        if (!has(k)) return true;
+        std::vector<int> v;
+        std::stringstream ss(kv[k]);
+        std::string item;
+        while (std::getline(ss, item, ',')) {
+            char *end = nullptr;
+            long x = std::strtol(item.c_str(), &end, 10);
+            if (item.empty() || *end || x < lo || x > hi) {
+                error = "option " + k + ": '" + item + "' is not an integer in [" + std::to_string(lo) + ", " +
+                        std::to_string(hi) + "]";
+                return false;
+            }
+            v.push_back((int)x);
+        }
+        if (v.empty()) {
+            error = "option " + k + ": empty list";
+            return false;
+        }
+        *out = v;
+        return true;
+    }
+    // Budgets as fractions (0.2) or percentages (20); result in (0, 1).
+    bool budget_list(const std::string &k, std::vector<double> *out) {
+        if (!has(k)) return true;
+        std::vector<double> v;
+        std::stringstream ss(kv[k]);
+        std::string item;
+        while (std::getline(ss, item, ',')) {
+            std::string t = item;
+            bool pct = !t.empty() && t.back() == '%';
+            if (pct) t.pop_back();
+            char *end = nullptr;
+            double x = std::strtod(t.c_str(), &end);
+            if (t.empty() || *end || !std::isfinite(x)) {
+                error = "option " + k + ": '" + item + "' is not a number";
+                return false;
+            }
+            if (pct || x > 1.0) x /= 100.0;
+            if (x <= 0.0 || x >= 1.0) {
+                error = "option " + k + ": budget '" + item + "' must be in (0, 1) or (0%, 100%)";
+                return false;
+            }
+            v.push_back(x);
+        }
+        if (v.empty()) {
+            error = "option " + k + ": empty list";
+            return false;
+        }
+        *out = v;
+        return true;
+    }
+    bool method_list(const std::string &k, std::vector<std::string> *out) {
+        if (!has(k)) return true;
+        std::vector<std::string> v;
+        std::stringstream ss(kv[k]);
+        std::string item;
+        while (std::getline(ss, item, ',')) {
+            int32_t id;
+            if (item == "full") continue;  // always included
+            if (defkv_method_from_name(item.c_str(), &id) != DEFKV_SUCCESS) {
+                error = "option " + k + ": unknown method '" + item + "'";
+                return false;
+            }
+            v.push_back(item);
+        }
+        *out = v;
+        return true;
+    }
+};
+
+struct Env {
+    Model model;
+    defkv_context *ctx = nullptr;
+    ~Env() { defkv_context_destroy(ctx); }
+};
+
+// Loads the model and a defkv context; exit code on failure (3: model missing).
+int open_env(const std::string &model_path, Env *env, const char *cmd) {
+    if (!file_exists(model_path)) {
+        std::fprintf(stderr,
+                     "defkv %s: model file not found: %s\n"
+                     "  fetch it with tools/engine/fetch_assets.sh, or pass --model PATH (or set DEFKV_MODEL)\n",
+                     cmd, model_path.c_str());
+        return 3;
+    }
+    std::string err;
+    const auto t0 = std::chrono::steady_clock::now();
+    if (!env->model.load(model_path, &err)) {
+        std::fprintf(stderr, "defkv %s: --model %s: %s\n", cmd, model_path.c_str(), err.c_str());
+        return 1;
+    }
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const ModelConfig &c = env->model.config();
+    std::fprintf(stderr, "defkv %s: loaded %s (%d layers, %d/%d heads, head dim %d, vocab %d) in %.1f s\n", cmd,
+                 model_path.c_str(), c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab, s);
+    defkv_context_options o;
+    defkv_context_options_default(&o);
+    o.backend = DEFKV_BACKEND_CPU;
+    int32_t st = defkv_context_create(&o, &env->ctx);
+    if (st != DEFKV_SUCCESS) {
+        std::fprintf(stderr, "defkv %s: defkv_context_create: %s\n", cmd, defkv_last_error_global());
+        return 1;
+    }
+    return 0;
+}
+
+int load_text_tokens(const std::string &path, const Model &m, size_t max_chars, std::vector<int> *toks,
+                     const char *cmd) {
+    if (!file_exists(path)) {
+        std::fprintf(stderr,
+                     "defkv %s: text file not found: %s\n"
+                     "  fetch it with tools/engine/fetch_assets.sh, or pass --text PATH (or set DEFKV_TEXT)\n",
+                     cmd, path.c_str());
+        return 3;
+    }
+    std::string text, err;
+    if (!load_text(path, &text, &err)) {
+        std::fprintf(stderr, "defkv %s: --text: %s\n", cmd, err.c_str());
+        return 1;
+    }
+    if (text.size() > max_chars) {
+        size_t cut = text.rfind('\n', max_chars);
+        text.resize(cut == std::string::npos || cut < max_chars / 2 ? max_chars : cut);
+    }
+    *toks = m.tokenizer().encode(text, false);
+    return 0;
+}
+
+std::string pct(double f) {
+    char b[16];
+    std::snprintf(b, sizeof b, "%.0f%%", f * 100);
+    return b;
+}
+
+// ---- outputs --------------------------------------------------------------------------------
+
+void print_tables(const std::vector<FidelityResult> &fr, const std::vector<PasskeyResult> &pr) {
+    if (!fr.empty()) {
+        std::printf("\nContinuation fidelity: KL(full || compressed) per teacher-forced token (nats)\n");
+        std::printf("%-7s %-7s %-18s %7s %10s %10s %10s %8s %8s\n", "context", "budget", "method", "kept",
+                    "KL mean", "KL p99", "KL max", "top-1", "ppl");
+        for (const FidelityResult &r : fr) {
+            const double mean = r.kl.empty() ? 0 : [&] {
+                double s = 0;
+                for (double x : r.kl) s += x;
+                return s / r.kl.size();
+            }();
+            std::printf("%-7d %-7s %-18s %7s %10.4f %10.4f %10.4f %7.1f%% %8.2f\n", r.context,
+                        r.method == "full" ? "100%" : pct(r.budget).c_str(), r.method.c_str(),
+                        pct(r.kept_fraction).c_str(), mean, percentile(r.kl, 0.99),
+                        r.kl.empty() ? 0.0 : *std::max_element(r.kl.begin(), r.kl.end()),
+                        r.tokens ? 100.0 * r.top1_agree / r.tokens : 0.0,
+                        r.nll_count ? std::exp(r.nll_sum / r.nll_count) : NAN);
+        }
+    }
+    if (!pr.empty()) {
+        std::printf("\nPasskey retrieval (query-agnostic: compress the context, then ask)\n");
+        std::printf("%-7s %-7s %-18s %7s %9s %8s\n", "context", "budget", "method", "kept", "correct", "accuracy");
+        for (const PasskeyResult &r : pr) {
+            char c[24];
+            std::snprintf(c, sizeof c, "%d/%d", r.correct, r.trials);
+            std::printf("%-7d %-7s %-18s %7s %9s %7.0f%%\n", r.context,
+                        r.method == "full" ? "100%" : pct(r.budget).c_str(), r.method.c_str(),
+                        pct(r.kept_fraction).c_str(), c, r.trials ? 100.0 * r.correct / r.trials : 0.0);
+        }
+    }
+    std::fflush(stdout);
+}
+
+bool write_csv(const std::string &path, const std::vector<FidelityResult> &fr, const std::vector<PasskeyResult> &pr,
+               std::string *err) {
+    std::ofstream o(path);
+    if (!o) {
+        *err = "cannot write --csv file '" + path + "'";
+        return false;
+    }
+    o << "task,context,budget,method,kept_fraction,kl_mean,kl_p99,kl_max,top1_agreement,ppl,tokens,correct,trials,"
+         "accuracy\n";
+    char b[512];
+    for (const FidelityResult &r : fr) {
+        double s = 0;
+        for (double x : r.kl) s += x;
+        std::snprintf(b, sizeof b, "fidelity,%d,%.4f,%s,%.5f,%.6g,%.6g,%.6g,%.5f,%.5f,%lld,,,\n", r.context, r.budget,
+                      r.method.c_str(), r.kept_fraction, r.kl.empty() ? 0 : s / r.kl.size(), percentile(r.kl, 0.99),
+                      r.kl.empty() ? 0.0 : *std::max_element(r.kl.begin(), r.kl.end()),
+                      r.tokens ? (double)r.top1_agree / r.tokens : 0.0,
+                      r.nll_count ? std::exp(r.nll_sum / r.nll_count) : NAN, (long long)r.tokens);
+        o << b;
+    }
+    for (const PasskeyResult &r : pr) {
+        std::snprintf(b, sizeof b, "passkey,%d,%.4f,%s,%.5f,,,,,,,%d,%d,%.5f\n", r.context, r.budget,
+                      r.method.c_str(), r.kept_fraction, r.correct, r.trials,
+                      r.trials ? (double)r.correct / r.trials : 0.0);
+        o << b;
+    }
+    return (bool)o;
+}
+
+// A plot of mean KL (log scale) versus cache budget, one panel per context, one line per
+// method; and passkey accuracy versus budget. The full cache is KL 0 (not drawn on a log axis).
+bool write_svg(const std::string &path, const std::vector<FidelityResult> &fr, const std::vector<PasskeyResult> &pr,
+               const std::vector<std::string> &methods, std::string *err) {
+    std::vector<int> ctxs;
+    for (const FidelityResult &r : fr)
+        if (std::find(ctxs.begin(), ctxs.end(), r.context) == ctxs.end()) ctxs.push_back(r.context);
+    std::vector<int> pctxs;
+    for (const PasskeyResult &r : pr)
+        if (std::find(pctxs.begin(), pctxs.end(), r.context) == pctxs.end()) pctxs.push_back(r.context);
+    const int pw = 300, ph = 240, ml = 60, mt = 40, gap = 30;
+    const int panels = (int)ctxs.size() + (int)pctxs.size();
+    if (panels == 0) {
+        *err = "nothing to plot";
+        return false;
+    }
+    const int W = ml + panels * (pw + gap) + 170, H = mt + ph + 60;
+    const char *colors[] = {"#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+                            "#bcbd22", "#17becf"};
+    double kmin = 1e9, kmax = -1e9;
+    double bmin = 1, bmax = 0;
+    auto mean_kl = [](const FidelityResult &r) {
+        double s = 0;
+        for (double x : r.kl) s += x;
+        return r.kl.empty() ? 0.0 : s / r.kl.size();
+    };
+    for (const FidelityResult &r : fr)
+        if (r.method != "full") {
+            const double k = std::max(mean_kl(r), 1e-6);
+            kmin = std::min(kmin, k);
+            kmax = std::max(kmax, k);
+        }
+    for (const FidelityResult &r : fr)
+        if (r.method != "full") bmin = std::min(bmin, r.budget), bmax = std::max(bmax, r.budget);
+    for (const PasskeyResult &r : pr)
+        if (r.method != "full") bmin = std::min(bmin, r.budget), bmax = std::max(bmax, r.budget);
+    if (bmax <= bmin) bmin = bmax * 0.5, bmax = std::max(bmax, 0.01) * 1.5;
+    const double lo = std::floor(std::log10(std::max(kmin, 1e-6))), hi = std::ceil(std::log10(std::max(kmax, 1e-5)));
+    const double lhi = hi > lo ? hi : lo + 1;
+    std::ostringstream s;
+    s << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << W << "\" height=\"" << H
+      << "\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n";
+    auto xof = [&](int panel, double b) { return ml + panel * (pw + gap) + (b - bmin) / (bmax - bmin) * pw; };
+    int panel = 0;
+    auto axes = [&](int p, const std::string &title, const std::string &ylab) {
+        const int x0 = ml + p * (pw + gap);
+        s << "<rect x=\"" << x0 << "\" y=\"" << mt << "\" width=\"" << pw << "\" height=\"" << ph
+          << "\" fill=\"none\" stroke=\"#444\"/>\n";
+        s << "<text x=\"" << x0 + pw / 2 << "\" y=\"" << mt - 12 << "\" text-anchor=\"middle\" font-size=\"12\">"
+          << title << "</text>\n";
+        s << "<text x=\"" << x0 + pw / 2 << "\" y=\"" << mt + ph + 36 << "\" text-anchor=\"middle\">cache budget</text>\n";
+        s << "<text x=\"" << x0 - 45 << "\" y=\"" << mt + ph / 2 << "\" transform=\"rotate(-90 " << x0 - 45 << ","
+          << mt + ph / 2 << ")\" text-anchor=\"middle\">" << ylab << "</text>\n";
+        std::vector<double> bs;
+        for (const FidelityResult &r : fr)
+            if (r.method != "full" && std::find(bs.begin(), bs.end(), r.budget) == bs.end()) bs.push_back(r.budget);
+        for (const PasskeyResult &r : pr)
+            if (r.method != "full" && std::find(bs.begin(), bs.end(), r.budget) == bs.end()) bs.push_back(r.budget);
+        for (double b : bs)
+            s << "<text x=\"" << xof(p, b) << "\" y=\"" << mt + ph + 16 << "\" text-anchor=\"middle\">" << pct(b)
+              << "</text>\n";
+    };
+    for (int c : ctxs) {
+        axes(panel, "mean KL(full||compressed), context " + std::to_string(c), "mean KL (nats, log scale)");
+        const int x0 = ml + panel * (pw + gap);
+        for (double e = lo; e <= lhi; e += 1) {
+            const double y = mt + ph - (e - lo) / (lhi - lo) * ph;
+            s << "<line x1=\"" << x0 << "\" x2=\"" << x0 + pw << "\" y1=\"" << y << "\" y2=\"" << y
+              << "\" stroke=\"#ddd\"/><text x=\"" << x0 - 4 << "\" y=\"" << y + 4 << "\" text-anchor=\"end\">1e"
+              << (int)e << "</text>\n";
+        }
+        for (size_t mi = 0; mi < methods.size(); ++mi) {
+            std::vector<std::pair<double, double>> pts;
+            for (const FidelityResult &r : fr)
+                if (r.context == c && r.method == methods[mi]) pts.push_back({r.budget, std::max(mean_kl(r), 1e-6)});
+            std::sort(pts.begin(), pts.end());
+            s << "<polyline fill=\"none\" stroke-width=\"2\" stroke=\"" << colors[mi % 10] << "\" points=\"";
+            for (auto &pt : pts)
+                s << xof(panel, pt.first) << "," << mt + ph - (std::log10(pt.second) - lo) / (lhi - lo) * ph << " ";
+            s << "\"/>\n";
+            for (auto &pt : pts)
+                s << "<circle r=\"3\" fill=\"" << colors[mi % 10] << "\" cx=\"" << xof(panel, pt.first) << "\" cy=\""
+                  << mt + ph - (std::log10(pt.second) - lo) / (lhi - lo) * ph << "\"/>\n";
+        }
+        ++panel;
+    }
+    for (int c : pctxs) {
+        axes(panel, "passkey accuracy, context " + std::to_string(c), "accuracy");
+        const int x0 = ml + panel * (pw + gap);
+        for (int k = 0; k <= 4; ++k) {
+            const double y = mt + ph - k / 4.0 * ph;
+            s << "<line x1=\"" << x0 << "\" x2=\"" << x0 + pw << "\" y1=\"" << y << "\" y2=\"" << y
+              << "\" stroke=\"#ddd\"/><text x=\"" << x0 - 4 << "\" y=\"" << y + 4 << "\" text-anchor=\"end\">"
+              << k * 25 << "%</text>\n";
+        }
+        for (const PasskeyResult &r : pr)
+            if (r.context == c && r.method == "full" && r.trials) {
+                const double y = mt + ph - (double)r.correct / r.trials * ph;
+                s << "<line x1=\"" << x0 << "\" x2=\"" << x0 + pw << "\" y1=\"" << y << "\" y2=\"" << y
+                  << "\" stroke=\"black\" stroke-dasharray=\"4 3\"/>\n";
+            }
+        for (size_t mi = 0; mi < methods.size(); ++mi) {
+            std::vector<std::pair<double, double>> pts;
+            for (const PasskeyResult &r : pr)
+                if (r.context == c && r.method == methods[mi] && r.trials)
+                    pts.push_back({r.budget, (double)r.correct / r.trials});
+            std::sort(pts.begin(), pts.end());
+            s << "<polyline fill=\"none\" stroke-width=\"2\" stroke=\"" << colors[mi % 10] << "\" points=\"";
+            for (auto &pt : pts) s << xof(panel, pt.first) << "," << mt + ph - pt.second * ph << " ";
+            s << "\"/>\n";
+        }
+        ++panel;
+    }
+    const int lx = ml + panels * (pw + gap);
+    for (size_t mi = 0; mi < methods.size(); ++mi)
+        s << "<rect x=\"" << lx << "\" y=\"" << mt + 16 * mi << "\" width=\"12\" height=\"4\" fill=\"" << colors[mi % 10]
+          << "\"/><text x=\"" << lx + 16 << "\" y=\"" << mt + 16 * mi + 6 << "\">" << methods[mi] << "</text>\n";
+    if (!pctxs.empty())
+        s << "<line x1=\"" << lx << "\" x2=\"" << lx + 12 << "\" y1=\"" << mt + 16 * methods.size() + 2 << "\" y2=\""
+          << mt + 16 * methods.size() + 2 << "\" stroke=\"black\" stroke-dasharray=\"4 3\"/><text x=\"" << lx + 16
+          << "\" y=\"" << mt + 16 * methods.size() + 6 << "\">full cache (passkey)</text>\n";
+    s << "</svg>\n";
+    std::ofstream o(path);
+    if (!o) {
+        *err = "cannot write --svg file '" + path + "'";
+        return false;
+    }
+    o << s.str();
+    return (bool)o;
+}
+
+const char *kEvalHelp =
+    "usage: defkv %s [options]\n"
+    "  --model PATH            GGUF model (default: $DEFKV_MODEL or the fetch_assets.sh cache)\n"
+    "  --text PATH             English text (default: $DEFKV_TEXT or the cached mobydick.txt)\n"
+    "  --contexts N,N,...      fidelity context lengths in tokens (default %s)\n"
+    "  --samples N             text windows per context length (default %d)\n"
+    "  --continuation N        teacher-forced tokens after the context (default 256)\n"
+    "  --budgets B,B,...       cache budgets kept, fractions or percentages (default %s)\n"
+    "  --methods M,M,...       defkv methods (default: snapkv,ada-snapkv,ada-criticalkv,defensivekv,\n"
+    "                          layer-defensivekv,streamingllm); the full cache is always included\n"
+    "  --passkey-contexts N,.. passkey context lengths in tokens (default %s)\n"
+    "  --passkey-trials N      random keys and depths per setting (default %d)\n"
+    "  --no-fidelity / --no-passkey   skip one of the two measurements\n"
+    "  --csv PATH / --svg PATH also write the results as CSV / an SVG plot\n"
+    "  --seed N                passkey random seed (default 1234)\n"
+    "  --quiet                 no progress bar\n";
+
+int run_eval_like(int argc, char **argv, const char *cmd, EvalConfig cfg, const char *ctx_def, const char *bud_def,
+                  const char *pk_def) {
+    Args a;
+    if (argc >= 2 && (!std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h"))) {
+        std::printf(kEvalHelp, cmd, ctx_def, cfg.samples, bud_def, pk_def, cfg.passkey_trials);
+        return 0;
+    }
+    long v = 0;
+    if (!a.parse(argc, argv,
+                 {"--model", "--text", "--contexts", "--samples", "--continuation", "--budgets", "--methods",
+                  "--passkey-contexts", "--passkey-trials", "--csv", "--svg", "--seed"},
+                 {"--no-fidelity", "--no-passkey", "--quiet"}) ||
+        !a.int_list("--contexts", 64, 8192, &cfg.contexts) || !a.budget_list("--budgets", &cfg.budgets) ||
+        !a.method_list("--methods", &cfg.methods) || !a.int_list("--passkey-contexts", 128, 8192, &cfg.passkey_contexts)) {
+        std::fprintf(stderr, "defkv %s: %s (see --help)\n", cmd, a.error.c_str());
+        return 2;
+    }
+    v = cfg.samples;
+    if (!a.integer("--samples", 1, 1000, &v)) goto bad;
+    cfg.samples = (int)v;
+    v = cfg.continuation;
+    if (!a.integer("--continuation", 2, 4096, &v)) goto bad;
+    cfg.continuation = (int)v;
+    v = cfg.passkey_trials;
+    if (!a.integer("--passkey-trials", 1, 100000, &v)) goto bad;
+    cfg.passkey_trials = (int)v;
+    v = (long)cfg.seed;
+    if (!a.integer("--seed", 0, 2147483647L, &v)) goto bad;
+    cfg.seed = (uint64_t)v;
+    cfg.fidelity = !a.has("--no-fidelity");
+    cfg.passkey = !a.has("--no-passkey");
+    for (int c : cfg.contexts)
+        for (double b : cfg.budgets)
+            if ((int)(c * b) <= 32) {
+                a.error = "option --budgets: " + pct(b) + " of a " + std::to_string(c) +
+                          "-token context does not exceed the 32-token observation window";
+                goto bad;
+            }
+    {
+        Env env;
+        int rc = open_env(a.str("--model", default_model()), &env, cmd);
+        if (rc) return rc;
+        std::vector<int> toks;
+        if (cfg.fidelity) {
+            int maxc = *std::max_element(cfg.contexts.begin(), cfg.contexts.end());
+            size_t chars = (size_t)(cfg.samples * (maxc + cfg.continuation) + 2000) * 6;
+            rc = load_text_tokens(a.str("--text", default_text()), env.model, chars, &toks, cmd);
+            if (rc) return rc;
+        }
+        const int nm = (int)cfg.methods.size() * (int)cfg.budgets.size() + 1;
+        Progress prog;
+        prog.enabled = !a.has("--quiet");
+        int64_t total = 0;
+        if (cfg.fidelity) total += (int64_t)cfg.contexts.size() * cfg.samples * nm;
+        if (cfg.passkey) total += (int64_t)cfg.passkey_contexts.size() * cfg.passkey_trials * nm;
+        prog.begin(total);
+        std::vector<FidelityResult> fr;
+        std::vector<PasskeyResult> pr;
+        std::string err;
+        if (cfg.fidelity && !run_fidelity(env.ctx, env.model, toks, cfg, prog, &fr, &err)) {
+            prog.finish();
+            std::fprintf(stderr, "defkv %s: %s\n", cmd, err.c_str());
+            return 1;
+        }
+        if (cfg.passkey && !run_passkey(env.ctx, env.model, cfg, prog, &pr, &err)) {
+            prog.finish();
+            std::fprintf(stderr, "defkv %s: %s\n", cmd, err.c_str());
+            return 1;
+        }
+        prog.finish();
+        print_tables(fr, pr);
+        if (a.has("--csv")) {
+            if (!write_csv(a.str("--csv", ""), fr, pr, &err)) {
+                std::fprintf(stderr, "defkv %s: %s\n", cmd, err.c_str());
+                return 1;
+            }
+            std::fprintf(stderr, "defkv %s: wrote %s\n", cmd, a.str("--csv", "").c_str());
+        }
+        if (a.has("--svg")) {
+            if (!write_svg(a.str("--svg", ""), fr, pr, cfg.methods, &err)) {
+                std::fprintf(stderr, "defkv %s: %s\n", cmd, err.c_str());
+                return 1;
+            }
+            std::fprintf(stderr, "defkv %s: wrote %s\n", cmd, a.str("--svg", "").c_str());
+        }
+        return 0;
+    }
+bad:
+    std::fprintf(stderr, "defkv %s: %s (see --help)\n", cmd, a.error.c_str());
+    return 2;
+}
+
+}  // namespace
+
+int defkv_cmd_eval(int argc, char **argv) {
+    EvalConfig cfg;
+    cfg.contexts = {1024};
+    cfg.budgets = {0.1, 0.2, 0.4};
+    cfg.samples = 1;
+    cfg.passkey_contexts = {1024};
+    cfg.passkey_trials = 20;
+    return run_eval_like(argc, argv, "eval", cfg, "1024", "10%,20%,40%", "1024");
+}
+
+int defkv_cmd_demo(int argc, char **argv) {
+    EvalConfig cfg;
+    cfg.contexts = {1024};
+    cfg.budgets = {0.2};
+    cfg.samples = 1;
+    cfg.passkey_contexts = {1024};
+    cfg.passkey_trials = 5;
+    return run_eval_like(argc, argv, "demo", cfg, "1024", "20%", "1024");
+}
+
+int defkv_cmd_ppl(int argc, char **argv) {
+    Args a;
+    long n = 1024;
+    if (!a.parse(argc, argv, {"--model", "--text", "--tokens", "--offset"}, {}) ||
+        !a.integer("--tokens", 64, 8192, &n)) {
+        std::fprintf(stderr, "defkv-engine ppl: %s\n", a.error.c_str());
+        return 2;
+    }
+    long offset = 1000;
+    if (!a.integer("--offset", 0, 1000000, &offset)) {
+        std::fprintf(stderr, "defkv-engine ppl: %s\n", a.error.c_str());
+        return 2;
+    }
+    Env env;
+    int rc = open_env(a.str("--model", default_model()), &env, "ppl");
+    if (rc) return rc;
+    std::vector<int> toks;
+    rc = load_text_tokens(a.str("--text", default_text()), env.model, (size_t)(n + offset + 100) * 6, &toks, "ppl");
+    if (rc) return rc;
+    if (toks.size() < (size_t)(offset + n)) {
+        std::fprintf(stderr, "defkv-engine ppl: the text is too short\n");
+        return 1;
+    }
+    std::vector<int> seq(toks.begin() + offset, toks.begin() + offset + n);
+    const int V = env.model.config().vocab, chunk = 256;
+    KVState st = env.model.new_state((int)n);
+    std::vector<float> logits((size_t)chunk * V);
+    double nll = 0;
+    int count = 0;
+    std::string err;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < n; i += chunk) {
+        const int len = std::min<int>(chunk, (int)n - i);
+        if (!env.model.forward(st, seq.data() + i, len, logits.data(), len, 0, &err)) {
+            std::fprintf(stderr, "defkv-engine ppl: %s\n", err.c_str());
+            return 1;
+        }
+        for (int t = 0; t < len; ++t) {
+            if (i + t + 1 >= n) break;
+            log_softmax(&logits[(size_t)t * V], V);
+            nll -= logits[(size_t)t * V + seq[i + t + 1]];
+            ++count;
+        }
+    }
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::printf("perplexity %.3f over %d predicted tokens (%ld-token window at token %ld of the text); %.1f tok/s\n",
+                std::exp(nll / count), count, n, offset, n / s);
+    return 0;
+}
+
+int defkv_cmd_generate(int argc, char **argv) {
+    Args a;
+    long max_new = 64;
+    if (!a.parse(argc, argv, {"--model", "--prompt", "--max-new", "--method", "--budget"}, {"--chat"}) ||
+        !a.integer("--max-new", 1, 4096, &max_new)) {
+        std::fprintf(stderr, "defkv-engine generate: %s\n", a.error.c_str());
+        return 2;
+    }
+    if (!a.has("--prompt")) {
+        std::fprintf(stderr, "defkv-engine generate: --prompt is required\n");
+        return 2;
+    }
+    Env env;
+    int rc = open_env(a.str("--model", default_model()), &env, "generate");
+    if (rc) return rc;
+    std::string prompt = a.str("--prompt", "");
+    if (a.has("--chat"))
+        prompt = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+                 "<|im_start|>user\n" + prompt + "<|im_end|>\n<|im_start|>assistant\n";
+    std::vector<int> toks = env.model.tokenizer().encode(prompt, a.has("--chat"));
+    std::string err;
+    KVState st = env.model.new_state((int)toks.size() + (int)max_new + 1);
+    std::vector<float> logits((size_t)env.model.config().vocab);
+    if (!env.model.prefill(st, std::vector<int>(toks.begin(), toks.end() - 1), 256, 0, &err) ||
+        !env.model.forward(st, &toks.back(), 1, logits.data(), 1, 0, &err)) {
+        std::fprintf(stderr, "defkv-engine generate: %s\n", err.c_str());
+        return 1;
+    }
+    std::vector<int> gen = env.model.generate_greedy(st, logits, (int)max_new, &err);
+    std::printf("%s\n", env.model.tokenizer().decode(gen).c_str());
+    return 0;
+}
+
+int defkv_cmd_passkey_sweep(int argc, char **argv) {
+    Args a;
+    std::vector<int> ctxs{512, 1024, 2048, 4096};
+    long trials = 10;
+    if (!a.parse(argc, argv, {"--model", "--contexts", "--trials", "--method", "--budget"}, {"--verbose"}) ||
+        !a.int_list("--contexts", 128, 8192, &ctxs) || !a.integer("--trials", 1, 10000, &trials)) {
+        std::fprintf(stderr, "defkv-engine passkey-sweep: %s\n", a.error.c_str());
+        return 2;
+    }
+    std::vector<double> b{0.2};
+    if (!a.budget_list("--budget", &b)) {
+        std::fprintf(stderr, "defkv-engine passkey-sweep: %s\n", a.error.c_str());
+        return 2;
+    }
+    const std::string method = a.str("--method", "full");
+    Env env;
+    int rc = open_env(a.str("--model", default_model()), &env, "passkey-sweep");
+    if (rc) return rc;
+    std::mt19937_64 rng(99);
+    std::printf("%-8s %-18s %s\n", "context", "method", "correct");
+    for (int c : ctxs) {
+        int ok = 0;
+        for (int t = 0; t < trials; ++t) {
+            const std::string key = std::to_string(10000 + (int)(rng() % 90000));
+            const double depth = trials == 1 ? 0.5 : (double)t / (trials - 1);
+            PasskeyPrompt p = make_passkey_prompt(env.model, c, depth, key);
+            KVState pre = env.model.new_state((int)p.context.size());
+            std::string err, ans;
+            CompressStats cs;
+            if (!env.model.prefill(pre, p.context, 256, 32, &err) ||
+                !answer_passkey(env.ctx, env.model, pre, p, method, b[0], &ans, &cs, &err)) {
+                std::fprintf(stderr, "defkv-engine passkey-sweep: %s\n", err.c_str());
+                return 1;
+            }
+            ok += ans.find(key) != std::string::npos;
+            if (a.has("--verbose"))
+                std::fprintf(stderr, "ctx %d depth %.2f key %s -> '%s'\n", c, depth, key.c_str(), ans.c_str());
+        }
+        std::printf("%-8d %-18s %d/%ld\n", c, method.c_str(), ok, trials);
+        std::fflush(stdout);
+    }
+    return 0;
+}
+
+// Used by CTest: short context. Exit 77 (skip) when the model is not cached.
+int defkv_cmd_selftest(int argc, char **argv) {
+    Args a;
+    long ctx_len = 512;
+    if (!a.parse(argc, argv, {"--model", "--context"}, {}) || !a.integer("--context", 128, 4096, &ctx_len)) {
+        std::fprintf(stderr, "defkv-engine selftest: %s\n", a.error.c_str());
+        return 2;
+    }
+    const std::string model = a.str("--model", default_model());
+    if (!file_exists(model)) {
+        std::printf("SKIPPED: model file %s is not cached; run tools/engine/fetch_assets.sh to enable this test\n",
+                    model.c_str());
+        return 77;
+    }
+    Env env;
+    int rc = open_env(model, &env, "selftest");
+    if (rc) return rc;
+    int failures = 0, checks = 0;
+    // 1. Full-cache passkey retrieval at a short context: 5 keys at depths 0, .25, .5, .75, 1.
+    const std::string keys[5] = {"48213", "90357", "16624", "73091", "55480"};
+    std::vector<PasskeyPrompt> prompts;
+    int correct = 0;
+    std::string err;
+    for (int t = 0; t < 5; ++t) {
+        PasskeyPrompt p = make_passkey_prompt(env.model, (int)ctx_len, t / 4.0, keys[t]);
+        KVState pre = env.model.new_state((int)p.context.size());
+        std::string ans;
+        CompressStats cs;
+        if (!env.model.prefill(pre, p.context, 256, 32, &err) ||
+            !answer_passkey(env.ctx, env.model, pre, p, "full", 1.0, &ans, &cs, &err)) {
+            std::printf("FAIL: full-cache passkey run: %s\n", err.c_str());
+            return 1;
+        }
+        const bool ok = ans.find(keys[t]) != std::string::npos;
+        correct += ok;
+        std::printf("full cache, depth %.2f, key %s: answer '%s' %s\n", t / 4.0, keys[t].c_str(), ans.c_str(),
+                    ok ? "ok" : "WRONG");
+        if (t == 2) prompts.push_back(p);
+    }
+    ++checks;
+    if (correct < 4) {
+        std::printf("FAIL: full-cache passkey retrieval %d/5 (need >= 4)\n", correct);
+        ++failures;
+    }
+    // 2. Every method compresses to 20% and answers (end to end); the cache really shrinks.
+    const PasskeyPrompt &p = prompts[0];
+    KVState pre = env.model.new_state((int)p.context.size());
+    if (!env.model.prefill(pre, p.context, 256, 32, &err)) {
+        std::printf("FAIL: prefill: %s\n", err.c_str());
+        return 1;
+    }
+    for (const char *m : kAllMethods) {
+        std::string ans;
+        CompressStats cs;
+        ++checks;
+        if (!answer_passkey(env.ctx, env.model, pre, p, m, 0.2, &ans, &cs, &err)) {
+            std::printf("FAIL: %s: %s\n", m, err.c_str());
+            ++failures;
+            continue;
+        }
+        const double kept = (double)cs.kept / (double)cs.total;
+        const bool ok = cs.kept > 0 && kept <= 0.2 + 1e-9 && kept >= 0.15;
+        std::printf("%-18s kept %.1f%% of the cache (heads %d..%d), answer '%s'%s\n", m, 100 * kept, cs.min_head_len,
+                    cs.max_head_len, ans.c_str(), ok ? "" : "  FAIL: kept fraction outside [15%, 20%]");
+        failures += !ok;
+    }
+    std::printf("%s: %d checks, %d failures\n", failures ? "FAIL" : "PASS", checks, failures);
+    return failures ? 1 : 0;
+}

@@ -1,0 +1,12 @@
+// Entry points of the engine's subcommands. argv[0] is the subcommand name ("eval", "demo").
+// They print results on stdout, progress and errors on stderr, and return a process exit code
+// (0 success, 1 runtime failure, 2 bad arguments, 3 model or text not found).
+#pragma once
+
+int defkv_cmd_eval(int argc, char **argv);
+int defkv_cmd_demo(int argc, char **argv);
+// Developer subcommands of the standalone defkv-engine program.
+int defkv_cmd_ppl(int argc, char **argv);
+int defkv_cmd_generate(int argc, char **argv);
+int defkv_cmd_passkey_sweep(int argc, char **argv);
+int defkv_cmd_selftest(int argc, char **argv);

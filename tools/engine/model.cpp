@@ -1,0 +1,302 @@
+#include "model.hpp"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+namespace defkv_engine {
+
+int64_t KVState::cached_entries() const {
+    int64_t n = 0;
+    for (const LayerKV &l : layers) {
+        const int hk = (int)l.seg_cu.size() - 1;
+        n += l.seg_cu.empty() ? 0 : l.seg_cu[hk];
+        n += (int64_t)hk * n_tail;
+    }
+    return n;
+}
+
+namespace {
+
+bool load_tensor(const GgufFile &f, const std::string &name, int64_t rows, int64_t cols,
+                 std::vector<float> *out, std::string *error) {
+    const GgufTensor *t = f.tensor(name);
+    if (!t) {
+        *error = "model tensor '" + name + "' is missing";
+        return false;
+    }
+    const int64_t want_cols = cols, want_rows = rows;
+    const bool shape_ok = (t->dims.size() == 1 && rows == 1 && t->dims[0] == want_cols) ||
+                          (t->dims.size() == 2 && t->dims[0] == want_cols && t->dims[1] == want_rows);
+    if (!shape_ok) {
+        *error = "model tensor '" + name + "' has an unexpected shape";
+        return false;
+    }
+    return f.dequantize(*t, out, error);
+}
+
+void rmsnorm(const float *x, const float *w, float *y, int n, float eps) {
+    double ss = 0;
+    for (int i = 0; i < n; ++i) ss += (double)x[i] * x[i];
+    const float inv = 1.0f / std::sqrt((float)(ss / n) + eps);
+    for (int i = 0; i < n; ++i) y[i] = x[i] * inv * w[i];
+}
+
+// y[T, out] = x[T, in] * W[out, in]^T
+void matmul(const float *x, const float *w, float *y, int T, int in, int out) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, out, in, 1.0f, x, in, w, in, 0.0f, y, out);
+}
+
+}  // namespace
+
+bool Model::load(const std::string &path, std::string *error) {
+    GgufFile f;
+    if (!f.load(path, error)) return false;
+    const std::string arch = f.get_str("general.architecture", "");
+    if (arch != "llama") {
+        *error = "model architecture '" + arch + "' is not supported (llama only)";
+        return false;
+    }
+    cfg_.n_layers = (int)f.get_num("llama.block_count", 0);
+    cfg_.d_model = (int)f.get_num("llama.embedding_length", 0);
+    cfg_.n_heads = (int)f.get_num("llama.attention.head_count", 0);
+    cfg_.n_kv_heads = (int)f.get_num("llama.attention.head_count_kv", cfg_.n_heads);
+    cfg_.d_ff = (int)f.get_num("llama.feed_forward_length", 0);
+    cfg_.rope_base = (float)f.get_num("llama.rope.freq_base", 10000.0);
+    cfg_.norm_eps = (float)f.get_num("llama.attention.layer_norm_rms_epsilon", 1e-5);
+    cfg_.context_length = (int)f.get_num("llama.context_length", 2048);
+    if (cfg_.n_layers <= 0 || cfg_.n_layers > 1024 || cfg_.d_model <= 0 || cfg_.n_heads <= 0 ||
+        cfg_.n_kv_heads <= 0 || cfg_.n_heads % cfg_.n_kv_heads != 0 || cfg_.d_model % cfg_.n_heads != 0 ||
+        cfg_.d_ff <= 0) {
+        *error = "model hyperparameters in the GGUF metadata are missing or inconsistent";
+        return false;
+    }
+    cfg_.head_dim = cfg_.d_model / cfg_.n_heads;
+    if ((int)f.get_num("llama.rope.dimension_count", cfg_.head_dim) != cfg_.head_dim || cfg_.head_dim % 2) {
+        *error = "partial rotary embeddings are not supported";
+        return false;
+    }
+    if (!tok_.load(f, error)) return false;
+    cfg_.vocab = tok_.vocab_size();
+    const int D = cfg_.d_model, Hd = cfg_.head_dim, KVd = cfg_.n_kv_heads * Hd;
+    if (!load_tensor(f, "token_embd.weight", cfg_.vocab, D, &tok_embd_, error)) return false;
+    if (!load_tensor(f, "output_norm.weight", 1, D, &out_norm_, error)) return false;
+    if (f.tensor("output.weight") && !load_tensor(f, "output.weight", cfg_.vocab, D, &out_w_, error))
+        return false;
+    layers_.resize(cfg_.n_layers);
+    for (int l = 0; l < cfg_.n_layers; ++l) {
+        const std::string p = "blk." + std::to_string(l) + ".";
+        LayerWeights &w = layers_[l];
+        if (!load_tensor(f, p + "attn_norm.weight", 1, D, &w.attn_norm, error) ||
+            !load_tensor(f, p + "attn_q.weight", cfg_.n_heads * Hd, D, &w.wq, error) ||
+            !load_tensor(f, p + "attn_k.weight", KVd, D, &w.wk, error) ||
+            !load_tensor(f, p + "attn_v.weight", KVd, D, &w.wv, error) ||
+            !load_tensor(f, p + "attn_output.weight", D, cfg_.n_heads * Hd, &w.wo, error) ||
+            !load_tensor(f, p + "ffn_norm.weight", 1, D, &w.ffn_norm, error) ||
+            !load_tensor(f, p + "ffn_gate.weight", cfg_.d_ff, D, &w.w_gate, error) ||
+            !load_tensor(f, p + "ffn_up.weight", cfg_.d_ff, D, &w.w_up, error) ||
+            !load_tensor(f, p + "ffn_down.weight", D, cfg_.d_ff, &w.w_down, error))
+            return false;
+    }
+    ensure_rope(4096);
+    return true;
+}
+
+void Model::ensure_rope(int max_pos) {
+    const int half = cfg_.head_dim / 2;
+    const int have = (int)(rope_cos_.size() / half);
+    if (max_pos <= have) return;
+    const int cap = std::max(max_pos, 2 * have);
+    rope_cos_.resize((size_t)cap * half);
+    rope_sin_.resize((size_t)cap * half);
+    for (int p = have; p < cap; ++p)
+        for (int i = 0; i < half; ++i) {
+            const double inv = std::pow((double)cfg_.rope_base, -2.0 * i / cfg_.head_dim);
+            rope_cos_[(size_t)p * half + i] = (float)std::cos(p * inv);
+            rope_sin_[(size_t)p * half + i] = (float)std::sin(p * inv);
+        }
+}
+
+KVState Model::new_state(int tail_cap) const {
+    KVState s;
+    s.tail_cap = tail_cap;
+    s.layers.resize(cfg_.n_layers);
+    const size_t n = (size_t)cfg_.n_kv_heads * tail_cap * cfg_.head_dim;
+    for (LayerKV &l : s.layers) {
+        l.seg_cu.assign(cfg_.n_kv_heads + 1, 0);
+        l.tail_k.resize(n);
+        l.tail_v.resize(n);
+    }
+    return s;
+}
+
+bool Model::forward(KVState &st, const int *tokens, int T, float *logits, int n_logits,
+                    int capture_window, std::string *error) {
+    const int D = cfg_.d_model, H = cfg_.n_heads, Hk = cfg_.n_kv_heads, d = cfg_.head_dim;
+    const int G = H / Hk, F = cfg_.d_ff, half = d / 2;
+    if (T <= 0) return true;
+    if (st.n_tail + T > st.tail_cap) {
+        *error = "KV cache tail is full (" + std::to_string(st.tail_cap) + " tokens)";
+        return false;
+    }
+    if (capture_window > T || n_logits > T) {
+        *error = "internal: window or logits count exceeds the tokens of the call";
+        return false;
+    }
+    for (int t = 0; t < T; ++t)
+        if (tokens[t] < 0 || tokens[t] >= cfg_.vocab) {
+            *error = "token id " + std::to_string(tokens[t]) + " is outside the vocabulary";
+            return false;
+        }
+    ensure_rope(st.pos + T);
+    x_.resize((size_t)T * D);
+    xn_.resize((size_t)T * D);
+    q_.resize((size_t)T * H * d);
+    k_.resize((size_t)T * Hk * d);
+    v_.resize((size_t)T * Hk * d);
+    att_.resize((size_t)T * H * d);
+    gate_.resize((size_t)T * F);
+    up_.resize((size_t)T * F);
+    if (capture_window > 0) {
+        st.window = capture_window;
+        st.win_q.assign(cfg_.n_layers, std::vector<float>((size_t)H * capture_window * d));
+    }
+    for (int t = 0; t < T; ++t)
+        std::memcpy(&x_[(size_t)t * D], &tok_embd_[(size_t)tokens[t] * D], sizeof(float) * D);
+    const float scale = 1.0f / std::sqrt((float)d);
+    const int n_old = st.n_tail;
+    for (int l = 0; l < cfg_.n_layers; ++l) {
+        const LayerWeights &w = layers_[l];
+        LayerKV &kv = st.layers[l];
+        for (int t = 0; t < T; ++t)
+            rmsnorm(&x_[(size_t)t * D], w.attn_norm.data(), &xn_[(size_t)t * D], D, cfg_.norm_eps);
+        matmul(xn_.data(), w.wq.data(), q_.data(), T, D, H * d);
+        matmul(xn_.data(), w.wk.data(), k_.data(), T, D, Hk * d);
+        matmul(xn_.data(), w.wv.data(), v_.data(), T, D, Hk * d);
+        // Rotary embedding on adjacent pairs (GGUF llama weights are permuted for this form).
+        for (int t = 0; t < T; ++t) {
+            const float *c = &rope_cos_[(size_t)(st.pos + t) * half];
+            const float *s = &rope_sin_[(size_t)(st.pos + t) * half];
+            auto rot = [&](float *x, int nh) {
+                for (int h = 0; h < nh; ++h)
+                    for (int i = 0; i < half; ++i) {
+                        const float a = x[h * d + 2 * i], b = x[h * d + 2 * i + 1];
+                        x[h * d + 2 * i] = a * c[i] - b * s[i];
+                        x[h * d + 2 * i + 1] = a * s[i] + b * c[i];
+                    }
+            };
+            rot(&q_[(size_t)t * H * d], H);
+            rot(&k_[(size_t)t * Hk * d], Hk);
+        }
+        for (int kh = 0; kh < Hk; ++kh)
+            for (int t = 0; t < T; ++t) {
+                const size_t dst = ((size_t)kh * st.tail_cap + n_old + t) * d;
+                std::memcpy(&kv.tail_k[dst], &k_[((size_t)t * Hk + kh) * d], sizeof(float) * d);
+                std::memcpy(&kv.tail_v[dst], &v_[((size_t)t * Hk + kh) * d], sizeof(float) * d);
+            }
+        if (capture_window > 0) {
+            for (int h = 0; h < H; ++h)
+                for (int wi = 0; wi < capture_window; ++wi)
+                    std::memcpy(&st.win_q[l][((size_t)h * capture_window + wi) * d],
+                                &q_[((size_t)(T - capture_window + wi) * H + h) * d], sizeof(float) * d);
+        }
+        // Attention, one query head at a time: scores over [segment | tail], causal in the tail.
+        const int n_tail_all = n_old + T;
+        for (int h = 0; h < H; ++h) {
+            const int kh = h / G;
+            const int s0 = kv.seg_cu[kh], ns = kv.seg_cu[kh + 1] - s0;
+            const int ncol = ns + n_tail_all;
+            scores_.resize((size_t)T * ncol);
+            float *S = scores_.data();
+            const float *Qh = &q_[(size_t)h * d];
+            if (ns > 0)
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, ns, d, scale, Qh, H * d,
+                            &kv.seg_k[(size_t)s0 * d], d, 0.0f, S, ncol);
+            const float *Kt = &kv.tail_k[(size_t)kh * st.tail_cap * d];
+            const float *Vt = &kv.tail_v[(size_t)kh * st.tail_cap * d];
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, n_tail_all, d, scale, Qh, H * d, Kt, d,
+                        0.0f, S + ns, ncol);
+            for (int t = 0; t < T; ++t) {
+                float *row = S + (size_t)t * ncol;
+                const int valid = ns + n_old + t + 1;
+                float mx = -INFINITY;
+                for (int j = 0; j < valid; ++j) mx = std::max(mx, row[j]);
+                double sum = 0;
+                for (int j = 0; j < valid; ++j) {
+                    row[j] = std::exp(row[j] - mx);
+                    sum += row[j];
+                }
+                const float inv = (float)(1.0 / sum);
+                for (int j = 0; j < valid; ++j) row[j] *= inv;
+                for (int j = valid; j < ncol; ++j) row[j] = 0.0f;
+            }
+            float *Oh = &att_[(size_t)h * d];
+            if (ns > 0)
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, d, ns, 1.0f, S, ncol,
+                            &kv.seg_v[(size_t)s0 * d], d, 0.0f, Oh, H * d);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, d, n_tail_all, 1.0f, S + ns, ncol, Vt, d,
+                        ns > 0 ? 1.0f : 0.0f, Oh, H * d);
+        }
+        // x += att * Wo^T
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, D, H * d, 1.0f, att_.data(), H * d,
+                    w.wo.data(), H * d, 1.0f, x_.data(), D);
+        for (int t = 0; t < T; ++t)
+            rmsnorm(&x_[(size_t)t * D], w.ffn_norm.data(), &xn_[(size_t)t * D], D, cfg_.norm_eps);
+        matmul(xn_.data(), w.w_gate.data(), gate_.data(), T, D, F);
+        matmul(xn_.data(), w.w_up.data(), up_.data(), T, D, F);
+        for (size_t i = 0; i < (size_t)T * F; ++i) {
+            const float g = gate_[i];
+            gate_[i] = g / (1.0f + std::exp(-g)) * up_[i];
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, D, F, 1.0f, gate_.data(), F, w.w_down.data(), F,
+                    1.0f, x_.data(), D);
+    }
+    st.n_tail += T;
+    st.pos += T;
+    if (logits && n_logits > 0) {
+        const int t0 = T - n_logits;
+        for (int t = t0; t < T; ++t)
+            rmsnorm(&x_[(size_t)t * D], out_norm_.data(), &xn_[(size_t)t * D], D, cfg_.norm_eps);
+        const std::vector<float> &ow = out_w_.empty() ? tok_embd_ : out_w_;
+        matmul(&xn_[(size_t)t0 * D], ow.data(), logits, n_logits, D, cfg_.vocab);
+    }
+    return true;
+}
+
+bool Model::prefill(KVState &st, const std::vector<int> &tokens, int chunk, int capture_window,
+                    std::string *error) {
+    const int n = (int)tokens.size();
+    chunk = std::max(chunk, std::max(capture_window, 1));
+    if (capture_window > n) {
+        *error = "the context (" + std::to_string(n) + " tokens) is shorter than the observation window";
+        return false;
+    }
+    // The last chunk must hold the whole window: split so that it does.
+    int i = 0;
+    while (i < n) {
+        int len = std::min(chunk, n - i);
+        const int rest = n - i - len;
+        if (capture_window > 0 && rest > 0 && rest < capture_window) len -= capture_window - rest;
+        const bool last = i + len == n;
+        if (!forward(st, tokens.data() + i, len, nullptr, 0, last ? capture_window : 0, error)) return false;
+        i += len;
+    }
+    return true;
+}
+
+std::vector<int> Model::generate_greedy(KVState &st, std::vector<float> logits, int max_new,
+                                        std::string *error) {
+    std::vector<int> out;
+    for (int i = 0; i < max_new; ++i) {
+        const int next = (int)(std::max_element(logits.begin(), logits.end()) - logits.begin());
+        if (next == tok_.eos || next == tok_.token_id("<|endoftext|>")) break;
+        out.push_back(next);
+        if (i + 1 == max_new) break;
+        if (!forward(st, &next, 1, logits.data(), 1, 0, error)) break;
+    }
+    return out;
+}
+
+}  // namespace defkv_engine

@@ -1,0 +1,85 @@
+// A llama-architecture transformer (RMSNorm, rotary embeddings, grouped-query attention,
+// SwiGLU) run on the CPU in f32 with OpenBLAS. Weights are dequantised once at load.
+//
+// KV cache per layer, designed for eviction:
+//   segment: the compressed prefix, flattened varlen [sum(head_lens), d] per KV head, head k's
+//            rows at [seg_cu[k], seg_cu[k+1]) (exactly what defkv_compact_varlen writes);
+//   tail:    tokens appended after the segment, head-major [Hk, tail_cap, d], the same count
+//            n_tail for every head. Prefill of the context fills the tail; compression turns
+//            the tail into a segment.
+// Positions keep counting through eviction: a token appended after compression gets the
+// rotary position it would have had with the full cache.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "gguf.hpp"
+#include "tokenizer.hpp"
+
+namespace defkv_engine {
+
+struct ModelConfig {
+    int n_layers = 0, d_model = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, d_ff = 0, vocab = 0;
+    float rope_base = 10000.f, norm_eps = 1e-5f;
+    int context_length = 0;
+};
+
+struct LayerWeights {
+    std::vector<float> attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_up, w_down;  // [out, in]
+};
+
+struct LayerKV {
+    std::vector<float> seg_k, seg_v;  // [sum(head_lens), d]
+    std::vector<int32_t> seg_cu;      // [Hk + 1]
+    std::vector<float> tail_k, tail_v;  // [Hk, tail_cap, d]
+};
+
+struct KVState {
+    int tail_cap = 0;
+    int n_tail = 0;
+    int pos = 0;  // absolute position of the next token
+    std::vector<LayerKV> layers;
+    // Post-rotary queries of the last `window` prefill tokens, per layer [H, window, d]
+    int window = 0;
+    std::vector<std::vector<float>> win_q;
+    int64_t cached_entries() const;  // kept (key, value) rows over all layers and heads
+};
+
+class Model {
+public:
+    bool load(const std::string &path, std::string *error);
+    const ModelConfig &config() const { return cfg_; }
+    const Tokenizer &tokenizer() const { return tok_; }
+    const std::vector<float> &o_proj(int layer) const { return layers_[layer].wo; }
+
+    // A fresh empty state with room for tail_cap tokens in the tail.
+    KVState new_state(int tail_cap) const;
+    // Runs `tokens` through the model, appending them to the state's tail.
+    // logits: if non-null, receives [n, vocab] logits for the last n tokens (n = n_logits).
+    // capture_window > 0: record post-rotary queries of the last capture_window tokens of this
+    // call into state.win_q (the call must contain at least that many tokens).
+    // Returns false (with error) if the tail has no room.
+    bool forward(KVState &state, const int *tokens, int n_tokens, float *logits, int n_logits,
+                 int capture_window, std::string *error);
+    // Chunked forward over a long input (chunks of `chunk` tokens); same contract.
+    bool prefill(KVState &state, const std::vector<int> &tokens, int chunk, int capture_window,
+                 std::string *error);
+    // Greedy decoding from the state after a prompt whose last-token logits are `last_logits`.
+    std::vector<int> generate_greedy(KVState &state, std::vector<float> last_logits, int max_new,
+                                     std::string *error);
+
+private:
+    ModelConfig cfg_;
+    Tokenizer tok_;
+    std::vector<float> tok_embd_;  // [vocab, D]; also the tied output projection
+    std::vector<float> out_w_;     // [vocab, D] if untied, else empty
+    std::vector<float> out_norm_;
+    std::vector<LayerWeights> layers_;
+    std::vector<float> rope_cos_, rope_sin_;  // [context_cap, d/2], grown on demand
+    void ensure_rope(int max_pos);
+    // scratch, reused between calls
+    std::vector<float> x_, xn_, q_, k_, v_, att_, gate_, up_, scores_;
+};
+
+}  // namespace defkv_engine
