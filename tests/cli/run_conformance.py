@@ -2,7 +2,8 @@
 """Runs `defkv compress` on a golden case and checks the result with the oracle's compare.py.
 
 usage: run_conformance.py DEFKV COMPARE_PY CASE EXPECTED METHOD OUTDIR
-Exit 0 only when defkv succeeded and compare.py exited 0."""
+Exit 0 only when defkv succeeded, its header is padded with spaces to a multiple of 8 bytes, and
+compare.py exited 0."""
 import os
 import subprocess
 import sys
@@ -17,6 +18,16 @@ def main():
     run = subprocess.run([defkv, "compress", "--input", case, "--output", out, "--method", method])
     if run.returncode != 0:
         print("FAIL: defkv compress exited %d" % run.returncode)
+        return 1
+    with open(out, "rb") as f:
+        blob = f.read()
+    n = int.from_bytes(blob[:8], "little")
+    if n % 8 != 0 or n > len(blob) - 8:
+        print("FAIL: header length %d is not a multiple of 8 within the file" % n)
+        return 1
+    header = blob[8:8 + n]
+    if header.rstrip(b" ") != header.rstrip() or not header.rstrip(b" ").endswith(b"}"):
+        print("FAIL: the header is not JSON padded with spaces")
         return 1
     cmp = subprocess.run([sys.executable, compare, expected, out])
     if cmp.returncode != 0:
