@@ -1,0 +1,72 @@
+// Compaction: a gather kernel (kept rows of every head -> a packed [rows, d] buffer, either the
+// caller's varlen output or scratch) and, for in place, a second kernel that writes the packed
+// rows back to the front of each head. Two kernels in stream order make the in-place move safe
+// without any ordering between threads.
+#include "compact.cuh"
+
+namespace defkv {
+namespace cuda {
+namespace {
+
+template <typename E>
+__global__ void gather_kernel(DevTensor src /* [Hk, L, d] of E */, const int32_t *cu /* [Hk+1] */,
+                              const int32_t *idx /* [rows] */, int64_t Hk, int64_t d, E *packed /* [rows, d] or null */,
+                              DevTensor dst /* [rows_total, d] of E when packed is null */) {
+    const E *s = static_cast<const E *>(src.data);
+    const int32_t base = cu[0];
+    for (int64_t k = blockIdx.y; k < Hk; k += gridDim.y) {
+        const int64_t a = cu[k], n = static_cast<int64_t>(cu[k + 1]) - a;
+        for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n * d;
+             e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+            const int64_t i = e / d, c = e % d, r = a + i;
+            const int64_t j = idx[r - base];
+            const E x = s[k * src.s0 + j * src.s1 + c * src.s2];
+            if (packed) packed[(r - base) * d + c] = x;
+            else static_cast<E *>(const_cast<void *>(dst.data))[r * dst.s0 + c * dst.s1] = x;
+        }
+    }
+}
+
+template <typename E>
+__global__ void scatter_front_kernel(const E *packed /* [rows, d] */, const int32_t *cu /* [Hk+1] */, int64_t Hk,
+                                     int64_t d, DevTensor t /* [Hk, L, d] of E */) {
+    E *p = static_cast<E *>(const_cast<void *>(t.data));
+    const int32_t base = cu[0];
+    for (int64_t k = blockIdx.y; k < Hk; k += gridDim.y) {
+        const int64_t a = cu[k], n = static_cast<int64_t>(cu[k + 1]) - a;
+        for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n * d;
+             e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+            const int64_t i = e / d, c = e % d;
+            p[k * t.s0 + i * t.s1 + c * t.s2] = packed[(a - base + i) * d + c];
+        }
+    }
+}
+
+template <typename E> defkv_status run(const CompactArgs &a, cudaStream_t stream, std::string *msg) {
+    if (a.total_rows == 0) return DEFKV_SUCCESS;
+    const dim3 grid(grid_1d(a.total_rows * a.d / (a.Hk > 0 ? a.Hk : 1) + 1, 256),
+                    static_cast<unsigned>(a.Hk < 65535 ? a.Hk : 65535));
+    E *packed = a.inplace ? static_cast<E *>(a.scratch) : nullptr;
+    gather_kernel<E><<<grid, 256, 0, stream>>>(a.src, a.cu, a.idx, a.Hk, a.d, packed, a.dst);
+    DEFKV_CUDA_LAUNCHED("gather_kernel");
+    if (a.inplace) {
+        scatter_front_kernel<E><<<grid, 256, 0, stream>>>(packed, a.cu, a.Hk, a.d, a.src);
+        DEFKV_CUDA_LAUNCHED("scatter_front_kernel");
+    }
+    return DEFKV_SUCCESS;
+}
+
+} // namespace
+
+defkv_status compact_rows(const CompactArgs &a, cudaStream_t stream, std::string *msg) {
+    switch (a.elem_bytes) {
+    case 2: return run<uint16_t>(a, stream, msg);
+    case 4: return run<uint32_t>(a, stream, msg);
+    default:
+        *msg = "CUDA backend: compaction: element size " + std::to_string(a.elem_bytes) + " is not 2 or 4";
+        return DEFKV_ERROR_INTERNAL;
+    }
+}
+
+} // namespace cuda
+} // namespace defkv

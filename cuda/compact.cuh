@@ -1,0 +1,28 @@
+// Compaction of kept cache rows. One host entry: compact_rows().
+#pragma once
+#include <string>
+
+#include "common.cuh"
+
+namespace defkv {
+namespace cuda {
+
+struct CompactArgs {
+    int64_t Hk = 0, d = 0;
+    int64_t elem_bytes = 0;         // 2 or 4 (rows are moved bit for bit, no conversion)
+    DevTensor src;                  // [Hk, L, d]; for in-place also the destination
+    const int32_t *cu = nullptr;    // device [Hk + 1]: head k's kept rows are [cu[k], cu[k+1])
+    const int32_t *idx = nullptr;   // device [cu[Hk] - cu[0]]: source positions, ascending per head,
+                                    // entry r - cu[0] for kept row r
+    int64_t total_rows = 0;         // cu[Hk] - cu[0] (host copy)
+    bool inplace = true;
+    DevTensor dst;                  // !inplace: [rows, d] 2-D, row r of the layer's output at r (s0, s1)
+    void *scratch = nullptr;        // inplace: workspace of total_rows * d * elem_bytes bytes
+};
+
+// In place: head k's kept rows move to rows 0..len-1 of head k (through `scratch`, so the
+// result never depends on the order threads run in). Varlen: gathered into dst.
+defkv_status compact_rows(const CompactArgs &a, cudaStream_t stream, std::string *msg);
+
+} // namespace cuda
+} // namespace defkv
