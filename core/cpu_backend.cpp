@@ -16,11 +16,48 @@
 #include "thread_pool.hpp"
 
 extern "C" void openblas_set_num_threads(int);
+extern "C" int openblas_get_num_threads(void);
 
 namespace defkv {
 namespace {
 
 constexpr int64_t kTokenTile = 512;
+// Projected-norm work item: tokens per item and product columns per BLAS call (a multiple of
+// 8), so that the product chunk (kNormTokens x kNormCols floats) stays in a core's L2.
+constexpr int64_t kNormTokens = 256;
+constexpr int64_t kNormCols = 512;
+
+// BLAS runs single-threaded while the backend's own pool parallelises around it (no
+// oversubscription); the caller's OpenBLAS thread count is restored afterwards.
+class BlasSingleThread {
+public:
+    BlasSingleThread() : saved_(openblas_get_num_threads()) { openblas_set_num_threads(1); }
+    ~BlasSingleThread() { openblas_set_num_threads(saved_); }
+    BlasSingleThread(const BlasSingleThread &) = delete;
+    BlasSingleThread &operator=(const BlasSingleThread &) = delete;
+
+private:
+    int saved_;
+};
+
+// acc[l] += |row[x + l]| for x = 0, 8, .., n - 8 (n a multiple of 8). Lane-wise, so the AVX2
+// and the baseline builds give identical sums.
+template <int Dummy> inline void abs_accumulate8_impl(const float *row, int64_t n, float *acc) {
+    float a[8];
+    for (int l = 0; l < 8; l++) a[l] = acc[l];
+    for (int64_t x = 0; x < n; x += 8)
+        for (int l = 0; l < 8; l++) a[l] += std::fabs(row[x + l]);
+    for (int l = 0; l < 8; l++) acc[l] = a[l];
+}
+__attribute__((target("avx2"))) void abs_accumulate8_avx2(const float *row, int64_t n, float *acc) {
+    abs_accumulate8_impl<1>(row, n, acc);
+}
+void abs_accumulate8_base(const float *row, int64_t n, float *acc) { abs_accumulate8_impl<0>(row, n, acc); }
+void abs_accumulate8(const float *row, int64_t n, float *acc) {
+    static const bool avx2 = __builtin_cpu_supports("avx2");
+    if (avx2) abs_accumulate8_avx2(row, n, acc);
+    else abs_accumulate8_base(row, n, acc);
+}
 
 // Pointer and leading dimension of an f32 matrix whose rows are `row_stride` apart and whose
 // columns are contiguous, or null when the view needs packing.
@@ -46,7 +83,6 @@ public:
                                 const View &dst, std::string *msg) override;
 
 private:
-    void blas_threads() { openblas_set_num_threads(n_threads_); }
     ThreadPool *pool_;
     int32_t n_threads_;
 };
@@ -57,7 +93,6 @@ defkv_status CpuBackend::attention(const SeqViews &in, const SeqShape &s, const 
     const int64_t H = s.H, G = s.G, W = s.W, L = s.L, P = s.P, d = s.d;
     std::vector<float> rows(static_cast<size_t>(W * L));     // A[h, :, :] for the current head
     std::vector<float> qbuf(static_cast<size_t>(W * d));
-    std::vector<float> kbuf;
     std::vector<float> pooled;                                 // [W, P] scratch
     const bool need_def = req.def_max || req.def_avg;
     if (req.def_max) pooled.resize(static_cast<size_t>(W * P));
@@ -67,7 +102,7 @@ defkv_status CpuBackend::attention(const SeqViews &in, const SeqShape &s, const 
     if (req.def_max) std::fill(req.def_max, req.def_max + s.Hk * P, -std::numeric_limits<float>::infinity());
     if (req.def_avg) std::fill(req.def_avg, req.def_avg + s.Hk * P, 0.0f);
     const int64_t nchunks = (P + 1023) / 1024;
-    blas_threads();
+    BlasSingleThread blas_guard;
 
     for (int64_t h = 0; h < H; h++) {
         const int64_t k = h / G;
@@ -78,22 +113,23 @@ defkv_status CpuBackend::attention(const SeqViews &in, const SeqShape &s, const 
         } else {
             const View &q = in.queries, &kv = in.keys;
             for (int64_t w = 0; w < W; w++) load_f32(q, q.off3(h, w, 0), d, q.stride[2], &qbuf[w * d]);
-            for (int64_t t0 = 0; t0 < L; t0 += kTokenTile) {
-                const int64_t T = std::min(kTokenTile, L - t0);
+            // Logits in token tiles; each tile is one single-threaded BLAS call on the pool
+            // (the same calls whatever the thread count), keys widened per tile when needed.
+            pool_->parallel_for((L + kTokenTile - 1) / kTokenTile, [&](int64_t tile) {
+                const int64_t t0 = tile * kTokenTile, T = std::min(kTokenTile, L - t0);
+                thread_local std::vector<float> kbuf;
                 const float *kp = direct_f32(kv, kv.off3(k, t0, 0), kv.stride[2]);
                 int64_t ldk = kv.stride[1];
                 if (!kp) {
-                    kbuf.resize(static_cast<size_t>(T * d));
-                    pool_->parallel_for(T, [&](int64_t t) {
-                        load_f32(kv, kv.off3(k, t0 + t, 0), d, kv.stride[2], &kbuf[t * d]);
-                    });
+                    kbuf.resize(static_cast<size_t>(kTokenTile * d));
+                    for (int64_t t = 0; t < T; t++) load_f32(kv, kv.off3(k, t0 + t, 0), d, kv.stride[2], &kbuf[t * d]);
                     kp = kbuf.data();
                     ldk = d;
                 }
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(W), static_cast<int>(T),
                             static_cast<int>(d), req.scale, qbuf.data(), static_cast<int>(d), kp,
                             static_cast<int>(ldk), 0.0f, &rows[t0], static_cast<int>(L));
-            }
+            });
             pool_->parallel_for(W, [&](int64_t w) { softmax_row(&rows[w * L], L, P + w + 1, masked); });
         }
         // Per-row reductions (rows independent).
@@ -154,62 +190,98 @@ defkv_status CpuBackend::attention(const SeqViews &in, const SeqShape &s, const 
     return DEFKV_SUCCESS;
 }
 
+// The projected value norm, the dominant cost of the CriticalKV family. Work items are
+// (token tile) within one KV head; each item computes, for its tokens, the products with
+// every query head of the group in column chunks small enough to stay in cache, and folds
+// each chunk into 8 running |x| accumulators per token while it is hot. The chunking keeps the
+// accumulation order of a single pass over the full row (lane x % 8, combined pairwise, then
+// the tail), and every token's sum is produced by one item, so the result does not depend
+// on the thread count. BLAS runs single-threaded inside the items (no oversubscription).
 defkv_status CpuBackend::projected_norm(const SeqViews &in, const SeqShape &s, int64_t n_tokens,
                                         const uint8_t *masked, float *out, std::string *msg) {
     (void)msg;
     const int64_t G = s.G, d = s.d, D = s.D, Hk = s.Hk;
     const View &v = in.values, &o = in.o_proj;
-    std::vector<float> wbuf, vbuf, cbuf(static_cast<size_t>(std::min(kTokenTile, n_tokens) * D));
     std::fill(out, out + Hk * n_tokens, 0.0f);
-    blas_threads();
-    for (int64_t h = 0; h < s.H; h++) {
-        const int64_t k = h / G;
-        // B = Wo_h (d x D): B[i, c] = o_proj[c, h*d + i].
-        const float *bp = nullptr;
-        int64_t ldb = 0;
-        CBLAS_TRANSPOSE tb = CblasTrans;
-        if (o.dtype == DEFKV_DTYPE_F32 && o.stride[1] == 1) { // [D, H*d] rows: B^T with ld = stride0
-            bp = reinterpret_cast<const float *>(o.base) + o.off2(0, h * d);
-            ldb = o.stride[0];
-            tb = CblasTrans;
-        } else if (o.dtype == DEFKV_DTYPE_F32 && o.stride[0] == 1) { // transposed storage: B row-major
-            bp = reinterpret_cast<const float *>(o.base) + o.off2(0, h * d);
-            ldb = o.stride[1];
-            tb = CblasNoTrans;
-        } else {
-            wbuf.resize(static_cast<size_t>(d * D));
-            pool_->parallel_for(d, [&](int64_t i) { load_f32(o, o.off2(0, h * d + i), D, o.stride[0], &wbuf[i * D]); });
-            bp = wbuf.data();
-            ldb = D;
-            tb = CblasNoTrans;
+    if (n_tokens <= 0) return DEFKV_SUCCESS;
+    BlasSingleThread blas_guard;
+    const int64_t D8 = D - D % 8;
+    // B_h = Wo_h (d x D), for the G heads of the current KV head: direct or widened per group.
+    std::vector<float> wbuf;
+    std::vector<const float *> bp(static_cast<size_t>(G));
+    std::vector<int64_t> ldb(static_cast<size_t>(G));
+    std::vector<CBLAS_TRANSPOSE> tb(static_cast<size_t>(G));
+    const int64_t ntiles = (n_tokens + kNormTokens - 1) / kNormTokens;
+    for (int64_t k = 0; k < Hk; k++) {
+        for (int64_t g = 0; g < G; g++) {
+            const int64_t h = k * G + g;
+            if (o.dtype == DEFKV_DTYPE_F32 && o.stride[1] == 1) { // [D, H*d] rows: B^T, ld = stride0
+                bp[g] = reinterpret_cast<const float *>(o.base) + o.off2(0, h * d);
+                ldb[g] = o.stride[0];
+                tb[g] = CblasTrans;
+            } else if (o.dtype == DEFKV_DTYPE_F32 && o.stride[0] == 1) { // transposed storage: B row-major
+                bp[g] = reinterpret_cast<const float *>(o.base) + o.off2(0, h * d);
+                ldb[g] = o.stride[1];
+                tb[g] = CblasNoTrans;
+            } else {
+                bp[g] = nullptr;
+                ldb[g] = D;
+                tb[g] = CblasNoTrans;
+            }
         }
-        for (int64_t t0 = 0; t0 < n_tokens; t0 += kTokenTile) {
-            const int64_t T = std::min(kTokenTile, n_tokens - t0);
+        if (!bp[0]) { // widen this group's slices (G*d rows of D), never the whole matrix
+            wbuf.resize(static_cast<size_t>(G * d * D));
+            pool_->parallel_for(G * d, [&](int64_t r) {
+                const int64_t h = k * G + r / d, i = r % d;
+                load_f32(o, o.off2(0, h * d + i), D, o.stride[0], &wbuf[r * D]);
+            });
+            for (int64_t g = 0; g < G; g++) bp[g] = &wbuf[g * d * D];
+        }
+        pool_->parallel_for(ntiles, [&](int64_t tile) {
+            const int64_t t0 = tile * kNormTokens, T = std::min(kNormTokens, n_tokens - t0);
+            thread_local std::vector<float> vbuf, cbuf, acc;
             const float *vp = direct_f32(v, v.off3(k, t0, 0), v.stride[2]);
             int64_t ldv = v.stride[1];
             if (!vp) {
-                vbuf.resize(static_cast<size_t>(T * d));
-                pool_->parallel_for(T, [&](int64_t t) { load_f32(v, v.off3(k, t0 + t, 0), d, v.stride[2], &vbuf[t * d]); });
+                vbuf.resize(static_cast<size_t>(kNormTokens * d));
+                for (int64_t t = 0; t < T; t++) load_f32(v, v.off3(k, t0 + t, 0), d, v.stride[2], &vbuf[t * d]);
                 vp = vbuf.data();
                 ldv = d;
             }
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, tb, static_cast<int>(T), static_cast<int>(D), static_cast<int>(d),
-                        1.0f, vp, static_cast<int>(ldv), bp, static_cast<int>(ldb), 0.0f, cbuf.data(),
-                        static_cast<int>(D));
+            cbuf.resize(static_cast<size_t>(kNormTokens * kNormCols));
+            acc.resize(static_cast<size_t>(kNormTokens * 8));
             float *dst = out + k * n_tokens + t0;
-            pool_->parallel_for((T + 63) / 64, [&](int64_t c) {
-                for (int64_t t = c * 64; t < std::min(T, c * 64 + 64); t++) {
-                    const float *row = &cbuf[t * D];
-                    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-                    int64_t x = 0;
-                    for (; x + 8 <= D; x += 8)
-                        for (int l = 0; l < 8; l++) acc[l] += std::fabs(row[x + l]);
-                    float sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-                    for (; x < D; x++) sum += std::fabs(row[x]);
+            for (int64_t g = 0; g < G; g++) {
+                std::fill(acc.begin(), acc.end(), 0.0f);
+                float tail[kNormTokens] = {};
+                for (int64_t c0 = 0; c0 < D; c0 += kNormCols) {
+                    const int64_t C = std::min(kNormCols, D - c0);
+                    const float *b = tb[g] == CblasTrans ? bp[g] + c0 * ldb[g] : bp[g] + c0;
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, tb[g], static_cast<int>(T), static_cast<int>(C),
+                                static_cast<int>(d), 1.0f, vp, static_cast<int>(ldv), b, static_cast<int>(ldb[g]), 0.0f,
+                                cbuf.data(), static_cast<int>(C));
+                    const int64_t C8 = std::min(C, D8 - c0); // columns that go to the 8 lanes (multiple of 8)
+                    for (int64_t t = 0; t < T; t++) abs_accumulate8(&cbuf[t * C], C8 > 0 ? C8 : 0, &acc[t * 8]);
+                    if (c0 + C == D && D8 < D) { // the row's tail, summed after the lanes
+                        for (int64_t t = 0; t < T; t++) {
+                            const float *a = &acc[t * 8];
+                            float sum = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+                            for (int64_t x = D8 - c0; x < C; x++) sum += std::fabs(cbuf[t * C + x]);
+                            tail[t] = sum;
+                        }
+                    }
+                }
+                for (int64_t t = 0; t < T; t++) {
+                    float sum;
+                    if (D8 < D) sum = tail[t];
+                    else {
+                        const float *a = &acc[t * 8];
+                        sum = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+                    }
                     dst[t] += sum;
                 }
-            });
-        }
+            }
+        });
     }
     const float invg = 1.0f / static_cast<float>(G);
     for (int64_t i = 0; i < Hk * n_tokens; i++) out[i] = G == 1 ? out[i] : out[i] * invg;
