@@ -1,0 +1,569 @@
+// Package defkv is the Go API of libdefkv: KV-cache eviction with DefensiveKV and the methods
+// it is compared with. Tensors are views of the caller's Go slices (or device memory given as
+// a uintptr); nothing is copied, and CompactInPlace writes into the caller's own slices.
+//
+// A Context is used by one goroutine at a time (calls on it are serialized by a mutex);
+// different contexts are independent. Close it when done; a finalizer only backs up a
+// forgotten Close.
+package defkv
+
+import (
+	"fmt"
+	"runtime"
+	"sync"
+	"unsafe"
+
+	"github.com/defkv/defkv/bindings/go/internal/raw"
+)
+
+// Status is a defkv_status code (an integer, so unknown future values are kept).
+type Status int32
+
+// Status codes.
+const (
+	Success            Status = 0
+	InvalidArgument    Status = -1
+	OutOfMemory        Status = -2
+	Unsupported        Status = -3
+	BackendUnavailable Status = -4
+	SizeOverflow       Status = -5
+	NonFinite          Status = -6
+	InvalidState       Status = -7
+	BufferTooSmall     Status = -8
+	BackendFailure     Status = -9
+	Internal           Status = -10
+)
+
+func (s Status) String() string { return raw.Defkv_status_string(int(s)) }
+
+// Method is a defkv_method value.
+type Method int32
+
+// Methods.
+const (
+	SnapKV           Method = 0
+	AdaSnapKV        Method = 1
+	CriticalKV       Method = 2
+	AdaCriticalKV    Method = 3
+	DefensiveKV      Method = 4
+	LayerDefensiveKV Method = 5
+	StreamingLLM     Method = 6
+	Knorm            Method = 7
+	TOVA             Method = 8
+	Random           Method = 9
+)
+
+// Name is the CLI name ("defensivekv"), "" for an unknown value.
+func (m Method) Name() string { return raw.Defkv_method_name(int(m)) }
+
+// MethodFromName parses a CLI method name.
+func MethodFromName(name string) (Method, error) {
+	v := raw.Defkvb_method_from_name(name)
+	if v < 0 {
+		return 0, &Error{Code: Status(v), Message: fmt.Sprintf("unknown method name %q", name)}
+	}
+	return Method(v), nil
+}
+
+// Dtype is a defkv_dtype value.
+type Dtype int32
+
+// Element types.
+const (
+	F32  Dtype = 0
+	F16  Dtype = 1
+	BF16 Dtype = 2
+)
+
+// Backend is a defkv_backend value.
+type Backend int32
+
+// Backends.
+const (
+	BackendAuto   Backend = 0
+	BackendCPU    Backend = 1
+	BackendCUDA   Backend = 2
+	BackendVulkan Backend = 3
+)
+
+// Memory says where a tensor's data lives.
+type Memory int32
+
+// Memory kinds.
+const (
+	MemoryHost         Memory = 0
+	MemoryCUDADevice   Memory = 1
+	MemoryVulkanBuffer Memory = 2
+)
+
+// Error is an error of the library: the status code and the message naming the argument.
+type Error struct {
+	Code    Status
+	Message string
+}
+
+func (e *Error) Error() string { return fmt.Sprintf("defkv: %s (%d): %s", e.Code, int32(e.Code), e.Message) }
+
+// Version is the library version string.
+func Version() string { return raw.Defkv_version_string() }
+
+// Tensor is a strided view of memory: a Go slice (host) or a device address.
+type Tensor struct {
+	addr     uintptr
+	keep     interface{} // the Go slice the address points into, kept alive while in use
+	n        int64       // elements available (host tensors)
+	dtype    Dtype
+	shape    []int64
+	strides  []int64
+	memory   Memory
+	offset   int64
+	writable bool
+}
+
+func checkShape(n int64, shape []int64) error {
+	if len(shape) < 1 || len(shape) > 4 {
+		return &Error{InvalidArgument, fmt.Sprintf("shape has %d dimensions, expected 1 to 4", len(shape))}
+	}
+	p := int64(1)
+	for _, s := range shape {
+		if s < 0 {
+			return &Error{InvalidArgument, fmt.Sprintf("shape %v has a negative extent", shape)}
+		}
+		p *= s
+	}
+	if p != n {
+		return &Error{InvalidArgument, fmt.Sprintf("slice has %d elements but shape %v needs %d", n, shape, p)}
+	}
+	return nil
+}
+
+// F32Tensor views data (row-major, contiguous) as a float32 tensor of the given shape. The
+// library may write to it (compaction of keys/values); nothing is copied.
+func F32Tensor(data []float32, shape ...int64) (*Tensor, error) {
+	if err := checkShape(int64(len(data)), shape); err != nil {
+		return nil, err
+	}
+	t := &Tensor{keep: data, n: int64(len(data)), dtype: F32, shape: shape, writable: true}
+	if len(data) > 0 {
+		t.addr = uintptr(unsafe.Pointer(&data[0]))
+	}
+	return t, nil
+}
+
+// HalfTensor views raw 16-bit floats (dtype F16 or BF16) as a tensor, without copying.
+func HalfTensor(data []uint16, dtype Dtype, shape ...int64) (*Tensor, error) {
+	if dtype != F16 && dtype != BF16 {
+		return nil, &Error{InvalidArgument, fmt.Sprintf("dtype %d is not a 16-bit float type", dtype)}
+	}
+	if err := checkShape(int64(len(data)), shape); err != nil {
+		return nil, err
+	}
+	t := &Tensor{keep: data, n: int64(len(data)), dtype: dtype, shape: shape, writable: true}
+	if len(data) > 0 {
+		t.addr = uintptr(unsafe.Pointer(&data[0]))
+	}
+	return t, nil
+}
+
+// DeviceTensor describes device memory (a CUDA pointer or a VkBuffer handle) as a tensor. The
+// caller keeps it valid while the tensor is used.
+func DeviceTensor(addr uintptr, memory Memory, dtype Dtype, byteOffset int64, shape ...int64) *Tensor {
+	return &Tensor{addr: addr, n: -1, dtype: dtype, shape: shape, memory: memory, offset: byteOffset, writable: true}
+}
+
+// WithStrides sets per-dimension element strides; host tensors check that every element
+// reached lies inside the slice.
+func (t *Tensor) WithStrides(strides ...int64) (*Tensor, error) {
+	if len(strides) != len(t.shape) {
+		return nil, &Error{InvalidArgument, fmt.Sprintf("%d strides for %d dimensions", len(strides), len(t.shape))}
+	}
+	last := int64(0)
+	for i, s := range strides {
+		if s < 0 {
+			return nil, &Error{InvalidArgument, "strides must be non-negative"}
+		}
+		if t.shape[i] == 0 {
+			last = -1
+			break
+		}
+		last += (t.shape[i] - 1) * s
+	}
+	if t.n >= 0 && last >= t.n {
+		return nil, &Error{InvalidArgument, fmt.Sprintf("strides %v reach element %d of a slice of %d", strides, last, t.n)}
+	}
+	c := *t
+	c.strides = strides
+	return &c, nil
+}
+
+// Sequence is one sequence of a batch: Queries (or Attention), Keys and Values.
+type Sequence struct {
+	Queries, Attention, Keys, Values *Tensor
+}
+
+// Layer is one layer of a batch.
+type Layer struct {
+	Seqs  []Sequence
+	OProj *Tensor
+}
+
+// Params are the compression parameters; NewParams starts from the library's defaults.
+type Params struct {
+	Method           Method
+	CompressionRatio float64
+	Budget           int64
+	Window, Kernel   int32
+	Scale            float32
+	NSink            int32
+	AlphaSafeguard   float64
+	FirstStageRatio  float64
+	Epsilon          float64
+	MassThreshold    float64
+	WindowBias       int32
+	NonFinitePolicy  int32
+	Seed             uint64
+}
+
+// NewParams returns the defaults (the official code's) with the given method.
+func NewParams(m Method) Params {
+	p := raw.NewDefkv_params()
+	defer raw.DeleteDefkv_params(p)
+	return Params{Method: m, CompressionRatio: p.GetCompression_ratio(), Budget: p.GetBudget(),
+		Window: int32(p.GetWindow()), Kernel: int32(p.GetKernel()), Scale: p.GetScale(),
+		NSink: int32(p.GetN_sink()), AlphaSafeguard: p.GetAlpha_safeguard(),
+		FirstStageRatio: p.GetFirst_stage_ratio(), Epsilon: p.GetEpsilon(),
+		MassThreshold: p.GetMass_threshold(), WindowBias: int32(p.GetWindow_bias()),
+		NonFinitePolicy: int32(p.GetNonfinite()), Seed: uint64(p.GetSeed())}
+}
+
+func (p *Params) toRaw() raw.Defkv_params {
+	r := raw.NewDefkv_params()
+	r.SetMethod(int(p.Method))
+	r.SetCompression_ratio(p.CompressionRatio)
+	r.SetBudget(p.Budget)
+	r.SetWindow(int(p.Window))
+	r.SetKernel(int(p.Kernel))
+	r.SetScale(p.Scale)
+	r.SetN_sink(int(p.NSink))
+	r.SetAlpha_safeguard(p.AlphaSafeguard)
+	r.SetFirst_stage_ratio(p.FirstStageRatio)
+	r.SetEpsilon(p.Epsilon)
+	r.SetMass_threshold(p.MassThreshold)
+	r.SetWindow_bias(int(p.WindowBias))
+	r.SetNonfinite(int(p.NonFinitePolicy))
+	r.SetSeed(p.Seed)
+	return r
+}
+
+// Selection is what a selection keeps. Per-head slices have n_seqs*Hk entries
+// (sequence-major); per-entry slices concatenate [Hk, L_b] blocks.
+type Selection struct {
+	HeadLens  []int32
+	CuSeqlens []int32
+	Indices   []int32
+	KeepMask  []uint8
+	Scores    []float32
+}
+
+// Kept returns the kept token positions of head h (ascending).
+func (s *Selection) Kept(h int) []int32 { return s.Indices[s.CuSeqlens[h]:s.CuSeqlens[h+1]] }
+
+// Context is a library context. Close releases it (idempotent).
+type Context struct {
+	mu  sync.Mutex
+	ptr raw.Struct_SS_defkv_context
+}
+
+// ContextOptions configure NewContext.
+type ContextOptions struct {
+	Backend     Backend // default BackendCPU
+	Threads     int32   // 0 = all cores
+	DeviceIndex int32   // -1 = best
+}
+
+// NewContext creates a CPU context with default options.
+func NewContext() (*Context, error) {
+	return NewContextWith(ContextOptions{Backend: BackendCPU, DeviceIndex: -1})
+}
+
+// NewContextWith creates a context with the given options.
+func NewContextWith(o ContextOptions) (*Context, error) {
+	// The failure status and message are per OS thread: stay on one for the create.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	p := raw.Defkvb_context_create(int(o.Backend), int(o.Threads), int(o.DeviceIndex))
+	if p == nil || p.Swigcptr() == 0 {
+		return nil, &Error{Status(raw.Defkvb_last_create_status()), raw.Defkv_last_error_global()}
+	}
+	c := &Context{ptr: p}
+	runtime.SetFinalizer(c, func(c *Context) { c.Close() })
+	return c, nil
+}
+
+// Close releases the context; later calls return an InvalidState error. Safe to call twice.
+func (c *Context) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.ptr != nil {
+		raw.Defkv_context_destroy(c.ptr)
+		c.ptr = nil
+		runtime.SetFinalizer(c, nil)
+	}
+	return nil
+}
+
+func (c *Context) wrap(err error) error {
+	if err == nil {
+		return nil
+	}
+	if se, ok := err.(*raw.StatusError); ok {
+		return &Error{Status(se.Code), raw.Defkv_context_last_error(c.ptr)}
+	}
+	return err
+}
+
+func (c *Context) status(v int64) error {
+	if v >= 0 {
+		return nil
+	}
+	return &Error{Status(v), raw.Defkv_context_last_error(c.ptr)}
+}
+
+var errClosed = &Error{InvalidState, "the context is closed"}
+
+// Backend is the backend in use.
+func (c *Context) Backend() Backend {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.ptr == nil {
+		return BackendAuto
+	}
+	return Backend(raw.Defkv_context_backend(c.ptr))
+}
+
+// builtLayer is a C-side layer description over Go memory; free it after the call.
+type builtLayer struct {
+	l    raw.Struct_SS_defkvb_layer
+	keep []*Tensor
+}
+
+func setTensor(l raw.Struct_SS_defkvb_layer, seq, which int, t *Tensor) error {
+	if t == nil {
+		return nil
+	}
+	var s, st [4]int64
+	copy(s[:], t.shape)
+	copy(st[:], t.strides)
+	return raw.Defkvb_layer_set_tensor(l, seq, which, int64(t.addr), int(t.dtype), len(t.shape),
+		s[0], s[1], s[2], s[3], st[0], st[1], st[2], st[3], int(t.memory), t.offset)
+}
+
+func buildLayer(layer *Layer) (*builtLayer, error) {
+	l := raw.Defkvb_layer_new(len(layer.Seqs))
+	if l == nil || l.Swigcptr() == 0 {
+		return nil, &Error{OutOfMemory, "could not allocate the layer description"}
+	}
+	b := &builtLayer{l: l}
+	for i, s := range layer.Seqs {
+		for w, t := range []*Tensor{s.Queries, s.Attention, s.Keys, s.Values} {
+			if err := setTensor(l, i, w, t); err != nil {
+				raw.Defkvb_layer_free(l)
+				return nil, &Error{InvalidArgument, fmt.Sprintf("sequence %d tensor %d", i, w)}
+			}
+			b.keep = append(b.keep, t)
+		}
+	}
+	_ = setTensor(l, 0, 4, layer.OProj)
+	b.keep = append(b.keep, layer.OProj)
+	return b, nil
+}
+
+func (b *builtLayer) free() {
+	raw.Defkvb_layer_free(b.l)
+	// The Go memory the C description pointed at must stay alive until here.
+	for _, t := range b.keep {
+		if t != nil {
+			runtime.KeepAlive(t.keep)
+		}
+	}
+}
+
+func shapeOf(layer *Layer) (heads, entries int) {
+	for _, s := range layer.Seqs {
+		if s.Keys != nil && len(s.Keys.shape) >= 2 {
+			heads += int(s.Keys.shape[0])
+			entries += int(s.Keys.shape[0] * s.Keys.shape[1])
+		}
+	}
+	return
+}
+
+func newSelection(heads, entries int, capacity int64) (*Selection, raw.Defkv_selection) {
+	s := &Selection{HeadLens: make([]int32, heads), CuSeqlens: make([]int32, heads+1),
+		Indices: make([]int32, capacity+1), KeepMask: make([]uint8, entries+1), Scores: make([]float32, entries+1)}
+	r := raw.Defkvb_selection_new(int64(uintptr(unsafe.Pointer(&s.HeadLens[0]))),
+		int64(uintptr(unsafe.Pointer(&s.CuSeqlens[0]))), int64(uintptr(unsafe.Pointer(&s.Indices[0]))), capacity,
+		int64(uintptr(unsafe.Pointer(&s.KeepMask[0]))), int64(uintptr(unsafe.Pointer(&s.Scores[0]))))
+	return s, r
+}
+
+func (s *Selection) finish(r raw.Defkv_selection, entries int) {
+	raw.Defkvb_selection_free(r)
+	runtime.KeepAlive(s)
+	s.Indices = s.Indices[:s.CuSeqlens[len(s.CuSeqlens)-1]]
+	s.KeepMask = s.KeepMask[:entries]
+	s.Scores = s.Scores[:entries]
+}
+
+// Select scores one layer with p.Method and returns the entries to keep.
+func (c *Context) Select(p Params, layer *Layer) (*Selection, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.ptr == nil {
+		return nil, errClosed
+	}
+	b, err := buildLayer(layer)
+	if err != nil {
+		return nil, err
+	}
+	defer b.free()
+	rp := p.toRaw()
+	defer raw.DeleteDefkv_params(rp)
+	n := raw.Defkvb_kept_count(c.ptr, rp, b.l)
+	if err := c.status(n); err != nil {
+		return nil, err
+	}
+	heads, entries := shapeOf(layer)
+	if heads == 0 {
+		heads = 1 // never reached by a valid layer: the library rejects it before writing
+	}
+	sel, rs := newSelection(heads, entries, n)
+	err = c.wrap(raw.Defkvb_select(c.ptr, rp, b.l, rs))
+	if err != nil {
+		raw.Defkvb_selection_free(rs)
+		return nil, err
+	}
+	sel.finish(rs, entries)
+	return sel, nil
+}
+
+// CompactInPlace moves each head's kept entries to the front of that head's rows of the
+// layer's keys and values: the library writes into the caller's own slices.
+func (c *Context) CompactInPlace(layer *Layer, sel *Selection) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.ptr == nil {
+		return errClosed
+	}
+	b, err := buildLayer(layer)
+	if err != nil {
+		return err
+	}
+	defer b.free()
+	full := sel.Indices[:cap(sel.Indices)]
+	if len(full) == 0 {
+		full = []int32{0}
+	}
+	rs := raw.Defkvb_selection_new(int64(uintptr(unsafe.Pointer(&sel.HeadLens[0]))),
+		int64(uintptr(unsafe.Pointer(&sel.CuSeqlens[0]))), int64(uintptr(unsafe.Pointer(&full[0]))),
+		int64(len(sel.Indices)), 0, 0)
+	defer raw.Defkvb_selection_free(rs)
+	err = c.wrap(raw.Defkvb_compact_inplace(c.ptr, b.l, rs))
+	runtime.KeepAlive(sel)
+	runtime.KeepAlive(full)
+	return err
+}
+
+// Global is a layer-adaptive (Layer-DefensiveKV) selection over several layers.
+type Global struct {
+	c       *Context
+	g       raw.Struct_SS_defkv_global
+	heads   int
+	entries int
+}
+
+// NewGlobal starts a layer-adaptive selection over nLayers layers (p.Method must be
+// LayerDefensiveKV). Close it before the context.
+func (c *Context) NewGlobal(p Params, nLayers int) (*Global, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.ptr == nil {
+		return nil, errClosed
+	}
+	rp := p.toRaw()
+	defer raw.DeleteDefkv_params(rp)
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	g := raw.Defkvb_global_create(c.ptr, rp, nLayers)
+	if g == nil || g.Swigcptr() == 0 {
+		return nil, &Error{Status(raw.Defkvb_last_create_status()), raw.Defkv_context_last_error(c.ptr)}
+	}
+	gl := &Global{c: c, g: g}
+	runtime.SetFinalizer(gl, func(g *Global) { g.Close() })
+	return gl, nil
+}
+
+// Close releases the global selection (idempotent).
+func (g *Global) Close() error {
+	g.c.mu.Lock()
+	defer g.c.mu.Unlock()
+	if g.g != nil {
+		raw.Defkv_global_destroy(g.g)
+		g.g = nil
+		runtime.SetFinalizer(g, nil)
+	}
+	return nil
+}
+
+// AddLayer scores layer index (each exactly once, same batch shape every time).
+func (g *Global) AddLayer(index int, layer *Layer) error {
+	g.c.mu.Lock()
+	defer g.c.mu.Unlock()
+	if g.g == nil || g.c.ptr == nil {
+		return errClosed
+	}
+	b, err := buildLayer(layer)
+	if err != nil {
+		return err
+	}
+	defer b.free()
+	if err := g.c.wrap(raw.Defkvb_global_add_layer(g.g, index, b.l)); err != nil {
+		return err
+	}
+	g.heads, g.entries = shapeOf(layer)
+	return nil
+}
+
+// Select ranks all layers together.
+func (g *Global) Select() error {
+	g.c.mu.Lock()
+	defer g.c.mu.Unlock()
+	if g.g == nil || g.c.ptr == nil {
+		return errClosed
+	}
+	return g.c.wrap(raw.Defkv_global_select(g.g))
+}
+
+// LayerSelection is layer index's share of the global selection.
+func (g *Global) LayerSelection(index int) (*Selection, error) {
+	g.c.mu.Lock()
+	defer g.c.mu.Unlock()
+	if g.g == nil || g.c.ptr == nil {
+		return nil, errClosed
+	}
+	n := raw.Defkvb_global_layer_kept_count(g.g, index)
+	if err := g.c.status(n); err != nil {
+		return nil, err
+	}
+	heads := g.heads
+	if heads == 0 {
+		heads = 1
+	}
+	sel, rs := newSelection(heads, g.entries, n)
+	if err := g.c.wrap(raw.Defkvb_global_layer_selection(g.g, index, rs)); err != nil {
+		raw.Defkvb_selection_free(rs)
+		return nil, err
+	}
+	sel.finish(rs, g.entries)
+	return sel, nil
+}

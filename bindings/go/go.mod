@@ -1,0 +1,3 @@
+module github.com/defkv/defkv/bindings/go
+
+go 1.19
