@@ -1,0 +1,65 @@
+#version 450
+// Column reductions of a block of Wb attention rows (absolute rows wb0 .. wb0+Wb-1) of query
+// head h, one invocation per column j:
+//   mean  [j] (+)= sum_w a[w, j]                                   j < P
+//   davg  [j] (+)= sum_w a[w, j]                                   (accumulated over the group)
+//   dmax  [j] = max(dmax[j], max_w pool(a_w)[j] / psum_w * base_w)  j < P
+//   tova  [j] (+)= a[W-1, j]                                        j < L-1, last block only
+// The first contribution of a head (or of a group, or of the sequence for tova) overwrites.
+#extension GL_GOOGLE_include_directive : enable
+#include "common.glsl"
+layout(local_size_x = 256) in;
+
+layout(std430, binding = 0) buffer BMean { float mean[]; };
+layout(std430, binding = 1) buffer BMax { float dmax[]; };
+layout(std430, binding = 2) readonly buffer BR { float rows[]; };
+layout(std430, binding = 3) buffer BAvg { float davg[]; };
+layout(std430, binding = 4) readonly buffer BS { float stats[]; };
+layout(std430, binding = 5) buffer BT { float tova[]; };
+layout(push_constant) uniform PC {
+    uint L, P, Wb, kernel;
+    uint flags;      // 1 mean, 2 dmax, 4 davg, 8 tova
+    uint first;      // 1: first block of this head, 2: first head of the group, 4: first head overall
+    uint stats_base; // row index of (h, wb0) in stats
+    uint last_row;   // row (within the block) of query W-1, or 0xffffffff when absent
+    uint mean_base, dmax_base, davg_base, tova_base;
+} pc;
+
+void main() {
+    const uint j = gl_GlobalInvocationID.x;
+    if (j < pc.P) {
+        if ((pc.flags & 5u) != 0u) {
+            float s = 0.0;
+            for (uint w = 0u; w < pc.Wb; w++) s += rows[w * pc.L + j];
+            if ((pc.flags & 1u) != 0u) {
+                const uint o = pc.mean_base + j;
+                mean[o] = ((pc.first & 1u) != 0u) ? s : mean[o] + s;
+            }
+            if ((pc.flags & 4u) != 0u) {
+                const uint o = pc.davg_base + j;
+                davg[o] = ((pc.first & 3u) == 3u) ? s : davg[o] + s;
+            }
+        }
+        if ((pc.flags & 2u) != 0u) {
+            const int h = int(pc.kernel / 2u);
+            const int lo = max(0, int(j) - h), hi = min(int(pc.P) - 1, int(j) + h);
+            float m = uintBitsToFloat(0xff800000u);
+            for (uint w = 0u; w < pc.Wb; w++) {
+                float p = 0.0;
+                for (int t = lo; t <= hi; t++) p += rows[w * pc.L + uint(t)];
+                p /= float(pc.kernel);
+                const float base = stats[(pc.stats_base + w) * 4u + 2u];
+                const float psum = stats[(pc.stats_base + w) * 4u + 3u];
+                const float v = psum > 0.0 ? (p / psum) * base : 0.0;
+                m = max(m, v);
+            }
+            const uint o = pc.dmax_base + j;
+            dmax[o] = ((pc.first & 3u) == 3u) ? m : max(dmax[o], m);
+        }
+    }
+    if ((pc.flags & 8u) != 0u && pc.last_row != 0xffffffffu && j + 1u < pc.L) {
+        const uint o = pc.tova_base + j;
+        const float a = rows[pc.last_row * pc.L + j];
+        tova[o] = ((pc.first & 4u) != 0u) ? a : tova[o] + a;
+    }
+}

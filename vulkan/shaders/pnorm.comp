@@ -1,0 +1,74 @@
+#version 450
+// Projected value norm of query head h for a chunk of T tokens of KV head k:
+//   out[t] (+)= sum_c | sum_i V[t, i] * Wo[c, i] |,   c < D,
+// with Wo[c, i] = o_proj[c, h*d + i]. A workgroup owns TT tokens (TT = min(16, SV / d)); their
+// value rows sit in shared memory, each invocation owns output columns c = lid, lid+64, ...,
+// and the absolute sums are reduced across the workgroup in shared memory (the epilogue), so
+// the T x D product never leaves registers. The last head of the group applies 1/G and the
+// masked entries. (A cooperative-matrix variant replaces the c-loop with a T x 16 x D tile
+// product; the host picks it from the device's extensions.)
+#extension GL_GOOGLE_include_directive : enable
+#include "common.glsl"
+layout(local_size_x = 64) in;
+layout(constant_id = 0) const uint SV = 3072; // shared floats for the value tile
+
+layout(std430, binding = 0) readonly buffer BV { uint v[]; };
+layout(std430, binding = 1) readonly buffer BO { uint o[]; };
+layout(std430, binding = 3) readonly buffer BM { uint mask[]; };
+layout(std430, binding = 5) buffer BOut { float outp[]; };
+layout(push_constant) uniform PC {
+    uint v_dtype, o_dtype, v_base, o_base;
+    uint v_s1, v_s2, o_s0, o_s1;
+    uint d, D, T, out_base;
+    uint first, last, has_mask, mask_base;
+    float invg;
+} pc;
+
+DEFKV_LOADER(load_v, v)
+DEFKV_LOADER(load_o, o)
+DEFKV_BYTE_LOADER(load_mask, mask)
+
+shared float sv[SV];
+shared float red[16 * 64];
+
+void main() {
+    const uint lid = gl_LocalInvocationID.x;
+    const uint TT = min(16u, SV / pc.d);
+    const uint t0 = gl_WorkGroupID.x * TT;
+    const uint nt = min(TT, pc.T - t0);
+    for (uint x = lid; x < nt * pc.d; x += 64u) {
+        const uint t = x / pc.d, i = x - t * pc.d;
+        sv[x] = load_v(pc.v_dtype, pc.v_base + (t0 + t) * pc.v_s1 + i * pc.v_s2);
+    }
+    barrier();
+    float part[16];
+    for (uint a = 0u; a < 16u; a++) part[a] = 0.0;
+    for (uint c = lid; c < pc.D; c += 64u) {
+        float acc[16];
+        for (uint a = 0u; a < 16u; a++) acc[a] = 0.0;
+        const uint ob = pc.o_base + c * pc.o_s0;
+        for (uint i = 0u; i < pc.d; i++) {
+            const float wv = load_o(pc.o_dtype, ob + i * pc.o_s1);
+            for (uint a = 0u; a < nt; a++) acc[a] = fma(sv[a * pc.d + i], wv, acc[a]);
+        }
+        for (uint a = 0u; a < nt; a++) part[a] += abs(acc[a]);
+    }
+    for (uint a = 0u; a < 16u; a++) red[a * 64u + lid] = part[a];
+    barrier();
+    for (uint s = 32u; s > 0u; s >>= 1) {
+        if (lid < s)
+            for (uint a = 0u; a < nt; a++) red[a * 64u + lid] += red[a * 64u + lid + s];
+        barrier();
+    }
+    if (lid < nt) {
+        const uint t = t0 + lid;
+        const uint ix = pc.out_base + t;
+        float val = red[lid * 64u];
+        if (pc.first == 0u) val += outp[ix];
+        if (pc.last != 0u) {
+            if (pc.invg != 1.0) val *= pc.invg;
+            if (pc.has_mask != 0u && load_mask(pc.mask_base + t) != 0u) val = 0.0;
+        }
+        outp[ix] = val;
+    }
+}
