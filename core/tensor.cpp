@@ -178,7 +178,7 @@ bool view_extent_bytes(const View &v, int64_t *bytes) {
         max_off += t;
     }
     int64_t e;
-    if (!mul_ok(max_off + 1, dtype_size(v.dtype), &e)) return false;
+    if (max_off == std::numeric_limits<int64_t>::max() || !mul_ok(max_off + 1, dtype_size(v.dtype), &e)) return false;
     *bytes = e;
     return true;
 }
