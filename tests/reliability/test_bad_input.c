@@ -40,6 +40,12 @@ static void m_overflow_stride(defkv_params *p, defkv_layer *l, defkv_sequence *s
     SEQ0.keys.strides[1] = 8;
     SEQ0.keys.strides[2] = 1;
 }
+static void m_extent_int64max(defkv_params *p, defkv_layer *l, defkv_sequence *seqs, rel_layer *r) {
+    (void)p; (void)l; (void)r;
+    /* the last element's offset is exactly INT64_MAX: offset + 1 must not overflow (found by fuzz_capi) */
+    SEQ0.keys.shape[0] = 2; SEQ0.keys.shape[1] = 1; SEQ0.keys.shape[2] = 1;
+    SEQ0.keys.strides[0] = INT64_MAX; SEQ0.keys.strides[1] = 0; SEQ0.keys.strides[2] = 0;
+}
 static void m_neg_stride(defkv_params *p, defkv_layer *l, defkv_sequence *seqs, rel_layer *r) { (void)p; (void)l; (void)r; SEQ0.values.strides[1] = -8; SEQ0.values.strides[0] = 1; }
 static void m_L_eq_window(defkv_params *p, defkv_layer *l, defkv_sequence *seqs, rel_layer *r) { (void)l; (void)seqs; (void)r; p->window = 40; }
 static void m_L_below_window(defkv_params *p, defkv_layer *l, defkv_sequence *seqs, rel_layer *r) { (void)l; (void)seqs; (void)r; p->window = 1000; }
@@ -86,6 +92,7 @@ static const bad_case kCases[] = {
     {"L = 2^40 (no int32 index)", m_huge_dim, DEFKV_ERROR_SIZE_OVERFLOW, "L"},
     {"shape product overflows 64 bits", m_overflow_product, DEFKV_ERROR_INVALID_ARGUMENT, "overflow"},
     {"extent shape x strides overflows", m_overflow_stride, DEFKV_ERROR_INVALID_ARGUMENT, "overflow"},
+    {"extent offset exactly INT64_MAX", m_extent_int64max, DEFKV_ERROR_INVALID_ARGUMENT, "overflow"},
     {"negative stride", m_neg_stride, DEFKV_ERROR_INVALID_ARGUMENT, "strides[1]"},
     {"L == window", m_L_eq_window, DEFKV_ERROR_INVALID_ARGUMENT, "window"},
     {"L < window", m_L_below_window, DEFKV_ERROR_INVALID_ARGUMENT, "window"},
