@@ -535,7 +535,7 @@ int defkv_cmd_eval(int argc, char **argv) {
     cfg.budgets = {0.1, 0.2, 0.4};
     cfg.samples = 1;
     cfg.passkey_contexts = {1024};
-    cfg.passkey_trials = 20;
+    cfg.passkey_trials = 10;
     return run_eval_like(argc, argv, "eval", cfg, "1024", "10%,20%,40%", "1024");
 }
 

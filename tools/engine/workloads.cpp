@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 
@@ -168,7 +169,12 @@ PasskeyPrompt make_passkey_prompt(const Model &m, int context_tokens, double dep
     const Tokenizer &tk = m.tokenizer();
     PasskeyPrompt p;
     p.key = key;
-    const std::string head =
+    const char *style = std::getenv("DEFKV_PASSKEY_STYLE");
+    // Plain text by default: with the chat template the 135M model often answers "the pass key
+    // is a special code" instead of copying the number (full cache 4/6 vs 6/6 at 1k tokens).
+    const bool plain = !(style && std::string(style) == "chat");
+    const std::string head = plain ? std::string("There is an important info hidden inside a lot of irrelevant text. Find it and "
+        "memorize it. I will quiz you about the important information there.\n") :
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
         "<|im_start|>user\nThere is an important info hidden inside a lot of irrelevant text. Find it and "
         "memorize it. I will quiz you about the important information there.\n";
@@ -185,7 +191,8 @@ PasskeyPrompt make_passkey_prompt(const Model &m, int context_tokens, double dep
         p.context.insert(p.context.end(), filler.begin(), filler.end());
     }
     if (before == n_fill) p.context.insert(p.context.end(), needle.begin(), needle.end());
-    p.question = tk.encode("\nWhat is the pass key?<|im_end|>\n<|im_start|>assistant\nThe pass key is", true);
+    if (plain) p.question = tk.encode("\nWhat is the pass key? The pass key is", false);
+    else p.question = tk.encode("\nWhat is the pass key?<|im_end|>\n<|im_start|>assistant\nThe pass key is", true);
     return p;
 }
 
