@@ -12,6 +12,7 @@
 #include <new>
 #include <nlohmann/json.hpp>
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 namespace defkv_st {
@@ -243,12 +244,13 @@ bool read_safetensors(const std::string& path, SafeFile* out, std::string* err) 
     if (!out) return fail(err, "no output given");
     *out = SafeFile();
     try {
+        // Size from stat, never from seeking: a directory or a device reports nonsense sizes.
+        struct stat sb;
+        if (::stat(path.c_str(), &sb) != 0) return fail(err, path + ": cannot open (" + std::strerror(errno) + ")");
+        if (!S_ISREG(sb.st_mode)) return fail(err, path + ": not a regular file");
         std::ifstream f(path, std::ios::binary);
         if (!f) return fail(err, path + ": cannot open (" + std::strerror(errno) + ")");
-        f.seekg(0, std::ios::end);
-        std::streamoff end = f.tellg();
-        if (end < 0) return fail(err, path + ": cannot determine its size (not a regular file?)");
-        f.seekg(0, std::ios::beg);
+        const std::streamoff end = static_cast<std::streamoff>(sb.st_size);
         std::vector<uint8_t> bytes(static_cast<size_t>(end));
         if (!bytes.empty() && !f.read(reinterpret_cast<char*>(bytes.data()), end))
             return fail(err, path + ": read error");
