@@ -1,8 +1,8 @@
 // Projected value norm kernels.
 //   Tensor-core path (values and o_proj both bf16 or both f16, d % 16 == 0, d <= 256): a block
-//   owns 64 tokens of one query head h; it stages V[k, t0:t0+64, :] once in shared memory, then
+//   owns 128 tokens of one query head h; it stages V[k, t0:t0+128, :] once in shared memory, then
 //   walks D in chunks of 64 columns: stages Wo_h's chunk, multiplies with WMMA 16x16x16 (fp32
-//   accumulate), spills the 64x64 tile to shared memory and adds |.| row by row into registers.
+//   accumulate), spills the 128x64 tile to shared memory and adds |.| row by row into registers.
 //   F32 path (any dtypes, any d): the same tiling with f32 FMAs, d in chunks of 32.
 //   Both write one L1 sum per (h, t) into `partial`; reduce_heads_kernel then averages over the
 //   G heads of each KV head in a fixed order (deterministic, no atomics) and applies the mask.
@@ -14,9 +14,11 @@ namespace defkv {
 namespace cuda {
 namespace {
 
-constexpr int kTokens = 64;  // tokens per block
+constexpr int kTokens = 64;  // tokens per block (f32 path)
 constexpr int kCols = 64;    // output columns per chunk of D
-constexpr int kThreads = 128;
+constexpr int kThreads = 128; // f32 path
+constexpr int kTcTokens = 128; // tokens per block (tensor-core path: 8 warps, each 32 x 32)
+constexpr int kTcThreads = 256;
 constexpr int kPad = 8;      // 16-bit elements of padding per shared row (keeps WMMA ld % 8 == 0)
 constexpr int kCPad = 4;     // f32 padding of the spilled accumulator tile
 
@@ -28,37 +30,60 @@ template <> __device__ __forceinline__ __half zero_val<__half>() { return __floa
 template <> __device__ __forceinline__ __nv_bfloat16 zero_val<__nv_bfloat16>() { return __float2bfloat16(0.0f); }
 
 inline size_t wmma_smem_bytes(int64_t d) {
-    return static_cast<size_t>(2 * kTokens * (d + kPad) * 2 + kTokens * (kCols + kCPad) * 4);
+    return static_cast<size_t>((kTcTokens + kCols) * (d + kPad) * 2 + kTcTokens * (kCols + kCPad) * 4);
 }
 
-// partial[h, t] = sum_c | sum_i V[h/G, t, i] * o_proj[c, h*d + i] |, t in this block's 64 tokens.
-// Grid (token blocks, H). Dynamic shared memory: wmma_smem_bytes(d).
+// partial[h, t] = sum_c | sum_i V[h/G, t, i] * o_proj[c, h*d + i] |, t in this block's 128 tokens.
+// Grid (token blocks, H), kTcThreads threads. Dynamic shared memory: wmma_smem_bytes(d).
+// vec_v / vec_o: the host found the rows contiguous and 16-byte aligned, so they are staged
+// 8 elements at a time; otherwise element by element through the strides.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kTcThreads)
 pn_wmma_kernel(DevTensor v /* [Hk, L, d] of T */, DevTensor o /* [D, H*d] of T */, int64_t G, int64_t d, int64_t D,
-               int64_t n_tokens, float *partial /* [H, n_tokens] */) {
+               int64_t n_tokens, bool vec_v, bool vec_o, float *partial /* [H, n_tokens] */) {
     using namespace nvcuda;
     extern __shared__ __align__(128) unsigned char smem[];
     const int64_t ld = d + kPad;
-    T *vs = reinterpret_cast<T *>(smem);                       // [64 tokens][ld]
-    T *bs = vs + kTokens * ld;                                 // [64 columns][ld]  (Wo chunk, col-major B)
-    float *cs = reinterpret_cast<float *>(bs + kCols * ld);    // [64][kCols + kCPad]
-    const int64_t h = blockIdx.y, k = h / G, t0 = static_cast<int64_t>(blockIdx.x) * kTokens;
+    T *vs = reinterpret_cast<T *>(smem);                       // [128 tokens][ld]
+    T *bs = vs + kTcTokens * ld;                               // [64 columns][ld]  (Wo chunk, col-major B)
+    float *cs = reinterpret_cast<float *>(bs + kCols * ld);    // [128][kCols + kCPad]
+    const int64_t h = blockIdx.y, k = h / G, t0 = static_cast<int64_t>(blockIdx.x) * kTcTokens;
     const int tid = threadIdx.x, warp = tid >> 5;
-    const int wr = warp >> 1, wc = warp & 1; // this warp's 32x32 quarter of the 64x64 tile
+    const int wr = warp >> 1, wc = warp & 1; // this warp's 32x32 part of the 128x64 tile
+    const int64_t d8 = d / 8;
 
-    for (int64_t e = tid; e < kTokens * d; e += kThreads) {
-        const int64_t r = e / d, i = e % d, t = t0 + r;
-        vs[r * ld + i] = t < n_tokens ? raw_load<T>(v, k * v.s0 + t * v.s1 + i * v.s2) : zero_val<T>();
+    if (vec_v) {
+        const T *vp = static_cast<const T *>(v.data);
+        for (int64_t e = tid; e < kTcTokens * d8; e += kTcThreads) {
+            const int64_t r = e / d8, i = (e % d8) * 8, t = t0 + r;
+            uint4 x = make_uint4(0u, 0u, 0u, 0u); // all-zero bits are 0.0 in f16 and bf16
+            if (t < n_tokens) x = *reinterpret_cast<const uint4 *>(vp + k * v.s0 + t * v.s1 + i);
+            *reinterpret_cast<uint4 *>(vs + r * ld + i) = x;
+        }
+    } else {
+        for (int64_t e = tid; e < kTcTokens * d; e += kTcThreads) {
+            const int64_t r = e / d, i = e % d, t = t0 + r;
+            vs[r * ld + i] = t < n_tokens ? raw_load<T>(v, k * v.s0 + t * v.s1 + i * v.s2) : zero_val<T>();
+        }
     }
-    // Each thread owns half a row of the 64x64 tile: row tid/2, columns (tid%2)*32 .. +32.
+    // Each thread owns half a row of the 128x64 tile: row tid/2, columns (tid%2)*32 .. +32.
     const int my_row = tid >> 1, my_half = tid & 1;
     float row_acc = 0.0f;
     for (int64_t c0 = 0; c0 < D; c0 += kCols) {
         __syncthreads(); // vs ready (first chunk); cs and bs free (later chunks)
-        for (int64_t e = tid; e < kCols * d; e += kThreads) {
-            const int64_t c = e / d, i = e % d;
-            bs[c * ld + i] = c0 + c < D ? raw_load<T>(o, (c0 + c) * o.s0 + (h * d + i) * o.s1) : zero_val<T>();
+        if (vec_o) {
+            const T *op = static_cast<const T *>(o.data);
+            for (int64_t e = tid; e < kCols * d8; e += kTcThreads) {
+                const int64_t c = e / d8, i = (e % d8) * 8;
+                uint4 x = make_uint4(0u, 0u, 0u, 0u);
+                if (c0 + c < D) x = *reinterpret_cast<const uint4 *>(op + (c0 + c) * o.s0 + h * d + i);
+                *reinterpret_cast<uint4 *>(bs + c * ld + i) = x;
+            }
+        } else {
+            for (int64_t e = tid; e < kCols * d; e += kTcThreads) {
+                const int64_t c = e / d, i = e % d;
+                bs[c * ld + i] = c0 + c < D ? raw_load<T>(o, (c0 + c) * o.s0 + (h * d + i) * o.s1) : zero_val<T>();
+            }
         }
         __syncthreads();
         wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
@@ -156,8 +181,13 @@ template <typename T> defkv_status launch_wmma(const ProjectedNormArgs &a, cudaS
     const size_t smem = wmma_smem_bytes(a.d);
     DEFKV_CUDA_TRY(cudaFuncSetAttribute(pn_wmma_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
-    const dim3 grid(static_cast<unsigned>(ceil_div(a.n_tokens, kTokens)), static_cast<unsigned>(a.H));
-    pn_wmma_kernel<T><<<grid, kThreads, smem, stream>>>(a.values, a.o_proj, a.G, a.d, a.D, a.n_tokens, a.partial);
+    // 16-byte row segments: inner stride 1, other strides and the base multiples of 8 elements.
+    auto aligned16 = [](const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; };
+    const bool vec_v = a.values.s2 == 1 && a.values.s0 % 8 == 0 && a.values.s1 % 8 == 0 && aligned16(a.values.data);
+    const bool vec_o = a.o_proj.s1 == 1 && a.o_proj.s0 % 8 == 0 && aligned16(a.o_proj.data);
+    const dim3 grid(static_cast<unsigned>(ceil_div(a.n_tokens, kTcTokens)), static_cast<unsigned>(a.H));
+    pn_wmma_kernel<T><<<grid, kTcThreads, smem, stream>>>(a.values, a.o_proj, a.G, a.d, a.D, a.n_tokens, vec_v,
+                                                          vec_o, a.partial);
     DEFKV_CUDA_LAUNCHED("pn_wmma_kernel");
     return DEFKV_SUCCESS;
 }

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# One run on the GPU machine (H200) that checks the CUDA backend end to end, in well under
+# 8 minutes, and prints a short table last. Prepare on the build machine first:
+#
+#   bash tests/gpu/make_device_bundle.sh        # builds build-cuda-bundle/ (sm_80 + sm_90 + PTX)
+#   device tool: run(command="bash tests/gpu/device_check.sh", carry=["build-cuda-bundle"], timeout_s=540)
+#
+# Steps (each with its own time limit; a failing step never stops the later ones):
+#   1. device info; the bundle's libdefkv.so holds sm_90 machine code (cuobjdump); the CUDA
+#      sources also compile with the device's own nvcc for sm_90a (a build for the device)
+#   2. test_cuda_available: the backend reports itself available on this machine
+#   3. cuda_parity: every op and method on CUDA against the CPU, full case list
+#   4. compute-sanitizer memcheck on cuda_parity --small
+#   5. cuda_bench: Llama-3.1-8B-shaped layer at L = 8k, 32k, 128k + cuBLAS bf16 GEMM ceiling
+#   6. torch_defensivekv.py: the same method in PyTorch, same shapes, same run
+# Logs go to $OUT (the device tool brings them back) or /tmp/defkv-device-check.
+set -u
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+B=${1:-$ROOT/build-cuda-bundle}
+LOGS=${OUT:-/tmp/defkv-device-check}
+mkdir -p "$LOGS"
+export LD_LIBRARY_PATH="$B/lib:${LD_LIBRARY_PATH:-}"
+export PATH="$PATH:/usr/local/cuda/bin"
+T0=$(date +%s)
+declare -a ROWS
+
+step() { # step NAME TIMEOUT_S COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  local t=$(date +%s)
+  echo "=== $name (limit ${limit}s): $*"
+  timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$LOGS/$name.log"
+  local verdict=PASS
+  [ $rc -eq 77 ] && verdict=SKIP
+  [ $rc -eq 124 ] && verdict=TIMEOUT
+  [ $rc -ne 0 ] && [ $rc -ne 77 ] && [ $rc -ne 124 ] && verdict="FAIL(rc=$rc)"
+  ROWS+=("$(printf '%-22s %-12s %5ss' "$name" "$verdict" $(( $(date +%s) - t )))")
+  echo "=== $name: $verdict"
+}
+
+if [ ! -x "$B/bin/cuda_parity" ]; then
+  echo "device_check: no bundle at $B (run tests/gpu/make_device_bundle.sh on the build machine and carry build-cuda-bundle)"
+  exit 2
+fi
+echo "bundle commit: $(cat "$B/COMMIT" 2>/dev/null)"
+nvidia-smi -L 2>&1 | head -2
+nvcc --version 2>&1 | tail -1
+
+# 1. code for this device
+step sass_sm90 30 bash -c "cuobjdump --list-elf '$B/lib/libdefkv.so.0' | tee /dev/stderr | grep -q sm_90"
+step nvcc_sm90a 240 bash -c "mkdir -p /tmp/defkv-nvcc && for f in '$ROOT'/cuda/*.cu; do \
+  nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -I'$ROOT/capi/include' -I'$ROOT/core' -I'$ROOT/cuda' \
+  -c \"\$f\" -o /tmp/defkv-nvcc/\$(basename \"\$f\").o & done; wait && ls /tmp/defkv-nvcc | wc -l | grep -qx 5"
+# 2-4. correctness
+step available 60 "$B/bin/test_cuda_available"
+step parity 180 "$B/bin/cuda_parity"
+if command -v compute-sanitizer >/dev/null; then
+  step memcheck 180 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 "$B/bin/cuda_parity" --small
+else
+  ROWS+=("$(printf '%-22s %-12s' memcheck 'SKIP(no compute-sanitizer)')")
+fi
+# 5-6. speed
+step bench 150 "$B/bin/cuda_bench"
+step torch 120 python3 "$ROOT/tests/gpu/torch_defensivekv.py"
+
+echo
+echo "================ defkv CUDA device check ($(( $(date +%s) - T0 ))s, commit $(cat "$B/COMMIT" 2>/dev/null | cut -c1-12)) ================"
+for r in "${ROWS[@]}"; do echo "$r"; done
+echo "--- benchmark (H=32 Hk=8 d=128 D=4096 bf16 W=32; ms = median wall time per call) ---"
+grep -h '^BENCH' "$LOGS/bench.log" 2>/dev/null | grep -E 'device|gemm'
+printf '%-8s %10s %10s %8s %8s %10s %10s %10s %7s\n' L attn_ms pn_ms pn_TF pn_%gemm select_ms compact_ms torch_ms speedup
+for L in 8192 32768 131072; do
+  a=$(grep -h "^BENCH L=$L phase=attention" "$LOGS/bench.log" 2>/dev/null | sed 's/.*ms=//')
+  pl=$(grep -h "^BENCH L=$L phase=projected_norm" "$LOGS/bench.log" 2>/dev/null)
+  p=$(echo "$pl" | sed -n 's/.* ms=\([0-9.]*\).*/\1/p'); tf=$(echo "$pl" | sed -n 's/.*tflops=\([0-9.]*\).*/\1/p')
+  pc=$(echo "$pl" | sed -n 's/.*pct_of_gemm=\([0-9.]*\).*/\1/p')
+  s=$(grep -h "^BENCH L=$L phase=select" "$LOGS/bench.log" 2>/dev/null | sed -n 's/.* ms=\([0-9.]*\).*/\1/p')
+  c=$(grep -h "^BENCH L=$L phase=compact" "$LOGS/bench.log" 2>/dev/null | sed 's/.*ms=//')
+  t=$(grep -h "^TORCH L=$L " "$LOGS/torch.log" 2>/dev/null | sed 's/.*ms=//')
+  sp=$(awk -v a="$t" -v b="$s" 'BEGIN{ if (a > 0 && b > 0) printf "%.2fx", a / b; else print "-" }')
+  printf '%-8s %10s %10s %8s %8s %10s %10s %10s %7s\n' "$L" "${a:--}" "${p:--}" "${tf:--}" "${pc:--}" "${s:--}" "${c:--}" "${t:--}" "$sp"
+done
+echo "targets: pn >= 50% of the GEMM rate; select <= 3 ms at L=32768; >= 2x faster than torch"

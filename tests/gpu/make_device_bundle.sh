@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Builds, on the build machine (no GPU needed), everything device_check.sh runs on the GPU
+# machine, and packs it with the shared libraries that machine lacks (OpenBLAS, gfortran,
+# quadmath, cmocka) into build-cuda-bundle/ (ignored by git; carried by the device tool).
+#
+#   bash tests/gpu/make_device_bundle.sh            # then, with the device tool:
+#   run(command="bash tests/gpu/device_check.sh", carry=["build-cuda-bundle"], timeout_s=540)
+#
+# The build dir is build-cuda-dev (sm_80 + sm_90 machine code and compute_90 PTX, tests on).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+BUILD=${DEFKV_BUNDLE_BUILD:-$ROOT/build-cuda-dev}
+OUT=$ROOT/build-cuda-bundle
+cmake -S "$ROOT" -B "$BUILD" -G Ninja -DDEFKV_CUDA=ON \
+  -DDEFKV_CUDA_ARCHITECTURES="80-real;90" -DDEFKV_VULKAN=OFF -DDEFKV_BUILD_TESTS=ON >/dev/null
+ninja -C "$BUILD" -j2 defkv cuda_parity cuda_bench test_cuda_available
+rm -rf "$OUT"
+mkdir -p "$OUT/bin" "$OUT/lib"
+cp "$BUILD"/tests/gpu/{cuda_parity,cuda_bench,test_cuda_available} "$OUT/bin/"
+cp -L "$BUILD"/capi/libdefkv.so.0 "$OUT/lib/"
+# Non-system libraries the binaries need (the GPU machine's image has no OpenBLAS or cmocka).
+for f in "$OUT"/bin/* "$OUT"/lib/libdefkv.so.0; do
+  ldd "$f" | awk '/=> \//{print $1" "$3}' | while read -r name path; do
+    case "$name" in
+      libopenblas*|libgfortran*|libquadmath*|libcmocka*) cp -L "$path" "$OUT/lib/$name" ;;
+    esac
+  done
+done
+strip --strip-debug "$OUT"/bin/* "$OUT"/lib/*
+git -C "$ROOT" rev-parse HEAD > "$OUT/COMMIT"
+du -sh "$OUT"
+ls -la "$OUT/bin" "$OUT/lib"
