@@ -632,6 +632,26 @@ int defkv_cmd_generate(int argc, char **argv) {
     return 0;
 }
 
+// Prints the token ids of a text file (the same normalisation as eval: BOM and CRLF dropped,
+// from the first chapter on), one per line; for checking the tokenizer against a reference.
+int defkv_cmd_tokenize(int argc, char **argv) {
+    Args a;
+    long max_chars = 100000;
+    if (!a.parse(argc, argv, {"--model", "--text", "--max-chars"}, {}) ||
+        !a.integer("--max-chars", 1, 100000000, &max_chars)) {
+        std::fprintf(stderr, "defkv-engine tokenize: %s\n", a.error.c_str());
+        return 2;
+    }
+    Env env;
+    int rc = open_env(a.str("--model", default_model()), &env, "tokenize");
+    if (rc) return rc;
+    std::vector<int> toks;
+    rc = load_text_tokens(a.str("--text", default_text()), env.model, (size_t)max_chars, &toks, "tokenize");
+    if (rc) return rc;
+    for (int t : toks) std::printf("%d\n", t);
+    return 0;
+}
+
 int defkv_cmd_passkey_sweep(int argc, char **argv) {
     Args a;
     std::vector<int> ctxs{512, 1024, 2048, 4096};
