@@ -25,6 +25,10 @@ void ThreadPool::worker() {
             cv_.wait(lk, [&] { return stop_ || generation_ != seen; });
             if (stop_) return;
             seen = generation_;
+            // The generation we woke for may already be finished (parallel_for returned and
+            // cleared the job): then there is nothing to claim, and touching next_ would
+            // steal an index from the next generation.
+            if (!job_) continue;
             job = job_;
             n = n_;
             active_++;
