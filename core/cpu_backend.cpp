@@ -1,64 +1,48 @@
 // The CPU backend: the reference every other backend is tested against, and a production
-// path. Matrix products (attention logits, the projected value norm) go through OpenBLAS
-// from the calling thread, in token tiles so that no L x D product is ever materialised;
-// the element-wise work runs on the context's thread pool, in a fixed decomposition so the
-// results do not depend on the thread count.
-#include <cblas.h>
+// path. No BLAS: the attention logits use defkv's own single-threaded kernels (gemm.hpp) and
+// the projected value norm a fused kernel below, both run as fixed work items on the
+// context's thread pool (no second thread pool to oversubscribe the cores, no process-wide
+// BLAS state shared with the host or other contexts), in token tiles so that no L x D product
+// is ever materialised. Every output element is produced by one work item in a fixed order,
+// so the results are bitwise identical for any thread count.
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define DEFKV_CPU_X86 1
+#endif
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <new>
 #include <limits>
 #include <vector>
 
 #include "backend.hpp"
+#include "gemm.hpp"
 #include "ops.hpp"
 #include "thread_pool.hpp"
 
-extern "C" void openblas_set_num_threads(int);
-extern "C" int openblas_get_num_threads(void);
 
 namespace defkv {
 namespace {
 
 constexpr int64_t kTokenTile = 512;
-// Projected-norm work item: tokens per item and product columns per BLAS call (a multiple of
-// 8), so that the product chunk (kNormTokens x kNormCols floats) stays in a core's L2.
-constexpr int64_t kNormTokens = 256;
-constexpr int64_t kNormCols = 512;
 
-// BLAS runs single-threaded while the backend's own pool parallelises around it (no
-// oversubscription); the caller's OpenBLAS thread count is restored afterwards.
-class BlasSingleThread {
-public:
-    BlasSingleThread() : saved_(openblas_get_num_threads()) { openblas_set_num_threads(1); }
-    ~BlasSingleThread() { openblas_set_num_threads(saved_); }
-    BlasSingleThread(const BlasSingleThread &) = delete;
-    BlasSingleThread &operator=(const BlasSingleThread &) = delete;
-
-private:
-    int saved_;
+// 32-byte aligned storage for packed panels.
+template <class T> struct AlignedAlloc {
+    using value_type = T;
+    AlignedAlloc() = default;
+    template <class U> AlignedAlloc(const AlignedAlloc<U> &) {}
+    T *allocate(size_t n) {
+        void *p = std::aligned_alloc(64, ((n * sizeof(T) + 63) / 64) * 64);
+        if (!p) throw std::bad_alloc();
+        return static_cast<T *>(p);
+    }
+    void deallocate(T *p, size_t) { std::free(p); }
+    template <class U> bool operator==(const AlignedAlloc<U> &) const { return true; }
+    template <class U> bool operator!=(const AlignedAlloc<U> &) const { return false; }
 };
-
-// acc[l] += |row[x + l]| for x = 0, 8, .., n - 8 (n a multiple of 8). Lane-wise, so the AVX2
-// and the baseline builds give identical sums.
-template <int Dummy> inline void abs_accumulate8_impl(const float *row, int64_t n, float *acc) {
-    float a[8];
-    for (int l = 0; l < 8; l++) a[l] = acc[l];
-    for (int64_t x = 0; x < n; x += 8)
-        for (int l = 0; l < 8; l++) a[l] += std::fabs(row[x + l]);
-    for (int l = 0; l < 8; l++) acc[l] = a[l];
-}
-__attribute__((target("avx2"))) void abs_accumulate8_avx2(const float *row, int64_t n, float *acc) {
-    abs_accumulate8_impl<1>(row, n, acc);
-}
-void abs_accumulate8_base(const float *row, int64_t n, float *acc) { abs_accumulate8_impl<0>(row, n, acc); }
-void abs_accumulate8(const float *row, int64_t n, float *acc) {
-    static const bool avx2 = __builtin_cpu_supports("avx2");
-    if (avx2) abs_accumulate8_avx2(row, n, acc);
-    else abs_accumulate8_base(row, n, acc);
-}
-
 // Pointer and leading dimension of an f32 matrix whose rows are `row_stride` apart and whose
 // columns are contiguous, or null when the view needs packing.
 const float *direct_f32(const View &v, int64_t off, int64_t col_stride) {
@@ -83,6 +67,7 @@ public:
                                 const View &dst, std::string *msg) override;
 
 private:
+    void projected_norm_fused(const SeqViews &in, const SeqShape &s, int64_t n_tokens, float *out);
     ThreadPool *pool_;
     int32_t n_threads_;
 };
@@ -102,7 +87,6 @@ defkv_status CpuBackend::attention(const SeqViews &in, const SeqShape &s, const 
     if (req.def_max) std::fill(req.def_max, req.def_max + s.Hk * P, -std::numeric_limits<float>::infinity());
     if (req.def_avg) std::fill(req.def_avg, req.def_avg + s.Hk * P, 0.0f);
     const int64_t nchunks = (P + 1023) / 1024;
-    BlasSingleThread blas_guard;
 
     for (int64_t h = 0; h < H; h++) {
         const int64_t k = h / G;
@@ -113,22 +97,25 @@ defkv_status CpuBackend::attention(const SeqViews &in, const SeqShape &s, const 
         } else {
             const View &q = in.queries, &kv = in.keys;
             for (int64_t w = 0; w < W; w++) load_f32(q, q.off3(h, w, 0), d, q.stride[2], &qbuf[w * d]);
-            // Logits in token tiles; each tile is one single-threaded BLAS call on the pool
-            // (the same calls whatever the thread count), keys widened per tile when needed.
+            // Logits in token tiles, one work item per tile (the same products whatever the
+            // thread count); keys widened per tile when they are not f32 rows.
             pool_->parallel_for((L + kTokenTile - 1) / kTokenTile, [&](int64_t tile) {
                 const int64_t t0 = tile * kTokenTile, T = std::min(kTokenTile, L - t0);
                 thread_local std::vector<float> kbuf;
-                const float *kp = direct_f32(kv, kv.off3(k, t0, 0), kv.stride[2]);
+                thread_local std::vector<const float *> cols;
+                thread_local PackedB kp;
+                const float *direct = direct_f32(kv, kv.off3(k, t0, 0), kv.stride[2]);
                 int64_t ldk = kv.stride[1];
-                if (!kp) {
+                if (!direct) {
                     kbuf.resize(static_cast<size_t>(kTokenTile * d));
                     for (int64_t t = 0; t < T; t++) load_f32(kv, kv.off3(k, t0 + t, 0), d, kv.stride[2], &kbuf[t * d]);
-                    kp = kbuf.data();
+                    direct = kbuf.data();
                     ldk = d;
                 }
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(W), static_cast<int>(T),
-                            static_cast<int>(d), req.scale, qbuf.data(), static_cast<int>(d), kp,
-                            static_cast<int>(ldk), 0.0f, &rows[t0], static_cast<int>(L));
+                cols.resize(static_cast<size_t>(T));
+                for (int64_t t = 0; t < T; t++) cols[t] = direct + t * ldk;
+                pack_b_columns(cols.data(), d, T, &kp);
+                gemm_store(W, qbuf.data(), d, kp, req.scale, &rows[t0], L);
             });
             pool_->parallel_for(W, [&](int64_t w) { softmax_row(&rows[w * L], L, P + w + 1, masked); });
         }
@@ -190,99 +177,16 @@ defkv_status CpuBackend::attention(const SeqViews &in, const SeqShape &s, const 
     return DEFKV_SUCCESS;
 }
 
-// The projected value norm, the dominant cost of the CriticalKV family. Work items are
-// (token tile) within one KV head; each item computes, for its tokens, the products with
-// every query head of the group in column chunks small enough to stay in cache, and folds
-// each chunk into 8 running |x| accumulators per token while it is hot. The chunking keeps the
-// accumulation order of a single pass over the full row (lane x % 8, combined pairwise, then
-// the tail), and every token's sum is produced by one item, so the result does not depend
-// on the thread count. BLAS runs single-threaded inside the items (no oversubscription).
+// The projected value norm, the dominant cost of the CriticalKV family (see
+// projected_norm_fused). Each row's |x| sum runs in 8 lanes (column x into lane x % 8,
+// ascending), combined pairwise, then the last D % 8 columns in order.
 defkv_status CpuBackend::projected_norm(const SeqViews &in, const SeqShape &s, int64_t n_tokens,
                                         const uint8_t *masked, float *out, std::string *msg) {
     (void)msg;
-    const int64_t G = s.G, d = s.d, D = s.D, Hk = s.Hk;
-    const View &v = in.values, &o = in.o_proj;
+    const int64_t G = s.G, Hk = s.Hk;
     std::fill(out, out + Hk * n_tokens, 0.0f);
     if (n_tokens <= 0) return DEFKV_SUCCESS;
-    BlasSingleThread blas_guard;
-    const int64_t D8 = D - D % 8;
-    // B_h = Wo_h (d x D), for the G heads of the current KV head: direct or widened per group.
-    std::vector<float> wbuf;
-    std::vector<const float *> bp(static_cast<size_t>(G));
-    std::vector<int64_t> ldb(static_cast<size_t>(G));
-    std::vector<CBLAS_TRANSPOSE> tb(static_cast<size_t>(G));
-    const int64_t ntiles = (n_tokens + kNormTokens - 1) / kNormTokens;
-    for (int64_t k = 0; k < Hk; k++) {
-        for (int64_t g = 0; g < G; g++) {
-            const int64_t h = k * G + g;
-            if (o.dtype == DEFKV_DTYPE_F32 && o.stride[1] == 1) { // [D, H*d] rows: B^T, ld = stride0
-                bp[g] = reinterpret_cast<const float *>(o.base) + o.off2(0, h * d);
-                ldb[g] = o.stride[0];
-                tb[g] = CblasTrans;
-            } else if (o.dtype == DEFKV_DTYPE_F32 && o.stride[0] == 1) { // transposed storage: B row-major
-                bp[g] = reinterpret_cast<const float *>(o.base) + o.off2(0, h * d);
-                ldb[g] = o.stride[1];
-                tb[g] = CblasNoTrans;
-            } else {
-                bp[g] = nullptr;
-                ldb[g] = D;
-                tb[g] = CblasNoTrans;
-            }
-        }
-        if (!bp[0]) { // widen this group's slices (G*d rows of D), never the whole matrix
-            wbuf.resize(static_cast<size_t>(G * d * D));
-            pool_->parallel_for(G * d, [&](int64_t r) {
-                const int64_t h = k * G + r / d, i = r % d;
-                load_f32(o, o.off2(0, h * d + i), D, o.stride[0], &wbuf[r * D]);
-            });
-            for (int64_t g = 0; g < G; g++) bp[g] = &wbuf[g * d * D];
-        }
-        pool_->parallel_for(ntiles, [&](int64_t tile) {
-            const int64_t t0 = tile * kNormTokens, T = std::min(kNormTokens, n_tokens - t0);
-            thread_local std::vector<float> vbuf, cbuf, acc;
-            const float *vp = direct_f32(v, v.off3(k, t0, 0), v.stride[2]);
-            int64_t ldv = v.stride[1];
-            if (!vp) {
-                vbuf.resize(static_cast<size_t>(kNormTokens * d));
-                for (int64_t t = 0; t < T; t++) load_f32(v, v.off3(k, t0 + t, 0), d, v.stride[2], &vbuf[t * d]);
-                vp = vbuf.data();
-                ldv = d;
-            }
-            cbuf.resize(static_cast<size_t>(kNormTokens * kNormCols));
-            acc.resize(static_cast<size_t>(kNormTokens * 8));
-            float *dst = out + k * n_tokens + t0;
-            for (int64_t g = 0; g < G; g++) {
-                std::fill(acc.begin(), acc.end(), 0.0f);
-                float tail[kNormTokens] = {};
-                for (int64_t c0 = 0; c0 < D; c0 += kNormCols) {
-                    const int64_t C = std::min(kNormCols, D - c0);
-                    const float *b = tb[g] == CblasTrans ? bp[g] + c0 * ldb[g] : bp[g] + c0;
-                    cblas_sgemm(CblasRowMajor, CblasNoTrans, tb[g], static_cast<int>(T), static_cast<int>(C),
-                                static_cast<int>(d), 1.0f, vp, static_cast<int>(ldv), b, static_cast<int>(ldb[g]), 0.0f,
-                                cbuf.data(), static_cast<int>(C));
-                    const int64_t C8 = std::min(C, D8 - c0); // columns that go to the 8 lanes (multiple of 8)
-                    for (int64_t t = 0; t < T; t++) abs_accumulate8(&cbuf[t * C], C8 > 0 ? C8 : 0, &acc[t * 8]);
-                    if (c0 + C == D && D8 < D) { // the row's tail, summed after the lanes
-                        for (int64_t t = 0; t < T; t++) {
-                            const float *a = &acc[t * 8];
-                            float sum = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-                            for (int64_t x = D8 - c0; x < C; x++) sum += std::fabs(cbuf[t * C + x]);
-                            tail[t] = sum;
-                        }
-                    }
-                }
-                for (int64_t t = 0; t < T; t++) {
-                    float sum;
-                    if (D8 < D) sum = tail[t];
-                    else {
-                        const float *a = &acc[t * 8];
-                        sum = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-                    }
-                    dst[t] += sum;
-                }
-            }
-        });
-    }
+    projected_norm_fused(in, s, n_tokens, out);
     const float invg = 1.0f / static_cast<float>(G);
     for (int64_t i = 0; i < Hk * n_tokens; i++) out[i] = G == 1 ? out[i] : out[i] * invg;
     if (masked)
@@ -290,6 +194,149 @@ defkv_status CpuBackend::projected_norm(const SeqViews &in, const SeqShape &s, i
             for (int64_t j = 0; j < n_tokens; j++)
                 if (masked[k * s.L + j]) out[k * n_tokens + j] = 0.0f;
     return DEFKV_SUCCESS;
+}
+
+// ---- the fused projected-norm kernel (AVX2 + FMA) -------------------------------------------
+// One 6-token x 16-column block of V_tile . Wo_h computed in registers (sequential FMAs over
+// the head dimension from zero, as a BLAS micro-kernel does), then folded straight into the
+// tokens' 8 |x| lane accumulators: no product is ever stored, no beta pass, no reload.
+// Column halves: mode 0 = accumulate into lanes (columns below D8), 1 = store for the tail
+// (the row's last D % 8 columns, summed after the lanes), 2 = padding, ignored.
+constexpr int kMR = 6, kNR = 16;
+#ifdef DEFKV_CPU_X86
+__attribute__((target("avx2,fma"))) void norm_block_avx2(const float *ap, const float *bp, int64_t d, int mr,
+                                                           int mode0, int mode1, float *acc, float *tail) {
+    __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(),
+           c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
+           c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps(), c40 = _mm256_setzero_ps(),
+           c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+    for (int64_t k = 0; k < d; k++) {
+        const __m256 b0 = _mm256_load_ps(bp + k * kNR), b1 = _mm256_load_ps(bp + k * kNR + 8);
+        const float *a = ap + k * kMR;
+        __m256 x = _mm256_broadcast_ss(a + 0);
+        c00 = _mm256_fmadd_ps(x, b0, c00);
+        c01 = _mm256_fmadd_ps(x, b1, c01);
+        x = _mm256_broadcast_ss(a + 1);
+        c10 = _mm256_fmadd_ps(x, b0, c10);
+        c11 = _mm256_fmadd_ps(x, b1, c11);
+        x = _mm256_broadcast_ss(a + 2);
+        c20 = _mm256_fmadd_ps(x, b0, c20);
+        c21 = _mm256_fmadd_ps(x, b1, c21);
+        x = _mm256_broadcast_ss(a + 3);
+        c30 = _mm256_fmadd_ps(x, b0, c30);
+        c31 = _mm256_fmadd_ps(x, b1, c31);
+        x = _mm256_broadcast_ss(a + 4);
+        c40 = _mm256_fmadd_ps(x, b0, c40);
+        c41 = _mm256_fmadd_ps(x, b1, c41);
+        x = _mm256_broadcast_ss(a + 5);
+        c50 = _mm256_fmadd_ps(x, b0, c50);
+        c51 = _mm256_fmadd_ps(x, b1, c51);
+    }
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256 lo[kMR] = {c00, c10, c20, c30, c40, c50}, hi[kMR] = {c01, c11, c21, c31, c41, c51};
+    for (int r = 0; r < mr; r++) {
+        __m256 a = _mm256_loadu_ps(acc + r * 8);
+        if (mode0 == 0) a = _mm256_add_ps(a, _mm256_and_ps(lo[r], absmask));
+        else if (mode0 == 1) _mm256_storeu_ps(tail + r * 8, lo[r]);
+        if (mode1 == 0) a = _mm256_add_ps(a, _mm256_and_ps(hi[r], absmask));
+        else if (mode1 == 1) _mm256_storeu_ps(tail + r * 8, hi[r]);
+        _mm256_storeu_ps(acc + r * 8, a);
+    }
+}
+#endif
+
+// The same block without AVX2: identical operations (fused multiply-adds in the same order,
+// the same lane sums), so both builds give bitwise identical norms.
+void norm_block_portable(const float *ap, const float *bp, int64_t d, int mr, int mode0, int mode1, float *acc,
+                         float *tail) {
+    float c[kMR][kNR] = {};
+    for (int64_t k = 0; k < d; k++)
+        for (int r = 0; r < kMR; r++)
+            for (int x = 0; x < kNR; x++) c[r][x] = std::fma(ap[k * kMR + r], bp[k * kNR + x], c[r][x]);
+    for (int r = 0; r < mr; r++)
+        for (int half = 0; half < 2; half++) {
+            const int mode = half ? mode1 : mode0;
+            for (int l = 0; l < 8; l++) {
+                if (mode == 0) acc[r * 8 + l] += std::fabs(c[r][half * 8 + l]);
+                else if (mode == 1) tail[r * 8 + l] = c[r][half * 8 + l];
+            }
+        }
+}
+
+using NormBlockFn = void (*)(const float *, const float *, int64_t, int, int, int, float *, float *);
+NormBlockFn pick_norm_block() {
+#ifdef DEFKV_CPU_X86
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return norm_block_avx2;
+#endif
+    return norm_block_portable;
+}
+
+// Work items: (KV head k, token tile). Wo_h of the group's heads is packed once per k into
+// 16-column panels (widening f16/bf16 there: the group's slice, never the whole matrix);
+// each item packs its value rows into 6-row panels and walks the columns in L2-sized chunks.
+// Every token's sum is produced by one item in a fixed order: independent of thread count.
+void CpuBackend::projected_norm_fused(const SeqViews &in, const SeqShape &s, int64_t n_tokens, float *out) {
+    const int64_t G = s.G, d = s.d, D = s.D, Hk = s.Hk;
+    const View &v = in.values, &o = in.o_proj;
+    const int64_t D8 = D - D % 8, npan = (D + kNR - 1) / kNR, pan_sz = d * kNR;
+    constexpr int64_t kTile = 252;    // tokens per work item (42 row blocks)
+    constexpr int64_t kChunkPan = 16; // panels per column chunk: 16 x 16 x d floats (128 KiB at d = 128)
+    std::vector<float, AlignedAlloc<float>> bpack(static_cast<size_t>(G * npan * pan_sz));
+    const int64_t ntiles = (n_tokens + kTile - 1) / kTile;
+    static const NormBlockFn norm_block = pick_norm_block();
+    for (int64_t k = 0; k < Hk; k++) {
+        pool_->parallel_for(G * npan, [&](int64_t task) {
+            const int64_t g = task / npan, p = task % npan, h = k * G + g;
+            float *dst = &bpack[(g * npan + p) * pan_sz];
+            thread_local std::vector<float> col;
+            col.resize(static_cast<size_t>(d));
+            for (int64_t cc = 0; cc < kNR; cc++) {
+                const int64_t c = p * kNR + cc;
+                if (c < D) load_f32(o, o.off2(c, h * d), d, o.stride[1], col.data());
+                else std::fill(col.begin(), col.end(), 0.0f);
+                for (int64_t i = 0; i < d; i++) dst[i * kNR + cc] = col[i];
+            }
+        });
+        pool_->parallel_for(ntiles, [&](int64_t tile) {
+            const int64_t t0 = tile * kTile, T = std::min(kTile, n_tokens - t0), nrb = (T + kMR - 1) / kMR;
+            thread_local std::vector<float, AlignedAlloc<float>> apack;
+            thread_local std::vector<float> row, acc, tail;
+            apack.resize(static_cast<size_t>(nrb * d * kMR));
+            row.resize(static_cast<size_t>(d));
+            acc.resize(static_cast<size_t>(kTile * 8));
+            tail.resize(static_cast<size_t>(kTile * 8));
+            for (int64_t t = 0; t < nrb * kMR; t++) {
+                float *dst = &apack[(t / kMR) * d * kMR + t % kMR];
+                if (t < T) load_f32(v, v.off3(k, t0 + t, 0), d, v.stride[2], row.data());
+                else std::fill(row.begin(), row.end(), 0.0f);
+                for (int64_t i = 0; i < d; i++) dst[i * kMR] = row[i];
+            }
+            float *dst = out + k * n_tokens + t0;
+            for (int64_t g = 0; g < G; g++) {
+                std::fill(acc.begin(), acc.end(), 0.0f);
+                const float *bg = &bpack[g * npan * pan_sz];
+                for (int64_t p0 = 0; p0 < npan; p0 += kChunkPan) {
+                    const int64_t p1 = std::min(npan, p0 + kChunkPan);
+                    for (int64_t rb = 0; rb < nrb; rb++) {
+                        const int mr = static_cast<int>(std::min<int64_t>(kMR, T - rb * kMR));
+                        for (int64_t p = p0; p < p1; p++) {
+                            const int64_t x0 = p * kNR, x1 = x0 + 8;
+                            const int m0 = x0 + 8 <= D8 ? 0 : x0 < D ? 1 : 2;
+                            const int m1 = x1 + 8 <= D8 ? 0 : x1 < D ? 1 : 2;
+                            norm_block(&apack[rb * d * kMR], bg + p * pan_sz, d, mr, m0, m1, &acc[rb * kMR * 8],
+                                            &tail[rb * kMR * 8]);
+                        }
+                    }
+                }
+                for (int64_t t = 0; t < T; t++) {
+                    const float *a = &acc[t * 8];
+                    float sum = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+                    for (int64_t x = D8; x < D; x++) sum += std::fabs(tail[t * 8 + (x - D8)]);
+                    dst[t] += sum;
+                }
+            }
+        });
+    }
 }
 
 defkv_status CpuBackend::key_norm(const SeqViews &in, const SeqShape &s, float *out, std::string *msg) {
