@@ -556,8 +556,9 @@ defkv_status VulkanBackend::init(const defkv_context_options &o, std::string *ms
     }
     align_ = std::max<VkDeviceSize>(4, props_.limits.minStorageBufferOffsetAlignment);
     const uint32_t shared = props_.limits.maxComputeSharedMemorySize;
-    sq_floats_ = std::min<uint32_t>(4096, shared / 4);
-    sv_floats_ = shared > 16 * 64 * 4 ? std::min<uint32_t>(4096, (shared - 16 * 64 * 4) / 4) : 0;
+    // Shared-memory tiles: 16 query (or value) rows of d floats; d <= floats / 16.
+    sq_floats_ = std::min<uint32_t>(8192, shared / 4);
+    sv_floats_ = shared > 16 * 64 * 4 ? std::min<uint32_t>(8192, (shared - 16 * 64 * 4) / 4) : 0;
     if (sv_floats_ < 16) {
         *msg = strf("the Vulkan device has only %u bytes of shared memory", shared);
         return DEFKV_ERROR_BACKEND_UNAVAILABLE;
@@ -863,7 +864,7 @@ defkv_status VulkanBackend::attention(const SeqViews &in, const SeqShape &s, con
                                       std::string *msg) {
     const int64_t H = s.H, Hk = s.Hk, G = s.G, d = s.d, L = s.L, W = s.W, P = s.P;
     const bool have_q = in.queries.present();
-    if (have_q && d > sq_floats_) {
+    if (have_q && d * 16 > sq_floats_) {
         *msg = strf("head dim d = %lld exceeds what the Vulkan logits shader stages in %u bytes of shared memory",
                     static_cast<long long>(d), props_.limits.maxComputeSharedMemorySize);
         return DEFKV_ERROR_UNSUPPORTED;
@@ -1043,7 +1044,7 @@ defkv_status VulkanBackend::projected_norm(const SeqViews &in, const SeqShape &s
                                            const uint8_t *masked, float *out, std::string *msg) {
     const int64_t H = s.H, Hk = s.Hk, G = s.G, d = s.d, D = s.D, L = s.L;
     if (n_tokens <= 0) return DEFKV_SUCCESS;
-    if (d > sv_floats_) {
+    if (d * 16 > sv_floats_) {
         *msg = strf("head dim d = %lld exceeds what the Vulkan projected-norm shader stages in shared memory",
                     static_cast<long long>(d));
         return DEFKV_ERROR_UNSUPPORTED;
@@ -1059,7 +1060,7 @@ defkv_status VulkanBackend::projected_norm(const SeqViews &in, const SeqShape &s
         *msg = "the sequence or a stride exceeds the device's storage-buffer range";
         return DEFKV_ERROR_UNSUPPORTED;
     }
-    const uint32_t TT = std::min<uint32_t>(16, sv_floats_ / static_cast<uint32_t>(d));
+    const uint32_t TT = 16;
     // Column chunk of o_proj: rows c of Wo_h must fit one window.
     const int64_t ocap = cap_elems(o.esize);
     const int64_t ofixed = 1 + (d - 1) * O.stride[1];

@@ -16,6 +16,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <string>
 #include <vector>
 
@@ -472,8 +473,14 @@ void golden(defkv_context *cpu, defkv_context *vk, const char *dir) {
                 }
             } else {
                 for (int li = 0; li < c.n_layers; li++) {
+                    const std::clock_t t0 = std::clock();
                     Result a = run_select(cpu, p, layers[li], c.Hk, c.Hk * c.L);
+                    const std::clock_t t1 = std::clock();
                     Result v = run_select(vk, p, layers[li], c.Hk, c.Hk * c.L);
+                    const std::clock_t t2 = std::clock();
+                    if (std::getenv("DEFKV_VK_TEST_VERBOSE"))
+                        std::fprintf(stderr, "  %s %s layer %d: cpu %.3f s, vulkan %.3f s (process CPU time)\n", cs, k_names[m], li,
+                                     double(t1 - t0) / CLOCKS_PER_SEC, double(t2 - t1) / CLOCKS_PER_SEC);
                     compare(std::string(cs) + " / " + k_names[m] + " layer " + std::to_string(li), a, v, Ls, c.Hk);
                     if (have_exp && v.st == DEFKV_SUCCESS) {
                         char nm[64];

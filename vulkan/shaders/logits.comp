@@ -1,7 +1,8 @@
 #version 450
 // Window attention logits of one query head for a chunk of T keys:
 //   rows[w * row_stride + col0 + t] = scale * dot(Q[w, :], K[t, :]),  w < Wb, t < T.
-// A workgroup owns 64 keys; the queries are staged in shared memory in blocks of QB rows.
+// A workgroup owns 64 keys; the queries are staged in shared memory in blocks of 16 rows
+// (zero past the block; constant loop bounds keep the accumulators in registers), d <= SQ / 16.
 #extension GL_GOOGLE_include_directive : enable
 #include "common.glsl"
 layout(local_size_x = 64) in;
@@ -27,13 +28,12 @@ void main() {
     const uint lid = gl_LocalInvocationID.x;
     const uint t = gl_WorkGroupID.x * 64u + lid;
     const bool live = t < pc.T;
-    const uint QB = min(16u, SQ / pc.d);
-    for (uint w0 = 0u; w0 < pc.Wb; w0 += QB) {
-        const uint nq = min(QB, pc.Wb - w0);
+    for (uint w0 = 0u; w0 < pc.Wb; w0 += 16u) {
+        const uint nq = min(16u, pc.Wb - w0);
         barrier();
-        for (uint x = lid; x < nq * pc.d; x += 64u) {
+        for (uint x = lid; x < 16u * pc.d; x += 64u) {
             const uint qi = x / pc.d, i = x - qi * pc.d;
-            sq[x] = load_q(pc.q_dtype, pc.q_base + (w0 + qi) * pc.q_s1 + i * pc.q_s2);
+            sq[x] = qi < nq ? load_q(pc.q_dtype, pc.q_base + (w0 + qi) * pc.q_s1 + i * pc.q_s2) : 0.0;
         }
         barrier();
         if (live) {
@@ -42,7 +42,7 @@ void main() {
             const uint kb = pc.k_base + t * pc.k_s1;
             for (uint i = 0u; i < pc.d; i++) {
                 const float kv = load_k(pc.k_dtype, kb + i * pc.k_s2);
-                for (uint a = 0u; a < nq; a++) acc[a] = fma(sq[a * pc.d + i], kv, acc[a]);
+                for (uint a = 0u; a < 16u; a++) acc[a] = fma(sq[a * pc.d + i], kv, acc[a]);
             }
             for (uint a = 0u; a < nq; a++) rows[(w0 + a) * pc.row_stride + pc.col0 + t] = pc.scale * acc[a];
         }

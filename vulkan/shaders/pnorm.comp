@@ -1,10 +1,11 @@
 #version 450
 // Projected value norm of query head h for a chunk of T tokens of KV head k:
 //   out[t] (+)= sum_c | sum_i V[t, i] * Wo[c, i] |,   c < D,
-// with Wo[c, i] = o_proj[c, h*d + i]. A workgroup owns TT tokens (TT = min(16, SV / d)); their
+// with Wo[c, i] = o_proj[c, h*d + i]. A workgroup owns 16 tokens (d <= SV / 16); their
 // value rows sit in shared memory, each invocation owns output columns c = lid, lid+64, ...,
 // and the absolute sums are reduced across the workgroup in shared memory (the epilogue), so
-// the T x D product never leaves registers. The last head of the group applies 1/G and the
+// the T x D product never leaves registers. Loops over the 16 tile rows have constant bounds
+// (rows past the chunk are zero in shared memory) so the accumulators stay in registers. The last head of the group applies 1/G and the
 // masked entries. (A cooperative-matrix variant replaces the c-loop with a T x 16 x D tile
 // product; the host picks it from the device's extensions.)
 #extension GL_GOOGLE_include_directive : enable
@@ -33,12 +34,11 @@ shared float red[16 * 64];
 
 void main() {
     const uint lid = gl_LocalInvocationID.x;
-    const uint TT = min(16u, SV / pc.d);
-    const uint t0 = gl_WorkGroupID.x * TT;
-    const uint nt = min(TT, pc.T - t0);
-    for (uint x = lid; x < nt * pc.d; x += 64u) {
+    const uint t0 = gl_WorkGroupID.x * 16u;
+    const uint nt = min(16u, pc.T - t0);
+    for (uint x = lid; x < 16u * pc.d; x += 64u) {
         const uint t = x / pc.d, i = x - t * pc.d;
-        sv[x] = load_v(pc.v_dtype, pc.v_base + (t0 + t) * pc.v_s1 + i * pc.v_s2);
+        sv[x] = t < nt ? load_v(pc.v_dtype, pc.v_base + (t0 + t) * pc.v_s1 + i * pc.v_s2) : 0.0;
     }
     barrier();
     float part[16];
@@ -49,15 +49,15 @@ void main() {
         const uint ob = pc.o_base + c * pc.o_s0;
         for (uint i = 0u; i < pc.d; i++) {
             const float wv = load_o(pc.o_dtype, ob + i * pc.o_s1);
-            for (uint a = 0u; a < nt; a++) acc[a] = fma(sv[a * pc.d + i], wv, acc[a]);
+            for (uint a = 0u; a < 16u; a++) acc[a] = fma(sv[a * pc.d + i], wv, acc[a]);
         }
-        for (uint a = 0u; a < nt; a++) part[a] += abs(acc[a]);
+        for (uint a = 0u; a < 16u; a++) part[a] += abs(acc[a]);
     }
     for (uint a = 0u; a < 16u; a++) red[a * 64u + lid] = part[a];
     barrier();
     for (uint s = 32u; s > 0u; s >>= 1) {
         if (lid < s)
-            for (uint a = 0u; a < nt; a++) red[a * 64u + lid] += red[a * 64u + lid + s];
+            for (uint a = 0u; a < 16u; a++) red[a * 64u + lid] += red[a * 64u + lid + s];
         barrier();
     }
     if (lid < nt) {

@@ -1,0 +1,602 @@
+// Op-level parity of the Vulkan backend against the CPU backend through the Backend interface
+// (defkv_core), on a Vulkan device the TEST creates (the engine's-own-device path: the handles go
+// in through defkv_context_options' vk_* fields), with tensors both in host memory and in the
+// test's own VkBuffers (DEFKV_MEMORY_VULKAN_BUFFER, at non-zero byte offsets).
+//
+// Checked against the CPU backend on the same inputs:
+//   attention: mean_w, def_max, def_avg, last_row_mean within 1e-4 of the largest |value|;
+//              omega_official / omega_window within 1e-5 (absolute; they are in [0, 1]);
+//   projected_norm within 1e-4 relative to the largest value; key_norm within 1e-5 relative;
+//   compact_inplace / compact_varlen byte-identical.
+// Then defkv_select through the public API on the caller's device with VkBuffer tensors must
+// give the CPU's keep set.
+//
+// Validation: the test's instance enables VK_LAYER_KHRONOS_validation with its own debug-utils
+// messenger; the messenger is first proven live with one deliberate invalid call, then any
+// message fails the test. Without a Vulkan loader or device: exit 77 (skipped) with the reason.
+#define VK_NO_PROTOTYPES
+#include <dlfcn.h>
+#include <vulkan/vulkan.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend.hpp"
+#include "defkv/defkv.h"
+#include "tensor.hpp"
+#include "thread_pool.hpp"
+
+namespace {
+
+int g_failures = 0, g_checks = 0;
+#define CHECK(cond, ...)                                                        \
+    do {                                                                        \
+        g_checks++;                                                             \
+        if (!(cond)) {                                                          \
+            g_failures++;                                                       \
+            std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);           \
+            std::fprintf(stderr, __VA_ARGS__);                                  \
+            std::fprintf(stderr, "\n");                                         \
+        }                                                                       \
+    } while (0)
+
+int g_vk_messages = 0;
+VKAPI_ATTR VkBool32 VKAPI_CALL on_message(VkDebugUtilsMessageSeverityFlagBitsEXT, VkDebugUtilsMessageTypeFlagsEXT,
+                                          const VkDebugUtilsMessengerCallbackDataEXT *d, void *) {
+    g_vk_messages++;
+    std::fprintf(stderr, "validation message: %s\n", d && d->pMessage ? d->pMessage : "?");
+    return VK_FALSE;
+}
+
+// The test's own Vulkan objects, through the loader opened at run time.
+struct Vk {
+    void *lib = nullptr;
+    PFN_vkGetInstanceProcAddr gipa = nullptr;
+    VkInstance inst = VK_NULL_HANDLE;
+    VkPhysicalDevice pd = VK_NULL_HANDLE;
+    VkDevice dev = VK_NULL_HANDLE;
+    VkQueue queue = VK_NULL_HANDLE;
+    uint32_t family = 0;
+    VkDebugUtilsMessengerEXT messenger = VK_NULL_HANDLE;
+    VkPhysicalDeviceMemoryProperties mp{};
+#define F(n) PFN_##n n = nullptr;
+    F(vkCreateInstance) F(vkDestroyInstance) F(vkEnumeratePhysicalDevices) F(vkGetPhysicalDeviceQueueFamilyProperties)
+    F(vkGetPhysicalDeviceMemoryProperties) F(vkCreateDevice) F(vkDestroyDevice) F(vkGetDeviceQueue) F(vkCreateBuffer)
+    F(vkDestroyBuffer) F(vkGetBufferMemoryRequirements) F(vkAllocateMemory) F(vkFreeMemory) F(vkBindBufferMemory)
+    F(vkMapMemory) F(vkDeviceWaitIdle) F(vkCreateDebugUtilsMessengerEXT) F(vkDestroyDebugUtilsMessengerEXT)
+    F(vkEnumerateInstanceLayerProperties)
+#undef F
+};
+
+// Returns "" on success, else why the device cannot be made (skip reason) prefixed "skip:" or
+// a failure.
+std::string vk_init(Vk *v) {
+    v->lib = dlopen("libvulkan.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!v->lib) return "skip: no Vulkan loader (libvulkan.so.1)";
+    v->gipa = reinterpret_cast<PFN_vkGetInstanceProcAddr>(dlsym(v->lib, "vkGetInstanceProcAddr"));
+    v->vkCreateInstance = reinterpret_cast<PFN_vkCreateInstance>(v->gipa(nullptr, "vkCreateInstance"));
+    v->vkEnumerateInstanceLayerProperties =
+        reinterpret_cast<PFN_vkEnumerateInstanceLayerProperties>(v->gipa(nullptr, "vkEnumerateInstanceLayerProperties"));
+    uint32_t n = 0;
+    v->vkEnumerateInstanceLayerProperties(&n, nullptr);
+    std::vector<VkLayerProperties> lp(n);
+    v->vkEnumerateInstanceLayerProperties(&n, lp.data());
+    bool have_layer = false;
+    for (auto &p : lp) have_layer |= std::strcmp(p.layerName, "VK_LAYER_KHRONOS_validation") == 0;
+    if (!have_layer) return "VK_LAYER_KHRONOS_validation is not installed (package vulkan-validationlayers)";
+    const char *layer = "VK_LAYER_KHRONOS_validation";
+    const char *ext = VK_EXT_DEBUG_UTILS_EXTENSION_NAME;
+    VkApplicationInfo app{};
+    app.sType = VK_STRUCTURE_TYPE_APPLICATION_INFO;
+    app.apiVersion = VK_API_VERSION_1_2;
+    VkDebugUtilsMessengerCreateInfoEXT mci{};
+    mci.sType = VK_STRUCTURE_TYPE_DEBUG_UTILS_MESSENGER_CREATE_INFO_EXT;
+    mci.messageSeverity = VK_DEBUG_UTILS_MESSAGE_SEVERITY_WARNING_BIT_EXT | VK_DEBUG_UTILS_MESSAGE_SEVERITY_ERROR_BIT_EXT;
+    mci.messageType = VK_DEBUG_UTILS_MESSAGE_TYPE_GENERAL_BIT_EXT | VK_DEBUG_UTILS_MESSAGE_TYPE_VALIDATION_BIT_EXT |
+                      VK_DEBUG_UTILS_MESSAGE_TYPE_PERFORMANCE_BIT_EXT;
+    mci.pfnUserCallback = on_message;
+    VkInstanceCreateInfo ci{};
+    ci.sType = VK_STRUCTURE_TYPE_INSTANCE_CREATE_INFO;
+    ci.pNext = &mci;
+    ci.pApplicationInfo = &app;
+    ci.enabledLayerCount = 1;
+    ci.ppEnabledLayerNames = &layer;
+    ci.enabledExtensionCount = 1;
+    ci.ppEnabledExtensionNames = &ext;
+    if (v->vkCreateInstance(&ci, nullptr, &v->inst) != VK_SUCCESS) return "skip: vkCreateInstance failed (no driver)";
+#define L(n) v->n = reinterpret_cast<PFN_##n>(v->gipa(v->inst, #n));
+    L(vkDestroyInstance) L(vkEnumeratePhysicalDevices) L(vkGetPhysicalDeviceQueueFamilyProperties)
+    L(vkGetPhysicalDeviceMemoryProperties) L(vkCreateDevice) L(vkDestroyDevice) L(vkGetDeviceQueue) L(vkCreateBuffer)
+    L(vkDestroyBuffer) L(vkGetBufferMemoryRequirements) L(vkAllocateMemory) L(vkFreeMemory) L(vkBindBufferMemory)
+    L(vkMapMemory) L(vkDeviceWaitIdle) L(vkCreateDebugUtilsMessengerEXT) L(vkDestroyDebugUtilsMessengerEXT)
+#undef L
+    v->vkCreateDebugUtilsMessengerEXT(v->inst, &mci, nullptr, &v->messenger);
+    n = 0;
+    v->vkEnumeratePhysicalDevices(v->inst, &n, nullptr);
+    if (n == 0) return "skip: no Vulkan device";
+    std::vector<VkPhysicalDevice> pds(n);
+    v->vkEnumeratePhysicalDevices(v->inst, &n, pds.data());
+    v->pd = pds[0];
+    uint32_t nq = 0;
+    v->vkGetPhysicalDeviceQueueFamilyProperties(v->pd, &nq, nullptr);
+    std::vector<VkQueueFamilyProperties> qf(nq);
+    v->vkGetPhysicalDeviceQueueFamilyProperties(v->pd, &nq, qf.data());
+    bool found = false;
+    for (uint32_t i = 0; i < nq && !found; i++)
+        if (qf[i].queueFlags & VK_QUEUE_COMPUTE_BIT) {
+            v->family = i;
+            found = true;
+        }
+    if (!found) return "skip: no compute queue";
+    float prio = 1.0f;
+    VkDeviceQueueCreateInfo qci{};
+    qci.sType = VK_STRUCTURE_TYPE_DEVICE_QUEUE_CREATE_INFO;
+    qci.queueFamilyIndex = v->family;
+    qci.queueCount = 1;
+    qci.pQueuePriorities = &prio;
+    VkDeviceCreateInfo dci{};
+    dci.sType = VK_STRUCTURE_TYPE_DEVICE_CREATE_INFO;
+    dci.queueCreateInfoCount = 1;
+    dci.pQueueCreateInfos = &qci;
+    if (v->vkCreateDevice(v->pd, &dci, nullptr, &v->dev) != VK_SUCCESS) return "vkCreateDevice failed";
+    v->vkGetDeviceQueue(v->dev, v->family, 0, &v->queue);
+    v->vkGetPhysicalDeviceMemoryProperties(v->pd, &v->mp);
+    return "";
+}
+
+struct DevBuf {
+    VkBuffer buf = VK_NULL_HANDLE;
+    VkDeviceMemory mem = VK_NULL_HANDLE;
+    char *map = nullptr;
+};
+
+DevBuf make_buf(Vk &v, VkDeviceSize bytes) {
+    DevBuf b;
+    VkBufferCreateInfo bi{};
+    bi.sType = VK_STRUCTURE_TYPE_BUFFER_CREATE_INFO;
+    bi.size = bytes;
+    bi.usage = VK_BUFFER_USAGE_STORAGE_BUFFER_BIT;
+    v.vkCreateBuffer(v.dev, &bi, nullptr, &b.buf);
+    VkMemoryRequirements req;
+    v.vkGetBufferMemoryRequirements(v.dev, b.buf, &req);
+    const VkMemoryPropertyFlags need = VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT | VK_MEMORY_PROPERTY_HOST_COHERENT_BIT;
+    uint32_t type = 0;
+    for (uint32_t i = 0; i < v.mp.memoryTypeCount; i++)
+        if ((req.memoryTypeBits & (1u << i)) && (v.mp.memoryTypes[i].propertyFlags & need) == need) {
+            type = i;
+            break;
+        }
+    VkMemoryAllocateInfo ai{};
+    ai.sType = VK_STRUCTURE_TYPE_MEMORY_ALLOCATE_INFO;
+    ai.allocationSize = req.size;
+    ai.memoryTypeIndex = type;
+    v.vkAllocateMemory(v.dev, &ai, nullptr, &b.mem);
+    v.vkBindBufferMemory(v.dev, b.buf, b.mem, 0);
+    void *p = nullptr;
+    v.vkMapMemory(v.dev, b.mem, 0, VK_WHOLE_SIZE, 0, &p);
+    b.map = static_cast<char *>(p);
+    return b;
+}
+void free_buf(Vk &v, DevBuf &b) {
+    v.vkDestroyBuffer(v.dev, b.buf, nullptr);
+    v.vkFreeMemory(v.dev, b.mem, nullptr);
+    b = DevBuf{};
+}
+
+struct Rng {
+    uint64_t s;
+    explicit Rng(uint64_t seed) : s(seed * 0x9E3779B97F4A7C15ull + 7) {}
+    float uni() {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        return static_cast<float>((s >> 40) * (1.0 / 16777216.0));
+    }
+    float normal() {
+        float a = uni() + 1e-7f, b = uni();
+        return std::sqrt(-2.0f * std::log(a)) * std::cos(6.2831853f * b);
+    }
+};
+
+// A tensor: host bytes, and optionally the same bytes in a device buffer at an offset.
+struct T {
+    std::vector<uint8_t> host;
+    defkv_tensor desc{};
+    int64_t dev_offset = 0;
+};
+
+T make_tensor(Rng &rng, int32_t dtype, std::vector<int64_t> shape, std::vector<int64_t> strides, float scale) {
+    T t;
+    const int64_t es = defkv::dtype_size(dtype);
+    int64_t extent = 1;
+    for (size_t i = 0; i < shape.size(); i++) extent += (shape[i] - 1) * strides[i];
+    t.host.resize(static_cast<size_t>(extent * es));
+    for (int64_t e = 0; e < extent; e++) {
+        const float x = rng.normal() * scale;
+        if (dtype == DEFKV_DTYPE_F32) std::memcpy(&t.host[e * 4], &x, 4);
+        else {
+            const uint16_t h = dtype == DEFKV_DTYPE_F16 ? defkv::float_to_half(x) : defkv::float_to_bf16(x);
+            std::memcpy(&t.host[e * 2], &h, 2);
+        }
+    }
+    t.desc.data = t.host.data();
+    t.desc.dtype = dtype;
+    t.desc.ndim = static_cast<int32_t>(shape.size());
+    for (size_t i = 0; i < shape.size(); i++) {
+        t.desc.shape[i] = shape[i];
+        t.desc.strides[i] = strides[i];
+    }
+    return t;
+}
+
+defkv::View view_of(const T &t) {
+    defkv::View v;
+    std::string msg;
+    if (!defkv::resolve_view(t.desc, t.desc.ndim, "test", &v, &msg)) std::fprintf(stderr, "view: %s\n", msg.c_str());
+    return v;
+}
+
+// Places the tensor's bytes into `buf` at `off` and returns the VkBuffer view.
+defkv::View device_view(const T &t, DevBuf &buf, int64_t off) {
+    std::memcpy(buf.map + off, t.host.data(), t.host.size());
+    defkv_tensor d = t.desc;
+    d.data = reinterpret_cast<void *>(buf.buf);
+    d.memory = DEFKV_MEMORY_VULKAN_BUFFER;
+    d.byte_offset = off;
+    defkv::View v;
+    std::string msg;
+    defkv::resolve_view(d, d.ndim, "test", &v, &msg);
+    return v;
+}
+
+double max_abs(const std::vector<float> &x) {
+    double m = 0;
+    for (float v : x) m = std::max(m, std::fabs(static_cast<double>(v)));
+    return m;
+}
+void close_rel(const char *what, const std::vector<float> &a, const std::vector<float> &b, double rel) {
+    const double m = max_abs(a);
+    double err = 0;
+    size_t worst = 0;
+    for (size_t i = 0; i < a.size(); i++) {
+        const double e = std::fabs(static_cast<double>(a[i]) - b[i]);
+        if (!(e <= err)) {
+            err = e;
+            worst = i;
+        }
+    }
+    CHECK(err <= rel * m + 1e-30, "%s: max error %g at %zu (cpu %g vulkan %g), max |cpu| %g", what, err, worst,
+          a.empty() ? 0.0 : a[worst], b.empty() ? 0.0 : b[worst], m);
+    std::fprintf(stderr, "  %-48s max error %.3g (relative %.3g)\n", what, err, m > 0 ? err / m : err);
+}
+
+struct OpCase {
+    const char *name;
+    int64_t H, Hk, d, D, L, W;
+    int32_t dtype;
+    bool token_major, attention, masked, on_device;
+};
+
+void run_ops(defkv::Backend &cpu, defkv::Backend &vk, Vk &v, const OpCase &c) {
+    std::fprintf(stderr, "ops case %s\n", c.name);
+    Rng rng(static_cast<uint64_t>(c.L * 31 + c.d));
+    const int64_t H = c.H, Hk = c.Hk, d = c.d, D = c.D, L = c.L, W = c.W, P = L - W, G = H / Hk;
+    T q = make_tensor(rng, c.dtype, {H, W, d}, {W * (d + 1), d + 1, 1}, 1.5f);
+    T k = c.token_major ? make_tensor(rng, c.dtype, {Hk, L, d}, {d, Hk * d, 1}, 1.0f)
+                        : make_tensor(rng, c.dtype, {Hk, L, d}, {L * d, d, 1}, 1.0f);
+    T val = c.token_major ? make_tensor(rng, c.dtype, {Hk, L, d}, {d, Hk * d, 1}, 1.0f)
+                          : make_tensor(rng, c.dtype, {Hk, L, d}, {L * d, d, 1}, 1.0f);
+    T o = make_tensor(rng, c.dtype, {D, H * d}, {H * d, 1}, 0.2f);
+    // attention probabilities (f32 rows that sum to 1 over the causal prefix), stored as dtype
+    T a;
+    if (c.attention) {
+        std::vector<float> rows(H * W * L);
+        for (int64_t r = 0; r < H * W; r++) {
+            const int64_t w = r % W, nv = P + w + 1;
+            double s = 0;
+            for (int64_t j = 0; j < L; j++) {
+                rows[r * L + j] = j < nv ? std::exp(rng.normal()) : 0.0f;
+                s += rows[r * L + j];
+            }
+            for (int64_t j = 0; j < L; j++) rows[r * L + j] = static_cast<float>(rows[r * L + j] / s);
+        }
+        a = make_tensor(rng, c.dtype, {H, W, L}, {W * L, L, 1}, 0.0f);
+        for (int64_t e = 0; e < H * W * L; e++) {
+            if (c.dtype == DEFKV_DTYPE_F32) std::memcpy(&a.host[e * 4], &rows[e], 4);
+            else {
+                const uint16_t h = c.dtype == DEFKV_DTYPE_F16 ? defkv::float_to_half(rows[e]) : defkv::float_to_bf16(rows[e]);
+                std::memcpy(&a.host[e * 2], &h, 2);
+            }
+        }
+    }
+    std::vector<uint8_t> mask;
+    if (c.masked) {
+        mask.assign(Hk * L, 0);
+        for (int64_t i = 0; i < Hk * L; i += 7) mask[i] = 1;
+    }
+    defkv::SeqShape s;
+    s.H = H; s.Hk = Hk; s.G = G; s.d = d; s.L = L; s.W = W; s.P = P; s.D = D;
+    defkv::SeqViews host;
+    if (c.attention) host.attention = view_of(a);
+    else host.queries = view_of(q);
+    host.keys = view_of(k);
+    host.values = view_of(val);
+    host.o_proj = view_of(o);
+    defkv::SeqViews dv = host;
+    DevBuf buf;
+    if (c.on_device) {
+        const int64_t total = (int64_t)(q.host.size() + k.host.size() + val.host.size() + o.host.size() + a.host.size()) + 5 * 64;
+        buf = make_buf(v, static_cast<VkDeviceSize>(total));
+        int64_t off = 12; // deliberately not aligned to minStorageBufferOffsetAlignment
+        auto place = [&](const T &t, defkv::View *out) {
+            *out = device_view(t, buf, off);
+            off += static_cast<int64_t>(t.host.size()) + 52;
+            off = off / 4 * 4;
+        };
+        if (c.attention) place(a, &dv.attention);
+        else place(q, &dv.queries);
+        place(k, &dv.keys);
+        place(val, &dv.values);
+        place(o, &dv.o_proj);
+    }
+    // attention with every output
+    std::vector<float> mean[2], dmax[2], davg[2], last[2];
+    double om_off[2], om_win[2];
+    for (int be = 0; be < 2; be++) {
+        mean[be].assign(H * P, NAN);
+        dmax[be].assign(Hk * P, NAN);
+        davg[be].assign(Hk * P, NAN);
+        last[be].assign(L - 1, NAN);
+        defkv::AttentionRequest req;
+        req.scale = 1.0f / std::sqrt(static_cast<float>(d));
+        req.kernel = 5;
+        req.masked = c.masked ? mask.data() : nullptr;
+        req.mean_w = mean[be].data();
+        req.def_max = dmax[be].data();
+        req.def_avg = davg[be].data();
+        req.omega_official = &om_off[be];
+        req.omega_window = &om_win[be];
+        req.last_row_mean = last[be].data();
+        std::string msg;
+        defkv_status st = (be ? vk : cpu).attention(be ? dv : host, s, req, &msg);
+        CHECK(st == DEFKV_SUCCESS, "%s attention (%s): %s", c.name, be ? "vulkan" : "cpu", msg.c_str());
+    }
+    close_rel("attention mean_w", mean[0], mean[1], 1e-4);
+    close_rel("attention def_max", dmax[0], dmax[1], 1e-4);
+    close_rel("attention def_avg", davg[0], davg[1], 1e-4);
+    close_rel("attention last_row_mean", last[0], last[1], 1e-4);
+    CHECK(std::fabs(om_off[0] - om_off[1]) <= 1e-5, "omega_official cpu %.9g vulkan %.9g", om_off[0], om_off[1]);
+    CHECK(std::fabs(om_win[0] - om_win[1]) <= 1e-5, "omega_window cpu %.9g vulkan %.9g", om_win[0], om_win[1]);
+    // projected norm over L and over P tokens
+    for (int64_t n : {L, P}) {
+        std::vector<float> pn[2];
+        for (int be = 0; be < 2; be++) {
+            pn[be].assign(Hk * n, NAN);
+            std::string msg;
+            defkv_status st = (be ? vk : cpu).projected_norm(be ? dv : host, s, n, c.masked ? mask.data() : nullptr,
+                                                             pn[be].data(), &msg);
+            CHECK(st == DEFKV_SUCCESS, "%s projected_norm (%s): %s", c.name, be ? "vulkan" : "cpu", msg.c_str());
+        }
+        close_rel(n == L ? "projected_norm (L tokens)" : "projected_norm (P tokens)", pn[0], pn[1], 1e-4);
+    }
+    {
+        std::vector<float> kn[2];
+        for (int be = 0; be < 2; be++) {
+            kn[be].assign(Hk * L, NAN);
+            std::string msg;
+            defkv_status st = (be ? vk : cpu).key_norm(be ? dv : host, s, kn[be].data(), &msg);
+            CHECK(st == DEFKV_SUCCESS, "%s key_norm: %s", c.name, msg.c_str());
+        }
+        close_rel("key_norm", kn[0], kn[1], 1e-5);
+    }
+    // compaction: keep every third entry of head 0, the odd ones of the others
+    std::vector<int32_t> cu(Hk + 1, 0), idx;
+    for (int64_t h = 0; h < Hk; h++) {
+        for (int64_t j = 0; j < L; j++)
+            if (h == 0 ? j % 3 == 0 : j % 2 == 1) idx.push_back(static_cast<int32_t>(j));
+        cu[h + 1] = static_cast<int32_t>(idx.size());
+    }
+    const int64_t total = cu[Hk], es = defkv::dtype_size(c.dtype);
+    {
+        std::vector<uint8_t> out[2];
+        for (int be = 0; be < 2; be++) {
+            out[be].assign(static_cast<size_t>(total * (d + 2) * es), 0x33);
+            defkv_tensor od{};
+            od.data = out[be].data();
+            od.dtype = c.dtype;
+            od.ndim = 2;
+            od.shape[0] = total;
+            od.shape[1] = d;
+            od.strides[0] = d + 2;
+            od.strides[1] = 1;
+            std::string msg;
+            defkv::View ov;
+            defkv::resolve_view(od, 2, "out", &ov, &msg);
+            DevBuf ob;
+            if (be && c.on_device) {
+                ob = make_buf(v, out[be].size() + 64);
+                std::memcpy(ob.map + 8, out[be].data(), out[be].size());
+                od.data = reinterpret_cast<void *>(ob.buf);
+                od.memory = DEFKV_MEMORY_VULKAN_BUFFER;
+                od.byte_offset = 8;
+                defkv::resolve_view(od, 2, "out", &ov, &msg);
+            }
+            defkv_status st = (be ? vk : cpu).compact_varlen(be ? dv.keys : host.keys, Hk, d, cu.data(), idx.data(), ov, &msg);
+            CHECK(st == DEFKV_SUCCESS, "%s compact_varlen: %s", c.name, msg.c_str());
+            if (be && c.on_device) {
+                std::memcpy(out[be].data(), ob.map + 8, out[be].size());
+                free_buf(v, ob);
+            }
+        }
+        CHECK(out[0] == out[1], "%s: compact_varlen outputs differ", c.name);
+    }
+    {
+        std::vector<uint8_t> res[2];
+        for (int be = 0; be < 2; be++) {
+            T copy = val;
+            copy.desc.data = copy.host.data();
+            defkv::View t = view_of(copy);
+            DevBuf tb;
+            if (be && c.on_device) {
+                tb = make_buf(v, copy.host.size() + 64);
+                t = device_view(copy, tb, 4);
+            }
+            std::string msg;
+            defkv_status st = (be ? vk : cpu).compact_inplace(t, Hk, L, d, cu.data(), idx.data(), &msg);
+            CHECK(st == DEFKV_SUCCESS, "%s compact_inplace: %s", c.name, msg.c_str());
+            if (be && c.on_device) {
+                std::memcpy(copy.host.data(), tb.map + 4, copy.host.size());
+                free_buf(v, tb);
+            }
+            res[be] = copy.host;
+        }
+        CHECK(res[0] == res[1], "%s: compact_inplace results differ", c.name);
+    }
+    if (c.on_device) free_buf(v, buf);
+}
+
+// defkv_select on the caller's device with VkBuffer tensors against the CPU on host tensors.
+void api_on_device(Vk &v) {
+    std::fprintf(stderr, "public API, caller's device, VkBuffer tensors\n");
+    Rng rng(99);
+    const int64_t H = 8, Hk = 2, d = 32, D = 64, L = 333, W = 16;
+    T q = make_tensor(rng, DEFKV_DTYPE_F16, {H, W, d}, {W * d, d, 1}, 1.5f);
+    T k = make_tensor(rng, DEFKV_DTYPE_F16, {Hk, L, d}, {d, Hk * d, 1}, 1.0f);
+    T val = make_tensor(rng, DEFKV_DTYPE_F16, {Hk, L, d}, {d, Hk * d, 1}, 1.0f);
+    T o = make_tensor(rng, DEFKV_DTYPE_F16, {D, H * d}, {H * d, 1}, 0.2f);
+    DevBuf buf = make_buf(v, q.host.size() + k.host.size() + val.host.size() + o.host.size() + 256);
+    defkv_sequence hs{}, ds{};
+    hs.queries = q.desc;
+    hs.keys = k.desc;
+    hs.values = val.desc;
+    int64_t off = 0;
+    auto place = [&](const T &t, defkv_tensor *out) {
+        std::memcpy(buf.map + off, t.host.data(), t.host.size());
+        *out = t.desc;
+        out->data = reinterpret_cast<void *>(buf.buf);
+        out->memory = DEFKV_MEMORY_VULKAN_BUFFER;
+        out->byte_offset = off;
+        off += static_cast<int64_t>(t.host.size() + 60) / 4 * 4;
+    };
+    place(q, &ds.queries);
+    place(k, &ds.keys);
+    place(val, &ds.values);
+    defkv_layer hl{}, dl{};
+    hl.struct_size = dl.struct_size = sizeof(defkv_layer);
+    hl.n_seqs = dl.n_seqs = 1;
+    hl.seqs = &hs;
+    dl.seqs = &ds;
+    hl.o_proj = o.desc;
+    place(o, &dl.o_proj);
+    defkv_context_options opts;
+    defkv_context_options_default(&opts);
+    opts.backend = DEFKV_BACKEND_VULKAN;
+    opts.vk_instance = v.inst;
+    opts.vk_physical_device = v.pd;
+    opts.vk_device = v.dev;
+    opts.vk_queue = v.queue;
+    opts.vk_queue_family = v.family;
+    defkv_context *vk = nullptr, *cpu = nullptr;
+    CHECK(defkv_context_create(&opts, &vk) == DEFKV_SUCCESS, "context on the caller's device: %s", defkv_last_error_global());
+    CHECK(defkv_context_create(nullptr, &cpu) == DEFKV_SUCCESS, "cpu context");
+    if (!vk || !cpu) return;
+    for (int32_t m : {DEFKV_METHOD_SNAPKV, DEFKV_METHOD_CRITICALKV, DEFKV_METHOD_ADA_CRITICALKV, DEFKV_METHOD_DEFENSIVEKV,
+                      DEFKV_METHOD_KNORM, DEFKV_METHOD_TOVA}) {
+        defkv_params p;
+        defkv_params_default(&p);
+        p.method = m;
+        p.window = static_cast<int32_t>(W);
+        std::vector<uint8_t> keep[2];
+        std::vector<int32_t> lens[2];
+        for (int be = 0; be < 2; be++) {
+            keep[be].assign(Hk * L, 0xAB);
+            lens[be].assign(Hk, -1);
+            defkv_selection out{};
+            out.struct_size = sizeof out;
+            out.head_lens = lens[be].data();
+            out.keep_mask = keep[be].data();
+            defkv_status st = defkv_select(be ? vk : cpu, &p, be ? &dl : &hl, &out);
+            CHECK(st == DEFKV_SUCCESS, "select %s (%s): %s", defkv_method_name(m), be ? "vulkan" : "cpu",
+                  defkv_context_last_error(be ? vk : cpu));
+        }
+        CHECK(keep[0] == keep[1] && lens[0] == lens[1], "select %s: keep sets differ on the caller's device",
+              defkv_method_name(m));
+    }
+    // an incomplete set of caller handles is rejected, naming the field
+    defkv_context_options bad = opts;
+    bad.vk_queue = nullptr;
+    defkv_context *x = nullptr;
+    CHECK(defkv_context_create(&bad, &x) == DEFKV_ERROR_INVALID_ARGUMENT && std::strstr(defkv_last_error_global(), "vk_queue"),
+          "missing vk_queue: %s", defkv_last_error_global());
+    defkv_context_destroy(x);
+    defkv_context_destroy(vk);
+    defkv_context_destroy(cpu);
+    free_buf(v, buf);
+}
+
+} // namespace
+
+int main() {
+    setenv("DEFKV_VULKAN_VALIDATION", "1", 0);
+    Vk v;
+    std::string why = vk_init(&v);
+    if (why.rfind("skip:", 0) == 0) {
+        std::printf("SKIPPED: %s\n", why.c_str() + 6);
+        return 77;
+    }
+    if (!why.empty()) {
+        std::fprintf(stderr, "FAIL: %s\n", why.c_str());
+        return 1;
+    }
+    // Prove the messenger is live: a zero-sized buffer is invalid usage and must be reported.
+    {
+        VkBufferCreateInfo bi{};
+        bi.sType = VK_STRUCTURE_TYPE_BUFFER_CREATE_INFO;
+        bi.size = 0;
+        bi.usage = VK_BUFFER_USAGE_STORAGE_BUFFER_BIT;
+        VkBuffer b = VK_NULL_HANDLE;
+        std::fprintf(stderr, "deliberate invalid call (the next validation message is expected):\n");
+        if (v.vkCreateBuffer(v.dev, &bi, nullptr, &b) == VK_SUCCESS && b) v.vkDestroyBuffer(v.dev, b, nullptr);
+        CHECK(g_vk_messages > 0, "the validation layer did not report a zero-sized buffer: it is not active");
+        g_vk_messages = 0;
+    }
+    defkv::ThreadPool pool(2);
+    std::unique_ptr<defkv::Backend> cpu = defkv::make_cpu_backend(&pool, 2), vk;
+    defkv_context_options opts;
+    defkv_context_options_default(&opts);
+    opts.backend = DEFKV_BACKEND_VULKAN;
+    opts.vk_instance = v.inst;
+    opts.vk_physical_device = v.pd;
+    opts.vk_device = v.dev;
+    opts.vk_queue = v.queue;
+    opts.vk_queue_family = v.family;
+    std::string msg;
+    defkv_status st = defkv::backend_create(opts, &pool, 2, &vk, &msg);
+    if (st != DEFKV_SUCCESS) {
+        std::fprintf(stderr, "FAIL: backend_create on the caller's device: %s\n", msg.c_str());
+        return 1;
+    }
+    const OpCase cases[] = {
+        {"f32 head-major G=4 host", 8, 2, 64, 96, 300, 32, DEFKV_DTYPE_F32, false, false, false, false},
+        {"f16 token-major odd d G=3 masked host", 6, 2, 13, 20, 211, 9, DEFKV_DTYPE_F16, true, false, true, false},
+        {"bf16 G=8 VkBuffer", 8, 1, 32, 48, 150, 16, DEFKV_DTYPE_BF16, false, false, false, true},
+        {"f16 token-major odd d VkBuffer masked", 4, 4, 7, 9, 77, 5, DEFKV_DTYPE_F16, true, false, true, true},
+        {"given attention f32 VkBuffer", 4, 2, 16, 32, 120, 8, DEFKV_DTYPE_F32, false, true, false, true},
+        {"given attention bf16 host L=W+1", 2, 1, 8, 8, 9, 8, DEFKV_DTYPE_BF16, false, true, false, false},
+    };
+    for (const OpCase &c : cases) run_ops(*cpu, *vk, v, c);
+    vk.reset();
+    api_on_device(v);
+    CHECK(g_vk_messages == 0, "%d validation message(s) on the caller's instance", g_vk_messages);
+    v.vkDeviceWaitIdle(v.dev);
+    v.vkDestroyDevice(v.dev, nullptr);
+    v.vkDestroyDebugUtilsMessengerEXT(v.inst, v.messenger, nullptr);
+    v.vkDestroyInstance(v.inst, nullptr);
+    std::fprintf(stderr, "vk_ops: %d checks, %d failures\n", g_checks, g_failures);
+    return g_failures ? 1 : 0;
+}
