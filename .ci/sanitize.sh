@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Sanitizer and valgrind jobs (called by .ci/run). Installs nothing: needs gcc/g++ 12 (their
+# libasan/libubsan/libtsan come with the compiler package), valgrind, cmake, ninja, and the
+# library's own build dependencies. Exits non-zero on any failure.
+#
+#   1. build-asan  : -DDEFKV_SANITIZE=ON (ASan + UBSan, no recovery), runs ctest -L unit,
+#                    the CLI tests (-R '^cli\.') when the defkv program is built, -L reliability.
+#   2. build-tsan  : -DDEFKV_TSAN=ON, runs the multithreaded tests (-L threads, and the unit
+#                    determinism/threads tests).
+#   3. build-valgrind: a plain RelWithDebInfo build; every `unit` and `reliability` C test
+#                    executable under valgrind memcheck --error-exitcode=1 --leak-check=full.
+#
+# GCC, not clang: libdefkv.so links with -Wl,--no-undefined, and clang does not link the
+# sanitizer runtimes into shared objects (undefined __asan_*/__tsan_* symbols); gcc does.
+# Vulkan and CUDA backends are off here (they are tested in their own jobs; lavapipe's JIT and
+# nvcc do not take these flags), and so are the language bindings.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+JOBS=${JOBS:-2}
+COMMON=(-G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_C_COMPILER=gcc -DCMAKE_CXX_COMPILER=g++
+        -DDEFKV_VULKAN=OFF -DDEFKV_CUDA=OFF -DDEFKV_TOOLS_ENGINE=OFF -DDEFKV_TOOLS_BENCH=OFF
+        -DDEFKV_BINDING_RUST=OFF -DDEFKV_BINDING_GO=OFF -DDEFKV_BINDING_JAVA=OFF)
+# OpenBLAS is not instrumented. One BLAS thread keeps its work on the calling thread, where the
+# sanitizers see every access (the library's own pool still runs with n_threads 1..4).
+export OPENBLAS_NUM_THREADS=1
+status=0
+step() { echo; echo "=== sanitize.sh: $* ==="; }
+run_ctest() { # dir, args...
+  local dir=$1; shift
+  if ! ctest --test-dir "$dir" --output-on-failure --no-tests=error "$@"; then status=1; fi
+}
+
+# ---- 1. AddressSanitizer + UndefinedBehaviorSanitizer ------------------------------------
+step "ASan+UBSan build (build-asan)"
+cmake -S . -B build-asan "${COMMON[@]}" -DDEFKV_SANITIZE=ON >/dev/null
+cmake --build build-asan -j "$JOBS"
+export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+export LSAN_OPTIONS=suppressions=$PWD/.ci/lsan.supp
+step "ASan+UBSan: unit tests"
+run_ctest build-asan -L unit
+if ctest --test-dir build-asan -N -R '^cli\.' | grep -q 'Total Tests: [1-9]'; then
+  step "ASan+UBSan: CLI tests"
+  run_ctest build-asan -R '^cli\.'
+fi
+step "ASan+UBSan: reliability tests"
+run_ctest build-asan -L reliability -E oversized
+unset ASAN_OPTIONS UBSAN_OPTIONS LSAN_OPTIONS
+
+# ---- 2. ThreadSanitizer --------------------------------------------------------------------
+step "TSan build (build-tsan)"
+cmake -S . -B build-tsan "${COMMON[@]}" -DDEFKV_TSAN=ON -DDEFKV_BUILD_TOOLS=OFF >/dev/null
+cmake --build build-tsan -j "$JOBS"
+export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:suppressions=$PWD/.ci/tsan.supp"
+step "TSan: multithreaded tests"
+run_ctest build-tsan -L threads
+if ctest --test-dir build-tsan -N -R 'unit_.*(determinism|thread)' | grep -q 'Total Tests: [1-9]'; then
+  run_ctest build-tsan -R 'unit_.*(determinism|thread)'
+fi
+unset TSAN_OPTIONS
+
+# ---- 3. valgrind memcheck ------------------------------------------------------------------
+step "valgrind build (build-valgrind)"
+cmake -S . -B build-valgrind "${COMMON[@]}" -DDEFKV_BUILD_TOOLS=OFF >/dev/null
+cmake --build build-valgrind -j "$JOBS"
+# valgrind does not emulate AVX-512: pin OpenBLAS to its Haswell (AVX2) kernels.
+export OPENBLAS_CORETYPE=Haswell
+step "valgrind memcheck: unit and reliability C tests"
+mapfile -t tests < <(ctest --test-dir build-valgrind -L 'unit|reliability' -E 'cli|oversized' --show-only=json-v1 |
+  python3 -c 'import json,sys
+for t in json.load(sys.stdin)["tests"]:
+    c = t.get("command") or []
+    if c and not c[0].endswith(("python3", "sh")): print(t["name"] + "\t" + " ".join(c))')
+[[ ${#tests[@]} -gt 0 ]] || { echo "no C tests found for valgrind"; exit 1; }
+vg_pass=0
+for line in "${tests[@]}"; do
+  name=${line%%$'\t'*}; cmd=${line#*$'\t'}
+  echo "--- valgrind: $name"
+  # shellcheck disable=SC2086
+  if valgrind --tool=memcheck --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,indirect \
+       --suppressions=.ci/valgrind.supp --quiet $cmd > "build-valgrind/valgrind-$name.log" 2>&1; then
+    vg_pass=$((vg_pass + 1))
+  else
+    echo "valgrind FAILED: $name"; tail -60 "build-valgrind/valgrind-$name.log"; status=1
+  fi
+done
+echo "valgrind memcheck: $vg_pass of ${#tests[@]} test executables clean"
+
+echo
+if [[ $status -ne 0 ]]; then echo "sanitize.sh: FAILED"; else echo "sanitize.sh: all sanitizer and valgrind runs passed"; fi
+exit $status
