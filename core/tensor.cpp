@@ -1,6 +1,7 @@
 #include "tensor.hpp"
 
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <limits>
 
@@ -119,6 +120,21 @@ bool resolve_view(const defkv_tensor &t, int32_t want_ndim, const char *name, Vi
     }
     if (t.byte_offset < 0) {
         std::snprintf(buf, sizeof buf, "%s: byte_offset is negative (%lld)", name, (long long)t.byte_offset);
+        *msg = buf;
+        return false;
+    }
+    // Element loads must be aligned: a byte offset or a host pointer that splits an element
+    // is rejected rather than read through a misaligned pointer.
+    const int64_t esize = dtype_size(t.dtype);
+    if (t.byte_offset % esize != 0) {
+        std::snprintf(buf, sizeof buf, "%s: byte_offset %lld is not a multiple of the element size (%lld bytes)", name,
+                      (long long)t.byte_offset, (long long)esize);
+        *msg = buf;
+        return false;
+    }
+    if (t.memory == DEFKV_MEMORY_HOST && reinterpret_cast<uintptr_t>(t.data) % static_cast<uintptr_t>(esize) != 0) {
+        std::snprintf(buf, sizeof buf, "%s: data pointer %p is not aligned to the element size (%lld bytes)", name, t.data,
+                      (long long)esize);
         *msg = buf;
         return false;
     }
