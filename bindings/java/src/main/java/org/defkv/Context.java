@@ -6,13 +6,11 @@ import org.defkv.internal.*;
 
 /**
  * A libdefkv context (CPU backend by default). One thread at a time; close() frees it
- * (idempotent). Layers are single-sequence here: queries [H,W,d], keys/values [Hk,L,d]
- * (direct buffers, written in place by compactInPlace), oProj [D,H*d] or null.
+ * (idempotent). A layer is one sequence (queries [H,W,d], keys/values [Hk,L,d]) or a ragged
+ * batch of Sequence; tensors are direct buffers, keys/values written in place by compactInPlace;
+ * oProj [D,H*d] or null.
  */
 public final class Context implements AutoCloseable {
-    static {
-        System.loadLibrary("defkv_jni");
-    }
     private SWIGTYPE_p_defkv_context ctx;
 
     public Context() { this(1, 0); }
@@ -30,17 +28,31 @@ public final class Context implements AutoCloseable {
     private void open() { if (ctx == null) throw new DefkvException(Status.INVALID_STATE, "the context is closed"); }
     private DefkvException err(StatusException e) { return new DefkvException(e.status, DefkvNative.defkv_context_last_error(ctx)); }
 
-    private static void set(SWIGTYPE_p_defkvb_layer l, int which, Tensor t) {
+    private static void set(SWIGTYPE_p_defkvb_layer l, int seq, int which, Tensor t) {
         if (t == null) return;
         long[] s = new long[4];
         System.arraycopy(t.shape, 0, s, 0, t.shape.length);
-        DefkvNative.defkvb_layer_set_tensor(l, 0, which, DefkvNative.defkvb_buffer_address(t.buffer), t.dtype,
+        DefkvNative.defkvb_layer_set_tensor(l, seq, which, DefkvNative.defkvb_buffer_address(t.buffer), t.dtype,
             t.shape.length, s[0], s[1], s[2], s[3], 0, 0, 0, 0, 0, 0);
     }
-    static SWIGTYPE_p_defkvb_layer layer(Tensor q, Tensor k, Tensor v, Tensor o) {
-        SWIGTYPE_p_defkvb_layer l = DefkvNative.defkvb_layer_new(1);
-        set(l, 0, q); set(l, 2, k); set(l, 3, v); set(l, 4, o);
+    static SWIGTYPE_p_defkvb_layer layer(Sequence[] seqs, Tensor o) {
+        if (seqs == null || seqs.length == 0) throw new DefkvException(Status.INVALID_ARGUMENT, "seqs must hold at least one sequence");
+        for (int b = 0; b < seqs.length; b++)
+            if (seqs[b] == null) throw new DefkvException(Status.INVALID_ARGUMENT, "seqs[" + b + "] is null");
+        SWIGTYPE_p_defkvb_layer l = DefkvNative.defkvb_layer_new(seqs.length);
+        for (int b = 0; b < seqs.length; b++) {
+            set(l, b, 0, seqs[b].queries); set(l, b, 1, seqs[b].attention);
+            set(l, b, 2, seqs[b].keys); set(l, b, 3, seqs[b].values);
+        }
+        set(l, 0, 4, o);
         return l;
+    }
+    private static Sequence[] one(Tensor q, Tensor k, Tensor v) { return new Sequence[] {Sequence.ofQueries(q, k, v)}; }
+    /** Per-head and per-entry sizes of a selection of this batch. */
+    private static Out out(Sequence[] seqs, long cap) {
+        int heads = 0; long entries = 0;
+        for (Sequence s : seqs) { heads += s.kvHeads(); entries += s.kvHeads() * s.length(); }
+        return new Out(heads, (int) entries, cap);
     }
     private static ByteBuffer direct(long bytes) {
         return ByteBuffer.allocateDirect((int) Math.max(bytes, 4)).order(ByteOrder.nativeOrder());
@@ -66,29 +78,40 @@ public final class Context implements AutoCloseable {
         }
     }
 
-    /** Scores one layer and selects the entries to keep. */
-    public synchronized Selection select(Params p, Tensor q, Tensor k, Tensor v, Tensor o) {
+    /** Scores one single-sequence layer and selects the entries to keep. */
+    public Selection select(Params p, Tensor q, Tensor k, Tensor v, Tensor o) { return select(p, one(q, k, v), o); }
+
+    /**
+     * Scores one layer of a (ragged) batch and selects the entries to keep. The selection's
+     * per-head arrays are sequence-major (seqs[0]'s Hk heads first); per-entry arrays are
+     * [Hk, L_b] blocks in sequence order.
+     */
+    public synchronized Selection select(Params p, Sequence[] seqs, Tensor o) {
         open();
-        SWIGTYPE_p_defkvb_layer l = layer(q, k, v, o);
+        SWIGTYPE_p_defkvb_layer l = layer(seqs, o);
         try {
             long n = DefkvNative.defkvb_kept_count(ctx, p.raw, l);
             if (n < 0) throw new DefkvException((int) n, DefkvNative.defkv_context_last_error(ctx));
-            Out out = new Out((int) k.shape[0], (int) (k.shape[0] * k.shape[1]), n);
+            Out out = out(seqs, n);
             SWIGTYPE_p_defkv_selection s = out.raw();
             try { DefkvNative.defkvb_select(ctx, p.raw, l, s); } catch (StatusException e) { throw err(e); }
             finally { DefkvNative.defkvb_selection_free(s); }
             return out.get();
         } finally {
             DefkvNative.defkvb_layer_free(l);
-            java.lang.ref.Reference.reachabilityFence(q); java.lang.ref.Reference.reachabilityFence(k);
-            java.lang.ref.Reference.reachabilityFence(v); java.lang.ref.Reference.reachabilityFence(o);
+            java.lang.ref.Reference.reachabilityFence(seqs); java.lang.ref.Reference.reachabilityFence(o);
         }
     }
 
     /** Moves each head's kept entries to the front of its rows of k and v, in the caller's buffers. */
-    public synchronized void compactInPlace(Tensor q, Tensor k, Tensor v, Tensor o, Selection sel) {
+    public void compactInPlace(Tensor q, Tensor k, Tensor v, Tensor o, Selection sel) {
+        compactInPlace(one(q, k, v), o, sel);
+    }
+
+    /** compactInPlace for a (ragged) batch: every sequence's keys and values, in place. */
+    public synchronized void compactInPlace(Sequence[] seqs, Tensor o, Selection sel) {
         open();
-        SWIGTYPE_p_defkvb_layer l = layer(q, k, v, o);
+        SWIGTYPE_p_defkvb_layer l = layer(seqs, o);
         ByteBuffer lens = direct(4L * sel.headLens.length), cu = direct(4L * sel.cuSeqlens.length), idx = direct(4L * sel.indices.length);
         lens.asIntBuffer().put(sel.headLens); cu.asIntBuffer().put(sel.cuSeqlens); idx.asIntBuffer().put(sel.indices);
         SWIGTYPE_p_defkv_selection s = DefkvNative.defkvb_selection_new(DefkvNative.defkvb_buffer_address(lens),
@@ -96,28 +119,38 @@ public final class Context implements AutoCloseable {
         try { DefkvNative.defkvb_compact_inplace(ctx, l, s); } catch (StatusException e) { throw err(e); }
         finally {
             DefkvNative.defkvb_selection_free(s); DefkvNative.defkvb_layer_free(l);
-            java.lang.ref.Reference.reachabilityFence(k); java.lang.ref.Reference.reachabilityFence(v);
+            java.lang.ref.Reference.reachabilityFence(seqs); java.lang.ref.Reference.reachabilityFence(o);
             java.lang.ref.Reference.reachabilityFence(lens); java.lang.ref.Reference.reachabilityFence(cu);
             java.lang.ref.Reference.reachabilityFence(idx);
         }
     }
 
     /** Layer-DefensiveKV over several layers: q/k/v/o[i] of layer i; returns each layer's selection. */
-    public synchronized Selection[] selectGlobal(Params p, Tensor[] q, Tensor[] k, Tensor[] v, Tensor[] o) {
+    public Selection[] selectGlobal(Params p, Tensor[] q, Tensor[] k, Tensor[] v, Tensor[] o) {
+        Sequence[][] seqs = new Sequence[q.length][];
+        for (int i = 0; i < q.length; i++) seqs[i] = one(q[i], k[i], v[i]);
+        return selectGlobal(p, seqs, o);
+    }
+
+    /** Layer-DefensiveKV over several layers of a (ragged) batch: seqs[i] and o[i] of layer i. */
+    public synchronized Selection[] selectGlobal(Params p, Sequence[][] seqs, Tensor[] o) {
         open();
-        SWIGTYPE_p_defkv_global g = DefkvNative.defkvb_global_create(ctx, p.raw, q.length);
+        if (seqs == null || o == null || o.length != seqs.length)
+            throw new DefkvException(Status.INVALID_ARGUMENT, "o must have one entry per layer of seqs");
+        SWIGTYPE_p_defkv_global g = DefkvNative.defkvb_global_create(ctx, p.raw, seqs.length);
         if (g == null) throw new DefkvException(DefkvNative.defkvb_last_create_status(), DefkvNative.defkv_context_last_error(ctx));
         try {
-            for (int i = 0; i < q.length; i++) {
-                SWIGTYPE_p_defkvb_layer l = layer(q[i], k[i], v[i], o[i]);
+            for (int i = 0; i < seqs.length; i++) {
+                SWIGTYPE_p_defkvb_layer l = layer(seqs[i], o[i]);
                 try { DefkvNative.defkvb_global_add_layer(g, i, l); } catch (StatusException e) { throw err(e); }
                 finally { DefkvNative.defkvb_layer_free(l); }
             }
             try { DefkvNative.defkv_global_select(g); } catch (StatusException e) { throw err(e); }
-            Selection[] r = new Selection[q.length];
-            for (int i = 0; i < q.length; i++) {
+            Selection[] r = new Selection[seqs.length];
+            for (int i = 0; i < seqs.length; i++) {
                 long n = DefkvNative.defkvb_global_layer_kept_count(g, i);
-                Out out = new Out((int) k[i].shape[0], (int) (k[i].shape[0] * k[i].shape[1]), n);
+                if (n < 0) throw new DefkvException((int) n, DefkvNative.defkv_context_last_error(ctx));
+                Out out = out(seqs[i], n);
                 SWIGTYPE_p_defkv_selection s = out.raw();
                 try { DefkvNative.defkvb_global_layer_selection(g, i, s); } catch (StatusException e) { throw err(e); }
                 finally { DefkvNative.defkvb_selection_free(s); }
@@ -126,8 +159,7 @@ public final class Context implements AutoCloseable {
             return r;
         } finally {
             DefkvNative.defkv_global_destroy(g);
-            java.lang.ref.Reference.reachabilityFence(q); java.lang.ref.Reference.reachabilityFence(k);
-            java.lang.ref.Reference.reachabilityFence(v); java.lang.ref.Reference.reachabilityFence(o);
+            java.lang.ref.Reference.reachabilityFence(seqs); java.lang.ref.Reference.reachabilityFence(o);
         }
     }
 }

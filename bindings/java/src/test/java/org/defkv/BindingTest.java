@@ -34,7 +34,7 @@ class BindingTest {
         }
     }
     static Path dir() {
-        String d = System.getenv("DEFKV_CONFORMANCE_DIR");
+        String d = System.getProperty("defkv.conformance.dir", System.getenv("DEFKV_CONFORMANCE_DIR"));
         return Paths.get(d != null ? d : "../../tests/data/conformance");
     }
     static final String[] CASES = {"pub1-g4-L1024", "pub2-g1-L300", "pub3-g8-L700", "pub4-3layer-L512"};
