@@ -4,6 +4,7 @@
 // A workgroup owns 64 keys; the queries are staged in shared memory in blocks of 16 rows
 // (zero past the block; constant loop bounds keep the accumulators in registers), d <= SQ / 16.
 #extension GL_GOOGLE_include_directive : enable
+#extension GL_EXT_control_flow_attributes : enable
 #include "common.glsl"
 layout(local_size_x = 64) in;
 layout(constant_id = 0) const uint SQ = 4096; // shared floats for the query block
@@ -38,11 +39,11 @@ void main() {
         barrier();
         if (live) {
             float acc[16];
-            for (uint a = 0u; a < 16u; a++) acc[a] = 0.0;
+            [[unroll]] for (uint a = 0u; a < 16u; a++) acc[a] = 0.0;
             const uint kb = pc.k_base + t * pc.k_s1;
             for (uint i = 0u; i < pc.d; i++) {
                 const float kv = load_k(pc.k_dtype, kb + i * pc.k_s2);
-                for (uint a = 0u; a < 16u; a++) acc[a] = fma(sq[a * pc.d + i], kv, acc[a]);
+                [[unroll]] for (uint a = 0u; a < 16u; a++) acc[a] = fma(sq[a * pc.d + i], kv, acc[a]);
             }
             for (uint a = 0u; a < nq; a++) rows[(w0 + a) * pc.row_stride + pc.col0 + t] = pc.scale * acc[a];
         }

@@ -9,6 +9,7 @@
 // masked entries. (A cooperative-matrix variant replaces the c-loop with a T x 16 x D tile
 // product; the host picks it from the device's extensions.)
 #extension GL_GOOGLE_include_directive : enable
+#extension GL_EXT_control_flow_attributes : enable
 #include "common.glsl"
 layout(local_size_x = 64) in;
 layout(constant_id = 0) const uint SV = 3072; // shared floats for the value tile
@@ -42,22 +43,22 @@ void main() {
     }
     barrier();
     float part[16];
-    for (uint a = 0u; a < 16u; a++) part[a] = 0.0;
+    [[unroll]] for (uint a = 0u; a < 16u; a++) part[a] = 0.0;
     for (uint c = lid; c < pc.D; c += 64u) {
         float acc[16];
-        for (uint a = 0u; a < 16u; a++) acc[a] = 0.0;
+        [[unroll]] for (uint a = 0u; a < 16u; a++) acc[a] = 0.0;
         const uint ob = pc.o_base + c * pc.o_s0;
         for (uint i = 0u; i < pc.d; i++) {
             const float wv = load_o(pc.o_dtype, ob + i * pc.o_s1);
-            for (uint a = 0u; a < 16u; a++) acc[a] = fma(sv[a * pc.d + i], wv, acc[a]);
+            [[unroll]] for (uint a = 0u; a < 16u; a++) acc[a] = fma(sv[a * pc.d + i], wv, acc[a]);
         }
-        for (uint a = 0u; a < 16u; a++) part[a] += abs(acc[a]);
+        [[unroll]] for (uint a = 0u; a < 16u; a++) part[a] += abs(acc[a]);
     }
-    for (uint a = 0u; a < 16u; a++) red[a * 64u + lid] = part[a];
+    [[unroll]] for (uint a = 0u; a < 16u; a++) red[a * 64u + lid] = part[a];
     barrier();
     for (uint s = 32u; s > 0u; s >>= 1) {
         if (lid < s)
-            for (uint a = 0u; a < 16u; a++) red[a * 64u + lid] += red[a * 64u + lid + s];
+            [[unroll]] for (uint a = 0u; a < 16u; a++) red[a * 64u + lid] += red[a * 64u + lid + s];
         barrier();
     }
     if (lid < nt) {
