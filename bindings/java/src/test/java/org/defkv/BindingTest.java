@@ -115,6 +115,75 @@ class BindingTest {
         }
     }
 
+    /** A batch of three sequences (pub4's three layers, same H/Hk/W/d): each sequence's part of the
+     *  selection must equal that layer's golden result, for the methods that need no o_proj. */
+    @Test void batchOfSequencesMatchesGoldenPerSequence() throws Exception {
+        St c = new St(dir().resolve("pub4-3layer-L512.case.safetensors"));
+        Sequence[] seqs = new Sequence[3];
+        for (int i = 0; i < 3; i++)
+            seqs[i] = Sequence.ofQueries(c.tensor("layers." + i + ".queries"), c.tensor("layers." + i + ".keys"), c.tensor("layers." + i + ".values"));
+        int hk = 2, L = 512, checked = 0;
+        try (Context ctx = new Context()) {
+            for (String mn : new String[] {"snapkv", "ada-snapkv", "streamingllm", "knorm", "tova"}) {
+                St e = new St(dir().resolve("pub4-3layer-L512." + mn + ".expected.safetensors"));
+                Selection s = ctx.select(params(c, Params.methodFromName(mn)), seqs, null);
+                assertEquals(3 * hk, s.headLens.length, mn);
+                assertEquals(3 * hk * L, s.keepMask.length, mn);
+                for (int i = 0; i < 3; i++) {
+                    int[] lens = new int[hk]; e.bytes("layers." + i + ".head_lens").asIntBuffer().get(lens);
+                    byte[] want = new byte[hk * L]; e.bytes("layers." + i + ".keep").get(want);
+                    assertArrayEquals(lens, Arrays.copyOfRange(s.headLens, i * hk, (i + 1) * hk), mn + " seq " + i + " head_lens");
+                    assertArrayEquals(want, Arrays.copyOfRange(s.keepMask, i * hk * L, (i + 1) * hk * L), mn + " seq " + i + " keep set");
+                    checked++;
+                }
+            }
+        }
+        assertEquals(15, checked);
+    }
+
+    /** Keys/values [Hk, L, d] cut to their first n positions (a shorter sequence). */
+    static Tensor prefix(Tensor t, int n) {
+        int hk = (int) t.shape[0], L = (int) t.shape[1], d = (int) t.shape[2];
+        FloatBuffer src = t.buffer().asFloatBuffer();
+        ByteBuffer b = ByteBuffer.allocateDirect(4 * hk * n * d).order(ByteOrder.nativeOrder());
+        for (int h = 0; h < hk; h++)
+            for (int j = 0; j < n * d; j++) b.putFloat(4 * (h * n * d + j), src.get(h * L * d + j));
+        return Tensor.of(b, Tensor.F32, hk, n, d);
+    }
+
+    /** A ragged batch (L = 512 and 400): each sequence selects as it does alone, and compaction
+     *  moves the kept rows to the front of each sequence's own buffers. */
+    @Test void raggedBatchSelectsAndCompactsPerSequence() throws Exception {
+        St c = new St(dir().resolve("pub4-3layer-L512.case.safetensors"));
+        Tensor q0 = c.tensor("layers.0.queries"), k0 = c.tensor("layers.0.keys"), v0 = c.tensor("layers.0.values");
+        Tensor q1 = c.tensor("layers.1.queries"), k1 = prefix(c.tensor("layers.1.keys"), 400), v1 = prefix(c.tensor("layers.1.values"), 400);
+        Tensor o = c.tensor("layers.0.o_proj");
+        float[] orig1 = new float[k1.buffer().capacity() / 4]; k1.buffer().asFloatBuffer().get(orig1);
+        try (Context ctx = new Context()) {
+            Params p = params(c, Params.DEFENSIVEKV);
+            Selection a = ctx.select(p, q0, k0, v0, o), b = ctx.select(p, q1, k1, v1, o);
+            Sequence[] seqs = {Sequence.ofQueries(q0, k0, v0), Sequence.ofQueries(q1, k1, v1)};
+            Selection s = ctx.select(p, seqs, o);
+            assertEquals(2 * 512 + 2 * 400, s.keepMask.length);
+            for (int h = 0; h < 2; h++) {
+                assertArrayEquals(a.kept(h), s.kept(h), "seq 0 head " + h);
+                assertArrayEquals(b.kept(h), s.kept(2 + h), "seq 1 head " + h);
+            }
+            ctx.compactInPlace(seqs, o, s);
+            FloatBuffer kb = k1.buffer().asFloatBuffer();
+            int d = 32, moved = 0;
+            for (int h = 0; h < 2; h++) {
+                int[] kept = s.kept(2 + h);
+                for (int j = 0; j < kept.length; j++) {
+                    for (int x = 0; x < d; x++) assertEquals(orig1[(h * 400 + kept[j]) * d + x], kb.get((h * 400 + j) * d + x));
+                    if (kept[j] != j) moved++;
+                }
+            }
+            assertTrue(moved > 0, "no row of sequence 1 moved");
+            assertThrows(DefkvException.class, () -> ctx.select(p, new Sequence[0], o));
+        }
+    }
+
     @Test void createCompressCloseLoopDoesNotGrow() throws Exception {
         St c = new St(dir().resolve("pub2-g1-L300.case.safetensors"));
         Tensor q = c.tensor("layers.0.queries"), k = c.tensor("layers.0.keys"), v = c.tensor("layers.0.values"), o = c.tensor("layers.0.o_proj");
