@@ -942,7 +942,7 @@ defkv_status VulkanBackend::attention(const SeqViews &in, const SeqShape &s, con
                     bs[0] = qb;
                     bs[1] = kb;
                     bs[2] = rows_b;
-                    VK_TRY(dispatch(P_LOGITS, bs, &pc, sizeof pc, static_cast<uint32_t>((T + 63) / 64), 1, 1, msg));
+                    VK_TRY(dispatch(P_LOGITS, bs, &pc, sizeof pc, static_cast<uint32_t>((T + 255) / 256), 1, 1, msg));
                 }
             } else {
                 const View &A = in.attention;

@@ -2,7 +2,7 @@
 // Projected value norm of query head h for a chunk of T tokens of KV head k:
 //   out[t] (+)= sum_c | sum_i V[t, i] * Wo[c, i] |,   c < D,
 // with Wo[c, i] = o_proj[c, h*d + i]. A workgroup owns 16 tokens (d <= SV / 16); their
-// value rows sit in shared memory, each invocation owns output columns c = lid, lid+64, ...,
+// value rows sit in shared memory, each invocation owns output columns c = lid + 64 j (four per step),
 // and the absolute sums are reduced across the workgroup in shared memory (the epilogue), so
 // the T x D product never leaves registers. Loops over the 16 tile rows have constant bounds
 // (rows past the chunk are zero in shared memory) so the accumulators stay in registers. The last head of the group applies 1/G and the
@@ -42,17 +42,29 @@ void main() {
         sv[x] = t < nt ? load_v(pc.v_dtype, pc.v_base + (t0 + t) * pc.v_s1 + i * pc.v_s2) : 0.0;
     }
     barrier();
+    // Each invocation owns four columns per step (c = cb + lid + 64 j), so every shared-memory
+    // read of the value tile feeds four FMAs (CPU drivers such as lavapipe gather it per lane).
     float part[16];
     [[unroll]] for (uint a = 0u; a < 16u; a++) part[a] = 0.0;
-    for (uint c = lid; c < pc.D; c += 64u) {
-        float acc[16];
-        [[unroll]] for (uint a = 0u; a < 16u; a++) acc[a] = 0.0;
-        const uint ob = pc.o_base + c * pc.o_s0;
-        for (uint i = 0u; i < pc.d; i++) {
-            const float wv = load_o(pc.o_dtype, ob + i * pc.o_s1);
-            [[unroll]] for (uint a = 0u; a < 16u; a++) acc[a] = fma(sv[a * pc.d + i], wv, acc[a]);
+    for (uint cb = 0u; cb < pc.D; cb += 256u) {
+        vec4 acc[16];
+        [[unroll]] for (uint a = 0u; a < 16u; a++) acc[a] = vec4(0.0);
+        uint ob[4];
+        bool ok[4];
+        [[unroll]] for (uint j = 0u; j < 4u; j++) {
+            const uint c = cb + lid + 64u * j;
+            ok[j] = c < pc.D;
+            ob[j] = pc.o_base + (ok[j] ? c : 0u) * pc.o_s0;
         }
-        [[unroll]] for (uint a = 0u; a < 16u; a++) part[a] += abs(acc[a]);
+        for (uint i = 0u; i < pc.d; i++) {
+            vec4 wv;
+            [[unroll]] for (uint j = 0u; j < 4u; j++) wv[j] = ok[j] ? load_o(pc.o_dtype, ob[j] + i * pc.o_s1) : 0.0;
+            [[unroll]] for (uint a = 0u; a < 16u; a++) acc[a] = fma(vec4(sv[a * pc.d + i]), wv, acc[a]);
+        }
+        [[unroll]] for (uint a = 0u; a < 16u; a++) {
+            const vec4 x = abs(acc[a]);
+            part[a] += (x.x + x.y) + (x.z + x.w);
+        }
     }
     [[unroll]] for (uint a = 0u; a < 16u; a++) red[a * 64u + lid] = part[a];
     barrier();
