@@ -436,6 +436,19 @@ private:
     VkDeviceSize align_ = 4;
     uint32_t sq_floats_ = 0, sv_floats_ = 0;
     bool coopmat_ = false; // VK_NV_cooperative_matrix reported (a tensor-core pnorm variant may use it)
+    bool trace_ = false;   // DEFKV_VULKAN_TRACE: one line per op on stderr (dispatches, submits)
+    int64_t n_dispatch_ = 0, n_submit_ = 0;
+    void trace(const char *op, const std::string &detail) {
+        if (trace_)
+            std::fprintf(stderr, "defkv vulkan: %s: %s, %lld dispatches, %lld submits (window %lld bytes)\n", op,
+                         detail.c_str(), static_cast<long long>(n_dispatch_), static_cast<long long>(n_submit_),
+                         static_cast<long long>(max_range_));
+        n_dispatch_ = n_submit_ = 0;
+    }
+    // The projected-norm pipeline for this device. Only the portable shader exists today; a
+    // GL_NV_cooperative_matrix variant (tensor cores) would be returned here when coopmat_ is set
+    // and the device was created with the extension and its feature enabled.
+    Pipe pnorm_pipe() const { return P_PNORM; }
 
     VkDescriptorSetLayout dsl_ = VK_NULL_HANDLE;
     VkPipelineLayout layout_ = VK_NULL_HANDLE;
@@ -555,6 +568,11 @@ defkv_status VulkanBackend::init(const defkv_context_options &o, std::string *ms
         if (v >= 4096 && v < max_range_) max_range_ = v;
     }
     align_ = std::max<VkDeviceSize>(4, props_.limits.minStorageBufferOffsetAlignment);
+    trace_ = std::getenv("DEFKV_VULKAN_TRACE") != nullptr;
+    if (trace_)
+        std::fprintf(stderr, "defkv vulkan: device '%s', max storage buffer range %u, shared memory %u, offset alignment %llu%s\n",
+                     props_.deviceName, props_.limits.maxStorageBufferRange, props_.limits.maxComputeSharedMemorySize,
+                     static_cast<unsigned long long>(align_), coopmat_ ? ", VK_NV_cooperative_matrix" : "");
     const uint32_t shared = props_.limits.maxComputeSharedMemorySize;
     // Shared-memory tiles: 16 query (or value) rows of d floats; d <= floats / 16.
     sq_floats_ = std::min<uint32_t>(8192, shared / 4);
@@ -807,6 +825,7 @@ defkv_status VulkanBackend::dispatch(Pipe p, const Bind *binds, const void *pc, 
     fd_.vkCmdBindDescriptorSets(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, layout_, 0, 1, &set, 0, nullptr);
     fd_.vkCmdPushConstants(cmd_, layout_, VK_SHADER_STAGE_COMPUTE_BIT, 0, pc_bytes, pc);
     fd_.vkCmdDispatch(cmd_, gx, gy, gz);
+    n_dispatch_++;
     return DEFKV_SUCCESS;
 }
 
@@ -836,6 +855,7 @@ defkv_status VulkanBackend::flush(std::string *msg) {
         si.sType = VK_STRUCTURE_TYPE_SUBMIT_INFO;
         si.commandBufferCount = 1;
         si.pCommandBuffers = &cmd_;
+        n_submit_++;
         r = fd_.vkQueueSubmit(queue_, 1, &si, fence_);
         if (r != VK_SUCCESS) return vk_fail(r, "vkQueueSubmit", msg);
         r = fd_.vkWaitForFences(dev_, 1, &fence_, VK_TRUE, UINT64_MAX);
@@ -1010,6 +1030,8 @@ defkv_status VulkanBackend::attention(const SeqViews &in, const SeqShape &s, con
     }
     VK_TRY(flush(msg));
 
+    trace("attention", strf("H=%lld L=%lld W=%lld, %lld query rows per block", static_cast<long long>(H),
+                            static_cast<long long>(L), static_cast<long long>(W), static_cast<long long>(Wb)));
     // Results back to the host.
     const float *stats = reinterpret_cast<const float *>(bufs_[S_STATS].map);
     double so = 0.0, sw = 0.0;
@@ -1106,12 +1128,14 @@ defkv_status VulkanBackend::projected_norm(const SeqViews &in, const SeqShape &s
                 bs[1] = ob;
                 if (masked) bs[3] = maskb;
                 bs[5] = outb;
-                VK_TRY(dispatch(P_PNORM, bs, &pc, sizeof pc, static_cast<uint32_t>((T + TT - 1) / TT), 1, 1, msg));
+                VK_TRY(dispatch(pnorm_pipe(), bs, &pc, sizeof pc, static_cast<uint32_t>((T + TT - 1) / TT), 1, 1, msg));
             }
             barrier();
         }
     }
     VK_TRY(flush(msg));
+    trace("projected_norm", strf("n=%lld D=%lld, %lld tokens / %lld columns per chunk", static_cast<long long>(n_tokens),
+                                 static_cast<long long>(D), static_cast<long long>(Tmax), static_cast<long long>(Cmax)));
     std::memcpy(out, bufs_[S_OUT].map, static_cast<size_t>(Hk * n_tokens) * 4);
     return DEFKV_SUCCESS;
 }
@@ -1145,6 +1169,7 @@ defkv_status VulkanBackend::key_norm(const SeqViews &in, const SeqShape &s, floa
             VK_TRY(dispatch(P_KEYNORM, bs, &pc, sizeof pc, static_cast<uint32_t>((T + 63) / 64), 1, 1, msg));
         }
     VK_TRY(flush(msg));
+    trace("key_norm", strf("L=%lld, %lld tokens per chunk", static_cast<long long>(L), static_cast<long long>(Tmax)));
     std::memcpy(out, bufs_[S_OUT].map, static_cast<size_t>(Hk * L) * 4);
     return DEFKV_SUCCESS;
 }
@@ -1208,7 +1233,9 @@ defkv_status VulkanBackend::copy_rows(const Src &src, int64_t s_step, const Src 
         VK_TRY(dispatch(P_COPYROWS, bs, &pc, sizeof pc, static_cast<uint32_t>((d + 63) / 64), gy, 1, msg));
     }
     barrier();
-    return flush(msg);
+    defkv_status st = flush(msg);
+    trace("copy_rows", strf("%lld rows in %zu chunks", static_cast<long long>(n), chunks.size()));
+    return st;
 }
 
 // Writes packed rows [n, d] (esize bytes each) from a mapped buffer into host rows.

@@ -582,14 +582,27 @@ int main() {
         return 1;
     }
     const OpCase cases[] = {
+        // (the last case runs on a second backend whose storage-buffer windows are capped at
+        // 64 KiB: keys, attention rows (query blocks), o_proj columns and compaction in chunks)
         {"f32 head-major G=4 host", 8, 2, 64, 96, 300, 32, DEFKV_DTYPE_F32, false, false, false, false},
         {"f16 token-major odd d G=3 masked host", 6, 2, 13, 20, 211, 9, DEFKV_DTYPE_F16, true, false, true, false},
         {"bf16 G=8 VkBuffer", 8, 1, 32, 48, 150, 16, DEFKV_DTYPE_BF16, false, false, false, true},
         {"f16 token-major odd d VkBuffer masked", 4, 4, 7, 9, 77, 5, DEFKV_DTYPE_F16, true, false, true, true},
         {"given attention f32 VkBuffer", 4, 2, 16, 32, 120, 8, DEFKV_DTYPE_F32, false, true, false, true},
         {"given attention bf16 host L=W+1", 2, 1, 8, 8, 9, 8, DEFKV_DTYPE_BF16, false, true, false, false},
+        {"chunked: 64 KiB windows, token-major f32 VkBuffer masked", 4, 2, 16, 300, 2100, 32, DEFKV_DTYPE_F32, true, false,
+         true, true},
     };
-    for (const OpCase &c : cases) run_ops(*cpu, *vk, v, c);
+    const size_t n_cases = sizeof cases / sizeof cases[0];
+    for (size_t i = 0; i + 1 < n_cases; i++) run_ops(*cpu, *vk, v, cases[i]);
+    {
+        setenv("DEFKV_VULKAN_MAX_RANGE", "65536", 1);
+        std::unique_ptr<defkv::Backend> small;
+        st = defkv::backend_create(opts, &pool, 2, &small, &msg);
+        unsetenv("DEFKV_VULKAN_MAX_RANGE");
+        CHECK(st == DEFKV_SUCCESS, "backend with 64 KiB windows: %s", msg.c_str());
+        if (small) run_ops(*cpu, *small, v, cases[n_cases - 1]);
+    }
     vk.reset();
     api_on_device(v);
     CHECK(g_vk_messages == 0, "%d validation message(s) on the caller's instance", g_vk_messages);
