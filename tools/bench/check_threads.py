@@ -9,7 +9,11 @@ Prints 'identical' and exits 0, or names the first difference and exits 1."""
 import ctypes as C
 import sys
 
-import numpy as np
+try:
+    import numpy as np
+except ImportError:
+    print('SKIP: numpy is not installed for this interpreter (apt-get install python3-numpy)')
+    sys.exit(77)
 
 
 class T(C.Structure):
