@@ -610,6 +610,7 @@ int main() {
     v.vkDestroyDevice(v.dev, nullptr);
     v.vkDestroyDebugUtilsMessengerEXT(v.inst, v.messenger, nullptr);
     v.vkDestroyInstance(v.inst, nullptr);
+    CHECK(g_checks >= 180, "only %d checks ran", g_checks); // 7 op cases x 24 + the API block
     std::fprintf(stderr, "vk_ops: %d checks, %d failures\n", g_checks, g_failures);
     return g_failures ? 1 : 0;
 }

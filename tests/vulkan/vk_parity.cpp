@@ -583,6 +583,9 @@ int main(int argc, char **argv) {
 
     defkv_context_destroy(cpu);
     defkv_context_destroy(vk);
+    // A run that compared nothing must fail: golden 60 (4 cases x 10 methods, the 3-layer case per
+    // layer), random 67, long 5.
+    CHECK(g_compared == 132, "%d selections compared, expected 132", g_compared);
     std::fprintf(stderr, "vk_parity: %d selections compared, %d checks, %d failures, max relative score error %.3g\n",
                  g_compared, g_checks, g_failures, g_max_score_err);
     return g_failures ? 1 : 0;
