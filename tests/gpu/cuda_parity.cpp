@@ -8,6 +8,7 @@
 //     --self-check  runs the harness with the CPU backend on both sides (no GPU needed): proves the
 //                   harness itself (data, layouts, guards, tolerances, counting) before a GPU run
 //     --inject-fault  perturbs one result of the tested side: the run must then fail
+//     --case N      only case N of the list (the number each result line prints)
 //
 // Outputs sit between guard words that must survive every call; every comparison is counted and
 // a run that compared nothing fails. Each failure prints the case so it can be rerun.
@@ -33,6 +34,7 @@ namespace {
 
 int g_checks = 0, g_failures = 0;
 bool g_self = false, g_small = false, g_inject = false;
+int g_only_case = -1; // --case N: run only case N of the list (to rerun a failure)
 
 #define CHECK(cond, ...)                                                  \
     do {                                                                  \
@@ -563,8 +565,9 @@ int main(int argc, char **argv) {
         if (!std::strcmp(argv[i], "--small")) g_small = true;
         else if (!std::strcmp(argv[i], "--self-check")) g_self = true;
         else if (!std::strcmp(argv[i], "--inject-fault")) g_inject = true;
+        else if (!std::strcmp(argv[i], "--case") && i + 1 < argc) g_only_case = std::atoi(argv[++i]);
         else {
-            std::fprintf(stderr, "cuda_parity: unknown argument '%s' (expected --small, --self-check or --inject-fault)\n", argv[i]);
+            std::fprintf(stderr, "cuda_parity: unknown argument '%s' (expected --small, --self-check, --inject-fault or --case N)\n", argv[i]);
             return 2;
         }
     }
@@ -605,12 +608,15 @@ int main(int argc, char **argv) {
     const std::vector<Case> list = cases();
     int n_cases = 0;
     for (const Case &c : list) {
+        if (g_only_case >= 0 && n_cases++ != g_only_case) continue;
         const int before = g_failures;
         check_ops(be, c);
         check_compaction(be, c);
         if (c.L * c.Hk <= 40000) check_methods(cpu, gpu, c);
-        n_cases++;
-        std::printf("  %-4s %s\n", g_failures == before ? "ok" : "FAIL", c.str().c_str());
+        if (g_only_case < 0) n_cases++;
+        std::printf("  %-4s case %d: %s\n", g_failures == before ? "ok" : "FAIL",
+                    g_only_case >= 0 ? g_only_case : n_cases - 1, c.str().c_str());
+        std::fflush(stdout);
     }
     check_errors(be);
     defkv_context_destroy(cpu);

@@ -16,13 +16,42 @@
 # Logs go to $OUT (the device tool brings them back) or /tmp/defkv-device-check.
 set -u
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-B=${1:-$ROOT/build-cuda-bundle}
+B=$ROOT/build-cuda-bundle
+[ $# -gt 0 ] && [ "$1" != "--table" ] && B=$1
 LOGS=${OUT:-/tmp/defkv-device-check}
 mkdir -p "$LOGS"
 export LD_LIBRARY_PATH="$B/lib:${LD_LIBRARY_PATH:-}"
 export PATH="$PATH:/usr/local/cuda/bin"
 T0=$(date +%s)
 declare -a ROWS
+
+print_table() {
+  echo
+  echo "================ defkv CUDA device check ($(( $(date +%s) - T0 ))s, commit $(cat "$B/COMMIT" 2>/dev/null | cut -c1-12)) ================"
+  for r in "${ROWS[@]}"; do echo "$r"; done
+  echo "--- benchmark (H=32 Hk=8 d=128 D=4096 bf16 W=32; ms = median wall time per call) ---"
+  grep -h '^BENCH' "$LOGS/bench.log" 2>/dev/null | grep -E 'device=|phase=cublas'
+  printf '%-8s %10s %10s %8s %8s %10s %10s %10s %7s\n' L attn_ms pn_ms pn_TF pn_%gemm select_ms compact_ms torch_ms speedup
+  for L in 8192 32768 131072; do
+    a=$(grep -h "^BENCH L=$L phase=attention" "$LOGS/bench.log" 2>/dev/null | sed 's/.*ms=//')
+    pl=$(grep -h "^BENCH L=$L phase=projected_norm" "$LOGS/bench.log" 2>/dev/null)
+    p=$(echo "$pl" | sed -n 's/.* ms=\([0-9.]*\).*/\1/p'); tf=$(echo "$pl" | sed -n 's/.*tflops=\([0-9.]*\).*/\1/p')
+    pc=$(echo "$pl" | sed -n 's/.*pct_of_gemm=\([0-9.]*\).*/\1/p')
+    s=$(grep -h "^BENCH L=$L phase=select" "$LOGS/bench.log" 2>/dev/null | sed -n 's/.* ms=\([0-9.]*\).*/\1/p')
+    c=$(grep -h "^BENCH L=$L phase=compact" "$LOGS/bench.log" 2>/dev/null | sed 's/.*ms=//')
+    t=$(grep -h "^TORCH L=$L " "$LOGS/torch.log" 2>/dev/null | sed 's/.*ms=//')
+    sp=$(awk -v a="$t" -v b="$s" 'BEGIN{ if (a > 0 && b > 0) printf "%.2fx", a / b; else print "-" }')
+    printf '%-8s %10s %10s %8s %8s %10s %10s %10s %7s\n' "$L" "${a:--}" "${p:--}" "${tf:--}" "${pc:--}" "${s:--}" "${c:--}" "${t:--}" "$sp"
+  done
+  echo "targets: pn >= 50% of the GEMM rate; select <= 3 ms at L=32768; >= 2x faster than torch"
+}
+
+# --table: print the table again from the logs of an earlier run (in $OUT) and stop.
+if [ "${1:-}" = "--table" ]; then
+  ROWS=("(step verdicts: see the earlier run)")
+  print_table
+  exit 0
+fi
 
 step() { # step NAME TIMEOUT_S COMMAND...
   local name=$1 limit=$2
@@ -64,22 +93,4 @@ fi
 # 5-6. speed
 step bench 150 "$B/bin/cuda_bench"
 step torch 120 python3 "$ROOT/tests/gpu/torch_defensivekv.py"
-
-echo
-echo "================ defkv CUDA device check ($(( $(date +%s) - T0 ))s, commit $(cat "$B/COMMIT" 2>/dev/null | cut -c1-12)) ================"
-for r in "${ROWS[@]}"; do echo "$r"; done
-echo "--- benchmark (H=32 Hk=8 d=128 D=4096 bf16 W=32; ms = median wall time per call) ---"
-grep -h '^BENCH' "$LOGS/bench.log" 2>/dev/null | grep -E 'device|gemm'
-printf '%-8s %10s %10s %8s %8s %10s %10s %10s %7s\n' L attn_ms pn_ms pn_TF pn_%gemm select_ms compact_ms torch_ms speedup
-for L in 8192 32768 131072; do
-  a=$(grep -h "^BENCH L=$L phase=attention" "$LOGS/bench.log" 2>/dev/null | sed 's/.*ms=//')
-  pl=$(grep -h "^BENCH L=$L phase=projected_norm" "$LOGS/bench.log" 2>/dev/null)
-  p=$(echo "$pl" | sed -n 's/.* ms=\([0-9.]*\).*/\1/p'); tf=$(echo "$pl" | sed -n 's/.*tflops=\([0-9.]*\).*/\1/p')
-  pc=$(echo "$pl" | sed -n 's/.*pct_of_gemm=\([0-9.]*\).*/\1/p')
-  s=$(grep -h "^BENCH L=$L phase=select" "$LOGS/bench.log" 2>/dev/null | sed -n 's/.* ms=\([0-9.]*\).*/\1/p')
-  c=$(grep -h "^BENCH L=$L phase=compact" "$LOGS/bench.log" 2>/dev/null | sed 's/.*ms=//')
-  t=$(grep -h "^TORCH L=$L " "$LOGS/torch.log" 2>/dev/null | sed 's/.*ms=//')
-  sp=$(awk -v a="$t" -v b="$s" 'BEGIN{ if (a > 0 && b > 0) printf "%.2fx", a / b; else print "-" }')
-  printf '%-8s %10s %10s %8s %8s %10s %10s %10s %7s\n' "$L" "${a:--}" "${p:--}" "${tf:--}" "${pc:--}" "${s:--}" "${c:--}" "${t:--}" "$sp"
-done
-echo "targets: pn >= 50% of the GEMM rate; select <= 3 ms at L=32768; >= 2x faster than torch"
+print_table
