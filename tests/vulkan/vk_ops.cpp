@@ -366,6 +366,21 @@ void run_ops(defkv::Backend &cpu, defkv::Backend &vk, Vk &v, const OpCase &c) {
         defkv_status st = (be ? vk : cpu).attention(be ? dv : host, s, req, &msg);
         CHECK(st == DEFKV_SUCCESS, "%s attention (%s): %s", c.name, be ? "vulkan" : "cpu", msg.c_str());
     }
+    {
+        // The Vulkan results do not depend on the run: a second run gives the same bits.
+        std::vector<float> again(H * P, NAN), dm(Hk * P, NAN);
+        defkv::AttentionRequest req;
+        req.scale = 1.0f / std::sqrt(static_cast<float>(d));
+        req.kernel = 5;
+        req.masked = c.masked ? mask.data() : nullptr;
+        req.mean_w = again.data();
+        req.def_max = dm.data();
+        std::string msg;
+        defkv_status st = vk.attention(dv, s, req, &msg);
+        CHECK(st == DEFKV_SUCCESS && std::memcmp(again.data(), mean[1].data(), again.size() * 4) == 0 &&
+                  std::memcmp(dm.data(), dmax[1].data(), dm.size() * 4) == 0,
+              "%s: a second Vulkan attention run differs", c.name);
+    }
     close_rel("attention mean_w", mean[0], mean[1], 1e-4);
     close_rel("attention def_max", dmax[0], dmax[1], 1e-4);
     close_rel("attention def_avg", davg[0], davg[1], 1e-4);

@@ -324,6 +324,9 @@ defkv_context *make_ctx(int32_t backend) {
 }
 
 int g_compared = 0;
+// Self-check of the harness (--perturb-keep / --perturb-score): the Vulkan result is altered
+// before the comparison, which must then fail (CTest WILL_FAIL).
+int g_perturb = 0;
 
 void parity_case(defkv_context *cpu, defkv_context *vk, const Case &c, const std::vector<int32_t> &methods) {
     Built b;
@@ -346,6 +349,8 @@ void parity_case(defkv_context *cpu, defkv_context *vk, const Case &c, const std
             continue; // methods without attention ignore the given probabilities: same as the query cases
         Result a = run_select(cpu, p, b.layer, nheads, entries);
         Result v = run_select(vk, p, b.layer, nheads, entries);
+        if (g_perturb == 1 && !v.keep.empty()) v.keep[v.keep.size() / 2] ^= 1;
+        if (g_perturb == 2 && !v.scores.empty()) v.scores[v.scores.size() / 2] *= 1.001f;
         const std::string what = c.name + " / " + k_names[m];
         compare(what, a, v, c.Ls, c.Hk);
         g_compared++;
@@ -523,6 +528,19 @@ int main(int argc, char **argv) {
     defkv_context *cpu = make_ctx(DEFKV_BACKEND_CPU), *vk = make_ctx(DEFKV_BACKEND_VULKAN);
     if (!cpu || !vk) return 1;
     CHECK(defkv_context_backend(vk) == DEFKV_BACKEND_VULKAN, "context backend is %d", defkv_context_backend(vk));
+    if (argc > 2) {
+        g_perturb = std::strcmp(argv[2], "--perturb-keep") == 0 ? 1 : std::strcmp(argv[2], "--perturb-score") == 0 ? 2 : 0;
+        if (!g_perturb) {
+            std::fprintf(stderr, "unknown option %s (expected --perturb-keep or --perturb-score)\n", argv[2]);
+            return 2;
+        }
+        Case c; c.name = "self-check"; c.H = 4; c.Hk = 2; c.d = 8; c.D = 16; c.W = 4; c.Ls = {40}; c.seed = 11;
+        parity_case(cpu, vk, c, {DEFKV_METHOD_SNAPKV});
+        defkv_context_destroy(cpu);
+        defkv_context_destroy(vk);
+        std::fprintf(stderr, "self-check (%s): %d failures (the harness must report at least one)\n", argv[2], g_failures);
+        return g_failures ? 1 : 0;
+    }
 
     golden(cpu, vk, dir);
     std::fprintf(stderr, "golden: %d (case, method, layer) comparisons, %d failures so far\n", g_compared, g_failures);
