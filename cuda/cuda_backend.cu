@@ -379,7 +379,9 @@ defkv_status cuda_backend_create(const defkv_context_options &opts, ThreadPool *
     DEFKV_CUDA_TRY(cudaSetDevice(device));
     cudaStream_t stream = static_cast<cudaStream_t>(opts.cuda_stream);
     const bool own = stream == nullptr;
-    if (own) DEFKV_CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    // A blocking stream: it orders after work the caller put on the legacy default stream (for
+    // example a cudaMemcpy that filled the cache), so an unaware caller never races with us.
+    if (own) DEFKV_CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamDefault));
     out->reset(new cuda::CudaBackend(device, stream, own));
     return DEFKV_SUCCESS;
 }

@@ -86,6 +86,7 @@ struct DevCopy {
             return;
         }
         cudaMemcpy(p, h.data(), h.size(), cudaMemcpyHostToDevice);
+        cudaDeviceSynchronize(); // the copy is complete before any stream reads it
     }
     ~DevCopy() {
         if (p) cudaFree(p);

@@ -5,14 +5,16 @@
 #   bash tests/gpu/make_device_bundle.sh        # builds build-cuda-bundle/ (sm_80 + sm_90 + PTX)
 #   device tool: run(command="bash tests/gpu/device_check.sh", carry=["build-cuda-bundle"], timeout_s=540)
 #
-# Steps (each with its own time limit; a failing step never stops the later ones):
-#   1. device info; the bundle's libdefkv.so holds sm_90 machine code (cuobjdump); the CUDA
-#      sources also compile with the device's own nvcc for sm_90a (a build for the device)
-#   2. test_cuda_available: the backend reports itself available on this machine
-#   3. cuda_parity: every op and method on CUDA against the CPU, full case list
-#   4. compute-sanitizer memcheck on cuda_parity --small
-#   5. cuda_bench: Llama-3.1-8B-shaped layer at L = 8k, 32k, 128k + cuBLAS bf16 GEMM ceiling
-#   6. torch_defensivekv.py: the same method in PyTorch, same shapes, same run
+# Steps, in this order (each under its own limit, all under DEFKV_DEVICE_BUDGET_S = 450 s; a
+# failing step never stops the later ones):
+#   sass_sm90   the bundle's libdefkv.so holds sm_90 machine code (cuobjdump)
+#   available   test_cuda_available: the backend reports itself available on this machine
+#   parity      cuda_parity: every op and method on CUDA against the CPU, full case list
+#   memcheck    compute-sanitizer memcheck on cuda_parity --small
+#   bench       cuda_bench: Llama-3.1-8B-shaped layer at L = 8k, 32k, 128k + cuBLAS bf16 GEMM
+#   torch       torch_defensivekv.py: the same method in PyTorch, same shapes, same run
+#   racecheck   compute-sanitizer racecheck on one bf16 GQA case (tensor-core projected norm)
+#   nvcc_sm90a  the CUDA sources compile with the device's own nvcc for sm_90a
 # Logs go to $OUT (the device tool brings them back) or /tmp/defkv-device-check.
 # DEFKV_SKIP_NVCC=1 skips the sm_90a compile (a dry run of the script on the build machine).
 set -u
@@ -54,10 +56,18 @@ if [ "${1:-}" = "--table" ]; then
   exit 0
 fi
 
-step() { # step NAME TIMEOUT_S COMMAND...
+BUDGET=${DEFKV_DEVICE_BUDGET_S:-450} # all steps together stay under this many seconds
+
+step() { # step NAME TIMEOUT_S COMMAND...   (the limit is cut to what is left of BUDGET)
   local name=$1 limit=$2
   shift 2
   local t=$(date +%s)
+  local left=$(( BUDGET - (t - T0) ))
+  if [ $left -lt 10 ]; then
+    ROWS+=("$(printf '%-22s %-12s' "$name" 'NOT RUN (time budget)')")
+    return
+  fi
+  [ $limit -gt $left ] && limit=$left
   echo "=== $name (limit ${limit}s): $*"
   timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1
   local rc=$?
@@ -78,20 +88,24 @@ echo "bundle commit: $(cat "$B/COMMIT" 2>/dev/null)"
 nvidia-smi -L 2>&1 | head -2
 nvcc --version 2>&1 | tail -1
 
-# 1. code for this device
-step sass_sm90 30 bash -c "cuobjdump --list-elf '$B/lib/libdefkv.so.0' | tee /dev/stderr | grep -q sm_90"
-[ -n "${DEFKV_SKIP_NVCC:-}" ] || step nvcc_sm90a 240 bash -c "mkdir -p /tmp/defkv-nvcc && for f in '$ROOT'/cuda/*.cu; do \
-  nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -I'$ROOT/capi/include' -I'$ROOT/core' -I'$ROOT/cuda' \
-  -c \"\$f\" -o /tmp/defkv-nvcc/\$(basename \"\$f\").o & done; wait && ls /tmp/defkv-nvcc | wc -l | grep -qx 5"
-# 2-4. correctness
-step available 60 "$B/bin/test_cuda_available"
-step parity 180 "$B/bin/cuda_parity"
-if command -v compute-sanitizer >/dev/null; then
-  step memcheck 180 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 "$B/bin/cuda_parity" --small
+# code for this device, then correctness, then speed, then the slower extra checks
+step sass_sm90 20 bash -c "cuobjdump --list-elf '$B/lib/libdefkv.so.0' | tee /dev/stderr | grep -q sm_90"
+step available 30 "$B/bin/test_cuda_available"
+step parity 120 "$B/bin/cuda_parity"
+HAVE_SAN=0
+command -v compute-sanitizer >/dev/null && HAVE_SAN=1
+if [ $HAVE_SAN = 1 ]; then
+  step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 "$B/bin/cuda_parity" --small
 else
   ROWS+=("$(printf '%-22s %-12s' memcheck 'SKIP(no compute-sanitizer)')")
 fi
-# 5-6. speed
-step bench 150 "$B/bin/cuda_bench"
-step torch 120 python3 "$ROOT/tests/gpu/torch_defensivekv.py"
+step bench 120 "$B/bin/cuda_bench"
+step torch 60 python3 "$ROOT/tests/gpu/torch_defensivekv.py"
+if [ $HAVE_SAN = 1 ]; then
+  step racecheck 45 compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 20 "$B/bin/cuda_parity" --small --case 15
+fi
+[ -n "${DEFKV_SKIP_NVCC:-}" ] || step nvcc_sm90a 90 bash -c "mkdir -p /tmp/defkv-nvcc && for f in '$ROOT'/cuda/*.cu; do \
+  nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -I'$ROOT/capi/include' -I'$ROOT/core' -I'$ROOT/cuda' \
+  -c \"\$f\" -o /tmp/defkv-nvcc/\$(basename \"\$f\").o & done; wait && ls /tmp/defkv-nvcc | wc -l | grep -qx 5"
+
 print_table

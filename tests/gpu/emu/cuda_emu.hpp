@@ -100,6 +100,7 @@ enum cudaMemoryType { cudaMemoryTypeUnregistered = 0, cudaMemoryTypeHost, cudaMe
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 typedef void *cudaStream_t;
 #define cudaStreamNonBlocking 1
+#define cudaStreamDefault 0
 struct cudaDeviceProp {
     char name[256];
     int major, minor, multiProcessorCount;
