@@ -23,7 +23,9 @@ B=$ROOT/build-cuda-bundle
 [ $# -gt 0 ] && [ "$1" != "--table" ] && B=$1
 LOGS=${OUT:-/tmp/defkv-device-check}
 mkdir -p "$LOGS"
-export LD_LIBRARY_PATH="$B/lib:${LD_LIBRARY_PATH:-}"
+# the bundle's libraries, then wherever cuBLAS lives there (toolkit or the pip wheel of PyTorch)
+PIP_CUBLAS=$(python3 -c 'import nvidia.cublas as m, os; print(os.path.join(list(m.__path__)[0], "lib"))' 2>/dev/null)
+export LD_LIBRARY_PATH="$B/lib:${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64:${PIP_CUBLAS:-}"
 export PATH="$PATH:/usr/local/cuda/bin"
 T0=$(date +%s)
 declare -a ROWS
