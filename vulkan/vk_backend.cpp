@@ -417,6 +417,23 @@ private:
                           uint32_t gz, std::string *msg);
     void barrier();
     defkv_status flush(std::string *msg);
+    // Drops anything recorded but not submitted (an op that failed half-way must not leave
+    // commands that reference buffers the next op may reallocate).
+    void abandon() {
+        if (recording_) {
+            fd_.vkEndCommandBuffer(cmd_);
+            fd_.vkResetCommandBuffer(cmd_, 0);
+            recording_ = false;
+        }
+        if (sets_used_) {
+            fd_.vkResetDescriptorPool(dev_, pool_, 0);
+            sets_used_ = 0;
+        }
+    }
+    struct OpScope {
+        VulkanBackend *b;
+        ~OpScope() { b->abandon(); }
+    };
     defkv_status copy_rows(const Src &src, int64_t s_step, const Src &dst, int64_t d_step, int64_t esize, int64_t d,
                            const std::vector<std::pair<int64_t, int64_t>> &rows, std::string *msg);
 
@@ -737,6 +754,10 @@ defkv_status VulkanBackend::upload_bytes(const void *data, int64_t bytes, Slot s
 defkv_status VulkanBackend::upload(const View &v, Slot slot, Src *out, std::string *msg) {
     const int64_t es = dtype_size(v.dtype);
     if (v.memory == DEFKV_MEMORY_VULKAN_BUFFER) {
+        if (!v.handle) {
+            *msg = "a VkBuffer tensor has a null buffer";
+            return DEFKV_ERROR_INVALID_ARGUMENT;
+        }
         if (v.byte_offset % es != 0) {
             *msg = strf("a VkBuffer tensor's byte_offset (%lld) is not a multiple of its element size (%lld)",
                         static_cast<long long>(v.byte_offset), static_cast<long long>(es));
@@ -747,6 +768,10 @@ defkv_status VulkanBackend::upload(const View &v, Slot slot, Src *out, std::stri
     }
     if (v.memory != DEFKV_MEMORY_HOST) {
         *msg = strf("a tensor has memory kind %d; the Vulkan backend takes host memory or VkBuffers", v.memory);
+        return DEFKV_ERROR_INVALID_ARGUMENT;
+    }
+    if (!v.base) {
+        *msg = "a host tensor has no data";
         return DEFKV_ERROR_INVALID_ARGUMENT;
     }
     int64_t bytes = 0;
@@ -882,6 +907,7 @@ bool fits_u32(int64_t x) { return x >= 0 && x <= static_cast<int64_t>(UINT32_MAX
 
 defkv_status VulkanBackend::attention(const SeqViews &in, const SeqShape &s, const AttentionRequest &req,
                                       std::string *msg) {
+    OpScope scope{this};
     const int64_t H = s.H, Hk = s.Hk, G = s.G, d = s.d, L = s.L, W = s.W, P = s.P;
     const bool have_q = in.queries.present();
     if (have_q && d * 16 > sq_floats_) {
@@ -1064,6 +1090,7 @@ defkv_status VulkanBackend::attention(const SeqViews &in, const SeqShape &s, con
 
 defkv_status VulkanBackend::projected_norm(const SeqViews &in, const SeqShape &s, int64_t n_tokens,
                                            const uint8_t *masked, float *out, std::string *msg) {
+    OpScope scope{this};
     const int64_t H = s.H, Hk = s.Hk, G = s.G, d = s.d, D = s.D, L = s.L;
     if (n_tokens <= 0) return DEFKV_SUCCESS;
     if (d * 16 > sv_floats_) {
@@ -1143,6 +1170,7 @@ defkv_status VulkanBackend::projected_norm(const SeqViews &in, const SeqShape &s
 // ---- key norms ------------------------------------------------------------------------------
 
 defkv_status VulkanBackend::key_norm(const SeqViews &in, const SeqShape &s, float *out, std::string *msg) {
+    OpScope scope{this};
     const int64_t Hk = s.Hk, d = s.d, L = s.L;
     const View &K = in.keys;
     Src k;
@@ -1252,6 +1280,7 @@ void scatter_host(const char *packed, int64_t esize, int64_t d, char *base, cons
 
 defkv_status VulkanBackend::compact_inplace(const View &t, int64_t Hk, int64_t L, int64_t d, const int32_t *cu,
                                             const int32_t *idx, std::string *msg) {
+    OpScope scope{this};
     (void)L;
     const int64_t total = cu[Hk] - cu[0];
     if (total <= 0) return DEFKV_SUCCESS;
@@ -1280,6 +1309,7 @@ defkv_status VulkanBackend::compact_inplace(const View &t, int64_t Hk, int64_t L
 
 defkv_status VulkanBackend::compact_varlen(const View &src, int64_t Hk, int64_t d, const int32_t *cu, const int32_t *idx,
                                            const View &dst, std::string *msg) {
+    OpScope scope{this};
     const int64_t total = cu[Hk] - cu[0];
     if (total <= 0) return DEFKV_SUCCESS;
     const int64_t es = dtype_size(src.dtype);

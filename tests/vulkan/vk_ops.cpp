@@ -250,7 +250,7 @@ defkv::View device_view(const T &t, DevBuf &buf, int64_t off) {
     d.byte_offset = off;
     defkv::View v;
     std::string msg;
-    defkv::resolve_view(d, d.ndim, "test", &v, &msg);
+    if (!defkv::resolve_view(d, d.ndim, "test", &v, &msg)) std::fprintf(stderr, "device view: %s\n", msg.c_str());
     return v;
 }
 
@@ -617,6 +617,43 @@ int main() {
         unsetenv("DEFKV_VULKAN_MAX_RANGE");
         CHECK(st == DEFKV_SUCCESS, "backend with 64 KiB windows: %s", msg.c_str());
         if (small) run_ops(*cpu, *small, v, cases[n_cases - 1]);
+    }
+    {
+        // Bad input: a clear error naming the problem, and the backend keeps working after it.
+        Rng rng(5);
+        T k = make_tensor(rng, DEFKV_DTYPE_F32, {1, 20, 4}, {80, 4, 1}, 1.0f);
+        DevBuf b = make_buf(v, k.host.size() + 64);
+        defkv::SeqShape s;
+        s.H = 1; s.Hk = 1; s.G = 1; s.d = 4; s.L = 20; s.W = 4; s.P = 16;
+        defkv::SeqViews sv;
+        sv.keys = device_view(k, b, 8);
+        sv.keys.byte_offset = 2; // not a multiple of 4 bytes (the core rejects it earlier; the backend too)
+        std::vector<float> out(20);
+        std::string m;
+        defkv_status bad = vk->key_norm(sv, s, out.data(), &m);
+        CHECK(bad == DEFKV_ERROR_INVALID_ARGUMENT && m.find("byte_offset") != std::string::npos,
+              "misaligned VkBuffer offset: status %d, message '%s'", bad, m.c_str());
+        sv.keys = device_view(k, b, 8);
+        std::vector<float> ref(20);
+        defkv::SeqViews hv;
+        hv.keys = view_of(k);
+        CHECK(cpu->key_norm(hv, s, ref.data(), &m) == DEFKV_SUCCESS && vk->key_norm(sv, s, out.data(), &m) == DEFKV_SUCCESS,
+              "key_norm after an error: %s", m.c_str());
+        close_rel("key_norm after a rejected call", ref, out, 1e-5);
+        // a head dim beyond the shared-memory tiles is refused, naming d
+        T big = make_tensor(rng, DEFKV_DTYPE_F32, {1, 20, 1000}, {20000, 1000, 1}, 1.0f);
+        T q = make_tensor(rng, DEFKV_DTYPE_F32, {1, 4, 1000}, {4000, 1000, 1}, 1.0f);
+        s.d = 1000;
+        hv.keys = view_of(big);
+        hv.queries = view_of(q);
+        std::vector<float> mw(16);
+        defkv::AttentionRequest req;
+        req.scale = 0.03f;
+        req.mean_w = mw.data();
+        bad = vk->attention(hv, s, req, &m);
+        CHECK(bad == DEFKV_ERROR_UNSUPPORTED && m.find("d = 1000") != std::string::npos, "d = 1000: status %d, '%s'", bad,
+              m.c_str());
+        free_buf(v, b);
     }
     vk.reset();
     api_on_device(v);
