@@ -18,6 +18,7 @@
 #include <cstring>
 #include <ctime>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "defkv/defkv.h"
@@ -585,6 +586,32 @@ int main(int argc, char **argv) {
     for (const Case &c : cases) parity_case(cpu, vk, c, all);
     std::fprintf(stderr, "random: %d comparisons in all, %d failures so far\n", g_compared, g_failures);
 
+    // Two Vulkan contexts used concurrently from two threads (contexts are independent).
+    {
+        Case c; c.name = "two threads"; c.H = 4; c.Hk = 2; c.d = 16; c.D = 32; c.W = 8; c.Ls = {300}; c.seed = 12;
+        Built b;
+        build(c, &b);
+        defkv_params p;
+        defkv_params_default(&p);
+        p.method = DEFKV_METHOD_DEFENSIVEKV;
+        p.window = 8;
+        Result ref = run_select(cpu, p, b.layer, c.Hk, c.Hk * 300);
+        Result res[2];
+        std::thread th[2];
+        for (int i = 0; i < 2; i++)
+            th[i] = std::thread([&, i] {
+                defkv_context *x = make_ctx(DEFKV_BACKEND_VULKAN);
+                if (!x) return;
+                for (int rep = 0; rep < 3; rep++) res[i] = run_select(x, p, b.layer, c.Hk, c.Hk * 300);
+                defkv_context_destroy(x);
+            });
+        for (auto &t : th) t.join();
+        for (int i = 0; i < 2; i++) {
+            compare("two threads, thread " + std::to_string(i), ref, res[i], c.Ls, c.Hk);
+            g_compared++;
+        }
+    }
+
     // One long sequence with a lowered storage-buffer window: every op runs in chunks.
     {
         setenv("DEFKV_VULKAN_MAX_RANGE", "262144", 1);
@@ -602,8 +629,8 @@ int main(int argc, char **argv) {
     defkv_context_destroy(cpu);
     defkv_context_destroy(vk);
     // A run that compared nothing must fail: golden 60 (4 cases x 10 methods, the 3-layer case per
-    // layer), random 67, long 5.
-    CHECK(g_compared == 132, "%d selections compared, expected 132", g_compared);
+    // layer), random 67, two threads 2, long 5.
+    CHECK(g_compared == 134, "%d selections compared, expected 134", g_compared);
     std::fprintf(stderr, "vk_parity: %d selections compared, %d checks, %d failures, max relative score error %.3g\n",
                  g_compared, g_checks, g_failures, g_max_score_err);
     return g_failures ? 1 : 0;
