@@ -88,7 +88,7 @@ std::string vk_init(Vk *v) {
     v->vkEnumerateInstanceLayerProperties(&n, lp.data());
     bool have_layer = false;
     for (auto &p : lp) have_layer |= std::strcmp(p.layerName, "VK_LAYER_KHRONOS_validation") == 0;
-    if (!have_layer) return "VK_LAYER_KHRONOS_validation is not installed (package vulkan-validationlayers)";
+    if (!have_layer) return "skip: VK_LAYER_KHRONOS_validation is not installed (package vulkan-validationlayers)";
     const char *layer = "VK_LAYER_KHRONOS_validation";
     const char *ext = VK_EXT_DEBUG_UTILS_EXTENSION_NAME;
     VkApplicationInfo app{};
