@@ -81,6 +81,7 @@ static void m_batch_Hk(defkv_params *p, defkv_layer *l, defkv_sequence *seqs, re
 }
 static void m_memory(defkv_params *p, defkv_layer *l, defkv_sequence *seqs, rel_layer *r) { (void)p; (void)l; (void)r; SEQ0.keys.memory = DEFKV_MEMORY_CUDA_DEVICE; }
 static void m_reserved(defkv_params *p, defkv_layer *l, defkv_sequence *seqs, rel_layer *r) { (void)p; (void)l; (void)r; SEQ0.keys.reserved0 = 1; }
+static void m_misaligned_offset(defkv_params *p, defkv_layer *l, defkv_sequence *seqs, rel_layer *r) { (void)p; (void)l; (void)r; SEQ0.values.byte_offset = 2; }
 static void m_neg_offset(defkv_params *p, defkv_layer *l, defkv_sequence *seqs, rel_layer *r) { (void)p; (void)l; (void)r; SEQ0.keys.byte_offset = -4; }
 static void m_nan_keys(defkv_params *p, defkv_layer *l, defkv_sequence *seqs, rel_layer *r) { (void)p; (void)l; (void)seqs; r->k[1][17] = NAN; }
 static void m_inf_values(defkv_params *p, defkv_layer *l, defkv_sequence *seqs, rel_layer *r) { (void)p; (void)l; (void)seqs; r->v[0][5] = -INFINITY; }
@@ -122,6 +123,7 @@ static const bad_case kCases[] = {
     {"Hk differs within the batch", m_batch_Hk, DEFKV_ERROR_INVALID_ARGUMENT, "seqs[1]"},
     {"device memory on the CPU backend", m_memory, DEFKV_ERROR_INVALID_ARGUMENT, "memory"},
     {"reserved0 set", m_reserved, DEFKV_ERROR_INVALID_ARGUMENT, "reserved0"},
+    {"byte_offset not a multiple of the element size", m_misaligned_offset, DEFKV_ERROR_INVALID_ARGUMENT, "byte_offset"},
     {"negative byte_offset", m_neg_offset, DEFKV_ERROR_INVALID_ARGUMENT, "byte_offset"},
     {"NaN key (reject policy)", m_nan_keys, DEFKV_ERROR_NON_FINITE, "keys"},
     {"-Inf value (reject policy)", m_inf_values, DEFKV_ERROR_NON_FINITE, "values"},
