@@ -51,7 +51,7 @@ struct Options {
     std::vector<std::string> shapes{"llama3.1-8b", "smollm2-135m"};
     std::vector<int64_t> lengths{2048, 8192};
     std::vector<std::string> dtypes{"f32", "bf16"};
-    std::vector<std::string> methods{"defensivekv", "snapkv", "criticalkv", "knorm"};
+    std::vector<std::string> methods{"defensivekv", "snapkv", "knorm"};
     int32_t threads = 0;
     int repeats = 3;
     double ratio = 0.5;
@@ -71,7 +71,7 @@ void usage(FILE *f) {
                  "                    (default llama3.1-8b,smollm2-135m)\n"
                  "  --lengths LIST    cache lengths L, e.g. 2048,8192,32768 (suffix k = 1024; default 2k,8k)\n"
                  "  --dtypes LIST     f32, bf16, f16 (default f32,bf16)\n"
-                 "  --methods LIST    methods timed end to end, or all (default defensivekv,snapkv,criticalkv,knorm)\n"
+                 "  --methods LIST    methods timed end to end, or all (default defensivekv,snapkv,knorm)\n"
                  "  --threads N       CPU threads (0 = all cores; default 0)\n"
                  "  --repeats N       timed repetitions after one warm-up; the median is reported (default 3)\n"
                  "  --ratio R         compression ratio (default 0.5)\n"
