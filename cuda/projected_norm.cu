@@ -210,7 +210,12 @@ defkv_status projected_norm(const ProjectedNormArgs &a, cudaStream_t stream, std
     }
     defkv_status st = DEFKV_SUCCESS;
     bool done = false;
-    if (tensor_core_ok(a.values.dtype, a.o_proj.dtype, a.d))
+    // The tensor-core tiles need wmma_smem_bytes(d) of shared memory (136 KB at d = 256): more
+    // than some GPUs give a block (about 100 KB on sm_86/sm_89), which then take the f32 path.
+    int dev = 0, smem_max = 0;
+    DEFKV_CUDA_TRY(cudaGetDevice(&dev));
+    DEFKV_CUDA_TRY(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    if (tensor_core_ok(a.values.dtype, a.o_proj.dtype, a.d) && wmma_smem_bytes(a.d) <= static_cast<size_t>(smem_max))
         done = DEFKV_DISPATCH_HALF_TYPES(a.values.dtype, T, st = launch_wmma<T>(a, stream, msg));
     if (st != DEFKV_SUCCESS) return st;
     if (!done) {

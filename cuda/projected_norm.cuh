@@ -20,7 +20,8 @@ struct ProjectedNormArgs {
 };
 
 // Which product path projected_norm() takes for these dtypes and d: "tensor-core bf16",
-// "tensor-core f16" or "f32" (the f32 path handles every dtype mix and any d).
+// "tensor-core f16" or "f32" (the f32 path handles every dtype mix and any d). On a GPU whose
+// per-block shared memory is too small for the tensor-core tiles at this d, the f32 path runs.
 const char *projected_norm_path(int32_t values_dtype, int32_t oproj_dtype, int64_t d);
 
 defkv_status projected_norm(const ProjectedNormArgs &a, cudaStream_t stream, std::string *msg);

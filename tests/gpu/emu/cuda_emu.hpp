@@ -121,6 +121,9 @@ inline const char *cudaGetErrorName(cudaError_t e) { return e == cudaSuccess ? "
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 inline cudaError_t cudaGetDeviceCount(int *n) { *n = 1; return cudaSuccess; }
 inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
+inline cudaError_t cudaGetDevice(int *d) { *d = 0; return cudaSuccess; }
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+inline cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr, int) { *v = 227 * 1024; return cudaSuccess; } // H100/H200
 inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int) {
     std::snprintf(p->name, sizeof p->name, "defkv CPU emulation");
     p->major = 9;
