@@ -17,7 +17,8 @@
 //
 // Validation: with DEFKV_VULKAN_VALIDATION=1 in the environment, an instance the backend
 // creates enables VK_LAYER_KHRONOS_validation and a debug-utils messenger that prints every
-// message and aborts the process (the tests run this way).
+// message and fails the op during which it arrived (DEFKV_ERROR_BACKEND_FAILURE); with
+// DEFKV_VULKAN_VALIDATION=abort it also aborts the process (the tests run this way).
 #define VK_NO_PROTOTYPES
 #include <dlfcn.h>
 #include <vulkan/vulkan.h>
@@ -190,18 +191,45 @@ bool validation_requested() {
     return e && *e && std::strcmp(e, "0") != 0;
 }
 
+// Validation messages of one instance: printed, counted, and the first one kept so that the op
+// during which it arrived fails with it (DEFKV_ERROR_BACKEND_FAILURE).
+// DEFKV_VULKAN_VALIDATION=abort also aborts the process on the first message (a test switch that
+// also catches messages outside ops, e.g. at destruction).
+struct ValidationLog {
+    std::mutex mu;
+    int64_t count = 0;
+    std::string first;
+    bool abort_on_message = false;
+    bool take(std::string *msg) {
+        std::lock_guard<std::mutex> lock(mu);
+        if (count == 0) return false;
+        *msg = strf("the Vulkan validation layer reported %lld message(s), the first: ", static_cast<long long>(count)) + first;
+        count = 0;
+        first.clear();
+        return true;
+    }
+};
+
 VKAPI_ATTR VkBool32 VKAPI_CALL on_validation_message(VkDebugUtilsMessageSeverityFlagBitsEXT severity,
                                                     VkDebugUtilsMessageTypeFlagsEXT, const VkDebugUtilsMessengerCallbackDataEXT *d,
-                                                    void *) {
-    std::fprintf(stderr, "defkv vulkan validation (severity 0x%x): %s\n", static_cast<unsigned>(severity),
-                 d && d->pMessage ? d->pMessage : "?");
+                                                    void *user) {
+    const char *text = d && d->pMessage ? d->pMessage : "?";
+    std::fprintf(stderr, "defkv vulkan validation (severity 0x%x): %s\n", static_cast<unsigned>(severity), text);
     std::fflush(stderr);
-    std::abort(); // DEFKV_VULKAN_VALIDATION: any message is a failure
+    ValidationLog *log = static_cast<ValidationLog *>(user);
+    if (log) {
+        {
+            std::lock_guard<std::mutex> lock(log->mu);
+            if (log->count++ == 0) log->first = text;
+        }
+        if (log->abort_on_message) std::abort();
+    }
     return VK_FALSE;
 }
 
 // Creates an instance (validation on request). Returns false with *msg set.
-bool create_instance(VkInstance *out, InstanceFns *fi, VkDebugUtilsMessengerEXT *messenger, std::string *msg) {
+bool create_instance(VkInstance *out, InstanceFns *fi, VkDebugUtilsMessengerEXT *messenger, ValidationLog *log,
+                     std::string *msg) {
     const Loader &L = loader();
     if (!L.error.empty()) {
         *msg = L.error;
@@ -234,6 +262,11 @@ bool create_instance(VkInstance *out, InstanceFns *fi, VkDebugUtilsMessengerEXT 
     mci.messageType = VK_DEBUG_UTILS_MESSAGE_TYPE_GENERAL_BIT_EXT | VK_DEBUG_UTILS_MESSAGE_TYPE_VALIDATION_BIT_EXT |
                       VK_DEBUG_UTILS_MESSAGE_TYPE_PERFORMANCE_BIT_EXT;
     mci.pfnUserCallback = on_validation_message;
+    mci.pUserData = log;
+    if (log) {
+        const char *e = std::getenv("DEFKV_VULKAN_VALIDATION");
+        log->abort_on_message = e && std::strcmp(e, "abort") == 0;
+    }
     VkInstanceCreateInfo ci{};
     ci.sType = VK_STRUCTURE_TYPE_INSTANCE_CREATE_INFO;
     ci.pApplicationInfo = &app;
@@ -441,6 +474,7 @@ private:
     DeviceFns fd_;
     VkInstance inst_ = VK_NULL_HANDLE;
     VkDebugUtilsMessengerEXT messenger_ = VK_NULL_HANDLE;
+    ValidationLog vlog_;
     VkPhysicalDevice pd_ = VK_NULL_HANDLE;
     VkDevice dev_ = VK_NULL_HANDLE;
     VkQueue queue_ = VK_NULL_HANDLE;
@@ -531,7 +565,7 @@ defkv_status VulkanBackend::init(const defkv_context_options &o, std::string *ms
             return DEFKV_ERROR_INVALID_ARGUMENT;
         }
     } else {
-        if (!create_instance(&inst_, &fi_, &messenger_, msg)) return DEFKV_ERROR_BACKEND_UNAVAILABLE;
+        if (!create_instance(&inst_, &fi_, &messenger_, &vlog_, msg)) return DEFKV_ERROR_BACKEND_UNAVAILABLE;
         own_instance_ = true;
         if (!pick_device(fi_, inst_, o.device_index, &pd_, msg))
             return o.device_index >= 0 ? DEFKV_ERROR_INVALID_ARGUMENT : DEFKV_ERROR_BACKEND_UNAVAILABLE;
@@ -678,7 +712,9 @@ defkv_status VulkanBackend::init(const defkv_context_options &o, std::string *ms
     fci.sType = VK_STRUCTURE_TYPE_FENCE_CREATE_INFO;
     r = fd_.vkCreateFence(dev_, &fci, nullptr, &fence_);
     if (r != VK_SUCCESS) return vk_fail(r, "vkCreateFence", msg);
-    return make_buffer(256, &dummy_, msg);
+    defkv_status st = make_buffer(256, &dummy_, msg);
+    if (st == DEFKV_SUCCESS && vlog_.take(msg)) st = DEFKV_ERROR_BACKEND_FAILURE;
+    return st;
 }
 
 defkv_status VulkanBackend::make_buffer(VkDeviceSize bytes, Buffer *b, std::string *msg) {
@@ -892,6 +928,7 @@ defkv_status VulkanBackend::flush(std::string *msg) {
         fd_.vkResetDescriptorPool(dev_, pool_, 0);
         sets_used_ = 0;
     }
+    if (vlog_.take(msg)) return DEFKV_ERROR_BACKEND_FAILURE;
     return DEFKV_SUCCESS;
 }
 
@@ -1357,7 +1394,8 @@ const Availability &availability() {
         InstanceFns fi;
         VkInstance inst;
         VkDebugUtilsMessengerEXT m;
-        if (!create_instance(&inst, &fi, &m, &a.why)) return;
+        static ValidationLog log;
+        if (!create_instance(&inst, &fi, &m, &log, &a.why)) return;
         VkPhysicalDevice pd;
         if (pick_device(fi, inst, -1, &pd, &a.why)) {
             a.st = DEFKV_SUCCESS;

@@ -557,7 +557,7 @@ void api_on_device(Vk &v) {
 } // namespace
 
 int main() {
-    setenv("DEFKV_VULKAN_VALIDATION", "1", 0);
+    setenv("DEFKV_VULKAN_VALIDATION", "abort", 0);
     Vk v;
     std::string why = vk_init(&v);
     if (why.rfind("skip:", 0) == 0) {

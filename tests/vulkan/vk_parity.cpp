@@ -10,7 +10,7 @@
 // storage-buffer window lowered (DEFKV_VULKAN_MAX_RANGE) so keys, attention rows and values are
 // processed in chunks. Compaction (in place and varlen) must give byte-identical caches.
 //
-// The Khronos validation layer is on (DEFKV_VULKAN_VALIDATION=1: any message aborts). Without
+// The Khronos validation layer is on (DEFKV_VULKAN_VALIDATION=abort: any message aborts). Without
 // a Vulkan device the test prints why and exits 77 (skipped).
 #include <cmath>
 #include <cstdio>
@@ -519,7 +519,7 @@ void golden(defkv_context *cpu, defkv_context *vk, const char *dir) {
 
 int main(int argc, char **argv) {
     const char *dir = argc > 1 ? argv[1] : DEFKV_CONFORMANCE_DIR;
-    setenv("DEFKV_VULKAN_VALIDATION", "1", 0);
+    setenv("DEFKV_VULKAN_VALIDATION", "abort", 0);
     if (defkv_backend_available(DEFKV_BACKEND_VULKAN) != DEFKV_SUCCESS) {
         defkv_context *ctx = make_ctx(DEFKV_BACKEND_VULKAN);
         std::printf("SKIPPED: the Vulkan backend is not available here: %s\n", defkv_last_error_global());
