@@ -727,31 +727,33 @@ defkv_status VulkanBackend::make_buffer(VkDeviceSize bytes, Buffer *b, std::stri
     if (r != VK_SUCCESS) return vk_fail(r, "vkCreateBuffer", msg);
     VkMemoryRequirements req;
     fd_.vkGetBufferMemoryRequirements(dev_, b->buf, &req);
-    uint32_t type = memtype_;
-    if (!(req.memoryTypeBits & (1u << type))) {
-        const VkMemoryPropertyFlags need = VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT | VK_MEMORY_PROPERTY_HOST_COHERENT_BIT;
-        type = UINT32_MAX;
-        for (uint32_t i = 0; i < memprops_.memoryTypeCount; i++)
-            if ((req.memoryTypeBits & (1u << i)) && (memprops_.memoryTypes[i].propertyFlags & need) == need) {
-                type = i;
-                break;
-            }
-        if (type == UINT32_MAX) {
-            fd_.vkDestroyBuffer(dev_, b->buf, nullptr);
-            b->buf = VK_NULL_HANDLE;
-            *msg = "no host-visible memory type for a storage buffer";
-            return DEFKV_ERROR_BACKEND_FAILURE;
-        }
+    // The preferred type first (device-local and host-visible when offered), then any other
+    // host-visible coherent type: a small device-local BAR heap may be full.
+    const VkMemoryPropertyFlags need = VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT | VK_MEMORY_PROPERTY_HOST_COHERENT_BIT;
+    std::vector<uint32_t> types;
+    if (req.memoryTypeBits & (1u << memtype_)) types.push_back(memtype_);
+    for (uint32_t i = 0; i < memprops_.memoryTypeCount; i++)
+        if (i != memtype_ && (req.memoryTypeBits & (1u << i)) && (memprops_.memoryTypes[i].propertyFlags & need) == need)
+            types.push_back(i);
+    if (types.empty()) {
+        fd_.vkDestroyBuffer(dev_, b->buf, nullptr);
+        b->buf = VK_NULL_HANDLE;
+        *msg = "no host-visible memory type for a storage buffer";
+        return DEFKV_ERROR_BACKEND_FAILURE;
     }
-    VkMemoryAllocateInfo ai{};
-    ai.sType = VK_STRUCTURE_TYPE_MEMORY_ALLOCATE_INFO;
-    ai.allocationSize = req.size;
-    ai.memoryTypeIndex = type;
-    r = fd_.vkAllocateMemory(dev_, &ai, nullptr, &b->mem);
+    for (uint32_t type : types) {
+        VkMemoryAllocateInfo ai{};
+        ai.sType = VK_STRUCTURE_TYPE_MEMORY_ALLOCATE_INFO;
+        ai.allocationSize = req.size;
+        ai.memoryTypeIndex = type;
+        r = fd_.vkAllocateMemory(dev_, &ai, nullptr, &b->mem);
+        if (r == VK_SUCCESS) break;
+        b->mem = VK_NULL_HANDLE;
+    }
     if (r != VK_SUCCESS) {
         fd_.vkDestroyBuffer(dev_, b->buf, nullptr);
         b->buf = VK_NULL_HANDLE;
-        return vk_fail(r, "vkAllocateMemory", msg);
+        return vk_fail(r, strf("vkAllocateMemory of %llu bytes", static_cast<unsigned long long>(req.size)).c_str(), msg);
     }
     fd_.vkBindBufferMemory(dev_, b->buf, b->mem, 0);
     void *p = nullptr;
