@@ -768,7 +768,10 @@ defkv_status do_workspace_size(defkv_context &ctx, const defkv_params *params, c
         const SeqShape &s = si.s;
         int64_t per_entry = s.Hk * s.L * (4 + 1 + 4 + 1 + 4 + 8 + 1);
         int64_t attn = s.W * s.L * 4 * 2 + s.H * s.P * 4 + s.W * s.d * 4 + 512 * s.d * 4;
-        int64_t pn = std::min<int64_t>(512, s.L) * s.D * 4 + 512 * s.d * 4;
+        // projected norm: one KV group's o_proj slice packed in 16-column panels, plus the
+        // per-thread tiles of the CPU kernels
+        const int64_t threads = ctx.n_threads;
+        int64_t pn = s.G * s.d * ((s.D + 15) / 16) * 16 * 4 + threads * (252 * s.d * 4 + 2 * 252 * 8 * 4 + 2 * 512 * s.d * 4);
         peak = std::max(peak, per_entry + attn + pn + 2 * s.Hk * s.P * 4);
     }
     *bytes = peak;
