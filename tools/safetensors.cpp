@@ -170,6 +170,18 @@ bool parse_impl(const uint8_t* bytes, size_t size, SafeFile* out, std::string* e
         if (entries[i].begin < entries[i - 1].end)
             return fail(err, "tensors " + quote(entries[i - 1].name) + " and " + quote(entries[i].name) +
                                  " overlap in the data section");
+    // As the format requires: the tensors tile the data section exactly, with no gap and no
+    // trailing bytes (a file longer than its header says is rejected, not silently truncated).
+    uint64_t expect = 0;
+    for (const Entry& e : entries) {
+        if (e.begin != expect)
+            return fail(err, "tensor " + quote(e.name) + " starts at byte " + std::to_string(e.begin) +
+                                 " of the data section, expected " + std::to_string(expect) + " (a gap)");
+        expect = e.end;
+    }
+    if (expect != data_size)
+        return fail(err, "the data section has " + std::to_string(data_size) + " bytes but the tensors cover " +
+                             std::to_string(expect) + " (trailing bytes)");
     result.tensors.reserve(entries.size());
     for (Entry& e : entries) {
         Tensor t;
