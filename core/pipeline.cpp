@@ -840,6 +840,27 @@ defkv_status do_compact(defkv_context &ctx, const defkv_layer *layer, const defk
         for (const SeqInfo &si : li.seqs)
             if (si.v.keys.dtype != kout.dtype || si.v.values.dtype != vout.dtype)
                 DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "%s: sequences of the layer have different dtypes", fn);
+        // The outputs must not overlap each other or any input (host memory: byte ranges).
+        auto range = [](const View &v, uintptr_t *lo, uintptr_t *hi) {
+            int64_t bytes = 0;
+            view_extent_bytes(v, &bytes);
+            *lo = reinterpret_cast<uintptr_t>(v.base);
+            *hi = *lo + static_cast<uintptr_t>(bytes);
+        };
+        auto overlap = [&](const View &a, const View &b) {
+            if (a.memory != DEFKV_MEMORY_HOST || b.memory != DEFKV_MEMORY_HOST) return a.handle == b.handle;
+            uintptr_t alo, ahi, blo, bhi;
+            range(a, &alo, &ahi);
+            range(b, &blo, &bhi);
+            return alo < bhi && blo < ahi;
+        };
+        if (overlap(kout, vout)) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "%s: keys_out and values_out overlap", fn);
+        for (size_t b = 0; b < li.seqs.size(); b++)
+            for (int t = 0; t < 2; t++)
+                if (overlap(*vs[t], li.seqs[b].v.keys) || overlap(*vs[t], li.seqs[b].v.values))
+                    DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT,
+                               "%s: %s overlaps the keys or values of layer->seqs[%zu] (the gather would read what it "
+                               "writes)", fn, names[t], b);
     }
     for (size_t b = 0; b < li.seqs.size(); b++) {
         const SeqInfo &si = li.seqs[b];
