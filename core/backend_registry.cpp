@@ -10,6 +10,9 @@ namespace defkv {
 
 #ifdef DEFKV_WITH_VULKAN
 defkv_status vulkan_backend_available(std::string *why);
+// True when the best Vulkan device is a GPU; AUTO does not pick a CPU implementation of
+// Vulkan (lavapipe), which is much slower than the CPU backend.
+bool vulkan_backend_preferred();
 defkv_status vulkan_backend_create(const defkv_context_options &opts, ThreadPool *pool, std::unique_ptr<Backend> *out,
                                    std::string *msg);
 #endif
@@ -48,7 +51,10 @@ defkv_status backend_create(const defkv_context_options &opts, ThreadPool *pool,
     if (kind == DEFKV_BACKEND_AUTO) {
         std::string ignore;
         if (backend_available(DEFKV_BACKEND_CUDA, &ignore) == DEFKV_SUCCESS) kind = DEFKV_BACKEND_CUDA;
-        else if (backend_available(DEFKV_BACKEND_VULKAN, &ignore) == DEFKV_SUCCESS) kind = DEFKV_BACKEND_VULKAN;
+#ifdef DEFKV_WITH_VULKAN
+        else if (backend_available(DEFKV_BACKEND_VULKAN, &ignore) == DEFKV_SUCCESS && vulkan_backend_preferred())
+            kind = DEFKV_BACKEND_VULKAN;
+#endif
         else kind = DEFKV_BACKEND_CPU;
     }
     defkv_status st = backend_available(kind, msg);

@@ -1387,6 +1387,7 @@ defkv_status VulkanBackend::compact_varlen(const View &src, int64_t Hk, int64_t 
 struct Availability {
     defkv_status st = DEFKV_ERROR_BACKEND_UNAVAILABLE;
     std::string why;
+    bool gpu = false; // the best device is a GPU (not a CPU implementation such as lavapipe)
 };
 
 const Availability &availability() {
@@ -1402,6 +1403,9 @@ const Availability &availability() {
         if (pick_device(fi, inst, -1, &pd, &a.why)) {
             a.st = DEFKV_SUCCESS;
             a.why.clear();
+            VkPhysicalDeviceProperties p;
+            fi.vkGetPhysicalDeviceProperties(pd, &p);
+            a.gpu = device_rank(p.deviceType) >= 2;
         }
         if (m && fi.vkDestroyDebugUtilsMessengerEXT) fi.vkDestroyDebugUtilsMessengerEXT(inst, m, nullptr);
         fi.vkDestroyInstance(inst, nullptr);
@@ -1415,6 +1419,11 @@ defkv_status vulkan_backend_available(std::string *why) {
     const Availability &a = availability();
     if (a.st != DEFKV_SUCCESS && why) *why = "Vulkan backend unavailable: " + a.why;
     return a.st;
+}
+
+bool vulkan_backend_preferred() {
+    const Availability &a = availability();
+    return a.st == DEFKV_SUCCESS && a.gpu;
 }
 
 defkv_status vulkan_backend_create(const defkv_context_options &opts, ThreadPool *pool, std::unique_ptr<Backend> *out,
