@@ -82,19 +82,6 @@ void row_ptrs(const float *A, int64_t lda, int64_t M, int64_t i0, const float *z
 
 } // namespace
 
-void pack_b(const float *src, int64_t K, int64_t N, int64_t stride_k, int64_t stride_n, PackedB *out) {
-    out->K = K;
-    out->N = N;
-    out->panels = (N + kGemmNR - 1) / kGemmNR;
-    out->data.assign(static_cast<size_t>(out->panels * K * kGemmNR), 0.0f);
-    for (int64_t p = 0; p < out->panels; p++) {
-        float *dst = out->data.data() + p * K * kGemmNR;
-        const int64_t n0 = p * kGemmNR, nn = std::min(kGemmNR, N - n0);
-        for (int64_t k = 0; k < K; k++)
-            for (int64_t c = 0; c < nn; c++) dst[k * kGemmNR + c] = src[k * stride_k + (n0 + c) * stride_n];
-    }
-}
-
 void pack_b_columns(const float *const *cols, int64_t K, int64_t N, PackedB *out) {
     out->K = K;
     out->N = N;
@@ -107,36 +94,6 @@ void pack_b_columns(const float *const *cols, int64_t K, int64_t N, PackedB *out
             const float *col = cols[n0 + c];
             for (int64_t k = 0; k < K; k++) dst[k * kGemmNR + c] = col[k];
         }
-    }
-}
-
-void gemm_abs_rowsum(int64_t M, const float *A, int64_t lda, const PackedB &B, float *rowsum) {
-    const int64_t K = B.K;
-    std::vector<float> zeros(static_cast<size_t>(K), 0.0f);
-    // Column blocks keep a slice of packed B in the L2 cache while every row block of A
-    // streams past it. Per-row partial sums are 16 lanes wide, added panel by panel in order.
-    const int64_t panels_per_block = std::max<int64_t>(1, (192 * 1024 / 4) / (K * kGemmNR));
-    const int64_t mb = (M + MR - 1) / MR;
-    std::vector<float> acc(static_cast<size_t>(mb * MR * kGemmNR), 0.0f);
-    float tile[MR][kGemmNR];
-    const float *rows[MR];
-    for (int64_t p0 = 0; p0 < B.panels; p0 += panels_per_block) {
-        const int64_t p1 = std::min(B.panels, p0 + panels_per_block);
-        for (int64_t ib = 0; ib < mb; ib++) {
-            row_ptrs(A, lda, M, ib * MR, zeros.data(), rows);
-            float *ac = &acc[ib * MR * kGemmNR];
-            for (int64_t p = p0; p < p1; p++) {
-                g_micro(K, rows, B.panel(p), tile);
-                for (int r = 0; r < MR; r++)
-                    for (int c = 0; c < kGemmNR; c++) ac[r * kGemmNR + c] += std::fabs(tile[r][c]);
-            }
-        }
-    }
-    for (int64_t i = 0; i < M; i++) {
-        const float *a = &acc[i * kGemmNR];
-        float s = 0.0f;
-        for (int c = 0; c < kGemmNR; c++) s += a[c];
-        rowsum[i] += s;
     }
 }
 
