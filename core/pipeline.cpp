@@ -365,13 +365,6 @@ bool all_finite(const float *x, int64_t n, const uint8_t *bad) {
     return true;
 }
 
-float max_finite(const float *x, const uint8_t *tier, int64_t n) {
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t i = 0; i < n; i++)
-        if ((!tier || tier[i] != TIER_BAD) && x[i] > m) m = x[i];
-    return m;
-}
-
 } // namespace
 
 // ---- the methods ---------------------------------------------------------------------------
@@ -468,7 +461,6 @@ defkv_status score_and_select(defkv_context &ctx, const Params &p, const SeqInfo
             for (int64_t j = P; j < L; j++) r.tier[k * L + j] = TIER_MUST;
         r.out_score = r.score;
         mark_bad(r.score);
-        r.layer_max = mx;
         sel = PER_HEAD;
         break;
     }
@@ -486,7 +478,6 @@ defkv_status score_and_select(defkv_context &ctx, const Params &p, const SeqInfo
                     r.out_score[k * L + j] = FMAX;
                 }
         mark_bad(r.score);
-        r.layer_max = mx;
         sel = HEAD_ADAPTIVE;
         break;
     }
@@ -506,7 +497,6 @@ defkv_status score_and_select(defkv_context &ctx, const Params &p, const SeqInfo
             if (stage1[i]) r.tier[i] = TIER_MUST;
         }
         mark_bad(r.score);
-        r.layer_max = max_finite(r.score.data(), r.tier.data(), N);
         sel = PER_HEAD;
         break;
     }
@@ -538,7 +528,6 @@ defkv_status score_and_select(defkv_context &ctx, const Params &p, const SeqInfo
         }
         mark_bad(r.score);
         r.out_score = r.score; // kept entries become FLT_MAX after selection, as the official code writes them
-        r.layer_max = max_finite(r.score.data(), r.tier.data(), N);
         sel = PER_HEAD_BUDGET;
         break;
     }
@@ -589,7 +578,6 @@ defkv_status score_and_select(defkv_context &ctx, const Params &p, const SeqInfo
         for (int64_t k = 0; k < Hk; k++)
             for (int64_t j = 0; j < P; j++)
                 if (r.tier[k * L + j] != TIER_BAD) mx = std::max(mx, r.score[k * L + j]);
-        r.layer_max = mx;
         for (int64_t i = 0; i < N; i++) {
             if (r.tier[i] == TIER_MUST) r.score[i] = mx; // must-keep entries carry the layer maximum
             r.out_score[i] = r.score[i];
@@ -603,7 +591,6 @@ defkv_status score_and_select(defkv_context &ctx, const Params &p, const SeqInfo
             for (int64_t j = 0; j < L; j++)
                 r.score[k * L + j] = (j >= p.n_sink && j < p.n_sink + n_pruned) ? 0.0f : 1.0f;
         r.out_score = r.score;
-        r.layer_max = 1.0f;
         sel = PER_HEAD;
         break;
     }
@@ -611,7 +598,6 @@ defkv_status score_and_select(defkv_context &ctx, const Params &p, const SeqInfo
         DEFKV_FORWARD(be.key_norm(si.v, s, r.score.data(), msg));
         mark_bad(r.score);
         r.out_score = r.score;
-        r.layer_max = max_finite(r.score.data(), r.tier.data(), N);
         sel = PER_HEAD;
         break;
     }
@@ -632,7 +618,6 @@ defkv_status score_and_select(defkv_context &ctx, const Params &p, const SeqInfo
         }
         r.out_score = r.score;
         mark_bad(r.score);
-        r.layer_max = mx;
         sel = PER_HEAD;
         break;
     }
@@ -641,7 +626,6 @@ defkv_status score_and_select(defkv_context &ctx, const Params &p, const SeqInfo
             for (int64_t j = 0; j < L; j++)
                 r.score[k * L + j] = uniform01(p.seed, static_cast<uint64_t>(k), static_cast<uint64_t>(j));
         r.out_score = r.score;
-        r.layer_max = 1.0f;
         sel = PER_HEAD;
         break;
     }

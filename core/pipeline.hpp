@@ -46,7 +46,6 @@ struct Scored {
     std::vector<float> score;     // [Hk, L] ranking score
     std::vector<uint8_t> tier;    // [Hk, L] Tier
     std::vector<float> out_score; // [Hk, L] score as the official code writes it
-    float layer_max = 0.0f;       // largest finite ranking score (defensive: must-keep value)
     std::vector<uint8_t> keep;    // [Hk, L] result
 };
 
