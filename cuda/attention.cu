@@ -7,6 +7,9 @@
 //   5. the last query row summed over heads (TOVA).
 // The arithmetic mirrors core/cpu_backend.cpp (double where it uses double, the same float
 // casts), so only the summation order of the dot products and row sums differs.
+#include <mma.h>
+
+#include <algorithm>
 #include <cfloat>
 
 #include "attention.cuh"
@@ -217,9 +220,7 @@ __global__ void last_row_kernel(const float *probs /* [G*W, L] */, int64_t G, in
     }
 }
 
-} // namespace
-
-defkv_status window_attention(const AttentionArgs &a, cudaStream_t stream, std::string *msg) {
+defkv_status legacy_window_attention(const AttentionArgs &a, cudaStream_t stream, std::string *msg) {
     const int64_t R = a.G * a.W;
     if (R > 65535) {
         *msg = "CUDA backend: window attention: G*W = " + std::to_string(R) +
@@ -263,6 +264,451 @@ defkv_status window_attention(const AttentionArgs &a, cudaStream_t stream, std::
         }
     }
     return DEFKV_SUCCESS;
+}
+
+// ---- the fused path --------------------------------------------------------------------------
+// Three launches for the whole sequence (every KV head, every query row), no [rows, L]
+// probability matrix in memory:
+//   stats_kernel    grid (splits of the keys, Hk): the logits of a 64-key tile of all G*W rows
+//                   of a KV head (tensor cores for bf16/f16, f32 FMAs otherwise, or the given
+//                   probabilities), then per row an online softmax state over the split's tiles:
+//                   the running max m and, in double, the sums of e = exp(x - m) over all valid
+//                   keys, over the prefix, weighted by the number of pooling windows that contain
+//                   the key (sum_j Pool(A)[j] = (1/k) sum_t c_t A[t]), over the omega ranges.
+//   combine_kernel  one thread per row: the splits in a fixed order -> row max, 1/sum, base,
+//                   pooled sum, the two omega masses.
+//   columns_kernel  grid (64-column tiles): for each KV head, the logits again (with a halo of
+//                   kernel/2 keys each side for the pooling), turned into probabilities exactly as
+//                   the CPU does (float exp(x - max) * float(1/sum)), then one thread per (column,
+//                   group of heads) reduces over w in order: mean_w, the pooled def_max values,
+//                   def_avg in head order, and the last row summed over heads in head order.
+// Every sum has one fixed order (no atomics), so the results are deterministic.
+
+constexpr int kFThreads = 256;     // 8 warps
+constexpr int kStatTile = 64;      // keys per tile of the statistics pass
+constexpr int kColTile = 64;       // output columns per block of the column pass
+constexpr int kParts = kFThreads / kColTile; // threads per column in the column pass
+constexpr int kQPad = 8;           // 16-bit elements of padding per staged Q/K row
+constexpr int kTargetBlocks = 264; // statistics-pass blocks aimed at (two per SM of a 132-SM GPU)
+
+enum FusedMode { kModeSimt = 0, kModeWmma = 1, kModeProbs = 2 };
+
+struct RowPart { // one row's softmax state over one split of the keys (48 bytes)
+    double all, pre, pool, off, win;
+    float m, pad;
+};
+struct RowFinal { // one row's statistics after the combine
+    float m, inv, fb, fs;
+};
+
+struct FusedParams {
+    DevTensor q, kt, a;
+    const uint8_t *masked;
+    int64_t Hk, G, W, L, P, d, R, Rp;
+    float scale;
+    int32_t kernel;
+    int32_t ld;                                          // staged Q/K row length (d + kQPad)
+    int64_t off_st, off_s, off_q, off_k, off_fin, off_mean, off_pmax; // shared-memory carve
+};
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// qs[r, :d] = Q[k*G + r/W, r%W, :] as raw 16-bit values (rows >= R zero).
+__device__ void stage_q(const FusedParams &p, int64_t k, uint16_t *qs) {
+    const uint16_t *src = static_cast<const uint16_t *>(p.q.data);
+    for (int64_t e = threadIdx.x; e < p.Rp * p.d; e += blockDim.x) {
+        const int64_t r = e / p.d, c = e - r * p.d;
+        uint16_t v = 0;
+        if (r < p.R) v = src[(k * p.G + r / p.W) * p.q.s0 + (r % p.W) * p.q.s1 + c * p.q.s2];
+        qs[r * p.ld + c] = v;
+    }
+}
+
+// S[r, c] (row stride lds) for keys j = jb + c, c < nc, of KV head k, rows r < Rp:
+//   wmma/simt: Q[r] . K[j] without the scale (0 outside [0, L) and for padding rows);
+//   probs:     A[k*G + r/W, r%W, j] widened to f32 (0 outside [0, L)).
+// Ends with every thread past a barrier only in the wmma mode; callers sync afterwards.
+template <typename T, int MODE>
+__device__ void fill_tile(const FusedParams &p, int64_t k, int64_t jb, int nc, const uint16_t *qs, uint16_t *ks,
+                          float *S, int lds) {
+    if constexpr (MODE == kModeWmma) {
+        using namespace nvcuda;
+        const uint16_t *src = static_cast<const uint16_t *>(p.kt.data);
+        for (int64_t e = threadIdx.x; e < nc * p.d; e += blockDim.x) {
+            const int64_t c = e / p.d, i = e - c * p.d, j = jb + c;
+            ks[c * p.ld + i] = (j >= 0 && j < p.L) ? src[k * p.kt.s0 + j * p.kt.s1 + i * p.kt.s2] : uint16_t(0);
+        }
+        __syncthreads();
+        const int warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+        const int rows16 = static_cast<int>(p.Rp / 16), cols16 = nc / 16;
+        const T *qt = reinterpret_cast<const T *>(qs), *kt = reinterpret_cast<const T *>(ks);
+        // each warp: one 16-row strip times two 16-key tiles (the A fragment loaded once)
+        const int pairs = (cols16 + 1) / 2;
+        for (int t = warp; t < rows16 * pairs; t += nw) {
+            const int tr = t / pairs, tc = (t - tr * pairs) * 2;
+            const bool two = tc + 1 < cols16;
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc0, acc1;
+            wmma::fill_fragment(acc0, 0.0f);
+            wmma::fill_fragment(acc1, 0.0f);
+            for (int64_t kk = 0; kk < p.d; kk += 16) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb0, fb1;
+                wmma::load_matrix_sync(fa, qt + tr * 16 * p.ld + kk, p.ld);
+                wmma::load_matrix_sync(fb0, kt + tc * 16 * p.ld + kk, p.ld);
+                wmma::mma_sync(acc0, fa, fb0, acc0);
+                if (two) {
+                    wmma::load_matrix_sync(fb1, kt + (tc + 1) * 16 * p.ld + kk, p.ld);
+                    wmma::mma_sync(acc1, fa, fb1, acc1);
+                }
+            }
+            wmma::store_matrix_sync(S + tr * 16 * lds + tc * 16, acc0, lds, wmma::mem_row_major);
+            if (two) wmma::store_matrix_sync(S + tr * 16 * lds + (tc + 1) * 16, acc1, lds, wmma::mem_row_major);
+        }
+    } else if constexpr (MODE == kModeSimt) {
+        (void)qs;
+        (void)ks;
+        for (int64_t e = threadIdx.x; e < p.Rp * nc; e += blockDim.x) {
+            const int64_t r = e / nc, c = e - r * nc, j = jb + c;
+            float acc = 0.0f;
+            if (r < p.R && j >= 0 && j < p.L) {
+                const int64_t qo = (k * p.G + r / p.W) * p.q.s0 + (r % p.W) * p.q.s1, ko = k * p.kt.s0 + j * p.kt.s1;
+                for (int64_t i = 0; i < p.d; i++) acc = fmaf(load_f32(p.q, qo + i * p.q.s2), load_f32(p.kt, ko + i * p.kt.s2), acc);
+            }
+            S[r * lds + c] = acc;
+        }
+    } else {
+        (void)qs;
+        (void)ks;
+        for (int64_t e = threadIdx.x; e < p.Rp * nc; e += blockDim.x) {
+            const int64_t r = e / nc, c = e - r * nc, j = jb + c;
+            float v = 0.0f;
+            if (r < p.R && j >= 0 && j < p.L) v = load_f32(p.a, (k * p.G + r / p.W) * p.a.s0 + (r % p.W) * p.a.s1 + j * p.a.s2);
+            S[r * lds + c] = v;
+        }
+    }
+}
+
+// Number of pooling windows [j-h, j+h] (j in [0, P)) that contain key t < P.
+__device__ __forceinline__ int64_t pool_count(int64_t t, int64_t P, int64_t h) {
+    const int64_t lo = t - h < 0 ? 0 : t - h, hi = t + h >= P ? P - 1 : t + h;
+    return hi - lo + 1;
+}
+
+template <typename T, int MODE>
+__global__ void __launch_bounds__(kFThreads)
+stats_kernel(FusedParams p, int64_t tiles_per_split, int64_t n_split, RowPart *part /* [Hk, n_split, R] */) {
+    extern __shared__ __align__(16) unsigned char fsm[];
+    RowPart *st = reinterpret_cast<RowPart *>(fsm + p.off_st);
+    float *S = reinterpret_cast<float *>(fsm + p.off_s);
+    uint16_t *qs = reinterpret_cast<uint16_t *>(fsm + p.off_q), *ks = reinterpret_cast<uint16_t *>(fsm + p.off_k);
+    const int64_t k = blockIdx.y, split = blockIdx.x;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const float m0 = MODE == kModeProbs ? 0.0f : -INFINITY;
+    for (int64_t r = threadIdx.x; r < p.Rp; r += blockDim.x) st[r] = RowPart{0.0, 0.0, 0.0, 0.0, 0.0, m0, 0.0f};
+    if constexpr (MODE == kModeWmma) stage_q(p, k, qs);
+    const uint8_t *mk = p.masked ? p.masked + k * p.L : nullptr;
+    const int64_t n_tiles = (p.L + kStatTile - 1) / kStatTile, h = p.kernel / 2, off_lo = p.P - p.W;
+    const int64_t t0 = split * tiles_per_split, t1 = t0 + tiles_per_split < n_tiles ? t0 + tiles_per_split : n_tiles;
+    for (int64_t tile = t0; tile < t1; tile++) {
+        const int64_t jb = tile * kStatTile;
+        __syncthreads(); // the previous tile is consumed (and Q staged)
+        fill_tile<T, MODE>(p, k, jb, kStatTile, qs, ks, S, kStatTile);
+        __syncthreads();
+        for (int64_t r = warp; r < p.R; r += nw) {
+            const float *x = S + r * kStatTile;
+            const int64_t n_valid = MODE == kModeProbs ? p.L : p.P + r % p.W + 1;
+            float mt = 0.0f;
+            if (MODE != kModeProbs) {
+                mt = -INFINITY;
+                for (int c = lane; c < kStatTile; c += 32) {
+                    const int64_t j = jb + c;
+                    if (j < n_valid && !(mk && mk[j])) mt = fmaxf(mt, p.scale * x[c]);
+                }
+                mt = warp_max(mt);
+                if (!(mt > -INFINITY)) continue; // no valid key in this tile (uniform in the warp)
+            }
+            double s_all = 0.0, s_pre = 0.0, s_pool = 0.0, s_off = 0.0, s_win = 0.0;
+            for (int c = lane; c < kStatTile; c += 32) {
+                const int64_t j = jb + c;
+                if (j >= n_valid) continue;
+                float e;
+                if (MODE == kModeProbs) {
+                    e = x[c];
+                } else {
+                    if (mk && mk[j]) continue;
+                    e = expf(p.scale * x[c] - mt);
+                }
+                s_all += e;
+                if (j < p.P) {
+                    s_pre += e;
+                    s_pool += static_cast<double>(pool_count(j, p.P, h)) * e;
+                    if (j >= off_lo) s_off += e;
+                } else {
+                    s_win += e;
+                }
+            }
+            s_all = warp_sum(s_all);
+            s_pre = warp_sum(s_pre);
+            s_pool = warp_sum(s_pool);
+            s_off = warp_sum(s_off);
+            s_win = warp_sum(s_win);
+            if (lane == 0) {
+                RowPart &q = st[r];
+                double a = 1.0, b = 1.0; // scales of the old state and of this tile
+                if (MODE != kModeProbs) {
+                    if (!(q.m > -INFINITY)) a = 0.0;
+                    else if (mt > q.m) a = exp(static_cast<double>(q.m) - static_cast<double>(mt));
+                    else b = exp(static_cast<double>(mt) - static_cast<double>(q.m));
+                    q.m = fmaxf(q.m, mt);
+                }
+                q.all = q.all * a + s_all * b;
+                q.pre = q.pre * a + s_pre * b;
+                q.pool = q.pool * a + s_pool * b;
+                q.off = q.off * a + s_off * b;
+                q.win = q.win * a + s_win * b;
+            }
+        }
+    }
+    __syncthreads();
+    for (int64_t r = threadIdx.x; r < p.R; r += blockDim.x) part[(k * n_split + split) * p.R + r] = st[r];
+}
+
+// One thread per row (k, r): the splits combined in order into RowFinal and the omega masses.
+__global__ void combine_kernel(const RowPart *part, int64_t n_split, int64_t Hk, int64_t G, int64_t W, int64_t R,
+                               int32_t kernel, int probs, double *row_omega /* [H*W, 2] or null */,
+                               RowFinal *fin /* [Hk, R] */) {
+    for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < Hk * R;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        const int64_t k = i / R, r = i - k * R;
+        const RowPart *pp = part + k * n_split * R + r;
+        float M = probs ? 0.0f : -INFINITY;
+        for (int64_t s = 0; s < n_split; s++) M = fmaxf(M, pp[s * R].m);
+        RowFinal f{M, 0.0f, 0.0f, 0.0f};
+        double off = 0.0, win = 0.0;
+        if (probs || isfinite(M)) { // otherwise the whole row is 0, as on the CPU
+            double all = 0.0, pre = 0.0, pool = 0.0, o = 0.0, w = 0.0;
+            for (int64_t s = 0; s < n_split; s++) {
+                const RowPart q = pp[s * R];
+                if (!(q.m > -INFINITY)) continue;
+                const double sc = probs ? 1.0 : exp(static_cast<double>(q.m) - static_cast<double>(M));
+                all += q.all * sc;
+                pre += q.pre * sc;
+                pool += q.pool * sc;
+                o += q.off * sc;
+                w += q.win * sc;
+            }
+            const double norm = probs ? 1.0 : all;
+            f.inv = static_cast<float>(1.0 / norm);
+            f.fb = static_cast<float>(pre / norm);
+            f.fs = static_cast<float>(pool / static_cast<double>(kernel) / norm);
+            off = o / norm;
+            win = w / norm;
+        }
+        fin[i] = f;
+        if (row_omega) {
+            const int64_t hw = (k * G + r / W) * W + r % W;
+            row_omega[hw * 2] = off;
+            row_omega[hw * 2 + 1] = win;
+        }
+    }
+}
+
+template <typename T, int MODE>
+__global__ void __launch_bounds__(kFThreads)
+fused_columns_kernel(FusedParams p, const RowFinal *fin /* [Hk, R] */, int halo, float *mean_w, float *def_max,
+                     float *def_avg, double *last_row_sum) {
+    extern __shared__ __align__(16) unsigned char fsm[];
+    float *S = reinterpret_cast<float *>(fsm + p.off_s);
+    RowFinal *fs = reinterpret_cast<RowFinal *>(fsm + p.off_fin);
+    float *meanb = reinterpret_cast<float *>(fsm + p.off_mean);
+    float *pmax = reinterpret_cast<float *>(fsm + p.off_pmax);
+    uint16_t *qs = reinterpret_cast<uint16_t *>(fsm + p.off_q), *ks = reinterpret_cast<uint16_t *>(fsm + p.off_k);
+    const int nc = kColTile + 2 * halo;
+    const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kColTile, jb = j0 - halo;
+    const int c_own = threadIdx.x % kColTile, part = threadIdx.x / kColTile;
+    const int64_t j = j0 + c_own, h = p.kernel / 2;
+    const int64_t wlo = (j - h < 0 ? 0 : j - h) - j, whi = (j + h >= p.P ? p.P - 1 : j + h) - j; // pool window
+    double last_acc = 0.0;
+    for (int64_t k = 0; k < p.Hk; k++) {
+        __syncthreads(); // the previous head's tiles are consumed
+        for (int64_t r = threadIdx.x; r < p.Rp; r += blockDim.x) fs[r] = r < p.R ? fin[k * p.R + r] : RowFinal{0, 0, 0, 0};
+        if constexpr (MODE == kModeWmma) stage_q(p, k, qs);
+        fill_tile<T, MODE>(p, k, jb, nc, qs, ks, S, nc);
+        __syncthreads();
+        if (MODE != kModeProbs) { // logits -> probabilities, exactly as softmax_row
+            const uint8_t *mk = p.masked ? p.masked + k * p.L : nullptr;
+            for (int64_t e = threadIdx.x; e < p.R * nc; e += blockDim.x) {
+                const int64_t r = e / nc, jj = jb + (e - r * nc);
+                const RowFinal f = fs[r];
+                float v = 0.0f;
+                if (jj >= 0 && jj < p.P + r % p.W + 1 && f.inv != 0.0f && !(mk && mk[jj]))
+                    v = expf(p.scale * S[e] - f.m) * f.inv;
+                S[e] = v;
+            }
+            __syncthreads();
+        }
+        float pm = -INFINITY;
+        if (j < p.P) {
+            for (int64_t g = part; g < p.G; g += kParts) {
+                double acc = 0.0;
+                for (int64_t w = 0; w < p.W; w++) {
+                    const int64_t r = g * p.W + w;
+                    const float *x = S + r * nc + halo + c_own; // x[0]: A[r, j]
+                    acc += x[0];
+                    if (def_max) {
+                        const RowFinal f = fs[r];
+                        float v = 0.0f;
+                        if (f.fs > 0.0f) {
+                            double s = 0.0;
+                            for (int64_t t = wlo; t <= whi; t++) s += x[t];
+                            v = (static_cast<float>(s / p.kernel) / f.fs) * f.fb;
+                        }
+                        pm = fmaxf(pm, v);
+                    }
+                }
+                const float m = static_cast<float>(acc / static_cast<double>(p.W));
+                meanb[g * kColTile + c_own] = m;
+                if (mean_w) mean_w[(k * p.G + g) * p.P + j] = m;
+            }
+        }
+        pmax[part * kColTile + c_own] = pm;
+        __syncthreads();
+        if (part == 0) {
+            if (j < p.P) {
+                if (def_avg) {
+                    float avg = 0.0f;
+                    for (int64_t g = 0; g < p.G; g++) avg += meanb[g * kColTile + c_own];
+                    def_avg[k * p.P + j] = avg * (1.0f / static_cast<float>(p.G));
+                }
+                if (def_max) {
+                    float mx = pmax[c_own];
+                    for (int q = 1; q < kParts; q++) mx = fmaxf(mx, pmax[q * kColTile + c_own]);
+                    def_max[k * p.P + j] = mx;
+                }
+            }
+            if (last_row_sum && j < p.L - 1)
+                for (int64_t g = 0; g < p.G; g++) last_acc += S[(g * p.W + p.W - 1) * nc + halo + c_own];
+        }
+    }
+    if (last_row_sum && part == 0 && j < p.L - 1) last_row_sum[j] = last_acc;
+}
+
+size_t align256(size_t n) { return (n + 255) / 256 * 256; }
+
+template <typename T, int MODE>
+defkv_status launch_fused(const AttentionArgs &a, FusedParams p, int64_t n_split, int64_t tps, RowPart *part,
+                          RowFinal *fin, int halo, size_t smem_b, size_t smem_c, const FusedParams &pc,
+                          cudaStream_t stream, std::string *msg) {
+    DEFKV_CUDA_TRY(cudaFuncSetAttribute(stats_kernel<T, MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem_b)));
+    stats_kernel<T, MODE><<<dim3(static_cast<unsigned>(n_split), static_cast<unsigned>(a.Hk)), kFThreads, smem_b,
+                            stream>>>(p, tps, n_split, part);
+    DEFKV_CUDA_LAUNCHED("stats_kernel");
+    combine_kernel<<<grid_1d(a.Hk * p.R, 128), 128, 0, stream>>>(part, n_split, a.Hk, a.G, a.W, p.R, a.kernel,
+                                                                 MODE == kModeProbs ? 1 : 0, a.row_omega, fin);
+    DEFKV_CUDA_LAUNCHED("combine_kernel");
+    const int64_t n_cols = a.P > a.L - 1 ? a.P : a.L - 1;
+    if (n_cols > 0 && (a.mean_w || a.def_max || a.def_avg || a.last_row_sum)) {
+        DEFKV_CUDA_TRY(cudaFuncSetAttribute(fused_columns_kernel<T, MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(smem_c)));
+        fused_columns_kernel<T, MODE><<<static_cast<unsigned>(ceil_div(n_cols, kColTile)), kFThreads, smem_c, stream>>>(
+            pc, fin, halo, a.mean_w, a.def_max, a.def_avg, a.last_row_sum);
+        DEFKV_CUDA_LAUNCHED("fused_columns_kernel");
+    }
+    return DEFKV_SUCCESS;
+}
+
+} // namespace
+
+defkv_status window_attention(const AttentionArgs &a, cudaStream_t stream, std::string *msg) {
+    const int64_t R = a.G * a.W;
+    int mode = kModeProbs;
+    bool half = false;
+    if (a.from_queries) {
+        half = a.queries.dtype == a.keys.dtype &&
+               (a.keys.dtype == DEFKV_DTYPE_BF16 || a.keys.dtype == DEFKV_DTYPE_F16) && a.d % 16 == 0;
+        mode = half ? kModeWmma : kModeSimt;
+    }
+    FusedParams p;
+    p.q = a.queries;
+    p.kt = a.keys;
+    p.a = a.attention;
+    p.masked = a.masked;
+    p.Hk = a.Hk;
+    p.G = a.G;
+    p.W = a.W;
+    p.L = a.L;
+    p.P = a.P;
+    p.d = a.d;
+    p.R = R;
+    p.Rp = mode == kModeWmma ? ceil_div(R, 16) * 16 : R;
+    p.scale = a.scale;
+    p.kernel = a.kernel;
+    p.ld = static_cast<int32_t>(a.d + kQPad);
+    const int64_t h = a.kernel / 2;
+    const int halo = a.def_max ? static_cast<int>(mode == kModeWmma ? ceil_div(h, 8) * 8 : h) : 0;
+    const int nc = kColTile + 2 * halo;
+    const size_t qbytes = mode == kModeWmma ? sizeof(uint16_t) * p.Rp * p.ld : 0;
+    // statistics pass carve
+    FusedParams pb = p;
+    size_t o = 0;
+    pb.off_st = 0;
+    o = align256(sizeof(RowPart) * p.Rp);
+    pb.off_s = static_cast<int64_t>(o);
+    o = align256(o + sizeof(float) * p.Rp * kStatTile);
+    pb.off_q = static_cast<int64_t>(o);
+    o = align256(o + qbytes);
+    pb.off_k = static_cast<int64_t>(o);
+    o = align256(o + (mode == kModeWmma ? sizeof(uint16_t) * kStatTile * p.ld : 0));
+    const size_t smem_b = o;
+    // column pass carve
+    FusedParams pc = p;
+    pc.off_s = 0;
+    o = align256(sizeof(float) * p.Rp * nc);
+    pc.off_fin = static_cast<int64_t>(o);
+    o = align256(o + sizeof(RowFinal) * p.Rp);
+    pc.off_mean = static_cast<int64_t>(o);
+    o = align256(o + sizeof(float) * a.G * kColTile);
+    pc.off_pmax = static_cast<int64_t>(o);
+    o = align256(o + sizeof(float) * kParts * kColTile);
+    pc.off_q = static_cast<int64_t>(o);
+    o = align256(o + qbytes);
+    pc.off_k = static_cast<int64_t>(o);
+    o = align256(o + (mode == kModeWmma ? sizeof(uint16_t) * nc * p.ld : 0));
+    const size_t smem_c = o;
+    // splits of the keys for the statistics pass; their states live in the probs workspace
+    const int64_t n_tiles = ceil_div(a.L, kStatTile);
+    int64_t n_split = std::min<int64_t>(n_tiles, std::max<int64_t>(1, ceil_div(kTargetBlocks, a.Hk)));
+    const size_t avail = sizeof(float) * static_cast<size_t>(R) * static_cast<size_t>(a.L);
+    auto need = [&](int64_t ns) {
+        return align256(sizeof(RowPart) * a.Hk * ns * R) + sizeof(RowFinal) * a.Hk * R;
+    };
+    while (n_split > 1 && need(n_split) > avail) n_split = (n_split + 1) / 2;
+    const int64_t tps = ceil_div(n_tiles, n_split);
+    n_split = ceil_div(n_tiles, tps);
+    int dev = 0, smem_max = 0;
+    DEFKV_CUDA_TRY(cudaGetDevice(&dev));
+    DEFKV_CUDA_TRY(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    const bool fits = need(n_split) <= avail && smem_b <= static_cast<size_t>(smem_max) &&
+                      smem_c <= static_cast<size_t>(smem_max) && n_split <= 65535 && a.Hk <= 65535 &&
+                      ceil_div(a.L, kColTile) < 2147483647;
+    if (!fits) return legacy_window_attention(a, stream, msg); // tiny L, or too many rows for a block
+    RowPart *part = reinterpret_cast<RowPart *>(a.probs);
+    RowFinal *fin = reinterpret_cast<RowFinal *>(reinterpret_cast<char *>(a.probs) +
+                                                 align256(sizeof(RowPart) * a.Hk * n_split * R));
+    if (mode == kModeProbs)
+        return launch_fused<float, kModeProbs>(a, pb, n_split, tps, part, fin, halo, smem_b, smem_c, pc, stream, msg);
+    if (mode == kModeSimt)
+        return launch_fused<float, kModeSimt>(a, pb, n_split, tps, part, fin, halo, smem_b, smem_c, pc, stream, msg);
+    defkv_status st = DEFKV_SUCCESS;
+    const bool done = DEFKV_DISPATCH_HALF_TYPES(
+        a.keys.dtype, T,
+        st = launch_fused<T, kModeWmma>(a, pb, n_split, tps, part, fin, halo, smem_b, smem_c, pc, stream, msg));
+    if (!done) return legacy_window_attention(a, stream, msg);
+    return st;
 }
 
 } // namespace cuda
