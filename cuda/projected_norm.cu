@@ -1,5 +1,15 @@
 // Projected value norm kernels.
-//   Tensor-core path (values and o_proj both bf16 or both f16, d % 16 == 0, d <= 256): a block
+//   Fast tensor-core path (pn_mma_kernel; sm_80+, values and o_proj both bf16 or both f16,
+//   d % 16 == 0, d <= 128, rows contiguous and 16-byte aligned, o_proj row-major): a block owns
+//   128 tokens of one KV head. It stages V[k, t0:t0+128, :] in shared memory once and keeps it
+//   as mma.sync A fragments in registers (each of the 8 warps: 32 tokens x d), then streams the
+//   o_proj tiles (64 output columns x d) of all G query heads of the KV head through a 4-stage
+//   cp.async pipeline; each warp multiplies its 32 tokens with 32 of the 64 columns
+//   (mma.sync m16n8k16, fp32 accumulate, B fragments by ldmatrix from a padded layout) and adds
+//   |acc| of each finished 16-column strip into per-row registers. The tile is never stored.
+//   At the end each row's sum is combined over the 4 lanes of a quad (shuffles) and the 2 column
+//   warps (shared memory) in a fixed order: deterministic, no atomics, no partial array.
+//   WMMA path (values and o_proj both bf16 or both f16, d % 16 == 0, d <= 256): a block
 //   owns 128 tokens of one query head h; it stages V[k, t0:t0+128, :] once in shared memory, then
 //   walks D in chunks of 64 columns: stages Wo_h's chunk, multiplies with WMMA 16x16x16 (fp32
 //   accumulate), spills the 128x64 tile to shared memory and adds |.| row by row into registers.
@@ -21,6 +31,246 @@ constexpr int kTcTokens = 128; // tokens per block (tensor-core path: 8 warps, e
 constexpr int kTcThreads = 256;
 constexpr int kPad = 8;      // 16-bit elements of padding per shared row (keeps WMMA ld % 8 == 0)
 constexpr int kCPad = 4;     // f32 padding of the spilled accumulator tile
+
+// ---- the fast path's warp-level primitives --------------------------------------------------
+// Each wrapper is one PTX instruction on the GPU; under DEFKV_CUDA_EMULATED (the CPU emulation
+// of tests/gpu/emu) it is re-implemented from the PTX ISA's documented semantics and fragment
+// layouts, so the emulated parity test checks this file's fragment indexing.
+constexpr int kMmaTokens = 128;  // tokens per block
+constexpr int kMmaCols = 64;     // o_proj columns per pipeline stage
+constexpr int kMmaStages = 4;    // cp.async pipeline depth
+constexpr int kMmaThreads = 256; // 8 warps: 4 (tokens, 32 each) x 2 (columns, 32 each)
+constexpr int kMmaMaxK = 8;      // k-steps of 16 kept in registers: d <= 128
+
+#ifdef DEFKV_CUDA_EMULATED
+// cp.async.cg.shared.global 16 bytes; src-size 0 (full == false) fills the 16 bytes with zeros.
+inline void cp_async16(void *dst, const void *src, bool full) {
+    if (full) std::memcpy(dst, src, 16);
+    else std::memset(dst, 0, 16);
+}
+inline void cp_async_commit() {}
+template <int N> inline void cp_async_wait() {} // the emulated copies completed when issued
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16: lane l gives the address of row l % 8 of matrix
+// l / 8; register j of lane l receives row l / 4 of matrix j, 16-bit elements 2 (l % 4), +1
+// (the lower-addressed element in the low half).
+inline void ldmatrix_x4(uint32_t r[4], const void *p) {
+    uint32_t addr[2];
+    const uintptr_t u = reinterpret_cast<uintptr_t>(p);
+    if (u % 16 != 0) { std::fprintf(stderr, "emu: ldmatrix row address not 16-byte aligned\n"); std::abort(); }
+    addr[0] = static_cast<uint32_t>(u & 0xffffffffu);
+    addr[1] = static_cast<uint32_t>(u >> 32);
+    const int l = ::emu::lane_id();
+    ::emu::warp_exchange(addr, 2, [&](auto get) {
+        for (int j = 0; j < 4; j++) {
+            const int src = 8 * j + l / 4;
+            const uintptr_t row = (static_cast<uintptr_t>(get(src, 1)) << 32) | get(src, 0);
+            std::memcpy(&r[j], reinterpret_cast<const unsigned char *>(row) + 4 * (l % 4), 4);
+        }
+    });
+}
+inline float half_bits_to_f(uint16_t b, __nv_bfloat16 *) { __nv_bfloat16 x; x.bits = b; return __bfloat162float(x); }
+inline float half_bits_to_f(uint16_t b, __half *) { __half x; x.bits = b; return __half2float(x); }
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32, D = A B + C with the PTX
+// fragment layouts (g = lane / 4, q = lane % 4):
+//   A 16x16: a[0] (g, 2q..2q+1)  a[1] (g+8, 2q..)  a[2] (g, 2q+8..)  a[3] (g+8, 2q+8..)
+//   B 16x8:  b0 (k = 2q..2q+1, n = g)  b1 (k = 2q+8.., n = g)
+//   C/D 16x8: c[0], c[1] (g, 2q..2q+1)  c[2], c[3] (g+8, 2q..2q+1)
+template <typename T> inline void mma_16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    const uint32_t mine[6] = {a[0], a[1], a[2], a[3], b0, b1};
+    const int l = ::emu::lane_id(), g = l / 4, q = l % 4;
+    float out[4];
+    ::emu::warp_exchange(mine, 6, [&](auto get) {
+        auto elem = [&](int lane, int word, int half) {
+            const uint32_t w = get(lane, word);
+            return half_bits_to_f(static_cast<uint16_t>(half ? w >> 16 : w & 0xffffu), static_cast<T *>(nullptr));
+        };
+        auto A = [&](int r, int k) { return elem((r % 8) * 4 + (k % 8) / 2, (r / 8) + 2 * (k / 8), k % 2); };
+        auto B = [&](int k, int n) { return elem(n * 4 + (k % 8) / 2, 4 + k / 8, k % 2); };
+        for (int e = 0; e < 4; e++) {
+            const int r = g + (e / 2) * 8, n = 2 * q + e % 2;
+            float s = c[e];
+            for (int k = 0; k < 16; k++) s += A(r, k) * B(k, n);
+            out[e] = s;
+        }
+    });
+    for (int e = 0; e < 4; e++) c[e] = out[e];
+}
+#define DEFKV_MMA_ARCH_OK 1
+#else
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define DEFKV_MMA_ARCH_OK 1
+#else
+#define DEFKV_MMA_ARCH_OK 0
+#endif
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool full) {
+#if DEFKV_MMA_ARCH_OK
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(full ? 16 : 0));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if DEFKV_MMA_ARCH_OK
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+#if DEFKV_MMA_ARCH_OK
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void *p) {
+#if DEFKV_MMA_ARCH_OK
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+#endif
+}
+template <typename T> __device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+#if DEFKV_MMA_ARCH_OK
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+#if DEFKV_MMA_ARCH_OK
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+#endif
+
+inline size_t mma_smem_bytes(int64_t d) {
+    return static_cast<size_t>((kMmaTokens + kMmaStages * kMmaCols) * (d + kPad) * 2 + 2 * kMmaTokens * 4);
+}
+
+// out[k, t] = (1/G) sum_g sum_c | sum_i V[k, t, i] o_proj[c, (kG+g) d + i] | for this block's 128
+// tokens t of KV head k = blockIdx.y (0 where masked). Rows of V (stride vs1, head stride vs0)
+// and of o_proj (stride os0) are contiguous and 16-byte aligned (the host checked).
+// Dynamic shared memory: mma_smem_bytes(d). Two blocks per SM at d = 128 (102 KB each).
+template <typename T>
+__global__ void __launch_bounds__(kMmaThreads, 2)
+pn_mma_kernel(const T *__restrict__ v, int64_t vs0, int64_t vs1, const T *__restrict__ o, int64_t os0, int64_t G,
+              int d, int64_t D, int64_t L, int64_t n_tokens, const uint8_t *masked /* [Hk, L] or null */,
+              float *out /* [Hk, n_tokens] */) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int ld = d + kPad; // padded row: the 8 row addresses of an ldmatrix hit distinct banks
+    T *vsm = reinterpret_cast<T *>(smem);          // [128 tokens][ld]
+    T *bsm = vsm + kMmaTokens * ld;                // [stages][64 columns][ld]
+    float *red = reinterpret_cast<float *>(bsm + kMmaStages * kMmaCols * ld); // [2][128]
+    const int64_t k = blockIdx.y, t0 = static_cast<int64_t>(blockIdx.x) * kMmaTokens;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp & 3, wn = warp >> 2; // tokens wm*32..+32, columns wn*32..+32 of each stage
+    const int d8 = d >> 3, nks = d >> 4;     // 16-byte segments per row, k-steps of 16
+
+    // V tile: its own cp.async group (tokens past n_tokens are zero-filled)
+    for (int e = tid; e < kMmaTokens * d8; e += kMmaThreads) {
+        const int r = e / d8, seg = e - r * d8;
+        const int64_t t = t0 + r;
+        const T *src = v + k * vs0 + (t < n_tokens ? t : 0) * vs1 + seg * 8;
+        cp_async16(vsm + r * ld + seg * 8, src, t < n_tokens);
+    }
+    cp_async_commit();
+    // tiles: (g, column block) in g-major order, each 64 columns x d of Wo_{kG+g}
+    const int64_t n_cb = (D + kMmaCols - 1) / kMmaCols, n_tiles = G * n_cb;
+    auto load_tile = [&](int64_t tile, int stage) {
+        const int64_t g = tile / n_cb, c0 = (tile - g * n_cb) * kMmaCols;
+        const T *src0 = o + (k * G + g) * d;
+        T *dst = bsm + stage * kMmaCols * ld;
+        for (int e = tid; e < kMmaCols * d8; e += kMmaThreads) {
+            const int c = e / d8, seg = e - c * d8;
+            const int64_t cc = c0 + c;
+            cp_async16(dst + c * ld + seg * 8, src0 + (cc < D ? cc : 0) * os0 + seg * 8, cc < D);
+        }
+    };
+#pragma unroll
+    for (int s = 0; s < kMmaStages - 1; s++) {
+        if (s < n_tiles) load_tile(s, s);
+        cp_async_commit(); // (possibly empty) group per stage keeps the wait counts uniform
+    }
+    cp_async_wait<kMmaStages - 1>(); // the V group is complete
+    __syncthreads();
+    // A fragments: rows wm*32 + mt*16 .. +16, k-step ks (x4: rows 0-7 / 8-15, k 0-7 / 8-15)
+    uint32_t a[2][kMmaMaxK][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int ks = 0; ks < kMmaMaxK; ks++)
+            if (ks < nks)
+                ldmatrix_x4(a[mt][ks], vsm + (wm * 32 + mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + ks * 16 +
+                                           (lane >> 4) * 8);
+    // per-lane L1 sums of rows g, g+8 of each of the two 16-token tiles (g = lane / 4)
+    float rs[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+    // ldmatrix row of this lane within a 16-column strip: matrices (n 0-7, k 0-7), (n 0-7, k 8-15),
+    // (n 8-15, k 0-7), (n 8-15, k 8-15) -> b0, b1 of n-tile 0 and b0, b1 of n-tile 1
+    const int b_row = (lane & 7) + (lane >> 4) * 8, b_col = ((lane >> 3) & 1) * 8;
+    for (int64_t tile = 0; tile < n_tiles; tile++) {
+        cp_async_wait<kMmaStages - 2>(); // this tile's group is complete (for this thread)
+        __syncthreads();                 // ... for every thread; the stage refilled below is free
+        {
+            const int64_t next = tile + kMmaStages - 1;
+            if (next < n_tiles) load_tile(next, static_cast<int>(next % kMmaStages));
+            cp_async_commit();
+        }
+        const T *bs = bsm + static_cast<int>(tile % kMmaStages) * kMmaCols * ld + (wn * 32 + b_row) * ld + b_col;
+#pragma unroll
+        for (int ns = 0; ns < 2; ns++) { // 16-column strips
+            float acc[2][2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) acc[mt][nt][e] = 0.0f;
+#pragma unroll
+            for (int ks = 0; ks < kMmaMaxK; ks++) {
+                if (ks < nks) {
+                    uint32_t b[4];
+                    ldmatrix_x4(b, bs + ns * 16 * ld + ks * 16);
+#pragma unroll
+                    for (int mt = 0; mt < 2; mt++) {
+                        mma_16816<T>(acc[mt][0], a[mt][ks], b[0], b[1]);
+                        mma_16816<T>(acc[mt][1], a[mt][ks], b[2], b[3]);
+                    }
+                }
+            }
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                for (int nt = 0; nt < 2; nt++) {
+                    rs[mt][0] += fabsf(acc[mt][nt][0]) + fabsf(acc[mt][nt][1]);
+                    rs[mt][1] += fabsf(acc[mt][nt][2]) + fabsf(acc[mt][nt][3]);
+                }
+        }
+    }
+    // combine the 4 lanes of each quad (the row's columns 2q, 2q+1 of every n-tile), fixed order
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            float x = rs[mt][hf];
+            x += __shfl_xor_sync(0xffffffffu, x, 1);
+            x += __shfl_xor_sync(0xffffffffu, x, 2);
+            if ((lane & 3) == 0) red[wn * kMmaTokens + wm * 32 + mt * 16 + hf * 8 + (lane >> 2)] = x;
+        }
+    __syncthreads();
+    if (tid < kMmaTokens) {
+        const int64_t t = t0 + tid;
+        if (t < n_tokens) {
+            float x = red[tid] + red[kMmaTokens + tid];
+            if (G != 1) x *= 1.0f / static_cast<float>(G);
+            if (masked && masked[k * L + t]) x = 0.0f;
+            out[k * n_tokens + t] = x;
+        }
+    }
+}
 
 template <typename T> __device__ __forceinline__ T raw_load(const DevTensor &t, int64_t off) {
     return static_cast<const T *>(t.data)[off];
@@ -196,6 +446,30 @@ bool tensor_core_ok(int32_t vd, int32_t od, int64_t d) {
     return vd == od && (vd == DEFKV_DTYPE_BF16 || vd == DEFKV_DTYPE_F16) && d % 16 == 0 && d <= 256;
 }
 
+bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// The fast path's layout needs: V rows (inner stride 1) and o_proj rows (row-major, inner stride
+// 1) start on 16-byte boundaries, d <= 128, and an sm_80+ GPU with the shared memory it asks for.
+bool mma_path_ok(const ProjectedNormArgs &a, int cc_major, int smem_max) {
+    return tensor_core_ok(a.values.dtype, a.o_proj.dtype, a.d) && a.d <= 16 * kMmaMaxK && cc_major >= 8 &&
+           mma_smem_bytes(a.d) <= static_cast<size_t>(smem_max) && a.values.s2 == 1 && a.values.s0 % 8 == 0 &&
+           a.values.s1 % 8 == 0 && aligned16(a.values.data) && a.o_proj.s1 == 1 && a.o_proj.s0 % 8 == 0 &&
+           aligned16(a.o_proj.data) && a.Hk <= 65535;
+}
+
+template <typename T> defkv_status launch_mma(const ProjectedNormArgs &a, cudaStream_t stream, std::string *msg) {
+    const size_t smem = mma_smem_bytes(a.d);
+    DEFKV_CUDA_TRY(cudaFuncSetAttribute(pn_mma_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+    const dim3 grid(static_cast<unsigned>(ceil_div(a.n_tokens, kMmaTokens)), static_cast<unsigned>(a.Hk));
+    pn_mma_kernel<T><<<grid, kMmaThreads, smem, stream>>>(static_cast<const T *>(a.values.data), a.values.s0,
+                                                          a.values.s1, static_cast<const T *>(a.o_proj.data),
+                                                          a.o_proj.s0, a.G, static_cast<int>(a.d), a.D, a.L,
+                                                          a.n_tokens, a.masked, a.out);
+    DEFKV_CUDA_LAUNCHED("pn_mma_kernel");
+    return DEFKV_SUCCESS;
+}
+
 } // namespace
 
 const char *projected_norm_path(int32_t values_dtype, int32_t oproj_dtype, int64_t d) {
@@ -208,13 +482,20 @@ defkv_status projected_norm(const ProjectedNormArgs &a, cudaStream_t stream, std
         *msg = "CUDA backend: projected norm: H = " + std::to_string(a.H) + " query heads exceed the supported 65535";
         return DEFKV_ERROR_UNSUPPORTED;
     }
+    if (a.n_tokens <= 0) return DEFKV_SUCCESS; // nothing to compute (and no empty grid to launch)
     defkv_status st = DEFKV_SUCCESS;
     bool done = false;
     // The tensor-core tiles need wmma_smem_bytes(d) of shared memory (136 KB at d = 256): more
     // than some GPUs give a block (about 100 KB on sm_86/sm_89), which then take the f32 path.
-    int dev = 0, smem_max = 0;
+    int dev = 0, smem_max = 0, cc_major = 0;
     DEFKV_CUDA_TRY(cudaGetDevice(&dev));
     DEFKV_CUDA_TRY(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    DEFKV_CUDA_TRY(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev));
+    // The fast path writes `out` directly (G heads summed in the kernel): no partial, no reduction.
+    if (mma_path_ok(a, cc_major, smem_max)) {
+        done = DEFKV_DISPATCH_HALF_TYPES(a.values.dtype, T, st = launch_mma<T>(a, stream, msg));
+        if (st != DEFKV_SUCCESS || done) return st;
+    }
     if (tensor_core_ok(a.values.dtype, a.o_proj.dtype, a.d) && wmma_smem_bytes(a.d) <= static_cast<size_t>(smem_max))
         done = DEFKV_DISPATCH_HALF_TYPES(a.values.dtype, T, st = launch_wmma<T>(a, stream, msg));
     if (st != DEFKV_SUCCESS) return st;

@@ -122,8 +122,11 @@ inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 inline cudaError_t cudaGetDeviceCount(int *n) { *n = 1; return cudaSuccess; }
 inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
 inline cudaError_t cudaGetDevice(int *d) { *d = 0; return cudaSuccess; }
-enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
-inline cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr, int) { *v = 227 * 1024; return cudaSuccess; } // H100/H200
+enum cudaDeviceAttr { cudaDevAttrComputeCapabilityMajor = 75, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+inline cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr a, int) { // H100/H200
+    *v = a == cudaDevAttrComputeCapabilityMajor ? 9 : 227 * 1024;
+    return cudaSuccess;
+}
 inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int) {
     std::snprintf(p->name, sizeof p->name, "defkv CPU emulation");
     p->major = 9;
@@ -183,10 +186,12 @@ template <typename F> cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int
 
 namespace emu {
 
+constexpr int kXchWords = 16;
 struct Block {
     dim3 grid, block, cur;
     int nthreads = 0;
     std::vector<uint64_t> shfl;
+    std::vector<uint32_t> xch; // kXchWords words per thread: warp-wide register exchanges (mma, ldmatrix)
     std::vector<unsigned char> dyn;
     unsigned char *dyn_aligned = nullptr; // 256-byte aligned start of dynamic shared memory
     std::vector<ucontext_t> ctx;
@@ -221,6 +226,22 @@ template <typename T> T shfl_xor(T v, int mask) {
     return r;
 }
 
+// A warp-wide exchange of up to kXchWords 32-bit words per lane: every lane publishes `n` words,
+// waits until the whole warp has, then `read(lane, i)` returns word i of warp lane `lane`; a
+// second warp barrier keeps any lane from publishing again before every lane has read. What the
+// warp-collective instructions (mma.sync, ldmatrix) need to move operands between lanes.
+inline int lane_id() { return current()->tid % 32; }
+template <typename F> void warp_exchange(const uint32_t *mine, int n, F &&use) {
+    Block *b = current();
+    const int tid = b->tid, w = tid / 32;
+    if (n > kXchWords) { std::fprintf(stderr, "emu: warp_exchange of %d words\n", n); std::abort(); }
+    std::memcpy(&b->xch[static_cast<size_t>(tid) * kXchWords], mine, sizeof(uint32_t) * static_cast<size_t>(n));
+    yield();
+    const uint32_t *base = &b->xch[static_cast<size_t>(w) * 32 * kXchWords];
+    use([base](int lane, int i) { return base[lane * kXchWords + i]; });
+    yield();
+}
+
 template <typename... P> struct Launch {
     void (*k)(P...);
     dim3 grid, block;
@@ -246,6 +267,7 @@ template <typename... P> struct Launch {
             std::abort();
         }
         b.shfl.assign(static_cast<size_t>(b.nthreads), 0);
+        b.xch.assign(static_cast<size_t>(b.nthreads) * kXchWords, 0);
         b.dyn.assign(smem + 512, 0xAB);
         b.dyn_aligned = b.dyn.data() + (256 - reinterpret_cast<uintptr_t>(b.dyn.data()) % 256) % 256;
         b.ctx.resize(static_cast<size_t>(b.nthreads));
