@@ -14,6 +14,8 @@
 namespace defkv {
 
 class ThreadPool;
+struct Params;
+struct LayerInfo;
 
 // Shapes of one sequence of one layer.
 struct SeqShape {
@@ -69,6 +71,28 @@ public:
     // Gather into dst [sum, d] (rows cu[k]+i).
     virtual defkv_status compact_varlen(const View &src, int64_t Hk, int64_t d, const int32_t *cu,
                                         const int32_t *idx, const View &dst, std::string *msg) = 0;
+
+    // ---- Device-resident selection (optional) ----------------------------------------------
+    // A GPU backend may score, select and write the whole selection on its device, with every
+    // output of `out` in its own memory kind (resident_memory()), so that nothing synchronises
+    // with the host. The core validates params, layer and the output pointers' presence first;
+    // the backend validates the pointers themselves and returns DEFKV_ERROR_UNSUPPORTED (with
+    // *msg naming the method or option) for what it has no device path for.
+    virtual int32_t resident_memory() const { return -1; }
+    virtual defkv_status select_resident(const Params &p, const LayerInfo &li, defkv_selection *out,
+                                         std::string *msg) {
+        (void)p, (void)li, (void)out;
+        *msg = std::string("the ") + name() + " backend has no device-resident selection";
+        return DEFKV_ERROR_UNSUPPORTED;
+    }
+    // Compaction driven by a selection in resident_memory() (head_lens, cu_seqlens and indices
+    // on the device, as select_resident wrote them). kout/vout are null for in-place compaction.
+    virtual defkv_status compact_resident(const LayerInfo &li, const defkv_selection &sel, const View *kout,
+                                          const View *vout, std::string *msg) {
+        (void)li, (void)sel, (void)kout, (void)vout;
+        *msg = std::string("the ") + name() + " backend has no device-resident compaction";
+        return DEFKV_ERROR_UNSUPPORTED;
+    }
 };
 
 std::unique_ptr<Backend> make_cpu_backend(ThreadPool *pool, int32_t n_threads);

@@ -710,6 +710,27 @@ defkv_status do_select(defkv_context &ctx, const defkv_params *params, const def
     DEFKV_FORWARD(resolve_layer(ctx, layer, p, "defkv_select", &li, msg));
     if (!out) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "defkv_select: out (defkv_selection) is NULL");
     if (!out->head_lens) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "defkv_select: out->head_lens is NULL (it is required)");
+    if (out->struct_size < sizeof(defkv_selection))
+        DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "defkv_select: out->struct_size is %u, expected sizeof(defkv_selection) = %zu",
+                   out->struct_size, sizeof(defkv_selection));
+    if (out->memory != DEFKV_MEMORY_HOST) {
+        // Device-resident selection: the backend scores, selects and writes on its device.
+        const int32_t rm = ctx.backend->resident_memory();
+        if (out->memory != rm)
+            DEFKV_FAIL(DEFKV_ERROR_UNSUPPORTED,
+                       "defkv_select: out->memory is %d; the %s backend writes selections to host memory (%d)%s", out->memory,
+                       ctx.backend->name(), DEFKV_MEMORY_HOST,
+                       rm == DEFKV_MEMORY_CUDA_DEVICE ? " or CUDA device memory (1)"
+                       : rm == DEFKV_MEMORY_VULKAN_BUFFER ? " or Vulkan buffers (2)" : "");
+        int64_t total = 0;
+        for (const SeqInfo &si : li.seqs) total += std::min(seq_kept_count(p, si.s, 1), si.s.Hk * si.s.L);
+        if (out->indices && out->indices_capacity < total)
+            DEFKV_FAIL(DEFKV_ERROR_BUFFER_TOO_SMALL, "defkv_select: out->indices_capacity is %lld, the selection keeps %lld entries",
+                       (long long)out->indices_capacity, (long long)total);
+        defkv_status st = ctx.backend->select_resident(p, li, out, msg);
+        if (st != DEFKV_SUCCESS) *msg = "defkv_select: " + *msg;
+        return st;
+    }
     std::vector<Scored> res(li.seqs.size());
     for (size_t b = 0; b < li.seqs.size(); b++) {
         defkv_status st = score_and_select(ctx, p, li.seqs[b], false, &res[b], msg);
@@ -780,6 +801,32 @@ defkv_status do_compact(defkv_context &ctx, const defkv_layer *layer, const defk
     if (!sel->cu_seqlens || !sel->indices || !sel->head_lens)
         DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "%s: sel->%s is NULL; compaction needs head_lens, cu_seqlens and indices",
                    fn, !sel->head_lens ? "head_lens" : !sel->cu_seqlens ? "cu_seqlens" : "indices");
+    if (sel->memory != DEFKV_MEMORY_HOST) {
+        // A device-resident selection, as defkv_select wrote it on this context's device: its
+        // contents are not readable here without synchronising, so the backend trusts them.
+        if (sel->memory != ctx.backend->resident_memory())
+            DEFKV_FAIL(DEFKV_ERROR_UNSUPPORTED, "%s: sel->memory is %d; the %s backend reads host selections (0)%s", fn,
+                       sel->memory, ctx.backend->name(),
+                       ctx.backend->resident_memory() == DEFKV_MEMORY_CUDA_DEVICE ? " or CUDA device memory (1)" : "");
+        View kres, vres;
+        if (!inplace) {
+            if (!keys_out || !values_out) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "%s: keys_out or values_out is NULL", fn);
+            std::string vmsg;
+            if (!keys_out->data || !resolve_view(*keys_out, 2, "keys_out", &kres, &vmsg))
+                DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "%s: keys_out: %s", fn, keys_out->data ? vmsg.c_str() : "data is NULL");
+            if (!values_out->data || !resolve_view(*values_out, 2, "values_out", &vres, &vmsg))
+                DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "%s: values_out: %s", fn,
+                           values_out->data ? vmsg.c_str() : "data is NULL");
+            for (int t = 0; t < 2; t++) {
+                const View &o = t ? vres : kres;
+                if (o.shape[1] != li.d || o.dtype != (t ? li.seqs[0].v.values.dtype : li.seqs[0].v.keys.dtype))
+                    DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "%s: %s must be [rows, %lld] of the layer's dtype", fn,
+                               t ? "values_out" : "keys_out", (long long)li.d);
+            }
+        }
+        DEFKV_FORWARD(ctx.backend->compact_resident(li, *sel, inplace ? nullptr : &kres, inplace ? nullptr : &vres, msg));
+        return DEFKV_SUCCESS;
+    }
     const int64_t Hk = li.Hk, d = li.d, nh = Hk * static_cast<int64_t>(li.seqs.size());
     if (sel->cu_seqlens[0] != 0) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "%s: sel->cu_seqlens[0] is %d, expected 0", fn, sel->cu_seqlens[0]);
     for (int64_t i = 0; i < nh; i++) {

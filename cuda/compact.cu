@@ -11,18 +11,19 @@ namespace {
 template <typename E>
 __global__ void gather_kernel(DevTensor src /* [Hk, L, d] of E */, const int32_t *cu /* [Hk+1] */,
                               const int32_t *idx /* [rows] */, int64_t Hk, int64_t d, E *packed /* [rows, d] or null */,
-                              DevTensor dst /* [rows_total, d] of E when packed is null */) {
+                              DevTensor dst /* [rows_total, d] of E when packed is null */, bool idx_global,
+                              int64_t dst_rows) {
     const E *s = static_cast<const E *>(src.data);
-    const int32_t base = cu[0];
+    const int32_t base = cu[0], ibase = idx_global ? 0 : base;
     for (int64_t k = blockIdx.y; k < Hk; k += gridDim.y) {
         const int64_t a = cu[k], n = static_cast<int64_t>(cu[k + 1]) - a;
         for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n * d;
              e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
             const int64_t i = e / d, c = e % d, r = a + i;
-            const int64_t j = idx[r - base];
+            const int64_t j = idx[r - ibase];
             const E x = s[k * src.s0 + j * src.s1 + c * src.s2];
             if (packed) packed[(r - base) * d + c] = x;
-            else static_cast<E *>(const_cast<void *>(dst.data))[r * dst.s0 + c * dst.s1] = x;
+            else if (r < dst_rows) static_cast<E *>(const_cast<void *>(dst.data))[r * dst.s0 + c * dst.s1] = x;
         }
     }
 }
@@ -44,10 +45,13 @@ __global__ void scatter_front_kernel(const E *packed /* [rows, d] */, const int3
 
 template <typename E> defkv_status run(const CompactArgs &a, cudaStream_t stream, std::string *msg) {
     if (a.total_rows == 0) return DEFKV_SUCCESS;
-    const dim3 grid(grid_1d(a.total_rows * a.d / (a.Hk > 0 ? a.Hk : 1) + 1, 256),
+    // rows per head: the host's count, or (device-resident selection) at most L
+    const int64_t per_head = a.total_rows > 0 ? a.total_rows / (a.Hk > 0 ? a.Hk : 1) + 1 : a.rows_bound;
+    const dim3 grid(grid_1d(per_head * a.d, 256),
                     static_cast<unsigned>(a.Hk < 65535 ? a.Hk : 65535));
     E *packed = a.inplace ? static_cast<E *>(a.scratch) : nullptr;
-    gather_kernel<E><<<grid, 256, 0, stream>>>(a.src, a.cu, a.idx, a.Hk, a.d, packed, a.dst);
+    gather_kernel<E><<<grid, 256, 0, stream>>>(a.src, a.cu, a.idx, a.Hk, a.d, packed, a.dst, a.idx_global,
+                                                a.dst_rows);
     DEFKV_CUDA_LAUNCHED("gather_kernel");
     if (a.inplace) {
         scatter_front_kernel<E><<<grid, 256, 0, stream>>>(packed, a.cu, a.Hk, a.d, a.src);

@@ -8,6 +8,7 @@
 // fails cleanly and cuda_backend_available() reports DEFKV_ERROR_BACKEND_UNAVAILABLE, so the
 // library still loads and runs on the CPU.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -15,7 +16,9 @@
 #include "backend.hpp"
 #include "compact.cuh"
 #include "key_norm.cuh"
+#include "pipeline.hpp"
 #include "projected_norm.cuh"
+#include "select.cuh"
 
 namespace defkv {
 
@@ -66,7 +69,23 @@ public:
     defkv_status compact_varlen(const View &src, int64_t Hk, int64_t d, const int32_t *cu, const int32_t *idx,
                                 const View &dst, std::string *msg) override;
 
+    int32_t resident_memory() const override { return DEFKV_MEMORY_CUDA_DEVICE; }
+    defkv_status select_resident(const Params &p, const LayerInfo &li, defkv_selection *out, std::string *msg) override;
+    defkv_status compact_resident(const LayerInfo &li, const defkv_selection &sel, const View *kout, const View *vout,
+                                  std::string *msg) override;
+
 private:
+    // Enqueues the window attention and the reductions `req` asks for (its non-null outputs
+    // are flags only here) into device buffers carved from `results`; *a gets the pointers.
+    defkv_status attention_enqueue(const SeqViews &in, const SeqShape &s, const AttentionRequest &req,
+                                   DeviceBuffer *results, AttentionArgs *a, std::string *msg);
+    // Enqueues the projected norm of the first n_tokens tokens into `results` ([Hk, n_tokens]).
+    defkv_status projected_norm_enqueue(const SeqViews &in, const SeqShape &s, int64_t n_tokens, const uint8_t *masked,
+                                        DeviceBuffer *results, float **out, std::string *msg);
+    // out-> pointers must be device memory of this context's device (or null where optional).
+    defkv_status check_device_pointer(const void *p, const char *what, std::string *msg);
+    defkv_status compact_resident_one(const View &t, int64_t Hk, int64_t L, int64_t d, const int32_t *cu,
+                                      const int32_t *idx, const View *dst, std::string *msg);
     // A view as a kernel argument: device memory in place (after checking the pointer really
     // is device memory of this context's device), host memory uploaded into `stage`.
     defkv_status bind(const View &v, const char *what, DeviceBuffer *stage, DevTensor *out, std::string *msg);
@@ -85,8 +104,12 @@ private:
     int device_;
     cudaStream_t stream_;
     bool own_stream_;
-    DeviceBuffer stage_a_, stage_b_, stage_c_; // staged inputs
+    DeviceBuffer stage_a_, stage_b_, stage_c_, stage_d_; // staged inputs
+    DeviceBuffer pn_work_;
     DeviceBuffer masked_, work_, results_, index_;
+    // device-resident selection: attention outputs, projected norm, selection workspace,
+    // keep masks and offsets (when the caller passes none), compaction scratch
+    DeviceBuffer res_att_, res_pn_, sel_ws_, sel_keep_, sel_cu_, compact_scratch_;
     std::vector<double> host_doubles_;
 };
 
@@ -138,10 +161,11 @@ defkv_status CudaBackend::unstage(const View &v, const DeviceBuffer &stage, std:
     return DEFKV_SUCCESS;
 }
 
-defkv_status CudaBackend::attention(const SeqViews &in, const SeqShape &s, const AttentionRequest &req,
-                                    std::string *msg) {
+defkv_status CudaBackend::attention_enqueue(const SeqViews &in, const SeqShape &s, const AttentionRequest &req,
+                                            DeviceBuffer *results, AttentionArgs *ap, std::string *msg) {
     DEFKV_CUDA_TRY(cudaSetDevice(device_));
-    AttentionArgs a;
+    AttentionArgs &a = *ap;
+    a = AttentionArgs{};
     a.H = s.H;
     a.Hk = s.Hk;
     a.G = s.G;
@@ -171,9 +195,9 @@ defkv_status CudaBackend::attention(const SeqViews &in, const SeqShape &s, const
     const size_t o_last = out.take(req.last_row_mean ? sizeof(double) * (s.L - 1) : 0);
     const size_t w_probs = work.take(sizeof(float) * s.G * s.W * s.L);
     const size_t w_stats = work.take(sizeof(float) * 2 * s.G * s.W);
-    DEFKV_FORWARD_ST(results_.reserve(out.used, msg));
+    DEFKV_FORWARD_ST(results->reserve(out.used, msg));
     DEFKV_FORWARD_ST(work_.reserve(work.used, msg));
-    char *ob = results_.as<char>(), *wb = work_.as<char>();
+    char *ob = results->as<char>(), *wb = work_.as<char>();
     if (req.mean_w) a.mean_w = reinterpret_cast<float *>(ob + o_mean);
     if (req.def_max) a.def_max = reinterpret_cast<float *>(ob + o_max);
     if (req.def_avg) a.def_avg = reinterpret_cast<float *>(ob + o_avg);
@@ -181,8 +205,14 @@ defkv_status CudaBackend::attention(const SeqViews &in, const SeqShape &s, const
     if (req.last_row_mean) a.last_row_sum = reinterpret_cast<double *>(ob + o_last);
     a.probs = reinterpret_cast<float *>(wb + w_probs);
     a.row_stats = reinterpret_cast<float *>(wb + w_stats);
-    DEFKV_FORWARD_ST(window_attention(a, stream_, msg));
+    return window_attention(a, stream_, msg);
+}
 
+defkv_status CudaBackend::attention(const SeqViews &in, const SeqShape &s, const AttentionRequest &req,
+                                    std::string *msg) {
+    AttentionArgs a;
+    DEFKV_FORWARD_ST(attention_enqueue(in, s, req, &results_, &a, msg));
+    const bool omega = req.omega_official || req.omega_window;
     auto d2h = [&](void *dst, const void *src, size_t bytes) {
         return cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_);
     };
@@ -209,8 +239,9 @@ defkv_status CudaBackend::attention(const SeqViews &in, const SeqShape &s, const
     return DEFKV_SUCCESS;
 }
 
-defkv_status CudaBackend::projected_norm(const SeqViews &in, const SeqShape &s, int64_t n_tokens,
-                                         const uint8_t *masked, float *out, std::string *msg) {
+defkv_status CudaBackend::projected_norm_enqueue(const SeqViews &in, const SeqShape &s, int64_t n_tokens,
+                                                 const uint8_t *masked, DeviceBuffer *results, float **out,
+                                                 std::string *msg) {
     DEFKV_CUDA_TRY(cudaSetDevice(device_));
     ProjectedNormArgs a;
     a.H = s.H;
@@ -220,18 +251,25 @@ defkv_status CudaBackend::projected_norm(const SeqViews &in, const SeqShape &s, 
     a.D = s.D;
     a.L = s.L;
     a.n_tokens = n_tokens;
-    DEFKV_FORWARD_ST(bind(in.values, "values", &stage_a_, &a.values, msg));
-    DEFKV_FORWARD_ST(bind(in.o_proj, "o_proj", &stage_c_, &a.o_proj, msg));
+    DEFKV_FORWARD_ST(bind(in.values, "values", &stage_c_, &a.values, msg));
+    DEFKV_FORWARD_ST(bind(in.o_proj, "o_proj", &stage_d_, &a.o_proj, msg));
     if (masked) {
         DEFKV_FORWARD_ST(upload(masked, static_cast<size_t>(s.Hk * s.L), &masked_, msg));
         a.masked = masked_.as<uint8_t>();
     }
-    DEFKV_FORWARD_ST(work_.reserve(sizeof(float) * s.H * n_tokens, msg));
-    DEFKV_FORWARD_ST(results_.reserve(sizeof(float) * s.Hk * n_tokens, msg));
-    a.partial = work_.as<float>();
-    a.out = results_.as<float>();
-    DEFKV_FORWARD_ST(cuda::projected_norm(a, stream_, msg));
-    DEFKV_CUDA_TRY(cudaMemcpyAsync(out, a.out, sizeof(float) * s.Hk * n_tokens, cudaMemcpyDeviceToHost, stream_));
+    DEFKV_FORWARD_ST(pn_work_.reserve(sizeof(float) * s.H * n_tokens, msg));
+    DEFKV_FORWARD_ST(results->reserve(sizeof(float) * s.Hk * n_tokens, msg));
+    a.partial = pn_work_.as<float>();
+    a.out = results->as<float>();
+    *out = a.out;
+    return cuda::projected_norm(a, stream_, msg);
+}
+
+defkv_status CudaBackend::projected_norm(const SeqViews &in, const SeqShape &s, int64_t n_tokens,
+                                         const uint8_t *masked, float *out, std::string *msg) {
+    float *dev = nullptr;
+    DEFKV_FORWARD_ST(projected_norm_enqueue(in, s, n_tokens, masked, &results_, &dev, msg));
+    DEFKV_CUDA_TRY(cudaMemcpyAsync(out, dev, sizeof(float) * s.Hk * n_tokens, cudaMemcpyDeviceToHost, stream_));
     return finish(msg);
 }
 
@@ -300,6 +338,168 @@ defkv_status CudaBackend::compact_varlen(const View &src, int64_t Hk, int64_t d,
     DEFKV_FORWARD_ST(compact_rows(a, stream_, msg));
     DEFKV_FORWARD_ST(unstage(dst, stage_b_, msg));
     return finish(msg);
+}
+
+defkv_status CudaBackend::check_device_pointer(const void *p, const char *what, std::string *msg) {
+    cudaPointerAttributes attr{};
+    const cudaError_t e = cudaPointerGetAttributes(&attr, p);
+    if (e != cudaSuccess || (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)) {
+        (void)cudaGetLastError();
+        *msg = std::string(what) + " is not a CUDA device pointer (the selection's memory is DEFKV_MEMORY_CUDA_DEVICE)";
+        return DEFKV_ERROR_INVALID_ARGUMENT;
+    }
+    if (attr.type == cudaMemoryTypeDevice && attr.device != device_) {
+        *msg = std::string(what) + " lives on CUDA device " + std::to_string(attr.device) + ", the context uses device " +
+               std::to_string(device_);
+        return DEFKV_ERROR_INVALID_ARGUMENT;
+    }
+    return DEFKV_SUCCESS;
+}
+
+// The DefensiveKV plan of core/pipeline.cpp, on the device: attention with the defensive
+// reductions, the projected norm of the prefix, then select.cu's scoring tail, top-k and
+// outputs. Nothing here waits for the device or allocates once the buffers have grown to the
+// layer's size (a first call of the same or a larger shape sizes them).
+defkv_status CudaBackend::select_resident(const Params &p, const LayerInfo &li, defkv_selection *out,
+                                          std::string *msg) {
+    if (p.method != DEFKV_METHOD_DEFENSIVEKV && p.method != DEFKV_METHOD_LAYER_DEFENSIVEKV) {
+        *msg = std::string("method ") + defkv_method_name(p.method) +
+               " has no device-resident selection on the CUDA backend (defensivekv and layer-defensivekv have); "
+               "use a host-memory selection (out->memory = DEFKV_MEMORY_HOST)";
+        return DEFKV_ERROR_UNSUPPORTED;
+    }
+    if (p.nonfinite == DEFKV_NONFINITE_LOWEST) {
+        *msg = "params->nonfinite = DEFKV_NONFINITE_LOWEST needs a host-memory selection (it scans the inputs on the host)";
+        return DEFKV_ERROR_UNSUPPORTED;
+    }
+    DEFKV_CUDA_TRY(cudaSetDevice(device_));
+    DEFKV_FORWARD_ST(check_device_pointer(out->head_lens, "out->head_lens", msg));
+    if (out->cu_seqlens) DEFKV_FORWARD_ST(check_device_pointer(out->cu_seqlens, "out->cu_seqlens", msg));
+    if (out->indices) DEFKV_FORWARD_ST(check_device_pointer(out->indices, "out->indices", msg));
+    if (out->keep_mask) DEFKV_FORWARD_ST(check_device_pointer(out->keep_mask, "out->keep_mask", msg));
+    if (out->scores) DEFKV_FORWARD_ST(check_device_pointer(out->scores, "out->scores", msg));
+
+    // Sizes: one workspace for the largest sequence (sequences run one after another in stream
+    // order), keep masks for all of them.
+    size_t ws_bytes = 0;
+    int64_t entries = 0;
+    for (const SeqInfo &si : li.seqs) {
+        SelectWorkspace w;
+        DEFKV_FORWARD_ST(select_workspace(si.s.Hk, si.s.L, &w, msg));
+        ws_bytes = std::max(ws_bytes, w.total());
+        entries += si.s.Hk * si.s.L;
+    }
+    DEFKV_FORWARD_ST(sel_ws_.reserve(ws_bytes, msg));
+    uint8_t *keep_all = out->keep_mask;
+    if (!keep_all) {
+        DEFKV_FORWARD_ST(sel_keep_.reserve(static_cast<size_t>(entries), msg));
+        keep_all = sel_keep_.as<uint8_t>();
+    }
+    const int64_t nh = li.Hk * static_cast<int64_t>(li.seqs.size());
+    int32_t *cu = out->cu_seqlens;
+    if (!cu && out->indices) {
+        DEFKV_FORWARD_ST(sel_cu_.reserve(sizeof(int32_t) * static_cast<size_t>(nh + 1), msg));
+        cu = sel_cu_.as<int32_t>();
+    }
+
+    const double keep = 1.0 - p.ratio;
+    const bool by_ratio = p.budget <= 0;
+    int64_t base = 0;
+    for (size_t b = 0; b < li.seqs.size(); b++) {
+        const SeqInfo &si = li.seqs[b];
+        const SeqShape &s = si.s;
+        const float scale = p.scale > 0.0f ? p.scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.d)));
+        AttentionRequest req; // flags only: outputs stay on the device
+        float flag = 0.0f;
+        double dflag = 0.0;
+        req.scale = scale;
+        req.kernel = p.kernel;
+        req.def_max = &flag;
+        req.def_avg = &flag;
+        req.omega_official = &dflag;
+        req.omega_window = &dflag;
+        AttentionArgs att;
+        DEFKV_FORWARD_ST(attention_enqueue(si.v, s, req, &res_att_, &att, msg));
+        float *pn = nullptr;
+        DEFKV_FORWARD_ST(projected_norm_enqueue(si.v, s, s.P, nullptr, &res_pn_, &pn, msg));
+
+        const int64_t n = per_head_budget(p, s.L);
+        DefensiveArgs a;
+        a.Hk = s.Hk;
+        a.L = s.L;
+        a.P = s.P;
+        a.n_rows = s.H * s.W;
+        a.def_max = att.def_max;
+        a.def_avg = att.def_avg;
+        a.pn = pn;
+        a.row_omega = att.row_omega;
+        a.window_bias = p.window_bias == DEFKV_WINDOW_BIAS_WINDOW;
+        a.mass_threshold = p.mass_threshold;
+        // the stage-1 cap, as core/pipeline.cpp computes it (Python int(), left to right)
+        const double capd = by_ratio ? static_cast<double>(s.P) * keep - static_cast<double>(s.W)
+                                     : static_cast<double>(s.P) * (static_cast<double>(n) / static_cast<double>(s.L)) -
+                                           static_cast<double>(s.W);
+        a.cap = capd <= 0.0 ? static_cast<int64_t>(std::ceil(capd)) : static_cast<int64_t>(capd);
+        a.total = seq_kept_count(p, s, 1);
+        a.ws = sel_ws_.as<void>();
+        a.keep = keep_all + base;
+        a.scores = out->scores ? out->scores + base : nullptr;
+        a.head_lens = out->head_lens + static_cast<int64_t>(b) * s.Hk;
+        DEFKV_FORWARD_ST(defensive_select(a, stream_, msg));
+        base += s.Hk * s.L;
+    }
+    if (cu) DEFKV_FORWARD_ST(selection_offsets(out->head_lens, nh, cu, stream_, msg));
+    if (out->indices) {
+        base = 0;
+        for (size_t b = 0; b < li.seqs.size(); b++) {
+            const SeqShape &s = li.seqs[b].s;
+            DEFKV_FORWARD_ST(selection_indices(keep_all + base, s.Hk, s.L, cu + static_cast<int64_t>(b) * s.Hk,
+                                               out->indices, sel_ws_.as<void>(), stream_, msg));
+            base += s.Hk * s.L;
+        }
+    }
+    return DEFKV_SUCCESS;
+}
+
+defkv_status CudaBackend::compact_resident_one(const View &t, int64_t Hk, int64_t L, int64_t d, const int32_t *cu,
+                                               const int32_t *idx, const View *dst, std::string *msg) {
+    CompactArgs a;
+    a.Hk = Hk;
+    a.d = d;
+    a.elem_bytes = dtype_size(t.dtype);
+    a.total_rows = -1;
+    a.rows_bound = L;
+    a.idx_global = true;
+    a.cu = cu;
+    a.idx = idx;
+    a.inplace = dst == nullptr;
+    DEFKV_FORWARD_ST(bind(t, "keys/values (compaction)", &stage_a_, &a.src, msg));
+    if (a.inplace) {
+        DEFKV_FORWARD_ST(compact_scratch_.reserve(static_cast<size_t>(Hk * L * d * a.elem_bytes), msg));
+        a.scratch = compact_scratch_.as<void>();
+    } else {
+        DEFKV_FORWARD_ST(bind(*dst, "keys_out/values_out", &stage_b_, &a.dst, msg));
+        a.dst_rows = dst->shape[0];
+    }
+    DEFKV_FORWARD_ST(compact_rows(a, stream_, msg));
+    DEFKV_FORWARD_ST(unstage(a.inplace ? t : *dst, a.inplace ? stage_a_ : stage_b_, msg));
+    // staged host tensors: their copy back must finish before the call returns
+    if (t.memory == DEFKV_MEMORY_HOST || (dst && dst->memory == DEFKV_MEMORY_HOST)) return finish(msg);
+    return DEFKV_SUCCESS;
+}
+
+defkv_status CudaBackend::compact_resident(const LayerInfo &li, const defkv_selection &sel, const View *kout,
+                                           const View *vout, std::string *msg) {
+    DEFKV_CUDA_TRY(cudaSetDevice(device_));
+    DEFKV_FORWARD_ST(check_device_pointer(sel.cu_seqlens, "sel->cu_seqlens", msg));
+    DEFKV_FORWARD_ST(check_device_pointer(sel.indices, "sel->indices", msg));
+    for (size_t b = 0; b < li.seqs.size(); b++) {
+        const SeqInfo &si = li.seqs[b];
+        const int32_t *cu = sel.cu_seqlens + static_cast<int64_t>(b) * li.Hk;
+        DEFKV_FORWARD_ST(compact_resident_one(si.v.keys, li.Hk, si.s.L, li.d, cu, sel.indices, kout, msg));
+        DEFKV_FORWARD_ST(compact_resident_one(si.v.values, li.Hk, si.s.L, li.d, cu, sel.indices, vout, msg));
+    }
+    return DEFKV_SUCCESS;
 }
 
 // The device the context uses: the given index, or the most capable one (compute capability,

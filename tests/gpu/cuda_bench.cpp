@@ -56,6 +56,37 @@ template <typename F> double median_ms(int reps, F fn) {
     return t[t.size() / 2];
 }
 
+// A device-resident selection's outputs (head_lens, cu_seqlens, indices, keep mask, scores).
+struct DevOut {
+    void *lens = nullptr, *cu = nullptr, *idx = nullptr, *keep = nullptr, *score = nullptr;
+    int64_t kept = 0;
+    DevOut(int64_t nh, int64_t kept_, int64_t entries) : kept(kept_) {
+        BENCH_CHECK(cudaMalloc(&lens, 4 * nh) == cudaSuccess && cudaMalloc(&cu, 4 * (nh + 1)) == cudaSuccess &&
+                        cudaMalloc(&idx, 4 * (kept_ + 1)) == cudaSuccess && cudaMalloc(&keep, entries) == cudaSuccess &&
+                        cudaMalloc(&score, 4 * entries) == cudaSuccess,
+                    "cudaMalloc (selection outputs)");
+    }
+    ~DevOut() {
+        cudaFree(lens);
+        cudaFree(cu);
+        cudaFree(idx);
+        cudaFree(keep);
+        cudaFree(score);
+    }
+    defkv_selection selection() {
+        defkv_selection s{};
+        s.struct_size = sizeof s;
+        s.memory = DEFKV_MEMORY_CUDA_DEVICE;
+        s.head_lens = static_cast<int32_t *>(lens);
+        s.cu_seqlens = static_cast<int32_t *>(cu);
+        s.indices = static_cast<int32_t *>(idx);
+        s.indices_capacity = kept;
+        s.keep_mask = static_cast<uint8_t *>(keep);
+        s.scores = static_cast<float *>(score);
+        return s;
+    }
+};
+
 // Device buffer of n bf16 values scale * uniform(-1, 1), generated on the host.
 void *dev_bf16(size_t n, uint32_t seed, float scale) {
     std::vector<uint16_t> h(n);
@@ -165,6 +196,13 @@ int main(int argc, char **argv) {
     defkv_context *ctx = nullptr;
     BENCH_CHECK(defkv_context_create(&o, &ctx) == DEFKV_SUCCESS, "context: %s", defkv_last_error_global());
 
+    cudaStream_t rstream = nullptr;
+    BENCH_CHECK(cudaStreamCreateWithFlags(&rstream, cudaStreamNonBlocking) == cudaSuccess, "stream");
+    defkv_context_options ro = o;
+    ro.cuda_stream = rstream;
+    defkv_context *rctx = nullptr;
+    BENCH_CHECK(defkv_context_create(&ro, &rctx) == DEFKV_SUCCESS, "context: %s", defkv_last_error_global());
+
     void *wo = dev_bf16(static_cast<size_t>(D * H * d), 7, 0.02f);
     for (int64_t L : Ls) {
         const int64_t P = L - W;
@@ -239,12 +277,62 @@ int main(int argc, char **argv) {
             BENCH_CHECK(defkv_compact_inplace(ctx, &layer, &sel) == DEFKV_SUCCESS, "compact: %s",
                         defkv_context_last_error(ctx));
         });
+        // Device-resident selection on a stream of ours: every output in device memory, no host
+        // synchronisation inside the calls. Wall time of enqueue + stream synchronise, and the
+        // same calls captured once in a CUDA graph and replayed (CUDA events).
+        DevOut dsel(Hk, kept, Hk * L);
+        defkv_selection rsel = dsel.selection();
+        auto run_resident = [&]() {
+            BENCH_CHECK(defkv_select(rctx, &p, &layer, &rsel) == DEFKV_SUCCESS, "resident select: %s",
+                        defkv_context_last_error(rctx));
+        };
+        const double t_rsel = median_ms(reps, [&]() {
+            run_resident();
+            BENCH_CHECK(cudaStreamSynchronize(rstream) == cudaSuccess, "sync");
+        });
+        const double t_rcmp = median_ms(reps, [&]() {
+            BENCH_CHECK(defkv_compact_inplace(rctx, &layer, &rsel) == DEFKV_SUCCESS, "resident compact: %s",
+                        defkv_context_last_error(rctx));
+            BENCH_CHECK(cudaStreamSynchronize(rstream) == cudaSuccess, "sync");
+        });
+        double t_graph = -1.0;
+        {
+            cudaGraph_t g = nullptr;
+            cudaGraphExec_t ge = nullptr;
+            if (cudaStreamBeginCapture(rstream, cudaStreamCaptureModeGlobal) == cudaSuccess) {
+                const bool ok = defkv_select(rctx, &p, &layer, &rsel) == DEFKV_SUCCESS;
+                if (cudaStreamEndCapture(rstream, &g) == cudaSuccess && ok && g &&
+                    cudaGraphInstantiate(&ge, g, 0) == cudaSuccess) {
+                    cudaEvent_t e0, e1;
+                    cudaEventCreate(&e0);
+                    cudaEventCreate(&e1);
+                    cudaGraphLaunch(ge, rstream);
+                    cudaEventRecord(e0, rstream);
+                    const int n = 10;
+                    for (int i = 0; i < n; i++) cudaGraphLaunch(ge, rstream);
+                    cudaEventRecord(e1, rstream);
+                    cudaEventSynchronize(e1);
+                    float ms = 0.0f;
+                    cudaEventElapsedTime(&ms, e0, e1);
+                    t_graph = ms / n;
+                    cudaEventDestroy(e0);
+                    cudaEventDestroy(e1);
+                } else {
+                    std::printf("BENCH note=\"graph capture failed: %s\"\n", defkv_context_last_error(rctx));
+                }
+                if (ge) cudaGraphExecDestroy(ge);
+                if (g) cudaGraphDestroy(g);
+            }
+        }
         std::printf("BENCH L=%lld phase=attention_defensive ms=%.3f\n", (long long)L, t_att);
         std::printf("BENCH L=%lld phase=projected_norm ms=%.3f tflops=%.1f pct_of_gemm=%.1f\n", (long long)L, t_pn,
                     pn_tflops, gemm > 0 ? 100.0 * pn_tflops / gemm : 0.0);
         std::printf("BENCH L=%lld phase=select_defensivekv_whole_layer ms=%.3f kept=%lld\n", (long long)L, t_sel,
                     (long long)kept);
         std::printf("BENCH L=%lld phase=compact_inplace ms=%.3f\n", (long long)L, t_cmp);
+        std::printf("BENCH L=%lld phase=select_resident ms=%.3f\n", (long long)L, t_rsel);
+        std::printf("BENCH L=%lld phase=select_resident_graph ms=%.3f\n", (long long)L, t_graph);
+        std::printf("BENCH L=%lld phase=compact_resident ms=%.3f\n", (long long)L, t_rcmp);
         std::fflush(stdout);
         cudaFree(q);
         cudaFree(k);
@@ -252,5 +340,7 @@ int main(int argc, char **argv) {
     }
     cudaFree(wo);
     defkv_context_destroy(ctx);
+    defkv_context_destroy(rctx);
+    cudaStreamDestroy(rstream);
     return 0;
 }

@@ -11,11 +11,14 @@
 #   available   test_cuda_available: the backend reports itself available on this machine
 #   parity      cuda_parity: every op and method on CUDA against the CPU, full case list
 #   memcheck    compute-sanitizer memcheck on cuda_parity --small
+#   vk_parity   the Vulkan backend's parity suite on the GPU's Vulkan driver, validation on
+#   vk_ops      the Vulkan backend's op-level tests on a caller-created device
 #   bench       cuda_bench: Llama-3.1-8B-shaped layer at L = 8k, 32k, 128k + cuBLAS bf16 GEMM
 #   torch       torch_defensivekv.py: the same method in PyTorch, same shapes, same run
 #   racecheck   compute-sanitizer racecheck on one bf16 GQA case (tensor-core projected norm)
 #   nvcc_sm90a  the CUDA sources compile with the device's own nvcc for sm_90a
 # Logs go to $OUT (the device tool brings them back) or /tmp/defkv-device-check.
+# DEFKV_DEVICE_ONLY="parity bench ..." runs only the named steps.
 # DEFKV_SKIP_NVCC=1 skips the sm_90a compile (a dry run of the script on the build machine).
 set -u
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -36,19 +39,22 @@ print_table() {
   for r in "${ROWS[@]}"; do echo "$r"; done
   echo "--- benchmark (H=32 Hk=8 d=128 D=4096 bf16 W=32; ms = median wall time per call) ---"
   grep -h '^BENCH' "$LOGS/bench.log" 2>/dev/null | grep -E 'device=|phase=cublas'
-  printf '%-8s %10s %10s %8s %8s %10s %10s %10s %7s\n' L attn_ms pn_ms pn_TF pn_%gemm select_ms compact_ms torch_ms speedup
+  printf '%-7s %8s %8s %7s %6s %9s %9s %9s %9s %9s %8s\n' L attn_ms pn_ms pn_TF pn_%g host_sel res_sel graph_sel res_cmp torch_ms speedup
   for L in 8192 32768 131072; do
-    a=$(grep -h "^BENCH L=$L phase=attention" "$LOGS/bench.log" 2>/dev/null | sed 's/.*ms=//')
+    get() { grep -h "^BENCH L=$L phase=$1 " "$LOGS/bench.log" 2>/dev/null | sed -n 's/.* ms=\([-0-9.]*\).*/\1/p'; }
     pl=$(grep -h "^BENCH L=$L phase=projected_norm" "$LOGS/bench.log" 2>/dev/null)
-    p=$(echo "$pl" | sed -n 's/.* ms=\([0-9.]*\).*/\1/p'); tf=$(echo "$pl" | sed -n 's/.*tflops=\([0-9.]*\).*/\1/p')
+    tf=$(echo "$pl" | sed -n 's/.*tflops=\([0-9.]*\).*/\1/p')
     pc=$(echo "$pl" | sed -n 's/.*pct_of_gemm=\([0-9.]*\).*/\1/p')
-    s=$(grep -h "^BENCH L=$L phase=select" "$LOGS/bench.log" 2>/dev/null | sed -n 's/.* ms=\([0-9.]*\).*/\1/p')
-    c=$(grep -h "^BENCH L=$L phase=compact" "$LOGS/bench.log" 2>/dev/null | sed 's/.*ms=//')
+    a=$(get attention_defensive); p=$(get projected_norm); s=$(get select_defensivekv_whole_layer)
+    r=$(get select_resident); g=$(get select_resident_graph); c=$(get compact_resident)
     t=$(grep -h "^TORCH L=$L " "$LOGS/torch.log" 2>/dev/null | sed 's/.*ms=//')
-    sp=$(awk -v a="$t" -v b="$s" 'BEGIN{ if (a > 0 && b > 0) printf "%.2fx", a / b; else print "-" }')
-    printf '%-8s %10s %10s %8s %8s %10s %10s %10s %7s\n' "$L" "${a:--}" "${p:--}" "${tf:--}" "${pc:--}" "${s:--}" "${c:--}" "${t:--}" "$sp"
+    sp=$(awk -v a="$t" -v b="$r" 'BEGIN{ if (a > 0 && b > 0) printf "%.2fx", a / b; else print "-" }')
+    printf '%-7s %8s %8s %7s %6s %9s %9s %9s %9s %9s %8s\n' "$L" "${a:--}" "${p:--}" "${tf:--}" "${pc:--}" "${s:--}" \
+      "${r:--}" "${g:--}" "${c:--}" "${t:--}" "$sp"
   done
-  echo "targets: pn >= 50% of the GEMM rate; select <= 3 ms at L=32768; >= 2x faster than torch"
+  echo "host_sel: defkv_select with host outputs (synchronous); res_sel: device-resident defkv_select (enqueue + sync);"
+  echo "graph_sel: the same captured in a CUDA graph, per replay; speedup = torch_ms / res_sel"
+  echo "targets: pn >= 50% of the GEMM rate; whole layer (res_sel) <= 3 ms at L=32768; >= 2x faster than torch"
 }
 
 # --table: print the table again from the logs of an earlier run (in $OUT) and stop.
@@ -63,6 +69,10 @@ BUDGET=${DEFKV_DEVICE_BUDGET_S:-450} # all steps together stay under this many s
 step() { # step NAME TIMEOUT_S COMMAND...   (the limit is cut to what is left of BUDGET)
   local name=$1 limit=$2
   shift 2
+  if [ -n "${DEFKV_DEVICE_ONLY:-}" ] && [[ " $DEFKV_DEVICE_ONLY " != *" $name "* ]]; then
+    ROWS+=("$(printf '%-22s %-12s' "$name" 'not selected')")
+    return
+  fi
   local t=$(date +%s)
   local left=$(( BUDGET - (t - T0) ))
   if [ $left -lt 10 ]; then
@@ -94,6 +104,32 @@ nvcc --version 2>&1 | tail -1
 step sass_sm90 20 bash -c "cuobjdump --list-elf '$B/lib/libdefkv.so.0' | tee /dev/stderr | grep -q sm_90"
 step available 30 "$B/bin/test_cuda_available"
 step parity 120 "$B/bin/cuda_parity"
+# The Vulkan backend on the GPU's own Vulkan driver (issue 3). The image has no Vulkan loader:
+# the loader and the Khronos validation layer travel as Debian packages in .gl (fetched on the
+# build machine with apt-get download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2
+# vulkan-validationlayers); the loader and glvnd go to /
+# as the device notes say, the layer to /tmp/vl, found through VK_LAYER_PATH.
+if [ -x "$B/bin/vk_parity" ] && ls "$ROOT"/.gl/libvulkan1_*.deb >/dev/null 2>&1; then
+  # the loader plus glvnd's libraries, which the NVIDIA Vulkan driver (libGLX_nvidia) needs
+  for f in "$ROOT"/.gl/*.deb; do case "$f" in *vulkan-validationlayers*) ;; *) dpkg -x "$f" / ;; esac; done
+  ldconfig
+  mkdir -p /tmp/vl
+  for f in "$ROOT"/.gl/vulkan-validationlayers_*.deb; do [ -f "$f" ] && dpkg -x "$f" /tmp/vl; done
+  export VK_LAYER_PATH=/tmp/vl/usr/share/vulkan/explicit_layer.d
+  export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:/tmp/vl/usr/lib/x86_64-linux-gnu"
+  nv_icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+  [ -f "$nv_icd" ] && export VK_DRIVER_FILES=$nv_icd
+  nv_egl=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
+  [ -f "$nv_egl" ] && export __EGL_VENDOR_LIBRARY_FILENAMES=$nv_egl
+  ls /usr/local/nvidia/share/vulkan/icd.d /usr/share/vulkan/icd.d /etc/vulkan/icd.d 2>&1 | head -8
+  step vk_parity 120 env DEFKV_VULKAN_VALIDATION=abort "$B/bin/vk_parity" "$ROOT/tests/data/conformance"
+  step vk_ops 60 env DEFKV_VULKAN_VALIDATION=abort "$B/bin/vk_ops"
+  [ -x "$B/bin/vk_bench" ] && step vk_bench 60 "$B/bin/vk_bench"
+else
+  ROWS+=("$(printf '%-22s %-12s' vk_parity 'SKIP(no vk_parity in the bundle or no .gl loader)')")
+fi
+step bench 120 "$B/bin/cuda_bench"
+step torch 60 python3 "$ROOT/tests/gpu/torch_defensivekv.py"
 HAVE_SAN=0
 command -v compute-sanitizer >/dev/null && HAVE_SAN=1
 if [ $HAVE_SAN = 1 ]; then
@@ -101,8 +137,6 @@ if [ $HAVE_SAN = 1 ]; then
 else
   ROWS+=("$(printf '%-22s %-12s' memcheck 'SKIP(no compute-sanitizer)')")
 fi
-step bench 120 "$B/bin/cuda_bench"
-step torch 60 python3 "$ROOT/tests/gpu/torch_defensivekv.py"
 if [ $HAVE_SAN = 1 ]; then
   step racecheck 45 compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 20 "$B/bin/cuda_parity" --small --case 15
 fi

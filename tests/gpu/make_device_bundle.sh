@@ -6,17 +6,20 @@
 #   bash tests/gpu/make_device_bundle.sh            # then, with the device tool:
 #   run(command="bash tests/gpu/device_check.sh", carry=["build-cuda-bundle"], timeout_s=540)
 #
-# The build dir is build-cuda-dev (sm_80 + sm_90 machine code and compute_90 PTX, tests on).
+# The build dir is build-cuda-dev (sm_80 + sm_90 machine code and compute_90 PTX, Vulkan on,
+# tests on). The Vulkan loader for that machine is carried separately in .gl (see device_check.sh).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 BUILD=${DEFKV_BUNDLE_BUILD:-$ROOT/build-cuda-dev}
 OUT=$ROOT/build-cuda-bundle
 cmake -S "$ROOT" -B "$BUILD" -G Ninja -DDEFKV_CUDA=ON \
-  -DDEFKV_CUDA_ARCHITECTURES="80-real;90" -DDEFKV_VULKAN=OFF -DDEFKV_BUILD_TESTS=ON >/dev/null
-ninja -C "$BUILD" -j2 defkv cuda_parity cuda_bench test_cuda_available
+  -DDEFKV_CUDA_ARCHITECTURES="80-real;90" -DDEFKV_VULKAN=ON -DDEFKV_BUILD_TESTS=ON >/dev/null
+ninja -C "$BUILD" -j2 defkv cuda_parity cuda_bench test_cuda_available vk_parity vk_ops
 rm -rf "$OUT"
 mkdir -p "$OUT/bin" "$OUT/lib"
 cp "$BUILD"/tests/gpu/{cuda_parity,cuda_bench,test_cuda_available} "$OUT/bin/"
+# the Vulkan backend's parity tests, run on the GPU's own Vulkan driver (issue 3)
+cp "$BUILD"/tests/vulkan/{vk_parity,vk_ops} "$OUT/bin/"
 cp -L "$BUILD"/capi/libdefkv.so.0 "$OUT/lib/"
 # Non-system libraries the binaries need (the GPU machine's image has no OpenBLAS or cmocka).
 for f in "$OUT"/bin/* "$OUT"/lib/libdefkv.so.0; do
