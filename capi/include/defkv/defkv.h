@@ -204,13 +204,28 @@ DEFKV_API void defkv_params_default(defkv_params *params);
 /* Outputs                                                                                   */
 /* ------------------------------------------------------------------------------------------ */
 
-/* Where defkv_select writes its result. Every pointer is caller memory on the host (or on the
- * context's device for device backends, see memory); only head_lens is required.
+/* Where defkv_select writes its result. Every pointer is caller memory on the host, or, for a
+ * device-resident selection, on the context's device (see memory); only head_lens is required.
  * Layouts over a batch: "per entry" arrays are the concatenation over sequences b of
- * [Hk, L_b] row-major blocks; "per head" arrays have n_seqs*Hk entries, sequence-major. */
+ * [Hk, L_b] row-major blocks; "per head" arrays have n_seqs*Hk entries, sequence-major.
+ *
+ * Device-resident selection (memory = DEFKV_MEMORY_CUDA_DEVICE on a CUDA context): every
+ * pointer is CUDA device memory of the context's device, and defkv_select scores, selects and
+ * writes on the context's stream without waiting for the device and, once a first call of the
+ * same or a larger shape has sized the context's buffers, without allocating: the calls can be
+ * captured in a CUDA graph. The results are complete when the stream reaches that point; for
+ * head_lens on the host, copy them (cudaMemcpyAsync + stream synchronise) yourself.
+ * defkv_compact_inplace / defkv_compact_varlen accept such a selection and stay on the stream
+ * too (host-memory tensors are staged and synchronised). Methods with a device-resident path:
+ * defensivekv and layer-defensivekv (others return DEFKV_ERROR_UNSUPPORTED: use host memory).
+ * Not checked on this path: non-finite inputs (use DEFKV_MEMORY_HOST outputs for that check),
+ * and the contents of a device selection given to compaction (it must be defkv_select's).
+ * With memory = DEFKV_MEMORY_VULKAN_BUFFER on a Vulkan context, each pointer holds a VkBuffer
+ * handle (cast to the pointer type, data at offset 0) of the context's device. */
 typedef struct defkv_selection {
     uint32_t struct_size; /* sizeof(defkv_selection) */
-    int32_t memory;       /* defkv_memory of the pointers below; DEFKV_MEMORY_HOST (0) */
+    int32_t memory;       /* defkv_memory of the pointers below; DEFKV_MEMORY_HOST (0), or the
+                             context's device memory for a device-resident selection (above) */
     int32_t *head_lens;   /* required, per head: number of kept entries */
     int32_t *cu_seqlens;  /* optional, [n_seqs*Hk + 1]: 0, then running sums of head_lens
                              (flash-attention varlen cu_seqlens over batch x heads) */
