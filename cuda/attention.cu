@@ -286,6 +286,7 @@ defkv_status legacy_window_attention(const AttentionArgs &a, cudaStream_t stream
 
 constexpr int kFThreads = 256;     // 8 warps
 constexpr int kStatTile = 64;      // keys per tile of the statistics pass
+constexpr int kStatLd = kStatTile + 4; // its row stride in shared memory (fewer bank conflicts)
 constexpr int kColTile = 64;       // output columns per block of the column pass
 constexpr int kParts = kFThreads / kColTile; // threads per column in the column pass
 constexpr int kQPad = 8;           // 16-bit elements of padding per staged Q/K row
@@ -308,17 +309,23 @@ struct FusedParams {
     float scale;
     int32_t kernel;
     int32_t ld;                                          // staged Q/K row length (d + kQPad)
+    int32_t vec_q, vec_k;                                // stage Q / K 16 bytes at a time
     int64_t off_st, off_s, off_q, off_k, off_fin, off_mean, off_pmax; // shared-memory carve
 };
-
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
 
 // qs[r, :d] = Q[k*G + r/W, r%W, :] as raw 16-bit values (rows >= R zero).
 __device__ void stage_q(const FusedParams &p, int64_t k, uint16_t *qs) {
     const uint16_t *src = static_cast<const uint16_t *>(p.q.data);
+    if (p.vec_q) { // 8 elements (16 bytes) at a time: rows contiguous, 16-byte aligned
+        const int64_t d8 = p.d / 8;
+        for (int64_t e = threadIdx.x; e < p.Rp * d8; e += blockDim.x) {
+            const int64_t r = e / d8, c = (e - r * d8) * 8;
+            uint4 v = make_uint4(0u, 0u, 0u, 0u);
+            if (r < p.R) v = *reinterpret_cast<const uint4 *>(src + (k * p.G + r / p.W) * p.q.s0 + (r % p.W) * p.q.s1 + c);
+            *reinterpret_cast<uint4 *>(qs + r * p.ld + c) = v;
+        }
+        return;
+    }
     for (int64_t e = threadIdx.x; e < p.Rp * p.d; e += blockDim.x) {
         const int64_t r = e / p.d, c = e - r * p.d;
         uint16_t v = 0;
@@ -337,9 +344,19 @@ __device__ void fill_tile(const FusedParams &p, int64_t k, int64_t jb, int nc, c
     if constexpr (MODE == kModeWmma) {
         using namespace nvcuda;
         const uint16_t *src = static_cast<const uint16_t *>(p.kt.data);
-        for (int64_t e = threadIdx.x; e < nc * p.d; e += blockDim.x) {
-            const int64_t c = e / p.d, i = e - c * p.d, j = jb + c;
-            ks[c * p.ld + i] = (j >= 0 && j < p.L) ? src[k * p.kt.s0 + j * p.kt.s1 + i * p.kt.s2] : uint16_t(0);
+        if (p.vec_k) {
+            const int64_t d8 = p.d / 8;
+            for (int64_t e = threadIdx.x; e < nc * d8; e += blockDim.x) {
+                const int64_t c = e / d8, i = (e - c * d8) * 8, j = jb + c;
+                uint4 v = make_uint4(0u, 0u, 0u, 0u);
+                if (j >= 0 && j < p.L) v = *reinterpret_cast<const uint4 *>(src + k * p.kt.s0 + j * p.kt.s1 + i);
+                *reinterpret_cast<uint4 *>(ks + c * p.ld + i) = v;
+            }
+        } else {
+            for (int64_t e = threadIdx.x; e < nc * p.d; e += blockDim.x) {
+                const int64_t c = e / p.d, i = e - c * p.d, j = jb + c;
+                ks[c * p.ld + i] = (j >= 0 && j < p.L) ? src[k * p.kt.s0 + j * p.kt.s1 + i * p.kt.s2] : uint16_t(0);
+            }
         }
         __syncthreads();
         const int warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
@@ -405,7 +422,6 @@ stats_kernel(FusedParams p, int64_t tiles_per_split, int64_t n_split, RowPart *p
     float *S = reinterpret_cast<float *>(fsm + p.off_s);
     uint16_t *qs = reinterpret_cast<uint16_t *>(fsm + p.off_q), *ks = reinterpret_cast<uint16_t *>(fsm + p.off_k);
     const int64_t k = blockIdx.y, split = blockIdx.x;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const float m0 = MODE == kModeProbs ? 0.0f : -INFINITY;
     for (int64_t r = threadIdx.x; r < p.Rp; r += blockDim.x) st[r] = RowPart{0.0, 0.0, 0.0, 0.0, 0.0, m0, 0.0f};
     if constexpr (MODE == kModeWmma) stage_q(p, k, qs);
@@ -415,47 +431,53 @@ stats_kernel(FusedParams p, int64_t tiles_per_split, int64_t n_split, RowPart *p
     for (int64_t tile = t0; tile < t1; tile++) {
         const int64_t jb = tile * kStatTile;
         __syncthreads(); // the previous tile is consumed (and Q staged)
-        fill_tile<T, MODE>(p, k, jb, kStatTile, qs, ks, S, kStatTile);
+        fill_tile<T, MODE>(p, k, jb, kStatTile, qs, ks, S, kStatLd);
         __syncthreads();
-        for (int64_t r = warp; r < p.R; r += nw) {
-            const float *x = S + r * kStatTile;
-            const int64_t n_valid = MODE == kModeProbs ? p.L : p.P + r % p.W + 1;
+        // two threads per row (even and odd columns), rows in rounds of blockDim.x / 2
+        for (int64_t base = 0; base < p.R; base += blockDim.x / 2) {
+            const int64_t r = base + threadIdx.x / 2;
+            const int hf = threadIdx.x & 1;
+            const bool live = r < p.R;
+            const float *x = S + (live ? r : 0) * kStatLd;
+            const int64_t n_valid = MODE == kModeProbs ? p.L : p.P + (live ? r : 0) % p.W + 1;
             float mt = 0.0f;
             if (MODE != kModeProbs) {
                 mt = -INFINITY;
-                for (int c = lane; c < kStatTile; c += 32) {
-                    const int64_t j = jb + c;
-                    if (j < n_valid && !(mk && mk[j])) mt = fmaxf(mt, p.scale * x[c]);
-                }
-                mt = warp_max(mt);
-                if (!(mt > -INFINITY)) continue; // no valid key in this tile (uniform in the warp)
+                if (live)
+                    for (int c = hf; c < kStatTile; c += 2) {
+                        const int64_t j = jb + c;
+                        if (j < n_valid && !(mk && mk[j])) mt = fmaxf(mt, p.scale * x[c]);
+                    }
+                mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 1));
             }
+            const bool any = live && (MODE == kModeProbs || mt > -INFINITY);
             double s_all = 0.0, s_pre = 0.0, s_pool = 0.0, s_off = 0.0, s_win = 0.0;
-            for (int c = lane; c < kStatTile; c += 32) {
-                const int64_t j = jb + c;
-                if (j >= n_valid) continue;
-                float e;
-                if (MODE == kModeProbs) {
-                    e = x[c];
-                } else {
-                    if (mk && mk[j]) continue;
-                    e = expf(p.scale * x[c] - mt);
+            if (any)
+                for (int c = hf; c < kStatTile; c += 2) {
+                    const int64_t j = jb + c;
+                    if (j >= n_valid) break;
+                    float e;
+                    if (MODE == kModeProbs) {
+                        e = x[c];
+                    } else {
+                        if (mk && mk[j]) continue;
+                        e = expf(p.scale * x[c] - mt);
+                    }
+                    s_all += e;
+                    if (j < p.P) {
+                        s_pre += e;
+                        s_pool += static_cast<double>(pool_count(j, p.P, h)) * e;
+                        if (j >= off_lo) s_off += e;
+                    } else {
+                        s_win += e;
+                    }
                 }
-                s_all += e;
-                if (j < p.P) {
-                    s_pre += e;
-                    s_pool += static_cast<double>(pool_count(j, p.P, h)) * e;
-                    if (j >= off_lo) s_off += e;
-                } else {
-                    s_win += e;
-                }
-            }
-            s_all = warp_sum(s_all);
-            s_pre = warp_sum(s_pre);
-            s_pool = warp_sum(s_pool);
-            s_off = warp_sum(s_off);
-            s_win = warp_sum(s_win);
-            if (lane == 0) {
+            s_all += __shfl_xor_sync(0xffffffffu, s_all, 1);
+            s_pre += __shfl_xor_sync(0xffffffffu, s_pre, 1);
+            s_pool += __shfl_xor_sync(0xffffffffu, s_pool, 1);
+            s_off += __shfl_xor_sync(0xffffffffu, s_off, 1);
+            s_win += __shfl_xor_sync(0xffffffffu, s_win, 1);
+            if (any && hf == 0) {
                 RowPart &q = st[r];
                 double a = 1.0, b = 1.0; // scales of the old state and of this tile
                 if (MODE != kModeProbs) {
@@ -648,6 +670,12 @@ defkv_status window_attention(const AttentionArgs &a, cudaStream_t stream, std::
     p.scale = a.scale;
     p.kernel = a.kernel;
     p.ld = static_cast<int32_t>(a.d + kQPad);
+    // 16-byte staging: contiguous rows, 16-byte aligned base and row strides
+    auto vec_ok = [](const DevTensor &t) {
+        return t.s2 == 1 && t.s0 % 8 == 0 && t.s1 % 8 == 0 && reinterpret_cast<uintptr_t>(t.data) % 16 == 0;
+    };
+    p.vec_q = mode == kModeWmma && vec_ok(a.queries) ? 1 : 0;
+    p.vec_k = mode == kModeWmma && vec_ok(a.keys) ? 1 : 0;
     const int64_t h = a.kernel / 2;
     const int halo = a.def_max ? static_cast<int>(mode == kModeWmma ? ceil_div(h, 8) * 8 : h) : 0;
     const int nc = kColTile + 2 * halo;
@@ -658,7 +686,7 @@ defkv_status window_attention(const AttentionArgs &a, cudaStream_t stream, std::
     pb.off_st = 0;
     o = align256(sizeof(RowPart) * p.Rp);
     pb.off_s = static_cast<int64_t>(o);
-    o = align256(o + sizeof(float) * p.Rp * kStatTile);
+    o = align256(o + sizeof(float) * p.Rp * kStatLd);
     pb.off_q = static_cast<int64_t>(o);
     o = align256(o + qbytes);
     pb.off_k = static_cast<int64_t>(o);
