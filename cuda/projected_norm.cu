@@ -1,14 +1,14 @@
 // Projected value norm kernels.
 //   Fast tensor-core path (pn_mma_kernel; sm_80+, values and o_proj both bf16 or both f16,
 //   d % 16 == 0, d <= 128, rows contiguous and 16-byte aligned, o_proj row-major): a block owns
-//   128 tokens of one KV head. It stages V[k, t0:t0+128, :] in shared memory once and keeps it
-//   as mma.sync A fragments in registers (each of the 8 warps: 32 tokens x d), then streams the
-//   o_proj tiles (64 output columns x d) of all G query heads of the KV head through a 4-stage
-//   cp.async pipeline; each warp multiplies its 32 tokens with 32 of the 64 columns
+//   256 tokens of one KV head. It stages V[k, t0:t0+256, :] in shared memory once and moves it
+//   into registers as mma.sync A fragments (each of the 8 warps: 32 tokens x d); the same shared
+//   memory then holds a 4-stage cp.async pipeline of o_proj tiles (64 output columns x d) over
+//   all G query heads of the KV head. Each warp multiplies its 32 tokens with every tile
 //   (mma.sync m16n8k16, fp32 accumulate, B fragments by ldmatrix from a padded layout) and adds
-//   |acc| of each finished 16-column strip into per-row registers. The tile is never stored.
-//   At the end each row's sum is combined over the 4 lanes of a quad (shuffles) and the 2 column
-//   warps (shared memory) in a fixed order: deterministic, no atomics, no partial array.
+//   |acc| of each finished 16-column strip into per-row registers: the product is never stored.
+//   At the end each row's sum is combined over the 4 lanes of a quad (shuffles) in a fixed
+//   order: deterministic, no atomics, no partial array, no second kernel.
 //   WMMA path (values and o_proj both bf16 or both f16, d % 16 == 0, d <= 256): a block
 //   owns 128 tokens of one query head h; it stages V[k, t0:t0+128, :] once in shared memory, then
 //   walks D in chunks of 64 columns: stages Wo_h's chunk, multiplies with WMMA 16x16x16 (fp32
@@ -36,10 +36,10 @@ constexpr int kCPad = 4;     // f32 padding of the spilled accumulator tile
 // Each wrapper is one PTX instruction on the GPU; under DEFKV_CUDA_EMULATED (the CPU emulation
 // of tests/gpu/emu) it is re-implemented from the PTX ISA's documented semantics and fragment
 // layouts, so the emulated parity test checks this file's fragment indexing.
-constexpr int kMmaTokens = 128;  // tokens per block
+constexpr int kMmaTokens = 256;  // tokens per block
 constexpr int kMmaCols = 64;     // o_proj columns per pipeline stage
 constexpr int kMmaStages = 4;    // cp.async pipeline depth
-constexpr int kMmaThreads = 256; // 8 warps: 4 (tokens, 32 each) x 2 (columns, 32 each)
+constexpr int kMmaThreads = 256; // 8 warps, 32 tokens each, each warp all columns of a stage
 constexpr int kMmaMaxK = 8;      // k-steps of 16 kept in registers: d <= 128
 
 #ifdef DEFKV_CUDA_EMULATED
@@ -147,14 +147,17 @@ __device__ __forceinline__ void mma_16816<__half>(float c[4], const uint32_t a[4
 }
 #endif
 
+// The V tile (256 rows) and the pipeline stages (4 x 64 rows) share one region: V is read into
+// registers before the first o_proj tile is requested.
 inline size_t mma_smem_bytes(int64_t d) {
-    return static_cast<size_t>((kMmaTokens + kMmaStages * kMmaCols) * (d + kPad) * 2 + 2 * kMmaTokens * 4);
+    constexpr int rows = kMmaTokens > kMmaStages * kMmaCols ? kMmaTokens : kMmaStages * kMmaCols;
+    return static_cast<size_t>(rows) * static_cast<size_t>(d + kPad) * 2;
 }
 
-// out[k, t] = (1/G) sum_g sum_c | sum_i V[k, t, i] o_proj[c, (kG+g) d + i] | for this block's 128
+// out[k, t] = (1/G) sum_g sum_c | sum_i V[k, t, i] o_proj[c, (kG+g) d + i] | for this block's 256
 // tokens t of KV head k = blockIdx.y (0 where masked). Rows of V (stride vs1, head stride vs0)
 // and of o_proj (stride os0) are contiguous and 16-byte aligned (the host checked).
-// Dynamic shared memory: mma_smem_bytes(d). Two blocks per SM at d = 128 (102 KB each).
+// Dynamic shared memory: mma_smem_bytes(d) (68 KB at d = 128: two blocks per SM, register bound).
 template <typename T>
 __global__ void __launch_bounds__(kMmaThreads, 2)
 pn_mma_kernel(const T *__restrict__ v, int64_t vs0, int64_t vs1, const T *__restrict__ o, int64_t os0, int64_t G,
@@ -162,31 +165,40 @@ pn_mma_kernel(const T *__restrict__ v, int64_t vs0, int64_t vs1, const T *__rest
               float *out /* [Hk, n_tokens] */) {
     extern __shared__ __align__(128) unsigned char smem[];
     const int ld = d + kPad; // padded row: the 8 row addresses of an ldmatrix hit distinct banks
-    T *vsm = reinterpret_cast<T *>(smem);          // [128 tokens][ld]
-    T *bsm = vsm + kMmaTokens * ld;                // [stages][64 columns][ld]
-    float *red = reinterpret_cast<float *>(bsm + kMmaStages * kMmaCols * ld); // [2][128]
+    T *sm = reinterpret_cast<T *>(smem); // first [256 tokens][ld] of V, then [stages][64 columns][ld]
     const int64_t k = blockIdx.y, t0 = static_cast<int64_t>(blockIdx.x) * kMmaTokens;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int wm = warp & 3, wn = warp >> 2; // tokens wm*32..+32, columns wn*32..+32 of each stage
-    const int d8 = d >> 3, nks = d >> 4;     // 16-byte segments per row, k-steps of 16
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5; // warp: tokens warp*32 .. +32
+    const int d8 = d >> 3, nks = d >> 4; // 16-byte segments per row, k-steps of 16
 
-    // V tile: its own cp.async group (tokens past n_tokens are zero-filled)
+    // V tile (tokens past n_tokens are zero-filled), then into registers as A fragments:
+    // rows warp*32 + mt*16 .. +16, k-step ks (x4: rows 0-7 / 8-15, k 0-7 / 8-15)
     for (int e = tid; e < kMmaTokens * d8; e += kMmaThreads) {
         const int r = e / d8, seg = e - r * d8;
         const int64_t t = t0 + r;
-        const T *src = v + k * vs0 + (t < n_tokens ? t : 0) * vs1 + seg * 8;
-        cp_async16(vsm + r * ld + seg * 8, src, t < n_tokens);
+        cp_async16(sm + r * ld + seg * 8, v + k * vs0 + (t < n_tokens ? t : 0) * vs1 + seg * 8, t < n_tokens);
     }
     cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    uint32_t a[2][kMmaMaxK][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int ks = 0; ks < kMmaMaxK; ks++)
+            if (ks < nks)
+                ldmatrix_x4(a[mt][ks], sm + (warp * 32 + mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld +
+                                           ks * 16 + (lane >> 4) * 8);
+    __syncthreads(); // every warp holds its V: the region becomes the pipeline stages
+
     // tiles: (g, column block) in g-major order, each 64 columns x d of Wo_{kG+g}
     const int64_t n_cb = (D + kMmaCols - 1) / kMmaCols, n_tiles = G * n_cb;
     auto load_tile = [&](int64_t tile, int stage) {
         const int64_t g = tile / n_cb, c0 = (tile - g * n_cb) * kMmaCols;
         const T *src0 = o + (k * G + g) * d;
-        T *dst = bsm + stage * kMmaCols * ld;
+        T *dst = sm + stage * kMmaCols * ld;
         for (int e = tid; e < kMmaCols * d8; e += kMmaThreads) {
             const int c = e / d8, seg = e - c * d8;
-            const int64_t cc = c0 + c;
+            const int64_t cc = c0 + c; // columns past D are zero-filled and add |0| = 0
             cp_async16(dst + c * ld + seg * 8, src0 + (cc < D ? cc : 0) * os0 + seg * 8, cc < D);
         }
     };
@@ -195,22 +207,11 @@ pn_mma_kernel(const T *__restrict__ v, int64_t vs0, int64_t vs1, const T *__rest
         if (s < n_tiles) load_tile(s, s);
         cp_async_commit(); // (possibly empty) group per stage keeps the wait counts uniform
     }
-    cp_async_wait<kMmaStages - 1>(); // the V group is complete
-    __syncthreads();
-    // A fragments: rows wm*32 + mt*16 .. +16, k-step ks (x4: rows 0-7 / 8-15, k 0-7 / 8-15)
-    uint32_t a[2][kMmaMaxK][4];
-#pragma unroll
-    for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-        for (int ks = 0; ks < kMmaMaxK; ks++)
-            if (ks < nks)
-                ldmatrix_x4(a[mt][ks], vsm + (wm * 32 + mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + ks * 16 +
-                                           (lane >> 4) * 8);
     // per-lane L1 sums of rows g, g+8 of each of the two 16-token tiles (g = lane / 4)
     float rs[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
     // ldmatrix row of this lane within a 16-column strip: matrices (n 0-7, k 0-7), (n 0-7, k 8-15),
     // (n 8-15, k 0-7), (n 8-15, k 8-15) -> b0, b1 of n-tile 0 and b0, b1 of n-tile 1
-    const int b_row = (lane & 7) + (lane >> 4) * 8, b_col = ((lane >> 3) & 1) * 8;
+    const int b_off = ((lane & 7) + (lane >> 4) * 8) * ld + ((lane >> 3) & 1) * 8;
     for (int64_t tile = 0; tile < n_tiles; tile++) {
         cp_async_wait<kMmaStages - 2>(); // this tile's group is complete (for this thread)
         __syncthreads();                 // ... for every thread; the stage refilled below is free
@@ -219,9 +220,9 @@ pn_mma_kernel(const T *__restrict__ v, int64_t vs0, int64_t vs1, const T *__rest
             if (next < n_tiles) load_tile(next, static_cast<int>(next % kMmaStages));
             cp_async_commit();
         }
-        const T *bs = bsm + static_cast<int>(tile % kMmaStages) * kMmaCols * ld + (wn * 32 + b_row) * ld + b_col;
+        const T *bs = sm + static_cast<int>(tile % kMmaStages) * kMmaCols * ld + b_off;
 #pragma unroll
-        for (int ns = 0; ns < 2; ns++) { // 16-column strips
+        for (int ns = 0; ns < kMmaCols / 16; ns++) { // 16-column strips
             float acc[2][2][4];
 #pragma unroll
             for (int mt = 0; mt < 2; mt++)
@@ -251,6 +252,7 @@ pn_mma_kernel(const T *__restrict__ v, int64_t vs0, int64_t vs1, const T *__rest
         }
     }
     // combine the 4 lanes of each quad (the row's columns 2q, 2q+1 of every n-tile), fixed order
+    const float invg = 1.0f / static_cast<float>(G);
 #pragma unroll
     for (int mt = 0; mt < 2; mt++)
 #pragma unroll
@@ -258,18 +260,13 @@ pn_mma_kernel(const T *__restrict__ v, int64_t vs0, int64_t vs1, const T *__rest
             float x = rs[mt][hf];
             x += __shfl_xor_sync(0xffffffffu, x, 1);
             x += __shfl_xor_sync(0xffffffffu, x, 2);
-            if ((lane & 3) == 0) red[wn * kMmaTokens + wm * 32 + mt * 16 + hf * 8 + (lane >> 2)] = x;
+            const int64_t t = t0 + warp * 32 + mt * 16 + hf * 8 + (lane >> 2);
+            if ((lane & 3) == 0 && t < n_tokens) {
+                if (G != 1) x *= invg;
+                if (masked && masked[k * L + t]) x = 0.0f;
+                out[k * n_tokens + t] = x;
+            }
         }
-    __syncthreads();
-    if (tid < kMmaTokens) {
-        const int64_t t = t0 + tid;
-        if (t < n_tokens) {
-            float x = red[tid] + red[kMmaTokens + tid];
-            if (G != 1) x *= 1.0f / static_cast<float>(G);
-            if (masked && masked[k * L + t]) x = 0.0f;
-            out[k * n_tokens + t] = x;
-        }
-    }
 }
 
 template <typename T> __device__ __forceinline__ T raw_load(const DevTensor &t, int64_t off) {
