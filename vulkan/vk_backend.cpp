@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "backend.hpp"
+#include "pipeline.hpp"
 #include "tensor.hpp"
 #include "vk_shaders.hpp"
 
@@ -151,6 +152,10 @@ struct InstanceFns {
 #undef X
     PFN_vkCreateDebugUtilsMessengerEXT vkCreateDebugUtilsMessengerEXT = nullptr;
     PFN_vkDestroyDebugUtilsMessengerEXT vkDestroyDebugUtilsMessengerEXT = nullptr;
+    // Optional (the cooperative-matrix projected norm): Vulkan 1.1 queries and the NV extension's.
+    PFN_vkGetPhysicalDeviceFeatures2 vkGetPhysicalDeviceFeatures2 = nullptr;
+    PFN_vkGetPhysicalDeviceProperties2 vkGetPhysicalDeviceProperties2 = nullptr;
+    PFN_vkGetPhysicalDeviceCooperativeMatrixPropertiesNV vkGetPhysicalDeviceCooperativeMatrixPropertiesNV = nullptr;
     bool load(VkInstance inst, std::string *msg) {
         const Loader &L = loader();
 #define X(n)                                                                  \
@@ -165,6 +170,12 @@ struct InstanceFns {
             reinterpret_cast<PFN_vkCreateDebugUtilsMessengerEXT>(L.gipa(inst, "vkCreateDebugUtilsMessengerEXT"));
         vkDestroyDebugUtilsMessengerEXT =
             reinterpret_cast<PFN_vkDestroyDebugUtilsMessengerEXT>(L.gipa(inst, "vkDestroyDebugUtilsMessengerEXT"));
+        vkGetPhysicalDeviceFeatures2 =
+            reinterpret_cast<PFN_vkGetPhysicalDeviceFeatures2>(L.gipa(inst, "vkGetPhysicalDeviceFeatures2"));
+        vkGetPhysicalDeviceProperties2 =
+            reinterpret_cast<PFN_vkGetPhysicalDeviceProperties2>(L.gipa(inst, "vkGetPhysicalDeviceProperties2"));
+        vkGetPhysicalDeviceCooperativeMatrixPropertiesNV = reinterpret_cast<PFN_vkGetPhysicalDeviceCooperativeMatrixPropertiesNV>(
+            L.gipa(inst, "vkGetPhysicalDeviceCooperativeMatrixPropertiesNV"));
         return true;
     }
 };
@@ -374,9 +385,112 @@ bool pick_device(const InstanceFns &fi, VkInstance inst, int32_t index, VkPhysic
     return true;
 }
 
+// ---- the cooperative-matrix projected norm: device query ------------------------------------
+
+// Whether a device can run pnorm_coopmat.comp, and with which fp16 x fp16 -> fp32 subgroup
+// configuration. `why` says why not (printed with DEFKV_VULKAN_INFO / DEFKV_VULKAN_TRACE).
+struct CoopmatSupport {
+    bool ok = false;
+    uint32_t M = 0, N = 0, K = 0, subgroup = 0;
+    std::string why;
+};
+
+bool coopmat_disabled_by_env() {
+    const char *e = std::getenv("DEFKV_VULKAN_COOPMAT");
+    return e && std::strcmp(e, "0") == 0;
+}
+
+// has_ext: the device lists VK_NV_cooperative_matrix.
+CoopmatSupport query_coopmat(const InstanceFns &fi, VkPhysicalDevice pd, bool has_ext) {
+    CoopmatSupport c;
+    if (coopmat_disabled_by_env()) {
+        c.why = "disabled by DEFKV_VULKAN_COOPMAT=0";
+        return c;
+    }
+    if (!has_ext) {
+        c.why = "the device does not report VK_NV_cooperative_matrix";
+        return c;
+    }
+    if (!fi.vkGetPhysicalDeviceFeatures2 || !fi.vkGetPhysicalDeviceProperties2 ||
+        !fi.vkGetPhysicalDeviceCooperativeMatrixPropertiesNV) {
+        c.why = "the instance lacks vkGetPhysicalDeviceFeatures2/Properties2 or vkGetPhysicalDeviceCooperativeMatrixPropertiesNV";
+        return c;
+    }
+    VkPhysicalDeviceCooperativeMatrixFeaturesNV cmf{};
+    cmf.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_COOPERATIVE_MATRIX_FEATURES_NV;
+    VkPhysicalDeviceVulkan12Features f12{};
+    f12.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_2_FEATURES;
+    f12.pNext = &cmf;
+    VkPhysicalDeviceFeatures2 f2{};
+    f2.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_FEATURES_2;
+    f2.pNext = &f12;
+    fi.vkGetPhysicalDeviceFeatures2(pd, &f2);
+    if (!cmf.cooperativeMatrix || !f12.shaderFloat16 || !f12.vulkanMemoryModel) {
+        c.why = strf("a required feature is missing (cooperativeMatrix %u, shaderFloat16 %u, vulkanMemoryModel %u)",
+                     cmf.cooperativeMatrix, f12.shaderFloat16, f12.vulkanMemoryModel);
+        return c;
+    }
+    VkPhysicalDeviceCooperativeMatrixPropertiesNV cmp{};
+    cmp.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_COOPERATIVE_MATRIX_PROPERTIES_NV;
+    VkPhysicalDeviceSubgroupProperties sgp{};
+    sgp.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SUBGROUP_PROPERTIES;
+    sgp.pNext = &cmp;
+    VkPhysicalDeviceProperties2 p2{};
+    p2.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PROPERTIES_2;
+    p2.pNext = &sgp;
+    fi.vkGetPhysicalDeviceProperties2(pd, &p2);
+    if (!(cmp.cooperativeMatrixSupportedStages & VK_SHADER_STAGE_COMPUTE_BIT) ||
+        !(sgp.supportedStages & VK_SHADER_STAGE_COMPUTE_BIT) || sgp.subgroupSize == 0) {
+        c.why = "cooperative matrices or subgroups are not supported in compute shaders";
+        return c;
+    }
+    uint32_t n = 0;
+    if (fi.vkGetPhysicalDeviceCooperativeMatrixPropertiesNV(pd, &n, nullptr) != VK_SUCCESS) n = 0;
+    std::vector<VkCooperativeMatrixPropertiesNV> cfg(n);
+    for (auto &x : cfg) {
+        x = VkCooperativeMatrixPropertiesNV{};
+        x.sType = VK_STRUCTURE_TYPE_COOPERATIVE_MATRIX_PROPERTIES_NV;
+    }
+    if (n && fi.vkGetPhysicalDeviceCooperativeMatrixPropertiesNV(pd, &n, cfg.data()) != VK_SUCCESS) n = 0;
+    cfg.resize(n);
+    // fp16 x fp16 -> fp32 at subgroup scope; M must divide the subgroup size (the epilogue gives
+    // each row SGS / M lanes); preferred 16 x 16 x 16, then the largest M * N.
+    int best = -1;
+    int64_t best_score = -1;
+    for (uint32_t i = 0; i < n; i++) {
+        const auto &x = cfg[i];
+        if (x.AType != VK_COMPONENT_TYPE_FLOAT16_NV || x.BType != VK_COMPONENT_TYPE_FLOAT16_NV ||
+            x.CType != VK_COMPONENT_TYPE_FLOAT32_NV || x.DType != VK_COMPONENT_TYPE_FLOAT32_NV ||
+            x.scope != VK_SCOPE_SUBGROUP_NV)
+            continue;
+        if (x.MSize == 0 || x.NSize == 0 || x.KSize == 0 || x.MSize > sgp.subgroupSize || sgp.subgroupSize % x.MSize != 0 ||
+            x.KSize % 8 != 0 || x.NSize > 64 || 64 % x.NSize != 0)
+            continue;
+        const int64_t score = (x.MSize == 16 && x.NSize == 16 && x.KSize == 16) ? (int64_t(1) << 40)
+                                                                                : int64_t(x.MSize) * x.NSize * 1024 + x.KSize;
+        if (score > best_score) {
+            best_score = score;
+            best = static_cast<int>(i);
+        }
+    }
+    if (best < 0) {
+        c.why = strf("none of the %u cooperative-matrix configurations is fp16 x fp16 -> fp32 at subgroup scope with M "
+                     "dividing the subgroup size %u",
+                     n, sgp.subgroupSize);
+        return c;
+    }
+    c.ok = true;
+    c.M = cfg[best].MSize;
+    c.N = cfg[best].NSize;
+    c.K = cfg[best].KSize;
+    c.subgroup = sgp.subgroupSize;
+    return c;
+}
+
 // ---- the backend --------------------------------------------------------------------------
 
-enum Pipe { P_LOGITS, P_ATTN_LOAD, P_SOFTMAX, P_COLREDUCE, P_PNORM, P_KEYNORM, P_COPYROWS, P_COUNT };
+enum Pipe { P_LOGITS, P_ATTN_LOAD, P_SOFTMAX, P_COLREDUCE, P_PNORM, P_KEYNORM, P_COPYROWS, P_COUNT,
+           P_PNORM_CM /* pnorm_coopmat.comp, created apart (pnorm_cm_) and only where usable */ };
 const char *const k_pipe_names[P_COUNT] = {"logits", "attn_load", "softmax", "colreduce", "pnorm", "keynorm", "copyrows"};
 constexpr uint32_t kBindings = 8;
 constexpr uint32_t kSetsPerPool = 256;
@@ -427,6 +541,11 @@ public:
                                  const int32_t *idx, std::string *msg) override;
     defkv_status compact_varlen(const View &src, int64_t Hk, int64_t d, const int32_t *cu, const int32_t *idx,
                                 const View &dst, std::string *msg) override;
+    // Device-resident selection (defensivekv, layer-defensivekv) and compaction (vk_select.inc).
+    int32_t resident_memory() const override { return DEFKV_MEMORY_VULKAN_BUFFER; }
+    defkv_status select_resident(const Params &p, const LayerInfo &li, defkv_selection *out, std::string *msg) override;
+    defkv_status compact_resident(const LayerInfo &li, const defkv_selection &sel, const View *kout, const View *vout,
+                                  std::string *msg) override;
 
 private:
     void teardown();
@@ -487,6 +606,15 @@ private:
     VkDeviceSize align_ = 4;
     uint32_t sq_floats_ = 0, sv_floats_ = 0;
     bool coopmat_ = false; // VK_NV_cooperative_matrix reported (a tensor-core pnorm variant may use it)
+    // The cooperative-matrix projected norm (pnorm_coopmat.comp): what the device offers, whether
+    // the device was created with the extension and its features (own devices only: a caller's
+    // VkDevice cannot tell us which features it enabled), the pipeline and its tile sizes.
+    CoopmatSupport cm_;
+    bool cm_device_ = false;
+    VkPipeline pnorm_cm_ = VK_NULL_HANDLE;
+    uint32_t cm_nsg_ = 4, cm_nb_ = 64, cm_dmax_ = 0;
+    std::string pnorm_why_; // why the plain shader is used (when pnorm_cm_ is null)
+    defkv_status create_pnorm_cm(std::string *msg);
     bool trace_ = false;   // DEFKV_VULKAN_TRACE: one line per op on stderr (dispatches, submits)
     int64_t n_dispatch_ = 0, n_submit_ = 0;
     void trace(const char *op, const std::string &detail) {
@@ -496,10 +624,20 @@ private:
                          static_cast<long long>(max_range_));
         n_dispatch_ = n_submit_ = 0;
     }
-    // The projected-norm pipeline for this device. Only the portable shader exists today; a
-    // GL_NV_cooperative_matrix variant (tensor cores) would be returned here when coopmat_ is set
-    // and the device was created with the extension and its feature enabled.
-    Pipe pnorm_pipe() const { return P_PNORM; }
+    // The projected-norm pipeline for a call: the GL_NV_cooperative_matrix variant when it was
+    // created (the device reports the extension with an fp16 x fp16 -> fp32 configuration, the
+    // backend created the device with it, DEFKV_VULKAN_COOPMAT is not 0) and the values and
+    // o_proj are both f16 with d a multiple of K that fits its tiles; else the portable shader.
+    // *tokens gets the tokens one workgroup covers.
+    Pipe pnorm_pipe(int32_t v_dtype, int32_t o_dtype, int64_t d, uint32_t *tokens) const {
+        if (pnorm_cm_ && v_dtype == DEFKV_DTYPE_F16 && o_dtype == DEFKV_DTYPE_F16 && d % cm_.K == 0 &&
+            d <= static_cast<int64_t>(cm_dmax_)) {
+            *tokens = cm_nsg_ * cm_.M;
+            return P_PNORM_CM;
+        }
+        *tokens = 16;
+        return P_PNORM;
+    }
 
     VkDescriptorSetLayout dsl_ = VK_NULL_HANDLE;
     VkPipelineLayout layout_ = VK_NULL_HANDLE;
@@ -512,11 +650,28 @@ private:
     VkFence fence_ = VK_NULL_HANDLE;
     Buffer dummy_;
     Buffer bufs_[S_COUNT];
+
+    // ---- device-resident selection (vk_select.inc) ----
+    enum SelPipe { SP_STATS, SP_COMBINE, SP_SORT, SP_MASS, SP_RANK, SP_KEEP, SP_INDEX, SP_COPYSEL, SP_COUNT };
+    enum SelBuf { SB_STATS, SB_SCORE, SB_TIER, SB_KEYS1, SB_KEYS2, SB_KEEP, SB_CU, SB_SCRATCH, SB_COUNT };
+    VkPipeline sel_pipes_[SP_COUNT] = {}; // created on first use
+    Buffer sel_bufs_[SB_COUNT];
+    defkv_status sel_init(std::string *msg);
+    void sel_teardown();
+    defkv_status sel_ensure(SelBuf s, int64_t bytes, std::string *msg);
+    defkv_status sel_bind(VkBuffer buf, int64_t bytes, const char *what, Bind *b, std::string *msg);
+    defkv_status sel_window(const Src &src, int64_t e0, int64_t n, Bind *b, uint32_t *base, std::string *msg);
+    defkv_status sel_dispatch(SelPipe p, const Bind *binds, const void *pc, uint32_t pc_bytes, uint32_t gx, uint32_t gy,
+                              std::string *msg);
+    defkv_status sel_sort(const Bind &keys, int64_t n, int64_t seg, std::string *msg);
+    defkv_status compact_resident_one(const View &t, int64_t Hk, int64_t L, int64_t d, const Bind &cu_b, int64_t cu_at,
+                                      const Bind &idx_b, const View *dst, std::string *msg);
 };
 
 void VulkanBackend::teardown() {
     if (dev_) {
         fd_.vkDeviceWaitIdle(dev_);
+        sel_teardown();
         for (auto &b : bufs_) free_buffer(&b);
         free_buffer(&dummy_);
         if (fence_) fd_.vkDestroyFence(dev_, fence_, nullptr);
@@ -524,6 +679,7 @@ void VulkanBackend::teardown() {
         if (pool_) fd_.vkDestroyDescriptorPool(dev_, pool_, nullptr);
         for (auto &p : pipes_)
             if (p) fd_.vkDestroyPipeline(dev_, p, nullptr);
+        if (pnorm_cm_) fd_.vkDestroyPipeline(dev_, pnorm_cm_, nullptr);
         if (layout_) fd_.vkDestroyPipelineLayout(dev_, layout_, nullptr);
         if (dsl_) fd_.vkDestroyDescriptorSetLayout(dev_, dsl_, nullptr);
         if (own_device_) fd_.vkDestroyDevice(dev_, nullptr);
@@ -560,6 +716,8 @@ defkv_status VulkanBackend::init(const defkv_context_options &o, std::string *ms
         dev_ = reinterpret_cast<VkDevice>(o.vk_device);
         queue_ = reinterpret_cast<VkQueue>(o.vk_queue);
         family_ = o.vk_queue_family;
+        cm_.why = "a caller-owned VkDevice (defkv cannot tell whether cooperativeMatrix, shaderFloat16 and "
+                  "vulkanMemoryModel were enabled on it)";
         if (!fd_.load(fi_, dev_, msg)) {
             dev_ = VK_NULL_HANDLE;
             return DEFKV_ERROR_INVALID_ARGUMENT;
@@ -580,11 +738,45 @@ defkv_status VulkanBackend::init(const defkv_context_options &o, std::string *ms
         dci.sType = VK_STRUCTURE_TYPE_DEVICE_CREATE_INFO;
         dci.queueCreateInfoCount = 1;
         dci.pQueueCreateInfos = &qci;
+        // The cooperative-matrix projected norm needs VK_NV_cooperative_matrix with its feature,
+        // and shaderFloat16 and vulkanMemoryModel (Vulkan 1.2); enabled only when all are offered.
+        {
+            uint32_t n = 0;
+            fi_.vkEnumerateDeviceExtensionProperties(pd_, nullptr, &n, nullptr);
+            std::vector<VkExtensionProperties> ext(n);
+            fi_.vkEnumerateDeviceExtensionProperties(pd_, nullptr, &n, ext.data());
+            bool has = false;
+            for (auto &e : ext) has |= std::strcmp(e.extensionName, "VK_NV_cooperative_matrix") == 0;
+            cm_ = query_coopmat(fi_, pd_, has);
+        }
+        VkPhysicalDeviceCooperativeMatrixFeaturesNV cmf{};
+        cmf.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_COOPERATIVE_MATRIX_FEATURES_NV;
+        cmf.cooperativeMatrix = VK_TRUE;
+        VkPhysicalDeviceVulkan12Features f12{};
+        f12.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_2_FEATURES;
+        f12.pNext = &cmf;
+        f12.shaderFloat16 = VK_TRUE;
+        f12.vulkanMemoryModel = VK_TRUE;
+        const char *cm_ext = "VK_NV_cooperative_matrix";
+        if (cm_.ok) {
+            dci.pNext = &f12;
+            dci.enabledExtensionCount = 1;
+            dci.ppEnabledExtensionNames = &cm_ext;
+        }
         VkResult r = fi_.vkCreateDevice(pd_, &dci, nullptr, &dev_);
+        if (r != VK_SUCCESS && cm_.ok) { // retry plain: the variant is optional
+            cm_.ok = false;
+            cm_.why = strf("vkCreateDevice with VK_NV_cooperative_matrix failed (VkResult %d)", static_cast<int>(r));
+            dci.pNext = nullptr;
+            dci.enabledExtensionCount = 0;
+            dci.ppEnabledExtensionNames = nullptr;
+            r = fi_.vkCreateDevice(pd_, &dci, nullptr, &dev_);
+        }
         if (r != VK_SUCCESS) {
             dev_ = VK_NULL_HANDLE;
             return vk_fail(r, "vkCreateDevice", msg);
         }
+        cm_device_ = cm_.ok;
         own_device_ = true;
         if (!fd_.load(fi_, dev_, msg)) return DEFKV_ERROR_BACKEND_FAILURE;
         fd_.vkGetDeviceQueue(dev_, family_, 0, &queue_);
@@ -687,6 +879,28 @@ defkv_status VulkanBackend::init(const defkv_context_options &o, std::string *ms
         fd_.vkDestroyShaderModule(dev_, mod, nullptr);
         if (r != VK_SUCCESS) return vk_fail(r, "vkCreateComputePipelines", msg);
     }
+    pnorm_why_ = cm_.why;
+    if (cm_device_) {
+        std::string why;
+        if (create_pnorm_cm(&why) != DEFKV_SUCCESS) { // optional: fall back to the plain shader
+            pnorm_why_ = "creating the cooperative-matrix pipeline failed: " + why;
+            vlog_.take(&why); // a validation message from the failed attempt is not an error of init
+        }
+    }
+    {
+        const char *info = std::getenv("DEFKV_VULKAN_INFO");
+        if (trace_ || (info && *info && std::strcmp(info, "0") != 0)) {
+            if (pnorm_cm_)
+                std::fprintf(stderr,
+                             "defkv vulkan: device '%s': projected norm: cooperative-matrix variant (GL_NV_cooperative_matrix "
+                             "fp16 x fp16 -> fp32, %ux%ux%u, subgroup %u, %u tokens x %u columns per workgroup; used when values "
+                             "and o_proj are f16 and d %% %u == 0, d <= %u; else the plain shader)\n",
+                             props_.deviceName, cm_.M, cm_.N, cm_.K, cm_.subgroup, cm_nsg_ * cm_.M, cm_nb_, cm_.K, cm_dmax_);
+            else
+                std::fprintf(stderr, "defkv vulkan: device '%s': projected norm: plain shader (no cooperative matrix: %s)\n",
+                             props_.deviceName, pnorm_why_.c_str());
+        }
+    }
     VkDescriptorPoolSize ps{VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, kSetsPerPool * kBindings};
     VkDescriptorPoolCreateInfo dp{};
     dp.sType = VK_STRUCTURE_TYPE_DESCRIPTOR_POOL_CREATE_INFO;
@@ -715,6 +929,67 @@ defkv_status VulkanBackend::init(const defkv_context_options &o, std::string *ms
     defkv_status st = make_buffer(256, &dummy_, msg);
     if (st == DEFKV_SUCCESS && vlog_.take(msg)) st = DEFKV_ERROR_BACKEND_FAILURE;
     return st;
+}
+
+// The cooperative-matrix projected-norm pipeline (pnorm_coopmat.comp), sized for this device:
+// NSG subgroups of cm_.subgroup lanes, NSG * M tokens and NB = 64 columns of o_proj per
+// workgroup, both tiles f16 in shared memory with rows of d + 8 halves, d up to cm_dmax_.
+defkv_status VulkanBackend::create_pnorm_cm(std::string *msg) {
+    const vk::ShaderCode *code = nullptr;
+    for (int i = 0; i < vk::k_n_shaders; i++)
+        if (std::strcmp(vk::k_shaders[i].name, "pnorm_coopmat") == 0) code = &vk::k_shaders[i];
+    if (!code) {
+        *msg = "the shader pnorm_coopmat is not embedded";
+        return DEFKV_ERROR_INTERNAL;
+    }
+    const VkPhysicalDeviceLimits &lim = props_.limits;
+    uint32_t nsg = 4;
+    while (nsg > 1 && (nsg * cm_.subgroup > lim.maxComputeWorkGroupSize[0] || nsg * cm_.subgroup > lim.maxComputeWorkGroupInvocations))
+        nsg /= 2;
+    if (nsg * cm_.subgroup > lim.maxComputeWorkGroupSize[0] || nsg * cm_.subgroup > lim.maxComputeWorkGroupInvocations) {
+        *msg = strf("a workgroup of one subgroup (%u) exceeds the device's limits", cm_.subgroup);
+        return DEFKV_ERROR_UNSUPPORTED;
+    }
+    const uint32_t nb = 64, tw = nsg * cm_.M;
+    const uint32_t scratch = nsg * cm_.M * cm_.N * 4 + nsg * cm_.subgroup * 4;
+    const uint32_t shared = lim.maxComputeSharedMemorySize;
+    int64_t dmax = shared > scratch ? static_cast<int64_t>((shared - scratch) / 2 / (tw + nb)) - 8 : 0;
+    dmax = std::min<int64_t>(dmax, 512);
+    dmax -= dmax % cm_.K;
+    if (dmax < static_cast<int64_t>(cm_.K)) {
+        *msg = strf("%u bytes of shared memory do not hold the tiles", shared);
+        return DEFKV_ERROR_UNSUPPORTED;
+    }
+    const uint32_t ld = static_cast<uint32_t>(dmax) + 8;
+    const uint32_t spec[9] = {nsg * cm_.subgroup, cm_.M, cm_.N, cm_.K, nsg, cm_.subgroup, nb, tw * ld, nb * ld};
+    VkSpecializationMapEntry me[9];
+    for (uint32_t i = 0; i < 9; i++) me[i] = VkSpecializationMapEntry{i, i * 4, 4};
+    VkSpecializationInfo si{9, me, sizeof spec, spec};
+    VkShaderModuleCreateInfo sm{};
+    sm.sType = VK_STRUCTURE_TYPE_SHADER_MODULE_CREATE_INFO;
+    sm.codeSize = code->bytes;
+    sm.pCode = code->words;
+    VkShaderModule mod;
+    VkResult r = fd_.vkCreateShaderModule(dev_, &sm, nullptr, &mod);
+    if (r != VK_SUCCESS) return vk_fail(r, "vkCreateShaderModule (pnorm_coopmat)", msg);
+    VkComputePipelineCreateInfo cp{};
+    cp.sType = VK_STRUCTURE_TYPE_COMPUTE_PIPELINE_CREATE_INFO;
+    cp.stage.sType = VK_STRUCTURE_TYPE_PIPELINE_SHADER_STAGE_CREATE_INFO;
+    cp.stage.stage = VK_SHADER_STAGE_COMPUTE_BIT;
+    cp.stage.module = mod;
+    cp.stage.pName = "main";
+    cp.stage.pSpecializationInfo = &si;
+    cp.layout = layout_;
+    r = fd_.vkCreateComputePipelines(dev_, VK_NULL_HANDLE, 1, &cp, nullptr, &pnorm_cm_);
+    fd_.vkDestroyShaderModule(dev_, mod, nullptr);
+    if (r != VK_SUCCESS) {
+        pnorm_cm_ = VK_NULL_HANDLE;
+        return vk_fail(r, "vkCreateComputePipelines (pnorm_coopmat)", msg);
+    }
+    cm_nsg_ = nsg;
+    cm_nb_ = nb;
+    cm_dmax_ = static_cast<uint32_t>(dmax);
+    return DEFKV_SUCCESS;
 }
 
 defkv_status VulkanBackend::make_buffer(VkDeviceSize bytes, Buffer *b, std::string *msg) {
@@ -884,7 +1159,7 @@ defkv_status VulkanBackend::dispatch(Pipe p, const Bind *binds, const void *pc, 
         w[i].pBufferInfo = &info[i];
     }
     fd_.vkUpdateDescriptorSets(dev_, kBindings, w, 0, nullptr);
-    fd_.vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, pipes_[p]);
+    fd_.vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, p == P_PNORM_CM ? pnorm_cm_ : pipes_[p]);
     fd_.vkCmdBindDescriptorSets(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, layout_, 0, 1, &set, 0, nullptr);
     fd_.vkCmdPushConstants(cmd_, layout_, VK_SHADER_STAGE_COMPUTE_BIT, 0, pc_bytes, pc);
     fd_.vkCmdDispatch(cmd_, gx, gy, gz);
@@ -1148,7 +1423,8 @@ defkv_status VulkanBackend::projected_norm(const SeqViews &in, const SeqShape &s
         *msg = "the sequence or a stride exceeds the device's storage-buffer range";
         return DEFKV_ERROR_UNSUPPORTED;
     }
-    const uint32_t TT = 16;
+    uint32_t TT = 16;
+    const Pipe pn_pipe = pnorm_pipe(V.dtype, O.dtype, d, &TT);
     // Column chunk of o_proj: rows c of Wo_h must fit one window.
     const int64_t ocap = cap_elems(o.esize);
     const int64_t ofixed = 1 + (d - 1) * O.stride[1];
@@ -1194,14 +1470,15 @@ defkv_status VulkanBackend::projected_norm(const SeqViews &in, const SeqShape &s
                 bs[1] = ob;
                 if (masked) bs[3] = maskb;
                 bs[5] = outb;
-                VK_TRY(dispatch(pnorm_pipe(), bs, &pc, sizeof pc, static_cast<uint32_t>((T + TT - 1) / TT), 1, 1, msg));
+                VK_TRY(dispatch(pn_pipe, bs, &pc, sizeof pc, static_cast<uint32_t>((T + TT - 1) / TT), 1, 1, msg));
             }
             barrier();
         }
     }
     VK_TRY(flush(msg));
-    trace("projected_norm", strf("n=%lld D=%lld, %lld tokens / %lld columns per chunk", static_cast<long long>(n_tokens),
-                                 static_cast<long long>(D), static_cast<long long>(Tmax), static_cast<long long>(Cmax)));
+    trace("projected_norm", strf("n=%lld D=%lld, %lld tokens / %lld columns per chunk, %s shader", static_cast<long long>(n_tokens),
+                                 static_cast<long long>(D), static_cast<long long>(Tmax), static_cast<long long>(Cmax),
+                                 pn_pipe == P_PNORM_CM ? "cooperative-matrix" : "plain"));
     std::memcpy(out, bufs_[S_OUT].map, static_cast<size_t>(Hk * n_tokens) * 4);
     return DEFKV_SUCCESS;
 }
@@ -1382,6 +1659,8 @@ defkv_status VulkanBackend::compact_varlen(const View &src, int64_t Hk, int64_t 
     if (host_dst) scatter_host(bufs_[S_TMP].map, es, d, const_cast<char *>(dst.base), dst_off, dst.stride[1]);
     return DEFKV_SUCCESS;
 }
+
+#include "vk_select.inc"
 
 // Availability: a loader, an instance and a usable device (computed once per process).
 struct Availability {
