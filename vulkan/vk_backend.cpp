@@ -36,7 +36,6 @@
 #include <vector>
 
 #include "backend.hpp"
-#include "pipeline.hpp"
 #include "tensor.hpp"
 #include "vk_shaders.hpp"
 
@@ -541,11 +540,6 @@ public:
                                  const int32_t *idx, std::string *msg) override;
     defkv_status compact_varlen(const View &src, int64_t Hk, int64_t d, const int32_t *cu, const int32_t *idx,
                                 const View &dst, std::string *msg) override;
-    // Device-resident selection (defensivekv, layer-defensivekv) and compaction (vk_select.inc).
-    int32_t resident_memory() const override { return DEFKV_MEMORY_VULKAN_BUFFER; }
-    defkv_status select_resident(const Params &p, const LayerInfo &li, defkv_selection *out, std::string *msg) override;
-    defkv_status compact_resident(const LayerInfo &li, const defkv_selection &sel, const View *kout, const View *vout,
-                                  std::string *msg) override;
 
 private:
     void teardown();
@@ -650,28 +644,11 @@ private:
     VkFence fence_ = VK_NULL_HANDLE;
     Buffer dummy_;
     Buffer bufs_[S_COUNT];
-
-    // ---- device-resident selection (vk_select.inc) ----
-    enum SelPipe { SP_STATS, SP_COMBINE, SP_SORT, SP_MASS, SP_RANK, SP_KEEP, SP_INDEX, SP_COPYSEL, SP_COUNT };
-    enum SelBuf { SB_STATS, SB_SCORE, SB_TIER, SB_KEYS1, SB_KEYS2, SB_KEEP, SB_CU, SB_SCRATCH, SB_COUNT };
-    VkPipeline sel_pipes_[SP_COUNT] = {}; // created on first use
-    Buffer sel_bufs_[SB_COUNT];
-    defkv_status sel_init(std::string *msg);
-    void sel_teardown();
-    defkv_status sel_ensure(SelBuf s, int64_t bytes, std::string *msg);
-    defkv_status sel_bind(VkBuffer buf, int64_t bytes, const char *what, Bind *b, std::string *msg);
-    defkv_status sel_window(const Src &src, int64_t e0, int64_t n, Bind *b, uint32_t *base, std::string *msg);
-    defkv_status sel_dispatch(SelPipe p, const Bind *binds, const void *pc, uint32_t pc_bytes, uint32_t gx, uint32_t gy,
-                              std::string *msg);
-    defkv_status sel_sort(const Bind &keys, int64_t n, int64_t seg, std::string *msg);
-    defkv_status compact_resident_one(const View &t, int64_t Hk, int64_t L, int64_t d, const Bind &cu_b, int64_t cu_at,
-                                      const Bind &idx_b, const View *dst, std::string *msg);
 };
 
 void VulkanBackend::teardown() {
     if (dev_) {
         fd_.vkDeviceWaitIdle(dev_);
-        sel_teardown();
         for (auto &b : bufs_) free_buffer(&b);
         free_buffer(&dummy_);
         if (fence_) fd_.vkDestroyFence(dev_, fence_, nullptr);
@@ -1659,8 +1636,6 @@ defkv_status VulkanBackend::compact_varlen(const View &src, int64_t Hk, int64_t 
     if (host_dst) scatter_host(bufs_[S_TMP].map, es, d, const_cast<char *>(dst.base), dst_off, dst.stride[1]);
     return DEFKV_SUCCESS;
 }
-
-#include "vk_select.inc"
 
 // Availability: a loader, an instance and a usable device (computed once per process).
 struct Availability {
