@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "defkv/defkv.h"
 #include "tensor.hpp"
@@ -44,6 +45,12 @@ struct AttentionRequest {
     double *omega_official = nullptr; // mean_{h,w} sum_{j in [max(0,P-W),P)} A[h,w,j]
     double *omega_window = nullptr;   // mean_{h,w} sum_{j in [P,L)} A[h,w,j]
     float *last_row_mean = nullptr;  // [L-1]: mean_h A[h,W-1,j] (TOVA)
+};
+
+// A backend's device-resident state of a layer-adaptive selection (defkv_global).
+class ResidentGlobal {
+public:
+    virtual ~ResidentGlobal() = default;
 };
 
 class Backend {
@@ -92,6 +99,33 @@ public:
         (void)li, (void)sel, (void)kout, (void)vout;
         *msg = std::string("the ") + name() + " backend has no device-resident compaction";
         return DEFKV_ERROR_UNSUPPORTED;
+    }
+
+    // Layer-adaptive selection on the device (optional). global_begin returns null when the
+    // backend keeps no device state for these params and this first layer (the core then
+    // scores each layer with the ops above and selects on the host). Otherwise every layer's
+    // scores stay on the device, global_select_resident ranks all layers of each sequence
+    // there (k[b]: entries sequence b keeps over all layers), and the per-layer selection is
+    // written to host memory or to the backend's device memory.
+    virtual std::unique_ptr<ResidentGlobal> global_begin(const Params &p, int32_t n_layers, const LayerInfo &first) {
+        (void)p, (void)n_layers, (void)first;
+        return nullptr;
+    }
+    virtual defkv_status global_add_resident(ResidentGlobal &g, int32_t layer, const LayerInfo &li, std::string *msg) {
+        (void)g, (void)layer, (void)li;
+        *msg = "no device-resident layer-adaptive selection";
+        return DEFKV_ERROR_INTERNAL;
+    }
+    virtual defkv_status global_select_resident(ResidentGlobal &g, const std::vector<int64_t> &k, std::string *msg) {
+        (void)g, (void)k;
+        *msg = "no device-resident layer-adaptive selection";
+        return DEFKV_ERROR_INTERNAL;
+    }
+    virtual defkv_status global_layer_selection_resident(ResidentGlobal &g, int32_t layer, defkv_selection *out,
+                                                         std::string *msg) {
+        (void)g, (void)layer, (void)out;
+        *msg = "no device-resident layer-adaptive selection";
+        return DEFKV_ERROR_INTERNAL;
     }
 };
 

@@ -935,6 +935,20 @@ defkv_status global_add(defkv_global &g, int32_t layer_index, const defkv_layer 
                            "defkv_global_add_layer: layer %d: seqs[%zu] has L = %lld, earlier layers %lld", layer_index,
                            b, (long long)li.seqs[b].s.L, (long long)g.seq_lens[b]);
     }
+    if (first) g.resident = ctx.backend->global_begin(g.params, g.n_layers, li);
+    if (g.resident) {
+        defkv_status st = ctx.backend->global_add_resident(*g.resident, layer_index, li, msg);
+        if (st != DEFKV_SUCCESS) {
+            *msg = fmt("defkv_global_add_layer: layer %d: %s", layer_index, msg->c_str());
+            return st;
+        }
+        if (first) {
+            for (const SeqInfo &si : li.seqs) g.seq_lens.push_back(si.s.L);
+            g.Hk = li.Hk;
+        }
+        g.added[layer_index] = 1;
+        return DEFKV_SUCCESS;
+    }
     std::vector<defkv::Scored> res(li.seqs.size());
     for (size_t b = 0; b < li.seqs.size(); b++) {
         defkv_status st = score_and_select(ctx, g.params, li.seqs[b], true, &res[b], msg);
@@ -961,6 +975,22 @@ defkv_status global_select(defkv_global &g) {
         if (!g.added[l])
             DEFKV_FAIL(DEFKV_ERROR_INVALID_STATE, "defkv_global_select: layer %d was not added (defkv_global_add_layer)", l);
     const int64_t Hk = g.Hk;
+    if (g.resident) {
+        std::vector<int64_t> k;
+        for (int64_t L : g.seq_lens) {
+            SeqShape s;
+            s.Hk = Hk;
+            s.L = L;
+            k.push_back(std::min(Hk * L * g.n_layers, seq_kept_count(g.params, s, g.n_layers)));
+        }
+        defkv_status st = g.ctx->backend->global_select_resident(*g.resident, k, msg);
+        if (st != DEFKV_SUCCESS) {
+            *msg = "defkv_global_select: " + *msg;
+            return st;
+        }
+        g.selected = true;
+        return DEFKV_SUCCESS;
+    }
     for (size_t b = 0; b < g.seq_lens.size(); b++) {
         const int64_t L = g.seq_lens[b], per = Hk * L, N = per * g.n_layers;
         std::vector<float> sc(static_cast<size_t>(N));
@@ -989,6 +1019,28 @@ defkv_status global_layer_selection(defkv_global &g, int32_t layer_index, defkv_
     if (layer_index < 0 || layer_index >= g.n_layers)
         DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "defkv_global_layer_selection: layer_index is %d, expected [0, %d)",
                    layer_index, g.n_layers);
+    if (g.resident) {
+        if (!out) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "defkv_global_layer_selection: out (defkv_selection) is NULL");
+        if (out->struct_size < sizeof(defkv_selection))
+            DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT,
+                       "defkv_global_layer_selection: out->struct_size is %u, expected sizeof(defkv_selection) = %zu",
+                       out->struct_size, sizeof(defkv_selection));
+        if (!out->head_lens)
+            DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "defkv_global_layer_selection: out->head_lens is NULL (it is required)");
+        if (out->memory != DEFKV_MEMORY_HOST && out->memory != g.ctx->backend->resident_memory())
+            DEFKV_FAIL(DEFKV_ERROR_UNSUPPORTED, "defkv_global_layer_selection: out->memory is %d; the %s backend writes host (0) "
+                       "or its own device memory (%d)", out->memory, g.ctx->backend->name(), g.ctx->backend->resident_memory());
+        int64_t bound = 0; // a layer keeps at most all of its entries
+        for (int64_t L : g.seq_lens) bound += g.Hk * L;
+        if (out->memory != DEFKV_MEMORY_HOST && out->indices && out->indices_capacity < bound)
+            DEFKV_FAIL(DEFKV_ERROR_BUFFER_TOO_SMALL,
+                       "defkv_global_layer_selection: out->indices_capacity is %lld; a device-memory selection of one layer "
+                       "needs n_seqs * Hk * L = %lld (its count is known only on the device)",
+                       (long long)out->indices_capacity, (long long)bound);
+        defkv_status st = g.ctx->backend->global_layer_selection_resident(*g.resident, layer_index, out, msg);
+        if (st != DEFKV_SUCCESS) *msg = "defkv_global_layer_selection: " + *msg;
+        return st;
+    }
     LayerInfo li;
     li.Hk = g.Hk;
     li.seqs.resize(g.seq_lens.size());

@@ -90,6 +90,9 @@ struct defkv_global {
     // [layer][seq]
     std::vector<std::vector<defkv::Scored>> layers;
     std::vector<uint8_t> added;
+    // Device-resident state (decided at the first layer: the backend keeps every layer's
+    // scores on its device), or null for the host path above.
+    std::unique_ptr<defkv::ResidentGlobal> resident;
 };
 
 namespace defkv {

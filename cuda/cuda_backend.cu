@@ -70,6 +70,11 @@ public:
                                 const View &dst, std::string *msg) override;
 
     int32_t resident_memory() const override { return DEFKV_MEMORY_CUDA_DEVICE; }
+    std::unique_ptr<ResidentGlobal> global_begin(const Params &p, int32_t n_layers, const LayerInfo &first) override;
+    defkv_status global_add_resident(ResidentGlobal &g, int32_t layer, const LayerInfo &li, std::string *msg) override;
+    defkv_status global_select_resident(ResidentGlobal &g, const std::vector<int64_t> &k, std::string *msg) override;
+    defkv_status global_layer_selection_resident(ResidentGlobal &g, int32_t layer, defkv_selection *out,
+                                                 std::string *msg) override;
     defkv_status select_resident(const Params &p, const LayerInfo &li, defkv_selection *out, std::string *msg) override;
     defkv_status compact_resident(const LayerInfo &li, const defkv_selection &sel, const View *kout, const View *vout,
                                   std::string *msg) override;
@@ -84,6 +89,9 @@ private:
                                         DeviceBuffer *results, float **out, std::string *msg);
     // out-> pointers must be device memory of this context's device (or null where optional).
     defkv_status check_device_pointer(const void *p, const char *what, std::string *msg);
+    // DefensiveKV scoring of one sequence on the device (attention, projected norm, select.cu):
+    // either the whole selection (a.keep etc. set) or the scores only (a.score_dst set).
+    defkv_status defensive_resident(const Params &p, const SeqInfo &si, DefensiveArgs *a, std::string *msg);
     defkv_status compact_resident_one(const View &t, int64_t Hk, int64_t L, int64_t d, const int32_t *cu,
                                       const int32_t *idx, const View *dst, std::string *msg);
     // A view as a kernel argument: device memory in place (after checking the pointer really
@@ -402,50 +410,16 @@ defkv_status CudaBackend::select_resident(const Params &p, const LayerInfo &li, 
         cu = sel_cu_.as<int32_t>();
     }
 
-    const double keep = 1.0 - p.ratio;
-    const bool by_ratio = p.budget <= 0;
     int64_t base = 0;
     for (size_t b = 0; b < li.seqs.size(); b++) {
         const SeqInfo &si = li.seqs[b];
         const SeqShape &s = si.s;
-        const float scale = p.scale > 0.0f ? p.scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.d)));
-        AttentionRequest req; // flags only: outputs stay on the device
-        float flag = 0.0f;
-        double dflag = 0.0;
-        req.scale = scale;
-        req.kernel = p.kernel;
-        req.def_max = &flag;
-        req.def_avg = &flag;
-        req.omega_official = &dflag;
-        req.omega_window = &dflag;
-        AttentionArgs att;
-        DEFKV_FORWARD_ST(attention_enqueue(si.v, s, req, &res_att_, &att, msg));
-        float *pn = nullptr;
-        DEFKV_FORWARD_ST(projected_norm_enqueue(si.v, s, s.P, nullptr, &res_pn_, &pn, msg));
-
-        const int64_t n = per_head_budget(p, s.L);
         DefensiveArgs a;
-        a.Hk = s.Hk;
-        a.L = s.L;
-        a.P = s.P;
-        a.n_rows = s.H * s.W;
-        a.def_max = att.def_max;
-        a.def_avg = att.def_avg;
-        a.pn = pn;
-        a.row_omega = att.row_omega;
-        a.window_bias = p.window_bias == DEFKV_WINDOW_BIAS_WINDOW;
-        a.mass_threshold = p.mass_threshold;
-        // the stage-1 cap, as core/pipeline.cpp computes it (Python int(), left to right)
-        const double capd = by_ratio ? static_cast<double>(s.P) * keep - static_cast<double>(s.W)
-                                     : static_cast<double>(s.P) * (static_cast<double>(n) / static_cast<double>(s.L)) -
-                                           static_cast<double>(s.W);
-        a.cap = capd <= 0.0 ? static_cast<int64_t>(std::ceil(capd)) : static_cast<int64_t>(capd);
-        a.total = seq_kept_count(p, s, 1);
         a.ws = sel_ws_.as<void>();
         a.keep = keep_all + base;
         a.scores = out->scores ? out->scores + base : nullptr;
         a.head_lens = out->head_lens + static_cast<int64_t>(b) * s.Hk;
-        DEFKV_FORWARD_ST(defensive_select(a, stream_, msg));
+        DEFKV_FORWARD_ST(defensive_resident(p, si, &a, msg));
         base += s.Hk * s.L;
     }
     if (cu) DEFKV_FORWARD_ST(selection_offsets(out->head_lens, nh, cu, stream_, msg));
@@ -459,6 +433,211 @@ defkv_status CudaBackend::select_resident(const Params &p, const LayerInfo &li, 
         }
     }
     return DEFKV_SUCCESS;
+}
+
+defkv_status CudaBackend::defensive_resident(const Params &p, const SeqInfo &si, DefensiveArgs *a, std::string *msg) {
+    const SeqShape &s = si.s;
+    const double keep = 1.0 - p.ratio;
+    const bool by_ratio = p.budget <= 0;
+    const float scale = p.scale > 0.0f ? p.scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.d)));
+    AttentionRequest req; // flags only: outputs stay on the device
+    float flag = 0.0f;
+    double dflag = 0.0;
+    req.scale = scale;
+    req.kernel = p.kernel;
+    req.def_max = &flag;
+    req.def_avg = &flag;
+    req.omega_official = &dflag;
+    req.omega_window = &dflag;
+    AttentionArgs att;
+    DEFKV_FORWARD_ST(attention_enqueue(si.v, s, req, &res_att_, &att, msg));
+    float *pn = nullptr;
+    DEFKV_FORWARD_ST(projected_norm_enqueue(si.v, s, s.P, nullptr, &res_pn_, &pn, msg));
+
+    const int64_t n = per_head_budget(p, s.L);
+    a->Hk = s.Hk;
+    a->L = s.L;
+    a->P = s.P;
+    a->n_rows = s.H * s.W;
+    a->def_max = att.def_max;
+    a->def_avg = att.def_avg;
+    a->pn = pn;
+    a->row_omega = att.row_omega;
+    a->window_bias = p.window_bias == DEFKV_WINDOW_BIAS_WINDOW;
+    a->mass_threshold = p.mass_threshold;
+    // the stage-1 cap, as core/pipeline.cpp computes it (Python int(), left to right)
+    const double capd = by_ratio ? static_cast<double>(s.P) * keep - static_cast<double>(s.W)
+                                 : static_cast<double>(s.P) * (static_cast<double>(n) / static_cast<double>(s.L)) -
+                                       static_cast<double>(s.W);
+    a->cap = capd <= 0.0 ? static_cast<int64_t>(std::ceil(capd)) : static_cast<int64_t>(capd);
+    a->total = seq_kept_count(p, s, 1);
+    return defensive_select(*a, stream_, msg);
+}
+
+// ---- layer-adaptive selection on the device -------------------------------------------------
+
+struct CudaGlobal final : ResidentGlobal {
+    Params p;
+    int32_t n_layers = 0;
+    int64_t Hk = 0;
+    std::vector<int64_t> L;           // per sequence
+    std::vector<int64_t> off;         // per sequence: entry offset within one layer's arrays
+    int64_t per_layer = 0;            // entries of one layer over the batch
+    std::vector<std::unique_ptr<DeviceBuffer>> score; // per layer [per_layer] final scores
+    std::vector<std::unique_ptr<DeviceBuffer>> tier;  // per layer [per_layer] tiers
+    DeviceBuffer keep;                // per sequence b: [n_layers, Hk, L_b] at n_layers * off[b]
+    DeviceBuffer cat_score, cat_tier, sort_ws, sel_ws, tmp;
+    size_t sort_ws_bytes = 0;
+};
+
+// Device-resident when the first layer's keys already live in CUDA device memory (an engine's
+// cache): host-memory callers keep the host path, whose non-finite input check they rely on.
+std::unique_ptr<ResidentGlobal> CudaBackend::global_begin(const Params &p, int32_t n_layers, const LayerInfo &first) {
+    if (p.method != DEFKV_METHOD_LAYER_DEFENSIVEKV || p.nonfinite == DEFKV_NONFINITE_LOWEST) return nullptr;
+    for (const SeqInfo &si : first.seqs)
+        if (si.v.keys.memory != DEFKV_MEMORY_CUDA_DEVICE || si.v.values.memory != DEFKV_MEMORY_CUDA_DEVICE) return nullptr;
+    std::unique_ptr<CudaGlobal> g(new CudaGlobal);
+    g->p = p;
+    g->n_layers = n_layers;
+    g->Hk = first.Hk;
+    for (const SeqInfo &si : first.seqs) {
+        g->off.push_back(g->per_layer);
+        g->L.push_back(si.s.L);
+        g->per_layer += si.s.Hk * si.s.L;
+    }
+    for (int32_t l = 0; l < n_layers; l++) {
+        g->score.emplace_back(new DeviceBuffer);
+        g->tier.emplace_back(new DeviceBuffer);
+    }
+    return std::unique_ptr<ResidentGlobal>(g.release());
+}
+
+defkv_status CudaBackend::global_add_resident(ResidentGlobal &gb, int32_t layer, const LayerInfo &li, std::string *msg) {
+    CudaGlobal &g = static_cast<CudaGlobal &>(gb);
+    DEFKV_CUDA_TRY(cudaSetDevice(device_));
+    DEFKV_FORWARD_ST(g.score[layer]->reserve(sizeof(float) * static_cast<size_t>(g.per_layer), msg));
+    DEFKV_FORWARD_ST(g.tier[layer]->reserve(static_cast<size_t>(g.per_layer), msg));
+    size_t ws_bytes = 0;
+    for (const SeqInfo &si : li.seqs) {
+        SelectWorkspace w;
+        DEFKV_FORWARD_ST(select_workspace(si.s.Hk, si.s.L, &w, msg));
+        ws_bytes = std::max(ws_bytes, w.total());
+    }
+    DEFKV_FORWARD_ST(sel_ws_.reserve(ws_bytes, msg));
+    for (size_t b = 0; b < li.seqs.size(); b++) {
+        DefensiveArgs a;
+        a.ws = sel_ws_.as<void>();
+        a.score_dst = g.score[layer]->as<float>() + g.off[b];
+        a.tier_dst = g.tier[layer]->as<uint8_t>() + g.off[b];
+        DEFKV_FORWARD_ST(defensive_resident(g.p, li.seqs[b], &a, msg));
+    }
+    return DEFKV_SUCCESS;
+}
+
+defkv_status CudaBackend::global_select_resident(ResidentGlobal &gb, const std::vector<int64_t> &k, std::string *msg) {
+    CudaGlobal &g = static_cast<CudaGlobal &>(gb);
+    DEFKV_CUDA_TRY(cudaSetDevice(device_));
+    int64_t max_n = 0;
+    for (int64_t L : g.L) max_n = std::max(max_n, g.Hk * L * g.n_layers);
+    DEFKV_FORWARD_ST(global_workspace(max_n, &g.sort_ws_bytes, msg));
+    DEFKV_FORWARD_ST(g.sort_ws.reserve(g.sort_ws_bytes, msg));
+    DEFKV_FORWARD_ST(g.cat_score.reserve(sizeof(float) * static_cast<size_t>(max_n), msg));
+    DEFKV_FORWARD_ST(g.cat_tier.reserve(static_cast<size_t>(max_n), msg));
+    DEFKV_FORWARD_ST(g.keep.reserve(static_cast<size_t>(g.per_layer * g.n_layers), msg));
+    for (size_t b = 0; b < g.L.size(); b++) {
+        const int64_t per = g.Hk * g.L[b], n = per * g.n_layers;
+        // the concatenation over layers (layer-major), the order the host path ranks
+        for (int32_t l = 0; l < g.n_layers; l++) {
+            DEFKV_CUDA_TRY(cudaMemcpyAsync(g.cat_score.as<float>() + l * per, g.score[l]->as<float>() + g.off[b],
+                                           sizeof(float) * static_cast<size_t>(per), cudaMemcpyDeviceToDevice, stream_));
+            DEFKV_CUDA_TRY(cudaMemcpyAsync(g.cat_tier.as<uint8_t>() + l * per, g.tier[l]->as<uint8_t>() + g.off[b],
+                                           static_cast<size_t>(per), cudaMemcpyDeviceToDevice, stream_));
+        }
+        DEFKV_FORWARD_ST(global_keep(g.cat_score.as<float>(), g.cat_tier.as<uint8_t>(), n, k[b],
+                                     g.keep.as<uint8_t>() + g.off[b] * g.n_layers, g.sort_ws.as<void>(), g.sort_ws_bytes,
+                                     stream_, msg));
+    }
+    return DEFKV_SUCCESS;
+}
+
+defkv_status CudaBackend::global_layer_selection_resident(ResidentGlobal &gb, int32_t layer, defkv_selection *out,
+                                                          std::string *msg) {
+    CudaGlobal &g = static_cast<CudaGlobal &>(gb);
+    DEFKV_CUDA_TRY(cudaSetDevice(device_));
+    const bool dev = out->memory == DEFKV_MEMORY_CUDA_DEVICE;
+    const int64_t nh = g.Hk * static_cast<int64_t>(g.L.size());
+    if (dev) {
+        DEFKV_FORWARD_ST(check_device_pointer(out->head_lens, "out->head_lens", msg));
+        if (out->cu_seqlens) DEFKV_FORWARD_ST(check_device_pointer(out->cu_seqlens, "out->cu_seqlens", msg));
+        if (out->indices) DEFKV_FORWARD_ST(check_device_pointer(out->indices, "out->indices", msg));
+        if (out->keep_mask) DEFKV_FORWARD_ST(check_device_pointer(out->keep_mask, "out->keep_mask", msg));
+        if (out->scores) DEFKV_FORWARD_ST(check_device_pointer(out->scores, "out->scores", msg));
+    }
+    size_t ws_bytes = 0;
+    for (int64_t L : g.L) {
+        SelectWorkspace w;
+        DEFKV_FORWARD_ST(select_workspace(g.Hk, L, &w, msg));
+        ws_bytes = std::max(ws_bytes, w.total());
+    }
+    DEFKV_FORWARD_ST(g.sel_ws.reserve(ws_bytes, msg));
+    // device outputs in place; host outputs through device temporaries, copied back after a sync
+    Carve c;
+    const size_t o_lens = c.take(sizeof(int32_t) * nh), o_cu = c.take(sizeof(int32_t) * (nh + 1)),
+                 o_idx = c.take(sizeof(int32_t) * static_cast<size_t>(g.per_layer));
+    DEFKV_FORWARD_ST(g.tmp.reserve(c.used, msg));
+    int32_t *lens = dev ? out->head_lens : reinterpret_cast<int32_t *>(g.tmp.as<char>() + o_lens);
+    int32_t *cu = dev && out->cu_seqlens ? out->cu_seqlens : reinterpret_cast<int32_t *>(g.tmp.as<char>() + o_cu);
+    int32_t *idx = dev && out->indices ? out->indices : reinterpret_cast<int32_t *>(g.tmp.as<char>() + o_idx);
+    const bool want_idx = out->indices != nullptr;
+    for (size_t b = 0; b < g.L.size(); b++) {
+        const uint8_t *keep = g.keep.as<uint8_t>() + g.off[b] * g.n_layers + layer * g.Hk * g.L[b];
+        DEFKV_FORWARD_ST(selection_head_lens(keep, g.Hk, g.L[b], lens + b * g.Hk, g.sel_ws.as<void>(), stream_, msg));
+    }
+    DEFKV_FORWARD_ST(selection_offsets(lens, nh, cu, stream_, msg));
+    if (want_idx)
+        for (size_t b = 0; b < g.L.size(); b++) {
+            const uint8_t *keep = g.keep.as<uint8_t>() + g.off[b] * g.n_layers + layer * g.Hk * g.L[b];
+            DEFKV_FORWARD_ST(selection_indices(keep, g.Hk, g.L[b], cu + b * g.Hk, idx, g.sel_ws.as<void>(), stream_, msg));
+        }
+    if (dev) {
+        for (size_t b = 0; b < g.L.size(); b++) {
+            const int64_t per = g.Hk * g.L[b];
+            const uint8_t *keep = g.keep.as<uint8_t>() + g.off[b] * g.n_layers + layer * per;
+            if (out->keep_mask)
+                DEFKV_CUDA_TRY(cudaMemcpyAsync(out->keep_mask + g.off[b], keep, static_cast<size_t>(per),
+                                               cudaMemcpyDeviceToDevice, stream_));
+            if (out->scores)
+                DEFKV_CUDA_TRY(cudaMemcpyAsync(out->scores + g.off[b], g.score[layer]->as<float>() + g.off[b],
+                                               sizeof(float) * static_cast<size_t>(per), cudaMemcpyDeviceToDevice, stream_));
+        }
+        return DEFKV_SUCCESS;
+    }
+    // host outputs: read back, check the capacity, then write (nothing is written on failure)
+    std::vector<int32_t> hl(static_cast<size_t>(nh)), hcu(static_cast<size_t>(nh + 1));
+    DEFKV_CUDA_TRY(cudaMemcpyAsync(hl.data(), lens, sizeof(int32_t) * nh, cudaMemcpyDeviceToHost, stream_));
+    DEFKV_CUDA_TRY(cudaMemcpyAsync(hcu.data(), cu, sizeof(int32_t) * (nh + 1), cudaMemcpyDeviceToHost, stream_));
+    DEFKV_FORWARD_ST(finish(msg));
+    const int64_t total = hcu[nh];
+    if (out->indices && out->indices_capacity < total) {
+        *msg = "out->indices_capacity is " + std::to_string(out->indices_capacity) + ", the layer keeps " +
+               std::to_string(total) + " entries";
+        return DEFKV_ERROR_BUFFER_TOO_SMALL;
+    }
+    std::memcpy(out->head_lens, hl.data(), sizeof(int32_t) * nh);
+    if (out->cu_seqlens) std::memcpy(out->cu_seqlens, hcu.data(), sizeof(int32_t) * (nh + 1));
+    if (want_idx && total)
+        DEFKV_CUDA_TRY(cudaMemcpyAsync(out->indices, idx, sizeof(int32_t) * total, cudaMemcpyDeviceToHost, stream_));
+    for (size_t b = 0; b < g.L.size(); b++) {
+        const int64_t per = g.Hk * g.L[b];
+        const uint8_t *keep = g.keep.as<uint8_t>() + g.off[b] * g.n_layers + layer * per;
+        if (out->keep_mask)
+            DEFKV_CUDA_TRY(cudaMemcpyAsync(out->keep_mask + g.off[b], keep, static_cast<size_t>(per),
+                                           cudaMemcpyDeviceToHost, stream_));
+        if (out->scores)
+            DEFKV_CUDA_TRY(cudaMemcpyAsync(out->scores + g.off[b], g.score[layer]->as<float>() + g.off[b],
+                                           sizeof(float) * static_cast<size_t>(per), cudaMemcpyDeviceToHost, stream_));
+    }
+    return finish(msg);
 }
 
 defkv_status CudaBackend::compact_resident_one(const View &t, int64_t Hk, int64_t L, int64_t d, const int32_t *cu,

@@ -211,6 +211,27 @@ __global__ void __launch_bounds__(kThreads) rank_keys_kernel(float *score, const
     }
 }
 
+// Layer-adaptive: the final scores and tiers leave for the caller's buffers.
+__global__ void __launch_bounds__(kThreads) export_kernel(const float *score, const uint8_t *tier, int64_t N,
+                                                          const float *mx_p, float *score_dst, uint8_t *tier_dst) {
+    const float mx = *mx_p;
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < N;
+         i += static_cast<int64_t>(gridDim.x) * kThreads) {
+        score_dst[i] = tier[i] == kMust ? mx : score[i];
+        tier_dst[i] = tier[i];
+    }
+}
+
+// Layer-adaptive ranking keys: (score desc, tier desc, index asc), as core/ops.cpp RankGlobal.
+__global__ void __launch_bounds__(kThreads) global_keys_kernel(const float *score, const uint8_t *tier, int64_t N,
+                                                               uint64_t *keys, int32_t *vals) {
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < N;
+         i += static_cast<int64_t>(gridDim.x) * kThreads) {
+        keys[i] = (static_cast<uint64_t>(~ord(score[i])) << 2) | static_cast<uint64_t>(kMust - tier[i]);
+        vals[i] = static_cast<int32_t>(i);
+    }
+}
+
 __global__ void __launch_bounds__(kThreads) scatter_keep_kernel(const int32_t *svals, int64_t total, uint8_t *keep) {
     for (int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; r < total;
          r += static_cast<int64_t>(gridDim.x) * kThreads)
@@ -404,6 +425,11 @@ defkv_status defensive_select(const DefensiveArgs &a, cudaStream_t stream, std::
     DEFKV_CUDA_LAUNCHED("max_partial_kernel");
     max_final_kernel<<<1, kThreads, 0, stream>>>(partials, nb, mx);
     DEFKV_CUDA_LAUNCHED("max_final_kernel");
+    if (a.score_dst) {
+        export_kernel<<<grid_1d(N, kThreads), kThreads, 0, stream>>>(c.score, c.tier, N, mx, a.score_dst, a.tier_dst);
+        DEFKV_CUDA_LAUNCHED("export_kernel");
+        return DEFKV_SUCCESS;
+    }
     rank_keys_kernel<<<grid_1d(N, kThreads), kThreads, 0, stream>>>(c.score, c.tier, N, mx, a.scores, c.keys, c.vals);
     DEFKV_CUDA_LAUNCHED("rank_keys_kernel");
     DEFKV_FORWARD_STATUS(sort_pairs(c.sort_temp, c.sort_bytes, c.keys, c.keys_alt, c.vals, c.vals_alt, N, 34, stream, msg));
@@ -439,6 +465,65 @@ defkv_status selection_indices(const uint8_t *keep, int64_t Hk, int64_t L, const
     DEFKV_CUDA_LAUNCHED("count_chunks_kernel");
     write_indices_kernel<<<grid, kThreads, 0, stream>>>(keep, L, nc, c.counts, cu, indices);
     DEFKV_CUDA_LAUNCHED("write_indices_kernel");
+    return DEFKV_SUCCESS;
+}
+
+} // namespace cuda
+} // namespace defkv
+
+namespace defkv {
+namespace cuda {
+
+defkv_status global_workspace(int64_t n, size_t *bytes, std::string *msg) {
+    if (n > INT_MAX) {
+        *msg = "CUDA device-resident layer-adaptive selection: " + std::to_string(n) +
+               " entries over all layers exceed 2^31 - 1";
+        return DEFKV_ERROR_UNSUPPORTED;
+    }
+    size_t temp = 0;
+#ifndef DEFKV_CUDA_EMULATED
+    DEFKV_CUDA_TRY(cub::DeviceRadixSort::SortPairs(nullptr, temp, static_cast<const uint64_t *>(nullptr),
+                                                   static_cast<uint64_t *>(nullptr),
+                                                   static_cast<const int32_t *>(nullptr), static_cast<int32_t *>(nullptr),
+                                                   static_cast<int>(n), 0, 64, cudaStream_t{}));
+#endif
+    const size_t un = static_cast<size_t>(n);
+    *bytes = 2 * align256(un * sizeof(uint64_t)) + 2 * align256(un * sizeof(int32_t)) + align256(temp);
+    return DEFKV_SUCCESS;
+}
+
+defkv_status global_keep(const float *score, const uint8_t *tier, int64_t n, int64_t k, uint8_t *keep, void *ws,
+                         size_t ws_bytes, cudaStream_t stream, std::string *msg) {
+    const size_t un = static_cast<size_t>(n);
+    char *p = static_cast<char *>(ws);
+    uint64_t *keys = reinterpret_cast<uint64_t *>(p), *keys_alt = reinterpret_cast<uint64_t *>(p + align256(un * 8));
+    p += 2 * align256(un * 8);
+    int32_t *vals = reinterpret_cast<int32_t *>(p), *vals_alt = reinterpret_cast<int32_t *>(p + align256(un * 4));
+    p += 2 * align256(un * 4);
+    const size_t temp_bytes = ws_bytes - static_cast<size_t>(p - static_cast<char *>(ws));
+    global_keys_kernel<<<grid_1d(n, kThreads), kThreads, 0, stream>>>(score, tier, n, keys, vals);
+    DEFKV_CUDA_LAUNCHED("global_keys_kernel");
+    DEFKV_FORWARD_STATUS(sort_pairs(p, temp_bytes, keys, keys_alt, vals, vals_alt, n, 34, stream, msg));
+    DEFKV_CUDA_TRY(cudaMemsetAsync(keep, 0, un, stream));
+    k = std::min(std::max<int64_t>(k, 0), n);
+    if (k > 0) {
+        scatter_keep_kernel<<<grid_1d(k, kThreads), kThreads, 0, stream>>>(vals_alt, k, keep);
+        DEFKV_CUDA_LAUNCHED("scatter_keep_kernel");
+    }
+    return DEFKV_SUCCESS;
+}
+
+defkv_status selection_head_lens(const uint8_t *keep, int64_t Hk, int64_t L, int32_t *head_lens, void *ws,
+                                 cudaStream_t stream, std::string *msg) {
+    SelectWorkspace w;
+    DEFKV_FORWARD_STATUS(select_workspace(Hk, L, &w, msg));
+    const Carved c = carve(ws, w);
+    const int64_t nc = (L + kChunk - 1) / kChunk;
+    count_chunks_kernel<<<dim3(static_cast<unsigned>(nc), static_cast<unsigned>(Hk)), kThreads, 0, stream>>>(
+        keep, L, nc, c.counts);
+    DEFKV_CUDA_LAUNCHED("count_chunks_kernel");
+    head_lens_kernel<<<1, 128, 0, stream>>>(c.counts, Hk, nc, head_lens);
+    DEFKV_CUDA_LAUNCHED("head_lens_kernel");
     return DEFKV_SUCCESS;
 }
 

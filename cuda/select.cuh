@@ -33,6 +33,10 @@ struct DefensiveArgs {
     uint8_t *keep = nullptr;           // [Hk, L]
     float *scores = nullptr;           // [Hk, L] or null: the final ranked score (must-keep = layer max)
     int32_t *head_lens = nullptr;      // [Hk]
+    // layer-adaptive scoring only: when set, the final scores and tiers go here and nothing is
+    // selected (keep, scores and head_lens are not written)
+    float *score_dst = nullptr;        // [Hk, L]
+    uint8_t *tier_dst = nullptr;       // [Hk, L]
 };
 
 // Scores, ranks and writes keep / scores / head_lens for one sequence.
@@ -45,6 +49,16 @@ defkv_status selection_offsets(const int32_t *lens, int64_t n, int32_t *cu, cuda
 // whose heads start at cu (already offset to the sequence's first head).
 defkv_status selection_indices(const uint8_t *keep, int64_t Hk, int64_t L, const int32_t *cu, int32_t *indices,
                                void *ws, cudaStream_t stream, std::string *msg);
+
+// Layer-adaptive selection over n concatenated entries (all layers of one sequence): keep the
+// top k by (score desc, tier desc, index asc). Workspace: global_workspace(n) bytes.
+defkv_status global_workspace(int64_t n, size_t *bytes, std::string *msg);
+defkv_status global_keep(const float *score, const uint8_t *tier, int64_t n, int64_t k, uint8_t *keep, void *ws,
+                         size_t ws_bytes, cudaStream_t stream, std::string *msg);
+
+// head_lens[k] = kept entries of head k of one sequence's keep mask [Hk, L] (ws: select_workspace).
+defkv_status selection_head_lens(const uint8_t *keep, int64_t Hk, int64_t L, int32_t *head_lens, void *ws,
+                                 cudaStream_t stream, std::string *msg);
 
 } // namespace cuda
 } // namespace defkv

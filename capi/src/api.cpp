@@ -3,6 +3,7 @@
 #include <cstring>
 #include <new>
 #include <string>
+#include <vector>
 #include <thread>
 
 #include "defkv/defkv.h"
@@ -284,6 +285,18 @@ DEFKV_API defkv_status defkv_global_layer_kept_count(defkv_global *g, int32_t la
         return DEFKV_ERROR_INVALID_ARGUMENT;
     }
     int64_t c = 0;
+    if (g->resident) { // the keep masks live on the device: read the layer's head_lens back
+        std::vector<int32_t> lens(g->seq_lens.size() * static_cast<size_t>(g->Hk));
+        defkv_selection s{};
+        s.struct_size = sizeof s;
+        s.head_lens = lens.data();
+        const defkv_status st =
+            guarded(&g->ctx->last_error, [&] { return defkv::global_layer_selection(*g, layer_index, &s); });
+        if (st != DEFKV_SUCCESS) return st;
+        for (int32_t n : lens) c += n;
+        *count = c;
+        return DEFKV_SUCCESS;
+    }
     for (const auto &r : g->layers[layer_index])
         for (uint8_t k : r.keep) c += k;
     *count = c;

@@ -764,6 +764,141 @@ void check_resident(defkv_context *cpu, defkv_context *gpu, const Case &c) {
     }
 }
 
+// Layer-adaptive selection (defkv_global, 3 layers, a ragged batch of 2) on CUDA against the
+// CPU. With device-memory caches the CUDA context keeps every layer's scores on the device and
+// ranks there; each layer's selection is read to host memory and (device cases) to device memory.
+void check_global(defkv_context *cpu, defkv_context *gpu, const Case &c) {
+    if (g_self) return;
+    const std::string cs = c.str();
+    constexpr int NL = 3;
+    std::vector<std::unique_ptr<Inputs>> ins;
+    for (int l = 0; l < NL; l++) {
+        Case a = c, b = c;
+        a.seed = c.seed * 31 + 2 * l;
+        b.L = c.L + 37;
+        b.seed = c.seed * 31 + 2 * l + 1;
+        ins.emplace_back(new Inputs(a));
+        ins.emplace_back(new Inputs(b));
+    }
+    const bool dev = c.device;
+    ResidentLayer rc[NL], rg[NL];
+    for (int l = 0; l < NL; l++) {
+        Inputs *pair[2] = {ins[2 * l].get(), ins[2 * l + 1].get()};
+        void *hk[2] = {pair[0]->k.data(), pair[1]->k.data()}, *hv[2] = {pair[0]->v.data(), pair[1]->v.data()};
+        make_layer(c, pair, hk, hv, false, &rc[l]);
+        if (dev) {
+            void *dk[2] = {pair[0]->dk->p, pair[1]->dk->p}, *dv[2] = {pair[0]->dv->p, pair[1]->dv->p};
+            make_layer(c, pair, dk, dv, true, &rg[l]);
+        } else {
+            rg[l] = rc[l];
+            rg[l].layer.seqs = rg[l].seqs;
+        }
+    }
+    defkv_params p;
+    defkv_params_default(&p);
+    p.method = DEFKV_METHOD_LAYER_DEFENSIVEKV;
+    p.window = static_cast<int32_t>(c.W);
+    p.compression_ratio = 0.6;
+    defkv_global *g[2] = {nullptr, nullptr};
+    defkv_context *ctx[2] = {cpu, gpu};
+    for (int side = 0; side < 2; side++) {
+        if (defkv_global_create(ctx[side], &p, NL, &g[side]) != DEFKV_SUCCESS) {
+            CHECK(false, "global [%s]: create on %s: %s", cs.c_str(), side ? "cuda" : "cpu", defkv_context_last_error(ctx[side]));
+            return;
+        }
+        bool ok = true;
+        for (int l = NL - 1; l >= 0 && ok; l--) // any order
+            ok = defkv_global_add_layer(g[side], l, side ? &rg[l].layer : &rc[l].layer) == DEFKV_SUCCESS;
+        ok = ok && defkv_global_select(g[side]) == DEFKV_SUCCESS;
+        CHECK(ok, "global [%s] on %s: %s", cs.c_str(), side ? "cuda" : "cpu", defkv_context_last_error(ctx[side]));
+        if (!ok) {
+            defkv_global_destroy(g[0]);
+            defkv_global_destroy(g[1]);
+            return;
+        }
+    }
+    const int64_t Ls[2] = {c.L, c.L + 37}, entries = c.Hk * (Ls[0] + Ls[1]), nh = 2 * c.Hk;
+    int64_t tot[2] = {0, 0}, flips = 0, bad_scores = 0;
+    bool consistent = true, dev_same = true, counts_ok = true;
+    for (int l = 0; l < NL; l++) {
+        std::vector<int32_t> lens[2], cu[2], idx[2];
+        std::vector<uint8_t> keep[2];
+        std::vector<float> score[2];
+        for (int side = 0; side < 2; side++) {
+            lens[side].assign(static_cast<size_t>(nh), -1);
+            cu[side].assign(static_cast<size_t>(nh + 1), -1);
+            idx[side].assign(static_cast<size_t>(entries), -1);
+            keep[side].assign(static_cast<size_t>(entries), 9);
+            score[side].assign(static_cast<size_t>(entries), 0.0f);
+            defkv_selection s{};
+            s.struct_size = sizeof s;
+            s.head_lens = lens[side].data();
+            s.cu_seqlens = cu[side].data();
+            s.indices = idx[side].data();
+            s.indices_capacity = entries;
+            s.keep_mask = keep[side].data();
+            s.scores = score[side].data();
+            const defkv_status st = defkv_global_layer_selection(g[side], l, &s);
+            CHECK(st == DEFKV_SUCCESS, "global [%s] layer %d on %s: %s", cs.c_str(), l, side ? "cuda" : "cpu",
+                  defkv_context_last_error(ctx[side]));
+            int64_t kc = -1;
+            defkv_global_layer_kept_count(g[side], l, &kc);
+            counts_ok &= kc == cu[side][nh];
+        }
+        for (int64_t i = 0; i < entries; i++) {
+            tot[0] += keep[0][i];
+            tot[1] += keep[1][i];
+            flips += keep[0][i] != keep[1][i];
+            bad_scores += !close(score[1][i], score[0][i], 5e-3, 1e-7);
+        }
+        // the CUDA head_lens / cu_seqlens / indices describe its keep mask
+        int64_t r = 0, e0 = 0;
+        consistent &= cu[1][0] == 0;
+        for (int b = 0; b < 2; b++) {
+            for (int64_t kk = 0; kk < c.Hk; kk++) {
+                int64_t n = 0;
+                for (int64_t j = 0; j < Ls[b]; j++)
+                    if (keep[1][e0 + kk * Ls[b] + j]) {
+                        consistent &= idx[1][r++] == j;
+                        n++;
+                    }
+                consistent &= lens[1][b * c.Hk + kk] == n && cu[1][b * c.Hk + kk + 1] - cu[1][b * c.Hk + kk] == n;
+            }
+            e0 += c.Hk * Ls[b];
+        }
+        if (dev) { // the same layer's selection written to device memory
+            DevBuf dl(sizeof(int32_t) * nh), dc(sizeof(int32_t) * (nh + 1)), di(sizeof(int32_t) * entries), dk(entries),
+                ds(sizeof(float) * entries);
+            defkv_selection s{};
+            s.struct_size = sizeof s;
+            s.memory = DEFKV_MEMORY_CUDA_DEVICE;
+            s.head_lens = dl.as<int32_t>();
+            s.cu_seqlens = dc.as<int32_t>();
+            s.indices = di.as<int32_t>();
+            s.indices_capacity = entries;
+            s.keep_mask = dk.as<uint8_t>();
+            s.scores = ds.as<float>();
+            const defkv_status st = defkv_global_layer_selection(g[1], l, &s);
+            CHECK(st == DEFKV_SUCCESS, "global [%s] layer %d, device outputs: %s", cs.c_str(), l, defkv_context_last_error(gpu));
+            const int64_t total = cu[1][nh];
+            const std::vector<int32_t> il = di.host<int32_t>(total);
+            dev_same &= dl.host<int32_t>(nh) == lens[1] && dc.host<int32_t>(nh + 1) == cu[1] &&
+                        std::equal(il.begin(), il.end(), idx[1].begin()) && dk.host<uint8_t>(entries) == keep[1] &&
+                        ds.host<float>(entries) == score[1];
+        }
+    }
+    CHECK(tot[0] == tot[1], "global [%s]: CPU keeps %lld entries over the layers, CUDA %lld", cs.c_str(), (long long)tot[0],
+          (long long)tot[1]);
+    CHECK(flips <= std::max<int64_t>(2, NL * entries / 200), "global [%s]: %lld keep decisions differ", cs.c_str(),
+          (long long)flips);
+    CHECK(bad_scores == 0, "global [%s]: %lld scores differ beyond tolerance", cs.c_str(), (long long)bad_scores);
+    CHECK(consistent, "global [%s]: CUDA head_lens / cu_seqlens / indices disagree with its keep mask", cs.c_str());
+    CHECK(dev_same, "global [%s]: the device-memory selection differs from the host-memory one", cs.c_str());
+    CHECK(counts_ok, "global [%s]: defkv_global_layer_kept_count disagrees with cu_seqlens", cs.c_str());
+    defkv_global_destroy(g[0]);
+    defkv_global_destroy(g[1]);
+}
+
 #ifndef DEFKV_CUDA_EMULATED
 // CUDA graphs: on the caller's stream, after one call has sized the context's buffers,
 // defkv_select (device-resident) and defkv_compact_inplace are captured into a graph; replaying
@@ -964,6 +1099,7 @@ int main(int argc, char **argv) {
         check_compaction(be, c);
         if (c.L * c.Hk <= 40000) check_methods(cpu, gpu, c);
         check_resident(cpu, gpu, c);
+        if (c.L * c.Hk <= 40000) check_global(cpu, gpu, c);
         if (g_only_case < 0) n_cases++;
         std::printf("  %-4s case %d: %s\n", g_failures == before ? "ok" : "FAIL",
                     g_only_case >= 0 ? g_only_case : n_cases - 1, c.str().c_str());
