@@ -317,11 +317,15 @@ struct FusedParams {
 __device__ void stage_q(const FusedParams &p, int64_t k, uint16_t *qs) {
     const uint16_t *src = static_cast<const uint16_t *>(p.q.data);
     if (p.vec_q) { // 8 elements (16 bytes) at a time: rows contiguous, 16-byte aligned
-        const int64_t d8 = p.d / 8;
-        for (int64_t e = threadIdx.x; e < p.Rp * d8; e += blockDim.x) {
-            const int64_t r = e / d8, c = (e - r * d8) * 8;
+        const int d8 = static_cast<int>(p.d / 8), n = static_cast<int>(p.Rp) * d8, R = static_cast<int>(p.R),
+                  W = static_cast<int>(p.W);
+        for (int e = threadIdx.x; e < n; e += blockDim.x) { // 32-bit index math (64-bit division is slow)
+            const int r = e / d8, c = (e - r * d8) * 8;
             uint4 v = make_uint4(0u, 0u, 0u, 0u);
-            if (r < p.R) v = *reinterpret_cast<const uint4 *>(src + (k * p.G + r / p.W) * p.q.s0 + (r % p.W) * p.q.s1 + c);
+            if (r < R) {
+                const int g = r / W, w = r - g * W;
+                v = *reinterpret_cast<const uint4 *>(src + (k * p.G + g) * p.q.s0 + w * p.q.s1 + c);
+            }
             *reinterpret_cast<uint4 *>(qs + r * p.ld + c) = v;
         }
         return;
@@ -345,9 +349,10 @@ __device__ void fill_tile(const FusedParams &p, int64_t k, int64_t jb, int nc, c
         using namespace nvcuda;
         const uint16_t *src = static_cast<const uint16_t *>(p.kt.data);
         if (p.vec_k) {
-            const int64_t d8 = p.d / 8;
-            for (int64_t e = threadIdx.x; e < nc * d8; e += blockDim.x) {
-                const int64_t c = e / d8, i = (e - c * d8) * 8, j = jb + c;
+            const int d8 = static_cast<int>(p.d / 8);
+            for (int e = threadIdx.x; e < nc * d8; e += blockDim.x) {
+                const int c = e / d8, i = (e - c * d8) * 8;
+                const int64_t j = jb + c;
                 uint4 v = make_uint4(0u, 0u, 0u, 0u);
                 if (j >= 0 && j < p.L) v = *reinterpret_cast<const uint4 *>(src + k * p.kt.s0 + j * p.kt.s1 + i);
                 *reinterpret_cast<uint4 *>(ks + c * p.ld + i) = v;
@@ -409,8 +414,8 @@ __device__ void fill_tile(const FusedParams &p, int64_t k, int64_t jb, int nc, c
 }
 
 // Number of pooling windows [j-h, j+h] (j in [0, P)) that contain key t < P.
-__device__ __forceinline__ int64_t pool_count(int64_t t, int64_t P, int64_t h) {
-    const int64_t lo = t - h < 0 ? 0 : t - h, hi = t + h >= P ? P - 1 : t + h;
+__device__ __forceinline__ int pool_count(int t, int P, int h) {
+    const int lo = t - h < 0 ? 0 : t - h, hi = t + h >= P ? P - 1 : t + h;
     return hi - lo + 1;
 }
 
@@ -426,7 +431,8 @@ stats_kernel(FusedParams p, int64_t tiles_per_split, int64_t n_split, RowPart *p
     for (int64_t r = threadIdx.x; r < p.Rp; r += blockDim.x) st[r] = RowPart{0.0, 0.0, 0.0, 0.0, 0.0, m0, 0.0f};
     if constexpr (MODE == kModeWmma) stage_q(p, k, qs);
     const uint8_t *mk = p.masked ? p.masked + k * p.L : nullptr;
-    const int64_t n_tiles = (p.L + kStatTile - 1) / kStatTile, h = p.kernel / 2, off_lo = p.P - p.W;
+    const int64_t n_tiles = (p.L + kStatTile - 1) / kStatTile, off_lo = p.P - p.W;
+    const int P32 = static_cast<int>(p.P), h32 = p.kernel / 2;
     const int64_t t0 = split * tiles_per_split, t1 = t0 + tiles_per_split < n_tiles ? t0 + tiles_per_split : n_tiles;
     for (int64_t tile = t0; tile < t1; tile++) {
         const int64_t jb = tile * kStatTile;
@@ -439,7 +445,7 @@ stats_kernel(FusedParams p, int64_t tiles_per_split, int64_t n_split, RowPart *p
             const int hf = threadIdx.x & 1;
             const bool live = r < p.R;
             const float *x = S + (live ? r : 0) * kStatLd;
-            const int64_t n_valid = MODE == kModeProbs ? p.L : p.P + (live ? r : 0) % p.W + 1;
+            const int64_t n_valid = MODE == kModeProbs ? p.L : p.P + static_cast<int>(live ? r : 0) % static_cast<int>(p.W) + 1;
             float mt = 0.0f;
             if (MODE != kModeProbs) {
                 mt = -INFINITY;
@@ -451,7 +457,7 @@ stats_kernel(FusedParams p, int64_t tiles_per_split, int64_t n_split, RowPart *p
                 mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 1));
             }
             const bool any = live && (MODE == kModeProbs || mt > -INFINITY);
-            double s_all = 0.0, s_pre = 0.0, s_pool = 0.0, s_off = 0.0, s_win = 0.0;
+            double s_pre = 0.0, s_pool = 0.0, s_off = 0.0, s_win = 0.0;
             if (any)
                 for (int c = hf; c < kStatTile; c += 2) {
                     const int64_t j = jb + c;
@@ -463,20 +469,19 @@ stats_kernel(FusedParams p, int64_t tiles_per_split, int64_t n_split, RowPart *p
                         if (mk && mk[j]) continue;
                         e = expf(p.scale * x[c] - mt);
                     }
-                    s_all += e;
                     if (j < p.P) {
                         s_pre += e;
-                        s_pool += static_cast<double>(pool_count(j, p.P, h)) * e;
+                        s_pool += static_cast<double>(pool_count(static_cast<int>(j), P32, h32)) * e;
                         if (j >= off_lo) s_off += e;
                     } else {
                         s_win += e;
                     }
                 }
-            s_all += __shfl_xor_sync(0xffffffffu, s_all, 1);
             s_pre += __shfl_xor_sync(0xffffffffu, s_pre, 1);
             s_pool += __shfl_xor_sync(0xffffffffu, s_pool, 1);
             s_off += __shfl_xor_sync(0xffffffffu, s_off, 1);
             s_win += __shfl_xor_sync(0xffffffffu, s_win, 1);
+            const double s_all = s_pre + s_win; // every valid key is in the prefix or the window
             if (any && hf == 0) {
                 RowPart &q = st[r];
                 double a = 1.0, b = 1.0; // scales of the old state and of this tile
@@ -552,7 +557,7 @@ fused_columns_kernel(FusedParams p, const RowFinal *fin /* [Hk, R] */, int halo,
     const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kColTile, jb = j0 - halo;
     const int c_own = threadIdx.x % kColTile, part = threadIdx.x / kColTile;
     const int64_t j = j0 + c_own, h = p.kernel / 2;
-    const int64_t wlo = (j - h < 0 ? 0 : j - h) - j, whi = (j + h >= p.P ? p.P - 1 : j + h) - j; // pool window
+    const int wlo = static_cast<int>((j - h < 0 ? 0 : j - h) - j), whi = static_cast<int>((j + h >= p.P ? p.P - 1 : j + h) - j); // pool window
     double last_acc = 0.0;
     for (int64_t k = 0; k < p.Hk; k++) {
         __syncthreads(); // the previous head's tiles are consumed
@@ -562,22 +567,28 @@ fused_columns_kernel(FusedParams p, const RowFinal *fin /* [Hk, R] */, int halo,
         __syncthreads();
         if (MODE != kModeProbs) { // logits -> probabilities, exactly as softmax_row
             const uint8_t *mk = p.masked ? p.masked + k * p.L : nullptr;
-            for (int64_t e = threadIdx.x; e < p.R * nc; e += blockDim.x) {
-                const int64_t r = e / nc, jj = jb + (e - r * nc);
+            const int R = static_cast<int>(p.R), W = static_cast<int>(p.W);
+            const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+            for (int r = warp; r < R; r += nw) { // a warp per row, no index division per element
                 const RowFinal f = fs[r];
-                float v = 0.0f;
-                if (jj >= 0 && jj < p.P + r % p.W + 1 && f.inv != 0.0f && !(mk && mk[jj]))
-                    v = expf(p.scale * S[e] - f.m) * f.inv;
-                S[e] = v;
+                const int64_t n_valid = p.P + r % W + 1;
+                float *x = S + r * nc;
+                for (int c = lane; c < nc; c += 32) {
+                    const int64_t jj = jb + c;
+                    float v = 0.0f;
+                    if (jj >= 0 && jj < n_valid && f.inv != 0.0f && !(mk && mk[jj])) v = expf(p.scale * x[c] - f.m) * f.inv;
+                    x[c] = v;
+                }
             }
             __syncthreads();
         }
         float pm = -INFINITY;
         if (j < p.P) {
-            for (int64_t g = part; g < p.G; g += kParts) {
+            const int G = static_cast<int>(p.G), W = static_cast<int>(p.W);
+            for (int g = part; g < G; g += kParts) {
                 double acc = 0.0;
-                for (int64_t w = 0; w < p.W; w++) {
-                    const int64_t r = g * p.W + w;
+                for (int w = 0; w < W; w++) {
+                    const int r = g * W + w;
                     const float *x = S + r * nc + halo + c_own; // x[0]: A[r, j]
                     acc += x[0];
                     if (def_max) {
@@ -585,7 +596,7 @@ fused_columns_kernel(FusedParams p, const RowFinal *fin /* [Hk, R] */, int halo,
                         float v = 0.0f;
                         if (f.fs > 0.0f) {
                             double s = 0.0;
-                            for (int64_t t = wlo; t <= whi; t++) s += x[t];
+                            for (int t = wlo; t <= whi; t++) s += x[t];
                             v = (static_cast<float>(s / p.kernel) / f.fs) * f.fb;
                         }
                         pm = fmaxf(pm, v);
@@ -722,7 +733,7 @@ defkv_status window_attention(const AttentionArgs &a, cudaStream_t stream, std::
     DEFKV_CUDA_TRY(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
     const bool fits = need(n_split) <= avail && smem_b <= static_cast<size_t>(smem_max) &&
                       smem_c <= static_cast<size_t>(smem_max) && n_split <= 65535 && a.Hk <= 65535 &&
-                      ceil_div(a.L, kColTile) < 2147483647;
+                      a.L < 2147483647LL - 2 * kColTile; // 32-bit key indices inside the kernels
     if (!fits) return legacy_window_attention(a, stream, msg); // tiny L, or too many rows for a block
     RowPart *part = reinterpret_cast<RowPart *>(a.probs);
     RowFinal *fin = reinterpret_cast<RowFinal *>(reinterpret_cast<char *>(a.probs) +
