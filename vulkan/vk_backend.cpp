@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "backend.hpp"
+#include "pipeline.hpp"
 #include "tensor.hpp"
 #include "vk_shaders.hpp"
 
@@ -540,6 +541,11 @@ public:
                                  const int32_t *idx, std::string *msg) override;
     defkv_status compact_varlen(const View &src, int64_t Hk, int64_t d, const int32_t *cu, const int32_t *idx,
                                 const View &dst, std::string *msg) override;
+    // Device-resident selection (defensivekv, layer-defensivekv) and compaction (vk_select.inc).
+    int32_t resident_memory() const override { return DEFKV_MEMORY_VULKAN_BUFFER; }
+    defkv_status select_resident(const Params &p, const LayerInfo &li, defkv_selection *out, std::string *msg) override;
+    defkv_status compact_resident(const LayerInfo &li, const defkv_selection &sel, const View *kout, const View *vout,
+                                  std::string *msg) override;
 
 private:
     void teardown();
@@ -609,6 +615,20 @@ private:
     uint32_t cm_nsg_ = 4, cm_nb_ = 64, cm_dmax_ = 0;
     std::string pnorm_why_; // why the plain shader is used (when pnorm_cm_ is null)
     defkv_status create_pnorm_cm(std::string *msg);
+public:
+    // For benchmarks and logs (vulkan_backend_describe): the device and the projected-norm
+    // variant a call with these dtypes and head dim would run.
+    std::string describe_pnorm(int32_t v_dtype, int32_t o_dtype, int64_t d) const {
+        uint32_t tokens = 0;
+        std::string r = strf("device='%s' ", props_.deviceName);
+        if (pnorm_pipe(v_dtype, o_dtype, d, &tokens) == P_PNORM_CM)
+            return r + strf("pnorm=cooperative-matrix (GL_NV_cooperative_matrix fp16 %ux%ux%u, subgroup %u)", cm_.M, cm_.N,
+                            cm_.K, cm_.subgroup);
+        if (pnorm_cm_) return r + "pnorm=plain (the cooperative-matrix variant takes f16 values and o_proj with d % K == 0 only)";
+        return r + "pnorm=plain (no cooperative matrix: " + pnorm_why_ + ")";
+    }
+
+private:
     bool trace_ = false;   // DEFKV_VULKAN_TRACE: one line per op on stderr (dispatches, submits)
     int64_t n_dispatch_ = 0, n_submit_ = 0;
     void trace(const char *op, const std::string &detail) {
@@ -644,11 +664,28 @@ private:
     VkFence fence_ = VK_NULL_HANDLE;
     Buffer dummy_;
     Buffer bufs_[S_COUNT];
+
+    // ---- device-resident selection (vk_select.inc) ----
+    enum SelPipe { SP_STATS, SP_COMBINE, SP_SORT, SP_MASS, SP_RANK, SP_KEEP, SP_INDEX, SP_COPYSEL, SP_COUNT };
+    enum SelBuf { SB_STATS, SB_SCORE, SB_TIER, SB_KEYS1, SB_KEYS2, SB_KEEP, SB_CU, SB_SCRATCH, SB_COUNT };
+    VkPipeline sel_pipes_[SP_COUNT] = {}; // created on first use
+    Buffer sel_bufs_[SB_COUNT];
+    defkv_status sel_init(std::string *msg);
+    void sel_teardown();
+    defkv_status sel_ensure(SelBuf s, int64_t bytes, std::string *msg);
+    defkv_status sel_bind(VkBuffer buf, int64_t bytes, const char *what, Bind *b, std::string *msg);
+    defkv_status sel_window(const Src &src, int64_t e0, int64_t n, Bind *b, uint32_t *base, std::string *msg);
+    defkv_status sel_dispatch(SelPipe p, const Bind *binds, const void *pc, uint32_t pc_bytes, uint32_t gx, uint32_t gy,
+                              std::string *msg);
+    defkv_status sel_sort(const Bind &keys, int64_t n, int64_t seg, std::string *msg);
+    defkv_status compact_resident_one(const View &t, int64_t Hk, int64_t L, int64_t d, const Bind &cu_b, int64_t cu_at,
+                                      const Bind &idx_b, const View *dst, std::string *msg);
 };
 
 void VulkanBackend::teardown() {
     if (dev_) {
         fd_.vkDeviceWaitIdle(dev_);
+        sel_teardown();
         for (auto &b : bufs_) free_buffer(&b);
         free_buffer(&dummy_);
         if (fence_) fd_.vkDestroyFence(dev_, fence_, nullptr);
@@ -1637,6 +1674,8 @@ defkv_status VulkanBackend::compact_varlen(const View &src, int64_t Hk, int64_t 
     return DEFKV_SUCCESS;
 }
 
+#include "vk_select.inc"
+
 // Availability: a loader, an instance and a usable device (computed once per process).
 struct Availability {
     defkv_status st = DEFKV_ERROR_BACKEND_UNAVAILABLE;
@@ -1668,6 +1707,11 @@ const Availability &availability() {
 }
 
 } // namespace
+
+std::string vulkan_backend_describe(const Backend *b, int32_t v_dtype, int32_t o_dtype, int64_t d) {
+    const VulkanBackend *vb = dynamic_cast<const VulkanBackend *>(b);
+    return vb ? vb->describe_pnorm(v_dtype, o_dtype, d) : std::string();
+}
 
 defkv_status vulkan_backend_available(std::string *why) {
     const Availability &a = availability();

@@ -12,11 +12,17 @@
 //
 // The Khronos validation layer is on (DEFKV_VULKAN_VALIDATION=abort: any message aborts). Without
 // a Vulkan device the test prints why and exits 77 (skipped).
+#define VK_NO_PROTOTYPES
+#include <dlfcn.h>
+#include <vulkan/vulkan.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -515,6 +521,440 @@ void golden(defkv_context *cpu, defkv_context *vk, const char *dir) {
     }
 }
 
+
+// ---- device-resident selection (outputs in VkBuffers of the test's own device) -------------
+// The test creates an instance (validation layer on, any message aborts), a device and queue,
+// and a Vulkan context on them; every selection output is a host-visible VkBuffer of that
+// device, read through its mapping after defkv_select returns. Reference: the CPU backend's
+// host selection of the same layer. Keep sets equal up to near ties (as cuda_parity allows:
+// at most max(2, entries / 200) flips, the kept count exact), scores within 1e-4 of the largest
+// |score|, head_lens/cu_seqlens/indices exactly the device keep mask's; then compaction from the
+// device selection (in place on VkBuffer caches, varlen into host rows) must equal, byte for
+// byte, the CPU compaction driven by the same selection copied to the host.
+VKAPI_ATTR VkBool32 VKAPI_CALL on_test_message(VkDebugUtilsMessageSeverityFlagBitsEXT, VkDebugUtilsMessageTypeFlagsEXT,
+                                               const VkDebugUtilsMessengerCallbackDataEXT *d, void *) {
+    std::fprintf(stderr, "validation message (resident test device): %s\n", d && d->pMessage ? d->pMessage : "?");
+    std::abort();
+    return VK_FALSE;
+}
+
+struct TestVk {
+    void *lib = nullptr;
+    PFN_vkGetInstanceProcAddr gipa = nullptr;
+    VkInstance inst = VK_NULL_HANDLE;
+    VkPhysicalDevice pd = VK_NULL_HANDLE;
+    VkDevice dev = VK_NULL_HANDLE;
+    VkQueue queue = VK_NULL_HANDLE;
+    uint32_t family = 0;
+    VkDebugUtilsMessengerEXT messenger = VK_NULL_HANDLE;
+    VkPhysicalDeviceMemoryProperties mp{};
+#define F(n) PFN_##n n = nullptr;
+    F(vkCreateInstance) F(vkDestroyInstance) F(vkEnumeratePhysicalDevices) F(vkGetPhysicalDeviceQueueFamilyProperties)
+    F(vkGetPhysicalDeviceMemoryProperties) F(vkCreateDevice) F(vkDestroyDevice) F(vkGetDeviceQueue) F(vkCreateBuffer)
+    F(vkDestroyBuffer) F(vkGetBufferMemoryRequirements) F(vkAllocateMemory) F(vkFreeMemory) F(vkBindBufferMemory)
+    F(vkMapMemory) F(vkDeviceWaitIdle) F(vkCreateDebugUtilsMessengerEXT) F(vkDestroyDebugUtilsMessengerEXT)
+#undef F
+    std::string init() {
+        lib = dlopen("libvulkan.so.1", RTLD_NOW | RTLD_LOCAL);
+        if (!lib) return "no Vulkan loader";
+        gipa = reinterpret_cast<PFN_vkGetInstanceProcAddr>(dlsym(lib, "vkGetInstanceProcAddr"));
+        vkCreateInstance = reinterpret_cast<PFN_vkCreateInstance>(gipa(nullptr, "vkCreateInstance"));
+        const char *layer = "VK_LAYER_KHRONOS_validation";
+        const char *ext = VK_EXT_DEBUG_UTILS_EXTENSION_NAME;
+        VkApplicationInfo app{};
+        app.sType = VK_STRUCTURE_TYPE_APPLICATION_INFO;
+        app.apiVersion = VK_API_VERSION_1_2;
+        VkDebugUtilsMessengerCreateInfoEXT mci{};
+        mci.sType = VK_STRUCTURE_TYPE_DEBUG_UTILS_MESSENGER_CREATE_INFO_EXT;
+        mci.messageSeverity = VK_DEBUG_UTILS_MESSAGE_SEVERITY_WARNING_BIT_EXT | VK_DEBUG_UTILS_MESSAGE_SEVERITY_ERROR_BIT_EXT;
+        mci.messageType = VK_DEBUG_UTILS_MESSAGE_TYPE_GENERAL_BIT_EXT | VK_DEBUG_UTILS_MESSAGE_TYPE_VALIDATION_BIT_EXT |
+                          VK_DEBUG_UTILS_MESSAGE_TYPE_PERFORMANCE_BIT_EXT;
+        mci.pfnUserCallback = on_test_message;
+        VkInstanceCreateInfo ci{};
+        ci.sType = VK_STRUCTURE_TYPE_INSTANCE_CREATE_INFO;
+        ci.pNext = &mci;
+        ci.pApplicationInfo = &app;
+        ci.enabledLayerCount = 1;
+        ci.ppEnabledLayerNames = &layer;
+        ci.enabledExtensionCount = 1;
+        ci.ppEnabledExtensionNames = &ext;
+        if (vkCreateInstance(&ci, nullptr, &inst) != VK_SUCCESS) return "vkCreateInstance with the validation layer failed";
+#define L(n) n = reinterpret_cast<PFN_##n>(gipa(inst, #n));
+        L(vkDestroyInstance) L(vkEnumeratePhysicalDevices) L(vkGetPhysicalDeviceQueueFamilyProperties)
+        L(vkGetPhysicalDeviceMemoryProperties) L(vkCreateDevice) L(vkDestroyDevice) L(vkGetDeviceQueue) L(vkCreateBuffer)
+        L(vkDestroyBuffer) L(vkGetBufferMemoryRequirements) L(vkAllocateMemory) L(vkFreeMemory) L(vkBindBufferMemory)
+        L(vkMapMemory) L(vkDeviceWaitIdle) L(vkCreateDebugUtilsMessengerEXT) L(vkDestroyDebugUtilsMessengerEXT)
+#undef L
+        vkCreateDebugUtilsMessengerEXT(inst, &mci, nullptr, &messenger);
+        uint32_t n = 0;
+        vkEnumeratePhysicalDevices(inst, &n, nullptr);
+        if (n == 0) return "no Vulkan device";
+        std::vector<VkPhysicalDevice> pds(n);
+        vkEnumeratePhysicalDevices(inst, &n, pds.data());
+        pd = pds[0];
+        uint32_t nq = 0;
+        vkGetPhysicalDeviceQueueFamilyProperties(pd, &nq, nullptr);
+        std::vector<VkQueueFamilyProperties> qf(nq);
+        vkGetPhysicalDeviceQueueFamilyProperties(pd, &nq, qf.data());
+        bool found = false;
+        for (uint32_t i = 0; i < nq && !found; i++)
+            if (qf[i].queueFlags & VK_QUEUE_COMPUTE_BIT) {
+                family = i;
+                found = true;
+            }
+        if (!found) return "no compute queue";
+        float prio = 1.0f;
+        VkDeviceQueueCreateInfo qci{};
+        qci.sType = VK_STRUCTURE_TYPE_DEVICE_QUEUE_CREATE_INFO;
+        qci.queueFamilyIndex = family;
+        qci.queueCount = 1;
+        qci.pQueuePriorities = &prio;
+        VkDeviceCreateInfo dci{};
+        dci.sType = VK_STRUCTURE_TYPE_DEVICE_CREATE_INFO;
+        dci.queueCreateInfoCount = 1;
+        dci.pQueueCreateInfos = &qci;
+        if (vkCreateDevice(pd, &dci, nullptr, &dev) != VK_SUCCESS) return "vkCreateDevice failed";
+        vkGetDeviceQueue(dev, family, 0, &queue);
+        vkGetPhysicalDeviceMemoryProperties(pd, &mp);
+        return "";
+    }
+    void destroy() {
+        if (dev) {
+            vkDeviceWaitIdle(dev);
+            vkDestroyDevice(dev, nullptr);
+        }
+        if (inst) {
+            if (messenger) vkDestroyDebugUtilsMessengerEXT(inst, messenger, nullptr);
+            vkDestroyInstance(inst, nullptr);
+        }
+        dev = VK_NULL_HANDLE;
+        inst = VK_NULL_HANDLE;
+    }
+};
+
+// A host-visible storage buffer of the test's device (size rounded up to 4 bytes), filled with
+// `fill` so that unwritten outputs show.
+struct TBuf {
+    TestVk *v = nullptr;
+    VkBuffer buf = VK_NULL_HANDLE;
+    VkDeviceMemory mem = VK_NULL_HANDLE;
+    char *map = nullptr;
+    size_t bytes = 0;
+    TBuf(TestVk *vk, size_t n, int fill) : v(vk), bytes(n) {
+        VkBufferCreateInfo bi{};
+        bi.sType = VK_STRUCTURE_TYPE_BUFFER_CREATE_INFO;
+        bi.size = std::max<size_t>(4, (n + 3) / 4 * 4);
+        bi.usage = VK_BUFFER_USAGE_STORAGE_BUFFER_BIT;
+        v->vkCreateBuffer(v->dev, &bi, nullptr, &buf);
+        VkMemoryRequirements req;
+        v->vkGetBufferMemoryRequirements(v->dev, buf, &req);
+        const VkMemoryPropertyFlags need = VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT | VK_MEMORY_PROPERTY_HOST_COHERENT_BIT;
+        uint32_t type = 0;
+        for (uint32_t i = 0; i < v->mp.memoryTypeCount; i++)
+            if ((req.memoryTypeBits & (1u << i)) && (v->mp.memoryTypes[i].propertyFlags & need) == need) {
+                type = i;
+                break;
+            }
+        VkMemoryAllocateInfo ai{};
+        ai.sType = VK_STRUCTURE_TYPE_MEMORY_ALLOCATE_INFO;
+        ai.allocationSize = req.size;
+        ai.memoryTypeIndex = type;
+        v->vkAllocateMemory(v->dev, &ai, nullptr, &mem);
+        v->vkBindBufferMemory(v->dev, buf, mem, 0);
+        void *p = nullptr;
+        v->vkMapMemory(v->dev, mem, 0, VK_WHOLE_SIZE, 0, &p);
+        map = static_cast<char *>(p);
+        std::memset(map, fill, bi.size);
+    }
+    ~TBuf() {
+        v->vkDestroyBuffer(v->dev, buf, nullptr);
+        v->vkFreeMemory(v->dev, mem, nullptr);
+    }
+    template <class T> std::vector<T> host(size_t n) const {
+        std::vector<T> r(n);
+        std::memcpy(r.data(), map, n * sizeof(T));
+        return r;
+    }
+};
+
+int g_resident = 0;      // resident selections compared
+bool g_perturb_resident = false;
+
+// Host selection through defkv_select (both methods: layer-defensivekv selects per layer here).
+Result host_select(defkv_context *ctx, const defkv_params &p, const defkv_layer &layer, int64_t nheads, int64_t entries) {
+    Result r;
+    int64_t cap = 0;
+    r.st = defkv_kept_count(ctx, &p, &layer, &cap);
+    if (r.st != DEFKV_SUCCESS) {
+        r.err = defkv_context_last_error(ctx);
+        return r;
+    }
+    r.lens.assign(nheads, -1);
+    r.cu.assign(nheads + 1, -1);
+    r.idx.assign(cap + 1, -1);
+    r.keep.assign(entries, 0xAB);
+    r.scores.assign(entries, NAN);
+    defkv_selection out{};
+    out.struct_size = sizeof out;
+    out.head_lens = r.lens.data();
+    out.cu_seqlens = r.cu.data();
+    out.indices = r.idx.data();
+    out.indices_capacity = cap + 1;
+    out.keep_mask = r.keep.data();
+    out.scores = r.scores.data();
+    r.st = defkv_select(ctx, &p, &layer, &out);
+    if (r.st != DEFKV_SUCCESS) r.err = defkv_context_last_error(ctx);
+    return r;
+}
+
+// One layer (its sequences' lengths Ls), defensivekv and layer-defensivekv, params from `base`.
+void resident_layer(TestVk &tv, defkv_context *cpu, defkv_context *vk, const std::string &name, defkv_params base,
+                    const defkv_layer &layer, const std::vector<int64_t> &Ls, int64_t Hk, int64_t d, int32_t dtype) {
+    int64_t entries = 0;
+    for (int64_t L : Ls) entries += Hk * L;
+    const int64_t nh = Hk * static_cast<int64_t>(Ls.size());
+    for (int32_t m : {DEFKV_METHOD_DEFENSIVEKV, DEFKV_METHOD_LAYER_DEFENSIVEKV}) {
+        defkv_params p = base;
+        p.method = m;
+        const std::string what = "resident " + name + " / " + k_names[m];
+        Result a = host_select(cpu, p, layer, nh, entries);
+        CHECK(a.st == DEFKV_SUCCESS, "%s: cpu failed: %s", what.c_str(), a.err.c_str());
+        if (a.st != DEFKV_SUCCESS) return;
+        const int64_t kept = a.cu[nh];
+        TBuf lens(&tv, 4 * nh, 0xEE), cu(&tv, 4 * (nh + 1), 0xEE), idx(&tv, 4 * (kept + 1), 0xEE), keep(&tv, entries, 0xAB),
+            score(&tv, 4 * entries, 0xFF);
+        defkv_selection s{};
+        s.struct_size = sizeof s;
+        s.memory = DEFKV_MEMORY_VULKAN_BUFFER;
+        s.head_lens = reinterpret_cast<int32_t *>(lens.buf);
+        s.cu_seqlens = reinterpret_cast<int32_t *>(cu.buf);
+        s.indices = reinterpret_cast<int32_t *>(idx.buf);
+        s.indices_capacity = kept + 1;
+        s.keep_mask = reinterpret_cast<uint8_t *>(keep.buf);
+        s.scores = reinterpret_cast<float *>(score.buf);
+        const defkv_status st = defkv_select(vk, &p, &layer, &s);
+        CHECK(st == DEFKV_SUCCESS, "%s: device-resident select failed (status %d): %s", what.c_str(), st,
+              defkv_context_last_error(vk));
+        if (st != DEFKV_SUCCESS) return;
+        g_resident++;
+        std::vector<uint8_t> gk = keep.host<uint8_t>(entries);
+        const std::vector<float> gs = score.host<float>(entries);
+        const std::vector<int32_t> gl = lens.host<int32_t>(nh), gcu = cu.host<int32_t>(nh + 1), gidx = idx.host<int32_t>(kept + 1);
+        if (g_perturb_resident) gk[entries / 2] ^= 1;
+        int64_t flips = 0, n1 = 0, bad = 0;
+        for (int64_t i = 0; i < entries; i++) {
+            flips += gk[i] != a.keep[i];
+            n1 += gk[i] == 1;
+            bad += gk[i] > 1;
+        }
+        CHECK(bad == 0, "%s: %lld keep bytes are neither 0 nor 1", what.c_str(), (long long)bad);
+        CHECK(n1 == kept, "%s: the device keeps %lld entries, the CPU %lld", what.c_str(), (long long)n1, (long long)kept);
+        CHECK(flips <= std::max<int64_t>(2, entries / 200), "%s: %lld keep decisions differ from the CPU", what.c_str(),
+              (long long)flips);
+        if (std::getenv("DEFKV_VK_TEST_VERBOSE"))
+            std::fprintf(stderr, "  %s: %lld entries, %lld kept, %lld flips\n", what.c_str(), (long long)entries,
+                         (long long)kept, (long long)flips);
+        int64_t e0 = 0;
+        for (int64_t L : Ls) {
+            double mx = 0.0, err = 0.0;
+            for (int64_t i = e0; i < e0 + Hk * L; i++) mx = std::max(mx, std::fabs(static_cast<double>(a.scores[i])));
+            for (int64_t i = e0; i < e0 + Hk * L; i++) {
+                const double e = std::fabs(static_cast<double>(a.scores[i]) - static_cast<double>(gs[i]));
+                if (!(e <= err)) err = e;
+            }
+            if (mx > 0 && err / mx > g_max_score_err) g_max_score_err = err / mx;
+            CHECK(err <= 1e-4 * mx + 1e-30, "%s: scores differ by %g (max |score| %g)", what.c_str(), err, mx);
+            e0 += Hk * L;
+        }
+        // head_lens, cu_seqlens and indices describe the device keep mask exactly
+        bool ok = gcu[0] == 0;
+        int64_t r = 0;
+        e0 = 0;
+        for (size_t b = 0; b < Ls.size() && ok; b++) {
+            for (int64_t k = 0; k < Hk && ok; k++) {
+                const int64_t hd = static_cast<int64_t>(b) * Hk + k;
+                int64_t c = 0;
+                for (int64_t j = 0; j < Ls[b] && ok; j++)
+                    if (gk[e0 + k * Ls[b] + j]) {
+                        ok = r < kept && gidx[r] == j;
+                        r++;
+                        c++;
+                    }
+                ok = ok && gl[hd] == c && gcu[hd + 1] - gcu[hd] == c;
+            }
+            e0 += Hk * Ls[b];
+        }
+        CHECK(ok && r == kept, "%s: head_lens/cu_seqlens/indices disagree with the device keep mask", what.c_str());
+        if (!ok || m != DEFKV_METHOD_DEFENSIVEKV) continue;
+
+        // Compaction from the device selection vs the CPU's from the same selection on the host.
+        defkv_selection hs{};
+        hs.struct_size = sizeof hs;
+        std::vector<int32_t> hl = gl, hcu = gcu, hidx = gidx;
+        hs.head_lens = hl.data();
+        hs.cu_seqlens = hcu.data();
+        hs.indices = hidx.data();
+        hs.indices_capacity = kept + 1;
+        const int64_t es = dtype == DEFKV_DTYPE_F32 ? 4 : 2;
+        // varlen into host rows with a padded stride
+        std::vector<uint8_t> outs[2][2];
+        for (int be = 0; be < 2; be++) {
+            for (int t = 0; t < 2; t++) outs[be][t].assign(static_cast<size_t>(kept * (d + 3) * es), 0x5A);
+            defkv_tensor ko = gc_tensor2(outs[be][0].data(), dtype, kept, d);
+            defkv_tensor vo = gc_tensor2(outs[be][1].data(), dtype, kept, d);
+            ko.strides[0] = vo.strides[0] = d + 3;
+            ko.strides[1] = vo.strides[1] = 1;
+            const defkv_status cst = defkv_compact_varlen(be ? vk : cpu, &layer, be ? &s : &hs, &ko, &vo);
+            CHECK(cst == DEFKV_SUCCESS, "%s: compact_varlen (%s): %s", what.c_str(), be ? "vulkan, device selection" : "cpu",
+                  defkv_context_last_error(be ? vk : cpu));
+        }
+        CHECK(outs[0][0] == outs[1][0] && outs[0][1] == outs[1][1], "%s: compact_varlen outputs differ", what.c_str());
+        // in place: CPU on host copies, Vulkan on VkBuffer copies of the caches
+        std::vector<defkv_sequence> sq_c(layer.seqs, layer.seqs + layer.n_seqs), sq_v = sq_c;
+        std::vector<std::vector<uint8_t>> host_caches;
+        std::vector<std::unique_ptr<TBuf>> dev_caches;
+        for (size_t i = 0; i < sq_c.size(); i++) {
+            for (int t = 0; t < 2; t++) {
+                defkv_tensor &tc = t ? sq_c[i].values : sq_c[i].keys;
+                defkv_tensor &tvv = t ? sq_v[i].values : sq_v[i].keys;
+                int64_t ext = 1; // elements spanned (all-zero strides: contiguous)
+                const bool contig = tc.strides[0] == 0 && tc.strides[1] == 0 && tc.strides[2] == 0;
+                for (int dd = 0; dd < 3; dd++) ext = contig ? ext * tc.shape[dd] : ext + (tc.shape[dd] - 1) * tc.strides[dd];
+                const size_t bytes = static_cast<size_t>(ext * es);
+                host_caches.emplace_back(static_cast<const uint8_t *>(tc.data), static_cast<const uint8_t *>(tc.data) + bytes);
+                tc.data = host_caches.back().data();
+                dev_caches.emplace_back(new TBuf(&tv, bytes, 0));
+                std::memcpy(dev_caches.back()->map, host_caches.back().data(), bytes);
+                tvv.data = reinterpret_cast<void *>(dev_caches.back()->buf);
+                tvv.memory = DEFKV_MEMORY_VULKAN_BUFFER;
+                tvv.byte_offset = 0;
+            }
+        }
+        // host_caches may have moved while growing: point the CPU tensors at their final storage
+        for (size_t i = 0; i < sq_c.size(); i++) {
+            sq_c[i].keys.data = host_caches[2 * i].data();
+            sq_c[i].values.data = host_caches[2 * i + 1].data();
+        }
+        defkv_layer lc = layer, lv = layer;
+        lc.seqs = sq_c.data();
+        lv.seqs = sq_v.data();
+        defkv_status cst = defkv_compact_inplace(cpu, &lc, &hs);
+        CHECK(cst == DEFKV_SUCCESS, "%s: compact_inplace (cpu): %s", what.c_str(), defkv_context_last_error(cpu));
+        cst = defkv_compact_inplace(vk, &lv, &s);
+        CHECK(cst == DEFKV_SUCCESS, "%s: compact_inplace (vulkan, device selection and caches): %s", what.c_str(),
+              defkv_context_last_error(vk));
+        bool same = true;
+        for (size_t i = 0; i < host_caches.size(); i++)
+            same = same && std::memcmp(host_caches[i].data(), dev_caches[i]->map, host_caches[i].size()) == 0;
+        CHECK(same, "%s: compact_inplace caches differ", what.c_str());
+    }
+}
+
+// Random and golden cases through the resident path; `perturb` runs one small case only.
+void resident_checks(defkv_context *cpu, const char *dir, bool quick) {
+    TestVk tv;
+    const std::string why = tv.init();
+    CHECK(why.empty(), "resident checks: the test's own Vulkan device: %s", why.c_str());
+    if (!why.empty()) {
+        tv.destroy();
+        return;
+    }
+    defkv_context_options o;
+    defkv_context_options_default(&o);
+    o.backend = DEFKV_BACKEND_VULKAN;
+    o.vk_instance = tv.inst;
+    o.vk_physical_device = tv.pd;
+    o.vk_device = tv.dev;
+    o.vk_queue = tv.queue;
+    o.vk_queue_family = tv.family;
+    defkv_context *vk = nullptr;
+    CHECK(defkv_context_create(&o, &vk) == DEFKV_SUCCESS, "Vulkan context on the test's device: %s", defkv_last_error_global());
+    if (!vk) {
+        tv.destroy();
+        return;
+    }
+    std::vector<Case> cases;
+    {
+        Case c; c.name = "L=W+1 G=1"; c.H = 3; c.Hk = 3; c.d = 8; c.D = 12; c.W = 8; c.Ls = {9}; c.kernel = 3; c.seed = 21;
+        cases.push_back(c);
+    }
+    if (!quick) {
+        {
+            Case c; c.name = "odd sizes G=2 f16"; c.H = 6; c.Hk = 3; c.d = 13; c.D = 21; c.W = 7; c.Ls = {517}; c.kernel = 3;
+            c.ratio = 0.7; c.dtype = DEFKV_DTYPE_F16; c.seed = 22;
+            cases.push_back(c);
+        }
+        {
+            Case c; c.name = "G=8 bf16 token-major"; c.H = 8; c.Hk = 1; c.d = 32; c.D = 64; c.W = 16; c.Ls = {3001};
+            c.ratio = 0.8; c.dtype = DEFKV_DTYPE_BF16; c.token_major = true; c.seed = 23;
+            cases.push_back(c);
+        }
+        {
+            Case c; c.name = "G=8 Hk=2 window bias"; c.H = 16; c.Hk = 2; c.d = 24; c.D = 40; c.W = 12; c.Ls = {401};
+            c.window_bias = DEFKV_WINDOW_BIAS_WINDOW; c.seed = 24;
+            cases.push_back(c);
+        }
+        {
+            Case c; c.name = "ragged batch budget"; c.H = 4; c.Hk = 2; c.d = 16; c.D = 24; c.W = 8; c.Ls = {100, 37, 2500, 9};
+            c.budget = 30; c.seed = 25;
+            cases.push_back(c);
+        }
+        {
+            Case c; c.name = "long L=32768"; c.H = 2; c.Hk = 2; c.d = 16; c.D = 16; c.W = 32; c.Ls = {32768}; c.ratio = 0.9;
+            c.seed = 26;
+            cases.push_back(c);
+        }
+    }
+    for (const Case &c : cases) {
+        Built b;
+        build(c, &b);
+        defkv_params p;
+        defkv_params_default(&p);
+        p.window = static_cast<int32_t>(c.W);
+        p.kernel = c.kernel;
+        p.compression_ratio = c.ratio;
+        p.budget = c.budget;
+        p.window_bias = c.window_bias;
+        resident_layer(tv, cpu, vk, c.name, p, b.layer, c.Ls, c.Hk, c.d, c.dtype);
+    }
+    if (!quick) {
+        for (const char *cs : k_case_names) {
+            golden_case c;
+            if (!gc_load(&c, dir, cs)) continue; // reported by golden()
+            defkv_params p;
+            gc_params(&c, DEFKV_METHOD_DEFENSIVEKV, &p);
+            for (int li = 0; li < c.n_layers; li++) {
+                defkv_sequence sq;
+                defkv_layer layer;
+                gc_layer(&c, li, &sq, &layer);
+                resident_layer(tv, cpu, vk, std::string("golden ") + cs + " layer " + std::to_string(li), p, layer, {c.L}, c.Hk,
+                               c.d, sq.keys.dtype);
+            }
+            gc_free(&c);
+        }
+    }
+    // Methods without a device path are refused, nothing written.
+    {
+        Case c; c.name = "refused"; c.Ls = {40}; c.seed = 27;
+        Built b;
+        build(c, &b);
+        defkv_params p;
+        defkv_params_default(&p);
+        p.method = DEFKV_METHOD_SNAPKV;
+        p.window = static_cast<int32_t>(c.W);
+        TBuf lens(&tv, 4 * c.Hk, 0x11);
+        defkv_selection s{};
+        s.struct_size = sizeof s;
+        s.memory = DEFKV_MEMORY_VULKAN_BUFFER;
+        s.head_lens = reinterpret_cast<int32_t *>(lens.buf);
+        const defkv_status st = defkv_select(vk, &p, &b.layer, &s);
+        CHECK(st == DEFKV_ERROR_UNSUPPORTED, "snapkv into VkBuffers: status %d, expected DEFKV_ERROR_UNSUPPORTED", st);
+        CHECK(lens.host<uint8_t>(1)[0] == 0x11, "a refused device selection wrote head_lens");
+    }
+    defkv_context_destroy(vk);
+    tv.destroy();
+}
+
 } // namespace
 
 int main(int argc, char **argv) {
@@ -529,10 +969,19 @@ int main(int argc, char **argv) {
     defkv_context *cpu = make_ctx(DEFKV_BACKEND_CPU), *vk = make_ctx(DEFKV_BACKEND_VULKAN);
     if (!cpu || !vk) return 1;
     CHECK(defkv_context_backend(vk) == DEFKV_BACKEND_VULKAN, "context backend is %d", defkv_context_backend(vk));
+    if (argc > 2 && std::strcmp(argv[2], "--perturb-resident") == 0) {
+        // one keep bit of a device-resident selection flipped: the resident check must fail
+        g_perturb_resident = true;
+        resident_checks(cpu, dir, true);
+        defkv_context_destroy(cpu);
+        defkv_context_destroy(vk);
+        std::fprintf(stderr, "self-check (%s): %d failures (the harness must report at least one)\n", argv[2], g_failures);
+        return g_failures ? 1 : 0;
+    }
     if (argc > 2) {
         g_perturb = std::strcmp(argv[2], "--perturb-keep") == 0 ? 1 : std::strcmp(argv[2], "--perturb-score") == 0 ? 2 : 0;
         if (!g_perturb) {
-            std::fprintf(stderr, "unknown option %s (expected --perturb-keep or --perturb-score)\n", argv[2]);
+            std::fprintf(stderr, "unknown option %s (expected --perturb-keep, --perturb-score or --perturb-resident)\n", argv[2]);
             return 2;
         }
         Case c; c.name = "self-check"; c.H = 4; c.Hk = 2; c.d = 8; c.D = 16; c.W = 4; c.Ls = {40}; c.seed = 11;
@@ -625,6 +1074,12 @@ int main(int argc, char **argv) {
                      DEFKV_METHOD_TOVA});
         defkv_context_destroy(vk_small);
     }
+
+    // Device-resident selections (outputs in VkBuffers of the test's own device): 6 random cases
+    // and the 6 golden layers, 2 methods each.
+    resident_checks(cpu, dir, false);
+    CHECK(g_resident == 24, "%d device-resident selections compared, expected 24", g_resident);
+    std::fprintf(stderr, "resident: %d device-resident selections compared, %d failures so far\n", g_resident, g_failures);
 
     defkv_context_destroy(cpu);
     defkv_context_destroy(vk);
