@@ -291,6 +291,7 @@ constexpr int kColTile = 64;       // output columns per block of the column pas
 constexpr int kParts = kFThreads / kColTile; // threads per column in the column pass
 constexpr int kQPad = 8;           // 16-bit elements of padding per staged Q/K row
 constexpr int kTargetBlocks = 264; // statistics-pass blocks aimed at (two per SM of a 132-SM GPU)
+constexpr int kMinTiles = 4;       // statistics-pass tiles per block at least (when L allows)
 
 enum FusedMode { kModeSimt = 0, kModeWmma = 1, kModeProbs = 2 };
 
@@ -344,11 +345,13 @@ __device__ void stage_q(const FusedParams &p, int64_t k, uint16_t *qs) {
 // Ends with every thread past a barrier only in the wmma mode; callers sync afterwards.
 template <typename T, int MODE>
 __device__ void fill_tile(const FusedParams &p, int64_t k, int64_t jb, int nc, const uint16_t *qs, uint16_t *ks,
-                          float *S, int lds) {
+                          float *S, int lds, bool k_staged = false) {
     if constexpr (MODE == kModeWmma) {
         using namespace nvcuda;
         const uint16_t *src = static_cast<const uint16_t *>(p.kt.data);
-        if (p.vec_k) {
+        if (k_staged) {
+            // ks already holds the tile (the statistics pass prefetches it)
+        } else if (p.vec_k) {
             const int d8 = static_cast<int>(p.d / 8);
             for (int e = threadIdx.x; e < nc * d8; e += blockDim.x) {
                 const int c = e / d8, i = (e - c * d8) * 8;
@@ -363,7 +366,7 @@ __device__ void fill_tile(const FusedParams &p, int64_t k, int64_t jb, int nc, c
                 ks[c * p.ld + i] = (j >= 0 && j < p.L) ? src[k * p.kt.s0 + j * p.kt.s1 + i * p.kt.s2] : uint16_t(0);
             }
         }
-        __syncthreads();
+        if (!k_staged) __syncthreads();
         const int warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
         const int rows16 = static_cast<int>(p.Rp / 16), cols16 = nc / 16;
         const T *qt = reinterpret_cast<const T *>(qs), *kt = reinterpret_cast<const T *>(ks);
@@ -419,6 +422,29 @@ __device__ __forceinline__ int pool_count(int t, int P, int h) {
     return hi - lo + 1;
 }
 
+// The statistics pass's K tile through registers, so the next tile's loads overlap this tile's
+// row statistics: kStatTile keys x d (d <= 256), 16 bytes per load, kFThreads threads.
+constexpr int kPrefetch = kStatTile * 256 / 8 / kFThreads;
+__device__ void load_k_regs(const FusedParams &p, int64_t k, int64_t jb, uint4 (&v)[kPrefetch]) {
+    const uint16_t *src = static_cast<const uint16_t *>(p.kt.data);
+    const int d8 = static_cast<int>(p.d / 8);
+#pragma unroll
+    for (int u = 0; u < kPrefetch; u++) {
+        const int e = static_cast<int>(threadIdx.x) + u * kFThreads, c = e / d8, i = (e - c * d8) * 8;
+        const int64_t j = jb + c;
+        v[u] = make_uint4(0u, 0u, 0u, 0u);
+        if (c < kStatTile && j < p.L) v[u] = *reinterpret_cast<const uint4 *>(src + k * p.kt.s0 + j * p.kt.s1 + i);
+    }
+}
+__device__ void store_k_regs(const FusedParams &p, uint16_t *ks, const uint4 (&v)[kPrefetch]) {
+    const int d8 = static_cast<int>(p.d / 8);
+#pragma unroll
+    for (int u = 0; u < kPrefetch; u++) {
+        const int e = static_cast<int>(threadIdx.x) + u * kFThreads, c = e / d8, i = (e - c * d8) * 8;
+        if (c < kStatTile) *reinterpret_cast<uint4 *>(ks + c * p.ld + i) = v[u];
+    }
+}
+
 template <typename T, int MODE>
 __global__ void __launch_bounds__(kFThreads)
 stats_kernel(FusedParams p, int64_t tiles_per_split, int64_t n_split, RowPart *part /* [Hk, n_split, R] */) {
@@ -434,10 +460,18 @@ stats_kernel(FusedParams p, int64_t tiles_per_split, int64_t n_split, RowPart *p
     const int64_t n_tiles = (p.L + kStatTile - 1) / kStatTile, off_lo = p.P - p.W;
     const int P32 = static_cast<int>(p.P), h32 = p.kernel / 2;
     const int64_t t0 = split * tiles_per_split, t1 = t0 + tiles_per_split < n_tiles ? t0 + tiles_per_split : n_tiles;
+    const bool pf = MODE == kModeWmma && p.vec_k && p.d <= 256 && blockDim.x == kFThreads;
+    uint4 kreg[kPrefetch];
+    if (pf && t0 < t1) {
+        load_k_regs(p, k, t0 * kStatTile, kreg);
+        store_k_regs(p, ks, kreg);
+    }
     for (int64_t tile = t0; tile < t1; tile++) {
         const int64_t jb = tile * kStatTile;
-        __syncthreads(); // the previous tile is consumed (and Q staged)
-        fill_tile<T, MODE>(p, k, jb, kStatTile, qs, ks, S, kStatLd);
+        __syncthreads(); // the previous tile is consumed, this K tile staged (and Q)
+        fill_tile<T, MODE>(p, k, jb, kStatTile, qs, ks, S, kStatLd, pf);
+        const bool next = pf && tile + 1 < t1;
+        if (next) load_k_regs(p, k, jb + kStatTile, kreg);
         __syncthreads();
         // two threads per row (even and odd columns), rows in rounds of blockDim.x / 2
         for (int64_t base = 0; base < p.R; base += blockDim.x / 2) {
@@ -498,6 +532,7 @@ stats_kernel(FusedParams p, int64_t tiles_per_split, int64_t n_split, RowPart *p
                 q.win = q.win * a + s_win * b;
             }
         }
+        if (next) store_k_regs(p, ks, kreg); // every warp's MMA on ks finished before the barrier above
     }
     __syncthreads();
     for (int64_t r = threadIdx.x; r < p.R; r += blockDim.x) part[(k * n_split + split) * p.R + r] = st[r];
@@ -558,6 +593,9 @@ fused_columns_kernel(FusedParams p, const RowFinal *fin /* [Hk, R] */, int halo,
     const int c_own = threadIdx.x % kColTile, part = threadIdx.x / kColTile;
     const int64_t j = j0 + c_own, h = p.kernel / 2;
     const int wlo = static_cast<int>((j - h < 0 ? 0 : j - h) - j), whi = static_cast<int>((j + h >= p.P ? p.P - 1 : j + h) - j); // pool window
+    // the pooled mean: s * (1/k) instead of s / k (at most one unit in the last place of the
+    // double apart, before the cast to float)
+    const double inv_k = 1.0 / static_cast<double>(p.kernel);
     double last_acc = 0.0;
     for (int64_t k = 0; k < p.Hk; k++) {
         __syncthreads(); // the previous head's tiles are consumed
@@ -597,7 +635,7 @@ fused_columns_kernel(FusedParams p, const RowFinal *fin /* [Hk, R] */, int halo,
                         if (f.fs > 0.0f) {
                             double s = 0.0;
                             for (int t = wlo; t <= whi; t++) s += x[t];
-                            v = (static_cast<float>(s / p.kernel) / f.fs) * f.fb;
+                            v = (static_cast<float>(s * inv_k) / f.fs) * f.fb;
                         }
                         pm = fmaxf(pm, v);
                     }
@@ -720,7 +758,8 @@ defkv_status window_attention(const AttentionArgs &a, cudaStream_t stream, std::
     const size_t smem_c = o;
     // splits of the keys for the statistics pass; their states live in the probs workspace
     const int64_t n_tiles = ceil_div(a.L, kStatTile);
-    int64_t n_split = std::min<int64_t>(n_tiles, std::max<int64_t>(1, ceil_div(kTargetBlocks, a.Hk)));
+    // at least kMinTiles tiles per split (amortises staging Q), else about kTargetBlocks blocks
+    int64_t n_split = std::min<int64_t>(ceil_div(n_tiles, kMinTiles), std::max<int64_t>(1, ceil_div(kTargetBlocks, a.Hk)));
     const size_t avail = sizeof(float) * static_cast<size_t>(R) * static_cast<size_t>(a.L);
     auto need = [&](int64_t ns) {
         return align256(sizeof(RowPart) * a.Hk * ns * R) + sizeof(RowFinal) * a.Hk * R;
