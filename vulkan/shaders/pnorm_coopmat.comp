@@ -59,7 +59,7 @@ void main() {
     const uint WG = NSG * SGS;
     const uint TW = NSG * M;
     const uint lid = gl_LocalInvocationID.x;
-    const uint sg = lid / SGS, lane = lid - sg * SGS;
+    const uint sg = gl_SubgroupID, lane = gl_SubgroupInvocationID; // the host sized the workgroup as NSG subgroups of SGS
     const uint P = SGS / M; // lanes per row in the epilogue
     const uint r = lane % M, p = lane / M;
     const uint LD = pc.d + 8u; // row stride of the staged tiles, in halves (16-byte multiple)
@@ -97,7 +97,7 @@ void main() {
             subgroupBarrier();
         }
     }
-    red[lid] = acc;
+    red[sg * SGS + lane] = acc;
     barrier();
     if (lid < nt) {
         const uint s = lid / M, rr = lid - s * M;
