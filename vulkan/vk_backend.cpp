@@ -1,7 +1,8 @@
 // The Vulkan compute backend: window attention (logits, causal mask, softmax) and its row and
 // column reductions, the projected value norm, key norms and compaction run in the GLSL
-// compute shaders of vulkan/shaders/. Selection stays in the core (host), as the Backend
-// interface allows: the scores come back to the host, which ranks them.
+// compute shaders of vulkan/shaders/. Host selections stay in the core (host), as the Backend
+// interface allows: the scores come back to the host, which ranks them. A DefensiveKV selection
+// into VkBuffers runs on the device (select_resident/compact_resident, in vk_select.inc).
 //
 // Loading: libvulkan.so.1 is opened at run time (dlopen) and every entry point resolved through
 // vkGetInstanceProcAddr / vkGetDeviceProcAddr, so libdefkv.so has no dependency on a Vulkan
@@ -391,6 +392,7 @@ bool pick_device(const InstanceFns &fi, VkInstance inst, int32_t index, VkPhysic
 // configuration. `why` says why not (printed with DEFKV_VULKAN_INFO / DEFKV_VULKAN_TRACE).
 struct CoopmatSupport {
     bool ok = false;
+    bool emulated = false; // DEFKV_VULKAN_COOPMAT_EMULATE: pnorm_coopmat_emu, no extension needed
     uint32_t M = 0, N = 0, K = 0, subgroup = 0;
     std::string why;
 };
@@ -405,6 +407,38 @@ CoopmatSupport query_coopmat(const InstanceFns &fi, VkPhysicalDevice pd, bool ha
     CoopmatSupport c;
     if (coopmat_disabled_by_env()) {
         c.why = "disabled by DEFKV_VULKAN_COOPMAT=0";
+        return c;
+    }
+    // Test switch: the same shader with scalar products in place of the cooperative-matrix
+    // intrinsics (pnorm_coopmat_emu), for devices without the extension (lavapipe). Needs only
+    // shaderFloat16 and subgroups in compute; M = min(16, subgroup size), N = K = 16.
+    const char *emu = std::getenv("DEFKV_VULKAN_COOPMAT_EMULATE");
+    if (emu && *emu && std::strcmp(emu, "0") != 0) {
+        if (!fi.vkGetPhysicalDeviceFeatures2 || !fi.vkGetPhysicalDeviceProperties2) {
+            c.why = "DEFKV_VULKAN_COOPMAT_EMULATE: the instance lacks vkGetPhysicalDeviceFeatures2/Properties2";
+            return c;
+        }
+        VkPhysicalDeviceVulkan12Features e12{};
+        e12.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_VULKAN_1_2_FEATURES;
+        VkPhysicalDeviceFeatures2 ef{};
+        ef.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_FEATURES_2;
+        ef.pNext = &e12;
+        fi.vkGetPhysicalDeviceFeatures2(pd, &ef);
+        VkPhysicalDeviceSubgroupProperties esg{};
+        esg.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_SUBGROUP_PROPERTIES;
+        VkPhysicalDeviceProperties2 ep{};
+        ep.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PROPERTIES_2;
+        ep.pNext = &esg;
+        fi.vkGetPhysicalDeviceProperties2(pd, &ep);
+        const uint32_t sgs = esg.subgroupSize;
+        if (!e12.shaderFloat16 || !(esg.supportedStages & VK_SHADER_STAGE_COMPUTE_BIT) || sgs == 0 || (sgs & (sgs - 1))) {
+            c.why = "DEFKV_VULKAN_COOPMAT_EMULATE: the device lacks shaderFloat16 or power-of-two subgroups in compute";
+            return c;
+        }
+        c.ok = c.emulated = true;
+        c.M = std::min<uint32_t>(16, sgs);
+        c.N = c.K = 16;
+        c.subgroup = sgs;
         return c;
     }
     if (!has_ext) {
@@ -622,8 +656,10 @@ public:
         uint32_t tokens = 0;
         std::string r = strf("device='%s' ", props_.deviceName);
         if (pnorm_pipe(v_dtype, o_dtype, d, &tokens) == P_PNORM_CM)
-            return r + strf("pnorm=cooperative-matrix (GL_NV_cooperative_matrix fp16 %ux%ux%u, subgroup %u)", cm_.M, cm_.N,
-                            cm_.K, cm_.subgroup);
+            return r + strf("pnorm=%s (fp16 %ux%ux%u, subgroup %u)",
+                            cm_.emulated ? "EMULATED-cooperative-matrix (test switch, no tensor cores)"
+                                         : "cooperative-matrix (GL_NV_cooperative_matrix)",
+                            cm_.M, cm_.N, cm_.K, cm_.subgroup);
         if (pnorm_cm_) return r + "pnorm=plain (the cooperative-matrix variant takes f16 values and o_proj with d % K == 0 only)";
         return r + "pnorm=plain (no cooperative matrix: " + pnorm_why_ + ")";
     }
@@ -772,7 +808,11 @@ defkv_status VulkanBackend::init(const defkv_context_options &o, std::string *ms
         f12.shaderFloat16 = VK_TRUE;
         f12.vulkanMemoryModel = VK_TRUE;
         const char *cm_ext = "VK_NV_cooperative_matrix";
-        if (cm_.ok) {
+        if (cm_.ok && cm_.emulated) { // the emulation needs shaderFloat16 only
+            f12.pNext = nullptr;
+            f12.vulkanMemoryModel = VK_FALSE;
+            dci.pNext = &f12;
+        } else if (cm_.ok) {
             dci.pNext = &f12;
             dci.enabledExtensionCount = 1;
             dci.ppEnabledExtensionNames = &cm_ext;
@@ -780,7 +820,8 @@ defkv_status VulkanBackend::init(const defkv_context_options &o, std::string *ms
         VkResult r = fi_.vkCreateDevice(pd_, &dci, nullptr, &dev_);
         if (r != VK_SUCCESS && cm_.ok) { // retry plain: the variant is optional
             cm_.ok = false;
-            cm_.why = strf("vkCreateDevice with VK_NV_cooperative_matrix failed (VkResult %d)", static_cast<int>(r));
+            cm_.why = strf("vkCreateDevice with %s failed (VkResult %d)",
+                           cm_.emulated ? "shaderFloat16" : "VK_NV_cooperative_matrix", static_cast<int>(r));
             dci.pNext = nullptr;
             dci.enabledExtensionCount = 0;
             dci.ppEnabledExtensionNames = nullptr;
@@ -906,10 +947,14 @@ defkv_status VulkanBackend::init(const defkv_context_options &o, std::string *ms
         if (trace_ || (info && *info && std::strcmp(info, "0") != 0)) {
             if (pnorm_cm_)
                 std::fprintf(stderr,
-                             "defkv vulkan: device '%s': projected norm: cooperative-matrix variant (GL_NV_cooperative_matrix "
-                             "fp16 x fp16 -> fp32, %ux%ux%u, subgroup %u, %u tokens x %u columns per workgroup; used when values "
-                             "and o_proj are f16 and d %% %u == 0, d <= %u; else the plain shader)\n",
-                             props_.deviceName, cm_.M, cm_.N, cm_.K, cm_.subgroup, cm_nsg_ * cm_.M, cm_nb_, cm_.K, cm_dmax_);
+                             "defkv vulkan: device '%s': projected norm: %s (fp16 x fp16 -> fp32, %ux%ux%u, subgroup %u, "
+                             "%u tokens x %u columns per workgroup; used when values and o_proj are f16 and d %% %u == 0, "
+                             "d <= %u; else the plain shader)\n",
+                             props_.deviceName,
+                             cm_.emulated ? "EMULATED cooperative-matrix variant (DEFKV_VULKAN_COOPMAT_EMULATE test switch: "
+                                            "scalar products, no tensor cores)"
+                                          : "cooperative-matrix variant (GL_NV_cooperative_matrix)",
+                             cm_.M, cm_.N, cm_.K, cm_.subgroup, cm_nsg_ * cm_.M, cm_nb_, cm_.K, cm_dmax_);
             else
                 std::fprintf(stderr, "defkv vulkan: device '%s': projected norm: plain shader (no cooperative matrix: %s)\n",
                              props_.deviceName, pnorm_why_.c_str());
@@ -951,7 +996,8 @@ defkv_status VulkanBackend::init(const defkv_context_options &o, std::string *ms
 defkv_status VulkanBackend::create_pnorm_cm(std::string *msg) {
     const vk::ShaderCode *code = nullptr;
     for (int i = 0; i < vk::k_n_shaders; i++)
-        if (std::strcmp(vk::k_shaders[i].name, "pnorm_coopmat") == 0) code = &vk::k_shaders[i];
+        if (std::strcmp(vk::k_shaders[i].name, cm_.emulated ? "pnorm_coopmat_emu" : "pnorm_coopmat") == 0)
+            code = &vk::k_shaders[i];
     if (!code) {
         *msg = "the shader pnorm_coopmat is not embedded";
         return DEFKV_ERROR_INTERNAL;

@@ -787,6 +787,28 @@ void resident_layer(TestVk &tv, defkv_context *cpu, defkv_context *vk, const std
         CHECK(ok && r == kept, "%s: head_lens/cu_seqlens/indices disagree with the device keep mask", what.c_str());
         if (!ok || m != DEFKV_METHOD_DEFENSIVEKV) continue;
 
+        // Optional outputs left out: indices without cu_seqlens (the backend's own offsets), and
+        // head_lens alone; what is written must equal the full selection's.
+        for (int variant = 0; variant < 2; variant++) {
+            TBuf lens2(&tv, 4 * nh, 0xEE), idx2(&tv, 4 * (kept + 1), 0xEE);
+            defkv_selection s2{};
+            s2.struct_size = sizeof s2;
+            s2.memory = DEFKV_MEMORY_VULKAN_BUFFER;
+            s2.head_lens = reinterpret_cast<int32_t *>(lens2.buf);
+            if (variant == 0) {
+                s2.indices = reinterpret_cast<int32_t *>(idx2.buf);
+                s2.indices_capacity = kept + 1;
+            }
+            const defkv_status st2 = defkv_select(vk, &p, &layer, &s2);
+            CHECK(st2 == DEFKV_SUCCESS, "%s (%s): %s", what.c_str(), variant ? "head_lens only" : "no cu_seqlens",
+                  defkv_context_last_error(vk));
+            CHECK(lens2.host<int32_t>(nh) == gl, "%s (%s): head_lens differ from the full selection's", what.c_str(),
+                  variant ? "head_lens only" : "no cu_seqlens");
+            if (variant == 0)
+                CHECK(idx2.host<int32_t>(kept) == std::vector<int32_t>(gidx.begin(), gidx.begin() + kept),
+                      "%s (no cu_seqlens): indices differ from the full selection's", what.c_str());
+        }
+
         // Compaction from the device selection vs the CPU's from the same selection on the host.
         defkv_selection hs{};
         hs.struct_size = sizeof hs;
