@@ -1,12 +1,19 @@
-// Window attention for one sequence, one KV head (a group of G query heads) at a time:
+// Window attention for one sequence. window_attention() takes the fused path at the end of this
+// file (three launches for all heads, no probability matrix in memory); the per-head kernels
+// below are its fallback (legacy_window_attention: tiny L whose workspace cannot hold the split
+// states, or more rows than a block's shared memory holds). The fallback, one KV head (a group
+// of G query heads) at a time:
 //   1. logits S[g*W+w, j] = scale * Q[kG+g, w] . K[k, j]     (tiled f32, any dtype/stride)
 //      or the given probabilities copied to f32;
 //   2. causal softmax of each row over j <= P+w, masked entries excluded (queries only);
 //   3. per-row stats: omega masses, prefix mass and pooled prefix mass (renormalisation);
 //   4. column reductions over (g, w) for each prefix position j: mean_w, def_max, def_avg;
 //   5. the last query row summed over heads (TOVA).
-// The arithmetic mirrors core/cpu_backend.cpp (double where it uses double, the same float
-// casts), so only the summation order of the dot products and row sums differs.
+// Both paths keep core/cpu_backend.cpp's precisions (double where it uses double, the same float
+// casts). The fallback differs only in summation order; the fused path also forms the row's
+// base, pooled sum and omega masses from the double sums of exp(x - max) divided by the row sum
+// (not by re-adding the float probabilities), rescales split sums by exp(m_split - max), and
+// divides pooled sums by k as a multiplication by 1/k: differences of a few float ulps.
 #include <mma.h>
 
 #include <algorithm>
