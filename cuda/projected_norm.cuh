@@ -1,7 +1,10 @@
 // The projected value norm: pn[k, t] = (1/G) sum_g || V[k, t, :] Wo_{kG+g} ||_1 for t < n_tokens,
 // where Wo_h = o_proj[:, h*d:(h+1)*d]^T (d x D). A GEMM per query head (tokens x d times d x D)
 // whose epilogue sums |.| over the D columns, so no n_tokens x D product is ever stored.
-// One host entry: projected_norm().
+// One host entry: projected_norm(). On sm_80+ with bf16/f16 V and o_proj, d % 16 == 0, d <= 128,
+// 16-byte aligned contiguous rows and a row-major o_proj it runs one fused mma.sync kernel per
+// KV head (G heads summed inside, `partial` unused); otherwise a WMMA or f32 kernel per query
+// head plus a fixed-order head reduction through `partial`.
 #pragma once
 #include <string>
 
@@ -15,7 +18,7 @@ struct ProjectedNormArgs {
     DevTensor values;                // [Hk, L, d]
     DevTensor o_proj;                // [D, H*d]
     const uint8_t *masked = nullptr; // device [Hk, L] row-major, 1 = result forced to 0; or null
-    float *partial = nullptr;        // workspace [H, n_tokens]: one L1 sum per query head
+    float *partial = nullptr;        // workspace [H, n_tokens]: one L1 sum per query head (fallback paths)
     float *out = nullptr;            // [Hk, n_tokens] row-major
 };
 
