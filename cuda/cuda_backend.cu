@@ -51,14 +51,6 @@ class CudaBackend final : public Backend {
 public:
     CudaBackend(int device, cudaStream_t stream, bool own) : device_(device), stream_(stream), own_stream_(own) {}
     ~CudaBackend() override {
-#ifndef DEFKV_CUDA_EMULATED
-        if (aux_) {
-            (void)cudaSetDevice(device_);
-            (void)cudaEventDestroy(fork_);
-            (void)cudaEventDestroy(join_);
-            (void)cudaStreamDestroy(aux_);
-        }
-#endif
         if (own_stream_ && stream_) {
             (void)cudaSetDevice(device_);
             (void)cudaStreamDestroy(stream_);
@@ -90,24 +82,8 @@ public:
 private:
     // Enqueues the window attention and the reductions `req` asks for (its non-null outputs
     // are flags only here) into device buffers carved from `results`; *a gets the pointers.
-    // With `fork` the attention kernels run on the auxiliary stream, after everything already on
-    // the main stream (inputs staged there), and the main stream must later wait for join_.
     defkv_status attention_enqueue(const SeqViews &in, const SeqShape &s, const AttentionRequest &req,
-                                   DeviceBuffer *results, AttentionArgs *a, std::string *msg, bool fork = false);
-    // The auxiliary stream and its two events, created on first use (so the first call, not a
-    // graph capture, creates them).
-#ifndef DEFKV_CUDA_EMULATED
-    defkv_status ensure_aux(std::string *msg) {
-        if (aux_) return DEFKV_SUCCESS;
-        DEFKV_CUDA_TRY(cudaStreamCreateWithFlags(&aux_, cudaStreamNonBlocking));
-        DEFKV_CUDA_TRY(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
-        DEFKV_CUDA_TRY(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
-        return DEFKV_SUCCESS;
-    }
-    static constexpr bool kFork = true;
-#else
-    static constexpr bool kFork = false; // the emulation runs each launch to completion, in order
-#endif
+                                   DeviceBuffer *results, AttentionArgs *a, std::string *msg);
     // Enqueues the projected norm of the first n_tokens tokens into `results` ([Hk, n_tokens]).
     defkv_status projected_norm_enqueue(const SeqViews &in, const SeqShape &s, int64_t n_tokens, const uint8_t *masked,
                                         DeviceBuffer *results, float **out, std::string *msg);
@@ -136,10 +112,6 @@ private:
     int device_;
     cudaStream_t stream_;
     bool own_stream_;
-#ifndef DEFKV_CUDA_EMULATED
-    cudaStream_t aux_ = nullptr; // runs the attention beside the projected norm (resident path)
-    cudaEvent_t fork_ = nullptr, join_ = nullptr;
-#endif
     DeviceBuffer stage_a_, stage_b_, stage_c_, stage_d_; // staged inputs
     DeviceBuffer pn_work_;
     DeviceBuffer masked_, work_, results_, index_;
@@ -198,7 +170,7 @@ defkv_status CudaBackend::unstage(const View &v, const DeviceBuffer &stage, std:
 }
 
 defkv_status CudaBackend::attention_enqueue(const SeqViews &in, const SeqShape &s, const AttentionRequest &req,
-                                            DeviceBuffer *results, AttentionArgs *ap, std::string *msg, bool fork) {
+                                            DeviceBuffer *results, AttentionArgs *ap, std::string *msg) {
     DEFKV_CUDA_TRY(cudaSetDevice(device_));
     AttentionArgs &a = *ap;
     a = AttentionArgs{};
@@ -241,15 +213,7 @@ defkv_status CudaBackend::attention_enqueue(const SeqViews &in, const SeqShape &
     if (req.last_row_mean) a.last_row_sum = reinterpret_cast<double *>(ob + o_last);
     a.probs = reinterpret_cast<float *>(wb + w_probs);
     a.row_stats = reinterpret_cast<float *>(wb + w_stats);
-    if (!fork || !kFork) return window_attention(a, stream_, msg);
-#ifndef DEFKV_CUDA_EMULATED
-    DEFKV_FORWARD_ST(ensure_aux(msg));
-    DEFKV_CUDA_TRY(cudaEventRecord(fork_, stream_));
-    DEFKV_CUDA_TRY(cudaStreamWaitEvent(aux_, fork_, 0));
-    DEFKV_FORWARD_ST(window_attention(a, aux_, msg));
-    DEFKV_CUDA_TRY(cudaEventRecord(join_, aux_));
-#endif
-    return DEFKV_SUCCESS;
+    return window_attention(a, stream_, msg);
 }
 
 defkv_status CudaBackend::attention(const SeqViews &in, const SeqShape &s, const AttentionRequest &req,
@@ -485,15 +449,10 @@ defkv_status CudaBackend::defensive_resident(const Params &p, const SeqInfo &si,
     req.def_avg = &flag;
     req.omega_official = &dflag;
     req.omega_window = &dflag;
-    // the attention (auxiliary stream) and the projected norm (main stream) run side by side;
-    // the selection waits for both
     AttentionArgs att;
-    DEFKV_FORWARD_ST(attention_enqueue(si.v, s, req, &res_att_, &att, msg, true));
+    DEFKV_FORWARD_ST(attention_enqueue(si.v, s, req, &res_att_, &att, msg));
     float *pn = nullptr;
     DEFKV_FORWARD_ST(projected_norm_enqueue(si.v, s, s.P, nullptr, &res_pn_, &pn, msg));
-#ifndef DEFKV_CUDA_EMULATED
-    DEFKV_CUDA_TRY(cudaStreamWaitEvent(stream_, join_, 0));
-#endif
 
     const int64_t n = per_head_budget(p, s.L);
     a->Hk = s.Hk;
