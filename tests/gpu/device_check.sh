@@ -3,7 +3,7 @@
 # 8 minutes, and prints a short table last. Prepare on the build machine first:
 #
 #   bash tests/gpu/make_device_bundle.sh        # builds build-cuda-bundle/ (sm_80 + sm_90 + PTX)
-#   device tool: run(command="bash tests/gpu/device_check.sh", carry=["build-cuda-bundle"], timeout_s=540)
+#   device tool: run(command="bash tests/gpu/device_check.sh", carry=["build-cuda-bundle", ".gl"], timeout_s=540)
 #
 # Steps, in this order (each under its own limit, all under DEFKV_DEVICE_BUDGET_S = 450 s; a
 # failing step never stops the later ones):

@@ -4,7 +4,7 @@
 # quadmath, cmocka) into build-cuda-bundle/ (ignored by git; carried by the device tool).
 #
 #   bash tests/gpu/make_device_bundle.sh            # then, with the device tool:
-#   run(command="bash tests/gpu/device_check.sh", carry=["build-cuda-bundle"], timeout_s=540)
+#   run(command="bash tests/gpu/device_check.sh", carry=["build-cuda-bundle", ".gl"], timeout_s=540)
 #
 # The build dir is build-cuda-dev (sm_80 + sm_90 machine code and compute_90 PTX, Vulkan on,
 # tests on). The Vulkan loader for that machine is carried separately in .gl (see device_check.sh).
@@ -36,3 +36,12 @@ strip --strip-debug "$OUT"/bin/* "$OUT"/lib/*
 git -C "$ROOT" rev-parse HEAD > "$OUT/COMMIT"
 du -sh "$OUT"
 ls -la "$OUT/bin" "$OUT/lib"
+# The Vulkan loader, glvnd and the validation layer for the GPU machine's image (it has none):
+# Debian packages in .gl (ignored by git), unpacked there by device_check.sh.
+if ! ls "$ROOT"/.gl/libvulkan1_*.deb >/dev/null 2>&1; then
+  mkdir -p "$ROOT/.gl" /tmp/defkv-apt-amd64/partial
+  o='-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/defkv-apt-amd64'
+  (apt-get $o update >/dev/null && cd "$ROOT/.gl" && apt-get $o download libvulkan1 libegl1 libglvnd0 libopengl0 \
+    libgl1 libglx0 libgles2 vulkan-validationlayers) ||
+    echo "make_device_bundle: could not fetch the Vulkan packages into .gl; the device run will skip Vulkan"
+fi
