@@ -273,15 +273,25 @@ int main(int argc, char **argv) {
             if (vp.empty()) vp = bench_one("vulkan", be.get(), ctx, dts[di], cpu_L, 1).pn;
             if (perturb && !vp.empty()) vp[vp.size() / 2] += 0.01f * (1.0f + std::fabs(vp[vp.size() / 2]));
             double mx = 0, err = 0;
+            size_t at = 0;
             for (size_t i = 0; i < r.pn.size(); i++) {
                 mx = std::max(mx, static_cast<double>(std::fabs(r.pn[i])));
-                err = std::max(err, std::fabs(static_cast<double>(r.pn[i]) - vp[i]));
+                const double e = std::fabs(static_cast<double>(r.pn[i]) - vp[i]);
+                if (e > err) {
+                    err = e;
+                    at = i;
+                }
             }
             const double rel = mx > 0 ? err / mx : err;
             const bool ok = rel <= 1e-3 && std::isfinite(rel);
             std::printf("VKBENCH parity dtype=%s L=%lld projected_norm vulkan_vs_cpu max_rel_err=%.3g %s\n", dt_name(dts[di]),
                         (long long)cpu_L, rel, ok ? "ok" : "FAIL (> 1e-3)");
-            if (!ok) rc = 1;
+            if (!ok) {
+                std::printf("VKBENCH parity worst entry: kv head %lld token %lld: cpu %.6g vulkan %.6g\n",
+                            (long long)(at / static_cast<size_t>(cpu_L - W)), (long long)(at % static_cast<size_t>(cpu_L - W)),
+                            r.pn[at], vp[at]);
+                rc = 1;
+            }
         }
         defkv_context_destroy(cctx);
     }

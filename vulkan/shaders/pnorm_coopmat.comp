@@ -19,9 +19,17 @@
 // size is a multiple of M, and the tiles fit shared memory.
 #extension GL_GOOGLE_include_directive : enable
 #extension GL_EXT_control_flow_attributes : enable
+//
+// Built twice (vulkan/CMakeLists.txt): as is, and as pnorm_coopmat_emu with DEFKV_COOPMAT_EMULATE,
+// where each lane computes elements of the M x N tile with scalar FMAs instead of the
+// cooperative-matrix load/multiply/store: the same staging, tiling, epilogue and host dispatch,
+// meant to run where the extension is missing (lavapipe; the diagnostic switch
+// DEFKV_VULKAN_COOPMAT_EMULATE=1; the emulation needs d % 16 == 0, which K = 16 gives).
+#ifndef DEFKV_COOPMAT_EMULATE
 #extension GL_NV_cooperative_matrix : enable
-#extension GL_EXT_shader_explicit_arithmetic_types_float16 : enable
 #extension GL_KHR_memory_scope_semantics : enable
+#endif
+#extension GL_EXT_shader_explicit_arithmetic_types_float16 : enable
 #extension GL_KHR_shader_subgroup_basic : enable
 #include "common.glsl"
 layout(local_size_x_id = 0) in;                    // NSG * SGS
@@ -81,6 +89,7 @@ void main() {
         barrier();
         const uint ncol = min(NB, pc.D - cb);
         for (uint n0 = 0u; n0 < ncol; n0 += N) {
+#ifndef DEFKV_COOPMAT_EMULATE
             fcoopmatNV<32, gl_ScopeSubgroup, M, N> prod = fcoopmatNV<32, gl_ScopeSubgroup, M, N>(0.0);
             for (uint kk = 0u; kk < pc.d; kk += K) {
                 fcoopmatNV<16, gl_ScopeSubgroup, M, K> a;
@@ -90,6 +99,20 @@ void main() {
                 prod = coopMatMulAddNV(a, b, prod);
             }
             coopMatStoreNV(prod, sc, sg * M * N, N, false);
+#else
+            // prod[rr][c] = sum_i sv[(sg M + rr) LD + i] * sw[(n0 + c) LD + i], stored row-major
+            for (uint k2 = 0u; k2 < (M * N) / SGS; k2++) { // uniform trip count (M * N is a multiple of SGS)
+                const uint e = lane + k2 * SGS;
+                const uint rr = e / N, c = e - rr * N;
+                float x = 0.0;
+                // 16 terms per iteration: llvmpipe caps the iterations a loop runs in one
+                // invocation (its loop limiter, 65535), which a one-term loop exceeds at D = 4096
+                for (uint kk = 0u; kk < pc.d; kk += 16u)
+                    [[unroll]] for (uint u = 0u; u < 16u; u++)
+                        x = fma(float(sv[(sg * M + rr) * LD + kk + u]), float(sw[(n0 + c) * LD + kk + u]), x);
+                sc[sg * M * N + e] = x;
+            }
+#endif
             subgroupMemoryBarrierShared();
             subgroupBarrier();
             for (uint j = p; j < N; j += P) acc += abs(sc[sg * M * N + r * N + j]);
