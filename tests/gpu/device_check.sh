@@ -122,9 +122,9 @@ if [ -x "$B/bin/vk_parity" ] && ls "$ROOT"/.gl/libvulkan1_*.deb >/dev/null 2>&1;
   nv_egl=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
   [ -f "$nv_egl" ] && export __EGL_VENDOR_LIBRARY_FILENAMES=$nv_egl
   ls /usr/local/nvidia/share/vulkan/icd.d /usr/share/vulkan/icd.d /etc/vulkan/icd.d 2>&1 | head -8
-  step vk_parity 120 env DEFKV_VULKAN_VALIDATION=abort "$B/bin/vk_parity" "$ROOT/tests/data/conformance"
+  step vk_parity 120 env DEFKV_VULKAN_VALIDATION=abort DEFKV_VULKAN_INFO=1 "$B/bin/vk_parity" "$ROOT/tests/data/conformance"
   step vk_ops 60 env DEFKV_VULKAN_VALIDATION=abort "$B/bin/vk_ops"
-  [ -x "$B/bin/vk_bench" ] && step vk_bench 60 "$B/bin/vk_bench"
+  [ -x "$B/bin/vk_bench" ] && step vk_bench 120 env DEFKV_VULKAN_INFO=1 "$B/bin/vk_bench" --reps 1
 else
   ROWS+=("$(printf '%-22s %-12s' vk_parity 'SKIP(no vk_parity in the bundle or no .gl loader)')")
 fi
