@@ -408,6 +408,46 @@ static void test_compaction_errors(void **state) {
     reset(f);
 }
 
+/* Device-memory selections on a context whose backend has no device-resident path (the CPU):
+ * a clear "unsupported" naming out->memory, nothing written; compaction likewise. */
+static void test_device_selection_refused(void **state) {
+    fixture *f = (fixture *)*state;
+    const int32_t mems[3] = {DEFKV_MEMORY_CUDA_DEVICE, DEFKV_MEMORY_VULKAN_BUFFER, 7};
+    for (int i = 0; i < 3; i++) {
+        f->out.memory = mems[i];
+        select_fails(f, DEFKV_ERROR_UNSUPPORTED, "out->memory", "device selection on the CPU backend");
+    }
+    /* an otherwise valid host selection, then marked as device memory for compaction */
+    assert_int_equal(defkv_select(f->ctx, &f->params, &f->layer, &f->out), DEFKV_SUCCESS);
+    float k0[HK * L * D_HEAD], v0[HK * L * D_HEAD];
+    memcpy(k0, f->k, sizeof k0);
+    memcpy(v0, f->v, sizeof v0);
+    f->out.memory = DEFKV_MEMORY_CUDA_DEVICE;
+    assert_int_equal(defkv_compact_inplace(f->ctx, &f->layer, &f->out), DEFKV_ERROR_UNSUPPORTED);
+    assert_non_null(strstr(defkv_context_last_error(f->ctx), "sel->memory"));
+    float big[HK * L * D_HEAD];
+    defkv_tensor a = gc_tensor2(big, DEFKV_DTYPE_F32, HK * L, D_HEAD), b = a;
+    assert_int_equal(defkv_compact_varlen(f->ctx, &f->layer, &f->out, &a, &b), DEFKV_ERROR_UNSUPPORTED);
+    assert_non_null(strstr(defkv_context_last_error(f->ctx), "sel->memory"));
+    assert_memory_equal(k0, f->k, sizeof k0); /* the cache is unchanged */
+    assert_memory_equal(v0, f->v, sizeof v0);
+    /* layer-adaptive: the CPU keeps the host path; a device-memory layer selection is refused */
+    f->out.memory = DEFKV_MEMORY_HOST;
+    f->params.method = DEFKV_METHOD_LAYER_DEFENSIVEKV;
+    defkv_global *g = NULL;
+    assert_int_equal(defkv_global_create(f->ctx, &f->params, 1, &g), DEFKV_SUCCESS);
+    assert_int_equal(defkv_global_add_layer(g, 0, &f->layer), DEFKV_SUCCESS);
+    assert_int_equal(defkv_global_select(g), DEFKV_SUCCESS);
+    fill_outputs(f);
+    f->out.memory = DEFKV_MEMORY_CUDA_DEVICE;
+    assert_int_equal(defkv_global_layer_selection(g, 0, &f->out), DEFKV_ERROR_UNSUPPORTED);
+    assert_non_null(strstr(defkv_context_last_error(f->ctx), "memory"));
+    outputs_untouched(f);
+    defkv_global_destroy(g);
+    g_checks += 5;
+    reset(f);
+}
+
 static void test_global_misuse(void **state) {
     fixture *f = (fixture *)*state;
     defkv_global *g = (defkv_global *)(uintptr_t)0x1;
@@ -518,7 +558,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_o_proj),            cmocka_unit_test(test_buffer_too_small),
         cmocka_unit_test(test_nonfinite),         cmocka_unit_test(test_compaction_errors),
         cmocka_unit_test(test_global_misuse),     cmocka_unit_test(test_backend_unavailable),
-        cmocka_unit_test(test_checks_ran),
+        cmocka_unit_test(test_device_selection_refused), cmocka_unit_test(test_checks_ran),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
