@@ -75,6 +75,17 @@ int64_t seq_kept_count(const Params &p, const SeqShape &s, int64_t n_layers) {
     }
 }
 
+float attention_scale(const Params &p, int64_t d) {
+    return p.scale > 0.0f ? p.scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
+}
+
+int64_t defensive_stage1_cap(const Params &p, const SeqShape &s) {
+    const double P = static_cast<double>(s.P), W = static_cast<double>(s.W);
+    if (p.budget <= 0) return trunc_i(P * keep_fraction(p) - W);
+    const int64_t n = per_head_budget(p, s.L);
+    return trunc_i(P * (static_cast<double>(n) / static_cast<double>(s.L)) - W);
+}
+
 defkv_status resolve_params(const defkv_params *in, Params *out, std::string *msg) {
     if (!in) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "params is NULL (fill one with defkv_params_default)");
     if (in->struct_size < offsetof(defkv_params, budget) + sizeof(int64_t))
@@ -374,7 +385,7 @@ defkv_status score_and_select(defkv_context &ctx, const Params &p, const SeqInfo
     ThreadPool &pool = *ctx.pool;
     Backend &be = *ctx.backend;
     const SeqShape &s = si.s;
-    const int64_t Hk = s.Hk, L = s.L, P = s.P, W = s.W, G = s.G, N = Hk * L;
+    const int64_t Hk = s.Hk, L = s.L, P = s.P, G = s.G, N = Hk * L;
     const int32_t m = p.method;
     const double keep = keep_fraction(p);
     const bool by_ratio = p.budget <= 0;
@@ -395,7 +406,7 @@ defkv_status score_and_select(defkv_context &ctx, const Params &p, const SeqInfo
     r.out_score.assign(static_cast<size_t>(N), 0.0f);
     std::vector<int64_t> scratch(static_cast<size_t>(N));
     std::vector<uint8_t> mask(static_cast<size_t>(N));
-    const float scale = p.scale > 0.0f ? p.scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.d)));
+    const float scale = attention_scale(p, s.d);
 
     enum { PER_HEAD, HEAD_ADAPTIVE, PER_HEAD_BUDGET } sel = PER_HEAD;
     int64_t total = 0;
@@ -556,9 +567,7 @@ defkv_status score_and_select(defkv_context &ctx, const Params &p, const SeqInfo
         // CriticalKV stage 1 on the raw attention, mass threshold tau = threshold - omega.
         const double omega = p.window_bias == DEFKV_WINDOW_BIAS_WINDOW ? om_win : om_off;
         const float tau = static_cast<float>(p.mass_threshold - omega);
-        const int64_t cap = by_ratio ? trunc_i(static_cast<double>(P) * keep - static_cast<double>(W))
-                                     : trunc_i(static_cast<double>(P) * (static_cast<double>(n) / static_cast<double>(L)) -
-                                               static_cast<double>(W));
+        const int64_t cap = defensive_stage1_cap(p, s);
         std::vector<int64_t> order(static_cast<size_t>(P));
         std::vector<float> a(static_cast<size_t>(P));
         for (int64_t k = 0; k < Hk; k++) {

@@ -59,6 +59,11 @@ bool method_needs_oproj(int32_t m);
 int64_t per_head_budget(const Params &p, int64_t L);
 // Entries kept for a sequence (exact).
 int64_t seq_kept_count(const Params &p, const SeqShape &s, int64_t n_layers);
+// The softmax scale of the window attention: params->scale, or 1/sqrt(d).
+float attention_scale(const Params &p, int64_t d);
+// DefensiveKV's CriticalKV stage-1 cap per head (Python int(), left to right; may be negative,
+// which callers clamp at 0 as the pipeline does).
+int64_t defensive_stage1_cap(const Params &p, const SeqShape &s);
 
 // Scores a sequence and, unless `global` is set (layer-adaptive: selection done later),
 // selects. keep is filled when !global.

@@ -89,6 +89,8 @@ private:
                                         DeviceBuffer *results, float **out, std::string *msg);
     // out-> pointers must be device memory of this context's device (or null where optional).
     defkv_status check_device_pointer(const void *p, const char *what, std::string *msg);
+    // Every non-null pointer of a device-resident selection (head_lens is required).
+    defkv_status check_selection_pointers(const defkv_selection &out, std::string *msg);
     // DefensiveKV scoring of one sequence on the device (attention, projected norm, select.cu):
     // either the whole selection (a.keep etc. set) or the scores only (a.score_dst set).
     defkv_status defensive_resident(const Params &p, const SeqInfo &si, DefensiveArgs *a, std::string *msg);
@@ -348,6 +350,15 @@ defkv_status CudaBackend::compact_varlen(const View &src, int64_t Hk, int64_t d,
     return finish(msg);
 }
 
+defkv_status CudaBackend::check_selection_pointers(const defkv_selection &out, std::string *msg) {
+    DEFKV_FORWARD_ST(check_device_pointer(out.head_lens, "out->head_lens", msg));
+    if (out.cu_seqlens) DEFKV_FORWARD_ST(check_device_pointer(out.cu_seqlens, "out->cu_seqlens", msg));
+    if (out.indices) DEFKV_FORWARD_ST(check_device_pointer(out.indices, "out->indices", msg));
+    if (out.keep_mask) DEFKV_FORWARD_ST(check_device_pointer(out.keep_mask, "out->keep_mask", msg));
+    if (out.scores) DEFKV_FORWARD_ST(check_device_pointer(out.scores, "out->scores", msg));
+    return DEFKV_SUCCESS;
+}
+
 defkv_status CudaBackend::check_device_pointer(const void *p, const char *what, std::string *msg) {
     cudaPointerAttributes attr{};
     const cudaError_t e = cudaPointerGetAttributes(&attr, p);
@@ -381,11 +392,7 @@ defkv_status CudaBackend::select_resident(const Params &p, const LayerInfo &li, 
         return DEFKV_ERROR_UNSUPPORTED;
     }
     DEFKV_CUDA_TRY(cudaSetDevice(device_));
-    DEFKV_FORWARD_ST(check_device_pointer(out->head_lens, "out->head_lens", msg));
-    if (out->cu_seqlens) DEFKV_FORWARD_ST(check_device_pointer(out->cu_seqlens, "out->cu_seqlens", msg));
-    if (out->indices) DEFKV_FORWARD_ST(check_device_pointer(out->indices, "out->indices", msg));
-    if (out->keep_mask) DEFKV_FORWARD_ST(check_device_pointer(out->keep_mask, "out->keep_mask", msg));
-    if (out->scores) DEFKV_FORWARD_ST(check_device_pointer(out->scores, "out->scores", msg));
+    DEFKV_FORWARD_ST(check_selection_pointers(*out, msg));
 
     // Sizes: one workspace for the largest sequence (sequences run one after another in stream
     // order), keep masks for all of them.
@@ -437,9 +444,7 @@ defkv_status CudaBackend::select_resident(const Params &p, const LayerInfo &li, 
 
 defkv_status CudaBackend::defensive_resident(const Params &p, const SeqInfo &si, DefensiveArgs *a, std::string *msg) {
     const SeqShape &s = si.s;
-    const double keep = 1.0 - p.ratio;
-    const bool by_ratio = p.budget <= 0;
-    const float scale = p.scale > 0.0f ? p.scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.d)));
+    const float scale = attention_scale(p, s.d);
     AttentionRequest req; // flags only: outputs stay on the device
     float flag = 0.0f;
     double dflag = 0.0;
@@ -454,7 +459,6 @@ defkv_status CudaBackend::defensive_resident(const Params &p, const SeqInfo &si,
     float *pn = nullptr;
     DEFKV_FORWARD_ST(projected_norm_enqueue(si.v, s, s.P, nullptr, &res_pn_, &pn, msg));
 
-    const int64_t n = per_head_budget(p, s.L);
     a->Hk = s.Hk;
     a->L = s.L;
     a->P = s.P;
@@ -465,11 +469,7 @@ defkv_status CudaBackend::defensive_resident(const Params &p, const SeqInfo &si,
     a->row_omega = att.row_omega;
     a->window_bias = p.window_bias == DEFKV_WINDOW_BIAS_WINDOW;
     a->mass_threshold = p.mass_threshold;
-    // the stage-1 cap, as core/pipeline.cpp computes it (Python int(), left to right)
-    const double capd = by_ratio ? static_cast<double>(s.P) * keep - static_cast<double>(s.W)
-                                 : static_cast<double>(s.P) * (static_cast<double>(n) / static_cast<double>(s.L)) -
-                                       static_cast<double>(s.W);
-    a->cap = capd <= 0.0 ? static_cast<int64_t>(std::ceil(capd)) : static_cast<int64_t>(capd);
+    a->cap = defensive_stage1_cap(p, s);
     a->total = seq_kept_count(p, s, 1);
     return defensive_select(*a, stream_, msg);
 }
@@ -567,11 +567,7 @@ defkv_status CudaBackend::global_layer_selection_resident(ResidentGlobal &gb, in
     const bool dev = out->memory == DEFKV_MEMORY_CUDA_DEVICE;
     const int64_t nh = g.Hk * static_cast<int64_t>(g.L.size());
     if (dev) {
-        DEFKV_FORWARD_ST(check_device_pointer(out->head_lens, "out->head_lens", msg));
-        if (out->cu_seqlens) DEFKV_FORWARD_ST(check_device_pointer(out->cu_seqlens, "out->cu_seqlens", msg));
-        if (out->indices) DEFKV_FORWARD_ST(check_device_pointer(out->indices, "out->indices", msg));
-        if (out->keep_mask) DEFKV_FORWARD_ST(check_device_pointer(out->keep_mask, "out->keep_mask", msg));
-        if (out->scores) DEFKV_FORWARD_ST(check_device_pointer(out->scores, "out->scores", msg));
+        DEFKV_FORWARD_ST(check_selection_pointers(*out, msg));
     }
     size_t ws_bytes = 0;
     for (int64_t L : g.L) {

@@ -331,6 +331,20 @@ defkv_status sort_pairs(void *temp, size_t temp_bytes, const uint64_t *kin, uint
 #endif
 }
 
+// Scratch bytes sort_pairs needs for n pairs (none in the emulation).
+defkv_status sort_temp_bytes(int64_t n, size_t *bytes, std::string *msg) {
+    *bytes = 0;
+#ifdef DEFKV_CUDA_EMULATED
+    (void)n, (void)msg;
+#else
+    DEFKV_CUDA_TRY(cub::DeviceRadixSort::SortPairs(nullptr, *bytes, static_cast<const uint64_t *>(nullptr),
+                                                   static_cast<uint64_t *>(nullptr),
+                                                   static_cast<const int32_t *>(nullptr), static_cast<int32_t *>(nullptr),
+                                                   static_cast<int>(n), 0, 64, cudaStream_t{}));
+#endif
+    return DEFKV_SUCCESS;
+}
+
 int bits_for(int64_t n) { // bits needed to hold values 0..n-1
     int b = 0;
     while ((int64_t{1} << b) < n) b++;
@@ -387,12 +401,7 @@ defkv_status select_workspace(int64_t Hk, int64_t L, SelectWorkspace *ws, std::s
     ws->keys = ws->keys_alt = align256(n * sizeof(uint64_t));
     ws->vals = ws->vals_alt = align256(n * sizeof(int32_t));
     size_t temp = 0;
-#ifndef DEFKV_CUDA_EMULATED
-    DEFKV_CUDA_TRY(cub::DeviceRadixSort::SortPairs(nullptr, temp, static_cast<const uint64_t *>(nullptr),
-                                                   static_cast<uint64_t *>(nullptr),
-                                                   static_cast<const int32_t *>(nullptr), static_cast<int32_t *>(nullptr),
-                                                   static_cast<int>(N), 0, 64, cudaStream_t{}));
-#endif
+    DEFKV_FORWARD_STATUS(sort_temp_bytes(N, &temp, msg));
     ws->sort_temp = align256(temp);
     const int64_t nc = (L + kChunk - 1) / kChunk;
     ws->counts = align256(static_cast<size_t>(Hk * nc) * sizeof(int32_t));
@@ -439,13 +448,7 @@ defkv_status defensive_select(const DefensiveArgs &a, cudaStream_t stream, std::
         scatter_keep_kernel<<<grid_1d(total, kThreads), kThreads, 0, stream>>>(c.vals_alt, total, a.keep);
         DEFKV_CUDA_LAUNCHED("scatter_keep_kernel");
     }
-    const int64_t nc = (L + kChunk - 1) / kChunk;
-    count_chunks_kernel<<<dim3(static_cast<unsigned>(nc), static_cast<unsigned>(Hk)), kThreads, 0, stream>>>(
-        a.keep, L, nc, c.counts);
-    DEFKV_CUDA_LAUNCHED("count_chunks_kernel");
-    head_lens_kernel<<<1, 128, 0, stream>>>(c.counts, Hk, nc, a.head_lens);
-    DEFKV_CUDA_LAUNCHED("head_lens_kernel");
-    return DEFKV_SUCCESS;
+    return selection_head_lens(a.keep, Hk, L, a.head_lens, a.ws, stream, msg);
 }
 
 defkv_status selection_offsets(const int32_t *lens, int64_t n, int32_t *cu, cudaStream_t stream, std::string *msg) {
@@ -468,11 +471,6 @@ defkv_status selection_indices(const uint8_t *keep, int64_t Hk, int64_t L, const
     return DEFKV_SUCCESS;
 }
 
-} // namespace cuda
-} // namespace defkv
-
-namespace defkv {
-namespace cuda {
 
 defkv_status global_workspace(int64_t n, size_t *bytes, std::string *msg) {
     if (n > INT_MAX) {
@@ -481,12 +479,7 @@ defkv_status global_workspace(int64_t n, size_t *bytes, std::string *msg) {
         return DEFKV_ERROR_UNSUPPORTED;
     }
     size_t temp = 0;
-#ifndef DEFKV_CUDA_EMULATED
-    DEFKV_CUDA_TRY(cub::DeviceRadixSort::SortPairs(nullptr, temp, static_cast<const uint64_t *>(nullptr),
-                                                   static_cast<uint64_t *>(nullptr),
-                                                   static_cast<const int32_t *>(nullptr), static_cast<int32_t *>(nullptr),
-                                                   static_cast<int>(n), 0, 64, cudaStream_t{}));
-#endif
+    DEFKV_FORWARD_STATUS(sort_temp_bytes(n, &temp, msg));
     const size_t un = static_cast<size_t>(n);
     *bytes = 2 * align256(un * sizeof(uint64_t)) + 2 * align256(un * sizeof(int32_t)) + align256(temp);
     return DEFKV_SUCCESS;

@@ -543,6 +543,24 @@ struct DevBuf {
     }
 };
 
+// A device-resident selection with every output in its own device buffer.
+struct DevSelection {
+    DevBuf lens, cu, idx, keep, score;
+    defkv_selection sel{};
+    DevSelection(int64_t nh, int64_t capacity, int64_t entries)
+        : lens(sizeof(int32_t) * nh), cu(sizeof(int32_t) * (nh + 1)), idx(sizeof(int32_t) * capacity), keep(entries),
+          score(sizeof(float) * entries) {
+        sel.struct_size = sizeof sel;
+        sel.memory = DEFKV_MEMORY_CUDA_DEVICE;
+        sel.head_lens = lens.as<int32_t>();
+        sel.cu_seqlens = cu.as<int32_t>();
+        sel.indices = idx.as<int32_t>();
+        sel.indices_capacity = capacity;
+        sel.keep_mask = keep.as<uint8_t>();
+        sel.scores = score.as<float>();
+    }
+};
+
 // A two-sequence layer (the second 37 tokens longer) over the given K/V buffers (host or device
 // copies), o_proj and queries/attention from the case's inputs.
 struct ResidentLayer {
@@ -867,24 +885,14 @@ void check_global(defkv_context *cpu, defkv_context *gpu, const Case &c) {
             e0 += c.Hk * Ls[b];
         }
         if (dev) { // the same layer's selection written to device memory
-            DevBuf dl(sizeof(int32_t) * nh), dc(sizeof(int32_t) * (nh + 1)), di(sizeof(int32_t) * entries), dk(entries),
-                ds(sizeof(float) * entries);
-            defkv_selection s{};
-            s.struct_size = sizeof s;
-            s.memory = DEFKV_MEMORY_CUDA_DEVICE;
-            s.head_lens = dl.as<int32_t>();
-            s.cu_seqlens = dc.as<int32_t>();
-            s.indices = di.as<int32_t>();
-            s.indices_capacity = entries;
-            s.keep_mask = dk.as<uint8_t>();
-            s.scores = ds.as<float>();
-            const defkv_status st = defkv_global_layer_selection(g[1], l, &s);
+            DevSelection d(nh, entries, entries);
+            const defkv_status st = defkv_global_layer_selection(g[1], l, &d.sel);
             CHECK(st == DEFKV_SUCCESS, "global [%s] layer %d, device outputs: %s", cs.c_str(), l, defkv_context_last_error(gpu));
             const int64_t total = cu[1][nh];
-            const std::vector<int32_t> il = di.host<int32_t>(total);
-            dev_same &= dl.host<int32_t>(nh) == lens[1] && dc.host<int32_t>(nh + 1) == cu[1] &&
-                        std::equal(il.begin(), il.end(), idx[1].begin()) && dk.host<uint8_t>(entries) == keep[1] &&
-                        ds.host<float>(entries) == score[1];
+            const std::vector<int32_t> il = d.idx.host<int32_t>(total);
+            dev_same &= d.lens.host<int32_t>(nh) == lens[1] && d.cu.host<int32_t>(nh + 1) == cu[1] &&
+                        std::equal(il.begin(), il.end(), idx[1].begin()) && d.keep.host<uint8_t>(entries) == keep[1] &&
+                        d.score.host<float>(entries) == score[1];
         }
     }
     CHECK(tot[0] == tot[1], "global [%s]: CPU keeps %lld entries over the layers, CUDA %lld", cs.c_str(), (long long)tot[0],
@@ -934,17 +942,8 @@ void check_graph() {
         make_layer(c, ins, k, v, true, &rl);
         int64_t kept = 0;
         defkv_kept_count(ctx, &p, &rl.layer, &kept);
-        DevBuf lens(sizeof(int32_t) * nh), cu(sizeof(int32_t) * (nh + 1)), idx(sizeof(int32_t) * kept),
-            keep(entries), score(sizeof(float) * entries);
-        defkv_selection sel{};
-        sel.struct_size = sizeof sel;
-        sel.memory = DEFKV_MEMORY_CUDA_DEVICE;
-        sel.head_lens = lens.as<int32_t>();
-        sel.cu_seqlens = cu.as<int32_t>();
-        sel.indices = idx.as<int32_t>();
-        sel.indices_capacity = kept;
-        sel.keep_mask = keep.as<uint8_t>();
-        sel.scores = score.as<float>();
+        DevSelection d(nh, kept, entries);
+        defkv_selection &sel = d.sel;
         if (run == 0) {
             CHECK(defkv_select(ctx, &p, &rl.layer, &sel) == DEFKV_SUCCESS, "graph: direct select: %s",
                   defkv_context_last_error(ctx));
@@ -979,8 +978,8 @@ void check_graph() {
         result_k[run][1] = k1h;
         result_v[run][0] = v0h;
         result_v[run][1] = v1h;
-        const std::vector<int32_t> l = lens.host<int32_t>(nh), ix = idx.host<int32_t>(kept);
-        const std::vector<float> sc = score.host<float>(entries);
+        const std::vector<int32_t> l = d.lens.host<int32_t>(nh), ix = d.idx.host<int32_t>(kept);
+        const std::vector<float> sc = d.score.host<float>(entries);
         result_sel[run].assign(reinterpret_cast<const char *>(l.data()), reinterpret_cast<const char *>(l.data() + nh));
         result_sel[run].insert(result_sel[run].end(), reinterpret_cast<const char *>(ix.data()),
                                reinterpret_cast<const char *>(ix.data() + kept));
