@@ -1,8 +1,17 @@
-// The backend interface. A backend implements the heavy ops (window attention with its
-// row reductions, the projected value norm, key norms, compaction); everything else
-// (validation, budgets, method plans, must-keep marking, selection) lives once in
-// pipeline.cpp and is inherited by every backend. Optional entries may be left to the
-// defaults, which fall back to host code.
+// The backend interface: memory and ops, nothing about methods.
+//
+// A backend owns a kind of memory (host, CUDA device, Vulkan buffers) and runs ops on buffers
+// of that kind. Methods are plans in core (plans.cpp) that issue these ops; the orchestration
+// (validation, budgets, plans, workspace, outputs, errors) lives once in core and every backend
+// inherits it. Where data lives is a property of the buffer, never a second pipeline: a plan
+// run on the CUDA backend with the caller's outputs in device memory stays on the device from
+// the first op to the last.
+//
+// Every selection op has a host implementation (host_ops.cpp). The base class runs it on
+// staged host copies of the buffers, so a backend may start with the heavy ops only and move
+// the others to its device one by one; the parity harness checks each against the CPU. Ops run
+// in order on the backend's queue (the CUDA stream, the Vulkan queue); only download()
+// waits for the device.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -15,15 +24,34 @@
 namespace defkv {
 
 class ThreadPool;
-struct Params;
-struct LayerInfo;
+
+// A span of one backend's memory: a host or CUDA pointer, or a VkBuffer, plus a byte offset.
+struct Buf {
+    int32_t memory = DEFKV_MEMORY_HOST; // defkv_memory
+    void *handle = nullptr;             // host/CUDA base pointer, or the VkBuffer
+    int64_t offset = 0;                 // bytes from handle
+    int64_t bytes = 0;                  // usable span from offset
+
+    explicit operator bool() const { return handle != nullptr; }
+    Buf at(int64_t off, int64_t n) const {
+        Buf b = *this;
+        b.offset += off;
+        b.bytes = n;
+        return b;
+    }
+    // Host address (host memory, or a CUDA pointer for backends that do pointer arithmetic).
+    template <class T> T *ptr() const {
+        return handle ? reinterpret_cast<T *>(static_cast<char *>(handle) + offset) : nullptr;
+    }
+};
 
 // Shapes of one sequence of one layer.
 struct SeqShape {
     int64_t H = 0, Hk = 0, G = 0, d = 0, L = 0, W = 0, P = 0, D = 0;
 };
 
-// Views of one sequence (queries or attention present, keys, values) and the layer's o_proj.
+// Views of one sequence (queries or attention present, keys, values) and the layer's o_proj:
+// the caller's tensors, of any memory kind the backend accepts, wrapped without copies.
 struct SeqViews {
     View queries;   // [H, W, d] or absent
     View attention; // [H, W, L] or absent
@@ -32,26 +60,23 @@ struct SeqViews {
     View o_proj;    // [D, H*d] or absent
 };
 
-// What the window-attention op must produce for one sequence. A[h,w,j] is the causal softmax
-// of scale*Q[h,w].K[h/G,j] over j <= P+w (or the given probabilities). Null outputs are
-// skipped. All outputs are host arrays owned by the caller.
-struct AttentionRequest {
-    float scale = 0.0f;
-    int32_t kernel = 5;
-    const uint8_t *masked = nullptr; // [Hk, L]: entries excluded from attention, or null
-    float *mean_w = nullptr;         // [H, P]:  (1/W) sum_w A[h,w,j]
-    float *def_max = nullptr;        // [Hk, P]: max_{g,w} Pool(A[h,w,:P]) * base / sum(Pool)
-    float *def_avg = nullptr;        // [Hk, P]: mean_g mean_w A[h,w,j]
-    double *omega_official = nullptr; // mean_{h,w} sum_{j in [max(0,P-W),P)} A[h,w,j]
-    double *omega_window = nullptr;   // mean_{h,w} sum_{j in [P,L)} A[h,w,j]
-    float *last_row_mean = nullptr;  // [L-1]: mean_h A[h,W-1,j] (TOVA)
+// Outputs of the window-attention op. A[h,w,j] is the causal softmax of scale*Q[h,w].K[h/G,j]
+// over j <= P+w (or the given probabilities). Absent buffers are not computed.
+struct AttentionOut {
+    Buf mean_w;        // f32 [H, P]:  (1/W) sum_w A[h,w,j]
+    Buf def_max;       // f32 [Hk, P]: max_{g,w} Pool(A[h,w,:P]) * base / sum(Pool)
+    Buf def_avg;       // f32 [Hk, P]: mean_g mean_w A[h,w,j]
+    Buf omega;         // f64 [2]: mean_{h,w} sum A[h,w,j] over j in [max(0,P-W),P) (official)
+                       //          and over j in [P,L) (window)
+    Buf last_row_mean; // f32 [L-1]: mean_h A[h,W-1,j] (TOVA)
 };
 
-// A backend's device-resident state of a layer-adaptive selection (defkv_global).
-class ResidentGlobal {
-public:
-    virtual ~ResidentGlobal() = default;
-};
+// Ranking tiers of an entry (ops.hpp: TIER_BAD < TIER_NORMAL < TIER_MUST).
+
+// The four top-k modes. Per-head modes rank (tier desc, score desc, position asc) within a
+// row; head-adaptive ranks the whole [rows, L] block that way; layer-adaptive ranks
+// (score desc, tier desc, position asc) over the concatenation with TIER_BAD entries last.
+enum class TopK : int32_t { PER_HEAD = 0, PER_HEAD_BUDGET = 1, HEAD_ADAPTIVE = 2, LAYER_ADAPTIVE = 3 };
 
 class Backend {
 public:
@@ -59,74 +84,116 @@ public:
     virtual int32_t kind() const = 0;
     virtual const char *name() const = 0;
 
-    // Window attention and its reductions. Returns DEFKV_SUCCESS or an error with *msg set.
-    virtual defkv_status attention(const SeqViews &in, const SeqShape &s, const AttentionRequest &req,
-                                   std::string *msg) = 0;
+    // ---- memory --------------------------------------------------------------------------
+    // The memory kind the ops run on (DEFKV_MEMORY_HOST for the CPU backend).
+    virtual int32_t memory() const { return DEFKV_MEMORY_HOST; }
+    // A new buffer of at least `bytes` bytes (alignment 256) or DEFKV_ERROR_OUT_OF_MEMORY.
+    virtual defkv_status alloc(int64_t bytes, Buf *out, std::string *msg);
+    virtual void release(Buf *b);
+    // Copies between host memory and a buffer. upload may return before the copy is done but
+    // the source may be reused at once; download returns with the data in dst.
+    virtual defkv_status upload(const Buf &dst, const void *src, int64_t bytes, std::string *msg);
+    virtual defkv_status download(void *dst, const Buf &src, int64_t bytes, std::string *msg);
+    virtual defkv_status fill_bytes(const Buf &dst, uint8_t value, int64_t bytes, std::string *msg);
+    virtual defkv_status copy(const Buf &dst, const Buf &src, int64_t bytes, std::string *msg);
+    // A caller pointer of this backend's memory kind as a buffer (no copy). For Vulkan, ptr is
+    // the VkBuffer handle.
+    virtual Buf wrap(void *ptr, int32_t memory, int64_t byte_offset, int64_t bytes) const {
+        Buf b;
+        b.memory = memory;
+        b.handle = ptr;
+        b.offset = byte_offset;
+        b.bytes = bytes;
+        return b;
+    }
+    // Whether a caller tensor of this memory kind can be read by the ops.
+    virtual bool accepts(int32_t memory) const { return memory == DEFKV_MEMORY_HOST; }
 
-    // pn[k, j] = (1/G) sum_g || V[k, j, :] Wo_{kG+g} ||_1 for j < n_tokens, out [Hk, n_tokens]
-    // (row stride n_tokens). Entries flagged in masked ([Hk, L], may be null) get 0.
-    virtual defkv_status projected_norm(const SeqViews &in, const SeqShape &s, int64_t n_tokens,
-                                        const uint8_t *masked, float *out, std::string *msg) = 0;
+    // ---- scoring ops (required) ----------------------------------------------------------
+    // Window attention and its reductions. masked: u8 [Hk, L] entries excluded, or absent.
+    virtual defkv_status attention(const SeqViews &in, const SeqShape &s, float scale, int32_t kernel,
+                                   const Buf &masked, const AttentionOut &out, std::string *msg) = 0;
+    // out f32 [Hk, n_tokens]: (1/G) sum_g || V[k, j, :] Wo_{kG+g} ||_1 for j < n_tokens;
+    // entries flagged in masked (u8 [Hk, L], may be absent) get 0.
+    virtual defkv_status projected_norm(const SeqViews &in, const SeqShape &s, int64_t n_tokens, const Buf &masked,
+                                        const Buf &out, std::string *msg) = 0;
+    // out f32 [Hk, L] = -|| K[k, j, :] ||_2.
+    virtual defkv_status key_norm(const SeqViews &in, const SeqShape &s, const Buf &out, std::string *msg) = 0;
 
-    // out[k, j] = -|| K[k, j, :] ||_2, out [Hk, L].
-    virtual defkv_status key_norm(const SeqViews &in, const SeqShape &s, float *out, std::string *msg) = 0;
+    // ---- selection ops (host fallbacks in the base class) ------------------------------
+    // [rows, L] arrays are row-major with row stride L. f32 scores, u8 tiers and flags,
+    // i64 counts. Absent optional buffers are written as a default Buf.
 
-    // Compaction of one tensor [Hk, L, d] (already validated): in place, head k's entries
-    // idx[cu[k]..cu[k+1]) (ascending) moved to rows 0..len-1 of head k.
-    virtual defkv_status compact_inplace(const View &t, int64_t Hk, int64_t L, int64_t d, const int32_t *cu,
-                                         const int32_t *idx, std::string *msg) = 0;
-    // Gather into dst [sum, d] (rows cu[k]+i).
-    virtual defkv_status compact_varlen(const View &src, int64_t Hk, int64_t d, const int32_t *cu,
-                                        const int32_t *idx, const View &dst, std::string *msg) = 0;
+    // score[k, j] for j < P: (1/G) sum_g avg_pool1d(mean_w[kG+g], kernel)[j] (sum in g order).
+    virtual defkv_status pool_group(const Buf &mean_w, int64_t H, int64_t G, int64_t P, int32_t kernel,
+                                    const Buf &score, int64_t L, std::string *msg);
+    // x[r, j] = max(x[r, j], mean_j x[r, :n]) for j < n, rows of stride ld.
+    virtual defkv_status clamp_at_mean(const Buf &x, int64_t rows, int64_t n, int64_t ld, std::string *msg);
+    // score[k, j] = m[k, j] * pn[k, j] / sum_k pn[., j] (0 when the sum is 0), j < P; m and pn
+    // are [Hk, P].
+    virtual defkv_status norm_weight(const Buf &m, const Buf &pn, int64_t Hk, int64_t P, const Buf &score, int64_t L,
+                                     std::string *msg);
+    // The cumulative-mass threshold per row of avg [Hk, P]: a = avg / float(sum avg), sorted
+    // descending (ties to the lower position), the number c of leading entries before the
+    // float32 sequential sum first reaches tau = float(threshold - omega[omega_index]),
+    // clamped to [0, cap]; tier[k, order[i]] = TIER_MUST for i < c unless bad.
+    virtual defkv_status mass_threshold(const Buf &avg, int64_t Hk, int64_t P, const Buf &omega, int32_t omega_index,
+                                        double threshold, int64_t cap, const Buf &bad, const Buf &tier, int64_t L,
+                                        std::string *msg);
+    // flag[r, j] = 1 for the top counts[r] (or `count` when counts is absent) entries of row r
+    // among j < j_end, ranked (rank_tier desc, score desc, j asc), never an entry flagged bad
+    // (rank_tier absent: all normal). Other flags are left as they are.
+    virtual defkv_status top_rows(const Buf &score, const Buf &rank_tier, const Buf &bad, int64_t rows, int64_t L,
+                                  int64_t j_end, const Buf &counts, int64_t count, const Buf &flag, std::string *msg);
+    // out f32 [1] = max of x[r, j] over r < rows, j < n (row stride ld) not flagged in bad
+    // (stride ld too); -inf when there is none.
+    virtual defkv_status masked_max(const Buf &x, const Buf &bad, int64_t rows, int64_t n, int64_t ld, const Buf &out,
+                                    std::string *msg);
+    // x[r, j] = value for j in [j0, j1) (value_buf f32 [1] when present, else value).
+    virtual defkv_status fill(const Buf &x, int64_t rows, int64_t L, int64_t j0, int64_t j1, float value,
+                              const Buf &value_buf, std::string *msg);
+    // x[r, j] = src[j] for j < n (a row broadcast to every row).
+    virtual defkv_status broadcast_row(const Buf &src, int64_t n, const Buf &x, int64_t rows, int64_t L,
+                                       std::string *msg);
+    // x[r, j] = uniform01(seed, r, j) (ops.hpp).
+    virtual defkv_status fill_uniform(const Buf &x, int64_t rows, int64_t L, uint64_t seed, std::string *msg);
+    // tier[r, j] = value for j in [j0, j1) where flag (absent: everywhere in the range).
+    virtual defkv_status set_tier(const Buf &tier, int64_t rows, int64_t L, int64_t j0, int64_t j1, const Buf &flag,
+                                  uint8_t value, std::string *msg);
+    // Where bad[i]: tier[i] = TIER_BAD, score[i] = -inf (n entries).
+    virtual defkv_status mark_bad(const Buf &score, const Buf &tier, const Buf &bad, int64_t n, std::string *msg);
+    // score[i] = value_buf[0] where tier[i] == TIER_MUST (n entries).
+    virtual defkv_status fill_must(const Buf &score, const Buf &tier, const Buf &value_buf, int64_t n,
+                                   std::string *msg);
+    // out[i] = (a[i] + eps) * b[i] (n entries; out may be a or b).
+    virtual defkv_status add_mul(const Buf &out, const Buf &a, float eps, const Buf &b, int64_t n, std::string *msg);
+    // out[i] = flag[i] ? FLT_MAX : src[i] (n entries; out may be src).
+    virtual defkv_status max_where(const Buf &out, const Buf &src, const Buf &flag, int64_t n, std::string *msg);
+    // counts[r] = trunc(factor * sum_j flag[r, j]) as Python's int() of a double.
+    virtual defkv_status row_counts(const Buf &flag, int64_t rows, int64_t L, double factor, const Buf &counts,
+                                    std::string *msg);
+    // keep[i] = 1 for the chosen entries, 0 for the others, in the given mode. PER_HEAD: top k
+    // of each row; PER_HEAD_BUDGET: top counts[r] of row r; HEAD_ADAPTIVE and LAYER_ADAPTIVE:
+    // top k of all rows*L entries. k and counts are clamped to what exists.
+    virtual defkv_status top_k(TopK mode, const Buf &score, const Buf &tier, int64_t rows, int64_t L, int64_t k,
+                               const Buf &counts, const Buf &keep, std::string *msg);
+    // One sequence's part of a selection, from keep [Hk, L]: head_lens[head0 + r] (i32),
+    // cu[head0 + r + 1] = cu[head0 + r] + head_lens[head0 + r] (cu[head0] already holds the
+    // running total), indices[cu[head0 + r] + i] (ascending positions; may be absent). All
+    // i32; cu has n_heads + 1 entries over the batch.
+    virtual defkv_status write_selection(const Buf &keep, int64_t Hk, int64_t L, int64_t head0, const Buf &head_lens,
+                                         const Buf &cu, const Buf &indices, std::string *msg);
 
-    // ---- Device-resident selection (optional) ----------------------------------------------
-    // A GPU backend may score, select and write the whole selection on its device, with every
-    // output of `out` in its own memory kind (resident_memory()), so that nothing synchronises
-    // with the host. The core validates params, layer and the output pointers' presence first;
-    // the backend validates the pointers themselves and returns DEFKV_ERROR_UNSUPPORTED (with
-    // *msg naming the method or option) for what it has no device path for.
-    virtual int32_t resident_memory() const { return -1; }
-    virtual defkv_status select_resident(const Params &p, const LayerInfo &li, defkv_selection *out,
-                                         std::string *msg) {
-        (void)p, (void)li, (void)out;
-        *msg = std::string("the ") + name() + " backend has no device-resident selection";
-        return DEFKV_ERROR_UNSUPPORTED;
-    }
-    // Compaction driven by a selection in resident_memory() (head_lens, cu_seqlens and indices
-    // on the device, as select_resident wrote them). kout/vout are null for in-place compaction.
-    virtual defkv_status compact_resident(const LayerInfo &li, const defkv_selection &sel, const View *kout,
-                                          const View *vout, std::string *msg) {
-        (void)li, (void)sel, (void)kout, (void)vout;
-        *msg = std::string("the ") + name() + " backend has no device-resident compaction";
-        return DEFKV_ERROR_UNSUPPORTED;
-    }
-
-    // Layer-adaptive selection on the device (optional). global_begin returns null when the
-    // backend keeps no device state for these params and this first layer (the core then
-    // scores each layer with the ops above and selects on the host). Otherwise every layer's
-    // scores stay on the device, global_select_resident ranks all layers of each sequence
-    // there (k[b]: entries sequence b keeps over all layers), and the per-layer selection is
-    // written to host memory or to the backend's device memory.
-    virtual std::unique_ptr<ResidentGlobal> global_begin(const Params &p, int32_t n_layers, const LayerInfo &first) {
-        (void)p, (void)n_layers, (void)first;
-        return nullptr;
-    }
-    virtual defkv_status global_add_resident(ResidentGlobal &g, int32_t layer, const LayerInfo &li, std::string *msg) {
-        (void)g, (void)layer, (void)li;
-        *msg = "no device-resident layer-adaptive selection";
-        return DEFKV_ERROR_INTERNAL;
-    }
-    virtual defkv_status global_select_resident(ResidentGlobal &g, const std::vector<int64_t> &k, std::string *msg) {
-        (void)g, (void)k;
-        *msg = "no device-resident layer-adaptive selection";
-        return DEFKV_ERROR_INTERNAL;
-    }
-    virtual defkv_status global_layer_selection_resident(ResidentGlobal &g, int32_t layer, defkv_selection *out,
-                                                         std::string *msg) {
-        (void)g, (void)layer, (void)out;
-        *msg = "no device-resident layer-adaptive selection";
-        return DEFKV_ERROR_INTERNAL;
-    }
+    // ---- compaction ----------------------------------------------------------------------
+    // A selection over the batch, in this backend's memory or host memory: cu i32 [n_heads+1]
+    // and idx i32 (ascending per head), as defkv_select writes them. Head head0 + k of the
+    // batch is head k of tensor t [Hk, L, d].
+    // In place: head k's rows idx[cu[head0+k] ..) moved to rows 0.. of head k.
+    virtual defkv_status compact_inplace(const View &t, int64_t Hk, int64_t L, int64_t d, const Buf &cu,
+                                         const Buf &idx, int64_t head0, std::string *msg) = 0;
+    // Gather into dst [rows, d] at rows cu[head0+k] + i.
+    virtual defkv_status compact_varlen(const View &src, int64_t Hk, int64_t d, const Buf &cu, const Buf &idx,
+                                        int64_t head0, const View &dst, std::string *msg) = 0;
 };
 
 std::unique_ptr<Backend> make_cpu_backend(ThreadPool *pool, int32_t n_threads);
