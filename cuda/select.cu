@@ -2,10 +2,12 @@
 // per-element work runs one thread per element with the host's operation order; sums whose
 // rounding depends on the order (the double row sums of clamp_at_mean and mass_threshold, the
 // float32 cumulative mass, omega) run sequentially in one thread per row, the rest of the block
-// staging the row through shared memory. Rankings are one stable radix sort of 64-bit composite
-// keys (row, tier, order-preserving score bits), so equal keys keep ascending index order: the
-// host's tie rule. CUB's DeviceRadixSort sorts on the GPU; the CPU emulation (tests/gpu/emu)
-// sorts with std::stable_sort.
+// staging the row through shared memory. Rankings use 64-bit composite keys (tier,
+// order-preserving score bits), chosen by a deterministic radix select (the top-k
+// modes and top_rows) or ranked by a stable radix sort (the mass threshold, which needs the
+// order), so equal keys go in ascending index order: the host's tie rule. CUB's
+// DeviceRadixSort sorts on the GPU; the CPU emulation (tests/gpu/emu) sorts with
+// std::stable_sort. The radix select is this file's own kernels, emulated as they are.
 #include <algorithm>
 #include <cfloat>
 #include <climits>
@@ -325,58 +327,6 @@ __global__ void __launch_bounds__(kThreads) row_counts_kernel(const uint8_t *fla
     if (threadIdx.x == 0) counts[blockIdx.x] = trunc_i(factor * static_cast<double>(sh[0]));
 }
 
-// ---- ranking -------------------------------------------------------------------------------------
-
-enum KeyMode { kPerRow = 0, kFlatLocal = 1, kFlatGlobal = 2 };
-
-// Sort keys for the entries (r, j < j_end) of a [rows, L] block, listed row by row:
-//   kPerRow:     (r, tier desc, score desc)           value j
-//   kFlatLocal:  (tier desc, score desc)              value r*L + j
-//   kFlatGlobal: (bad last, score desc, tier desc)    value r*L + j
-// The stable sort keeps ascending index order among equal keys.
-__global__ void __launch_bounds__(kThreads) rank_keys_kernel(int mode, const float *score, const uint8_t *tier,
-                                                             const uint8_t *bad, int64_t rows, int64_t L, int64_t j_end,
-                                                             uint64_t *keys, int32_t *vals) {
-    GRID_STRIDE(i, rows * j_end) {
-        const int64_t r = i / j_end, j = i % j_end, e = r * L + j;
-        uint8_t t = tier ? tier[e] : kNormal;
-        if (bad && bad[e]) t = kBad;
-        const uint64_t s = static_cast<uint64_t>(~ord(score[e]));
-        const uint64_t tk = static_cast<uint64_t>(kMust - (t > kMust ? kMust : t));
-        if (mode == kPerRow) {
-            keys[i] = (static_cast<uint64_t>(r) << 34) | (tk << 32) | s;
-            vals[i] = static_cast<int32_t>(j);
-        } else if (mode == kFlatLocal) {
-            keys[i] = (tk << 32) | s;
-            vals[i] = static_cast<int32_t>(e);
-        } else {
-            keys[i] = (static_cast<uint64_t>(t == kBad ? 1 : 0) << 34) | (s << 2) | tk;
-            vals[i] = static_cast<int32_t>(e);
-        }
-    }
-}
-
-// Per row: flag[r, svals[r*j_end + i]] = 1 for i < c_r (c_r = counts[r] or count, clamped to
-// [0, j_end]), skipping entries flagged bad.
-__global__ void __launch_bounds__(kThreads) scatter_rows_kernel(const int32_t *svals, int64_t rows, int64_t L,
-                                                                int64_t j_end, const int64_t *counts, int64_t count,
-                                                                const uint8_t *bad, uint8_t *flag) {
-    GRID_STRIDE(i, rows * j_end) {
-        const int64_t r = i / j_end, pos = i % j_end;
-        const int64_t c = clamp64(counts ? counts[r] : count, 0, j_end);
-        if (pos < c) {
-            const int64_t e = r * L + svals[i];
-            if (!(bad && bad[e])) flag[e] = 1;
-        }
-    }
-}
-
-__global__ void __launch_bounds__(kThreads) scatter_flat_kernel(const int32_t *svals, int64_t k, uint8_t *keep) {
-    GRID_STRIDE(i, k) keep[svals[i]] = 1;
-}
-
-// ---- selection outputs -----------------------------------------------------------------------
-
 // Exclusive scan of one int per thread over a block of kThreads (shared memory, fixed order).
 __device__ int block_exclusive_scan(int v, int *sh /* [kThreads] */, int *total) {
     sh[threadIdx.x] = v;
@@ -392,6 +342,170 @@ __device__ int block_exclusive_scan(int v, int *sh /* [kThreads] */, int *total)
     __syncthreads();
     return incl - v;
 }
+
+// ---- ranking: a deterministic radix select ---------------------------------------------------------
+//
+// Each segment (a row, or the whole block for the flat modes) keeps its k smallest 64-bit keys,
+// ties between equal keys going to the lower index. The keys encode the host's ranking, so
+// "smallest" is "ranked first". Per 8-bit digit, from the top: a histogram of the digit over
+// the keys that match the digits chosen so far (per-chunk shared-memory histograms, summed in
+// a fixed order), then one thread picks the digit where the running count reaches the number
+// still to take. After the last digit the threshold key T is known: every key < T is taken,
+// and among the keys equal to T the first `left` by index (a block scan over chunk offsets).
+// Integer counts only, so the result does not depend on thread scheduling.
+
+enum KeyMode { kLocal = 0, kGlobal = 1 };
+
+// Keys of the entries (r, j < len) of a [rows, L] block, listed row by row (keys[r*len + j]):
+//   kLocal:  (tier desc, score desc)             (rank_tier absent: all normal; bad: tier BAD)
+//   kGlobal: (bad last, score desc, tier desc)
+__global__ void __launch_bounds__(kThreads) rank_keys_kernel(int mode, const float *score, const uint8_t *tier,
+                                                             const uint8_t *bad, int64_t rows, int64_t L, int64_t len,
+                                                             uint64_t *keys) {
+    GRID_STRIDE(i, rows * len) {
+        const int64_t e = (i / len) * L + i % len;
+        uint8_t t = tier ? tier[e] : kNormal;
+        if (bad && bad[e]) t = kBad;
+        const uint64_t s = static_cast<uint64_t>(~ord(score[e]));
+        const uint64_t tk = static_cast<uint64_t>(kMust - (t > kMust ? kMust : t));
+        keys[i] = mode == kLocal ? (tk << 32) | s : (static_cast<uint64_t>(t == kBad ? 1 : 0) << 34) | (s << 2) | tk;
+    }
+}
+
+constexpr int kSelectBins = 256;
+constexpr int64_t kSelectChunk = kChunk; // keys per block in the select kernels (kThreads * kRun)
+
+struct SelectState {
+    uint64_t prefix; // digits chosen so far
+    uint64_t mask;   // their bits
+    int64_t left;    // keys still to take among those matching prefix under mask
+    int32_t mode;    // 0: take none, 1: take all, 2: threshold
+    int32_t pad;
+};
+
+__global__ void select_init_kernel(int64_t rows, int64_t len, const int64_t *counts, int64_t count, SelectState *st) {
+    GRID_STRIDE(r, rows) {
+        const int64_t k = clamp64(counts ? counts[r] : count, 0, len);
+        SelectState s;
+        s.prefix = 0;
+        s.mask = 0;
+        s.left = k;
+        s.mode = k == 0 ? 0 : (k == len ? 1 : 2);
+        s.pad = 0;
+        st[r] = s;
+    }
+}
+
+// hist[(r * nc + c) * 256 + b] = keys of chunk c of segment r that match the state and whose
+// digit at `shift` is b.
+__global__ void __launch_bounds__(kThreads) select_hist_kernel(const uint64_t *keys, int64_t len, int64_t nc,
+                                                               int shift, const SelectState *st, uint32_t *hist) {
+    __shared__ uint32_t sh[kSelectBins];
+    const int64_t r = blockIdx.y, c = blockIdx.x;
+    const SelectState s = st[r];
+    if (s.mode != 2) return; // uniform over the block
+    for (int b = threadIdx.x; b < kSelectBins; b += kThreads) sh[b] = 0;
+    __syncthreads();
+    const uint64_t *kk = keys + r * len;
+    const int64_t end = (c + 1) * kSelectChunk < len ? (c + 1) * kSelectChunk : len;
+    for (int64_t j = c * kSelectChunk + threadIdx.x; j < end; j += kThreads) {
+        const uint64_t key = kk[j];
+        if ((key & s.mask) == s.prefix) atomicAdd(&sh[(key >> shift) & 0xffu], 1u);
+    }
+    __syncthreads();
+    for (int b = threadIdx.x; b < kSelectBins; b += kThreads) hist[(r * nc + c) * kSelectBins + b] = sh[b];
+}
+
+// One block per segment: the digit at `shift` of the threshold key.
+__global__ void __launch_bounds__(kSelectBins) select_pick_kernel(const uint32_t *hist, int64_t nc, int shift,
+                                                                  SelectState *st) {
+    __shared__ int64_t tot[kSelectBins];
+    const int64_t r = blockIdx.x;
+    if (st[r].mode != 2) return;
+    int64_t t = 0;
+    for (int64_t c = 0; c < nc; c++) t += hist[(r * nc + c) * kSelectBins + threadIdx.x];
+    tot[threadIdx.x] = t;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        SelectState s = st[r];
+        int64_t cum = 0;
+        for (int b = 0; b < kSelectBins; b++) {
+            if (cum + tot[b] >= s.left) {
+                s.left -= cum;
+                s.prefix |= static_cast<uint64_t>(b) << shift;
+                s.mask |= static_cast<uint64_t>(0xffu) << shift;
+                break;
+            }
+            cum += tot[b];
+        }
+        st[r] = s;
+    }
+}
+
+// eq[r * nc + c] = keys of chunk c of segment r equal to the threshold.
+__global__ void __launch_bounds__(kThreads) select_count_eq_kernel(const uint64_t *keys, int64_t len, int64_t nc,
+                                                                   const SelectState *st, int32_t *eq) {
+    __shared__ int sh[kThreads];
+    const int64_t r = blockIdx.y, c = blockIdx.x;
+    const SelectState s = st[r];
+    if (s.mode != 2) return;
+    const uint64_t *kk = keys + r * len;
+    const int64_t j0 = c * kSelectChunk + static_cast<int64_t>(threadIdx.x) * kRun;
+    int n = 0;
+    for (int i = 0; i < kRun; i++)
+        if (j0 + i < len) n += kk[j0 + i] == s.prefix;
+    int total = 0;
+    (void)block_exclusive_scan(n, sh, &total);
+    if (threadIdx.x == 0) eq[r * nc + c] = total;
+}
+
+// eq[r * nc + c] becomes the exclusive prefix over the segment's chunks (in order).
+__global__ void select_eq_offsets_kernel(int64_t rows, int64_t nc, const SelectState *st, int32_t *eq) {
+    GRID_STRIDE(r, rows) {
+        if (st[r].mode != 2) continue;
+        int32_t run = 0;
+        for (int64_t c = 0; c < nc; c++) {
+            const int32_t v = eq[r * nc + c];
+            eq[r * nc + c] = run;
+            run += v;
+        }
+    }
+}
+
+// out[r * ld + j] = 1 for the taken keys of segment r, unless flagged in bad (row stride ld).
+__global__ void __launch_bounds__(kThreads) select_mark_kernel(const uint64_t *keys, int64_t len, int64_t nc,
+                                                               const SelectState *st, const int32_t *eq_off,
+                                                               const uint8_t *bad, int64_t ld, uint8_t *out) {
+    __shared__ int sh[kThreads];
+    const int64_t r = blockIdx.y, c = blockIdx.x;
+    const SelectState s = st[r];
+    if (s.mode == 0) return;
+    const uint64_t *kk = keys + r * len;
+    const int64_t j0 = c * kSelectChunk + static_cast<int64_t>(threadIdx.x) * kRun;
+    if (s.mode == 1) {
+        for (int i = 0; i < kRun; i++) {
+            const int64_t j = j0 + i, o = r * ld + j;
+            if (j < len && !(bad && bad[o])) out[o] = 1;
+        }
+        return;
+    }
+    int n = 0;
+    for (int i = 0; i < kRun; i++)
+        if (j0 + i < len) n += kk[j0 + i] == s.prefix;
+    int total = 0;
+    int64_t rank = eq_off[r * nc + c] + block_exclusive_scan(n, sh, &total);
+    for (int i = 0; i < kRun; i++) {
+        const int64_t j = j0 + i;
+        if (j >= len) break;
+        const uint64_t key = kk[j];
+        bool take = key < s.prefix;
+        if (key == s.prefix) take = rank++ < s.left;
+        const int64_t o = r * ld + j;
+        if (take && !(bad && bad[o])) out[o] = 1;
+    }
+}
+
+// ---- selection outputs -----------------------------------------------------------------------
 
 // counts[k * nc + c] = kept entries of head k in chunk c (kChunk positions).
 __global__ void __launch_bounds__(kThreads) count_chunks_kernel(const uint8_t *keep, int64_t L, int64_t nc,
@@ -482,7 +596,7 @@ defkv_status sort_temp_bytes(int64_t n, int end_bit, size_t *bytes, std::string 
     return DEFKV_SUCCESS;
 }
 
-// Pieces of a ranking's scratch: two key and two value arrays, then the sort's temporary storage,
+// Pieces of a sort's scratch: two key and two value arrays, then the sort's temporary storage,
 // then `extra` bytes for the caller.
 struct SortSpace {
     uint64_t *keys, *keys_alt;
@@ -533,6 +647,60 @@ defkv_status sort_pairs(const SortSpace &s, int64_t n, int end_bit, cudaStream_t
                                                    static_cast<int>(n), 0, end_bit, stream));
     return DEFKV_SUCCESS;
 #endif
+}
+
+// Keys and state of a select over `rows` segments of `len` keys, carved from the scratch.
+struct SelectSpace {
+    uint64_t *keys;
+    SelectState *st;
+    uint32_t *hist;
+    int32_t *eq;
+    int64_t nc;
+};
+
+defkv_status select_space(DeviceBuffer *scratch, int64_t rows, int64_t len, SelectSpace *sp, std::string *msg) {
+    if (rows > 65535) {
+        *msg = "CUDA backend: a per-row ranking of " + std::to_string(rows) + " rows (at most 65535)";
+        return DEFKV_ERROR_UNSUPPORTED;
+    }
+    sp->nc = std::max<int64_t>(1, (len + kSelectChunk - 1) / kSelectChunk);
+    if (sp->nc > INT_MAX) {
+        *msg = "CUDA backend: a ranking of " + std::to_string(len) + " entries is too large";
+        return DEFKV_ERROR_UNSUPPORTED;
+    }
+    const size_t un = static_cast<size_t>(rows * len), uc = static_cast<size_t>(rows * sp->nc);
+    const size_t k8 = align256(un * 8), s = align256(static_cast<size_t>(rows) * sizeof(SelectState)),
+                 h = align256(uc * kSelectBins * sizeof(uint32_t)), e = align256(uc * sizeof(int32_t));
+    DEFKV_FORWARD_STATUS(scratch->reserve(k8 + s + h + e, msg));
+    char *p = scratch->as<char>();
+    sp->keys = reinterpret_cast<uint64_t *>(p);
+    sp->st = reinterpret_cast<SelectState *>(p + k8);
+    sp->hist = reinterpret_cast<uint32_t *>(p + k8 + s);
+    sp->eq = reinterpret_cast<int32_t *>(p + k8 + s + h);
+    return DEFKV_SUCCESS;
+}
+
+// Sets out[r * ld + j] = 1 for the counts[r] (or count) smallest keys of each segment (clamped to
+// [0, len]; ties to the lower j), unless flagged in bad. Other bytes of out are left alone.
+defkv_status radix_select(const SelectSpace &sp, int64_t rows, int64_t len, int end_bit, const int64_t *counts,
+                          int64_t count, const uint8_t *bad, int64_t ld, uint8_t *out, cudaStream_t stream,
+                          std::string *msg) {
+    const dim3 grid(static_cast<unsigned>(sp.nc), static_cast<unsigned>(rows));
+    select_init_kernel<<<grid_1d(rows, kThreads), kThreads, 0, stream>>>(rows, len, counts, count, sp.st);
+    DEFKV_CUDA_LAUNCHED("select_init_kernel");
+    for (int shift = (end_bit - 1) / 8 * 8; shift >= 0; shift -= 8) {
+        select_hist_kernel<<<grid, kThreads, 0, stream>>>(sp.keys, len, sp.nc, shift, sp.st, sp.hist);
+        DEFKV_CUDA_LAUNCHED("select_hist_kernel");
+        select_pick_kernel<<<static_cast<unsigned>(rows), kSelectBins, 0, stream>>>(sp.hist, sp.nc, shift, sp.st);
+        DEFKV_CUDA_LAUNCHED("select_pick_kernel");
+    }
+    select_count_eq_kernel<<<grid, kThreads, 0, stream>>>(sp.keys, len, sp.nc, sp.st, sp.eq);
+    DEFKV_CUDA_LAUNCHED("select_count_eq_kernel");
+    select_eq_offsets_kernel<<<grid_1d(rows, kThreads), kThreads, 0, stream>>>(rows, sp.nc, sp.st, sp.eq);
+    DEFKV_CUDA_LAUNCHED("select_eq_offsets_kernel");
+    select_mark_kernel<<<grid, kThreads, 0, stream>>>(sp.keys, len, sp.nc, sp.st, sp.eq, bad, ld, out);
+    DEFKV_CUDA_LAUNCHED("select_mark_kernel");
+    return DEFKV_SUCCESS;
 }
 
 } // namespace
@@ -592,22 +760,12 @@ defkv_status top_rows(const float *score, const uint8_t *rank_tier, const uint8_
     j_end = std::min(j_end, L);
     if (rows <= 0 || j_end <= 0) return DEFKV_SUCCESS;
     if (!counts && count <= 0) return DEFKV_SUCCESS;
-    const int64_t n = rows * j_end;
-    const int end_bit = 34 + bits_for(rows);
-    if (end_bit > 64) {
-        *msg = "CUDA backend: top_rows over " + std::to_string(rows) + " rows";
-        return DEFKV_ERROR_UNSUPPORTED;
-    }
-    SortSpace s;
-    DEFKV_FORWARD_STATUS(sort_space(scratch, n, end_bit, 0, &s, msg));
-    rank_keys_kernel<<<grid_1d(n, kThreads), kThreads, 0, stream>>>(kPerRow, score, rank_tier, bad, rows, L, j_end,
-                                                                    s.keys, s.vals);
+    SelectSpace sp;
+    DEFKV_FORWARD_STATUS(select_space(scratch, rows, j_end, &sp, msg));
+    rank_keys_kernel<<<grid_1d(rows * j_end, kThreads), kThreads, 0, stream>>>(kLocal, score, rank_tier, bad, rows, L,
+                                                                                j_end, sp.keys);
     DEFKV_LAUNCHED("rank_keys_kernel");
-    DEFKV_FORWARD_STATUS(sort_pairs(s, n, end_bit, stream, msg));
-    scatter_rows_kernel<<<grid_1d(n, kThreads), kThreads, 0, stream>>>(s.vals_alt, rows, L, j_end, counts, count, bad,
-                                                                       flag);
-    DEFKV_LAUNCHED("scatter_rows_kernel");
-    return DEFKV_SUCCESS;
+    return radix_select(sp, rows, j_end, 34, counts, count, bad, L, flag, stream, msg);
 }
 
 defkv_status masked_max(const float *x, const uint8_t *bad, int64_t rows, int64_t n, int64_t ld, float *out,
@@ -718,16 +876,12 @@ defkv_status top_k(TopK mode, const float *score, const uint8_t *tier, int64_t r
     k = std::min(std::max<int64_t>(k, 0), n);
     if (k == 0) return DEFKV_SUCCESS;
     const bool global = mode == TopK::LAYER_ADAPTIVE;
-    const int end_bit = global ? 35 : 34;
-    SortSpace s;
-    DEFKV_FORWARD_STATUS(sort_space(scratch, n, end_bit, 0, &s, msg));
-    rank_keys_kernel<<<grid_1d(n, kThreads), kThreads, 0, stream>>>(global ? kFlatGlobal : kFlatLocal, score, tier,
-                                                                    nullptr, rows, L, L, s.keys, s.vals);
+    SelectSpace sp;
+    DEFKV_FORWARD_STATUS(select_space(scratch, 1, n, &sp, msg));
+    rank_keys_kernel<<<grid_1d(n, kThreads), kThreads, 0, stream>>>(global ? kGlobal : kLocal, score, tier, nullptr,
+                                                                    rows, L, L, sp.keys);
     DEFKV_LAUNCHED("rank_keys_kernel");
-    DEFKV_FORWARD_STATUS(sort_pairs(s, n, end_bit, stream, msg));
-    scatter_flat_kernel<<<grid_1d(k, kThreads), kThreads, 0, stream>>>(s.vals_alt, k, keep);
-    DEFKV_LAUNCHED("scatter_flat_kernel");
-    return DEFKV_SUCCESS;
+    return radix_select(sp, 1, n, global ? 35 : 34, nullptr, k, nullptr, n, keep, stream, msg);
 }
 
 defkv_status write_selection(const uint8_t *keep, int64_t Hk, int64_t L, int64_t head0, int32_t *head_lens,

@@ -354,6 +354,12 @@ inline dim3 thread_index() {
 #define blockDim (::emu::current()->block)
 #define gridDim (::emu::current()->grid)
 inline void __syncthreads() { ::emu::wait_at(1); }
+// Fibers switch only at barriers, so a read-modify-write is atomic here.
+template <typename T> T atomicAdd(T *p, T v) {
+    const T old = *p;
+    *p = old + v;
+    return old;
+}
 template <typename T> T __shfl_xor_sync(unsigned, T v, int mask) { return ::emu::shfl_xor(v, mask); }
 inline void __syncwarp_emu() { ::emu::yield(); }
 inline bool emu_lane0() { return ::emu::current()->tid % 32 == 0; }
