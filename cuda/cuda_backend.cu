@@ -82,6 +82,27 @@ public:
     bool accepts(int32_t memory) const override {
         return memory == DEFKV_MEMORY_HOST || memory == DEFKV_MEMORY_CUDA_DEVICE;
     }
+    defkv_status check_pointer(const void *ptr, int32_t memory, const char *what, std::string *msg) const override {
+        if (memory == DEFKV_MEMORY_HOST) return DEFKV_SUCCESS;
+        if (memory != DEFKV_MEMORY_CUDA_DEVICE) {
+            *msg = std::string(what) + ": memory kind " + std::to_string(memory) +
+                   " is not usable by the CUDA backend (host or CUDA device memory only)";
+            return DEFKV_ERROR_INVALID_ARGUMENT;
+        }
+        cudaPointerAttributes attr{};
+        const cudaError_t e = cudaPointerGetAttributes(&attr, ptr);
+        if (e != cudaSuccess || (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)) {
+            (void)cudaGetLastError();
+            *msg = std::string(what) + " is not a CUDA device pointer (its memory is DEFKV_MEMORY_CUDA_DEVICE)";
+            return DEFKV_ERROR_INVALID_ARGUMENT;
+        }
+        if (attr.type == cudaMemoryTypeDevice && attr.device != device_) {
+            *msg = std::string(what) + " lives on CUDA device " + std::to_string(attr.device) +
+                   ", the context uses device " + std::to_string(device_);
+            return DEFKV_ERROR_INVALID_ARGUMENT;
+        }
+        return DEFKV_SUCCESS;
+    }
     defkv_status alloc(int64_t bytes, Buf *out, std::string *msg) override {
         DEFKV_CUDA_TRY(cudaSetDevice(device_));
         void *p = nullptr;

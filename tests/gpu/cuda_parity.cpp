@@ -1362,6 +1362,15 @@ void check_errors(Backends &be) {
     CHECK(st == DEFKV_ERROR_INVALID_ARGUMENT, "host pointer as device memory: status %d (%s), expected %d", st,
           msg.c_str(), DEFKV_ERROR_INVALID_ARGUMENT);
     CHECK(kn.fetch().guards_ok(), "host pointer as device memory: output guards overwritten");
+    // a caller output that is not device memory is refused before it is wrapped
+    const defkv_status sp = be.gpu->check_pointer(in.k.data(), DEFKV_MEMORY_CUDA_DEVICE, "out->head_lens", &msg);
+    CHECK(sp == DEFKV_ERROR_INVALID_ARGUMENT, "check_pointer of a host pointer as device memory: status %d (%s)", sp,
+          msg.c_str());
+    Buf dev;
+    CHECK(be.gpu->alloc(64, &dev, &msg) == DEFKV_SUCCESS, "alloc: %s", msg.c_str());
+    CHECK(be.gpu->check_pointer(dev.ptr<char>() + 8, DEFKV_MEMORY_CUDA_DEVICE, "x", &msg) == DEFKV_SUCCESS,
+          "check_pointer of an allocation of the backend: %s", msg.c_str());
+    be.gpu->release(&dev);
 }
 
 std::vector<Case> cases() {
