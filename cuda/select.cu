@@ -317,7 +317,7 @@ __global__ void __launch_bounds__(kThreads) row_counts_kernel(const uint8_t *fla
     __shared__ int64_t sh[kThreads];
     const uint8_t *row = flag + static_cast<int64_t>(blockIdx.x) * L;
     int64_t s = 0;
-    for (int64_t j = threadIdx.x; j < L; j += kThreads) s += row[j];
+    for (int64_t j = threadIdx.x; j < L; j += kThreads) s += row[j] != 0;
     sh[threadIdx.x] = s;
     __syncthreads();
     for (int o = kThreads / 2; o > 0; o >>= 1) {

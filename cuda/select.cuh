@@ -51,7 +51,7 @@ defkv_status add_mul(float *out, const float *a, float eps, const float *b, int6
                      std::string *msg);
 defkv_status max_where(float *out, const float *src, const uint8_t *flag, int64_t n, cudaStream_t stream,
                        std::string *msg);
-// counts[r] = trunc(factor * sum_j flag[r, j]) (Python's int() of the double).
+// counts[r] = trunc(factor * (number of nonzero flag[r, j])) (Python's int() of the double).
 defkv_status row_counts(const uint8_t *flag, int64_t rows, int64_t L, double factor, int64_t *counts,
                         cudaStream_t stream, std::string *msg);
 // keep [rows, L] = the chosen entries of the given mode (backend.hpp TopK). tier may be null.
