@@ -607,10 +607,11 @@ void check_select_ops(Backends &be, const Case &c) {
             for (auto &x : tier) x = static_cast<uint8_t>(rng.next() % 3);
             std::vector<int64_t> counts(static_cast<size_t>(Hk));
             for (auto &x : counts) x = static_cast<int64_t>(rng.next() % (L + 4)) - 2;
-            const int sc = a.add(variant == 2 ? smooth_floats(N, rng, 1.0f) : tied_floats(N, rng, 6, true));
-            const int t = variant != 1 ? a.add(tier) : -1, cn = a.add(counts);
-            const int keep = a.add(random_bytes(N, rng, 2, 1));
             const bool flat = mode == TopK::HEAD_ADAPTIVE || mode == TopK::LAYER_ADAPTIVE;
+            const int sc = a.add(variant == 2 ? smooth_floats(N, rng, 1.0f) : tied_floats(N, rng, 6, true));
+            // tier absent only where the host reference takes it (host::top_k offsets it per row)
+            const int t = variant != 1 || !flat ? a.add(tier) : -1, cn = a.add(counts);
+            const int keep = a.add(random_bytes(N, rng, 2, 1));
             const int64_t k = variant == 0 ? (flat ? N / 3 : L / 3) : (variant == 1 ? (flat ? N + 5 : L + 5) : 1);
             char what[64];
             std::snprintf(what, sizeof what, "top_k mode %d variant %d", static_cast<int>(mode), variant);
