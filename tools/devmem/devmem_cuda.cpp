@@ -17,7 +17,7 @@ public:
     void *alloc(size_t bytes, int fill) override {
         void *p = nullptr;
         if (!ok(cudaMalloc(&p, bytes ? bytes : 1))) return nullptr;
-        if (!ok(cudaMemset(p, fill, bytes))) {
+        if (!ok(cudaMemsetAsync(p, fill, bytes)) || !ok(cudaDeviceSynchronize())) {
             cudaFree(p);
             return nullptr;
         }
@@ -44,8 +44,8 @@ std::unique_ptr<DeviceMemory> open_cuda(std::string *why) {
     int n = 0;
     const cudaError_t e = cudaGetDeviceCount(&n);
     if (e != cudaSuccess || n == 0) {
-        *why = e == cudaErrorInsufficientDriver || e == cudaErrorNoDevice ? "no CUDA driver or device on this machine"
-                                                                          : std::string("CUDA: ") + cudaGetErrorString(e);
+        *why = e == cudaSuccess ? std::string("no CUDA device on this machine")
+                                : std::string("no usable CUDA driver or device: ") + cudaGetErrorString(e);
         return nullptr;
     }
     return std::unique_ptr<DeviceMemory>(new CudaMemory);
