@@ -14,7 +14,8 @@ fn main() {
         _ => match pkg_config::Config::new().atleast_version("0.1").probe("defkv") {
             // pkg-config prints the link flags; it leaves out -L for system directories, which
             // need no run path.
-            Ok(lib) => lib.link_paths.first().map(|p| p.display().to_string()),
+            // (A relocatable defkv.pc gives <prefix>/lib/pkgconfig/../../lib: canonicalized.)
+            Ok(lib) => lib.link_paths.first().map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()).display().to_string()),
             Err(e) => {
                 println!(
                     "cargo:warning=defkv-sys: libdefkv not found through pkg-config ({e}); set \
