@@ -38,8 +38,8 @@ java)
   bin="" ;;
 python)
   export PYTHONPATH=$(echo "$prefix"/lib/python3*/*-packages)
-  python3 consumer.py "$case_file" "$expected"
-  bin="" ;;
+  "${PYTHON:-python3}" consumer.py "$case_file" "$expected"
+  bin=$(echo "$PYTHONPATH"/defkv/_native*.so) ;;
 *) echo "unknown language $lang"; exit 2 ;;
 esac
 # The binary finds libdefkv through its own run path, which points into the prefix only.
@@ -48,7 +48,9 @@ if [[ -n "$bin" ]]; then
   IFS=: read -r -a dirs <<<"$runpath"
   ((${#dirs[@]})) || { echo "error: $bin has no run path"; exit 1; }
   for d in "${dirs[@]}"; do
-    [[ "$d" == "$prefix"/* ]] || { echo "error: $bin has run path entry $d outside the install prefix"; exit 1; }
+    d=${d//\$ORIGIN/$(dirname "$(realpath "$bin")")}
+    d=$(realpath -m "$d")
+    [[ "$d" == "$(realpath "$prefix")"/* ]] || { echo "error: $bin has run path entry $d outside the install prefix"; exit 1; }
   done
   loaded=$(ldd "$bin" | sed -n 's/.*libdefkv.so.0 => \([^ ]*\) .*/\1/p')
   [[ -n "$loaded" && "$(realpath "$loaded")" == "$(realpath "$prefix/lib/libdefkv.so.0")" ]] || { echo "error: $bin does not load the installed libdefkv:"; ldd "$bin"; exit 1; }
