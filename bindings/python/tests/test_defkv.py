@@ -1,5 +1,6 @@
 """Tests of the Python binding: golden conformance (NumPy and DLPack inputs), zero-copy
 compaction, strided views, errors and parameters."""
+import ctypes
 import json
 import os
 import struct
@@ -46,6 +47,38 @@ class Producer:
         return self.a.__dlpack_device__()
 
 
+class _DLTensor(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32),
+                ("ndim", ctypes.c_int32), ("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16),
+                ("shape", ctypes.POINTER(ctypes.c_int64)), ("strides", ctypes.POINTER(ctypes.c_int64)),
+                ("byte_offset", ctypes.c_uint64)]
+
+
+class _Versioned(ctypes.Structure):  # DLManagedTensorVersioned, DLPack 1.x
+    _fields_ = [("major", ctypes.c_uint32), ("minor", ctypes.c_uint32), ("manager_ctx", ctypes.c_void_p),
+                ("deleter", ctypes.c_void_p), ("flags", ctypes.c_uint64), ("dl_tensor", _DLTensor)]
+
+
+class VersionedProducer:
+    """A DLPack 1.x producer (NumPy 1.24 hands out only the classic capsule): a
+    'dltensor_versioned' capsule over a NumPy array, optionally flagged read-only."""
+
+    def __init__(self, a, read_only=False):
+        self.a, self.read_only = a, read_only
+
+    def __dlpack__(self, stream=None, max_version=None):
+        if max_version is None or max_version[0] < 1:
+            raise AssertionError("the consumer did not ask for DLPack 1.x")
+        a = self.a
+        self.shape = (ctypes.c_int64 * a.ndim)(*a.shape)
+        self.strides = (ctypes.c_int64 * a.ndim)(*(s // a.itemsize for s in a.strides))
+        t = _DLTensor(a.ctypes.data, 1, 0, a.ndim, 2, 32, 1, self.shape, self.strides, 0)
+        self.m = _Versioned(1, 0, None, None, 1 if self.read_only else 0, t)
+        new = ctypes.pythonapi.PyCapsule_New
+        new.restype, new.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+        return new(ctypes.addressof(self.m), b"dltensor_versioned", None)
+
+
 class GoldenTest(unittest.TestCase):
     def test_every_case_and_method_matches_exactly(self):
         checked = 0
@@ -81,6 +114,19 @@ class DlpackTest(unittest.TestCase):
         self.assertGreater(len(want.indices), 0)
         np.testing.assert_array_equal(got.indices, want.indices)
         np.testing.assert_array_equal(caps.keep_mask, want.keep_mask)
+
+    def test_versioned_dlpack(self):
+        k, v = self.k.copy(), self.v.copy()
+        with defkv.Context() as ctx:
+            want = ctx.select(self.p, self.q, self.k, self.v, self.o)
+            got = ctx.select(self.p, VersionedProducer(self.q), VersionedProducer(k[:, ::1]), VersionedProducer(v),
+                             VersionedProducer(self.o))
+            with self.assertRaises(defkv.Error) as e:
+                ctx.compact_inplace(got, keys=VersionedProducer(k, read_only=True), values=VersionedProducer(v))
+            self.assertIn("read-only", e.exception.message)
+            ctx.compact_inplace(got, keys=VersionedProducer(k), values=VersionedProducer(v))
+        np.testing.assert_array_equal(got.indices, want.indices)
+        np.testing.assert_array_equal(k[1, :len(got.kept(1))], self.k[1, got.kept(1)])
 
     def test_compaction_through_dlpack_writes_the_producers_memory(self):
         k, v = self.k.copy(), self.v.copy()
