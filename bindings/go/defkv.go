@@ -103,7 +103,9 @@ type Error struct {
 	Message string
 }
 
-func (e *Error) Error() string { return fmt.Sprintf("defkv: %s (%d): %s", e.Code, int32(e.Code), e.Message) }
+func (e *Error) Error() string {
+	return fmt.Sprintf("defkv: %s (%d): %s", e.Code, int32(e.Code), e.Message)
+}
 
 // Version is the library version string.
 func Version() string { return raw.Defkv_version_string() }
@@ -199,7 +201,9 @@ func DeviceTensor(addr uintptr, memory Memory, dtype Dtype, byteOffset int64, sh
 // WithStrides sets per-dimension element strides on a contiguous tensor; host tensors check
 // that every element reached lies inside the slice. To view a slice larger than the logical
 // shape (a cache with spare capacity) use F32View / HalfView.
-func (t *Tensor) WithStrides(strides ...int64) (*Tensor, error) { return t.strided("WithStrides", strides) }
+func (t *Tensor) WithStrides(strides ...int64) (*Tensor, error) {
+	return t.strided("WithStrides", strides)
+}
 
 func (t *Tensor) strided(fn string, strides []int64) (*Tensor, error) {
 	if len(t.shape) < 1 || len(t.shape) > 4 {
