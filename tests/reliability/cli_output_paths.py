@@ -281,7 +281,7 @@ def signal_while_writing_case(signum):
         d = fresh_dir(ctx, "sig-%d" % signum)
         out = os.path.join(d, "out.safetensors")
         stem = "out.safetensors.tmp."
-        for attempt, L in enumerate((100000, 200000, 400000, 400000, 800000, 800000)):
+        for attempt, L in enumerate((100000, 100000, 200000, 200000, 400000, 400000)):
             src = big_input(ctx, L)
             cmd = [ctx.prog, "compress", "--input", src, "--output", out, "--method", "snapkv", "--compact",
                    "--threads", "1"]
