@@ -9,10 +9,13 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 #include <defkv/defkv.h>
 
 #include "cmd_common.hpp"
 #include "devmem.hpp"
+#include "file_output.hpp"
 #include "safetensors.hpp"
 
 namespace defkv_cli {
@@ -249,10 +252,17 @@ int run(const Options& o) {
             if (defkv_method_name(m)) known += std::string(known.empty() ? "" : ", ") + defkv_method_name(m);
         return error(kExitUsage, "compress: --method '" + o.method_name + "' is unknown (one of: " + known + ")");
     }
-    if (o.input == o.output) return error(kExitUsage, "compress: --output must differ from --input");
+    std::string err;
+    // By identity, not spelling: "./in.st", a symbolic or a hard link to the input are the input.
+    if (defkv_st::same_existing_file(o.input, o.output))
+        return error(kExitUsage, "compress: --output " + o.output + " is the same file as --input " + o.input +
+                                     " (it would be destroyed); give another output path");
+    // Refuse an output that can never be written (a directory, ...) before doing the work.
+    defkv_st::OutputKind output_kind;
+    if (!defkv_st::classify_output(o.output, &output_kind, &err)) return error(kExitError, "--output " + err);
+    defkv_st::install_temp_file_cleanup();
 
     SafeFile file;
-    std::string err;
     if (!defkv_st::read_safetensors(o.input, &file, &err)) return error(kExitError, "--input " + err);
 
     // Layers: layers.0 .. layers.{n-1}, each with keys; metadata n_layers must agree.
@@ -536,15 +546,17 @@ int run(const Options& o) {
     meta["defkv_version"] = defkv_version_string();
     if (!defkv_st::write_safetensors(o.output, out, meta, &err)) return error(kExitError, "--output " + err);
 
+    // The summary goes to stdout, unless the result itself went there (--output /dev/stdout).
+    FILE* summary = defkv_st::same_file_as_fd(o.output, STDOUT_FILENO) ? stderr : stdout;
     for (size_t i = 0; i < layers.size(); ++i) {
         std::string heads;
         for (int32_t h : results[i].head_lens) heads += (heads.empty() ? "" : " ") + std::to_string(h);
-        std::printf("layer %zu: kept per head [%s] = %lld of %lld entries, %.3f ms\n", i, heads.c_str(),
+        std::fprintf(summary, "layer %zu: kept per head [%s] = %lld of %lld entries, %.3f ms\n", i, heads.c_str(),
                     static_cast<long long>(results[i].kept), static_cast<long long>(layers[i].Hk * layers[i].L),
                     results[i].ms);
     }
-    if (method == DEFKV_METHOD_LAYER_DEFENSIVEKV) std::printf("global selection: %.3f ms\n", global_ms);
-    std::printf("%s: %s, %lld layers, %lld entries kept, backend %s -> %s\n", meta["method"].c_str(),
+    if (method == DEFKV_METHOD_LAYER_DEFENSIVEKV) std::fprintf(summary, "global selection: %.3f ms\n", global_ms);
+    std::fprintf(summary, "%s: %s, %lld layers, %lld entries kept, backend %s -> %s\n", meta["method"].c_str(),
                 meta["selection"].c_str(), static_cast<long long>(n_layers), static_cast<long long>(total_kept),
                 meta["backend"].c_str(), o.output.c_str());
     return kExitOk;
