@@ -126,7 +126,15 @@ defkv_status compact_impl(defkv_context &ctx, const char *fn, const defkv_layer 
                                                                : "");
     const int64_t Hk = li.Hk, d = li.d, nh = Hk * static_cast<int64_t>(li.seqs.size());
     if (host_sel) DEFKV_FORWARD(check_host_selection(li, *sel, msg));
+    else {
+        DEFKV_FORWARD(be.check_pointer(sel->cu_seqlens, sel->memory, "sel->cu_seqlens", msg));
+        DEFKV_FORWARD(be.check_pointer(sel->indices, sel->memory, "sel->indices", msg));
+    }
     View kout, vout;
+    if (!inplace && keys_out && values_out)
+        for (const defkv_tensor *t : {keys_out, values_out})
+            if (t->memory != DEFKV_MEMORY_HOST && t->data)
+                DEFKV_FORWARD(be.check_pointer(t->data, t->memory, t == keys_out ? "keys_out" : "values_out", msg));
     if (!inplace) DEFKV_FORWARD(resolve_outputs(li, keys_out, values_out, host_sel ? sel->cu_seqlens[nh] : -1, &kout, &vout, msg));
     Buf cu, idx;
     DEFKV_FORWARD(selection_buffers(ctx, *sel, nh, &cu, &idx, msg));

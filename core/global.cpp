@@ -129,6 +129,7 @@ defkv_status layer_selection_impl(defkv_global &g, int32_t layer_index, defkv_se
     if (out->memory != DEFKV_MEMORY_HOST && out->memory != be.memory())
         DEFKV_FAIL(DEFKV_ERROR_UNSUPPORTED, "out->memory is %d; the %s backend writes host (0) or its own device memory (%d)",
                    out->memory, be.name(), be.memory());
+    DEFKV_FORWARD(check_output_pointers(be, *out, msg));
     int64_t bound = 0; // a layer keeps at most all of its entries
     for (int64_t L : g.seq_lens) bound += g.Hk * L;
     if (out->memory != DEFKV_MEMORY_HOST && out->indices && out->indices_capacity < bound)

@@ -138,7 +138,7 @@ void top_k(TopK mode, const float *score, const uint8_t *tier, int64_t rows, int
     case TopK::PER_HEAD:
     case TopK::PER_HEAD_BUDGET:
         for (int64_t r = 0; r < rows; r++)
-            select_top(score + r * L, tier + r * L, L, mode == TopK::PER_HEAD ? k : counts[r], keep + r * L, scratch);
+            select_top(score + r * L, tier ? tier + r * L : nullptr, L, mode == TopK::PER_HEAD ? k : counts[r], keep + r * L, scratch);
         break;
     case TopK::HEAD_ADAPTIVE: select_top(score, tier, N, k, keep, scratch); break;
     case TopK::LAYER_ADAPTIVE: select_top_global(score, tier, N, k, keep, scratch); break;

@@ -47,6 +47,15 @@ defkv_status check_scores_finite(Exec &x, const Params &p, const std::vector<Seq
     return DEFKV_SUCCESS;
 }
 
+defkv_status check_output_pointers(const Backend &be, const defkv_selection &out, std::string *msg) {
+    if (out.memory == DEFKV_MEMORY_HOST) return DEFKV_SUCCESS;
+    const void *ptrs[] = {out.head_lens, out.cu_seqlens, out.indices, out.keep_mask, out.scores};
+    const char *names[] = {"head_lens", "cu_seqlens", "indices", "keep_mask", "scores"};
+    for (int i = 0; i < 5; i++)
+        if (ptrs[i]) DEFKV_FORWARD(be.check_pointer(ptrs[i], out.memory, names[i], msg));
+    return DEFKV_SUCCESS;
+}
+
 namespace {
 
 int64_t total_entries(int64_t Hk, const std::vector<SeqResult> &res) {

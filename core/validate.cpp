@@ -272,6 +272,8 @@ defkv_status resolve_layer(const defkv_context &ctx, const defkv_layer *layer, c
             if (v->present() && !be.accepts(v->memory))
                 DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "%s: layer->seqs[%d]: a tensor has memory kind %d, which the %s backend does not read",
                            fn, b, v->memory, be.name());
+            else if (v->present() && v->memory != DEFKV_MEMORY_HOST)
+                DEFKV_FORWARD(be.check_pointer(v->handle, v->memory, "a tensor of layer->seqs", msg));
     }
     if (li.total_entries > kIndexMax)
         DEFKV_FAIL(DEFKV_ERROR_SIZE_OVERFLOW, "%s: the batch has %lld cache entries, more than int32 cu_seqlens can address",
