@@ -142,6 +142,7 @@ static void test_inplace_keys_values_alias(void **state) {
     assert_int_equal(defkv_compact_inplace(ctx, &lay, &o.sel), DEFKV_SUCCESS);
     /* the latent cache: one buffer passed as keys and values */
     float *latent = (float *)rel_xmalloc((size_t)(n + d) * 4);
+    memset(latent, 0, (size_t)(n + d) * 4);
     memcpy(latent, rl.k[0], (size_t)n * 4);
     sq.keys.data = latent;
     sq.values = sq.keys;
