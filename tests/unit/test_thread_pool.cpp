@@ -10,6 +10,7 @@ extern "C" {
 #include <cmocka.h>
 }
 #include <atomic>
+#include <chrono>
 #include <new>
 #include <stdexcept>
 #include <thread>
@@ -30,6 +31,8 @@ static void test_worker_exception_reaches_caller(void **) {
         bool caught = false;
         try {
             pool.parallel_for(64, [&](int64_t i) {
+                // items take a while, so the workers (woken after the caller starts) get some
+                std::this_thread::sleep_for(std::chrono::microseconds(50));
                 if (std::this_thread::get_id() != caller && i % 7 == 3) throw std::bad_alloc();
                 done++;
             });
