@@ -67,7 +67,7 @@ if want tsan; then
 step "TSan build (build-tsan)"
 cmake -S . -B build-tsan "${COMMON[@]}" -DDEFKV_TSAN=ON -DDEFKV_BUILD_TOOLS=OFF >/dev/null
 # only the multithreaded tests (and what they link): keeps the job short
-build_targets build-tsan rel_test_concurrency rel_test_determinism test_determinism test_thread_pool
+build_targets build-tsan rel_test_concurrency rel_test_determinism test_determinism test_thread_pool rel_test_hardening
 export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:suppressions=$PWD/.ci/tsan.supp"
 step "TSan: multithreaded tests"
 run_ctest build-tsan -L threads

@@ -9,6 +9,7 @@
 #include <setjmp.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
@@ -457,8 +458,8 @@ typedef struct hammer {
     const defkv_params *p;
     const rel_out *ref;
     int64_t n_entries;
-    volatile int *stop;
-    int64_t calls, ok, busy, wrong;
+    atomic_int *stop;
+    atomic_llong calls, ok, busy, wrong; /* read by the main thread while the hammers run */
 } hammer;
 
 static void *hammer_run(void *arg) {
@@ -496,12 +497,13 @@ static void test_in_use_guard(void **state) {
     rel_out ref;
     rel_out_init(&ref, 4, rl.total_entries);
     assert_int_equal(defkv_select(ctx, &p, &rl.layer, &ref.sel), DEFKV_SUCCESS);
-    volatile int stop = 0;
+    atomic_int stop = 0;
     hammer h[2];
     pthread_t t[2];
     for (int i = 0; i < 2; i++) {
-        hammer x = {ctx, &rl.layer, &p, &ref, rl.total_entries, &stop, 0, 0, 0, 0};
-        h[i] = x;
+        h[i].ctx = ctx, h[i].layer = &rl.layer, h[i].p = &p, h[i].ref = &ref, h[i].n_entries = rl.total_entries;
+        h[i].stop = &stop;
+        atomic_init(&h[i].calls, 0), atomic_init(&h[i].ok, 0), atomic_init(&h[i].busy, 0), atomic_init(&h[i].wrong, 0);
     }
     const time_t t0 = time(NULL);
     for (int i = 0; i < 2; i++) assert_int_equal(pthread_create(&t[i], NULL, hammer_run, &h[i]), 0);
