@@ -109,7 +109,7 @@ private:
     defkv_status key_norm_host(const SeqViews &in, const SeqShape &s, float *out, std::string *msg);
     void projected_norm_fused(const SeqViews &in, const SeqShape &s, int64_t n_tokens, float *out);
     ThreadPool *pool_;
-    int32_t n_threads_;
+    [[maybe_unused]] int32_t n_threads_;
 };
 
 defkv_status CpuBackend::attention_host(const SeqViews &in, const SeqShape &s, const AttentionRequest &req,

@@ -63,7 +63,7 @@ int safety(const defkv_tensor &t, int64_t bytes) {
         ext += (__int128)(shape[i] - 1) * stride[i];
         count *= shape[i];
         if (ext > std::numeric_limits<int64_t>::max() / 8 || count > ((__int128)1 << 62)) {
-            return ext > std::numeric_limits<int64_t>::max() / 8 && ext * 4 > std::numeric_limits<int64_t>::max() ? 2 : 0;
+            return ext > std::numeric_limits<int64_t>::max() / 4 ? 2 : 0; // (ext * 4 could overflow __int128)
         }
     }
     const __int128 need = (ext + 1) * dsize(t.dtype) + t.byte_offset;
@@ -195,8 +195,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     // Output arrays placed over each other (in-bounds of the real vectors): must be rejected.
     bool outputs_overlap = false;
     switch (r.u8() % 8) {
-    case 1: if (sel.indices) sel.keep_mask = reinterpret_cast<uint8_t *>(idx.data()), outputs_overlap = true; break;
-    case 2: if (sel.indices) sel.scores = reinterpret_cast<float *>(idx.data()), outputs_overlap = true; break;
+    // (indices span indices_capacity elements: with capacity 0 nothing overlaps it)
+    case 1: if (sel.indices && sel.indices_capacity > 0) sel.keep_mask = reinterpret_cast<uint8_t *>(idx.data()), outputs_overlap = true; break;
+    case 2: if (sel.indices && sel.indices_capacity > 0) sel.scores = reinterpret_cast<float *>(idx.data()), outputs_overlap = true; break;
     case 3: if (sel.cu_seqlens && sel.head_lens) sel.head_lens = cu.data() + 1, outputs_overlap = true; break;
     case 4: if (sel.scores) sel.keep_mask = reinterpret_cast<uint8_t *>(sc.data()) + 1, outputs_overlap = true; break;
     default: break;
