@@ -75,11 +75,17 @@ void top_rows(const float *score, const uint8_t *rank_tier, const uint8_t *bad, 
 }
 
 float masked_max(const float *x, const uint8_t *bad, int64_t rows, int64_t n, int64_t ld) {
+    // No eligible entry (every prefix entry ranked lowest): 0, not -inf, so that the window
+    // filled with this value stays finite and ranks above the bad entries (-inf).
     float mx = -std::numeric_limits<float>::infinity();
+    bool any = false;
     for (int64_t r = 0; r < rows; r++)
         for (int64_t j = 0; j < n; j++)
-            if (!(bad && bad[r * ld + j]) && x[r * ld + j] > mx) mx = x[r * ld + j];
-    return mx;
+            if (!(bad && bad[r * ld + j])) {
+                any = true;
+                if (x[r * ld + j] > mx) mx = x[r * ld + j];
+            }
+    return any ? mx : 0.0f;
 }
 
 void fill(float *x, int64_t rows, int64_t L, int64_t j0, int64_t j1, float value) {

@@ -104,8 +104,9 @@ defkv_status resolve_params(const defkv_params *in, Params *out, std::string *ms
         DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "params->budget is %lld, expected 0 (use the ratio) or a positive count",
                    (long long)full.budget);
     if (full.window < 1) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "params->window is %d, expected >= 1", full.window);
-    if (full.kernel < 1 || full.kernel % 2 == 0)
-        DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "params->kernel is %d, expected an odd number >= 1", full.kernel);
+    if (full.kernel < 1 || full.kernel % 2 == 0 || full.kernel > DEFKV_KERNEL_MAX)
+        DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "params->kernel is %d, expected an odd number in [1, %d] (DEFKV_KERNEL_MAX)",
+                   full.kernel, DEFKV_KERNEL_MAX);
     if (full.budget > 0 && full.budget < full.window)
         DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "params->budget is %lld, below the window (%d): the window is always kept",
                    (long long)full.budget, full.window);
