@@ -69,7 +69,7 @@ struct RankLocal {
     const float *s;
     const uint8_t *t;
     bool operator()(int64_t x, int64_t y) const {
-        uint8_t tx = t ? t[x] : TIER_NORMAL, ty = t ? t[y] : TIER_NORMAL;
+        uint8_t tx = t ? t[x] : uint8_t(TIER_NORMAL), ty = t ? t[y] : uint8_t(TIER_NORMAL);
         if (tx != ty) return tx > ty;
         if (s[x] != s[y]) return s[x] > s[y];
         return x < y;
@@ -82,7 +82,7 @@ struct RankGlobal {
         bool bx = t && t[x] == TIER_BAD, by = t && t[y] == TIER_BAD;
         if (bx != by) return by;
         if (s[x] != s[y]) return s[x] > s[y];
-        uint8_t tx = t ? t[x] : TIER_NORMAL, ty = t ? t[y] : TIER_NORMAL;
+        uint8_t tx = t ? t[x] : uint8_t(TIER_NORMAL), ty = t ? t[y] : uint8_t(TIER_NORMAL);
         if (tx != ty) return tx > ty;
         return x < y;
     }
@@ -109,6 +109,7 @@ void select_top(const float *score, const uint8_t *tier, int64_t n, int64_t k, u
 }
 
 void select_top_global(const float *score, const uint8_t *tier, int64_t n, int64_t k, uint8_t *keep, int64_t *scratch) {
+    if (n <= 0) return; // nothing to mark (and tells GCC the fill below is bounded: -Wstringop-overflow)
     k = std::max<int64_t>(0, std::min(k, n));
     partition_top(n, k, scratch, RankGlobal{score, tier});
     std::fill(keep, keep + n, 0);
