@@ -31,18 +31,17 @@ fi
 if ctest -j2 --output-on-failure --no-tests=error --timeout 1500 2>&1 | tee ctest-output.log; then rc=0; else rc=$?; fi
 
 # Skipped tests and their reasons (from CTest's own log), then the checks, then the summary.
-python3 - Testing/Temporary/LastTest.log "${DEFKV_TEST_ALLOW_SKIP:-}" <<'EOF' || rc=1
+python3 - ctest-output.log Testing/Temporary/LastTest.log "${DEFKV_TEST_ALLOW_SKIP:-}" <<'EOF' || rc=1
 import re, sys
-log = open(sys.argv[1], errors="replace").read()
-allow = sys.argv[2]
+console = open(sys.argv[1], errors="replace").read()
+log = open(sys.argv[2], errors="replace").read()
+allow = sys.argv[3]
+# CTest's closing list on the console: "\t138 - gpu_cuda_parity (Skipped)" (its log says "Passed").
+names = re.findall(r"^\s+\d+ - (\S+) \((?:Skipped|Disabled)\)$", console, re.M)
 skipped = []
-# One block per test: "N/M Test: name" ... "Output:" ... "<end of output>" ... "Test Skipped"
-for m in re.finditer(r"^\d+/\d+ Test: (\S+)\n(.*?)^\"\1\" end time", log, re.S | re.M):
-    name, body = m.group(1), m.group(2)
-    if "Test Skipped" not in body and "Test Disabled" not in body:
-        continue
-    out = body.split("Output:\n", 1)[-1].split("<end of output>", 1)[0]
-    lines = [l.strip(" -") for l in out.splitlines() if l.strip(" -")]
+for name in names:
+    m = re.search(r"^\d+/\d+ Test: " + re.escape(name) + r"\n.*?^Output:\n-+\n(.*?)^<end of output>", log, re.S | re.M)
+    lines = [l.strip() for l in (m.group(1) if m else "").splitlines() if l.strip()]
     reason = next((l for l in lines if re.search(r"skip", l, re.I)), lines[-1] if lines else "(no reason printed)")
     skipped.append((name, reason))
 print()
