@@ -30,7 +30,8 @@ if [[ -z $total || $total -eq 0 ]]; then
 fi
 if ctest -j2 --output-on-failure --no-tests=error --timeout 1500 2>&1 | tee ctest-output.log; then rc=0; else rc=$?; fi
 
-# Skipped tests and their reasons (from CTest's own log), then the checks, then the summary.
+# The skipped tests (CTest's console list) with the reason each printed (its LastTest.log), then the
+# ran-everything check, then CTest's summary line again, last.
 python3 - ctest-output.log Testing/Temporary/LastTest.log "${DEFKV_TEST_ALLOW_SKIP:-}" <<'EOF' || rc=1
 import re, sys
 console = open(sys.argv[1], errors="replace").read()
