@@ -242,12 +242,17 @@ DEFKV_API void defkv_params_default(defkv_params *params);
  * captured in a CUDA graph. The results are complete when the stream reaches that point; for
  * head_lens on the host, copy them (cudaMemcpyAsync + stream synchronise) yourself.
  * defkv_compact_inplace / defkv_compact_varlen accept such a selection and stay on the stream
- * too (host-memory tensors are staged and synchronised). Methods with a device-resident path:
- * defensivekv and layer-defensivekv (others return DEFKV_ERROR_UNSUPPORTED: use host memory).
+ * too (host-memory tensors are staged and synchronised). Every method has a device-resident
+ * path (earlier builds had one for defensivekv and layer-defensivekv only); the layer-adaptive
+ * defkv_global_* keeps every layer's scores on the device when the caches are there.
  * Not checked on this path: non-finite inputs (use DEFKV_MEMORY_HOST outputs for that check),
  * and the contents of a device selection given to compaction (it must be defkv_select's).
+ * indices_capacity must cover the upper bound defkv_kept_count gives (a layer of the
+ * layer-adaptive selection: all of its entries), since the exact count is on the device.
  * With memory = DEFKV_MEMORY_VULKAN_BUFFER on a Vulkan context, each pointer holds a VkBuffer
- * handle (cast to the pointer type, data at offset 0) of the context's device. */
+ * handle (cast to the pointer type, data at offset 0) of the context's device; the work is
+ * submitted to the context's queue before the call returns, and the results are complete when
+ * the queue is idle (vkQueueWaitIdle, or a fence on a later submission of yours). */
 typedef struct defkv_selection {
     uint32_t struct_size; /* sizeof(defkv_selection) */
     int32_t memory;       /* defkv_memory of the pointers below; DEFKV_MEMORY_HOST (0), or the

@@ -6,6 +6,7 @@ pub const DEFKV_VERSION_PATCH: u32 = 0;
 pub const DEFKV_ABI_VERSION: u32 = 0;
 pub const DEFKV_VERSION_NUMBER: u32 = 100;
 pub const DEFKV_MAX_DIMS: u32 = 4;
+pub const DEFKV_KERNEL_MAX: u32 = 255;
 pub type __uint8_t = ::std::os::raw::c_uchar;
 pub type __int32_t = ::std::os::raw::c_int;
 pub type __uint32_t = ::std::os::raw::c_uint;
