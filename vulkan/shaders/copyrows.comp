@@ -3,15 +3,14 @@
 //   dst[dst_base + map[2 (map_base + r) + 1] + i * d_step] = src[src_base + map[2 (map_base + r)] + i * s_step]
 // (element offsets, raw bits copied). 16-bit elements are written with two atomics on
 // disjoint halves of their word, so neighbouring rows may share words.
+#extension GL_GOOGLE_include_directive : enable
+#include "push.h"
 layout(local_size_x = 64, local_size_y = 4) in;
 
-layout(std430, binding = 0) readonly buffer BS { uint src[]; };
-layout(std430, binding = 1) buffer BD { uint dst[]; };
-layout(std430, binding = 3) readonly buffer BMap { uint map[]; };
-layout(push_constant) uniform PC {
-    uint esize, n_rows, d, s_step;
-    uint d_step, src_base, dst_base, map_base;
-} pc;
+layout(std430, binding = B_Q) readonly buffer BS { uint src[]; };
+layout(std430, binding = B_K) buffer BD { uint dst[]; };
+layout(std430, binding = B_MASK) readonly buffer BMap { uint map[]; };
+layout(push_constant) uniform Push { PcCopyRows pc; };
 
 void main() {
     const uint i = gl_GlobalInvocationID.x;
