@@ -96,7 +96,8 @@ struct PcCopySel {
 #define DEFKV_TIER_NORMAL 1u
 #define DEFKV_TIER_MUST 2u
 // Slots of the selection shaders. Arrays of f32, u8 and i32/i64 are bound as words; `*_base` is
-// the element (f32, i32), byte (u8) or i64 (counts) offset inside the bound window.
+// the element (f32, i32) or byte (u8) offset inside the bound window; i64 counts and f64 omega
+// are addressed in 32-bit words (c_base), so they need only 4-byte alignment.
 #define B_SEL_X 0     // the f32 array an op writes (scores)
 #define B_SEL_A 1     // a second f32 input (source row, value, pn, b)
 #define B_SEL_T 2     // u8 tiers
@@ -121,6 +122,7 @@ struct PcRowFill {
 #define BYTES_FILL 0u     // o[i] = value
 #define BYTES_SET_TIER 1u // o[i] = value where j = i % L in [j0, j1) and (no flag or f[i])
 #define BYTES_MARK_BAD 2u // where f[i]: o[i] = TIER_BAD, x[i] = -inf
+#define BYTES_COPY 3u     // o[i] = f[i] (any byte alignment; the ranges must not overlap)
 struct PcBytes {
     u32 mode, n, L, j0;
     u32 j1, value, has_flag, o_base;

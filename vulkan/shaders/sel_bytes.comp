@@ -1,5 +1,5 @@
 #version 450
-// Byte outputs (fill_bytes, set_tier, mark_bad): one invocation per word of the u8 output o,
+// Byte outputs (fill_bytes, copy, set_tier, mark_bad): one invocation per word of the u8 output o,
 // which it owns whole (its other bytes are written back unchanged), grid-stride (PcBytes).
 #extension GL_GOOGLE_include_directive : enable
 #include "push.h"
@@ -26,6 +26,8 @@ void main() {
                 const uint j = i % pc.L;
                 if (j >= pc.j0 && j < pc.j1 && (pc.has_flag == 0u || flag_at(pc.f_base + i) != 0u))
                     word = (word & ~(0xffu << sh)) | (pc.value << sh);
+            } else if (pc.mode == BYTES_COPY) {
+                word = (word & ~(0xffu << sh)) | (flag_at(pc.f_base + i) << sh);
             } else if (flag_at(pc.f_base + i) != 0u) { // BYTES_MARK_BAD
                 word = (word & ~(0xffu << sh)) | (DEFKV_TIER_BAD << sh);
                 x[pc.x_base + i] = 0xff800000u;

@@ -19,7 +19,7 @@ DEFKV_BYTE_LOADER(flag_at, f)
 
 uint count_of(uint s) {
     if (pc.has_counts == 0u) return min(pc.count, pc.seg_len);
-    const uint lo = counts[2u * (pc.c_base + s)], hi = counts[2u * (pc.c_base + s) + 1u];
+    const uint lo = counts[pc.c_base + 2u * s], hi = counts[pc.c_base + 2u * s + 1u];
     if (int(hi) < 0) return 0u;
     return hi != 0u ? pc.seg_len : min(lo, pc.seg_len);
 }

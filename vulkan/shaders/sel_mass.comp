@@ -20,7 +20,7 @@ shared uint count;
 void main() {
     const uint t = gl_LocalInvocationID.x, k = gl_WorkGroupID.x;
     if (t == 0u) {
-        const uint o = 2u * (pc.c_base + pc.omega_index);
+        const uint o = pc.c_base + 2u * pc.omega_index;
         const double tau = f2d(d2f_bits(read_f64(pc.thr_lo, pc.thr_hi) - read_f64(omega[o], omega[o + 1u])));
         uint cum = 0u, c = 0u;
         for (uint i = 0u; i < pc.P; i++) {

@@ -34,6 +34,6 @@ void main() {
         w.x = uaddCarry(~w.x, 1u, carry);
         w.y = ~w.y + carry;
     }
-    counts[2u * (pc.c_base + r)] = w.x;
-    counts[2u * (pc.c_base + r) + 1u] = w.y;
+    counts[pc.c_base + 2u * r] = w.x;
+    counts[pc.c_base + 2u * r + 1u] = w.y;
 }
