@@ -45,6 +45,14 @@ struct Buf {
     }
 };
 
+// Host memory as a buffer (tests, benchmarks, the CPU backend).
+inline Buf host_buf(void *p, int64_t bytes) {
+    Buf b;
+    b.handle = p;
+    b.bytes = bytes;
+    return b;
+}
+
 // Shapes of one sequence of one layer.
 struct SeqShape {
     int64_t H = 0, Hk = 0, G = 0, d = 0, L = 0, W = 0, P = 0, D = 0;

@@ -29,6 +29,16 @@ namespace {
 
 constexpr int64_t kTokenTile = 512;
 
+// The attention op's outputs as host pointers (null: not requested).
+struct AttentionRequest {
+    float scale = 0.0f;
+    int32_t kernel = 5;
+    const uint8_t *masked = nullptr;
+    float *mean_w = nullptr, *def_max = nullptr, *def_avg = nullptr;
+    double *omega_official = nullptr, *omega_window = nullptr;
+    float *last_row_mean = nullptr;
+};
+
 // 32-byte aligned storage for packed panels.
 template <class T> struct AlignedAlloc {
     using value_type = T;
@@ -56,23 +66,44 @@ public:
     int32_t kind() const override { return DEFKV_BACKEND_CPU; }
     const char *name() const override { return "cpu"; }
 
-    defkv_status attention(const SeqViews &in, const SeqShape &s, const AttentionRequest &req,
-                           std::string *msg) override;
-    defkv_status projected_norm(const SeqViews &in, const SeqShape &s, int64_t n_tokens, const uint8_t *masked,
-                                float *out, std::string *msg) override;
-    defkv_status key_norm(const SeqViews &in, const SeqShape &s, float *out, std::string *msg) override;
-    defkv_status compact_inplace(const View &t, int64_t Hk, int64_t L, int64_t d, const int32_t *cu,
-                                 const int32_t *idx, std::string *msg) override;
-    defkv_status compact_varlen(const View &src, int64_t Hk, int64_t d, const int32_t *cu, const int32_t *idx,
+    defkv_status attention(const SeqViews &in, const SeqShape &s, float scale, int32_t kernel, const Buf &masked,
+                           const AttentionOut &out, std::string *msg) override {
+        AttentionRequest req;
+        req.scale = scale;
+        req.kernel = kernel;
+        req.masked = masked.ptr<uint8_t>();
+        req.mean_w = out.mean_w.ptr<float>();
+        req.def_max = out.def_max.ptr<float>();
+        req.def_avg = out.def_avg.ptr<float>();
+        double *om = out.omega.ptr<double>();
+        req.omega_official = om;
+        req.omega_window = om ? om + 1 : nullptr;
+        req.last_row_mean = out.last_row_mean.ptr<float>();
+        return attention_host(in, s, req, msg);
+    }
+    defkv_status projected_norm(const SeqViews &in, const SeqShape &s, int64_t n_tokens, const Buf &masked,
+                                const Buf &out, std::string *msg) override {
+        return projected_norm_host(in, s, n_tokens, masked.ptr<uint8_t>(), out.ptr<float>(), msg);
+    }
+    defkv_status key_norm(const SeqViews &in, const SeqShape &s, const Buf &out, std::string *msg) override {
+        return key_norm_host(in, s, out.ptr<float>(), msg);
+    }
+    defkv_status compact_inplace(const View &t, int64_t Hk, int64_t L, int64_t d, const Buf &cu, const Buf &idx,
+                                 int64_t head0, std::string *msg) override;
+    defkv_status compact_varlen(const View &src, int64_t Hk, int64_t d, const Buf &cu, const Buf &idx, int64_t head0,
                                 const View &dst, std::string *msg) override;
 
 private:
+    defkv_status attention_host(const SeqViews &in, const SeqShape &s, const AttentionRequest &req, std::string *msg);
+    defkv_status projected_norm_host(const SeqViews &in, const SeqShape &s, int64_t n_tokens, const uint8_t *masked,
+                                     float *out, std::string *msg);
+    defkv_status key_norm_host(const SeqViews &in, const SeqShape &s, float *out, std::string *msg);
     void projected_norm_fused(const SeqViews &in, const SeqShape &s, int64_t n_tokens, float *out);
     ThreadPool *pool_;
     int32_t n_threads_;
 };
 
-defkv_status CpuBackend::attention(const SeqViews &in, const SeqShape &s, const AttentionRequest &req,
+defkv_status CpuBackend::attention_host(const SeqViews &in, const SeqShape &s, const AttentionRequest &req,
                                    std::string *msg) {
     (void)msg;
     const int64_t H = s.H, G = s.G, W = s.W, L = s.L, P = s.P, d = s.d;
@@ -180,7 +211,7 @@ defkv_status CpuBackend::attention(const SeqViews &in, const SeqShape &s, const 
 // The projected value norm, the dominant cost of the CriticalKV family (see
 // projected_norm_fused). Each row's |x| sum runs in 8 lanes (column x into lane x % 8,
 // ascending), combined pairwise, then the last D % 8 columns in order.
-defkv_status CpuBackend::projected_norm(const SeqViews &in, const SeqShape &s, int64_t n_tokens,
+defkv_status CpuBackend::projected_norm_host(const SeqViews &in, const SeqShape &s, int64_t n_tokens,
                                         const uint8_t *masked, float *out, std::string *msg) {
     (void)msg;
     const int64_t G = s.G, Hk = s.Hk;
@@ -339,7 +370,7 @@ void CpuBackend::projected_norm_fused(const SeqViews &in, const SeqShape &s, int
     }
 }
 
-defkv_status CpuBackend::key_norm(const SeqViews &in, const SeqShape &s, float *out, std::string *msg) {
+defkv_status CpuBackend::key_norm_host(const SeqViews &in, const SeqShape &s, float *out, std::string *msg) {
     (void)msg;
     const View &kv = in.keys;
     const int64_t L = s.L, d = s.d;
@@ -367,10 +398,11 @@ void copy_row(const View &src, int64_t soff, const View &dst, int64_t doff, int6
     for (int64_t i = 0; i < d; i++) std::memmove(db + (doff + i * ds) * es, src.base + (soff + i * ss) * es, es);
 }
 
-defkv_status CpuBackend::compact_inplace(const View &t, int64_t Hk, int64_t L, int64_t d, const int32_t *cu,
-                                         const int32_t *idx, std::string *msg) {
+defkv_status CpuBackend::compact_inplace(const View &t, int64_t Hk, int64_t L, int64_t d, const Buf &cub,
+                                         const Buf &idxb, int64_t head0, std::string *msg) {
     (void)msg;
     (void)L;
+    const int32_t *cu = cub.ptr<int32_t>() + head0, *idx = idxb.ptr<int32_t>();
     // Heads never share rows (validated), so heads run in parallel; within a head, kept rows
     // only move toward the front (indices ascending), so a forward pass is safe.
     pool_->parallel_for(Hk, [&](int64_t k) {
@@ -382,9 +414,10 @@ defkv_status CpuBackend::compact_inplace(const View &t, int64_t Hk, int64_t L, i
     return DEFKV_SUCCESS;
 }
 
-defkv_status CpuBackend::compact_varlen(const View &src, int64_t Hk, int64_t d, const int32_t *cu, const int32_t *idx,
-                                        const View &dst, std::string *msg) {
+defkv_status CpuBackend::compact_varlen(const View &src, int64_t Hk, int64_t d, const Buf &cub, const Buf &idxb,
+                                        int64_t head0, const View &dst, std::string *msg) {
     (void)msg;
+    const int32_t *cu = cub.ptr<int32_t>() + head0, *idx = idxb.ptr<int32_t>();
     pool_->parallel_for(Hk, [&](int64_t k) {
         for (int64_t r = cu[k]; r < cu[k + 1]; r++)
             copy_row(src, src.off3(k, idx[r], 0), dst, dst.off2(r, 0), d);

@@ -2,6 +2,7 @@
 
 #include <cstdarg>
 #include <cstdio>
+#include <cstring>
 
 namespace defkv {
 
@@ -15,7 +16,9 @@ std::string fmt(const char *f, ...) {
 }
 
 defkv_status with_prefix(defkv_status st, std::string *msg, const char *prefix) {
-    if (st != DEFKV_SUCCESS) *msg = std::string(prefix) + ": " + *msg;
+    // Messages that already name the function (resolve_layer's) keep a single prefix.
+    if (st != DEFKV_SUCCESS && msg->compare(0, std::strlen(prefix), prefix) != 0)
+        *msg = std::string(prefix) + ": " + *msg;
     return st;
 }
 

@@ -7,7 +7,7 @@
 #include <thread>
 
 #include "defkv/defkv.h"
-#include "pipeline.hpp"
+#include "context.hpp"
 
 namespace {
 
@@ -170,6 +170,7 @@ DEFKV_API defkv_status defkv_context_create(const defkv_context_options *options
             g_create_error = std::string("defkv_context_create: backend ") + defkv_backend_name(o.backend) + ": " + msg;
             return st;
         }
+        ctx->arena.reset(new defkv::Arena(ctx->backend.get()));
         *out = ctx.release();
         return DEFKV_SUCCESS;
     });
@@ -246,7 +247,6 @@ DEFKV_API defkv_status defkv_global_create(defkv_context *ctx, const defkv_param
         g->ctx = ctx;
         g->params = p;
         g->n_layers = n_layers;
-        g->layers.resize(static_cast<size_t>(n_layers));
         g->added.assign(static_cast<size_t>(n_layers), 0);
         *global = g.release();
         return DEFKV_SUCCESS;
@@ -284,23 +284,7 @@ DEFKV_API defkv_status defkv_global_layer_kept_count(defkv_global *g, int32_t la
         g->ctx->last_error = "defkv_global_layer_kept_count: layer_index out of range or count is NULL";
         return DEFKV_ERROR_INVALID_ARGUMENT;
     }
-    int64_t c = 0;
-    if (g->resident) { // the keep masks live on the device: read the layer's head_lens back
-        std::vector<int32_t> lens(g->seq_lens.size() * static_cast<size_t>(g->Hk));
-        defkv_selection s{};
-        s.struct_size = sizeof s;
-        s.head_lens = lens.data();
-        const defkv_status st =
-            guarded(&g->ctx->last_error, [&] { return defkv::global_layer_selection(*g, layer_index, &s); });
-        if (st != DEFKV_SUCCESS) return st;
-        for (int32_t n : lens) c += n;
-        *count = c;
-        return DEFKV_SUCCESS;
-    }
-    for (const auto &r : g->layers[layer_index])
-        for (uint8_t k : r.keep) c += k;
-    *count = c;
-    return DEFKV_SUCCESS;
+    return guarded(&g->ctx->last_error, [&] { return defkv::global_layer_kept_count(*g, layer_index, count); });
 }
 
 } // extern "C"

@@ -119,18 +119,17 @@ static void check_reductions(Backend &be, const SeqViews &in, const SeqShape &ss
     const int64_t P = s.L - s.W;
     std::vector<float> mean_w(s.H * P, -7), def_max(s.Hk * P, -7), def_avg(s.Hk * P, -7), lrm(s.L - 1, -7);
     double om_o = -7, om_w = -7;
-    AttentionRequest req;
-    req.scale = scale;
-    req.kernel = s.kernel;
-    req.masked = masked;
-    req.mean_w = mean_w.data();
-    req.def_max = def_max.data();
-    req.def_avg = def_avg.data();
-    req.omega_official = &om_o;
-    req.omega_window = &om_w;
-    req.last_row_mean = lrm.data();
+    double om[2] = {om_o, om_w};
+    AttentionOut req;
+    req.mean_w = host_buf(mean_w.data(), s.H * P * 4);
+    req.def_max = host_buf(def_max.data(), s.Hk * P * 4);
+    req.def_avg = host_buf(def_avg.data(), s.Hk * P * 4);
+    req.omega = host_buf(om, sizeof om);
+    req.last_row_mean = host_buf(lrm.data(), (s.L - 1) * 4);
     std::string msg;
-    defkv_status st = be.attention(in, ss, req, &msg);
+    defkv_status st =
+        be.attention(in, ss, scale, s.kernel, host_buf(const_cast<uint8_t *>(masked), masked ? s.Hk * s.L : 0), req, &msg);
+    om_o = om[0], om_w = om[1];
     if (st != DEFKV_SUCCESS) fail_msg("%s: attention failed: %s", what, msg.c_str());
     std::string n = what;
     for (size_t i = 0; i < mean_w.size(); i++) near(mean_w[i], r.mean_w[i], kAtol, kRtol, (n + " mean_w").c_str(), (long)i);
@@ -271,7 +270,7 @@ static void test_projected_norm(void **) {
                     for (int use_mask = 0; use_mask < 2; use_mask++) {
                         std::vector<float> out(s.Hk * nt, -7.0f);
                         std::string msg;
-                        defkv_status st = be->projected_norm(in, ss, nt, use_mask ? masked.data() : nullptr, out.data(), &msg);
+                        defkv_status st = be->projected_norm(in, ss, nt, use_mask ? host_buf(masked.data(), s.Hk * s.L) : Buf{}, host_buf(out.data(), s.Hk * nt * 4), &msg);
                         if (st != DEFKV_SUCCESS) fail_msg("projected_norm: %s", msg.c_str());
                         char what[128];
                         std::snprintf(what, sizeof what, "projected_norm H=%lld G=%lld %s %s n_tokens=%lld mask=%d",
@@ -313,7 +312,7 @@ static void test_key_norm(void **) {
             ss.H = s.H, ss.Hk = s.Hk, ss.G = s.H / s.Hk, ss.d = s.d, ss.L = s.L, ss.W = s.W, ss.P = s.L - s.W, ss.D = s.D;
             std::vector<float> out(s.Hk * s.L, 7.0f);
             std::string msg;
-            assert_int_equal(be->key_norm(in, ss, out.data(), &msg), DEFKV_SUCCESS);
+            assert_int_equal(be->key_norm(in, ss, host_buf(out.data(), s.Hk * s.L * 4), &msg), DEFKV_SUCCESS);
             for (int64_t i = 0; i < s.Hk * s.L; i++) {
                 double n2 = 0;
                 for (int64_t e = 0; e < s.d; e++) n2 += (double)k[i * s.d + e] * k[i * s.d + e];
@@ -350,7 +349,7 @@ static void test_compaction(void **) {
         std::string msg;
         View src = view(tensor(orig.data(), dtype, {Hk, L, d}, token_major ? tm : none));
         View dv = view(tensor(dst.data(), dtype, {std::max<int64_t>(total, 1), d}));
-        assert_int_equal(be->compact_varlen(src, Hk, d, cu.data(), idx.data(), dv, &msg), DEFKV_SUCCESS);
+        assert_int_equal(be->compact_varlen(src, Hk, d, host_buf(cu.data(), (Hk + 1) * 4), host_buf(idx.data(), (int64_t)idx.size() * 4), 0, dv, &msg), DEFKV_SUCCESS);
         for (int64_t k = 0; k < Hk; k++)
             for (int32_t r = cu[k]; r < cu[k + 1]; r++)
                 assert_memory_equal(&dst[r * d * es], &orig[off(k, idx[r]) * es], (size_t)(d * es));
@@ -358,7 +357,7 @@ static void test_compaction(void **) {
         // in place
         std::vector<char> t = orig;
         View tv = view(tensor(t.data(), dtype, {Hk, L, d}, token_major ? tm : none));
-        assert_int_equal(be->compact_inplace(tv, Hk, L, d, cu.data(), idx.data(), &msg), DEFKV_SUCCESS);
+        assert_int_equal(be->compact_inplace(tv, Hk, L, d, host_buf(cu.data(), (Hk + 1) * 4), host_buf(idx.data(), (int64_t)idx.size() * 4), 0, &msg), DEFKV_SUCCESS);
         for (int64_t k = 0; k < Hk; k++) {
             const int32_t len = cu[k + 1] - cu[k];
             for (int64_t i = 0; i < L; i++) {

@@ -500,16 +500,15 @@ int defkv_cmd_bench(int argc, char **argv) {
                 defkv::SeqShape s;
                 s.H = H, s.Hk = Hk, s.G = G, s.d = d, s.L = L, s.W = W, s.P = P, s.D = D;
                 std::vector<float> dmax(static_cast<size_t>(Hk * P)), davg(static_cast<size_t>(Hk * P));
-                double om0 = 0, om1 = 0;
-                defkv::AttentionRequest req;
-                req.scale = 1.0f / std::sqrt(static_cast<float>(d));
-                req.kernel = 5;
-                req.def_max = dmax.data();
-                req.def_avg = davg.data();
-                req.omega_official = &om0;
-                req.omega_window = &om1;
+                                double om[2] = {0, 0};
+                defkv::AttentionOut req;
+                const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+                req.def_max = defkv::host_buf(dmax.data(), Hk * P * 4);
+                req.def_avg = defkv::host_buf(davg.data(), Hk * P * 4);
+                req.omega = defkv::host_buf(om, sizeof om);
+                auto attention = [&] { be->attention(sv, s, scale, 5, defkv::Buf{}, req, &msg); };
                 Row ra{cname, "window attention", "flop"};
-                ra.t = time_it(o.repeats, [&] { be->attention(sv, s, req, &msg); });
+                ra.t = time_it(o.repeats, [&] { attention(); });
                 ra.work = 2.0 * H * W * L * d;
                 ra.ceiling = sg;
                 ra.note = "FLOPs of Q.K only; softmax, pooling, reductions uncounted";
@@ -517,14 +516,14 @@ int defkv_cmd_bench(int argc, char **argv) {
 
                 std::vector<float> pn(static_cast<size_t>(Hk * P));
                 Row rp{cname, "projected norm", "flop"};
-                rp.t = time_it(o.repeats, [&] { be->projected_norm(sv, s, P, nullptr, pn.data(), &msg); });
+                rp.t = time_it(o.repeats, [&] { be->projected_norm(sv, s, P, defkv::Buf{}, defkv::host_buf(pn.data(), Hk * P * 4), &msg); });
                 rp.work = 2.0 * H * P * D * d;
                 rp.ceiling = sg;
                 rows.push_back(rp);
 
                 std::vector<float> kn(static_cast<size_t>(Hk * L));
                 Row rk{cname, "key norm", "byte"};
-                rk.t = time_it(o.repeats, [&] { be->key_norm(sv, s, kn.data(), &msg); });
+                rk.t = time_it(o.repeats, [&] { be->key_norm(sv, s, defkv::host_buf(kn.data(), Hk * L * 4), &msg); });
                 rk.work = static_cast<double>(k.size());
                 rk.ceiling = ceil.memcpy_bytes;
                 rows.push_back(rk);
@@ -575,9 +574,9 @@ int defkv_cmd_bench(int argc, char **argv) {
                         std::vector<double> rest_w, rest_c, other_w, other_c;
                         for (int r = 0; r < o.repeats; r++) {
                             double c0 = cpu_s(), t0 = now_s();
-                            be->attention(sv, s, req, &msg);
+                            attention();
                             double c1 = cpu_s(), t1 = now_s();
-                            be->projected_norm(sv, s, P, nullptr, pn.data(), &msg);
+                            be->projected_norm(sv, s, P, defkv::Buf{}, defkv::host_buf(pn.data(), Hk * P * 4), &msg);
                             double c2 = cpu_s(), t2 = now_s();
                             defkv_select(ctx, &p, &layer, &sel);
                             double c3 = cpu_s(), t3 = now_s();

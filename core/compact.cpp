@@ -1,0 +1,156 @@
+// Compaction: validation of the selection and the outputs, then the backend's op per tensor.
+// A host selection is checked entry by entry and handed to the backend in its memory; a
+// selection in the backend's memory (as defkv_select wrote it there) is trusted, since
+// reading it would synchronise.
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "context.hpp"
+#include "error.hpp"
+
+namespace defkv {
+
+namespace {
+
+// Checks a host selection against the layer: cu_seqlens consistent with head_lens, within L,
+// ascending in-range indices.
+defkv_status check_host_selection(const LayerInfo &li, const defkv_selection &sel, std::string *msg) {
+    const int64_t Hk = li.Hk, nh = Hk * static_cast<int64_t>(li.seqs.size());
+    if (sel.cu_seqlens[0] != 0) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "sel->cu_seqlens[0] is %d, expected 0", sel.cu_seqlens[0]);
+    for (int64_t i = 0; i < nh; i++) {
+        const int64_t L = li.seqs[i / Hk].s.L;
+        const int32_t a = sel.cu_seqlens[i], b = sel.cu_seqlens[i + 1];
+        if (b < a || b - a != sel.head_lens[i] || b - a > L)
+            DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "head %lld: cu_seqlens [%d, %d) disagrees with head_lens %d or exceeds L = %lld",
+                       (long long)i, a, b, sel.head_lens[i], (long long)L);
+        if (sel.indices_capacity < b)
+            DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "sel->indices_capacity %lld is below cu_seqlens end %d",
+                       (long long)sel.indices_capacity, b);
+        for (int32_t r = a; r < b; r++) {
+            const int32_t j = sel.indices[r];
+            if (j < 0 || j >= L || (r > a && j <= sel.indices[r - 1]))
+                DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT,
+                           "head %lld: indices must be ascending positions in [0, %lld); index %d at %d is not",
+                           (long long)i, (long long)L, j, r);
+        }
+    }
+    return DEFKV_SUCCESS;
+}
+
+// Byte ranges of host views, for the overlap checks.
+bool overlap(const View &a, const View &b) {
+    if (a.memory != DEFKV_MEMORY_HOST || b.memory != DEFKV_MEMORY_HOST) return a.handle == b.handle;
+    int64_t na = 0, nb = 0;
+    view_extent_bytes(a, &na);
+    view_extent_bytes(b, &nb);
+    const uintptr_t alo = reinterpret_cast<uintptr_t>(a.base), blo = reinterpret_cast<uintptr_t>(b.base);
+    return alo < blo + static_cast<uintptr_t>(nb) && blo < alo + static_cast<uintptr_t>(na);
+}
+
+// Resolves and checks keys_out / values_out for a gather of `total` rows (total < 0: unknown,
+// a device selection).
+defkv_status resolve_outputs(const LayerInfo &li, defkv_tensor *keys_out, defkv_tensor *values_out, int64_t total,
+                             View *kout, View *vout, std::string *msg) {
+    if (!keys_out || !values_out) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "keys_out or values_out is NULL");
+    const defkv_tensor *outs[2] = {keys_out, values_out};
+    View *vs[2] = {kout, vout};
+    const char *names[2] = {"keys_out", "values_out"};
+    const View *srcs[2] = {&li.seqs[0].v.keys, &li.seqs[0].v.values};
+    std::string vmsg;
+    for (int t = 0; t < 2; t++) {
+        if (!outs[t]->data) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "%s: data is NULL", names[t]);
+        if (!resolve_view(*outs[t], 2, names[t], vs[t], &vmsg)) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "%s", vmsg.c_str());
+        if (vs[t]->shape[0] < total || vs[t]->shape[1] != li.d)
+            DEFKV_FAIL(DEFKV_ERROR_BUFFER_TOO_SMALL, "%s: shape is [%lld, %lld], expected at least [%lld, %lld]", names[t],
+                       (long long)vs[t]->shape[0], (long long)vs[t]->shape[1], (long long)std::max<int64_t>(total, 0),
+                       (long long)li.d);
+        if (vs[t]->dtype != srcs[t]->dtype)
+            DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "%s: dtype %s differs from the layer's (%s)", names[t],
+                       dtype_name(vs[t]->dtype), dtype_name(srcs[t]->dtype));
+    }
+    for (const SeqInfo &si : li.seqs)
+        if (si.v.keys.dtype != kout->dtype || si.v.values.dtype != vout->dtype)
+            DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "sequences of the layer have different dtypes");
+    if (overlap(*kout, *vout)) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "keys_out and values_out overlap");
+    for (size_t b = 0; b < li.seqs.size(); b++)
+        for (int t = 0; t < 2; t++)
+            if (overlap(*vs[t], li.seqs[b].v.keys) || overlap(*vs[t], li.seqs[b].v.values))
+                DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT,
+                           "%s overlaps the keys or values of layer->seqs[%zu] (the gather would read what it writes)",
+                           names[t], b);
+    return DEFKV_SUCCESS;
+}
+
+// The selection's cu_seqlens and indices as buffers of the backend's memory: wrapped when
+// they are already there, uploaded into the arena otherwise.
+defkv_status selection_buffers(defkv_context &ctx, const defkv_selection &sel, int64_t nh, Buf *cu, Buf *idx,
+                               std::string *msg) {
+    Backend &be = *ctx.backend;
+    if (sel.memory == be.memory()) {
+        *cu = be.wrap(sel.cu_seqlens, sel.memory, 0, (nh + 1) * 4);
+        *idx = be.wrap(sel.indices, sel.memory, 0, sel.indices_capacity * 4);
+        return DEFKV_SUCCESS;
+    }
+    const int64_t kept = sel.cu_seqlens[nh];
+    ctx.arena->measure();
+    ctx.arena->take_n<int32_t>(nh + 1);
+    ctx.arena->take_n<int32_t>(kept);
+    DEFKV_FORWARD(ctx.arena->commit(msg));
+    *cu = ctx.arena->take_n<int32_t>(nh + 1);
+    *idx = ctx.arena->take_n<int32_t>(kept);
+    DEFKV_FORWARD(be.upload(*cu, sel.cu_seqlens, (nh + 1) * 4, msg));
+    return be.upload(*idx, sel.indices, kept * 4, msg);
+}
+
+defkv_status compact_impl(defkv_context &ctx, const char *fn, const defkv_layer *layer, const defkv_selection *sel,
+                          defkv_tensor *keys_out, defkv_tensor *values_out, bool inplace, std::string *msg) {
+    Params p;
+    p.method = DEFKV_METHOD_STREAMINGLLM; // compaction reads no queries or o_proj
+    p.window = 0;
+    LayerInfo li;
+    DEFKV_FORWARD(resolve_layer(ctx, layer, p, fn, &li, msg));
+    if (!sel) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "sel is NULL");
+    if (sel->struct_size < sizeof(defkv_selection))
+        DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "sel->struct_size is %u, expected %zu", sel->struct_size, sizeof(defkv_selection));
+    if (!sel->cu_seqlens || !sel->indices || !sel->head_lens)
+        DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "sel->%s is NULL; compaction needs head_lens, cu_seqlens and indices",
+                   !sel->head_lens ? "head_lens" : !sel->cu_seqlens ? "cu_seqlens" : "indices");
+    Backend &be = *ctx.backend;
+    const bool host_sel = sel->memory == DEFKV_MEMORY_HOST;
+    if (!host_sel && sel->memory != be.memory())
+        DEFKV_FAIL(DEFKV_ERROR_UNSUPPORTED, "sel->memory is %d; the %s backend reads host selections (0)%s", sel->memory,
+                   be.name(),
+                   be.memory() == DEFKV_MEMORY_CUDA_DEVICE     ? " or CUDA device memory (1)"
+                   : be.memory() == DEFKV_MEMORY_VULKAN_BUFFER ? " or Vulkan buffers (2)"
+                                                               : "");
+    const int64_t Hk = li.Hk, d = li.d, nh = Hk * static_cast<int64_t>(li.seqs.size());
+    if (host_sel) DEFKV_FORWARD(check_host_selection(li, *sel, msg));
+    View kout, vout;
+    if (!inplace) DEFKV_FORWARD(resolve_outputs(li, keys_out, values_out, host_sel ? sel->cu_seqlens[nh] : -1, &kout, &vout, msg));
+    Buf cu, idx;
+    DEFKV_FORWARD(selection_buffers(ctx, *sel, nh, &cu, &idx, msg));
+    for (size_t b = 0; b < li.seqs.size(); b++) {
+        const SeqInfo &si = li.seqs[b];
+        const int64_t head0 = static_cast<int64_t>(b) * Hk;
+        if (inplace) {
+            DEFKV_FORWARD(be.compact_inplace(si.v.keys, Hk, si.s.L, d, cu, idx, head0, msg));
+            DEFKV_FORWARD(be.compact_inplace(si.v.values, Hk, si.s.L, d, cu, idx, head0, msg));
+        } else {
+            DEFKV_FORWARD(be.compact_varlen(si.v.keys, Hk, d, cu, idx, head0, kout, msg));
+            DEFKV_FORWARD(be.compact_varlen(si.v.values, Hk, d, cu, idx, head0, vout, msg));
+        }
+    }
+    return DEFKV_SUCCESS;
+}
+
+} // namespace
+
+defkv_status do_compact(defkv_context &ctx, const defkv_layer *layer, const defkv_selection *sel,
+                        defkv_tensor *keys_out, defkv_tensor *values_out, bool inplace) {
+    const char *fn = inplace ? "defkv_compact_inplace" : "defkv_compact_varlen";
+    std::string *msg = &ctx.last_error;
+    return with_prefix(compact_impl(ctx, fn, layer, sel, keys_out, values_out, inplace, msg), msg, fn);
+}
+
+} // namespace defkv

@@ -1,0 +1,34 @@
+// Shared by defkv_select and the layer-adaptive API: input preparation, the scores' finiteness
+// check and the writing of a selection into the caller's memory.
+#pragma once
+#include <vector>
+
+#include "plans.hpp"
+
+namespace defkv {
+
+// One sequence's scored and selected state in the arena (or, for defkv_global, its storage).
+struct SeqResult {
+    int64_t L = 0;
+    Scored sc;
+    Buf bad;  // u8 [Hk, L] or absent
+    Buf keep; // u8 [Hk, L]
+};
+
+// Host-side checks and the ranked-lowest mask of one sequence: with check, non-finite host
+// inputs are rejected (DEFKV_NONFINITE_REJECT); bad gets the [Hk, L] flags under
+// DEFKV_NONFINITE_LOWEST (empty otherwise).
+defkv_status prepare_inputs(defkv_context &ctx, const Params &p, const SeqInfo &si, bool check,
+                            std::vector<uint8_t> *bad, std::string *msg);
+
+// DEFKV_ERROR_NON_FINITE when a sequence's ranking scores are not finite (outside entries
+// ranked lowest). Reads the scores on the host (a download on GPU backends).
+defkv_status check_scores_finite(Exec &x, const Params &p, const std::vector<SeqResult> &res, int64_t Hk);
+
+// Writes the selection of every sequence into *out (already checked by the caller: struct
+// size, head_lens present, memory host or the backend's). Host selections are staged in the
+// arena and checked (indices capacity) before anything reaches the caller. A dry run only
+// takes the arena slices.
+defkv_status write_outputs(Exec &x, int64_t Hk, const std::vector<SeqResult> &res, defkv_selection *out, bool dry);
+
+} // namespace defkv
