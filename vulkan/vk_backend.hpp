@@ -182,6 +182,12 @@ private:
     defkv_status submit_wait(std::string *msg);
     defkv_status byte_op(const vkpc::PcBytes &pc, const Buf &o, const Buf &f, const Buf &x, std::string *msg);
     bool is_own(VkBuffer b, char **map) const;
+    // The end of an op that wrote `outs`: when one of them is the caller's memory (not a buffer
+    // of alloc() or of this backend), everything recorded is submitted and waited for, so a
+    // public call returns with the caller's buffers written (the C API's calls are synchronous
+    // on Vulkan). Ops on the context's own buffers return without waiting.
+    defkv_status settle(std::initializer_list<VkBuffer> outs, std::string *msg);
+    static VkBuffer vkbuf(const Buf &b) { return reinterpret_cast<VkBuffer>(b.handle); }
     void trace(const char *op, const std::string &detail);
     defkv_status vk_fail(VkResult r, const char *what, std::string *msg) const;
     // Drops everything recorded but not submitted: an op that fails half-way fails the call,

@@ -102,7 +102,7 @@ defkv_status VulkanBackend::compact_device(const View &t, int64_t Hk, int64_t d,
             }
         }
         trace("compact_inplace", strf("%lld heads", static_cast<long long>(Hk)));
-        return DEFKV_SUCCESS;
+        return settle({src.buf}, msg);
     }
     // Varlen: into the caller's VkBuffer, or into scratch rows [cu total, d] read back below.
     const bool host_dst = dst->memory == DEFKV_MEMORY_HOST;
@@ -150,7 +150,7 @@ defkv_status VulkanBackend::compact_device(const View &t, int64_t Hk, int64_t d,
         for (int64_t r = idx0; r < rows; r++) copy_row(packed, r * d, *dst, dst->off2(r, 0), d);
     }
     trace("compact_varlen", strf("%lld heads", static_cast<long long>(Hk)));
-    return DEFKV_SUCCESS;
+    return settle({dsrc.buf}, msg);
 }
 
 defkv_status VulkanBackend::compact_inplace(const View &t, int64_t Hk, int64_t L, int64_t d, const Buf &cu,

@@ -94,15 +94,27 @@ bool VulkanBackend::is_own(VkBuffer b, char **map) const {
     return true;
 }
 
+defkv_status VulkanBackend::settle(std::initializer_list<VkBuffer> outs, std::string *msg) {
+    if (!recording_) return DEFKV_SUCCESS;
+    for (VkBuffer b : outs) {
+        char *map;
+        bool internal = b == staging_.buf;
+        for (const Buffer &x : bufs_) internal |= b == x.buf;
+        if (b && !internal && !is_own(b, &map)) return submit_wait(msg);
+    }
+    return DEFKV_SUCCESS;
+}
+
 defkv_status VulkanBackend::stage(const void *data, int64_t bytes, Src *out, int64_t esize, std::string *msg) {
-    const int64_t at = (staged_ + 255) / 256 * 256;
+    int64_t at = (staged_ + 255) / 256 * 256;
     if (!staging_.buf || at + bytes > static_cast<int64_t>(staging_.size)) {
         if (recording_) VK_TRY(submit_wait(msg)); // the arena is reused once the device is done
+        staged_ = at = 0;
         if (!staging_.buf || bytes > static_cast<int64_t>(staging_.size)) {
+            const int64_t grown = std::max<int64_t>({bytes, 1 << 20, 2 * static_cast<int64_t>(staging_.size)});
             retire(&staging_);
-            VK_TRY(make_buffer(static_cast<VkDeviceSize>(std::max<int64_t>(bytes, 1 << 20)), &staging_, msg));
+            VK_TRY(make_buffer(static_cast<VkDeviceSize>(grown), &staging_, msg));
         }
-        return stage(data, bytes, out, esize, msg);
     }
     if (bytes > 0) std::memcpy(staging_.map + at, data, static_cast<size_t>(bytes));
     staged_ = at + bytes;
@@ -418,6 +430,7 @@ defkv_status VulkanBackend::upload(const Buf &dst, const void *src, int64_t byte
     pc.mode = BYTES_COPY;
     pc.n = u32(bytes);
     VK_TRY(byte_op(pc, dst.at(0, bytes), from, Buf{}, msg));
+    VK_TRY(settle({vkbuf(dst)}, msg));
     return scope.ok();
 }
 
@@ -469,6 +482,7 @@ defkv_status VulkanBackend::fill_bytes(const Buf &dst, uint8_t value, int64_t by
         pc.value = value;
         VK_TRY(byte_op(pc, dst.at(at, pc.n), Buf{}, Buf{}, msg));
     }
+    VK_TRY(settle({vkbuf(dst)}, msg));
     return scope.ok();
 }
 
@@ -506,6 +520,7 @@ defkv_status VulkanBackend::copy(const Buf &dst, const Buf &src, int64_t bytes, 
         pc.n = u32(std::min(piece, bytes - at));
         VK_TRY(byte_op(pc, dst.at(at, pc.n), from.at(at, pc.n), Buf{}, msg));
     }
+    VK_TRY(settle({vkbuf(dst)}, msg));
     return scope.ok();
 }
 

@@ -193,6 +193,8 @@ defkv_status VulkanBackend::attention(const SeqViews &in, const SeqShape &s, flo
     }
     trace("attention", strf("H=%lld L=%lld W=%lld, %lld query rows per block", static_cast<long long>(H),
                             static_cast<long long>(L), static_cast<long long>(W), static_cast<long long>(Wb)));
+    VK_TRY(settle({vkbuf(out.mean_w), vkbuf(out.def_max), vkbuf(out.def_avg), vkbuf(out.omega), vkbuf(out.last_row_mean)},
+                  msg));
     return scope.ok();
 }
 
@@ -270,6 +272,7 @@ defkv_status VulkanBackend::projected_norm(const SeqViews &in, const SeqShape &s
     trace("projected_norm", strf("n=%lld D=%lld, %lld tokens / %lld columns per chunk, %s shader", static_cast<long long>(n_tokens),
                                  static_cast<long long>(D), static_cast<long long>(Tmax), static_cast<long long>(Cmax),
                                  pn_pipe == P_PNORM_CM ? "cooperative-matrix" : "plain"));
+    VK_TRY(settle({vkbuf(out)}, msg));
     return scope.ok();
 }
 
@@ -301,6 +304,7 @@ defkv_status VulkanBackend::key_norm(const SeqViews &in, const SeqShape &s, cons
             VK_TRY(dispatch(P_KEYNORM, bs, &pc, sizeof pc, static_cast<uint32_t>((T + 63) / 64), 1, 1, msg));
         }
     trace("key_norm", strf("L=%lld, %lld tokens per chunk", static_cast<long long>(L), static_cast<long long>(Tmax)));
+    VK_TRY(settle({vkbuf(out)}, msg));
     return scope.ok();
 }
 

@@ -96,6 +96,7 @@ defkv_status VulkanBackend::pool_group(const Buf &mean_w, int64_t H, int64_t G, 
     VK_TRY(bind_span(mean_w, 4, &bs[B_SEL_A], &pc.a_base, msg));
     VK_TRY(bind_span(score, 4, &bs[B_SEL_X], &pc.x_base, msg));
     VK_TRY(dispatch(P_SEL_POOL, bs, &pc, sizeof pc, groups_for(P, 256), u32(std::min(Hk, kMaxGroups)), 1, msg));
+    VK_TRY(settle({vkbuf(score)}, msg));
     return scope.ok();
 }
 
@@ -107,6 +108,7 @@ defkv_status VulkanBackend::clamp_at_mean(const Buf &x, int64_t rows, int64_t n,
     Binds bs = {};
     VK_TRY(bind_span(x, 4, &bs[B_SEL_X], &pc.x_base, msg));
     VK_TRY(dispatch(P_SEL_CLAMP, bs, &pc, sizeof pc, u32(std::min(rows, kMaxGroups)), 1, 1, msg));
+    VK_TRY(settle({vkbuf(x)}, msg));
     return scope.ok();
 }
 
@@ -122,6 +124,7 @@ defkv_status VulkanBackend::norm_weight(const Buf &m, const Buf &pn, int64_t Hk,
     VK_TRY(bind_span(pn, 4, &bs[B_SEL_KEYS], &pc.pn_base, msg));
     VK_TRY(bind_span(score, 4, &bs[B_SEL_X], &pc.x_base, msg));
     VK_TRY(dispatch(P_SEL_NORMW, bs, &pc, sizeof pc, groups_for(P, 256), 1, 1, msg));
+    VK_TRY(settle({vkbuf(score)}, msg));
     return scope.ok();
 }
 
@@ -148,6 +151,7 @@ defkv_status VulkanBackend::mass_threshold(const Buf &avg, int64_t Hk, int64_t P
     VK_TRY(dispatch(P_SEL_MASSKEYS, bs, &pc, sizeof pc, u32(Hk), 1, 1, msg));
     VK_TRY(sort_keys(bs[B_SEL_KEYS], Hk * seg, seg, msg));
     VK_TRY(dispatch(P_SEL_MASS, bs, &pc, sizeof pc, u32(Hk), 1, 1, msg));
+    VK_TRY(settle({vkbuf(tier)}, msg));
     return scope.ok();
 }
 
@@ -169,6 +173,7 @@ defkv_status VulkanBackend::top_rows(const Buf &score, const Buf &rank_tier, con
     pc.mark = MARK_FLAG;
     pc.count = u32(std::max<int64_t>(0, std::min(count, j_end)));
     VK_TRY(rank_and_mark(pc, score, rank_tier, bad, counts, flag, msg));
+    VK_TRY(settle({vkbuf(flag)}, msg));
     return scope.ok();
 }
 
@@ -192,6 +197,7 @@ defkv_status VulkanBackend::top_k(TopK mode, const Buf &score, const Buf &tier, 
     pc.mark = MARK_KEEP;
     pc.count = u32(std::max<int64_t>(0, std::min(k, static_cast<int64_t>(pc.seg_len))));
     VK_TRY(rank_and_mark(pc, score, tier, Buf{}, mode == TopK::PER_HEAD_BUDGET ? counts : Buf{}, keep, msg));
+    VK_TRY(settle({vkbuf(keep)}, msg));
     return scope.ok();
 }
 
@@ -206,6 +212,7 @@ defkv_status VulkanBackend::masked_max(const Buf &x, const Buf &bad, int64_t row
     VK_TRY(bind_span(bad, 1, &bs[B_SEL_F], &pc.f_base, msg));
     VK_TRY(bind_span(out, 4, &bs[B_SEL_X], &pc.out_base, msg));
     VK_TRY(dispatch(P_SEL_MAXRED, bs, &pc, sizeof pc, 1, 1, 1, msg));
+    VK_TRY(settle({vkbuf(out)}, msg));
     return scope.ok();
 }
 
@@ -228,6 +235,7 @@ defkv_status VulkanBackend::fill(const Buf &x, int64_t rows, int64_t L, int64_t 
     VK_TRY(bind_span(x, 4, &bs[B_SEL_X], &pc.x_base, msg));
     VK_TRY(bind_span(value_buf, 4, &bs[B_SEL_A], &pc.a_base, msg));
     VK_TRY(dispatch(P_SEL_ROWFILL, bs, &pc, sizeof pc, groups_for(j1 - j0, 256), u32(std::min(rows, kMaxGroups)), 1, msg));
+    VK_TRY(settle({vkbuf(x)}, msg));
     return scope.ok();
 }
 
@@ -241,6 +249,7 @@ defkv_status VulkanBackend::broadcast_row(const Buf &src, int64_t n, const Buf &
     VK_TRY(bind_span(x, 4, &bs[B_SEL_X], &pc.x_base, msg));
     VK_TRY(bind_span(src, 4, &bs[B_SEL_A], &pc.a_base, msg));
     VK_TRY(dispatch(P_SEL_ROWFILL, bs, &pc, sizeof pc, groups_for(n, 256), u32(std::min(rows, kMaxGroups)), 1, msg));
+    VK_TRY(settle({vkbuf(x)}, msg));
     return scope.ok();
 }
 
@@ -253,6 +262,7 @@ defkv_status VulkanBackend::fill_uniform(const Buf &x, int64_t rows, int64_t L, 
     Binds bs = {};
     VK_TRY(bind_span(x, 4, &bs[B_SEL_X], &pc.x_base, msg));
     VK_TRY(dispatch(P_SEL_ROWFILL, bs, &pc, sizeof pc, groups_for(L, 256), u32(std::min(rows, kMaxGroups)), 1, msg));
+    VK_TRY(settle({vkbuf(x)}, msg));
     return scope.ok();
 }
 
@@ -272,6 +282,7 @@ defkv_status VulkanBackend::set_tier(const Buf &tier, int64_t rows, int64_t L, i
     pc.value = value;
     pc.has_flag = flag ? 1u : 0u;
     VK_TRY(byte_op(pc, tier.at(0, rows * L), flag, Buf{}, msg));
+    VK_TRY(settle({vkbuf(tier)}, msg));
     return scope.ok();
 }
 
@@ -283,6 +294,7 @@ defkv_status VulkanBackend::mark_bad(const Buf &score, const Buf &tier, const Bu
     pc.mode = BYTES_MARK_BAD;
     pc.n = u32(n);
     VK_TRY(byte_op(pc, tier.at(0, n), bad, score, msg));
+    VK_TRY(settle({vkbuf(score), vkbuf(tier)}, msg));
     return scope.ok();
 }
 
@@ -297,6 +309,7 @@ defkv_status VulkanBackend::fill_must(const Buf &score, const Buf &tier, const B
     VK_TRY(bind_span(value_buf, 4, &bs[B_SEL_A], &pc.a_base, msg));
     VK_TRY(bind_span(tier, 1, &bs[B_SEL_T], &pc.t_base, msg));
     VK_TRY(dispatch(P_SEL_ELEM, bs, &pc, sizeof pc, groups_for(n, 256), 1, 1, msg));
+    VK_TRY(settle({vkbuf(score)}, msg));
     return scope.ok();
 }
 
@@ -310,6 +323,7 @@ defkv_status VulkanBackend::add_mul(const Buf &out, const Buf &a, float eps, con
     VK_TRY(bind_span(a, 4, &bs[B_SEL_A], &pc.a_base, msg));
     VK_TRY(bind_span(b, 4, &bs[B_SEL_KEYS], &pc.b_base, msg));
     VK_TRY(dispatch(P_SEL_ADDMUL, bs, &pc, sizeof pc, groups_for(n, 256), 1, 1, msg));
+    VK_TRY(settle({vkbuf(out)}, msg));
     return scope.ok();
 }
 
@@ -323,6 +337,7 @@ defkv_status VulkanBackend::max_where(const Buf &out, const Buf &src, const Buf 
     VK_TRY(bind_span(src, 4, &bs[B_SEL_A], &pc.a_base, msg));
     VK_TRY(bind_span(flag, 1, &bs[B_SEL_F], &pc.f_base, msg));
     VK_TRY(dispatch(P_SEL_ELEM, bs, &pc, sizeof pc, groups_for(n, 256), 1, 1, msg));
+    VK_TRY(settle({vkbuf(out)}, msg));
     return scope.ok();
 }
 
@@ -339,6 +354,7 @@ defkv_status VulkanBackend::row_counts(const Buf &flag, int64_t rows, int64_t L,
     VK_TRY(bind_span(flag, 1, &bs[B_SEL_F], &pc.f_base, msg));
     VK_TRY(bind_span(counts, 4, &bs[B_SEL_C], &pc.c_base, msg));
     VK_TRY(dispatch(P_SEL_ROWCOUNT, bs, &pc, sizeof pc, u32(rows), 1, 1, msg));
+    VK_TRY(settle({vkbuf(counts)}, msg));
     return scope.ok();
 }
 
@@ -361,6 +377,7 @@ defkv_status VulkanBackend::write_selection(const Buf &keep, int64_t Hk, int64_t
         pc.mode = INDEX_INDICES;
         VK_TRY(dispatch(P_SEL_INDEX, bs, &pc, sizeof pc, u32(Hk), 1, 1, msg));
     }
+    VK_TRY(settle({vkbuf(head_lens), vkbuf(cu), vkbuf(indices)}, msg));
     return scope.ok();
 }
 
