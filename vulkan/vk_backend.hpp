@@ -160,6 +160,10 @@ private:
     void retire(Buffer *b); // free now, or after the next submission when commands may use it
     defkv_status ensure(Slot s, int64_t bytes, std::string *msg);
     Src own(Slot s, int64_t esize) const { return Src{bufs_[s].buf, 0, esize}; }
+    // Room in the staging arena for every host input of one op (submitting first when it is
+    // full), so that staging one input never recycles the arena under another.
+    defkv_status reserve_staging(std::initializer_list<int64_t> bytes, std::string *msg);
+    static int64_t host_extent(const View &v);
     // Host bytes into the staging arena (submitting first when it is full).
     defkv_status stage(const void *data, int64_t bytes, Src *out, int64_t esize, std::string *msg);
     // A tensor's element 0 (a VkBuffer view in place, a host view staged).

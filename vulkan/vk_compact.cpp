@@ -63,6 +63,9 @@ defkv_status VulkanBackend::compact_device(const View &t, int64_t Hk, int64_t d,
         cu_bytes = (head0 + Hk + 1) * 4;
         idx_bytes = std::max<int64_t>(cu_in.ptr<int32_t>()[head0 + Hk], 1) * 4;
     }
+    VK_TRY(reserve_staging({cu_in.memory == DEFKV_MEMORY_HOST ? cu_bytes : 0,
+                            idx_in.memory == DEFKV_MEMORY_HOST ? idx_bytes : 0, host_extent(t)},
+                           msg));
     VK_TRY(device_copy(cu_in, cu_bytes, &cu, msg));
     VK_TRY(device_copy(idx_in, idx_bytes, &idx, msg));
     Src src;

@@ -105,17 +105,31 @@ defkv_status VulkanBackend::settle(std::initializer_list<VkBuffer> outs, std::st
     return DEFKV_SUCCESS;
 }
 
-defkv_status VulkanBackend::stage(const void *data, int64_t bytes, Src *out, int64_t esize, std::string *msg) {
-    int64_t at = (staged_ + 255) / 256 * 256;
-    if (!staging_.buf || at + bytes > static_cast<int64_t>(staging_.size)) {
-        if (recording_) VK_TRY(submit_wait(msg)); // the arena is reused once the device is done
-        staged_ = at = 0;
-        if (!staging_.buf || bytes > static_cast<int64_t>(staging_.size)) {
-            const int64_t grown = std::max<int64_t>({bytes, 1 << 20, 2 * static_cast<int64_t>(staging_.size)});
-            retire(&staging_);
-            VK_TRY(make_buffer(static_cast<VkDeviceSize>(grown), &staging_, msg));
-        }
+int64_t VulkanBackend::host_extent(const View &v) {
+    int64_t bytes = 0;
+    if (v.memory != DEFKV_MEMORY_HOST || !v.base || !view_extent_bytes(v, &bytes)) return 0;
+    return bytes;
+}
+
+defkv_status VulkanBackend::reserve_staging(std::initializer_list<int64_t> bytes, std::string *msg) {
+    int64_t need = 0;
+    for (int64_t b : bytes) need += (std::max<int64_t>(b, 0) + 255) / 256 * 256;
+    if (need == 0) return DEFKV_SUCCESS;
+    const int64_t at = (staged_ + 255) / 256 * 256;
+    if (staging_.buf && at + need <= static_cast<int64_t>(staging_.size)) return DEFKV_SUCCESS;
+    if (recording_) VK_TRY(submit_wait(msg)); // the arena is reused once the device is done
+    staged_ = 0;
+    if (!staging_.buf || need > static_cast<int64_t>(staging_.size)) {
+        const int64_t grown = std::max<int64_t>({need, 1 << 20, 2 * static_cast<int64_t>(staging_.size)});
+        retire(&staging_);
+        VK_TRY(make_buffer(static_cast<VkDeviceSize>(grown), &staging_, msg));
     }
+    return DEFKV_SUCCESS;
+}
+
+defkv_status VulkanBackend::stage(const void *data, int64_t bytes, Src *out, int64_t esize, std::string *msg) {
+    VK_TRY(reserve_staging({bytes}, msg)); // a no-op when the op reserved room for all its inputs
+    const int64_t at = (staged_ + 255) / 256 * 256;
     if (bytes > 0) std::memcpy(staging_.map + at, data, static_cast<size_t>(bytes));
     staged_ = at + bytes;
     *out = Src{staging_.buf, static_cast<VkDeviceSize>(at), esize};

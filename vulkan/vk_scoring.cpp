@@ -42,6 +42,9 @@ defkv_status VulkanBackend::attention(const SeqViews &in, const SeqShape &s, flo
     OpScope scope{this};
     if (!device_outputs({&out.mean_w, &out.def_max, &out.def_avg, &out.omega, &out.last_row_mean}, msg))
         return DEFKV_ERROR_INTERNAL;
+    VK_TRY(reserve_staging({host_extent(in.queries), host_extent(in.keys), host_extent(in.attention),
+                            masked_in.memory == DEFKV_MEMORY_HOST ? s.Hk * s.L : 0},
+                           msg));
     Buf masked;
     VK_TRY(device_copy(masked_in, s.Hk * s.L, &masked, msg));
     const int64_t H = s.H, Hk = s.Hk, G = s.G, d = s.d, L = s.L, W = s.W, P = s.P;
@@ -206,6 +209,9 @@ defkv_status VulkanBackend::projected_norm(const SeqViews &in, const SeqShape &s
     const int64_t H = s.H, G = s.G, d = s.d, D = s.D, L = s.L;
     if (n_tokens <= 0) return scope.ok();
     if (!device_outputs({&out}, msg)) return DEFKV_ERROR_INTERNAL;
+    VK_TRY(reserve_staging({host_extent(in.values), host_extent(in.o_proj),
+                            masked_in.memory == DEFKV_MEMORY_HOST ? s.Hk * L : 0},
+                           msg));
     Buf masked;
     VK_TRY(device_copy(masked_in, s.Hk * L, &masked, msg));
     if (d * 16 > sv_floats_) {

@@ -6,7 +6,9 @@
 // memory, when it needs float64 and the device has none enabled, or when its arrays exceed
 // what one binding or the 30-bit key index can address.
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "ops.hpp"
 #include "vk_backend.hpp"
@@ -28,6 +30,17 @@ int64_t pow2_at_least(int64_t n) {
 constexpr int64_t kMaxKeyIndex = int64_t{1} << 30; // the element index field of a ranking key
 constexpr int64_t kMaxGroups = 65535;
 } // namespace
+
+
+// DEFKV_VULKAN_HOST_OPS=op1,op2 (or "all"): those selection ops take the host fallback (a test
+// and bisection switch).
+static bool host_forced(const char *op) {
+    static const std::string list = [] {
+        const char *e = std::getenv("DEFKV_VULKAN_HOST_OPS");
+        return e ? "," + std::string(e) + "," : std::string();
+    }();
+    return !list.empty() && (list == ",all," || list.find("," + std::string(op) + ",") != std::string::npos);
+}
 
 bool VulkanBackend::on_device(std::initializer_list<const Buf *> bufs) const {
     for (const Buf *b : bufs)
@@ -86,7 +99,7 @@ defkv_status VulkanBackend::rank_and_mark(PcKeys pc, const Buf &score, const Buf
 
 defkv_status VulkanBackend::pool_group(const Buf &mean_w, int64_t H, int64_t G, int64_t P, int32_t kernel,
                                        const Buf &score, int64_t L, std::string *msg) {
-    if (!fp64_ || !on_device({&mean_w, &score}) || !fits_u32(H * P) || !fits_u32((H / G) * L) || kernel < 1)
+    if (host_forced("pool_group") || !fp64_ || !on_device({&mean_w, &score}) || !fits_u32(H * P) || !fits_u32((H / G) * L) || kernel < 1)
         return Backend::pool_group(mean_w, H, G, P, kernel, score, L, msg);
     OpScope scope{this};
     if (P <= 0 || H <= 0) return scope.ok();
@@ -101,7 +114,7 @@ defkv_status VulkanBackend::pool_group(const Buf &mean_w, int64_t H, int64_t G, 
 }
 
 defkv_status VulkanBackend::clamp_at_mean(const Buf &x, int64_t rows, int64_t n, int64_t ld, std::string *msg) {
-    if (!fp64_ || !on_device({&x}) || !fits_u32(rows * ld + n)) return Backend::clamp_at_mean(x, rows, n, ld, msg);
+    if (host_forced("clamp_at_mean") || !fp64_ || !on_device({&x}) || !fits_u32(rows * ld + n)) return Backend::clamp_at_mean(x, rows, n, ld, msg);
     OpScope scope{this};
     if (n <= 0 || rows <= 0) return scope.ok();
     PcClamp pc = {u32(rows), u32(n), u32(ld), 0};
@@ -114,7 +127,7 @@ defkv_status VulkanBackend::clamp_at_mean(const Buf &x, int64_t rows, int64_t n,
 
 defkv_status VulkanBackend::norm_weight(const Buf &m, const Buf &pn, int64_t Hk, int64_t P, const Buf &score, int64_t L,
                                         std::string *msg) {
-    if (!fp64_ || !on_device({&m, &pn, &score}) || !fits_u32(Hk * L) || !fits_u32(Hk * P))
+    if (host_forced("norm_weight") || !fp64_ || !on_device({&m, &pn, &score}) || !fits_u32(Hk * L) || !fits_u32(Hk * P))
         return Backend::norm_weight(m, pn, Hk, P, score, L, msg);
     OpScope scope{this};
     if (P <= 0 || Hk <= 0) return scope.ok();
@@ -132,7 +145,7 @@ defkv_status VulkanBackend::mass_threshold(const Buf &avg, int64_t Hk, int64_t P
                                            double threshold, int64_t cap, const Buf &bad, const Buf &tier, int64_t L,
                                            std::string *msg) {
     const int64_t seg = pow2_at_least(std::max<int64_t>(P, 1));
-    if (!fp64_ || !on_device({&avg, &omega, &bad, &tier}) || Hk * seg * 8 > props_.limits.maxStorageBufferRange ||
+    if (host_forced("mass_threshold") || !fp64_ || !on_device({&avg, &omega, &bad, &tier}) || Hk * seg * 8 > props_.limits.maxStorageBufferRange ||
         !fits_u32(Hk * L) || Hk > kMaxGroups)
         return Backend::mass_threshold(avg, Hk, P, omega, omega_index, threshold, cap, bad, tier, L, msg);
     OpScope scope{this};
@@ -158,7 +171,7 @@ defkv_status VulkanBackend::mass_threshold(const Buf &avg, int64_t Hk, int64_t P
 defkv_status VulkanBackend::top_rows(const Buf &score, const Buf &rank_tier, const Buf &bad, int64_t rows, int64_t L,
                                      int64_t j_end, const Buf &counts, int64_t count, const Buf &flag, std::string *msg) {
     const int64_t seg = pow2_at_least(std::max<int64_t>(j_end, 1));
-    if (!on_device({&score, &rank_tier, &bad, &counts, &flag}) || rows * L > kMaxKeyIndex ||
+    if (host_forced("top_rows") || !on_device({&score, &rank_tier, &bad, &counts, &flag}) || rows * L > kMaxKeyIndex ||
         rows * seg * 8 > props_.limits.maxStorageBufferRange)
         return Backend::top_rows(score, rank_tier, bad, rows, L, j_end, counts, count, flag, msg);
     OpScope scope{this};
@@ -183,7 +196,7 @@ defkv_status VulkanBackend::top_k(TopK mode, const Buf &score, const Buf &tier, 
     const int64_t N = rows * L;
     const int64_t seg = pow2_at_least(std::max<int64_t>(per_row ? L : N, 1));
     const int64_t nkeys = (per_row ? rows : 1) * seg;
-    if (!on_device({&score, &tier, &counts, &keep}) || N > kMaxKeyIndex || nkeys * 8 > props_.limits.maxStorageBufferRange)
+    if (host_forced("top_k") || !on_device({&score, &tier, &counts, &keep}) || N > kMaxKeyIndex || nkeys * 8 > props_.limits.maxStorageBufferRange)
         return Backend::top_k(mode, score, tier, rows, L, k, counts, keep, msg);
     OpScope scope{this};
     if (N <= 0) return scope.ok();
@@ -203,7 +216,7 @@ defkv_status VulkanBackend::top_k(TopK mode, const Buf &score, const Buf &tier, 
 
 defkv_status VulkanBackend::masked_max(const Buf &x, const Buf &bad, int64_t rows, int64_t n, int64_t ld, const Buf &out,
                                        std::string *msg) {
-    if (!on_device({&x, &bad, &out}) || !fits_u32(rows * ld + n) || !fits_u32(rows * n))
+    if (host_forced("masked_max") || !on_device({&x, &bad, &out}) || !fits_u32(rows * ld + n) || !fits_u32(rows * n))
         return Backend::masked_max(x, bad, rows, n, ld, out, msg);
     OpScope scope{this};
     PcMaxRed pc = {u32(std::max<int64_t>(rows, 0)), u32(std::max<int64_t>(n, 0)), u32(ld), 0, bad ? 1u : 0u, 0, 0};
@@ -226,7 +239,7 @@ uint32_t f32_bits(float f) {
 
 defkv_status VulkanBackend::fill(const Buf &x, int64_t rows, int64_t L, int64_t j0, int64_t j1, float value,
                                  const Buf &value_buf, std::string *msg) {
-    if (!on_device({&x, &value_buf}) || !fits_u32(rows * L)) return Backend::fill(x, rows, L, j0, j1, value, value_buf, msg);
+    if (host_forced("fill") || !on_device({&x, &value_buf}) || !fits_u32(rows * L)) return Backend::fill(x, rows, L, j0, j1, value, value_buf, msg);
     OpScope scope{this};
     if (j1 <= j0 || rows <= 0) return scope.ok();
     PcRowFill pc = {value_buf ? ROWFILL_VALUE_BUF : ROWFILL_CONST, u32(rows), u32(L), u32(j0), u32(j1), 0, 0,
@@ -241,7 +254,7 @@ defkv_status VulkanBackend::fill(const Buf &x, int64_t rows, int64_t L, int64_t 
 
 defkv_status VulkanBackend::broadcast_row(const Buf &src, int64_t n, const Buf &x, int64_t rows, int64_t L,
                                           std::string *msg) {
-    if (!on_device({&src, &x}) || !fits_u32(rows * L)) return Backend::broadcast_row(src, n, x, rows, L, msg);
+    if (host_forced("broadcast_row") || !on_device({&src, &x}) || !fits_u32(rows * L)) return Backend::broadcast_row(src, n, x, rows, L, msg);
     OpScope scope{this};
     if (n <= 0 || rows <= 0) return scope.ok();
     PcRowFill pc = {ROWFILL_BROADCAST, u32(rows), u32(L), 0, u32(n), 0, 0, 0, 0, 0};
@@ -254,7 +267,7 @@ defkv_status VulkanBackend::broadcast_row(const Buf &src, int64_t n, const Buf &
 }
 
 defkv_status VulkanBackend::fill_uniform(const Buf &x, int64_t rows, int64_t L, uint64_t seed, std::string *msg) {
-    if (!on_device({&x}) || !fits_u32(rows * L)) return Backend::fill_uniform(x, rows, L, seed, msg);
+    if (host_forced("fill_uniform") || !on_device({&x}) || !fits_u32(rows * L)) return Backend::fill_uniform(x, rows, L, seed, msg);
     OpScope scope{this};
     if (L <= 0 || rows <= 0) return scope.ok();
     PcRowFill pc = {ROWFILL_UNIFORM, u32(rows), u32(L), 0, u32(L), 0, 0, 0, static_cast<uint32_t>(seed),
@@ -268,7 +281,7 @@ defkv_status VulkanBackend::fill_uniform(const Buf &x, int64_t rows, int64_t L, 
 
 defkv_status VulkanBackend::set_tier(const Buf &tier, int64_t rows, int64_t L, int64_t j0, int64_t j1, const Buf &flag,
                                      uint8_t value, std::string *msg) {
-    if (!on_device({&tier, &flag}) || !fits_u32(rows * L)) return Backend::set_tier(tier, rows, L, j0, j1, flag, value, msg);
+    if (host_forced("set_tier") || !on_device({&tier, &flag}) || !fits_u32(rows * L)) return Backend::set_tier(tier, rows, L, j0, j1, flag, value, msg);
     OpScope scope{this};
     j0 = std::max<int64_t>(j0, 0);
     j1 = std::min(j1, L);
@@ -287,7 +300,7 @@ defkv_status VulkanBackend::set_tier(const Buf &tier, int64_t rows, int64_t L, i
 }
 
 defkv_status VulkanBackend::mark_bad(const Buf &score, const Buf &tier, const Buf &bad, int64_t n, std::string *msg) {
-    if (!on_device({&score, &tier, &bad}) || !fits_u32(n)) return Backend::mark_bad(score, tier, bad, n, msg);
+    if (host_forced("mark_bad") || !on_device({&score, &tier, &bad}) || !fits_u32(n)) return Backend::mark_bad(score, tier, bad, n, msg);
     OpScope scope{this};
     if (n <= 0) return scope.ok();
     PcBytes pc{};
@@ -300,7 +313,7 @@ defkv_status VulkanBackend::mark_bad(const Buf &score, const Buf &tier, const Bu
 
 defkv_status VulkanBackend::fill_must(const Buf &score, const Buf &tier, const Buf &value_buf, int64_t n,
                                       std::string *msg) {
-    if (!on_device({&score, &tier, &value_buf}) || !fits_u32(n)) return Backend::fill_must(score, tier, value_buf, n, msg);
+    if (host_forced("fill_must") || !on_device({&score, &tier, &value_buf}) || !fits_u32(n)) return Backend::fill_must(score, tier, value_buf, n, msg);
     OpScope scope{this};
     if (n <= 0) return scope.ok();
     PcElem pc = {ELEM_FILL_MUST, u32(n), 0, 0, 0, 0};
@@ -314,7 +327,7 @@ defkv_status VulkanBackend::fill_must(const Buf &score, const Buf &tier, const B
 }
 
 defkv_status VulkanBackend::add_mul(const Buf &out, const Buf &a, float eps, const Buf &b, int64_t n, std::string *msg) {
-    if (!fp64_ || !on_device({&out, &a, &b}) || !fits_u32(n)) return Backend::add_mul(out, a, eps, b, n, msg);
+    if (host_forced("add_mul") || !fp64_ || !on_device({&out, &a, &b}) || !fits_u32(n)) return Backend::add_mul(out, a, eps, b, n, msg);
     OpScope scope{this};
     if (n <= 0) return scope.ok();
     PcAddMul pc = {u32(n), 0, 0, 0, eps};
@@ -328,7 +341,7 @@ defkv_status VulkanBackend::add_mul(const Buf &out, const Buf &a, float eps, con
 }
 
 defkv_status VulkanBackend::max_where(const Buf &out, const Buf &src, const Buf &flag, int64_t n, std::string *msg) {
-    if (!on_device({&out, &src, &flag}) || !fits_u32(n)) return Backend::max_where(out, src, flag, n, msg);
+    if (host_forced("max_where") || !on_device({&out, &src, &flag}) || !fits_u32(n)) return Backend::max_where(out, src, flag, n, msg);
     OpScope scope{this};
     if (n <= 0) return scope.ok();
     PcElem pc = {ELEM_MAX_WHERE, u32(n), 0, 0, 0, 0};
@@ -343,7 +356,7 @@ defkv_status VulkanBackend::max_where(const Buf &out, const Buf &src, const Buf 
 
 defkv_status VulkanBackend::row_counts(const Buf &flag, int64_t rows, int64_t L, double factor, const Buf &counts,
                                        std::string *msg) {
-    if (!fp64_ || !on_device({&flag, &counts}) || !fits_u32(rows * L) || rows > kMaxGroups)
+    if (host_forced("row_counts") || !fp64_ || !on_device({&flag, &counts}) || !fits_u32(rows * L) || rows > kMaxGroups)
         return Backend::row_counts(flag, rows, L, factor, counts, msg);
     OpScope scope{this};
     if (rows <= 0) return scope.ok();
@@ -360,7 +373,7 @@ defkv_status VulkanBackend::row_counts(const Buf &flag, int64_t rows, int64_t L,
 
 defkv_status VulkanBackend::write_selection(const Buf &keep, int64_t Hk, int64_t L, int64_t head0, const Buf &head_lens,
                                             const Buf &cu, const Buf &indices, std::string *msg) {
-    if (!on_device({&keep, &head_lens, &cu, &indices}) || !fits_u32(Hk * L) || Hk > kMaxGroups)
+    if (host_forced("write_selection") || !on_device({&keep, &head_lens, &cu, &indices}) || !fits_u32(Hk * L) || Hk > kMaxGroups)
         return Backend::write_selection(keep, Hk, L, head0, head_lens, cu, indices, msg);
     OpScope scope{this};
     if (Hk <= 0) return scope.ok();
