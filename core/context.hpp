@@ -11,16 +11,16 @@
 
 namespace defkv {
 
-// Resolved parameters. The defaults are defkv_params_default's (params.cpp), the one place
-// they are defined.
+// Resolved parameters: built only by resolve_params from a defkv_params, whose defaults are
+// defined once, in params_default (validate.cpp).
 struct Params {
-    int32_t method = DEFKV_METHOD_DEFENSIVEKV;
-    double ratio = 0.5;
+    int32_t method = 0;
+    double ratio = 0;
     int64_t budget = 0;
-    int32_t window = 32, kernel = 5, n_sink = 4;
-    float scale = 0.0f;
-    double alpha = 0.2, first_stage = 0.5, epsilon = 1e-4, mass_threshold = 0.9;
-    int32_t window_bias = DEFKV_WINDOW_BIAS_OFFICIAL, nonfinite = DEFKV_NONFINITE_REJECT;
+    int32_t window = 0, kernel = 0, n_sink = 0;
+    float scale = 0;
+    double alpha = 0, first_stage = 0, epsilon = 0, mass_threshold = 0;
+    int32_t window_bias = 0, nonfinite = 0;
     uint64_t seed = 0;
 };
 
@@ -76,6 +76,8 @@ struct defkv_context {
 namespace defkv {
 
 // ---- params and layers (validate.cpp) ----------------------------------------------------
+// The defaults of every parameter (the official code's), behind defkv_params_default.
+void params_default(defkv_params *p);
 defkv_status resolve_params(const defkv_params *p, Params *out, std::string *msg);
 defkv_status resolve_layer(const defkv_context &ctx, const defkv_layer *layer, const Params &p, const char *fn,
                            LayerInfo *out, std::string *msg);

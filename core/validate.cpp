@@ -64,6 +64,25 @@ int64_t defensive_stage1_cap(const Params &p, const SeqShape &s) {
     return trunc_i(P * (static_cast<double>(n) / static_cast<double>(s.L)) - W);
 }
 
+void params_default(defkv_params *p) {
+    std::memset(p, 0, sizeof *p);
+    p->struct_size = sizeof *p;
+    p->method = DEFKV_METHOD_DEFENSIVEKV;
+    p->compression_ratio = 0.5;
+    p->budget = 0;
+    p->window = 32;
+    p->kernel = 5;
+    p->scale = 0.0f;
+    p->n_sink = 4;
+    p->alpha_safeguard = 0.2;
+    p->first_stage_ratio = 0.5;
+    p->epsilon = 1e-4;
+    p->mass_threshold = 0.9;
+    p->window_bias = DEFKV_WINDOW_BIAS_OFFICIAL;
+    p->nonfinite = DEFKV_NONFINITE_REJECT;
+    p->seed = 0;
+}
+
 defkv_status resolve_params(const defkv_params *in, Params *out, std::string *msg) {
     if (!in) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "params is NULL (fill one with defkv_params_default)");
     if (in->struct_size < offsetof(defkv_params, budget) + sizeof(int64_t))
@@ -71,7 +90,7 @@ defkv_status resolve_params(const defkv_params *in, Params *out, std::string *ms
                    "params->struct_size is %u, too small for a defkv_params (use defkv_params_default)",
                    in->struct_size);
     defkv_params full;
-    defkv_params_default(&full);
+    params_default(&full);
     std::memcpy(&full, in, std::min<size_t>(in->struct_size, sizeof full));
     Params p;
     p.method = full.method;

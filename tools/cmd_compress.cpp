@@ -1,5 +1,6 @@
 // defkv compress: runs one method over every layer of a case file (tests/data/conformance
 // README, "Case file") and writes the selection in the result-file format compare.py reads.
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -8,9 +9,13 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 #include <defkv/defkv.h>
 
 #include "cmd_common.hpp"
+#include "devmem.hpp"
+#include "file_output.hpp"
 #include "safetensors.hpp"
 
 namespace defkv_cli {
@@ -28,6 +33,7 @@ struct Options {
     int32_t backend = DEFKV_BACKEND_CPU;
     int32_t window_bias = DEFKV_WINDOW_BIAS_OFFICIAL;
     bool compact = false;
+    bool device_resident = false;
 };
 
 struct ContextDeleter {
@@ -40,7 +46,9 @@ struct GlobalDeleter {
 const char* kUsage =
     "usage: defkv compress --input CASE.safetensors --output OUT.safetensors --method METHOD "
     "[--compression-ratio R | --budget N] [--window W] [--kernel K] [--backend cpu|vulkan|cuda|auto] "
-    "[--threads N] [--window-bias official|window] [--compact]";
+    "[--threads N] [--window-bias official|window] [--compact] [--device-resident]\n"
+    "  --device-resident  (--backend cuda|vulkan) inputs, selection and compaction all in device memory;\n"
+    "                     the results are downloaded only to write the output file";
 
 // Returns -1 when parsing succeeded, else the exit code (usage error already printed).
 int parse_options(int argc, char** argv, Options* o) {
@@ -63,6 +71,11 @@ int parse_options(int argc, char** argv, Options* o) {
         if (arg == "--compact") {
             if (inline_value) return error(kExitUsage, "compress: --compact takes no value");
             o->compact = true;
+            continue;
+        }
+        if (arg == "--device-resident") {
+            if (inline_value) return error(kExitUsage, "compress: --device-resident takes no value");
+            o->device_resident = true;
             continue;
         }
         static const char* kWithValue[] = {"--input", "--output", "--method", "--compression-ratio", "--budget",
@@ -112,6 +125,8 @@ int parse_options(int argc, char** argv, Options* o) {
             else return error(kExitUsage, "compress: --window-bias '" + value + "' is not 'official' or 'window'");
         }
     }
+    if (o->device_resident && o->backend != DEFKV_BACKEND_CUDA && o->backend != DEFKV_BACKEND_VULKAN)
+        return error(kExitUsage, "compress: --device-resident needs --backend cuda or --backend vulkan");
     if (o->input.empty()) return error(kExitUsage, "compress: --input is required");
     if (o->output.empty()) return error(kExitUsage, "compress: --output is required");
     if (o->method_name.empty()) return error(kExitUsage, "compress: --method is required");
@@ -169,6 +184,54 @@ struct LayerResult {
     double ms = 0;
 };
 
+// --device-resident: every tensor the library reads or writes lives in device memory; the
+// host keeps only what the output file needs, downloaded at the end.
+class DeviceSide {
+public:
+    explicit DeviceSide(defkv_devmem::DeviceMemory* m) : m_(m) {}
+    // Moves a host tensor (contiguous, as read from the file) into a new device buffer.
+    bool to_device(defkv_tensor* t, std::string* err) {
+        if (!t->data) return true;
+        size_t bytes = t->dtype == DEFKV_DTYPE_F32 ? 4 : 2;
+        for (int32_t i = 0; i < t->ndim; ++i) bytes *= static_cast<size_t>(t->shape[i]);
+        void* p = buffer(bytes, 0, err);
+        if (!p || !m_->upload(p, t->data, bytes)) return fail(err, "uploading a tensor");
+        t->data = p;
+        t->memory = m_->memory();
+        return true;
+    }
+    // Device buffers for a selection with room for `capacity` indices; host copies in res.
+    bool selection(defkv_selection* sel, int64_t entries, int64_t heads, int64_t capacity, std::string* err) {
+        sel->memory = m_->memory();
+        sel->head_lens = static_cast<int32_t*>(buffer(static_cast<size_t>(heads) * 4, 0xFF, err));
+        sel->cu_seqlens = static_cast<int32_t*>(buffer(static_cast<size_t>(heads + 1) * 4, 0xFF, err));
+        sel->indices = static_cast<int32_t*>(buffer(static_cast<size_t>(capacity) * 4, 0xFF, err));
+        sel->indices_capacity = capacity;
+        sel->keep_mask = static_cast<uint8_t*>(buffer(static_cast<size_t>(entries), 0xFF, err));
+        sel->scores = static_cast<float*>(buffer(static_cast<size_t>(entries) * 4, 0xFF, err));
+        return sel->head_lens && sel->cu_seqlens && sel->indices && sel->keep_mask && sel->scores;
+    }
+    bool download(void* dst, const void* src, size_t bytes, std::string* err) {
+        return bytes == 0 || m_->download(dst, src, bytes) || fail(err, "downloading a result");
+    }
+    void* buffer(size_t bytes, int fill, std::string* err) {
+        bufs_.emplace_back(m_, bytes, fill);
+        if (!bufs_.back()) {
+            *err = "device memory: " + m_->why();
+            return nullptr;
+        }
+        return bufs_.back().get();
+    }
+
+private:
+    bool fail(std::string* err, const char* what) {
+        *err = std::string("device memory: ") + what + ": " + m_->why();
+        return false;
+    }
+    defkv_devmem::DeviceMemory* m_;
+    std::vector<defkv_devmem::DeviceBuffer> bufs_;
+};
+
 const char* selection_kind(int32_t method) {
     switch (method) {
         case DEFKV_METHOD_ADA_SNAPKV:
@@ -189,10 +252,17 @@ int run(const Options& o) {
             if (defkv_method_name(m)) known += std::string(known.empty() ? "" : ", ") + defkv_method_name(m);
         return error(kExitUsage, "compress: --method '" + o.method_name + "' is unknown (one of: " + known + ")");
     }
-    if (o.input == o.output) return error(kExitUsage, "compress: --output must differ from --input");
+    std::string err;
+    // By identity, not spelling: "./in.st", a symbolic or a hard link to the input are the input.
+    if (defkv_st::same_existing_file(o.input, o.output))
+        return error(kExitUsage, "compress: --output " + o.output + " is the same file as --input " + o.input +
+                                     " (it would be destroyed); give another output path");
+    // Refuse an output that can never be written (a directory, ...) before doing the work.
+    defkv_st::OutputKind output_kind;
+    if (!defkv_st::classify_output(o.output, &output_kind, &err)) return error(kExitError, "--output " + err);
+    defkv_st::install_temp_file_cleanup();
 
     SafeFile file;
-    std::string err;
     if (!defkv_st::read_safetensors(o.input, &file, &err)) return error(kExitError, "--input " + err);
 
     // Layers: layers.0 .. layers.{n-1}, each with keys; metadata n_layers must agree.
@@ -291,6 +361,20 @@ int run(const Options& o) {
     defkv_context_options_default(&copts);
     copts.backend = o.backend;
     copts.n_threads = static_cast<int32_t>(o.threads);
+    std::unique_ptr<defkv_devmem::DeviceMemory> devmem;
+    std::unique_ptr<DeviceSide> dev;
+    if (o.device_resident) {
+        std::string why;
+        devmem = defkv_devmem::open(o.backend, &why);
+        if (!devmem) return error(kExitError, "--device-resident: no device memory: " + why);
+        devmem->context_options(&copts);
+        dev.reset(new DeviceSide(devmem.get()));
+        for (Layer& ly : layers) {
+            defkv_tensor* ts[] = {&ly.seq.queries, &ly.seq.attention, &ly.seq.keys, &ly.seq.values, &ly.layer.o_proj};
+            for (defkv_tensor* t : ts)
+                if (!dev->to_device(t, &err)) return error(kExitError, "--device-resident: " + err);
+        }
+    }
     defkv_context* raw_ctx = nullptr;
     if (defkv_context_create(&copts, &raw_ctx) != DEFKV_SUCCESS)
         return error(kExitError, std::string("--backend: cannot create a context: ") + defkv_last_error_global());
@@ -347,6 +431,10 @@ int run(const Options& o) {
             st = defkv_global_layer_kept_count(global.get(), static_cast<int32_t>(i), &count);
             if (st != DEFKV_SUCCESS) return lib_error("layer " + std::to_string(i), st);
             prepare(layers[i], count, &results[i], &sels[i]);
+            const Layer& ly = layers[i];
+            // a device selection of one layer needs room for all of its entries
+            if (dev && !dev->selection(&sels[i], ly.Hk * ly.L, ly.Hk, ly.Hk * ly.L, &err))
+                return error(kExitError, "--device-resident: " + err);
             st = defkv_global_layer_selection(global.get(), static_cast<int32_t>(i), &sels[i]);
             if (st != DEFKV_SUCCESS) return lib_error("layer " + std::to_string(i), st);
         }
@@ -356,6 +444,8 @@ int run(const Options& o) {
             defkv_status st = defkv_kept_count(ctx.get(), &params, &layers[i].layer, &count);
             if (st != DEFKV_SUCCESS) return lib_error("layer " + std::to_string(i), st);
             prepare(layers[i], count, &results[i], &sels[i]);
+            if (dev && !dev->selection(&sels[i], layers[i].Hk * layers[i].L, layers[i].Hk, std::max<int64_t>(count, 1), &err))
+                return error(kExitError, "--device-resident: " + err);
             auto t0 = Clock::now();
             st = defkv_select(ctx.get(), &params, &layers[i].layer, &sels[i]);
             results[i].ms = ms_since(t0);
@@ -363,6 +453,16 @@ int run(const Options& o) {
         }
     }
 
+    if (dev) // the selections, downloaded for the file (compaction below reads them on the device)
+        for (size_t i = 0; i < layers.size(); ++i) {
+            LayerResult& res = results[i];
+            const defkv_selection& sel = sels[i];
+            if (!dev->download(res.head_lens.data(), sel.head_lens, res.head_lens.size() * 4, &err) ||
+                !dev->download(res.cu_seqlens.data(), sel.cu_seqlens, res.cu_seqlens.size() * 4, &err) ||
+                !dev->download(res.keep.data(), sel.keep_mask, res.keep.size(), &err) ||
+                !dev->download(res.scores.data(), sel.scores, res.scores.size() * 4, &err))
+                return error(kExitError, "--device-resident: " + err);
+        }
     int64_t total_kept = 0;
     for (size_t i = 0; i < layers.size(); ++i) {
         LayerResult& res = results[i];
@@ -384,8 +484,17 @@ int run(const Options& o) {
         vout = kout;
         kout.data = res.keys_compact.data();
         vout.data = res.values_compact.data();
+        if (dev) {
+            kout.memory = vout.memory = devmem->memory();
+            kout.data = dev->buffer(res.keys_compact.size(), 0, &err);
+            vout.data = dev->buffer(res.values_compact.size(), 0, &err);
+            if (!kout.data || !vout.data) return error(kExitError, "--device-resident: " + err);
+        }
         defkv_status st = defkv_compact_varlen(ctx.get(), &ly.layer, &sels[i], &kout, &vout);
         if (st != DEFKV_SUCCESS) return lib_error("layer " + std::to_string(i) + ": compaction", st);
+        if (dev && (!dev->download(res.keys_compact.data(), kout.data, res.keys_compact.size(), &err) ||
+                    !dev->download(res.values_compact.data(), vout.data, res.values_compact.size(), &err)))
+            return error(kExitError, "--device-resident: " + err);
     }
 
     // The result file.
@@ -424,6 +533,7 @@ int run(const Options& o) {
     // expected files; with several layers of other methods, layer 0's.
     meta["budget"] = std::to_string(method == DEFKV_METHOD_LAYER_DEFENSIVEKV ? total_kept : results[0].kept);
     meta["backend"] = defkv_backend_name(defkv_context_backend(ctx.get()));
+    if (dev) meta["device_resident"] = "1";
     meta["window"] = std::to_string(params.window);
     meta["kernel"] = std::to_string(params.kernel);
     if (params.budget > 0) meta["budget_per_head"] = std::to_string(params.budget);
@@ -436,15 +546,17 @@ int run(const Options& o) {
     meta["defkv_version"] = defkv_version_string();
     if (!defkv_st::write_safetensors(o.output, out, meta, &err)) return error(kExitError, "--output " + err);
 
+    // The summary goes to stdout, unless the result itself went there (--output /dev/stdout).
+    FILE* summary = defkv_st::same_file_as_fd(o.output, STDOUT_FILENO) ? stderr : stdout;
     for (size_t i = 0; i < layers.size(); ++i) {
         std::string heads;
         for (int32_t h : results[i].head_lens) heads += (heads.empty() ? "" : " ") + std::to_string(h);
-        std::printf("layer %zu: kept per head [%s] = %lld of %lld entries, %.3f ms\n", i, heads.c_str(),
+        std::fprintf(summary, "layer %zu: kept per head [%s] = %lld of %lld entries, %.3f ms\n", i, heads.c_str(),
                     static_cast<long long>(results[i].kept), static_cast<long long>(layers[i].Hk * layers[i].L),
                     results[i].ms);
     }
-    if (method == DEFKV_METHOD_LAYER_DEFENSIVEKV) std::printf("global selection: %.3f ms\n", global_ms);
-    std::printf("%s: %s, %lld layers, %lld entries kept, backend %s -> %s\n", meta["method"].c_str(),
+    if (method == DEFKV_METHOD_LAYER_DEFENSIVEKV) std::fprintf(summary, "global selection: %.3f ms\n", global_ms);
+    std::fprintf(summary, "%s: %s, %lld layers, %lld entries kept, backend %s -> %s\n", meta["method"].c_str(),
                 meta["selection"].c_str(), static_cast<long long>(n_layers), static_cast<long long>(total_kept),
                 meta["backend"].c_str(), o.output.c_str());
     return kExitOk;

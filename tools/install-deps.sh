@@ -10,7 +10,8 @@ core=(build-essential cmake ninja-build pkg-config ccache python3 libopenblas-de
 extra=(clang-14 libclang-rt-14-dev libclang1-14 valgrind
        mesa-vulkan-drivers libvulkan-dev libvulkan1 vulkan-tools glslc glslang-tools spirv-tools vulkan-validationlayers
        swig golang-go default-jdk-headless junit5 bindgen python3-pip dpkg-dev
-       python3-numpy maven libsurefire-java libmaven-compiler-plugin-java libmaven-resources-plugin-java)
+       python3-numpy maven libsurefire-java libmaven-compiler-plugin-java libmaven-resources-plugin-java
+       python3-dev libdlpack-dev librust-pkg-config-dev librust-half-dev)
 pkgs=("${core[@]}")
 if [[ "${1:-}" != "--minimal" ]]; then pkgs+=("${extra[@]}"); fi
 command -v cargo >/dev/null 2>&1 || pkgs+=(cargo rustc)

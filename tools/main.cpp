@@ -85,6 +85,11 @@ void print_help() {
         "are the defaults of the flags. It writes layers.{i}.keep (U8 [Hk,L]), scores (F32 [Hk,L]),\n"
         "head_lens (I32 [Hk]) and, with --compact, keys_compact/values_compact ([sum head_lens, d])\n"
         "and cu_seqlens (I32 [Hk+1]).\n"
+        "--output: a new or existing regular file (a link is followed) is written to OUT.tmp.PID.N next\n"
+        "to it and renamed into place; the temporary file is removed on error and on SIGINT, SIGTERM,\n"
+        "SIGHUP, SIGQUIT or SIGXFSZ. A character device or FIFO (/dev/null, /dev/stdout on a pipe) is\n"
+        "written into, never replaced. A directory, block device, socket or link to nothing is refused\n"
+        "(exit 1), and so is the input file itself under any name or link (exit 2).\n"
         "Exit status: 0 success, 1 bad input or failure, 2 usage error.\n");
 }
 

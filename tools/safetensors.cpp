@@ -11,9 +11,11 @@
 #include <limits>
 #include <new>
 #include <nlohmann/json.hpp>
+#include <unordered_set>
 
 #include <sys/stat.h>
-#include <unistd.h>
+
+#include "file_output.hpp"
 
 namespace defkv_st {
 namespace {
@@ -191,6 +193,7 @@ bool parse_impl(const uint8_t* bytes, size_t size, SafeFile* out, std::string* e
         t.data.assign(data + e.begin, data + e.end);
         result.tensors.push_back(std::move(t));
     }
+    result.reindex();
     *out = std::move(result);
     return true;
 }
@@ -227,9 +230,21 @@ int64_t Tensor::numel() const {
 }
 
 const Tensor* SafeFile::find(const std::string& name) const {
+    if (index.size() == tensors.size()) {
+        auto it = index.find(name);
+        if (it == index.end()) return nullptr;
+        if (it->second < tensors.size() && tensors[it->second].name == name) return &tensors[it->second];
+    }
+    // No index, or one that no longer matches `tensors` (edited by hand since): scan.
     for (const Tensor& t : tensors)
         if (t.name == name) return &t;
     return nullptr;
+}
+
+void SafeFile::reindex() {
+    index.clear();
+    index.reserve(tensors.size());
+    for (size_t i = 0; i < tensors.size(); ++i) index.emplace(tensors[i].name, i);
 }
 
 const std::string* SafeFile::meta(const std::string& key) const {
@@ -286,32 +301,36 @@ bool serialize_safetensors(const std::vector<TensorView>& tensors,
                            std::vector<uint8_t>* out, std::string* err) {
     if (!out) return fail(err, "no output given");
     try {
-        // nlohmann's ordered_json keeps insertion order: metadata first, then the tensors.
-        nlohmann::ordered_json header = nlohmann::ordered_json::object();
-        if (!metadata.empty()) {
-            nlohmann::ordered_json m = nlohmann::ordered_json::object();
-            for (const auto& kv : metadata) m[kv.first] = kv.second;
-            header["__metadata__"] = std::move(m);
-        }
+        // The header is assembled as text, metadata first, then the tensors in the given order.
+        // (nlohmann's ordered_json looks keys up by a linear scan: quadratic for many tensors.)
+        std::string h = "{";
+        if (!metadata.empty()) h += "\"__metadata__\":" + json(metadata).dump();
+        std::unordered_set<std::string> names;
+        names.reserve(tensors.size());
         uint64_t offset = 0;
         for (const TensorView& t : tensors) {
             if (t.name.empty()) return fail(err, "a tensor has an empty name");
             if (t.name == "__metadata__") return fail(err, "tensor name '__metadata__' is reserved");
-            if (header.contains(t.name)) return fail(err, "duplicate tensor name " + quote(t.name));
+            if (!names.insert(t.name).second) return fail(err, "duplicate tensor name " + quote(t.name));
             if (!info_of(t.dtype)) return fail(err, "tensor " + quote(t.name) + ": unknown dtype");
             uint64_t numel = 0;
             if (!checked_numel(t.shape, &numel) || numel > kMaxCount / dtype_size(t.dtype) ||
                 numel * dtype_size(t.dtype) != t.nbytes)
                 return fail(err, "tensor " + quote(t.name) + ": byte size does not match its shape and dtype");
             if (t.nbytes && !t.data) return fail(err, "tensor " + quote(t.name) + ": no data");
-            nlohmann::ordered_json e = nlohmann::ordered_json::object();
-            e["dtype"] = dtype_name(t.dtype);
-            e["shape"] = t.shape;
-            e["data_offsets"] = {offset, offset + t.nbytes};
-            header[t.name] = std::move(e);
+            if (h.size() > 1) h += ',';
+            h += json(t.name).dump();  // escaped; throws on invalid UTF-8 (caught below)
+            h += ":{\"dtype\":\"";
+            h += dtype_name(t.dtype);
+            h += "\",\"shape\":[";
+            for (size_t i = 0; i < t.shape.size(); ++i) {
+                if (i) h += ',';
+                h += std::to_string(t.shape[i]);
+            }
+            h += "],\"data_offsets\":[" + std::to_string(offset) + "," + std::to_string(offset + t.nbytes) + "]}";
             offset += t.nbytes;
         }
-        std::string h = header.dump();
+        h += '}';
         while (h.size() % 8) h.push_back(' ');
         out->clear();
         out->reserve(8 + h.size() + offset);
@@ -334,25 +353,7 @@ bool write_safetensors(const std::string& path, const std::vector<TensorView>& t
     std::vector<uint8_t> bytes;
     std::string e;
     if (!serialize_safetensors(tensors, metadata, &bytes, &e)) return fail(err, path + ": " + e);
-    const std::string tmp = path + ".tmp." + std::to_string(static_cast<long>(getpid()));
-    FILE* f = std::fopen(tmp.c_str(), "wb");
-    if (!f) return fail(err, path + ": cannot create (" + std::strerror(errno) + ")");
-    bool ok = std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size();
-    int saved = errno;
-    if (std::fclose(f) != 0 && ok) {
-        ok = false;
-        saved = errno;
-    }
-    if (!ok) {
-        std::remove(tmp.c_str());
-        return fail(err, path + ": write failed (" + std::strerror(saved) + ")");
-    }
-    if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-        saved = errno;
-        std::remove(tmp.c_str());
-        return fail(err, path + ": cannot rename into place (" + std::strerror(saved) + ")");
-    }
-    return true;
+    return write_output_file(path, bytes.data(), bytes.size(), err);
 }
 
 float half_to_float(uint16_t h) {

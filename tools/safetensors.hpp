@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace defkv_st {
@@ -47,8 +48,13 @@ struct Tensor {
 struct SafeFile {
     std::vector<Tensor> tensors;  // in file order (by data offset)
     std::map<std::string, std::string> metadata;
+    // Name -> position in `tensors`, built by the reader so that a file naming hundreds of
+    // thousands of tensors is looked up in constant time per name. Call reindex() after editing
+    // `tensors` by hand; find() falls back to a linear scan when the index does not cover them.
+    std::unordered_map<std::string, size_t> index;
 
     const Tensor* find(const std::string& name) const;  // nullptr when absent
+    void reindex();
     // The metadata value or nullptr.
     const std::string* meta(const std::string& key) const;
 };
@@ -76,8 +82,9 @@ bool serialize_safetensors(const std::vector<TensorView>& tensors,
                            const std::map<std::string, std::string>& metadata,
                            std::vector<uint8_t>* out, std::string* err);
 
-// Writes atomically: to a temporary file next to `path`, then renamed over it, so on failure
-// no file (and no partial file) exists at `path` unless one existed before.
+// Serialises, then writes with write_output_file (file_output.hpp): a regular file is replaced
+// atomically through a temporary file that is removed on failure; a character device or FIFO is
+// written into; anything else (a directory, a dangling link) is refused.
 bool write_safetensors(const std::string& path, const std::vector<TensorView>& tensors,
                        const std::map<std::string, std::string>& metadata, std::string* err);
 

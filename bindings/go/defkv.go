@@ -10,6 +10,7 @@ package defkv
 import (
 	"fmt"
 	"runtime"
+	"strings"
 	"sync"
 	"unsafe"
 
@@ -102,7 +103,9 @@ type Error struct {
 	Message string
 }
 
-func (e *Error) Error() string { return fmt.Sprintf("defkv: %s (%d): %s", e.Code, int32(e.Code), e.Message) }
+func (e *Error) Error() string {
+	return fmt.Sprintf("defkv: %s (%d): %s", e.Code, int32(e.Code), e.Message)
+}
 
 // Version is the library version string.
 func Version() string { return raw.Defkv_version_string() }
@@ -150,6 +153,30 @@ func F32Tensor(data []float32, shape ...int64) (*Tensor, error) {
 	return t, nil
 }
 
+// F32View views data as a float32 tensor of the given logical shape with element strides
+// (one per dimension). The slice only has to hold every element the strides reach, so a
+// preallocated head-major cache [Hk, Lmax, d] holding L < Lmax tokens is the view
+// F32View(cache, []int64{Hk, L, d}, []int64{Lmax * d, d, 1}). Nothing is copied.
+func F32View(data []float32, shape, strides []int64) (*Tensor, error) {
+	t := &Tensor{keep: data, n: int64(len(data)), dtype: F32, shape: shape, writable: true}
+	if len(data) > 0 {
+		t.addr = uintptr(unsafe.Pointer(&data[0]))
+	}
+	return t.strided("F32View", strides)
+}
+
+// HalfView is F32View for raw 16-bit floats (dtype F16 or BF16).
+func HalfView(data []uint16, dtype Dtype, shape, strides []int64) (*Tensor, error) {
+	if dtype != F16 && dtype != BF16 {
+		return nil, &Error{InvalidArgument, fmt.Sprintf("HalfView: dtype %d is not a 16-bit float type", dtype)}
+	}
+	t := &Tensor{keep: data, n: int64(len(data)), dtype: dtype, shape: shape, writable: true}
+	if len(data) > 0 {
+		t.addr = uintptr(unsafe.Pointer(&data[0]))
+	}
+	return t.strided("HalfView", strides)
+}
+
 // HalfTensor views raw 16-bit floats (dtype F16 or BF16) as a tensor, without copying.
 func HalfTensor(data []uint16, dtype Dtype, shape ...int64) (*Tensor, error) {
 	if dtype != F16 && dtype != BF16 {
@@ -171,17 +198,27 @@ func DeviceTensor(addr uintptr, memory Memory, dtype Dtype, byteOffset int64, sh
 	return &Tensor{addr: addr, n: -1, dtype: dtype, shape: shape, memory: memory, offset: byteOffset, writable: true}
 }
 
-// WithStrides sets per-dimension element strides; host tensors check that every element
-// reached lies inside the slice.
+// WithStrides sets per-dimension element strides on a contiguous tensor; host tensors check
+// that every element reached lies inside the slice. To view a slice larger than the logical
+// shape (a cache with spare capacity) use F32View / HalfView.
 func (t *Tensor) WithStrides(strides ...int64) (*Tensor, error) {
+	return t.strided("WithStrides", strides)
+}
+
+func (t *Tensor) strided(fn string, strides []int64) (*Tensor, error) {
+	if len(t.shape) < 1 || len(t.shape) > 4 {
+		return nil, &Error{InvalidArgument, fmt.Sprintf("%s: shape has %d dimensions, expected 1 to 4", fn, len(t.shape))}
+	}
 	if len(strides) != len(t.shape) {
-		return nil, &Error{InvalidArgument, fmt.Sprintf("%d strides for %d dimensions", len(strides), len(t.shape))}
+		return nil, &Error{InvalidArgument, fmt.Sprintf("%s: %d strides for %d dimensions", fn, len(strides), len(t.shape))}
 	}
 	last := int64(0)
 	for i, s := range strides {
-		if s < 0 {
-			return nil, &Error{InvalidArgument, "strides must be non-negative"}
+		if s < 0 || t.shape[i] < 0 {
+			return nil, &Error{InvalidArgument, fmt.Sprintf("%s: shape %v and strides %v must be non-negative", fn, t.shape, strides)}
 		}
+	}
+	for i, s := range strides {
 		if t.shape[i] == 0 {
 			last = -1
 			break
@@ -189,10 +226,11 @@ func (t *Tensor) WithStrides(strides ...int64) (*Tensor, error) {
 		last += (t.shape[i] - 1) * s
 	}
 	if t.n >= 0 && last >= t.n {
-		return nil, &Error{InvalidArgument, fmt.Sprintf("strides %v reach element %d of a slice of %d", strides, last, t.n)}
+		return nil, &Error{InvalidArgument, fmt.Sprintf("%s: shape %v with strides %v reaches element %d of a slice of %d", fn, t.shape, strides, last, t.n)}
 	}
 	c := *t
-	c.strides = strides
+	c.shape = append([]int64(nil), t.shape...)
+	c.strides = append([]int64(nil), strides...)
 	return &c, nil
 }
 
@@ -206,6 +244,18 @@ type Layer struct {
 	Seqs  []Sequence
 	OProj *Tensor
 }
+
+// WindowBias values (Params.WindowBias): how DefensiveKV measures its window bias.
+const (
+	WindowBiasOfficial int32 = 0 // the official code's measurement (default)
+	WindowBiasWindow   int32 = 1 // the paper's intent
+)
+
+// NonFinite policies (Params.NonFinitePolicy).
+const (
+	NonFiniteReject int32 = 0 // reject NaN/Inf inputs (default)
+	NonFiniteLowest int32 = 1 // rank cache entries with NaN/Inf keys or values lowest
+)
 
 // Params are the compression parameters; NewParams starts from the library's defaults.
 type Params struct {
@@ -293,7 +343,7 @@ func NewContextWith(o ContextOptions) (*Context, error) {
 	defer runtime.UnlockOSThread()
 	p := raw.Defkvb_context_create(int(o.Backend), int(o.Threads), int(o.DeviceIndex))
 	if p == nil || p.Swigcptr() == 0 {
-		return nil, &Error{Status(raw.Defkvb_last_create_status()), raw.Defkv_last_error_global()}
+		return nil, &Error{Status(raw.Defkvb_last_create_status()), callerMessage("NewContextWith", raw.Defkv_last_error_global())}
 	}
 	c := &Context{ptr: p}
 	runtime.SetFinalizer(c, func(c *Context) { c.Close() })
@@ -312,21 +362,32 @@ func (c *Context) Close() error {
 	return nil
 }
 
-func (c *Context) wrap(err error) error {
+// callerMessage names the Go function the user called in place of the C function the
+// library's message starts with ("defkv_kept_count: ..." becomes "Context.Select: ...").
+func callerMessage(fn, msg string) string {
+	if strings.HasPrefix(msg, "defkv_") {
+		if i := strings.Index(msg, ": "); i > 0 && !strings.ContainsAny(msg[:i], " ") {
+			msg = msg[i+2:]
+		}
+	}
+	return fn + ": " + msg
+}
+
+func (c *Context) wrap(fn string, err error) error {
 	if err == nil {
 		return nil
 	}
 	if se, ok := err.(*raw.StatusError); ok {
-		return &Error{Status(se.Code), raw.Defkv_context_last_error(c.ptr)}
+		return &Error{Status(se.Code), callerMessage(fn, raw.Defkv_context_last_error(c.ptr))}
 	}
 	return err
 }
 
-func (c *Context) status(v int64) error {
+func (c *Context) status(fn string, v int64) error {
 	if v >= 0 {
 		return nil
 	}
-	return &Error{Status(v), raw.Defkv_context_last_error(c.ptr)}
+	return &Error{Status(v), callerMessage(fn, raw.Defkv_context_last_error(c.ptr))}
 }
 
 var errClosed = &Error{InvalidState, "the context is closed"}
@@ -430,7 +491,7 @@ func (c *Context) Select(p Params, layer *Layer) (*Selection, error) {
 	rp := p.toRaw()
 	defer raw.DeleteDefkv_params(rp)
 	n := raw.Defkvb_kept_count(c.ptr, rp, b.l)
-	if err := c.status(n); err != nil {
+	if err := c.status("Context.Select", n); err != nil {
 		return nil, err
 	}
 	heads, entries := shapeOf(layer)
@@ -438,7 +499,7 @@ func (c *Context) Select(p Params, layer *Layer) (*Selection, error) {
 		heads = 1 // never reached by a valid layer: the library rejects it before writing
 	}
 	sel, rs := newSelection(heads, entries, n)
-	err = c.wrap(raw.Defkvb_select(c.ptr, rp, b.l, rs))
+	err = c.wrap("Context.Select", raw.Defkvb_select(c.ptr, rp, b.l, rs))
 	if err != nil {
 		raw.Defkvb_selection_free(rs)
 		return nil, err
@@ -455,6 +516,9 @@ func (c *Context) CompactInPlace(layer *Layer, sel *Selection) error {
 	if c.ptr == nil {
 		return errClosed
 	}
+	if err := checkSelection("Context.CompactInPlace", sel); err != nil {
+		return err
+	}
 	b, err := buildLayer(layer)
 	if err != nil {
 		return err
@@ -468,10 +532,30 @@ func (c *Context) CompactInPlace(layer *Layer, sel *Selection) error {
 		int64(uintptr(unsafe.Pointer(&sel.CuSeqlens[0]))), int64(uintptr(unsafe.Pointer(&full[0]))),
 		int64(len(sel.Indices)), 0, 0)
 	defer raw.Defkvb_selection_free(rs)
-	err = c.wrap(raw.Defkvb_compact_inplace(c.ptr, b.l, rs))
+	err = c.wrap("Context.CompactInPlace", raw.Defkvb_compact_inplace(c.ptr, b.l, rs))
 	runtime.KeepAlive(sel)
 	runtime.KeepAlive(full)
 	return err
+}
+
+// checkSelection rejects a selection that does not have the shape Select returns (so an
+// empty or hand-built Selection gives an error, not a panic).
+func checkSelection(fn string, sel *Selection) error {
+	if sel == nil {
+		return &Error{InvalidArgument, fn + ": sel is nil"}
+	}
+	if len(sel.HeadLens) == 0 {
+		return &Error{InvalidArgument, fn + ": sel.HeadLens is empty (use the Selection that Select or LayerSelection returned)"}
+	}
+	if len(sel.CuSeqlens) != len(sel.HeadLens)+1 {
+		return &Error{InvalidArgument, fmt.Sprintf("%s: sel.CuSeqlens has %d entries, expected len(sel.HeadLens)+1 = %d",
+			fn, len(sel.CuSeqlens), len(sel.HeadLens)+1)}
+	}
+	if total := sel.CuSeqlens[len(sel.HeadLens)]; total < 0 || int(total) > len(sel.Indices) {
+		return &Error{InvalidArgument, fmt.Sprintf("%s: sel.CuSeqlens ends at %d but sel.Indices has %d entries",
+			fn, total, len(sel.Indices))}
+	}
+	return nil
 }
 
 // Global is a layer-adaptive (Layer-DefensiveKV) selection over several layers.
@@ -496,7 +580,7 @@ func (c *Context) NewGlobal(p Params, nLayers int) (*Global, error) {
 	defer runtime.UnlockOSThread()
 	g := raw.Defkvb_global_create(c.ptr, rp, nLayers)
 	if g == nil || g.Swigcptr() == 0 {
-		return nil, &Error{Status(raw.Defkvb_last_create_status()), raw.Defkv_context_last_error(c.ptr)}
+		return nil, &Error{Status(raw.Defkvb_last_create_status()), callerMessage("Context.NewGlobal", raw.Defkv_context_last_error(c.ptr))}
 	}
 	gl := &Global{c: c, g: g}
 	runtime.SetFinalizer(gl, func(g *Global) { g.Close() })
@@ -527,7 +611,7 @@ func (g *Global) AddLayer(index int, layer *Layer) error {
 		return err
 	}
 	defer b.free()
-	if err := g.c.wrap(raw.Defkvb_global_add_layer(g.g, index, b.l)); err != nil {
+	if err := g.c.wrap("Global.AddLayer", raw.Defkvb_global_add_layer(g.g, index, b.l)); err != nil {
 		return err
 	}
 	g.heads, g.entries = shapeOf(layer)
@@ -541,7 +625,7 @@ func (g *Global) Select() error {
 	if g.g == nil || g.c.ptr == nil {
 		return errClosed
 	}
-	return g.c.wrap(raw.Defkv_global_select(g.g))
+	return g.c.wrap("Global.Select", raw.Defkv_global_select(g.g))
 }
 
 // LayerSelection is layer index's share of the global selection.
@@ -552,7 +636,7 @@ func (g *Global) LayerSelection(index int) (*Selection, error) {
 		return nil, errClosed
 	}
 	n := raw.Defkvb_global_layer_kept_count(g.g, index)
-	if err := g.c.status(n); err != nil {
+	if err := g.c.status("Global.LayerSelection", n); err != nil {
 		return nil, err
 	}
 	heads := g.heads
@@ -560,7 +644,7 @@ func (g *Global) LayerSelection(index int) (*Selection, error) {
 		heads = 1
 	}
 	sel, rs := newSelection(heads, g.entries, n)
-	if err := g.c.wrap(raw.Defkvb_global_layer_selection(g.g, index, rs)); err != nil {
+	if err := g.c.wrap("Global.LayerSelection", raw.Defkvb_global_layer_selection(g.g, index, rs)); err != nil {
 		raw.Defkvb_selection_free(rs)
 		return nil, err
 	}

@@ -3,6 +3,7 @@ package defkv_test
 import (
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -249,5 +250,97 @@ func TestNoLeak(t *testing.T) {
 	t.Logf("rss before %d KiB, after 300 rounds %d KiB", before, after)
 	if after-before > 8192 {
 		t.Fatalf("memory grew by %d KiB over 300 rounds", after-before)
+	}
+}
+
+// An empty or malformed Selection is an error naming the Go call, never a panic.
+func TestCompactInPlaceRejectsEmptySelection(t *testing.T) {
+	c, _ := golden.Load("pub2-g1-L300")
+	l := c.Layers[0]
+	ctx, _ := defkv.NewContext()
+	defer ctx.Close()
+	lay := layerOf(t, l, append([]float32(nil), l.Keys...), append([]float32(nil), l.Values...))
+	var de *defkv.Error
+	for _, sel := range []*defkv.Selection{{}, nil, {HeadLens: []int32{1}, CuSeqlens: []int32{0}}} {
+		err := ctx.CompactInPlace(lay, sel)
+		if !errors.As(err, &de) || de.Code != defkv.InvalidArgument || !strings.HasPrefix(de.Message, "Context.CompactInPlace: ") {
+			t.Fatalf("selection %+v: got %v", sel, err)
+		}
+	}
+}
+
+// Library messages name the Go method called, not the C function the binding used inside.
+func TestErrorsNameTheCalledFunction(t *testing.T) {
+	c, _ := golden.Load("pub2-g1-L300")
+	l := c.Layers[0]
+	ctx, _ := defkv.NewContext()
+	defer ctx.Close()
+	p := params(c, defkv.SnapKV)
+	p.CompressionRatio = 1.5
+	_, err := ctx.Select(p, layerOf(t, l, l.Keys, l.Values))
+	var de *defkv.Error
+	if !errors.As(err, &de) || !strings.HasPrefix(de.Message, "Context.Select: ") || strings.Contains(de.Message, "defkv_kept_count") {
+		t.Fatalf("got %v", err)
+	}
+}
+
+// A preallocated head-major cache [Hk, Lmax, d] holding L < Lmax tokens is viewed through
+// strides, without a copy, and selects exactly what the contiguous [Hk, L, d] cache selects;
+// compaction writes into the big buffer's rows.
+func TestViewWithSpareCapacity(t *testing.T) {
+	c, _ := golden.Load("pub2-g1-L300")
+	l := c.Layers[0]
+	hk, L, d := l.KVShape[0], l.KVShape[1], l.KVShape[2]
+	lmax := L + 37
+	big := func(src []float32) []float32 {
+		b := make([]float32, hk*lmax*d)
+		for i := range b {
+			b[i] = float32(math.NaN()) // rows past L must never be read
+		}
+		for h := int64(0); h < hk; h++ {
+			copy(b[h*lmax*d:h*lmax*d+L*d], src[h*L*d:(h+1)*L*d])
+		}
+		return b
+	}
+	bk, bv := big(l.Keys), big(l.Values)
+	shape, strides := []int64{hk, L, d}, []int64{lmax * d, d, 1}
+	k, err := defkv.F32View(bk, shape, strides)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := defkv.F32View(bv, shape, strides)
+	if err != nil {
+		t.Fatal(err)
+	}
+	q, _ := defkv.F32Tensor(l.Queries, l.QShape...)
+	o, _ := defkv.F32Tensor(l.OProj, l.OShape...)
+	ctx, _ := defkv.NewContext()
+	defer ctx.Close()
+	p := params(c, defkv.DefensiveKV)
+	got, err := ctx.Select(p, &defkv.Layer{Seqs: []defkv.Sequence{{Queries: q, Keys: k, Values: v}}, OProj: o})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := ctx.Select(p, layerOf(t, l, l.Keys, l.Values))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(got.Indices) != fmt.Sprint(want.Indices) || len(got.Indices) == 0 {
+		t.Fatal("the strided view selected differently from the contiguous cache")
+	}
+	if err := ctx.CompactInPlace(&defkv.Layer{Seqs: []defkv.Sequence{{Queries: q, Keys: k, Values: v}}, OProj: o}, got); err != nil {
+		t.Fatal(err)
+	}
+	for h := int64(0); h < hk; h++ {
+		for j, tok := range got.Kept(int(h)) {
+			if bk[h*lmax*d+int64(j)*d] != l.Keys[(h*L+int64(tok))*d] {
+				t.Fatalf("head %d row %d is not kept entry %d", h, j, tok)
+			}
+		}
+	}
+	// The extent check is against the strides: one row too few is refused.
+	var de *defkv.Error
+	if _, err := defkv.F32View(bk[:len(bk)-int(lmax*d-L*d)-1], shape, strides); !errors.As(err, &de) || !strings.HasPrefix(de.Message, "F32View: ") {
+		t.Fatalf("short slice: %v", err)
 	}
 }

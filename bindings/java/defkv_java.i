@@ -27,21 +27,10 @@
 %}
 
 /* The JNI class loads the module before any native call (so static helpers such as
- * Params.methodFromName work before a Context exists): from the directory in system property
- * defkv.lib.dir when set (Maven's in-process test runs cannot change java.library.path), else
- * from java.library.path. */
+ * Params.methodFromName work before a Context exists); NativeLoader (hand-written, same
+ * package) finds it: defkv.lib.dir, the jar's own copy, or java.library.path. */
 %pragma(java) jniclasscode=%{
-  static {
-    String dir = System.getProperty("defkv.lib.dir");
-    if (dir != null && !dir.isEmpty()) {
-      java.nio.file.Path lib = java.nio.file.Paths.get(dir, System.mapLibraryName("defkv_jni")).toAbsolutePath();
-      if (!java.nio.file.Files.isRegularFile(lib))
-        throw new UnsatisfiedLinkError("defkv.lib.dir=" + dir + " has no " + lib.getFileName());
-      System.load(lib.toString());
-    } else {
-      System.loadLibrary("defkv_jni");
-    }
-  }
+  static { NativeLoader.load(); }
 %}
 
 %include "defkv.i"

@@ -99,23 +99,7 @@ DEFKV_API defkv_status defkv_backend_available(int32_t backend) {
 }
 
 DEFKV_API void defkv_params_default(defkv_params *p) {
-    if (!p) return;
-    std::memset(p, 0, sizeof *p);
-    p->struct_size = sizeof *p;
-    p->method = DEFKV_METHOD_DEFENSIVEKV;
-    p->compression_ratio = 0.5;
-    p->budget = 0;
-    p->window = 32;
-    p->kernel = 5;
-    p->scale = 0.0f;
-    p->n_sink = 4;
-    p->alpha_safeguard = 0.2;
-    p->first_stage_ratio = 0.5;
-    p->epsilon = 1e-4;
-    p->mass_threshold = 0.9;
-    p->window_bias = DEFKV_WINDOW_BIAS_OFFICIAL;
-    p->nonfinite = DEFKV_NONFINITE_REJECT;
-    p->seed = 0;
+    if (p) defkv::params_default(p);
 }
 
 DEFKV_API void defkv_context_options_default(defkv_context_options *o) {

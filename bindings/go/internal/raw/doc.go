@@ -1,8 +1,8 @@
-// Package raw is the SWIG-generated wrapper of libdefkv (see raw.swig and
-// bindings/swig/defkv.i). It is internal: use package defkv.
+// Package raw is the SWIG-generated wrapper of libdefkv (see raw.swig and defkv.i). It is
+// internal: use package defkv.
 package raw
 
 /*
-#cgo LDFLAGS: -ldefkv
+#cgo pkg-config: defkv
 */
 import "C"

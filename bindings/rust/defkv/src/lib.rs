@@ -253,6 +253,15 @@ unsafe fn owned_str(p: *const c_char) -> String {
     }
 }
 
+/// "defkv_kept_count: layer.seqs[0]..." -> "Context::select: layer.seqs[0]...".
+fn caller_message(caller: &str, msg: &str) -> String {
+    let rest = match msg.split_once(": ") {
+        Some((head, rest)) if head.starts_with("defkv_") && !head.contains(' ') => rest,
+        _ => msg,
+    };
+    format!("{caller}: {rest}")
+}
+
 /// The library version ("0.1.0").
 pub fn version() -> &'static str {
     // SAFETY: static string.
@@ -293,6 +302,33 @@ fn contiguous_len(shape: &[i64]) -> Option<usize> {
     shape.iter().try_fold(1usize, |acc, &s| acc.checked_mul(usize::try_from(s).ok()?))
 }
 
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// An element type the library reads: `f32`, and with the `half` feature `half::f16` and
+/// `half::bf16`. Sealed: its dtype must match the memory layout.
+pub trait Element: Copy + sealed::Sealed {
+    /// The library's dtype of this element type.
+    const DTYPE: Dtype;
+}
+impl sealed::Sealed for f32 {}
+impl Element for f32 {
+    const DTYPE: Dtype = Dtype::F32;
+}
+#[cfg(feature = "half")]
+impl sealed::Sealed for half::f16 {}
+#[cfg(feature = "half")]
+impl Element for half::f16 {
+    const DTYPE: Dtype = Dtype::F16;
+}
+#[cfg(feature = "half")]
+impl sealed::Sealed for half::bf16 {}
+#[cfg(feature = "half")]
+impl Element for half::bf16 {
+    const DTYPE: Dtype = Dtype::BF16;
+}
+
 impl<'a> Tensor<'a> {
     fn host(ptr: *const u8, len: usize, dtype: Dtype, shape: &[i64], writable: bool) -> Result<Tensor<'a>> {
         check_shape(shape)?;
@@ -304,6 +340,34 @@ impl<'a> Tensor<'a> {
                 format!("slice has {len} elements but shape {shape:?} needs {need}"),
             ));
         }
+        Ok(Self::host_unchecked(ptr, len, dtype, shape, writable))
+    }
+    fn host_strided(ptr: *const u8, len: usize, dtype: Dtype, shape: &[i64], strides: &[i64],
+                    writable: bool) -> Result<Tensor<'a>> {
+        check_shape(shape)?;
+        Self::host_unchecked(ptr, len, dtype, shape, writable).with_strides(strides)
+    }
+    /// A read-only contiguous row-major tensor over `data` (f32, or half::f16/bf16 with the
+    /// `half` feature); the slice holds exactly the shape's elements.
+    pub fn new<T: Element>(data: &'a [T], shape: &[i64]) -> Result<Tensor<'a>> {
+        Self::host(data.as_ptr().cast(), data.len(), T::DTYPE, shape, false)
+    }
+    /// A writable contiguous row-major tensor over `data`.
+    pub fn new_mut<T: Element>(data: &'a mut [T], shape: &[i64]) -> Result<Tensor<'a>> {
+        Self::host(data.as_mut_ptr().cast(), data.len(), T::DTYPE, shape, true)
+    }
+    /// A read-only strided view: logical `shape`, element `strides` (one per dimension). The
+    /// slice must hold every element the strides reach and may be larger, so a preallocated
+    /// head-major cache `[Hk, Lmax, d]` holding `L < Lmax` tokens is
+    /// `Tensor::strided(&cache, &[hk, l, d], &[lmax * d, d, 1])`.
+    pub fn strided<T: Element>(data: &'a [T], shape: &[i64], strides: &[i64]) -> Result<Tensor<'a>> {
+        Self::host_strided(data.as_ptr().cast(), data.len(), T::DTYPE, shape, strides, false)
+    }
+    /// A writable strided view (see [`Tensor::strided`]); compaction writes through it.
+    pub fn strided_mut<T: Element>(data: &'a mut [T], shape: &[i64], strides: &[i64]) -> Result<Tensor<'a>> {
+        Self::host_strided(data.as_mut_ptr().cast(), data.len(), T::DTYPE, shape, strides, true)
+    }
+    fn host_unchecked(ptr: *const u8, len: usize, dtype: Dtype, shape: &[i64], writable: bool) -> Tensor<'a> {
         let mut raw = sys::defkv_tensor {
             data: ptr as *mut std::ffi::c_void,
             dtype: dtype.0,
@@ -315,7 +379,7 @@ impl<'a> Tensor<'a> {
             byte_offset: 0,
         };
         raw.shape[..shape.len()].copy_from_slice(shape);
-        Ok(Tensor { raw, len, writable, _borrow: PhantomData })
+        Tensor { raw, len, writable, _borrow: PhantomData }
     }
     /// A read-only contiguous row-major f32 tensor over `data`.
     pub fn f32(data: &'a [f32], shape: &[i64]) -> Result<Tensor<'a>> {
@@ -684,7 +748,7 @@ impl ContextBuilder {
         if st != 0 {
             // SAFETY: thread-local message of the failed create.
             let msg = unsafe { owned_str(sys::defkv_last_error_global()) };
-            return Err(Error::new(Status(st), msg));
+            return Err(Error::new(Status(st), caller_message("ContextBuilder::build", &msg)));
         }
         let raw = NonNull::new(ctx).ok_or_else(|| Error::new(Status::INTERNAL, "defkv_context_create returned NULL"))?;
         Ok(Context { raw, _not_sync: PhantomData })
@@ -723,13 +787,15 @@ impl Context {
         unsafe { sys::defkv_context_options_default(&mut raw) };
         ContextBuilder { raw }
     }
-    fn check(&self, st: i32) -> Result<()> {
+    /// Ok, or the context's error with its message naming `caller` (the Rust method the user
+    /// called) in place of the C function the library names.
+    fn check(&self, caller: &str, st: i32) -> Result<()> {
         if st == 0 {
             Ok(())
         } else {
             // SAFETY: the context's message, copied before any other call on it.
             let msg = unsafe { owned_str(sys::defkv_context_last_error(self.raw.as_ptr())) };
-            Err(Error::new(Status(st), msg))
+            Err(Error::new(Status(st), caller_message(caller, &msg)))
         }
     }
     /// The backend in use.
@@ -747,7 +813,7 @@ impl Context {
         let raw = layer.raw();
         let mut n = 0i64;
         // SAFETY: every pointer in raw borrows live memory for this call.
-        self.check(unsafe { sys::defkv_kept_count(self.raw.as_ptr(), &params.raw, &raw, &mut n) })?;
+        self.check("Context::kept_count", unsafe { sys::defkv_kept_count(self.raw.as_ptr(), &params.raw, &raw, &mut n) })?;
         Ok(n)
     }
     /// Scratch bytes `select` needs for this layer.
@@ -755,17 +821,19 @@ impl Context {
         let raw = layer.raw();
         let mut n = 0i64;
         // SAFETY: as above.
-        self.check(unsafe { sys::defkv_workspace_size(self.raw.as_ptr(), &params.raw, &raw, &mut n) })?;
+        self.check("Context::workspace_size", unsafe { sys::defkv_workspace_size(self.raw.as_ptr(), &params.raw, &raw, &mut n) })?;
         Ok(n)
     }
     /// Scores and selects the entries of one layer to keep.
     pub fn select(&self, params: &Params, layer: &Layer<'_>) -> Result<Selection> {
-        let cap = self.kept_count(params, layer)?;
-        let mut sel = Selection::for_shape(&layer.shape(), cap);
         let raw = layer.raw();
+        let mut cap = 0i64;
+        // SAFETY: every pointer in raw borrows live memory for this call.
+        self.check("Context::select", unsafe { sys::defkv_kept_count(self.raw.as_ptr(), &params.raw, &raw, &mut cap) })?;
+        let mut sel = Selection::for_shape(&layer.shape(), cap);
         let mut out = sel.raw();
         // SAFETY: inputs borrow live memory; outputs are sized for this layer's shape.
-        self.check(unsafe { sys::defkv_select(self.raw.as_ptr(), &params.raw, &raw, &mut out) })?;
+        self.check("Context::select", unsafe { sys::defkv_select(self.raw.as_ptr(), &params.raw, &raw, &mut out) })?;
         Ok(sel)
     }
     fn require_writable(layer: &Layer<'_>) -> Result<()> {
@@ -786,7 +854,7 @@ impl Context {
         let raw = layer.raw();
         let s = sel.raw_const();
         // SAFETY: keys/values were borrowed mutably for the layer's lifetime.
-        self.check(unsafe { sys::defkv_compact_inplace(self.raw.as_ptr(), &raw, &s) })
+        self.check("Context::compact_inplace", unsafe { sys::defkv_compact_inplace(self.raw.as_ptr(), &raw, &s) })
     }
     /// Gathers the kept entries into `keys_out`/`values_out`, logical [sum(head_lens), d].
     pub fn compact_varlen(&self, layer: &Layer<'_>, sel: &Selection, keys_out: &mut Tensor<'_>,
@@ -797,7 +865,7 @@ impl Context {
         let raw = layer.raw();
         let s = sel.raw_const();
         // SAFETY: outputs are writable borrows.
-        self.check(unsafe {
+        self.check("Context::compact_varlen", unsafe {
             sys::defkv_compact_varlen(self.raw.as_ptr(), &raw, &s, &mut keys_out.raw, &mut values_out.raw)
         })
     }
@@ -805,7 +873,7 @@ impl Context {
     pub fn global(&self, params: &Params, n_layers: i32) -> Result<Global<'_>> {
         let mut g: *mut sys::defkv_global = std::ptr::null_mut();
         // SAFETY: valid handle, params and out pointer.
-        self.check(unsafe { sys::defkv_global_create(self.raw.as_ptr(), &params.raw, n_layers, &mut g) })?;
+        self.check("Context::global", unsafe { sys::defkv_global_create(self.raw.as_ptr(), &params.raw, n_layers, &mut g) })?;
         let raw = NonNull::new(g).ok_or_else(|| Error::new(Status::INTERNAL, "defkv_global_create returned NULL"))?;
         Ok(Global { raw, ctx: self, shape: None })
     }
@@ -830,30 +898,34 @@ impl Global<'_> {
     pub fn add_layer(&mut self, index: i32, layer: &Layer<'_>) -> Result<()> {
         let raw = layer.raw();
         // SAFETY: the layer's memory is live for the call; the library copies the scores.
-        self.ctx.check(unsafe { sys::defkv_global_add_layer(self.raw.as_ptr(), index, &raw) })?;
+        self.ctx.check("Global::add_layer", unsafe { sys::defkv_global_add_layer(self.raw.as_ptr(), index, &raw) })?;
         self.shape.get_or_insert_with(|| layer.shape());
         Ok(())
     }
     /// Ranks all layers together (after every layer was added).
     pub fn select(&mut self) -> Result<()> {
         // SAFETY: valid handle.
-        self.ctx.check(unsafe { sys::defkv_global_select(self.raw.as_ptr()) })
+        self.ctx.check("Global::select", unsafe { sys::defkv_global_select(self.raw.as_ptr()) })
     }
     /// Entries layer `index` keeps.
     pub fn layer_kept_count(&self, index: i32) -> Result<i64> {
         let mut n = 0i64;
         // SAFETY: valid handle and out pointer.
-        self.ctx.check(unsafe { sys::defkv_global_layer_kept_count(self.raw.as_ptr(), index, &mut n) })?;
+        self.ctx.check("Global::layer_kept_count", unsafe { sys::defkv_global_layer_kept_count(self.raw.as_ptr(), index, &mut n) })?;
         Ok(n)
     }
     /// Layer `index`'s share of the global selection.
     pub fn layer_selection(&self, index: i32) -> Result<Selection> {
         let shape = self.shape.clone().unwrap_or(LayerShape { heads: Vec::new() });
-        let cap = self.layer_kept_count(index)?;
+        let mut cap = 0i64;
+        // SAFETY: valid handle and out pointer.
+        self.ctx.check("Global::layer_selection", unsafe {
+            sys::defkv_global_layer_kept_count(self.raw.as_ptr(), index, &mut cap)
+        })?;
         let mut sel = Selection::for_shape(&shape, cap);
         let mut out = sel.raw();
         // SAFETY: outputs sized for the batch shape the layers were added with.
-        self.ctx.check(unsafe { sys::defkv_global_layer_selection(self.raw.as_ptr(), index, &mut out) })?;
+        self.ctx.check("Global::layer_selection", unsafe { sys::defkv_global_layer_selection(self.raw.as_ptr(), index, &mut out) })?;
         Ok(sel)
     }
 }

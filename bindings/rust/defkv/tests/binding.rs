@@ -135,3 +135,91 @@ fn read_only_tensors_cannot_be_compacted() {
     assert_eq!(err.status(), Status::INVALID_ARGUMENT);
     assert!(err.message().contains("writable"), "{err}");
 }
+
+#[test]
+fn errors_name_the_rust_method_called() {
+    let case = load_case("pub2-g1-L300");
+    let ctx = Context::new().unwrap();
+    let layer = layer_of(&case.layers[0]);
+    let err = ctx.select(&Params::new(Method::SNAPKV).compression_ratio(1.5), &layer).unwrap_err();
+    assert!(err.message().starts_with("Context::select: "), "message: {}", err.message());
+    assert!(!err.message().contains("defkv_kept_count"), "message: {}", err.message());
+}
+
+/// A preallocated head-major cache [Hk, Lmax, d] holding L < Lmax tokens: a strided view of
+/// the whole buffer selects what the contiguous [Hk, L, d] cache selects, and compaction
+/// writes into the big buffer.
+#[test]
+fn strided_view_of_a_cache_with_spare_capacity() {
+    let case = load_case("pub2-g1-L300");
+    let l = &case.layers[0];
+    let (hk, len, d) = (l.kv_shape[0] as usize, l.kv_shape[1] as usize, l.kv_shape[2] as usize);
+    let lmax = len + 37;
+    let big = |src: &[f32]| {
+        let mut b = vec![f32::NAN; hk * lmax * d]; // rows past L must never be read
+        for h in 0..hk {
+            b[h * lmax * d..h * lmax * d + len * d].copy_from_slice(&src[h * len * d..(h + 1) * len * d]);
+        }
+        b
+    };
+    let (mut bk, mut bv) = (big(&l.keys), big(&l.values));
+    let shape = [hk as i64, len as i64, d as i64];
+    let strides = [(lmax * d) as i64, d as i64, 1];
+    let params = Params::new(Method::DEFENSIVEKV).compression_ratio(case.ratio).window(case.window).kernel(case.kernel);
+    let ctx = Context::new().unwrap();
+    let want = ctx.select(&params, &layer_of(l)).unwrap();
+    // One element short of the strided extent is refused.
+    let short = hk * lmax * d - (lmax - len) * d - 1;
+    assert!(Tensor::strided(&bk[..short], &shape, &strides).is_err());
+    let mut layer = Layer::new(vec![Sequence::with_queries(
+        Tensor::new(&l.queries, &l.q_shape).unwrap(),
+        Tensor::strided_mut(&mut bk, &shape, &strides).unwrap(),
+        Tensor::strided_mut(&mut bv, &shape, &strides).unwrap(),
+    )])
+    .with_o_proj(Tensor::new(&l.o_proj, &l.o_shape).unwrap());
+    let got = ctx.select(&params, &layer).unwrap();
+    assert!(!got.indices().is_empty());
+    assert_eq!(got.indices(), want.indices());
+    ctx.compact_inplace(&mut layer, &got).unwrap();
+    drop(layer);
+    for h in 0..hk {
+        for (j, &tok) in got.kept(h).iter().enumerate() {
+            assert_eq!(bk[h * lmax * d + j * d], l.keys[(h * len + tok as usize) * d], "head {h} row {j}");
+        }
+    }
+}
+
+/// half::bf16 / half::f16 slices are accepted directly and select what the f32 data selects
+/// when the values are exactly representable (every f32 rounded to bf16 first).
+#[cfg(feature = "half")]
+#[test]
+fn half_types_are_accepted() {
+    use half::{bf16, f16};
+    let case = load_case("pub2-g1-L300");
+    let l = &case.layers[0];
+    let to_bf = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>();
+    let (q, k, v, o) = (to_bf(&l.queries), to_bf(&l.keys), to_bf(&l.values), to_bf(&l.o_proj));
+    let back = |v: &[bf16]| v.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
+    let (qf, kf, vf, of) = (back(&q), back(&k), back(&v), back(&o));
+    let params = Params::new(Method::DEFENSIVEKV).compression_ratio(case.ratio).window(case.window).kernel(case.kernel);
+    let ctx = Context::new().unwrap();
+    let layer = Layer::new(vec![Sequence::with_queries(
+        Tensor::new(&q, &l.q_shape).unwrap(),
+        Tensor::new(&k, &l.kv_shape).unwrap(),
+        Tensor::new(&v, &l.kv_shape).unwrap(),
+    )])
+    .with_o_proj(Tensor::new(&o, &l.o_shape).unwrap());
+    assert_eq!(Tensor::new(&q, &l.q_shape).unwrap().dtype(), defkv::Dtype::BF16);
+    let got = ctx.select(&params, &layer).unwrap();
+    let reference = Layer::new(vec![Sequence::with_queries(
+        Tensor::new(&qf, &l.q_shape).unwrap(),
+        Tensor::new(&kf, &l.kv_shape).unwrap(),
+        Tensor::new(&vf, &l.kv_shape).unwrap(),
+    )])
+    .with_o_proj(Tensor::new(&of, &l.o_shape).unwrap());
+    let want = ctx.select(&params, &reference).unwrap();
+    assert!(!got.indices().is_empty());
+    assert_eq!(got.indices(), want.indices());
+    let h16 = vec![f16::from_f32(0.5); 8];
+    assert_eq!(Tensor::new(&h16, &[2, 4]).unwrap().dtype(), defkv::Dtype::F16);
+}

@@ -17,7 +17,8 @@ public final class Context implements AutoCloseable {
     public Context(int backend, int threads) {
         synchronized (Context.class) {
             ctx = DefkvNative.defkvb_context_create(backend, threads, -1);
-            if (ctx == null) throw new DefkvException(DefkvNative.defkvb_last_create_status(), DefkvNative.defkv_last_error_global());
+            if (ctx == null) throw new DefkvException(DefkvNative.defkvb_last_create_status(),
+                callerMessage("new Context", DefkvNative.defkv_last_error_global()));
         }
     }
     public static String version() { return DefkvNative.defkv_version_string(); }
@@ -26,14 +27,24 @@ public final class Context implements AutoCloseable {
         if (ctx != null) { DefkvNative.defkv_context_destroy(ctx); ctx = null; }
     }
     private void open() { if (ctx == null) throw new DefkvException(Status.INVALID_STATE, "the context is closed"); }
-    private DefkvException err(StatusException e) { return new DefkvException(e.status, DefkvNative.defkv_context_last_error(ctx)); }
+    /** The context's error, its message naming the Java method called (not the C function). */
+    private DefkvException err(String fn, int status) {
+        return new DefkvException(status, callerMessage(fn, DefkvNative.defkv_context_last_error(ctx)));
+    }
+    static String callerMessage(String fn, String msg) {
+        int i = msg.indexOf(": ");
+        if (msg.startsWith("defkv_") && i > 0 && msg.substring(0, i).indexOf(' ') < 0) msg = msg.substring(i + 2);
+        return fn + ": " + msg;
+    }
 
     private static void set(SWIGTYPE_p_defkvb_layer l, int seq, int which, Tensor t) {
         if (t == null) return;
         long[] s = new long[4];
         System.arraycopy(t.shape, 0, s, 0, t.shape.length);
+        long[] st = new long[4];
+        System.arraycopy(t.strides, 0, st, 0, t.strides.length);
         DefkvNative.defkvb_layer_set_tensor(l, seq, which, DefkvNative.defkvb_buffer_address(t.buffer), t.dtype,
-            t.shape.length, s[0], s[1], s[2], s[3], 0, 0, 0, 0, 0, 0);
+            t.shape.length, s[0], s[1], s[2], s[3], st[0], st[1], st[2], st[3], 0, 0);
     }
     static SWIGTYPE_p_defkvb_layer layer(Sequence[] seqs, Tensor o) {
         if (seqs == null || seqs.length == 0) throw new DefkvException(Status.INVALID_ARGUMENT, "seqs must hold at least one sequence");
@@ -91,10 +102,10 @@ public final class Context implements AutoCloseable {
         SWIGTYPE_p_defkvb_layer l = layer(seqs, o);
         try {
             long n = DefkvNative.defkvb_kept_count(ctx, p.raw, l);
-            if (n < 0) throw new DefkvException((int) n, DefkvNative.defkv_context_last_error(ctx));
+            if (n < 0) throw err("Context.select", (int) n);
             Out out = out(seqs, n);
             SWIGTYPE_p_defkv_selection s = out.raw();
-            try { DefkvNative.defkvb_select(ctx, p.raw, l, s); } catch (StatusException e) { throw err(e); }
+            try { DefkvNative.defkvb_select(ctx, p.raw, l, s); } catch (StatusException e) { throw err("Context.select", e.status); }
             finally { DefkvNative.defkvb_selection_free(s); }
             return out.get();
         } finally {
@@ -111,12 +122,15 @@ public final class Context implements AutoCloseable {
     /** compactInPlace for a (ragged) batch: every sequence's keys and values, in place. */
     public synchronized void compactInPlace(Sequence[] seqs, Tensor o, Selection sel) {
         open();
+        if (sel == null || sel.headLens.length == 0 || sel.cuSeqlens.length != sel.headLens.length + 1)
+            throw new DefkvException(Status.INVALID_ARGUMENT,
+                "Context.compactInPlace: sel must be a Selection returned by select or selectGlobal");
         SWIGTYPE_p_defkvb_layer l = layer(seqs, o);
         ByteBuffer lens = direct(4L * sel.headLens.length), cu = direct(4L * sel.cuSeqlens.length), idx = direct(4L * sel.indices.length);
         lens.asIntBuffer().put(sel.headLens); cu.asIntBuffer().put(sel.cuSeqlens); idx.asIntBuffer().put(sel.indices);
         SWIGTYPE_p_defkv_selection s = DefkvNative.defkvb_selection_new(DefkvNative.defkvb_buffer_address(lens),
             DefkvNative.defkvb_buffer_address(cu), DefkvNative.defkvb_buffer_address(idx), sel.indices.length, 0, 0);
-        try { DefkvNative.defkvb_compact_inplace(ctx, l, s); } catch (StatusException e) { throw err(e); }
+        try { DefkvNative.defkvb_compact_inplace(ctx, l, s); } catch (StatusException e) { throw err("Context.compactInPlace", e.status); }
         finally {
             DefkvNative.defkvb_selection_free(s); DefkvNative.defkvb_layer_free(l);
             java.lang.ref.Reference.reachabilityFence(seqs); java.lang.ref.Reference.reachabilityFence(o);
@@ -138,21 +152,21 @@ public final class Context implements AutoCloseable {
         if (seqs == null || o == null || o.length != seqs.length)
             throw new DefkvException(Status.INVALID_ARGUMENT, "o must have one entry per layer of seqs");
         SWIGTYPE_p_defkv_global g = DefkvNative.defkvb_global_create(ctx, p.raw, seqs.length);
-        if (g == null) throw new DefkvException(DefkvNative.defkvb_last_create_status(), DefkvNative.defkv_context_last_error(ctx));
+        if (g == null) throw err("Context.selectGlobal", DefkvNative.defkvb_last_create_status());
         try {
             for (int i = 0; i < seqs.length; i++) {
                 SWIGTYPE_p_defkvb_layer l = layer(seqs[i], o[i]);
-                try { DefkvNative.defkvb_global_add_layer(g, i, l); } catch (StatusException e) { throw err(e); }
+                try { DefkvNative.defkvb_global_add_layer(g, i, l); } catch (StatusException e) { throw err("Context.selectGlobal", e.status); }
                 finally { DefkvNative.defkvb_layer_free(l); }
             }
-            try { DefkvNative.defkv_global_select(g); } catch (StatusException e) { throw err(e); }
+            try { DefkvNative.defkv_global_select(g); } catch (StatusException e) { throw err("Context.selectGlobal", e.status); }
             Selection[] r = new Selection[seqs.length];
             for (int i = 0; i < seqs.length; i++) {
                 long n = DefkvNative.defkvb_global_layer_kept_count(g, i);
-                if (n < 0) throw new DefkvException((int) n, DefkvNative.defkv_context_last_error(ctx));
+                if (n < 0) throw err("Context.selectGlobal", (int) n);
                 Out out = out(seqs[i], n);
                 SWIGTYPE_p_defkv_selection s = out.raw();
-                try { DefkvNative.defkvb_global_layer_selection(g, i, s); } catch (StatusException e) { throw err(e); }
+                try { DefkvNative.defkvb_global_layer_selection(g, i, s); } catch (StatusException e) { throw err("Context.selectGlobal", e.status); }
                 finally { DefkvNative.defkvb_selection_free(s); }
                 r[i] = out.get();
             }

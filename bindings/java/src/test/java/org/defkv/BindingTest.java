@@ -198,4 +198,76 @@ class BindingTest {
     static long rss() throws Exception {
         return Long.parseLong(Files.readString(Paths.get("/proc/self/statm")).trim().split("\\s+")[1]) * 4;
     }
+
+    /** Big-endian buffers (the JVM's default order) are refused, naming the call and the fix. */
+    @Test void nonNativeByteOrderIsRejected() {
+        ByteOrder other = ByteOrder.nativeOrder() == ByteOrder.LITTLE_ENDIAN ? ByteOrder.BIG_ENDIAN : ByteOrder.LITTLE_ENDIAN;
+        ByteBuffer b = ByteBuffer.allocateDirect(4 * 12).order(other);
+        DefkvException e = assertThrows(DefkvException.class, () -> Tensor.of(b, Tensor.F32, 3, 4));
+        assertEquals(Status.INVALID_ARGUMENT, e.status());
+        assertTrue(e.getMessage().contains("Tensor.of: ") && e.getMessage().contains("nativeOrder"), e.getMessage());
+        e = assertThrows(DefkvException.class, () -> Tensor.strided(b, Tensor.F32, new long[] {3, 4}, new long[] {4, 1}));
+        assertTrue(e.getMessage().contains("Tensor.strided: "), e.getMessage());
+    }
+
+    /** Errors name the Java method called, not the C function the binding used inside. */
+    @Test void errorsNameTheCalledMethod() throws Exception {
+        St c = new St(dir().resolve("pub2-g1-L300.case.safetensors"));
+        Tensor q = c.tensor("layers.0.queries"), k = c.tensor("layers.0.keys"), v = c.tensor("layers.0.values"), o = c.tensor("layers.0.o_proj");
+        try (Context ctx = new Context()) {
+            DefkvException e = assertThrows(DefkvException.class, () -> ctx.select(params(c, Params.SNAPKV).compressionRatio(1.5), q, k, v, o));
+            assertTrue(e.getMessage().contains("Context.select: ") && !e.getMessage().contains("defkv_kept_count"), e.getMessage());
+            e = assertThrows(DefkvException.class, () -> ctx.compactInPlace(q, k, v, o, null));
+            assertTrue(e.getMessage().contains("Context.compactInPlace: "), e.getMessage());
+        }
+    }
+
+    /** Every field of defkv_params can be set and read back. */
+    @Test void paramsExposeEveryField() {
+        Params p = new Params(Params.RANDOM).compressionRatio(0.3).budget(77).window(8).kernel(3).scale(0.25f).nSink(2)
+            .alphaSafeguard(0.1).firstStageRatio(0.4).epsilon(1e-3).massThreshold(0.8).windowBias(Params.WINDOW_BIAS_WINDOW)
+            .nonfinite(Params.NONFINITE_LOWEST).seed(-1L);
+        assertEquals(Params.RANDOM, p.method()); assertEquals(0.3, p.compressionRatio()); assertEquals(77, p.budget());
+        assertEquals(8, p.window()); assertEquals(3, p.kernel()); assertEquals(0.25f, p.scale()); assertEquals(2, p.nSink());
+        assertEquals(0.1, p.alphaSafeguard()); assertEquals(0.4, p.firstStageRatio()); assertEquals(1e-3, p.epsilon());
+        assertEquals(0.8, p.massThreshold()); assertEquals(Params.WINDOW_BIAS_WINDOW, p.windowBias());
+        assertEquals(Params.NONFINITE_LOWEST, p.nonfinite()); assertEquals(-1L, p.seed());
+    }
+
+    /** A preallocated head-major cache [Hk, Lmax, d] holding L tokens, and a token-major
+     *  [L, Hk, d] cache, both viewed through strides: they select what the contiguous cache selects. */
+    @Test void stridedViewsSelectLikeContiguous() throws Exception {
+        St c = new St(dir().resolve("pub2-g1-L300.case.safetensors"));
+        Tensor q = c.tensor("layers.0.queries"), k = c.tensor("layers.0.keys"), v = c.tensor("layers.0.values"), o = c.tensor("layers.0.o_proj");
+        int hk = (int) k.shape[0], L = (int) k.shape[1], d = (int) k.shape[2], lmax = L + 37;
+        try (Context ctx = new Context()) {
+            Params p = params(c, Params.DEFENSIVEKV);
+            Selection want = ctx.select(p, q, k, v, o);
+            ByteBuffer bk = ByteBuffer.allocateDirect(4 * hk * lmax * d).order(ByteOrder.nativeOrder());
+            ByteBuffer bv = ByteBuffer.allocateDirect(4 * hk * lmax * d).order(ByteOrder.nativeOrder());
+            ByteBuffer tk = ByteBuffer.allocateDirect(4 * hk * L * d).order(ByteOrder.nativeOrder());
+            ByteBuffer tv = ByteBuffer.allocateDirect(4 * hk * L * d).order(ByteOrder.nativeOrder());
+            FloatBuffer sk = k.buffer().asFloatBuffer(), sv = v.buffer().asFloatBuffer();
+            for (int i = 0; i < hk * lmax * d; i++) { bk.putFloat(4 * i, Float.NaN); bv.putFloat(4 * i, Float.NaN); }
+            for (int h = 0; h < hk; h++)
+                for (int j = 0; j < L; j++)
+                    for (int e = 0; e < d; e++) {
+                        int src = (h * L + j) * d + e;
+                        bk.putFloat(4 * ((h * lmax + j) * d + e), sk.get(src)); bv.putFloat(4 * ((h * lmax + j) * d + e), sv.get(src));
+                        tk.putFloat(4 * ((j * hk + h) * d + e), sk.get(src)); tv.putFloat(4 * ((j * hk + h) * d + e), sv.get(src));
+                    }
+            long[] shape = {hk, L, d};
+            Selection cap = ctx.select(p, q, Tensor.strided(bk, Tensor.F32, shape, new long[] {(long) lmax * d, d, 1}),
+                Tensor.strided(bv, Tensor.F32, shape, new long[] {(long) lmax * d, d, 1}), o);
+            Selection tok = ctx.select(p, q, Tensor.strided(tk, Tensor.F32, shape, new long[] {d, (long) hk * d, 1}),
+                Tensor.strided(tv, Tensor.F32, shape, new long[] {d, (long) hk * d, 1}), o);
+            assertTrue(want.indices.length > 0);
+            assertArrayEquals(want.indices, cap.indices);
+            assertArrayEquals(want.indices, tok.indices);
+            ByteBuffer small = bk.slice(0, 4 * (hk * lmax * d - (lmax - L) * d) - 4).order(ByteOrder.nativeOrder());
+            DefkvException e = assertThrows(DefkvException.class,
+                () -> Tensor.strided(small, Tensor.F32, shape, new long[] {(long) lmax * d, d, 1}));
+            assertTrue(e.getMessage().contains("reaches byte"), e.getMessage());
+        }
+    }
 }

@@ -1,0 +1,458 @@
+"""defkv: KV-cache eviction with DefensiveKV and the methods it is compared with.
+
+Tensors are NumPy arrays or any DLPack producer (PyTorch tensors, CuPy arrays, JAX arrays,
+NumPy >= 1.22 arrays, or a raw ``dltensor`` capsule such as ``torch.utils.dlpack.to_dlpack``
+returns). Nothing is copied: the library reads the caller's memory through its strides, and
+``Context.compact_inplace`` writes into the caller's own keys and values.
+
+    import numpy as np, defkv
+    with defkv.Context() as ctx:
+        sel = ctx.select(defkv.Params("defensivekv", compression_ratio=0.8),
+                         queries=q, keys=k, values=v, o_proj=o)   # q [H,W,d], k/v [Hk,L,d], o [D,H*d]
+        ctx.compact_inplace(sel, keys=k, values=v)               # kept rows now lead each head
+        print(sel.head_lens, sel.kept(0))
+
+Errors raise ``defkv.Error`` (``.status``, ``.message``). A Context is used by one thread at a
+time (its calls hold a lock); different contexts are independent.
+"""
+
+import ctypes
+import threading
+
+import numpy as np
+
+from . import native as _n
+
+__all__ = ["Context", "Params", "Sequence", "Selection", "Error", "Status", "Method", "Dtype", "Backend",
+           "bfloat16", "version", "method_from_name"]
+
+
+class Status:
+    """defkv_status codes."""
+    SUCCESS = 0
+    INVALID_ARGUMENT = -1
+    OUT_OF_MEMORY = -2
+    UNSUPPORTED = -3
+    BACKEND_UNAVAILABLE = -4
+    SIZE_OVERFLOW = -5
+    NON_FINITE = -6
+    INVALID_STATE = -7
+    BUFFER_TOO_SMALL = -8
+    BACKEND_FAILURE = -9
+    INTERNAL = -10
+
+
+class Method:
+    """defkv_method values."""
+    SNAPKV, ADA_SNAPKV, CRITICALKV, ADA_CRITICALKV, DEFENSIVEKV, LAYER_DEFENSIVEKV, \
+        STREAMINGLLM, KNORM, TOVA, RANDOM = range(10)
+
+
+class Dtype:
+    F32, F16, BF16 = 0, 1, 2
+
+
+class Backend:
+    AUTO, CPU, CUDA, VULKAN = 0, 1, 2, 3
+
+
+_MEMORY_HOST = 0
+
+
+class Error(Exception):
+    """An error of the library: ``status`` (a Status code) and ``message`` naming the argument."""
+
+    def __init__(self, status, message):
+        super().__init__("defkv: %s (%d): %s" % (_n.defkv_status_string(int(status)), status, message))
+        self.status = int(status)
+        self.message = message
+
+
+def _caller_message(fn, msg):
+    """Names the Python call in place of the C function the library's message starts with."""
+    head, sep, rest = msg.partition(": ")
+    if sep and head.startswith("defkv_") and " " not in head:
+        msg = rest
+    return "%s: %s" % (fn, msg)
+
+
+def version():
+    """The library version string."""
+    return _n.defkv_version_string()
+
+
+def method_from_name(name):
+    """The Method value of a CLI method name ("defensivekv")."""
+    m = _n.defkvb_method_from_name(name)
+    if m < 0:
+        raise Error(m, "method_from_name: unknown method name %r" % (name,))
+    return m
+
+
+# -------------------------------------------------------------------------------------------
+# Parameters
+# -------------------------------------------------------------------------------------------
+
+_PARAM_FIELDS = ("method", "compression_ratio", "budget", "window", "kernel", "scale", "n_sink",
+                 "alpha_safeguard", "first_stage_ratio", "epsilon", "mass_threshold", "window_bias",
+                 "nonfinite", "seed")
+
+
+class Params:
+    """Every field of defkv_params, starting from the library's defaults (the official code's).
+
+    ``Params("defensivekv", compression_ratio=0.8, window=32)``; fields are attributes:
+    method, compression_ratio, budget, window, kernel, scale, n_sink, alpha_safeguard,
+    first_stage_ratio, epsilon, mass_threshold, window_bias (0 official, 1 window),
+    nonfinite (0 reject, 1 lowest), seed.
+    """
+
+    def __init__(self, method=Method.DEFENSIVEKV, **fields):
+        object.__setattr__(self, "_raw", _n.defkv_params())
+        self.method = method_from_name(method) if isinstance(method, str) else int(method)
+        for k, v in fields.items():
+            setattr(self, k, v)
+
+    def __getattr__(self, name):
+        if name in _PARAM_FIELDS:
+            return getattr(self._raw, name)
+        raise AttributeError(name)
+
+    def __setattr__(self, name, value):
+        if name not in _PARAM_FIELDS:
+            raise AttributeError("Params has no field %r (fields: %s)" % (name, ", ".join(_PARAM_FIELDS)))
+        if name == "method" and isinstance(value, str):
+            value = method_from_name(value)
+        setattr(self._raw, name, value)
+
+    def __repr__(self):
+        return "Params(%s)" % ", ".join("%s=%r" % (k, getattr(self, k)) for k in _PARAM_FIELDS)
+
+
+# -------------------------------------------------------------------------------------------
+# Tensors
+# -------------------------------------------------------------------------------------------
+
+class bfloat16:
+    """Marks a NumPy uint16 array (raw bfloat16 bits; NumPy has no bfloat16) as dtype BF16."""
+
+    def __init__(self, array):
+        if not isinstance(array, np.ndarray) or array.dtype != np.uint16:
+            raise Error(Status.INVALID_ARGUMENT, "bfloat16: expected a NumPy uint16 array of bfloat16 bits")
+        self.array = array
+
+
+_capi = ctypes.pythonapi
+_capi.PyCapsule_IsValid.restype = ctypes.c_int
+_capi.PyCapsule_IsValid.argtypes = [ctypes.py_object, ctypes.c_char_p]
+_capi.PyCapsule_GetPointer.restype = ctypes.c_void_p
+_capi.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+
+# DLManagedTensorVersioned (DLPack >= 1.0): {version (2 x uint32), manager_ctx, deleter, flags
+# (uint64), dl_tensor}; flag bit 0 marks a read-only tensor.
+_VERSIONED_DLTENSOR_OFFSET = 8 + 8 + 8 + 8
+_VERSIONED_FLAGS_OFFSET = 8 + 8 + 8
+_DLPACK_FLAG_READ_ONLY = 1
+
+
+def _dlpack_capsule(obj):
+    if type(obj).__name__ == "PyCapsule":
+        return obj
+    try:
+        return obj.__dlpack__(max_version=(1, 0))
+    except TypeError:  # a producer older than DLPack 1.0's protocol
+        return obj.__dlpack__()
+
+
+class _View:
+    """One tensor argument as the library sees it, plus what keeps its memory alive."""
+
+    def __init__(self, fn, what, obj, writable):
+        self.keep = obj
+        self.dltensor = None
+        if isinstance(obj, bfloat16):
+            self._numpy(fn, what, obj.array, Dtype.BF16, writable)
+        elif isinstance(obj, np.ndarray):
+            dtypes = {np.dtype(np.float32): Dtype.F32, np.dtype(np.float16): Dtype.F16}
+            dt = dtypes.get(obj.dtype.newbyteorder("="))
+            if dt is None:
+                raise Error(Status.UNSUPPORTED, "%s: %s has dtype %s, expected float32 or float16 (or "
+                                                "defkv.bfloat16(uint16 array))" % (fn, what, obj.dtype))
+            self._numpy(fn, what, obj, dt, writable)
+        elif hasattr(obj, "__dlpack__") or type(obj).__name__ == "PyCapsule":
+            self._dlpack(fn, what, obj, writable)
+        else:
+            raise Error(Status.INVALID_ARGUMENT, "%s: %s is a %s, expected a NumPy array or a DLPack "
+                                                 "producer (__dlpack__)" % (fn, what, type(obj).__name__))
+
+    def _numpy(self, fn, what, a, dtype, writable):
+        if not a.dtype.isnative:
+            raise Error(Status.INVALID_ARGUMENT, "%s: %s is not in native byte order" % (fn, what))
+        if a.ndim < 1 or a.ndim > 4:
+            raise Error(Status.INVALID_ARGUMENT, "%s: %s has %d dimensions, expected 1 to 4" % (fn, what, a.ndim))
+        if writable and not a.flags.writeable:
+            raise Error(Status.INVALID_ARGUMENT, "%s: %s is read-only but compaction writes to it" % (fn, what))
+        strides = []
+        for s, n in zip(a.strides, a.shape):
+            if s % a.itemsize or (s < 0 and n > 1):
+                raise Error(Status.UNSUPPORTED, "%s: %s has byte strides %s; defkv needs non-negative whole-"
+                                                "element strides (np.ascontiguousarray copies)" % (fn, what, a.strides))
+            strides.append(max(s, 0) // a.itemsize)
+        self.address = a.__array_interface__["data"][0]
+        self.dtype, self.shape, self.strides = dtype, list(a.shape), strides
+
+    def _dlpack(self, fn, what, obj, writable):
+        cap = _dlpack_capsule(obj)
+        self.keep = (obj, cap)  # the capsule owns the DLManagedTensor: alive while we use it
+        if _capi.PyCapsule_IsValid(cap, b"dltensor_versioned"):
+            base = _capi.PyCapsule_GetPointer(cap, b"dltensor_versioned")
+            flags = ctypes.c_uint64.from_address(base + _VERSIONED_FLAGS_OFFSET).value
+            if writable and flags & _DLPACK_FLAG_READ_ONLY:
+                raise Error(Status.INVALID_ARGUMENT, "%s: %s is a read-only DLPack tensor but compaction "
+                                                     "writes to it" % (fn, what))
+            self.dltensor = base + _VERSIONED_DLTENSOR_OFFSET
+        elif _capi.PyCapsule_IsValid(cap, b"dltensor"):
+            self.dltensor = _capi.PyCapsule_GetPointer(cap, b"dltensor")  # dl_tensor is the first member
+        else:
+            raise Error(Status.INVALID_ARGUMENT, "%s: %s gave a capsule that is not an unused DLPack tensor "
+                                                 "('dltensor' or 'dltensor_versioned')" % (fn, what))
+
+    def set(self, fn, what, layer, seq, which):
+        if self.dltensor is not None:
+            st = _n.defkvb_layer_set_dltensor(layer, seq, which, self.dltensor)
+            if st < 0:
+                raise Error(st, _caller_message(fn, _n.defkvb_dlpack_error()).replace(": ", ": %s: " % what, 1))
+            return
+        s = (self.shape + [0, 0, 0, 0])[:4]
+        t = (self.strides + [0, 0, 0, 0])[:4]
+        _n.defkvb_layer_set_tensor(layer, seq, which, self.address, self.dtype, len(self.shape),
+                                   s[0], s[1], s[2], s[3], t[0], t[1], t[2], t[3], _MEMORY_HOST, 0)
+
+    def heads_and_len(self):
+        if self.dltensor is not None:
+            # DLTensor: data (8 bytes), device (2 x int32), ndim (int32), dtype (4 bytes), shape.
+            ndim = ctypes.c_int32.from_address(self.dltensor + 16).value
+            shape_ptr = ctypes.c_void_p.from_address(self.dltensor + 24).value
+            shape = [ctypes.c_int64.from_address(shape_ptr + 8 * i).value for i in range(ndim)]
+        else:
+            shape = self.shape
+        return (shape[0], shape[1]) if len(shape) >= 2 else (0, 0)
+
+
+class Sequence:
+    """One sequence of a (ragged) batch: queries [H, W, d] (or attention [H, W, L]), keys and
+    values [Hk, L, d]. L may differ between sequences; H, Hk, W and d may not."""
+
+    def __init__(self, keys, values, queries=None, attention=None):
+        self.queries, self.attention, self.keys, self.values = queries, attention, keys, values
+
+
+class Selection:
+    """What a selection keeps, as NumPy arrays: head_lens and cu_seqlens per head (n_seqs*Hk,
+    sequence-major), indices (kept positions, head i's at cu_seqlens[i]:cu_seqlens[i+1]),
+    keep_mask and scores per entry ([Hk, L_b] blocks concatenated over sequences)."""
+
+    def __init__(self, heads, entries, capacity):
+        self.head_lens = np.zeros(max(heads, 1), np.int32)[:heads]
+        self.cu_seqlens = np.zeros(heads + 1, np.int32)
+        self._indices = np.zeros(max(capacity, 1), np.int32)
+        self._capacity = capacity
+        self.keep_mask = np.zeros(max(entries, 1), np.uint8)[:entries]
+        self.scores = np.zeros(max(entries, 1), np.float32)[:entries]
+
+    @property
+    def indices(self):
+        return self._indices[:int(self.cu_seqlens[-1])]
+
+    def kept(self, head):
+        """Kept token positions of head ``head`` (ascending)."""
+        return self._indices[int(self.cu_seqlens[head]):int(self.cu_seqlens[head + 1])]
+
+    def _raw(self, with_outputs=True):
+        a = lambda x: x.__array_interface__["data"][0] if x.size else 0
+        if with_outputs:
+            return _n.defkvb_selection_new(a(self.head_lens), a(self.cu_seqlens), a(self._indices),
+                                           self._capacity, a(self.keep_mask), a(self.scores))
+        return _n.defkvb_selection_new(a(self.head_lens), a(self.cu_seqlens), a(self._indices),
+                                       int(self.cu_seqlens[-1]), 0, 0)
+
+    def __repr__(self):
+        return "Selection(head_lens=%s)" % (self.head_lens.tolist(),)
+
+
+class _Layer:
+    """A C-side layer description over the caller's memory; free() after the call."""
+
+    def __init__(self, fn, seqs, o_proj, writable):
+        if not seqs:
+            raise Error(Status.INVALID_ARGUMENT, "%s: at least one sequence is needed" % fn)
+        self.views = []
+        self.raw = _n.defkvb_layer_new(len(seqs))
+        self.shape = []
+        try:
+            for b, s in enumerate(seqs):
+                if s.keys is None or s.values is None:
+                    raise Error(Status.INVALID_ARGUMENT, "%s: sequence %d needs keys and values" % (fn, b))
+                for which, name, t in ((0, "queries", s.queries), (1, "attention", s.attention),
+                                       (2, "keys", s.keys), (3, "values", s.values)):
+                    if t is None:
+                        continue
+                    what = name if len(seqs) == 1 else "seqs[%d].%s" % (b, name)
+                    v = _View(fn, what, t, writable and which >= 2)
+                    v.set(fn, what, self.raw, b, which)
+                    self.views.append(v)
+                    if which == 2:
+                        self.shape.append(v.heads_and_len())
+            if o_proj is not None:
+                v = _View(fn, "o_proj", o_proj, False)
+                v.set(fn, "o_proj", self.raw, 0, 4)
+                self.views.append(v)
+        except BaseException:
+            self.free()
+            raise
+
+    def heads_entries(self):
+        return sum(h for h, _ in self.shape), sum(h * n for h, n in self.shape)
+
+    def free(self):
+        if self.raw is not None:
+            _n.defkvb_layer_free(self.raw)
+            self.raw = None
+
+
+def _seqs(seqs, queries, keys, values, attention):
+    if seqs is not None:
+        return list(seqs)
+    return [Sequence(keys, values, queries=queries, attention=attention)]
+
+
+class Context:
+    """A library context (backend, threads, scratch memory). ``close()`` or ``with`` frees it."""
+
+    def __init__(self, backend=Backend.CPU, threads=0, device_index=-1):
+        if isinstance(backend, str):
+            names = {"auto": Backend.AUTO, "cpu": Backend.CPU, "cuda": Backend.CUDA, "vulkan": Backend.VULKAN}
+            if backend not in names:
+                raise Error(Status.INVALID_ARGUMENT, "Context: backend %r is not one of %s" % (backend, sorted(names)))
+            backend = names[backend]
+        self._lock = threading.RLock()
+        self._ctx = _n.defkvb_context_create(int(backend), int(threads), int(device_index))
+        if self._ctx is None:
+            raise Error(_n.defkvb_last_create_status(), _caller_message("Context", _n.defkv_last_error_global()))
+
+    def close(self):
+        """Frees the context (idempotent)."""
+        with self._lock:
+            if self._ctx is not None:
+                _n.defkv_context_destroy(self._ctx)
+                self._ctx = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "_ctx", None) is not None:
+            self.close()
+
+    @property
+    def backend(self):
+        with self._lock:
+            self._open("Context.backend")
+            return _n.defkv_context_backend(self._ctx)
+
+    def _open(self, fn):
+        if self._ctx is None:
+            raise Error(Status.INVALID_STATE, "%s: the context is closed" % fn)
+
+    def _fail(self, fn, status):
+        raise Error(status, _caller_message(fn, _n.defkv_context_last_error(self._ctx)))
+
+    def select(self, params, queries=None, keys=None, values=None, o_proj=None, attention=None, *, seqs=None):
+        """Scores one layer with params.method and returns the Selection of entries to keep.
+        One sequence by keyword (queries or attention, keys, values), or a batch: seqs=[Sequence]."""
+        fn = "Context.select"
+        with self._lock:
+            self._open(fn)
+            layer = _Layer(fn, _seqs(seqs, queries, keys, values, attention), o_proj, False)
+            try:
+                n = _n.defkvb_kept_count(self._ctx, params._raw, layer.raw)
+                if n < 0:
+                    self._fail(fn, n)
+                heads, entries = layer.heads_entries()
+                sel = Selection(heads, entries, n)
+                raw = sel._raw()
+                try:
+                    st = _n.defkvb_select(self._ctx, params._raw, layer.raw, raw)
+                finally:
+                    _n.defkvb_selection_free(raw)
+                if st < 0:
+                    self._fail(fn, st)
+                return sel
+            finally:
+                layer.free()
+
+    def compact_inplace(self, selection, keys=None, values=None, queries=None, o_proj=None, *, seqs=None):
+        """Moves each head's kept entries to the front of its rows of keys and values, in the
+        caller's own arrays/tensors (which must be writable)."""
+        fn = "Context.compact_inplace"
+        if not isinstance(selection, Selection):
+            raise Error(Status.INVALID_ARGUMENT, "%s: selection must be a Selection from select()" % fn)
+        with self._lock:
+            self._open(fn)
+            layer = _Layer(fn, _seqs(seqs, queries, keys, values, None), o_proj, True)
+            try:
+                raw = selection._raw(with_outputs=False)
+                try:
+                    st = _n.defkvb_compact_inplace(self._ctx, layer.raw, raw)
+                finally:
+                    _n.defkvb_selection_free(raw)
+                if st < 0:
+                    self._fail(fn, st)
+            finally:
+                layer.free()
+
+    def select_global(self, params, layers):
+        """Layer-DefensiveKV over several layers: layers is a list of dicts with queries (or
+        attention), keys, values and o_proj (or seqs=[Sequence] and o_proj). Returns one
+        Selection per layer."""
+        fn = "Context.select_global"
+        with self._lock:
+            self._open(fn)
+            g = _n.defkvb_global_create(self._ctx, params._raw, len(layers))
+            if g is None:
+                self._fail(fn, _n.defkvb_last_create_status())
+            try:
+                shapes = []
+                for i, l in enumerate(layers):
+                    layer = _Layer(fn, _seqs(l.get("seqs"), l.get("queries"), l.get("keys"), l.get("values"),
+                                             l.get("attention")), l.get("o_proj"), False)
+                    try:
+                        st = _n.defkvb_global_add_layer(g, i, layer.raw)
+                        shapes.append(layer.heads_entries())
+                    finally:
+                        layer.free()
+                    if st < 0:
+                        self._fail(fn, st)
+                st = _n.defkv_global_select(g)
+                if st < 0:
+                    self._fail(fn, st)
+                out = []
+                for i, (heads, entries) in enumerate(shapes):
+                    n = _n.defkvb_global_layer_kept_count(g, i)
+                    if n < 0:
+                        self._fail(fn, n)
+                    sel = Selection(heads, entries, n)
+                    raw = sel._raw()
+                    try:
+                        st = _n.defkvb_global_layer_selection(g, i, raw)
+                    finally:
+                        _n.defkvb_selection_free(raw)
+                    if st < 0:
+                        self._fail(fn, st)
+                    out.append(sel)
+                return out
+            finally:
+                _n.defkv_global_destroy(g)

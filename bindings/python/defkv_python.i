@@ -1,0 +1,37 @@
+/* Python: SWIG generates defkv/native.py + defkv/_native*.so (internal); the API is the
+ * hand-written package defkv (defkv/__init__.py). Memory crosses as integer addresses (NumPy
+ * arrays' data pointers, DLPack tensors' DLTensor addresses): nothing is copied. */
+%module(package="defkv") native
+
+%include "defkv.i"
+
+%{
+#include <defkv/dlpack.h>
+/* Message of the last failed defkvb_layer_set_dltensor on this thread. */
+static _Thread_local char defkvb_dl_error[256];
+%}
+
+%inline %{
+static const char *defkvb_dlpack_error(void) { return defkvb_dl_error; }
+
+/* which as in defkvb_layer_set_tensor; dltensor: the address of a DLTensor (a DLManagedTensor's
+ * or a DLManagedTensorVersioned's dl_tensor), converted by defkv/dlpack.h. */
+static defkv_status defkvb_layer_set_dltensor(defkvb_layer *l, int32_t seq, int32_t which, int64_t dltensor) {
+    defkv_tensor t;
+    defkv_status st;
+    if (!l || which < 0 || which > 4 || (which < 4 && (seq < 0 || seq >= l->layer.n_seqs))) {
+        snprintf(defkvb_dl_error, sizeof defkvb_dl_error, "bad layer slot");
+        return DEFKV_ERROR_INVALID_ARGUMENT;
+    }
+    st = defkv_tensor_from_dltensor((const DLTensor *)(intptr_t)dltensor, &t, defkvb_dl_error, sizeof defkvb_dl_error);
+    if (st != DEFKV_SUCCESS) return st;
+    switch (which) {
+    case 0: l->seqs[seq].queries = t; break;
+    case 1: l->seqs[seq].attention = t; break;
+    case 2: l->seqs[seq].keys = t; break;
+    case 3: l->seqs[seq].values = t; break;
+    default: l->layer.o_proj = t; break;
+    }
+    return DEFKV_SUCCESS;
+}
+%}

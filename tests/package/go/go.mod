@@ -1,0 +1,5 @@
+module example.com/defkv-consumer
+
+go 1.19
+
+require github.com/defkv/defkv/bindings/go v0.1.0
