@@ -37,6 +37,8 @@ enum Pipe {
     P_PNORM_CM // pnorm_coopmat.comp, created apart (pnorm_cm_) and only where usable
 };
 
+struct AttnJob; // one attention op's state (vk_scoring.cpp)
+
 // Internal scratch buffers (grown on demand; a grown buffer's predecessor is released after the
 // next submission).
 enum Slot { S_ROWS, S_STATS, S_KEYS, S_TMP, S_COUNT };
@@ -208,6 +210,12 @@ private:
             return DEFKV_SUCCESS;
         }
     };
+
+    // ---- vk_scoring.cpp ----
+    defkv_status attn_logits(const AttnJob &j, int64_t h, int64_t wb0, int64_t nb, std::string *msg);
+    defkv_status attn_load(const AttnJob &j, int64_t h, int64_t wb0, int64_t nb, std::string *msg);
+    defkv_status attn_reduce(const AttnJob &j, int64_t h, int64_t wb0, int64_t nb, std::string *msg);
+    defkv_status attn_finish(const AttnJob &j, std::string *msg);
 
     // ---- vk_select.cpp ----
     bool on_device(std::initializer_list<const Buf *> bufs) const;

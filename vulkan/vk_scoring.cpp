@@ -37,17 +37,131 @@ bool device_outputs(std::initializer_list<const Buf *> bufs, std::string *msg) {
 
 // ---- attention ------------------------------------------------------------------------------
 
+// One attention op: its inputs, outputs and scratch bindings, shared by the steps below.
+struct AttnJob {
+    const SeqViews &in;
+    const SeqShape &s;
+    float scale;
+    int32_t kernel;
+    Buf masked;
+    const AttentionOut &out;
+    Src q, k, a;
+    Bind rows_b, stats_b;
+    int64_t Wb = 0;
+    bool want_mean = false, want_max = false, want_avg = false, want_last = false;
+    uint32_t flags() const {
+        return (want_mean ? 1u : 0u) | (want_max ? 2u : 0u) | (want_avg ? 4u : 0u) | (want_last ? 8u : 0u);
+    }
+};
+
+// Logits of query rows [wb0, wb0 + nb) of head h into the rows scratch, in key chunks that fit a window.
+defkv_status VulkanBackend::attn_logits(const AttnJob &j, int64_t h, int64_t wb0, int64_t nb, std::string *msg) {
+    const View &Q = j.in.queries, &K = j.in.keys;
+    const int64_t d = j.s.d, L = j.s.L, kh = h / j.s.G;
+    const int64_t cap = cap_elems(j.k.esize), fixed = 1 + (d - 1) * K.stride[2];
+    int64_t Tmax = K.stride[1] > 0 ? (cap - fixed) / K.stride[1] + 1 : L;
+    Tmax = std::min<int64_t>({Tmax, L, static_cast<int64_t>(props_.limits.maxComputeWorkGroupCount[0]) * 64});
+    const int64_t qspan = span_elems({{nb, Q.stride[1]}, {d, Q.stride[2]}});
+    if (Tmax < 1 || qspan > cap_elems(j.q.esize)) {
+        *msg = "a head's queries or one key row exceed the device's storage-buffer range";
+        return DEFKV_ERROR_UNSUPPORTED;
+    }
+    if (!fits_u32(Q.stride[1]) || !fits_u32(Q.stride[2]) || !fits_u32(K.stride[1]) || !fits_u32(K.stride[2])) {
+        *msg = "a stride does not fit 32 bits";
+        return DEFKV_ERROR_UNSUPPORTED;
+    }
+    Binds bs = {};
+    bs[B_ROWS] = j.rows_b;
+    uint32_t qbase;
+    VK_TRY(window(j.q, Q.off3(h, wb0, 0), qspan, &bs[B_Q], &qbase, msg));
+    for (int64_t t0 = 0; t0 < L; t0 += Tmax) {
+        const int64_t T = std::min(Tmax, L - t0);
+        uint32_t kbase;
+        VK_TRY(window(j.k, K.off3(kh, t0, 0), span_elems({{T, K.stride[1]}, {d, K.stride[2]}}), &bs[B_K], &kbase, msg));
+        PcLogits pc = {u32(Q.dtype), u32(K.dtype), qbase, kbase, u32(Q.stride[1]), u32(Q.stride[2]), u32(K.stride[1]),
+                       u32(K.stride[2]), u32(d), u32(nb), u32(T), u32(t0), u32(L), j.scale};
+        VK_TRY(dispatch(P_LOGITS, bs, &pc, sizeof pc, u32((T + 255) / 256), 1, 1, msg));
+    }
+    return DEFKV_SUCCESS;
+}
+
+// Given probabilities of rows [wb0, wb0 + nb) of head h into the rows scratch (f32).
+defkv_status VulkanBackend::attn_load(const AttnJob &j, int64_t h, int64_t wb0, int64_t nb, std::string *msg) {
+    const View &A = j.in.attention;
+    const int64_t L = j.s.L;
+    const int64_t cap = cap_elems(j.a.esize), fixed = 1 + (nb - 1) * A.stride[1];
+    int64_t Tmax = A.stride[2] > 0 ? (cap - fixed) / A.stride[2] + 1 : L;
+    Tmax = std::min<int64_t>({Tmax, L, static_cast<int64_t>(props_.limits.maxComputeWorkGroupCount[0]) * 64});
+    if (Tmax < 1 || !fits_u32(A.stride[1]) || !fits_u32(A.stride[2])) {
+        *msg = "the attention tensor's strides exceed the device's storage-buffer range";
+        return DEFKV_ERROR_UNSUPPORTED;
+    }
+    Binds bs = {};
+    bs[B_ROWS] = j.rows_b;
+    for (int64_t t0 = 0; t0 < L; t0 += Tmax) {
+        const int64_t T = std::min(Tmax, L - t0);
+        uint32_t abase;
+        VK_TRY(window(j.a, A.off3(h, wb0, t0), span_elems({{nb, A.stride[1]}, {T, A.stride[2]}}), &bs[B_Q], &abase, msg));
+        PcAttnLoad pc = {u32(A.dtype), abase, u32(A.stride[1]), u32(A.stride[2]), u32(nb), u32(T), u32(t0), u32(L)};
+        VK_TRY(dispatch(P_ATTN_LOAD, bs, &pc, sizeof pc, u32((T + 63) / 64), u32((nb + 3) / 4), 1, msg));
+    }
+    return DEFKV_SUCCESS;
+}
+
+// Softmax and row statistics of the block, then its column reductions into the outputs (sums).
+defkv_status VulkanBackend::attn_reduce(const AttnJob &j, int64_t h, int64_t wb0, int64_t nb, std::string *msg) {
+    const SeqShape &s = j.s;
+    const int64_t kh = h / s.G, g = h % s.G, L = s.L, P = s.P, W = s.W;
+    Binds bs = {};
+    bs[B_ROWS] = j.rows_b;
+    bs[B_STATS] = j.stats_b;
+    uint32_t mask_base = 0;
+    if (j.masked) VK_TRY(window(buf_src(j.masked, 1), kh * L, L, &bs[B_MASK], &mask_base, msg));
+    PcSoftmax sp = {u32(L), u32(P), u32(W), u32(wb0), j.in.queries.present() ? 1u : 0u, j.masked ? 1u : 0u, mask_base,
+                    u32(j.kernel), u32(h * W + wb0)};
+    VK_TRY(dispatch(P_SOFTMAX, bs, &sp, sizeof sp, u32(nb), 1, 1, msg));
+    if (!j.flags()) return DEFKV_SUCCESS;
+    Binds rb = {};
+    rb[B_ROWS] = j.rows_b;
+    rb[B_STATS] = j.stats_b;
+    uint32_t mean_base = 0, dmax_base = 0, davg_base = 0, last_base = 0;
+    if (j.want_mean) VK_TRY(window(buf_src(j.out.mean_w, 4), h * P, P, &rb[B_MEAN], &mean_base, msg));
+    if (j.want_max) VK_TRY(window(buf_src(j.out.def_max, 4), kh * P, P, &rb[B_DMAX], &dmax_base, msg));
+    if (j.want_avg) VK_TRY(window(buf_src(j.out.def_avg, 4), kh * P, P, &rb[B_DAVG], &davg_base, msg));
+    if (j.want_last) VK_TRY(window(buf_src(j.out.last_row_mean, 4), 0, L - 1, &rb[B_OUT], &last_base, msg));
+    const bool has_last = wb0 + nb == W;
+    PcColreduce cp = {u32(L), u32(P), u32(nb), u32(j.kernel), j.flags(),
+                      (wb0 == 0 ? 1u : 0u) | (g == 0 ? 2u : 0u) | (h == 0 ? 4u : 0u), u32(h * W + wb0),
+                      has_last ? u32(nb - 1) : 0xffffffffu, mean_base, dmax_base, davg_base, last_base};
+    return dispatch(P_COLREDUCE, rb, &cp, sizeof cp, u32((L + 255) / 256), 1, 1, msg);
+}
+
+// The sums become means in place (attn_finish), omega from the row statistics.
+defkv_status VulkanBackend::attn_finish(const AttnJob &j, std::string *msg) {
+    const SeqShape &s = j.s;
+    auto scale = [&](const Buf &x, int64_t n, int64_t div, float mul) -> defkv_status {
+        PcAttnFinish pc = {ATTN_FINISH_SCALE, u32(n), 0, u32(div), mul};
+        Binds bs = {};
+        VK_TRY(bind_span(x.at(0, n * 4), 4, &bs[B_FIN_X], &pc.base, msg));
+        return dispatch(P_ATTN_FINISH, bs, &pc, sizeof pc, groups_for(n, 256), 1, 1, msg);
+    };
+    if (j.want_mean) VK_TRY(scale(j.out.mean_w, s.H * s.P, s.W, 1.0f));
+    if (j.want_avg) VK_TRY(scale(j.out.def_avg, s.Hk * s.P, s.W, 1.0f / static_cast<float>(s.G)));
+    if (j.want_last) VK_TRY(scale(j.out.last_row_mean, s.L - 1, s.H, 1.0f));
+    if (!j.out.omega) return DEFKV_SUCCESS;
+    PcAttnFinish pc = {ATTN_FINISH_OMEGA, u32(s.H * s.W), 0, 1, 1.0f};
+    Binds bs = {};
+    bs[B_STATS] = j.stats_b;
+    VK_TRY(bind_span(j.out.omega.at(0, 16), 4, &bs[B_FIN_X], &pc.base, msg));
+    return dispatch(P_ATTN_FINISH, bs, &pc, sizeof pc, 1, 1, 1, msg);
+}
+
 defkv_status VulkanBackend::attention(const SeqViews &in, const SeqShape &s, float scale, int32_t kernel,
                                       const Buf &masked_in, const AttentionOut &out, std::string *msg) {
     OpScope scope{this};
     if (!device_outputs({&out.mean_w, &out.def_max, &out.def_avg, &out.omega, &out.last_row_mean}, msg))
         return DEFKV_ERROR_INTERNAL;
-    VK_TRY(reserve_staging({host_extent(in.queries), host_extent(in.keys), host_extent(in.attention),
-                            masked_in.memory == DEFKV_MEMORY_HOST ? s.Hk * s.L : 0},
-                           msg));
-    Buf masked;
-    VK_TRY(device_copy(masked_in, s.Hk * s.L, &masked, msg));
-    const int64_t H = s.H, Hk = s.Hk, G = s.G, d = s.d, L = s.L, W = s.W, P = s.P;
+    const int64_t H = s.H, d = s.d, L = s.L, W = s.W, P = s.P;
     const bool have_q = in.queries.present();
     if (have_q && d * 16 > sq_floats_) {
         *msg = strf("head dim d = %lld exceeds what the Vulkan logits shader stages in %u bytes of shared memory",
@@ -60,142 +174,36 @@ defkv_status VulkanBackend::attention(const SeqViews &in, const SeqShape &s, flo
                     static_cast<long long>(L), static_cast<long long>(max_range_));
         return DEFKV_ERROR_UNSUPPORTED;
     }
-    Src q, k, a;
+    AttnJob j{in, s, scale, kernel, Buf{}, out, {}, {}, {}, {}, {}};
+    VK_TRY(reserve_staging({host_extent(in.queries), host_extent(in.keys), host_extent(in.attention),
+                            masked_in.memory == DEFKV_MEMORY_HOST ? s.Hk * L : 0},
+                           msg));
+    VK_TRY(device_copy(masked_in, s.Hk * L, &j.masked, msg));
     if (have_q) {
-        VK_TRY(tensor_src(in.queries, &q, msg));
-        VK_TRY(tensor_src(in.keys, &k, msg));
+        VK_TRY(tensor_src(in.queries, &j.q, msg));
+        VK_TRY(tensor_src(in.keys, &j.k, msg));
     } else {
-        VK_TRY(tensor_src(in.attention, &a, msg));
+        VK_TRY(tensor_src(in.attention, &j.a, msg));
     }
-    const int64_t Wb = std::min<int64_t>(W, capf / L);
-    VK_TRY(ensure(S_ROWS, Wb * L * 4, msg));
+    j.Wb = std::min<int64_t>(W, capf / L); // query rows per block: W x L floats may exceed a window
+    VK_TRY(ensure(S_ROWS, j.Wb * L * 4, msg));
     VK_TRY(ensure(S_STATS, H * W * 16, msg));
-    const bool want_mean = out.mean_w && P > 0, want_max = out.def_max && P > 0, want_avg = out.def_avg && P > 0;
-    const bool want_last = out.last_row_mean && L > 1;
-    const uint32_t flags = (want_mean ? 1u : 0u) | (want_max ? 2u : 0u) | (want_avg ? 4u : 0u) | (want_last ? 8u : 0u);
-    Bind rows_b, stats_b;
+    j.want_mean = out.mean_w && P > 0;
+    j.want_max = out.def_max && P > 0;
+    j.want_avg = out.def_avg && P > 0;
+    j.want_last = out.last_row_mean && L > 1;
     uint32_t zero;
-    VK_TRY(window(own(S_ROWS, 4), 0, Wb * L, &rows_b, &zero, msg));
-    VK_TRY(window(own(S_STATS, 4), 0, H * W * 4, &stats_b, &zero, msg));
-
-    for (int64_t h = 0; h < H; h++) {
-        const int64_t kh = h / G, g = h % G;
-        Bind mask_b;
-        uint32_t mask_base = 0;
-        if (masked) VK_TRY(window(buf_src(masked, 1), kh * L, L, &mask_b, &mask_base, msg));
-        for (int64_t wb0 = 0; wb0 < W; wb0 += Wb) {
-            const int64_t nb = std::min(Wb, W - wb0);
-            if (have_q) {
-                const View &Q = in.queries, &K = in.keys;
-                const int64_t es = k.esize;
-                // token chunk: the key window must fit
-                const int64_t cap = cap_elems(es);
-                const int64_t fixed = 1 + (d - 1) * K.stride[2];
-                int64_t Tmax = K.stride[1] > 0 ? (cap - fixed) / K.stride[1] + 1 : L;
-                Tmax = std::min<int64_t>(Tmax, L);
-                Tmax = std::min<int64_t>(Tmax, static_cast<int64_t>(props_.limits.maxComputeWorkGroupCount[0]) * 64);
-                const int64_t qspan = span_elems({{nb, Q.stride[1]}, {d, Q.stride[2]}});
-                if (Tmax < 1 || qspan > cap_elems(q.esize)) {
-                    *msg = "a head's queries or one key row exceed the device's storage-buffer range";
-                    return DEFKV_ERROR_UNSUPPORTED;
-                }
-                Bind qb;
-                uint32_t qbase;
-                VK_TRY(window(q, Q.off3(h, wb0, 0), qspan, &qb, &qbase, msg));
-                for (int64_t t0 = 0; t0 < L; t0 += Tmax) {
-                    const int64_t T = std::min(Tmax, L - t0);
-                    Bind kb;
-                    uint32_t kbase;
-                    VK_TRY(window(k, K.off3(kh, t0, 0), span_elems({{T, K.stride[1]}, {d, K.stride[2]}}), &kb, &kbase, msg));
-                    if (!fits_u32(Q.stride[1]) || !fits_u32(Q.stride[2]) || !fits_u32(K.stride[1]) || !fits_u32(K.stride[2])) {
-                        *msg = "a stride does not fit 32 bits";
-                        return DEFKV_ERROR_UNSUPPORTED;
-                    }
-                    PcLogits pc = {static_cast<uint32_t>(Q.dtype), static_cast<uint32_t>(K.dtype), qbase, kbase,
-                            static_cast<uint32_t>(Q.stride[1]), static_cast<uint32_t>(Q.stride[2]),
-                            static_cast<uint32_t>(K.stride[1]), static_cast<uint32_t>(K.stride[2]),
-                            static_cast<uint32_t>(d), static_cast<uint32_t>(nb), static_cast<uint32_t>(T),
-                            static_cast<uint32_t>(t0), static_cast<uint32_t>(L), scale};
-                    Binds bs = {};
-                    bs[B_Q] = qb;
-                    bs[B_K] = kb;
-                    bs[B_ROWS] = rows_b;
-                    VK_TRY(dispatch(P_LOGITS, bs, &pc, sizeof pc, static_cast<uint32_t>((T + 255) / 256), 1, 1, msg));
-                }
-            } else {
-                const View &A = in.attention;
-                const int64_t cap = cap_elems(a.esize);
-                const int64_t fixed = 1 + (nb - 1) * A.stride[1];
-                int64_t Tmax = A.stride[2] > 0 ? (cap - fixed) / A.stride[2] + 1 : L;
-                Tmax = std::min<int64_t>(Tmax, L);
-                Tmax = std::min<int64_t>(Tmax, static_cast<int64_t>(props_.limits.maxComputeWorkGroupCount[0]) * 64);
-                if (Tmax < 1 || !fits_u32(A.stride[1]) || !fits_u32(A.stride[2])) {
-                    *msg = "the attention tensor's strides exceed the device's storage-buffer range";
-                    return DEFKV_ERROR_UNSUPPORTED;
-                }
-                for (int64_t t0 = 0; t0 < L; t0 += Tmax) {
-                    const int64_t T = std::min(Tmax, L - t0);
-                    Bind ab;
-                    uint32_t abase;
-                    VK_TRY(window(a, A.off3(h, wb0, t0), span_elems({{nb, A.stride[1]}, {T, A.stride[2]}}), &ab, &abase, msg));
-                    PcAttnLoad pc = {static_cast<uint32_t>(A.dtype), abase, static_cast<uint32_t>(A.stride[1]),
-                            static_cast<uint32_t>(A.stride[2]), static_cast<uint32_t>(nb), static_cast<uint32_t>(T),
-                            static_cast<uint32_t>(t0), static_cast<uint32_t>(L)};
-                    Binds bs = {};
-                    bs[B_Q] = ab;
-                    bs[B_ROWS] = rows_b;
-                    VK_TRY(dispatch(P_ATTN_LOAD, bs, &pc, sizeof pc, static_cast<uint32_t>((T + 63) / 64),
-                                    static_cast<uint32_t>((nb + 3) / 4), 1, msg));
-                }
-            }
-            {
-                PcSoftmax pc = {static_cast<uint32_t>(L), static_cast<uint32_t>(P), static_cast<uint32_t>(W),
-                                static_cast<uint32_t>(wb0), have_q ? 1u : 0u, masked ? 1u : 0u, mask_base,
-                                static_cast<uint32_t>(kernel), static_cast<uint32_t>(h * W + wb0)};
-                Binds bs = {};
-                bs[B_ROWS] = rows_b;
-                if (masked) bs[B_MASK] = mask_b;
-                bs[B_STATS] = stats_b;
-                VK_TRY(dispatch(P_SOFTMAX, bs, &pc, sizeof pc, static_cast<uint32_t>(nb), 1, 1, msg));
-            }
-            if (flags) {
-                Binds bs = {};
-                uint32_t mean_base = 0, dmax_base = 0, davg_base = 0, tova_base = 0;
-                if (want_mean) VK_TRY(window(buf_src(out.mean_w, 4), h * P, P, &bs[B_MEAN], &mean_base, msg));
-                if (want_max) VK_TRY(window(buf_src(out.def_max, 4), kh * P, P, &bs[B_DMAX], &dmax_base, msg));
-                bs[B_ROWS] = rows_b;
-                if (want_avg) VK_TRY(window(buf_src(out.def_avg, 4), kh * P, P, &bs[B_DAVG], &davg_base, msg));
-                bs[B_STATS] = stats_b;
-                if (want_last) VK_TRY(window(buf_src(out.last_row_mean, 4), 0, L - 1, &bs[B_OUT], &tova_base, msg));
-                const bool has_last = wb0 + nb == W;
-                PcColreduce pc = {static_cast<uint32_t>(L), static_cast<uint32_t>(P), static_cast<uint32_t>(nb),
-                        static_cast<uint32_t>(kernel), flags,
-                        (wb0 == 0 ? 1u : 0u) | (g == 0 ? 2u : 0u) | (h == 0 ? 4u : 0u),
-                        static_cast<uint32_t>(h * W + wb0), has_last ? static_cast<uint32_t>(nb - 1) : 0xffffffffu,
-                        mean_base, dmax_base, davg_base, tova_base};
-                VK_TRY(dispatch(P_COLREDUCE, bs, &pc, sizeof pc, static_cast<uint32_t>((L + 255) / 256), 1, 1, msg));
-            }
+    VK_TRY(window(own(S_ROWS, 4), 0, j.Wb * L, &j.rows_b, &zero, msg));
+    VK_TRY(window(own(S_STATS, 4), 0, H * W * 4, &j.stats_b, &zero, msg));
+    for (int64_t h = 0; h < H; h++)
+        for (int64_t wb0 = 0; wb0 < W; wb0 += j.Wb) {
+            const int64_t nb = std::min(j.Wb, W - wb0);
+            VK_TRY(have_q ? attn_logits(j, h, wb0, nb, msg) : attn_load(j, h, wb0, nb, msg));
+            VK_TRY(attn_reduce(j, h, wb0, nb, msg));
         }
-    }
-    // The sums become means in place, omega from the row statistics.
-    auto finish = [&](const Buf &x, int64_t n, int64_t div, float mul) -> defkv_status {
-        PcAttnFinish pc = {ATTN_FINISH_SCALE, u32(n), 0, u32(div), mul};
-        Binds bs = {};
-        VK_TRY(bind_span(x.at(0, n * 4), 4, &bs[B_FIN_X], &pc.base, msg));
-        return dispatch(P_ATTN_FINISH, bs, &pc, sizeof pc, groups_for(n, 256), 1, 1, msg);
-    };
-    if (want_mean) VK_TRY(finish(out.mean_w, H * P, W, 1.0f));
-    if (want_avg) VK_TRY(finish(out.def_avg, Hk * P, W, 1.0f / static_cast<float>(G)));
-    if (want_last) VK_TRY(finish(out.last_row_mean, L - 1, H, 1.0f));
-    if (out.omega) {
-        PcAttnFinish pc = {ATTN_FINISH_OMEGA, u32(H * W), 0, 1, 1.0f};
-        Binds bs = {};
-        bs[B_STATS] = stats_b;
-        VK_TRY(bind_span(out.omega.at(0, 16), 4, &bs[B_FIN_X], &pc.base, msg));
-        VK_TRY(dispatch(P_ATTN_FINISH, bs, &pc, sizeof pc, 1, 1, 1, msg));
-    }
+    VK_TRY(attn_finish(j, msg));
     trace("attention", strf("H=%lld L=%lld W=%lld, %lld query rows per block", static_cast<long long>(H),
-                            static_cast<long long>(L), static_cast<long long>(W), static_cast<long long>(Wb)));
+                            static_cast<long long>(L), static_cast<long long>(W), static_cast<long long>(j.Wb)));
     VK_TRY(settle({vkbuf(out.mean_w), vkbuf(out.def_max), vkbuf(out.def_avg), vkbuf(out.omega), vkbuf(out.last_row_mean)},
                   msg));
     return scope.ok();

@@ -4,8 +4,8 @@
 //   mean  [j] (+)= sum_w a[w, j]                                   j < P
 //   davg  [j] (+)= sum_w a[w, j]                                   (accumulated over the group)
 //   dmax  [j] = max(dmax[j], max_w pool(a_w)[j] / psum_w * base_w)  j < P
-//   tova  [j] (+)= a[W-1, j]                                        j < L-1, last block only
-// The first contribution of a head (or of a group, or of the sequence for tova) overwrites.
+//   last  [j] (+)= a[W-1, j] (the last query row)                      j < L-1, last block only
+// The first contribution of a head (or of a group, or of the sequence for the last row) overwrites.
 #extension GL_GOOGLE_include_directive : enable
 #include "push.h"
 #include "common.glsl"
@@ -16,7 +16,7 @@ layout(std430, binding = B_DMAX) buffer BMax { float dmax[]; };
 layout(std430, binding = B_ROWS) readonly buffer BR { float rows[]; };
 layout(std430, binding = B_DAVG) buffer BAvg { float davg[]; };
 layout(std430, binding = B_STATS) readonly buffer BS { float stats[]; };
-layout(std430, binding = B_OUT) buffer BT { float tova[]; };
+layout(std430, binding = B_OUT) buffer BT { float last[]; };
 layout(push_constant) uniform Push { PcColreduce pc; };
 
 void main() {
@@ -52,8 +52,8 @@ void main() {
         }
     }
     if ((pc.flags & 8u) != 0u && pc.last_row != 0xffffffffu && j + 1u < pc.L) {
-        const uint o = pc.tova_base + j;
+        const uint o = pc.last_base + j;
         const float a = rows[pc.last_row * pc.L + j];
-        tova[o] = ((pc.first & 4u) != 0u) ? a : tova[o] + a;
+        last[o] = ((pc.first & 4u) != 0u) ? a : last[o] + a;
     }
 }

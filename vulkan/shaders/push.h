@@ -32,7 +32,7 @@ typedef float f32;
 #define B_STATS 4  // f32 per-row statistics (softmax -> colreduce, attn_finish)
 #define B_OUT 5    // f32 output (keynorm, pnorm); last-row sums (colreduce)
 #define B_MEAN 0   // colreduce: mean over w
-#define B_DMAX 1   // colreduce: the defensive max
+#define B_DMAX 1   // colreduce: the max over (g, w) of the pooled, renormalised rows
 #define B_DAVG 3   // colreduce: the group mean
 
 struct PcLogits {
@@ -53,11 +53,11 @@ struct PcSoftmax {
 };
 struct PcColreduce {
     u32 L, P, Wb, kernel;
-    u32 flags;      // 1 mean, 2 dmax, 4 davg, 8 tova
+    u32 flags;      // 1 mean, 2 dmax, 4 davg, 8 last
     u32 first;      // 1: first block of this head, 2: first head of the group, 4: first head overall
     u32 stats_base; // row index of (h, wb0) in stats
     u32 last_row;   // row (within the block) of query W-1, or 0xffffffff when absent
-    u32 mean_base, dmax_base, davg_base, tova_base;
+    u32 mean_base, dmax_base, davg_base, last_base;
 };
 // attn_finish: the sums colreduce leaves in the outputs become means (in place), omega from the
 // row statistics. mode: ATTN_FINISH_SCALE x[i] = float(x[i] / div) * mul for i < n;
