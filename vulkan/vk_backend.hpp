@@ -38,6 +38,7 @@ enum Pipe {
 };
 
 struct AttnJob; // one attention op's state (vk_scoring.cpp)
+struct CopyJob; // one compaction's bindings (vk_compact.cpp)
 
 // Internal scratch buffers (grown on demand; a grown buffer's predecessor is released after the
 // next submission).
@@ -224,8 +225,12 @@ private:
                                const Buf &out, std::string *msg);
 
     // ---- vk_compact.cpp ----
-    defkv_status compact_device(const View &t, int64_t Hk, int64_t d, const Buf &cu, const Buf &idx, int64_t head0,
-                                const View *dst, std::string *msg);
+    defkv_status compact_prepare(const View &t, int64_t Hk, int64_t d, const Buf &cu, const Buf &idx, int64_t head0,
+                                 CopyJob *j, std::string *msg);
+    defkv_status compact_device_inplace(const View &t, int64_t Hk, int64_t d, const Buf &cu, const Buf &idx,
+                                        int64_t head0, std::string *msg);
+    defkv_status compact_device_varlen(const View &t, int64_t Hk, int64_t d, const Buf &cu, const Buf &idx,
+                                       int64_t head0, const View &dst, std::string *msg);
     defkv_status host_selection(const Buf &cu, const Buf &idx, int64_t head0, int64_t Hk, std::vector<int32_t> *hcu,
                                 std::vector<int32_t> *hidx, int64_t *idx0, std::string *msg);
 

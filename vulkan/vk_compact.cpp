@@ -51,13 +51,20 @@ defkv_status VulkanBackend::host_selection(const Buf &cu, const Buf &idx, int64_
     return DEFKV_SUCCESS;
 }
 
-// Device compaction of tensor t [Hk, L, d] (L = t.shape[1]): in place when dst is null, else
-// gathered into dst [rows, d] at rows cu[head0 + k] + i.
-defkv_status VulkanBackend::compact_device(const View &t, int64_t Hk, int64_t d, const Buf &cu_in, const Buf &idx_in,
-                                           int64_t head0, const View *dst, std::string *msg) {
-    const int64_t L = t.shape[1], es = dtype_size(t.dtype);
-    const int64_t limit = props_.limits.maxStorageBufferRange;
-    Buf cu, idx;
+// What a device compaction of tensor t [Hk, L, d] binds: the selection (staged when it is on the
+// host), the tensor (staged when it is on the host) and the copysel constants.
+struct CopyJob {
+    Src src;
+    Binds bs = {};
+    PcCopySel pc{};
+    uint32_t cu_base = 0, gx = 1, gy = 1;
+    int64_t L = 0, head_span = 0, limit = 0;
+};
+
+defkv_status VulkanBackend::compact_prepare(const View &t, int64_t Hk, int64_t d, const Buf &cu_in, const Buf &idx_in,
+                                            int64_t head0, CopyJob *j, std::string *msg) {
+    j->L = t.shape[1];
+    j->limit = props_.limits.maxStorageBufferRange;
     int64_t cu_bytes = cu_in.bytes, idx_bytes = idx_in.bytes;
     if (cu_in.memory == DEFKV_MEMORY_HOST) { // a host selection: stage what these heads read
         cu_bytes = (head0 + Hk + 1) * 4;
@@ -66,91 +73,97 @@ defkv_status VulkanBackend::compact_device(const View &t, int64_t Hk, int64_t d,
     VK_TRY(reserve_staging({cu_in.memory == DEFKV_MEMORY_HOST ? cu_bytes : 0,
                             idx_in.memory == DEFKV_MEMORY_HOST ? idx_bytes : 0, host_extent(t)},
                            msg));
+    Buf cu, idx;
     VK_TRY(device_copy(cu_in, cu_bytes, &cu, msg));
     VK_TRY(device_copy(idx_in, idx_bytes, &idx, msg));
-    Src src;
-    VK_TRY(tensor_src(t, &src, msg));
+    VK_TRY(tensor_src(t, &j->src, msg));
     if (!fits_u32(t.stride[1]) || !fits_u32(t.stride[2])) {
         *msg = "a cache stride does not fit 32 bits";
         return DEFKV_ERROR_UNSUPPORTED;
     }
-    const int64_t head_span = span_elems(L, t.stride[1], d, t.stride[2]);
-    const uint32_t gy = u32(std::max<int64_t>(1, std::min<int64_t>((L + 3) / 4, props_.limits.maxComputeWorkGroupCount[1])));
-    const uint32_t gx = u32((d + 63) / 64);
-    PcCopySel pc{};
-    pc.esize = u32(es);
-    pc.d = u32(d);
-    Binds bs = {};
-    uint32_t cu_base = 0;
-    VK_TRY(bind_span(cu, 4, &bs[B_ROWS], &cu_base, msg));
-    VK_TRY(bind_span(idx, 4, &bs[B_MASK], &pc.idx_base, msg));
-    if (!dst) {
-        VK_TRY(ensure(S_TMP, L * d * es, msg));
-        const Src scratch{bufs_[S_TMP].buf, 0, es};
-        for (int64_t k = 0; k < Hk; k++) {
-            for (int pass = 0; pass < 2; pass++) { // gather the kept rows into scratch, then back
-                uint32_t tb, sb;
-                VK_TRY(window(src, t.off3(k, 0, 0), head_span, &bs[pass == 0 ? B_Q : B_K], &tb, msg, limit));
-                VK_TRY(window(scratch, 0, L * d, &bs[pass == 0 ? B_K : B_Q], &sb, msg, limit));
-                pc.s_s1 = u32(pass == 0 ? t.stride[1] : d);
-                pc.s_s2 = u32(pass == 0 ? t.stride[2] : 1);
-                pc.d_s1 = u32(pass == 0 ? d : t.stride[1]);
-                pc.d_s2 = u32(pass == 0 ? 1 : t.stride[2]);
-                pc.src_base = pass == 0 ? tb : sb;
-                pc.dst_base = pass == 0 ? sb : tb;
-                pc.cu_at = u32(cu_base + head0 + k);
-                pc.gather = pass == 0 ? 1u : 0u;
-                pc.drow_global = 0;
-                VK_TRY(dispatch(P_COPYSEL, bs, &pc, sizeof pc, gx, gy, 1, msg));
-            }
+    j->head_span = span_elems(j->L, t.stride[1], d, t.stride[2]);
+    j->gy = u32(std::max<int64_t>(1, std::min<int64_t>((j->L + 3) / 4, props_.limits.maxComputeWorkGroupCount[1])));
+    j->gx = u32((d + 63) / 64);
+    j->pc.esize = u32(dtype_size(t.dtype));
+    j->pc.d = u32(d);
+    VK_TRY(bind_span(cu, 4, &j->bs[B_ROWS], &j->cu_base, msg));
+    return bind_span(idx, 4, &j->bs[B_MASK], &j->pc.idx_base, msg);
+}
+
+// In place: each head's kept rows gathered into scratch, then written back as rows 0...
+defkv_status VulkanBackend::compact_device_inplace(const View &t, int64_t Hk, int64_t d, const Buf &cu, const Buf &idx,
+                                                   int64_t head0, std::string *msg) {
+    CopyJob j;
+    VK_TRY(compact_prepare(t, Hk, d, cu, idx, head0, &j, msg));
+    const int64_t L = j.L, es = j.pc.esize;
+    VK_TRY(ensure(S_TMP, L * d * es, msg));
+    const Src scratch{bufs_[S_TMP].buf, 0, es};
+    PcCopySel &pc = j.pc;
+    for (int64_t k = 0; k < Hk; k++)
+        for (int pass = 0; pass < 2; pass++) {
+            uint32_t tb, sb;
+            VK_TRY(window(j.src, t.off3(k, 0, 0), j.head_span, &j.bs[pass == 0 ? B_Q : B_K], &tb, msg, j.limit));
+            VK_TRY(window(scratch, 0, L * d, &j.bs[pass == 0 ? B_K : B_Q], &sb, msg, j.limit));
+            pc.s_s1 = u32(pass == 0 ? t.stride[1] : d);
+            pc.s_s2 = u32(pass == 0 ? t.stride[2] : 1);
+            pc.d_s1 = u32(pass == 0 ? d : t.stride[1]);
+            pc.d_s2 = u32(pass == 0 ? 1 : t.stride[2]);
+            pc.src_base = pass == 0 ? tb : sb;
+            pc.dst_base = pass == 0 ? sb : tb;
+            pc.cu_at = u32(j.cu_base + head0 + k);
+            pc.gather = pass == 0 ? 1u : 0u;
+            pc.drow_global = 0;
+            VK_TRY(dispatch(P_COPYSEL, j.bs, &pc, sizeof pc, j.gx, j.gy, 1, msg));
         }
-        trace("compact_inplace", strf("%lld heads", static_cast<long long>(Hk)));
-        return settle({src.buf}, msg);
-    }
-    // Varlen: into the caller's VkBuffer, or into scratch rows [cu total, d] read back below.
-    const bool host_dst = dst->memory == DEFKV_MEMORY_HOST;
+    trace("compact_inplace", strf("%lld heads", static_cast<long long>(Hk)));
+    return settle({j.src.buf}, msg);
+}
+
+// Varlen: gathered into dst [rows, d] at rows cu[head0 + k] + i, the caller's VkBuffer, or
+// scratch rows read back into a host dst.
+defkv_status VulkanBackend::compact_device_varlen(const View &t, int64_t Hk, int64_t d, const Buf &cu, const Buf &idx,
+                                                  int64_t head0, const View &dst, std::string *msg) {
+    CopyJob j;
+    VK_TRY(compact_prepare(t, Hk, d, cu, idx, head0, &j, msg));
+    const bool host_dst = dst.memory == DEFKV_MEMORY_HOST;
     std::vector<int32_t> hcu, hidx;
-    int64_t idx0 = 0;
+    int64_t idx0 = 0, d_s0 = d, d_s1 = 1, rows = 0;
     Src dsrc;
-    int64_t d_s0 = d, d_s1 = 1, rows = 0;
     if (host_dst) {
-        VK_TRY(host_selection(cu_in, idx_in, head0, Hk, &hcu, &hidx, &idx0, msg));
+        VK_TRY(host_selection(cu, idx, head0, Hk, &hcu, &hidx, &idx0, msg));
         rows = hcu[static_cast<size_t>(Hk)];
-        VK_TRY(ensure(S_TMP, std::max<int64_t>(rows, 1) * d * es, msg));
-        dsrc = Src{bufs_[S_TMP].buf, 0, es};
+        VK_TRY(ensure(S_TMP, std::max<int64_t>(rows, 1) * d * j.pc.esize, msg));
+        dsrc = Src{bufs_[S_TMP].buf, 0, j.pc.esize};
     } else {
-        VK_TRY(tensor_src(*dst, &dsrc, msg));
-        d_s0 = dst->stride[0];
-        d_s1 = dst->stride[1];
-        rows = dst->shape[0];
+        VK_TRY(tensor_src(dst, &dsrc, msg));
+        d_s0 = dst.stride[0];
+        d_s1 = dst.stride[1];
+        rows = dst.shape[0];
     }
     if (!fits_u32(d_s0) || !fits_u32(d_s1)) {
         *msg = "an output stride does not fit 32 bits";
         return DEFKV_ERROR_UNSUPPORTED;
     }
-    uint32_t dbase;
-    VK_TRY(window(dsrc, 0, span_elems(rows, d_s0, d, d_s1), &bs[B_K], &dbase, msg, limit));
+    PcCopySel &pc = j.pc;
+    VK_TRY(window(dsrc, 0, span_elems(rows, d_s0, d, d_s1), &j.bs[B_K], &pc.dst_base, msg, j.limit));
+    pc.s_s1 = u32(t.stride[1]);
+    pc.s_s2 = u32(t.stride[2]);
+    pc.d_s1 = u32(d_s0);
+    pc.d_s2 = u32(d_s1);
+    pc.gather = 1;
+    pc.drow_global = 1;
     for (int64_t k = 0; k < Hk; k++) {
-        uint32_t tb;
-        VK_TRY(window(src, t.off3(k, 0, 0), head_span, &bs[B_Q], &tb, msg, limit));
-        pc.s_s1 = u32(t.stride[1]);
-        pc.s_s2 = u32(t.stride[2]);
-        pc.d_s1 = u32(d_s0);
-        pc.d_s2 = u32(d_s1);
-        pc.src_base = tb;
-        pc.dst_base = dbase;
-        pc.cu_at = u32(cu_base + head0 + k);
-        pc.gather = 1;
-        pc.drow_global = 1;
-        VK_TRY(dispatch(P_COPYSEL, bs, &pc, sizeof pc, gx, gy, 1, msg));
+        VK_TRY(window(j.src, t.off3(k, 0, 0), j.head_span, &j.bs[B_Q], &pc.src_base, msg, j.limit));
+        pc.cu_at = u32(j.cu_base + head0 + k);
+        VK_TRY(dispatch(P_COPYSEL, j.bs, &pc, sizeof pc, j.gx, j.gy, 1, msg));
     }
     if (host_dst) { // rows cu[head0] .. cu[head0 + Hk] back to the caller
         VK_TRY(submit_wait(msg));
-        View packed = *dst;
+        View packed = dst;
         packed.base = bufs_[S_TMP].map;
         packed.stride[0] = d;
         packed.stride[1] = 1;
-        for (int64_t r = idx0; r < rows; r++) copy_row(packed, r * d, *dst, dst->off2(r, 0), d);
+        for (int64_t r = idx0; r < rows; r++) copy_row(packed, r * d, dst, dst.off2(r, 0), d);
     }
     trace("compact_varlen", strf("%lld heads", static_cast<long long>(Hk)));
     return settle({dsrc.buf}, msg);
@@ -161,7 +174,7 @@ defkv_status VulkanBackend::compact_inplace(const View &t, int64_t Hk, int64_t L
     OpScope scope{this};
     (void)L;
     if (t.memory != DEFKV_MEMORY_HOST) {
-        VK_TRY(compact_device(t, Hk, d, cu, idx, head0, nullptr, msg));
+        VK_TRY(compact_device_inplace(t, Hk, d, cu, idx, head0, msg));
         return scope.ok();
     }
     std::vector<int32_t> hcu, hidx;
@@ -183,7 +196,7 @@ defkv_status VulkanBackend::compact_varlen(const View &src, int64_t Hk, int64_t 
         return DEFKV_ERROR_INVALID_ARGUMENT;
     }
     if (src.memory != DEFKV_MEMORY_HOST || dst.memory != DEFKV_MEMORY_HOST) {
-        VK_TRY(compact_device(src, Hk, d, cu, idx, head0, &dst, msg));
+        VK_TRY(compact_device_varlen(src, Hk, d, cu, idx, head0, dst, msg));
         return scope.ok();
     }
     std::vector<int32_t> hcu, hidx;
