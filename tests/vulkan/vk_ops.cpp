@@ -7,7 +7,13 @@
 //   attention: mean_w, def_max, def_avg, last_row_mean within 1e-4 of the largest |value|;
 //              omega_official / omega_window within 1e-5 (absolute; they are in [0, 1]);
 //   projected_norm within 1e-4 relative to the largest value; key_norm within 1e-5 relative;
-//   compact_inplace / compact_varlen byte-identical.
+//   compact_inplace / compact_varlen byte-identical (host selections, and device selections for
+//   VkBuffer caches);
+//   every selection op and memory op (selection_ops) bit for bit: random arrays with ties, +-0,
+//   f32 denormals and -inf at odd byte offsets, on the caller's device (where the float64 ops take
+//   the host fallback; with DEFKV_VULKAN_CALLER_FP64=1 they run as shaders too) and on a device of
+//   the backend's own (every op a shader); a chain of device ops records without a submission
+//   until the download (no host round trip between ops).
 // Then defkv_select through the public API on the caller's device with VkBuffer tensors must
 // give the CPU's keep set.
 //
@@ -67,6 +73,7 @@ struct Vk {
     uint32_t family = 0;
     VkDebugUtilsMessengerEXT messenger = VK_NULL_HANDLE;
     VkPhysicalDeviceMemoryProperties mp{};
+    bool fp64 = false; // the device was created with shaderFloat64
 #define F(n) PFN_##n n = nullptr;
     F(vkCreateInstance) F(vkDestroyInstance) F(vkEnumeratePhysicalDevices) F(vkGetPhysicalDeviceQueueFamilyProperties)
     F(vkGetPhysicalDeviceMemoryProperties) F(vkCreateDevice) F(vkDestroyDevice) F(vkGetDeviceQueue) F(vkCreateBuffer)
@@ -146,6 +153,13 @@ std::string vk_init(Vk *v) {
     dci.sType = VK_STRUCTURE_TYPE_DEVICE_CREATE_INFO;
     dci.queueCreateInfoCount = 1;
     dci.pQueueCreateInfos = &qci;
+    // shaderFloat64 where offered, so that a backend told so (DEFKV_VULKAN_CALLER_FP64=1) may use it
+    auto gpdf = reinterpret_cast<PFN_vkGetPhysicalDeviceFeatures>(v->gipa(v->inst, "vkGetPhysicalDeviceFeatures"));
+    VkPhysicalDeviceFeatures offered{}, want{};
+    gpdf(v->pd, &offered);
+    want.shaderFloat64 = offered.shaderFloat64;
+    v->fp64 = offered.shaderFloat64 == VK_TRUE;
+    dci.pEnabledFeatures = &want;
     if (v->vkCreateDevice(v->pd, &dci, nullptr, &v->dev) != VK_SUCCESS) return "vkCreateDevice failed";
     v->vkGetDeviceQueue(v->dev, v->family, 0, &v->queue);
     v->vkGetPhysicalDeviceMemoryProperties(v->pd, &v->mp);
@@ -988,6 +1002,15 @@ int main() {
     // backend's own, where every op is a shader.
     selection_ops(*cpu, *vk, 1, 2, 4, 300, 32);
     selection_ops(*cpu, *vk, 2, 3, 1, 37, 5);
+    if (v.fp64) { // the caller says its device has shaderFloat64 enabled: the f64 shaders run there too
+        setenv("DEFKV_VULKAN_CALLER_FP64", "1", 1);
+        std::unique_ptr<defkv::Backend> fb;
+        st = defkv::backend_create(opts, &pool, 2, &fb, &msg);
+        unsetenv("DEFKV_VULKAN_CALLER_FP64");
+        auto *vb = dynamic_cast<defkv::vkb::VulkanBackend *>(fb.get());
+        CHECK(vb && vb->has_fp64(), "DEFKV_VULKAN_CALLER_FP64=1 on a device with shaderFloat64: %s", msg.c_str());
+        if (fb) selection_ops(*cpu, *fb, 3, 2, 2, 150, 16);
+    }
     {
         defkv_context_options own;
         defkv_context_options_default(&own);
@@ -1016,7 +1039,7 @@ int main() {
     v.vkDestroyDevice(v.dev, nullptr);
     v.vkDestroyDebugUtilsMessengerEXT(v.inst, v.messenger, nullptr);
     v.vkDestroyInstance(v.inst, nullptr);
-    CHECK(g_checks >= 180, "only %d checks ran", g_checks); // 7 op cases x 24 + the API block
+    CHECK(g_checks >= 3500, "only %d checks ran", g_checks); // 7 op cases x 24, 8 selection-op rounds, the API block
     std::fprintf(stderr, "vk_ops: %d checks, %d failures\n", g_checks, g_failures);
     return g_failures ? 1 : 0;
 }
