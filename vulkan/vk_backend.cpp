@@ -31,9 +31,10 @@ constexpr uint32_t kPushBytes = 128;
 
 // Indexed by Pipe; attn_finish has a float64 build (attn_finish_fp64) chosen at creation.
 const char *const k_pipe_names[P_COUNT] = {
-    "logits",    "attn_load", "softmax",    "colreduce", "attn_finish", "pnorm",       "keynorm",  "copyrows",
-    "copysel",   "sel_rowfill", "sel_bytes", "sel_elem", "sel_maxred",  "sel_keys",    "sel_sort", "sel_mark",
-    "sel_index", "sel_pool",  "sel_clamp",  "sel_normw", "sel_addmul",  "sel_rowcount", "sel_masskeys", "sel_mass"};
+    "logits",     "attn_load", "softmax",  "colreduce", "attn_finish", "pnorm",     "keynorm",
+    "copysel",    "sel_rowfill", "sel_bytes", "sel_elem", "sel_maxred", "sel_keys", "sel_sort",
+    "sel_mark",   "sel_index", "sel_pool", "sel_clamp", "sel_normw",   "sel_addmul", "sel_rowcount",
+    "sel_masskeys", "sel_mass"};
 
 const vk::ShaderCode *find_shader(const char *name) {
     for (int i = 0; i < vk::k_n_shaders; i++)

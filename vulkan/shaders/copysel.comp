@@ -3,7 +3,8 @@
 // k: for row i < n = cu[k + 1] - cu[k] and element e < d,
 //   dst[dst_base + drow * d_s1 + e * d_s2] = src[src_base + srow * s_s1 + e * s_s2]
 // with srow = indices[idx_base + cu[k] + i] (gather) or i, and drow = cu[k] + i (varlen output) or i.
-// Raw bits are copied; 16-bit elements with two atomics on disjoint word halves (as copyrows).
+// Raw bits are copied; 16-bit elements with two atomics on disjoint word halves, so that
+// neighbouring rows may share words.
 #extension GL_GOOGLE_include_directive : enable
 #include "push.h"
 layout(local_size_x = 64, local_size_y = 4) in;

@@ -25,10 +25,10 @@ typedef float f32;
 
 // ---- scoring ----------------------------------------------------------------------------------
 // Slots of the attention, norm and compaction shaders.
-#define B_Q 0      // queries, values (pnorm), attention probabilities (attn_load), source rows
-#define B_K 1      // keys, o_proj (pnorm), destination rows (copy shaders)
+#define B_Q 0      // queries, values (pnorm), attention probabilities (attn_load), source rows (copysel)
+#define B_K 1      // keys, o_proj (pnorm), destination rows (copysel)
 #define B_ROWS 2   // f32 attention rows of one head (scratch); cu_seqlens (copysel)
-#define B_MASK 3   // u8 masked entries; row map (copyrows); indices (copysel)
+#define B_MASK 3   // u8 masked entries; indices (copysel)
 #define B_STATS 4  // f32 per-row statistics (softmax -> colreduce, attn_finish)
 #define B_OUT 5    // f32 output (keynorm, pnorm); last-row sums (colreduce)
 #define B_MEAN 0   // colreduce: mean over w
@@ -79,10 +79,6 @@ struct PcPnorm { // pnorm and pnorm_coopmat
     u32 d, D, T, out_base;
     u32 first, last, has_mask, mask_base;
     f32 invg;
-};
-struct PcCopyRows {
-    u32 esize, n_rows, d, s_step;
-    u32 d_step, src_base, dst_base, map_base;
 };
 struct PcCopySel {
     u32 esize, d, s_s1, s_s2;
