@@ -116,6 +116,14 @@ public:
     }
     // Whether a caller tensor of this memory kind can be read by the ops.
     virtual bool accepts(int32_t memory) const { return memory == DEFKV_MEMORY_HOST; }
+    // Checks a caller pointer before it is wrapped (a selection's outputs, a selection given to
+    // compaction): DEFKV_ERROR_INVALID_ARGUMENT with a message naming `what` when it is not
+    // memory of that kind the ops can use (CUDA: a device or managed pointer of the context's
+    // device), so a wrong pointer is an error instead of a device fault.
+    virtual defkv_status check_pointer(const void *ptr, int32_t memory, const char *what, std::string *msg) const {
+        (void)ptr, (void)memory, (void)what, (void)msg;
+        return DEFKV_SUCCESS;
+    }
 
     // ---- scoring ops (required) ----------------------------------------------------------
     // Window attention and its reductions. masked: u8 [Hk, L] entries excluded, or absent.

@@ -43,7 +43,7 @@ double now_ms() {
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-// Median wall time of `reps` runs of fn (each run ends synchronised: backend ops sync the stream).
+// Median wall time of `reps` runs of fn (each run ends synchronised).
 template <typename F> double median_ms(int reps, F fn) {
     std::vector<double> t;
     fn(); // warm-up (also sizes the backend's grow-only buffers)
@@ -238,21 +238,29 @@ int main(int argc, char **argv) {
         s.D = D;
         const int reps = L >= 100000 ? 3 : 5;
 
-        std::vector<float> mx(static_cast<size_t>(Hk * P)), avg(static_cast<size_t>(Hk * P)), pn(static_cast<size_t>(Hk * P));
-        double oo = 0, ow = 0;
+        // the scoring ops into device buffers of the backend (each run ends with a device synchronise)
+        Buf mx, avg, omega, pn;
+        BENCH_CHECK(be->alloc(sizeof(float) * Hk * P, &mx, &m) == DEFKV_SUCCESS, "alloc: %s", m.c_str());
+        BENCH_CHECK(be->alloc(sizeof(float) * Hk * P, &avg, &m) == DEFKV_SUCCESS, "alloc: %s", m.c_str());
+        BENCH_CHECK(be->alloc(sizeof(double) * 2, &omega, &m) == DEFKV_SUCCESS, "alloc: %s", m.c_str());
+        BENCH_CHECK(be->alloc(sizeof(float) * Hk * P, &pn, &m) == DEFKV_SUCCESS, "alloc: %s", m.c_str());
         const double t_att = median_ms(reps, [&]() {
-            AttentionRequest r;
-            r.scale = 1.0f / std::sqrt(static_cast<float>(d));
-            r.kernel = 5;
-            r.def_max = mx.data();
-            r.def_avg = avg.data();
-            r.omega_official = &oo;
-            r.omega_window = &ow;
-            BENCH_CHECK(be->attention(views, s, r, &m) == DEFKV_SUCCESS, "attention: %s", m.c_str());
+            AttentionOut r;
+            r.def_max = mx;
+            r.def_avg = avg;
+            r.omega = omega;
+            BENCH_CHECK(be->attention(views, s, 1.0f / std::sqrt(static_cast<float>(d)), 5, Buf(), r, &m) == DEFKV_SUCCESS,
+                        "attention: %s", m.c_str());
+            BENCH_CHECK(cudaDeviceSynchronize() == cudaSuccess, "sync");
         });
         const double t_pn = median_ms(reps, [&]() {
-            BENCH_CHECK(be->projected_norm(views, s, P, nullptr, pn.data(), &m) == DEFKV_SUCCESS, "pn: %s", m.c_str());
+            BENCH_CHECK(be->projected_norm(views, s, P, Buf(), pn, &m) == DEFKV_SUCCESS, "pn: %s", m.c_str());
+            BENCH_CHECK(cudaDeviceSynchronize() == cudaSuccess, "sync");
         });
+        be->release(&mx);
+        be->release(&avg);
+        be->release(&omega);
+        be->release(&pn);
         const double pn_tflops = 2.0 * P * d * D * H / (t_pn * 1e-3) / 1e12;
 
         defkv_params p;

@@ -449,6 +449,14 @@ void run_case(int idx, const Case &c, Sides &sd) {
             compare(what, ref, got, tol);
             if (got.st != DEFKV_SUCCESS) continue;
             check_consistent(what, got, c.Ls, c.Hk);
+            if (!on_dev) { // host outputs live in run_select's buffers, gone now: use the copies
+                dsel.head_lens = got.lens.data();
+                dsel.cu_seqlens = got.cu.data();
+                dsel.indices = got.idx.data();
+                dsel.indices_capacity = static_cast<int64_t>(got.idx.size());
+                dsel.keep_mask = nullptr;
+                dsel.scores = nullptr;
+            }
             check_compaction(what, c, tly, sd, pl, tl, got, dsel);
         }
     }

@@ -18,6 +18,7 @@
 #include <mutex>
 #include <memory>
 #include <thread>
+#include <sys/mman.h>
 #include <ucontext.h>
 #include <tuple>
 #include <type_traits>
@@ -134,9 +135,23 @@ inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int) {
     p->multiProcessorCount = 1;
     return cudaSuccess;
 }
+// Device memory is mapped on its own pages, ends (rounded to 256 bytes) right before an
+// inaccessible guard page and is never reused: cudaFree makes it inaccessible too (pages
+// released). A kernel or copy that runs past an allocation or touches freed device memory
+// faults at once instead of corrupting host memory.
+namespace emu {
+inline size_t map_bytes(size_t n) { return (n + 255) / 256 * 256 / 4096 * 4096 + 2 * 4096; }
+inline char *map_base(void *p, size_t n) {
+    const size_t r = (n + 255) / 256 * 256;
+    return static_cast<char *>(p) + r - (map_bytes(n) - 4096);
+}
+} // namespace emu
 inline cudaError_t cudaMalloc(void **p, size_t n) {
-    *p = std::aligned_alloc(256, (n + 255) / 256 * 256);
-    if (!*p) return cudaErrorMemoryAllocation;
+    const size_t bytes = emu::map_bytes(n), r = (n + 255) / 256 * 256;
+    void *m = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) return cudaErrorMemoryAllocation;
+    mprotect(static_cast<char *>(m) + bytes - 4096, 4096, PROT_NONE);
+    *p = static_cast<char *>(m) + (bytes - 4096 - r);
     std::memset(*p, 0xCD, n); // device memory starts as garbage
     std::lock_guard<std::mutex> g(emu::alloc_mu());
     emu::allocs()[reinterpret_cast<uintptr_t>(*p)] = n;
@@ -146,9 +161,14 @@ inline cudaError_t cudaFree(void *p) {
     if (!p) return cudaSuccess;
     {
         std::lock_guard<std::mutex> g(emu::alloc_mu());
-        if (!emu::allocs().erase(reinterpret_cast<uintptr_t>(p))) return cudaErrorInvalidValue;
+        auto it = emu::allocs().find(reinterpret_cast<uintptr_t>(p));
+        if (it == emu::allocs().end()) return cudaErrorInvalidValue;
+        char *base = emu::map_base(p, it->second);
+        const size_t bytes = emu::map_bytes(it->second);
+        emu::allocs().erase(it);
+        madvise(base, bytes, MADV_DONTNEED);
+        mprotect(base, bytes, PROT_NONE);
     }
-    std::free(p);
     return cudaSuccess;
 }
 inline cudaError_t cudaPointerGetAttributes(cudaPointerAttributes *a, const void *p) {
@@ -354,6 +374,12 @@ inline dim3 thread_index() {
 #define blockDim (::emu::current()->block)
 #define gridDim (::emu::current()->grid)
 inline void __syncthreads() { ::emu::wait_at(1); }
+// Fibers switch only at barriers, so a read-modify-write is atomic here.
+template <typename T> T atomicAdd(T *p, T v) {
+    const T old = *p;
+    *p = old + v;
+    return old;
+}
 template <typename T> T __shfl_xor_sync(unsigned, T v, int mask) { return ::emu::shfl_xor(v, mask); }
 inline void __syncwarp_emu() { ::emu::yield(); }
 inline bool emu_lane0() { return ::emu::current()->tid % 32 == 0; }
