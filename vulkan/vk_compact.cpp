@@ -66,12 +66,12 @@ defkv_status VulkanBackend::compact_prepare(const View &t, int64_t Hk, int64_t d
     j->L = t.shape[1];
     j->limit = props_.limits.maxStorageBufferRange;
     int64_t cu_bytes = cu_in.bytes, idx_bytes = idx_in.bytes;
-    if (cu_in.memory == DEFKV_MEMORY_HOST) { // a host selection: stage what these heads read
+    if (cu_in && cu_in.memory == DEFKV_MEMORY_HOST) { // a host selection: stage what these heads read
         cu_bytes = (head0 + Hk + 1) * 4;
         idx_bytes = std::max<int64_t>(cu_in.ptr<int32_t>()[head0 + Hk], 1) * 4;
     }
-    VK_TRY(reserve_staging({cu_in.memory == DEFKV_MEMORY_HOST ? cu_bytes : 0,
-                            idx_in.memory == DEFKV_MEMORY_HOST ? idx_bytes : 0, host_extent(t)},
+    VK_TRY(reserve_staging({cu_in && cu_in.memory == DEFKV_MEMORY_HOST ? cu_bytes : 0,
+                            idx_in && idx_in.memory == DEFKV_MEMORY_HOST ? idx_bytes : 0, host_extent(t)},
                            msg));
     Buf cu, idx;
     VK_TRY(device_copy(cu_in, cu_bytes, &cu, msg));

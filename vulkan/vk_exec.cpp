@@ -117,18 +117,23 @@ defkv_status VulkanBackend::reserve_staging(std::initializer_list<int64_t> bytes
     if (need == 0) return DEFKV_SUCCESS;
     const int64_t at = (staged_ + 255) / 256 * 256;
     if (staging_.buf && at + need <= static_cast<int64_t>(staging_.size)) return DEFKV_SUCCESS;
-    if (recording_) VK_TRY(submit_wait(msg)); // the arena is reused once the device is done
-    staged_ = 0;
-    if (!staging_.buf || need > static_cast<int64_t>(staging_.size)) {
-        const int64_t grown = std::max<int64_t>({need, 1 << 20, 2 * static_cast<int64_t>(staging_.size)});
-        retire(&staging_);
-        VK_TRY(make_buffer(static_cast<VkDeviceSize>(grown), &staging_, msg));
+    if (staging_.buf && !recording_ && need <= static_cast<int64_t>(staging_.size)) { // nothing pending reads it
+        staged_ = 0;
+        return DEFKV_SUCCESS;
     }
-    return DEFKV_SUCCESS;
+    // A fresh arena; the full one is released after the next wait (no wait here).
+    const int64_t grown = std::max<int64_t>({need, 1 << 20, 2 * static_cast<int64_t>(staging_.size)});
+    retire(&staging_);
+    staged_ = 0;
+    return make_buffer(static_cast<VkDeviceSize>(grown), &staging_, msg);
 }
 
 defkv_status VulkanBackend::stage(const void *data, int64_t bytes, Src *out, int64_t esize, std::string *msg) {
     VK_TRY(reserve_staging({bytes}, msg)); // a no-op when the op reserved room for all its inputs
+    if (!staging_.map) {
+        *msg = "internal: no staging buffer";
+        return DEFKV_ERROR_INTERNAL;
+    }
     const int64_t at = (staged_ + 255) / 256 * 256;
     if (bytes > 0) std::memcpy(staging_.map + at, data, static_cast<size_t>(bytes));
     staged_ = at + bytes;

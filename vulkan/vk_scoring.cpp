@@ -176,7 +176,7 @@ defkv_status VulkanBackend::attention(const SeqViews &in, const SeqShape &s, flo
     }
     AttnJob j{in, s, scale, kernel, Buf{}, out, {}, {}, {}, {}, {}};
     VK_TRY(reserve_staging({host_extent(in.queries), host_extent(in.keys), host_extent(in.attention),
-                            masked_in.memory == DEFKV_MEMORY_HOST ? s.Hk * L : 0},
+                            masked_in && masked_in.memory == DEFKV_MEMORY_HOST ? s.Hk * L : 0},
                            msg));
     VK_TRY(device_copy(masked_in, s.Hk * L, &j.masked, msg));
     if (have_q) {
@@ -218,7 +218,7 @@ defkv_status VulkanBackend::projected_norm(const SeqViews &in, const SeqShape &s
     if (n_tokens <= 0) return scope.ok();
     if (!device_outputs({&out}, msg)) return DEFKV_ERROR_INTERNAL;
     VK_TRY(reserve_staging({host_extent(in.values), host_extent(in.o_proj),
-                            masked_in.memory == DEFKV_MEMORY_HOST ? s.Hk * L : 0},
+                            masked_in && masked_in.memory == DEFKV_MEMORY_HOST ? s.Hk * L : 0},
                            msg));
     Buf masked;
     VK_TRY(device_copy(masked_in, s.Hk * L, &masked, msg));
