@@ -31,10 +31,9 @@ constexpr uint32_t kPushBytes = 128;
 
 // Indexed by Pipe; attn_finish has a float64 build (attn_finish_fp64) chosen at creation.
 const char *const k_pipe_names[P_COUNT] = {
-    "logits",     "attn_load", "softmax",  "colreduce", "attn_finish", "pnorm",     "keynorm",
-    "copysel",    "sel_rowfill", "sel_bytes", "sel_elem", "sel_maxred", "sel_keys", "sel_sort",
-    "sel_mark",   "sel_index", "sel_pool", "sel_clamp", "sel_normw",   "sel_addmul", "sel_rowcount",
-    "sel_masskeys", "sel_mass"};
+    "logits",    "attn_load",   "softmax",   "colreduce", "attn_finish", "pnorm",     "keynorm",   "copysel",
+    "sel_rowfill", "sel_bytes", "sel_elem",  "sel_maxred", "sel_keys",   "sel_sort",  "sel_mark",  "sel_index",
+    "sel_pool",  "sel_clamp",   "sel_normw", "sel_addmul", "sel_masskeys", "sel_mass", "sel_rowcount"};
 
 const vk::ShaderCode *find_shader(const char *name) {
     for (int i = 0; i < vk::k_n_shaders; i++)
@@ -228,7 +227,7 @@ defkv_status VulkanBackend::read_device_limits(std::string *msg) {
                      "defkv vulkan: device '%s', max storage buffer range %u, shared memory %u, offset alignment %llu%s%s\n",
                      props_.deviceName, props_.limits.maxStorageBufferRange, shared,
                      static_cast<unsigned long long>(align_), dv_.has_coopmat_ext ? ", VK_NV_cooperative_matrix" : "",
-                     fp64_ ? ", shaderFloat64" : ", no shaderFloat64 (f64 selection ops on the host)");
+                     fp64_ ? ", shaderFloat64" : ", no shaderFloat64 (f64 in integer code; row counts on the host)");
     return DEFKV_SUCCESS;
 }
 
@@ -295,13 +294,14 @@ defkv_status VulkanBackend::create_pipeline(const char *shader, const VkSpeciali
 defkv_status VulkanBackend::create_pipelines(std::string *msg) {
     static_assert(sizeof(k_pipe_names) / sizeof(k_pipe_names[0]) == P_COUNT, "one name per pipeline");
     for (int p = 0; p < P_COUNT; p++) {
-        if (p >= P_FIRST_FP64 && !fp64_) continue; // those ops use the host fallback
-        const char *name = k_pipe_names[p];
+        if (p == P_SEL_ROWCOUNT && !fp64_) continue; // row_counts uses the host fallback
+        std::string name = k_pipe_names[p];
         if (p == P_ATTN_FINISH && fp64_) name = "attn_finish_fp64";
+        if (p >= P_FIRST_F64 && p != P_SEL_ROWCOUNT && !fp64_) name += "_soft";
         uint32_t spec = p == P_LOGITS ? sq_floats_ : sv_floats_;
         VkSpecializationMapEntry me{0, 0, 4};
         VkSpecializationInfo si{1, &me, 4, &spec};
-        VK_TRY(create_pipeline(name, (p == P_LOGITS || p == P_PNORM) ? &si : nullptr, &pipes_[p], msg));
+        VK_TRY(create_pipeline(name.c_str(), (p == P_LOGITS || p == P_PNORM) ? &si : nullptr, &pipes_[p], msg));
     }
     pnorm_why_ = dv_.cm.why;
     if (dv_.cm_device) {

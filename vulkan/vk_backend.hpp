@@ -26,13 +26,15 @@
 namespace defkv {
 namespace vkb {
 
-// Pipelines, indexed by name in vk_device.cpp (k_pipe_names). The float64 ones exist only on
-// devices with shaderFloat64 enabled (fp64_).
+// Pipelines, indexed by name in vk_backend.cpp (k_pipe_names). The f64-arithmetic selection
+// shaders come in two builds (device float64, or integer code: "<name>_soft"); row counts exist
+// only on devices with shaderFloat64 enabled (fp64_).
 enum Pipe {
     P_LOGITS, P_ATTN_LOAD, P_SOFTMAX, P_COLREDUCE, P_ATTN_FINISH, P_PNORM, P_KEYNORM, P_COPYSEL,
     P_SEL_ROWFILL, P_SEL_BYTES, P_SEL_ELEM, P_SEL_MAXRED, P_SEL_KEYS, P_SEL_SORT, P_SEL_MARK, P_SEL_INDEX,
-    P_FIRST_FP64,
-    P_SEL_POOL = P_FIRST_FP64, P_SEL_CLAMP, P_SEL_NORMW, P_SEL_ADDMUL, P_SEL_ROWCOUNT, P_SEL_MASSKEYS, P_SEL_MASS,
+    P_FIRST_F64,
+    P_SEL_POOL = P_FIRST_F64, P_SEL_CLAMP, P_SEL_NORMW, P_SEL_ADDMUL, P_SEL_MASSKEYS, P_SEL_MASS,
+    P_SEL_ROWCOUNT, // float64 only
     P_COUNT,
     P_PNORM_CM // pnorm_coopmat.comp, created apart (pnorm_cm_) and only where usable
 };

@@ -1,10 +1,11 @@
 // The selection ops of the Vulkan backend, each recorded as compute shaders (vulkan/shaders/
 // sel_*.comp) on VkBuffers, with results equal to the host ops (core/host_ops.cpp) bit for
-// bit: comparisons and rankings on f32 bit patterns, f32 arithmetic in f64 rounded once (the
-// shaders marked "needs shaderFloat64"), the host's summation orders. An op falls back to the
-// base class's host implementation (download, host op, upload) when an argument is in host
-// memory, when it needs float64 and the device has none enabled, or when its arrays exceed
-// what one binding or the 30-bit key index can address.
+// bit: comparisons and rankings on f32 bit patterns, f32 arithmetic in f64 rounded once
+// (shaders/f64.glsl: the device's float64, or integer code where it has none), the host's
+// summation orders. An op falls back to the base class's host implementation (download, host
+// op, upload) when an argument is in host memory, when its arrays exceed what one binding or
+// the 30-bit key index can address, for row_counts on a device without float64, or when
+// DEFKV_VULKAN_HOST_OPS names it.
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -99,7 +100,7 @@ defkv_status VulkanBackend::rank_and_mark(PcKeys pc, const Buf &score, const Buf
 
 defkv_status VulkanBackend::pool_group(const Buf &mean_w, int64_t H, int64_t G, int64_t P, int32_t kernel,
                                        const Buf &score, int64_t L, std::string *msg) {
-    if (host_forced("pool_group") || !fp64_ || !on_device({&mean_w, &score}) || !fits_u32(H * P) || !fits_u32((H / G) * L) || kernel < 1)
+    if (host_forced("pool_group") || !on_device({&mean_w, &score}) || !fits_u32(H * P) || !fits_u32((H / G) * L) || kernel < 1)
         return Backend::pool_group(mean_w, H, G, P, kernel, score, L, msg);
     OpScope scope{this};
     if (P <= 0 || H <= 0) return scope.ok();
@@ -114,7 +115,7 @@ defkv_status VulkanBackend::pool_group(const Buf &mean_w, int64_t H, int64_t G, 
 }
 
 defkv_status VulkanBackend::clamp_at_mean(const Buf &x, int64_t rows, int64_t n, int64_t ld, std::string *msg) {
-    if (host_forced("clamp_at_mean") || !fp64_ || !on_device({&x}) || !fits_u32(rows * ld + n)) return Backend::clamp_at_mean(x, rows, n, ld, msg);
+    if (host_forced("clamp_at_mean") || !on_device({&x}) || !fits_u32(rows * ld + n)) return Backend::clamp_at_mean(x, rows, n, ld, msg);
     OpScope scope{this};
     if (n <= 0 || rows <= 0) return scope.ok();
     PcClamp pc = {u32(rows), u32(n), u32(ld), 0};
@@ -127,7 +128,7 @@ defkv_status VulkanBackend::clamp_at_mean(const Buf &x, int64_t rows, int64_t n,
 
 defkv_status VulkanBackend::norm_weight(const Buf &m, const Buf &pn, int64_t Hk, int64_t P, const Buf &score, int64_t L,
                                         std::string *msg) {
-    if (host_forced("norm_weight") || !fp64_ || !on_device({&m, &pn, &score}) || !fits_u32(Hk * L) || !fits_u32(Hk * P))
+    if (host_forced("norm_weight") || !on_device({&m, &pn, &score}) || !fits_u32(Hk * L) || !fits_u32(Hk * P))
         return Backend::norm_weight(m, pn, Hk, P, score, L, msg);
     OpScope scope{this};
     if (P <= 0 || Hk <= 0) return scope.ok();
@@ -145,7 +146,7 @@ defkv_status VulkanBackend::mass_threshold(const Buf &avg, int64_t Hk, int64_t P
                                            double threshold, int64_t cap, const Buf &bad, const Buf &tier, int64_t L,
                                            std::string *msg) {
     const int64_t seg = pow2_at_least(std::max<int64_t>(P, 1));
-    if (host_forced("mass_threshold") || !fp64_ || !on_device({&avg, &omega, &bad, &tier}) || Hk * seg * 8 > props_.limits.maxStorageBufferRange ||
+    if (host_forced("mass_threshold") || !on_device({&avg, &omega, &bad, &tier}) || Hk * seg * 8 > props_.limits.maxStorageBufferRange ||
         !fits_u32(Hk * L) || Hk > kMaxGroups)
         return Backend::mass_threshold(avg, Hk, P, omega, omega_index, threshold, cap, bad, tier, L, msg);
     OpScope scope{this};
@@ -327,7 +328,7 @@ defkv_status VulkanBackend::fill_must(const Buf &score, const Buf &tier, const B
 }
 
 defkv_status VulkanBackend::add_mul(const Buf &out, const Buf &a, float eps, const Buf &b, int64_t n, std::string *msg) {
-    if (host_forced("add_mul") || !fp64_ || !on_device({&out, &a, &b}) || !fits_u32(n)) return Backend::add_mul(out, a, eps, b, n, msg);
+    if (host_forced("add_mul") || !on_device({&out, &a, &b}) || !fits_u32(n)) return Backend::add_mul(out, a, eps, b, n, msg);
     OpScope scope{this};
     if (n <= 0) return scope.ok();
     PcAddMul pc = {u32(n), 0, 0, 0, eps};

@@ -10,9 +10,9 @@
 //   compact_inplace / compact_varlen byte-identical (host selections, and device selections for
 //   VkBuffer caches);
 //   every selection op and memory op (selection_ops) bit for bit: random arrays with ties, +-0,
-//   f32 denormals and -inf at odd byte offsets, on the caller's device (where the float64 ops take
-//   the host fallback; with DEFKV_VULKAN_CALLER_FP64=1 they run as shaders too) and on a device of
-//   the backend's own (every op a shader); a chain of device ops records without a submission
+//   f32 denormals and -inf at odd byte offsets, on the caller's device (f64 arithmetic in integer
+//   code; with DEFKV_VULKAN_CALLER_FP64=1 on the device's float64) and on a device of the
+//   backend's own (device float64); a chain of device ops records without a submission
 //   until the download (no host round trip between ops).
 // Then defkv_select through the public API on the caller's device with VkBuffer tensors must
 // give the CPU's keep set.
@@ -997,9 +997,9 @@ int main() {
         vk->release(&ob);
         free_buf(v, b);
     }
-    // Selection ops, bit for bit: on the caller's device (the float64 ops fall back to the host:
-    // the backend cannot know the caller enabled shaderFloat64), then on a device of the
-    // backend's own, where every op is a shader.
+    // Selection ops, bit for bit: on the caller's device (f64 arithmetic in integer code: the
+    // backend cannot know the caller enabled shaderFloat64), then on a device of the backend's
+    // own (device float64).
     selection_ops(*cpu, *vk, 1, 2, 4, 300, 32);
     selection_ops(*cpu, *vk, 2, 3, 1, 37, 5);
     if (v.fp64) { // the caller says its device has shaderFloat64 enabled: the f64 shaders run there too

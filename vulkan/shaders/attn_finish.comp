@@ -8,7 +8,7 @@
 #include "push.h"
 #include "common.glsl"
 #ifdef DEFKV_FP64
-#include "fp64.glsl"
+#include "f64.glsl"
 #endif
 layout(local_size_x = 256) in;
 layout(std430, binding = B_STATS) readonly buffer BS { uint stats[]; };
@@ -19,8 +19,8 @@ void main() {
     if (pc.mode == ATTN_FINISH_SCALE) {
         for (uint i = gl_GlobalInvocationID.x; i < pc.n; i += gl_NumWorkGroups.x * 256u) {
 #ifdef DEFKV_FP64
-            const uint q = d2f_bits(f2d(x[pc.base + i]) / double(pc.div));
-            x[pc.base + i] = pc.mul == 1.0 ? q : d2f_bits(f2d(q) * f2d(floatBitsToUint(pc.mul)));
+            const uint q = f64_div_u_f32(f2d_bits(x[pc.base + i]), pc.div);
+            x[pc.base + i] = pc.mul == 1.0 ? q : f32_mul(q, floatBitsToUint(pc.mul));
 #else
             x[pc.base + i] = floatBitsToUint(uintBitsToFloat(x[pc.base + i]) / float(pc.div) * pc.mul);
 #endif

@@ -1,12 +1,12 @@
 #version 450
-// mass_threshold, last stage (needs shaderFloat64), after sel_masskeys and sel_sort: per row k,
+// mass_threshold, last stage (f64.glsl: exact in both builds), after sel_masskeys and sel_sort: per row k,
 // the f32 sequential cumulative sum of a in key order; c = the index at which it first reaches
 // tau = float(threshold - omega[omega_index]) (0 if never), min(c, cap) entries set to
 // TIER_MUST unless bad. A workgroup per row; the sum is one invocation's loop (PcMass).
 #extension GL_GOOGLE_include_directive : enable
 #include "push.h"
 #include "common.glsl"
-#include "fp64.glsl"
+#include "f64.glsl"
 layout(local_size_x = 256) in;
 layout(std430, binding = B_SEL_KEYS) readonly buffer BK { uint keys[]; };
 layout(std430, binding = B_SEL_C) readonly buffer BC { uint omega[]; };
@@ -21,11 +21,11 @@ void main() {
     const uint t = gl_LocalInvocationID.x, k = gl_WorkGroupID.x;
     if (t == 0u) {
         const uint o = pc.c_base + 2u * pc.omega_index;
-        const double tau = f2d(d2f_bits(read_f64(pc.thr_lo, pc.thr_hi) - read_f64(omega[o], omega[o + 1u])));
+        const uint tau = d2f_bits(f64_add(uvec2(pc.thr_lo, pc.thr_hi), f64_neg(uvec2(omega[o], omega[o + 1u]))));
         uint cum = 0u, c = 0u;
         for (uint i = 0u; i < pc.P; i++) {
-            cum = d2f_bits(f2d(cum) + f2d(f32_from_ord(~keys[2u * (k * pc.seg + i)])));
-            if (f2d(cum) >= tau) {
+            cum = f32_add(cum, f32_from_ord(~keys[2u * (k * pc.seg + i)]));
+            if (f32_ge(cum, tau)) {
                 c = i;
                 break;
             }

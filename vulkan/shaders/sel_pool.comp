@@ -1,11 +1,11 @@
 #version 450
-// pool_group (needs shaderFloat64): score[k, j] = (sum over g in order of
+// pool_group (f64.glsl: exact in both builds): score[k, j] = (sum over g in order of
 // avg_pool1d(mean_w[kG+g], kernel)[j]) / G, j < P, each step rounded to f32 as the host does
 // (the pooling sum in f64, then / kernel). One invocation per (j, k), grid-stride (PcPool).
 #extension GL_GOOGLE_include_directive : enable
 #include "push.h"
 #include "common.glsl"
-#include "fp64.glsl"
+#include "f64.glsl"
 layout(local_size_x = 256) in;
 layout(std430, binding = B_SEL_X) writeonly buffer BX { uint x[]; };
 layout(std430, binding = B_SEL_A) readonly buffer BA { uint a[]; };
@@ -19,11 +19,11 @@ void main() {
             const int lo = max(int(j) - h, 0), hi = min(int(j) + h, int(pc.P) - 1);
             for (uint g = 0u; g < pc.G; g++) {
                 const uint row = pc.a_base + (k * pc.G + g) * pc.P;
-                double s = 0.0;
-                for (int t = lo; t <= hi; t++) s += f2d(a[row + uint(t)]);
-                acc = d2f_bits(f2d(acc) + f2d(d2f_bits(s / double(pc.kernel))));
+                uvec2 s = uvec2(0u);
+                for (int t = lo; t <= hi; t++) s = f64_add(s, f2d_bits(a[row + uint(t)]));
+                acc = f32_add(acc, f64_div_u_f32(s, pc.kernel));
             }
-            if (pc.G != 1u) acc = d2f_bits(f2d(acc) / double(pc.G));
+            if (pc.G != 1u) acc = f64_div_u_f32(f2d_bits(acc), pc.G);
             x[pc.x_base + k * pc.L + j] = acc;
         }
 }

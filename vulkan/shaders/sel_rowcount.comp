@@ -1,10 +1,10 @@
 #version 450
-// row_counts (needs shaderFloat64): counts[r] (i64) = int(factor * number of flagged entries of
+// row_counts (needs shaderFloat64; without it the op takes the host fallback): counts[r] (i64) = int(factor * number of flagged entries of
 // row r), truncated toward zero as Python's int(). A workgroup per row (PcRowCount).
 #extension GL_GOOGLE_include_directive : enable
 #include "push.h"
 #include "common.glsl"
-#include "fp64.glsl"
+#include "f64.glsl"
 layout(local_size_x = 256) in;
 layout(std430, binding = B_SEL_F) readonly buffer BF { uint f[]; };
 layout(std430, binding = B_SEL_C) writeonly buffer BC { uint counts[]; };
@@ -23,7 +23,7 @@ void main() {
         barrier();
     }
     if (t != 0u) return;
-    const double v = double(sh[0]) * read_f64(pc.factor_lo, pc.factor_hi);
+    const double v = double(sh[0]) * packDouble2x32(uvec2(pc.factor_lo, pc.factor_hi));
     const double q = v <= 0.0 ? ceil(v) : floor(v);
     const double mag = abs(q);
     const uint hi = uint(floor(mag / 4294967296.0));
