@@ -80,6 +80,12 @@ struct Vk {
     F(vkDestroyBuffer) F(vkGetBufferMemoryRequirements) F(vkAllocateMemory) F(vkFreeMemory) F(vkBindBufferMemory)
     F(vkMapMemory) F(vkDeviceWaitIdle) F(vkCreateDebugUtilsMessengerEXT) F(vkDestroyDebugUtilsMessengerEXT)
     F(vkEnumerateInstanceLayerProperties)
+    F(vkCreateShaderModule) F(vkDestroyShaderModule) F(vkCreateDescriptorSetLayout) F(vkDestroyDescriptorSetLayout)
+    F(vkCreatePipelineLayout) F(vkDestroyPipelineLayout) F(vkCreateComputePipelines) F(vkDestroyPipeline)
+    F(vkCreateDescriptorPool) F(vkDestroyDescriptorPool) F(vkAllocateDescriptorSets) F(vkUpdateDescriptorSets)
+    F(vkCreateCommandPool) F(vkDestroyCommandPool) F(vkAllocateCommandBuffers) F(vkBeginCommandBuffer)
+    F(vkEndCommandBuffer) F(vkCmdBindPipeline) F(vkCmdBindDescriptorSets) F(vkCmdPushConstants) F(vkCmdDispatch)
+    F(vkCmdPipelineBarrier) F(vkQueueSubmit) F(vkQueueWaitIdle)
 #undef F
 };
 
@@ -124,6 +130,12 @@ std::string vk_init(Vk *v) {
     L(vkGetPhysicalDeviceMemoryProperties) L(vkCreateDevice) L(vkDestroyDevice) L(vkGetDeviceQueue) L(vkCreateBuffer)
     L(vkDestroyBuffer) L(vkGetBufferMemoryRequirements) L(vkAllocateMemory) L(vkFreeMemory) L(vkBindBufferMemory)
     L(vkMapMemory) L(vkDeviceWaitIdle) L(vkCreateDebugUtilsMessengerEXT) L(vkDestroyDebugUtilsMessengerEXT)
+    L(vkCreateShaderModule) L(vkDestroyShaderModule) L(vkCreateDescriptorSetLayout) L(vkDestroyDescriptorSetLayout)
+    L(vkCreatePipelineLayout) L(vkDestroyPipelineLayout) L(vkCreateComputePipelines) L(vkDestroyPipeline)
+    L(vkCreateDescriptorPool) L(vkDestroyDescriptorPool) L(vkAllocateDescriptorSets) L(vkUpdateDescriptorSets)
+    L(vkCreateCommandPool) L(vkDestroyCommandPool) L(vkAllocateCommandBuffers) L(vkBeginCommandBuffer)
+    L(vkEndCommandBuffer) L(vkCmdBindPipeline) L(vkCmdBindDescriptorSets) L(vkCmdPushConstants) L(vkCmdDispatch)
+    L(vkCmdPipelineBarrier) L(vkQueueSubmit) L(vkQueueWaitIdle)
 #undef L
     v->vkCreateDebugUtilsMessengerEXT(v->inst, &mci, nullptr, &v->messenger);
     n = 0;
@@ -786,6 +798,205 @@ void selection_ops(defkv::Backend &cpu, defkv::Backend &vk, uint64_t seed, int64
     }
 }
 
+
+// ---- the integer-code f64 primitives (vulkan/shaders/f64.glsl) against the host's IEEE ops ----
+const uint32_t k_f64_probe[] =
+#include "f64_probe.inc"
+    ;
+
+uint64_t dbits(double d) {
+    uint64_t u;
+    std::memcpy(&u, &d, 8);
+    return u;
+}
+double from_dbits(uint64_t u) {
+    double d;
+    std::memcpy(&d, &u, 8);
+    return d;
+}
+uint32_t fbits(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+float from_fbits(uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+// Runs f64_probe.comp on n cases (4 words each) and returns 8 words per case.
+std::vector<uint32_t> run_probe(Vk &v, const std::vector<uint32_t> &in, uint32_t n, uint32_t div) {
+    DevBuf bi = make_buf(v, in.size() * 4), bo = make_buf(v, size_t(n) * 32);
+    std::memcpy(bi.map, in.data(), in.size() * 4);
+    VkShaderModuleCreateInfo sm{};
+    sm.sType = VK_STRUCTURE_TYPE_SHADER_MODULE_CREATE_INFO;
+    sm.codeSize = sizeof k_f64_probe;
+    sm.pCode = k_f64_probe;
+    VkShaderModule mod;
+    v.vkCreateShaderModule(v.dev, &sm, nullptr, &mod);
+    VkDescriptorSetLayoutBinding b[2] = {};
+    for (uint32_t i = 0; i < 2; i++) {
+        b[i].binding = i;
+        b[i].descriptorType = VK_DESCRIPTOR_TYPE_STORAGE_BUFFER;
+        b[i].descriptorCount = 1;
+        b[i].stageFlags = VK_SHADER_STAGE_COMPUTE_BIT;
+    }
+    VkDescriptorSetLayoutCreateInfo dl{};
+    dl.sType = VK_STRUCTURE_TYPE_DESCRIPTOR_SET_LAYOUT_CREATE_INFO;
+    dl.bindingCount = 2;
+    dl.pBindings = b;
+    VkDescriptorSetLayout dsl;
+    v.vkCreateDescriptorSetLayout(v.dev, &dl, nullptr, &dsl);
+    VkPushConstantRange pcr{VK_SHADER_STAGE_COMPUTE_BIT, 0, 8};
+    VkPipelineLayoutCreateInfo pl{};
+    pl.sType = VK_STRUCTURE_TYPE_PIPELINE_LAYOUT_CREATE_INFO;
+    pl.setLayoutCount = 1;
+    pl.pSetLayouts = &dsl;
+    pl.pushConstantRangeCount = 1;
+    pl.pPushConstantRanges = &pcr;
+    VkPipelineLayout layout;
+    v.vkCreatePipelineLayout(v.dev, &pl, nullptr, &layout);
+    VkComputePipelineCreateInfo cp{};
+    cp.sType = VK_STRUCTURE_TYPE_COMPUTE_PIPELINE_CREATE_INFO;
+    cp.stage.sType = VK_STRUCTURE_TYPE_PIPELINE_SHADER_STAGE_CREATE_INFO;
+    cp.stage.stage = VK_SHADER_STAGE_COMPUTE_BIT;
+    cp.stage.module = mod;
+    cp.stage.pName = "main";
+    cp.layout = layout;
+    VkPipeline pipe;
+    v.vkCreateComputePipelines(v.dev, VK_NULL_HANDLE, 1, &cp, nullptr, &pipe);
+    VkDescriptorPoolSize ps{VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, 2};
+    VkDescriptorPoolCreateInfo dp{};
+    dp.sType = VK_STRUCTURE_TYPE_DESCRIPTOR_POOL_CREATE_INFO;
+    dp.maxSets = 1;
+    dp.poolSizeCount = 1;
+    dp.pPoolSizes = &ps;
+    VkDescriptorPool pool;
+    v.vkCreateDescriptorPool(v.dev, &dp, nullptr, &pool);
+    VkDescriptorSetAllocateInfo ai{};
+    ai.sType = VK_STRUCTURE_TYPE_DESCRIPTOR_SET_ALLOCATE_INFO;
+    ai.descriptorPool = pool;
+    ai.descriptorSetCount = 1;
+    ai.pSetLayouts = &dsl;
+    VkDescriptorSet set;
+    v.vkAllocateDescriptorSets(v.dev, &ai, &set);
+    VkDescriptorBufferInfo info[2] = {{bi.buf, 0, VK_WHOLE_SIZE}, {bo.buf, 0, VK_WHOLE_SIZE}};
+    VkWriteDescriptorSet w[2] = {};
+    for (uint32_t i = 0; i < 2; i++) {
+        w[i].sType = VK_STRUCTURE_TYPE_WRITE_DESCRIPTOR_SET;
+        w[i].dstSet = set;
+        w[i].dstBinding = i;
+        w[i].descriptorCount = 1;
+        w[i].descriptorType = VK_DESCRIPTOR_TYPE_STORAGE_BUFFER;
+        w[i].pBufferInfo = &info[i];
+    }
+    v.vkUpdateDescriptorSets(v.dev, 2, w, 0, nullptr);
+    VkCommandPoolCreateInfo cpi{};
+    cpi.sType = VK_STRUCTURE_TYPE_COMMAND_POOL_CREATE_INFO;
+    cpi.queueFamilyIndex = v.family;
+    VkCommandPool cmdpool;
+    v.vkCreateCommandPool(v.dev, &cpi, nullptr, &cmdpool);
+    VkCommandBufferAllocateInfo cai{};
+    cai.sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_ALLOCATE_INFO;
+    cai.commandPool = cmdpool;
+    cai.level = VK_COMMAND_BUFFER_LEVEL_PRIMARY;
+    cai.commandBufferCount = 1;
+    VkCommandBuffer cmd;
+    v.vkAllocateCommandBuffers(v.dev, &cai, &cmd);
+    VkCommandBufferBeginInfo bgi{};
+    bgi.sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO;
+    v.vkBeginCommandBuffer(cmd, &bgi);
+    v.vkCmdBindPipeline(cmd, VK_PIPELINE_BIND_POINT_COMPUTE, pipe);
+    v.vkCmdBindDescriptorSets(cmd, VK_PIPELINE_BIND_POINT_COMPUTE, layout, 0, 1, &set, 0, nullptr);
+    const uint32_t pc[2] = {n, div};
+    v.vkCmdPushConstants(cmd, layout, VK_SHADER_STAGE_COMPUTE_BIT, 0, 8, pc);
+    v.vkCmdDispatch(cmd, (n + 63) / 64, 1, 1);
+    VkMemoryBarrier mb{};
+    mb.sType = VK_STRUCTURE_TYPE_MEMORY_BARRIER;
+    mb.srcAccessMask = VK_ACCESS_SHADER_WRITE_BIT;
+    mb.dstAccessMask = VK_ACCESS_HOST_READ_BIT;
+    v.vkCmdPipelineBarrier(cmd, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_PIPELINE_STAGE_HOST_BIT, 0, 1, &mb, 0, nullptr, 0,
+                           nullptr);
+    v.vkEndCommandBuffer(cmd);
+    VkSubmitInfo si{};
+    si.sType = VK_STRUCTURE_TYPE_SUBMIT_INFO;
+    si.commandBufferCount = 1;
+    si.pCommandBuffers = &cmd;
+    v.vkQueueSubmit(v.queue, 1, &si, VK_NULL_HANDLE);
+    v.vkQueueWaitIdle(v.queue);
+    std::vector<uint32_t> out(size_t(n) * 8);
+    std::memcpy(out.data(), bo.map, out.size() * 4);
+    v.vkDestroyCommandPool(v.dev, cmdpool, nullptr);
+    v.vkDestroyDescriptorPool(v.dev, pool, nullptr);
+    v.vkDestroyPipeline(v.dev, pipe, nullptr);
+    v.vkDestroyPipelineLayout(v.dev, layout, nullptr);
+    v.vkDestroyDescriptorSetLayout(v.dev, dsl, nullptr);
+    v.vkDestroyShaderModule(v.dev, mod, nullptr);
+    free_buf(v, bi);
+    free_buf(v, bo);
+    return out;
+}
+
+// Operands that exercise rounding: random doubles over a wide exponent range, exponent gaps of
+// 0..70, near-cancellation, exact ties (a + 2^-53 a), sums of f32 values; f32 operands with
+// denormals, zeros, infinities and NaNs.
+void f64_primitives(Vk &v) {
+    Rng r(77);
+    const uint32_t n = 20000, div = 3;
+    std::vector<uint32_t> in(size_t(n) * 4);
+    auto rnd64 = [&]() { return (uint64_t(r.uni() * 16777216.0f) << 40) ^ (uint64_t(r.uni() * 16777216.0f) << 16) ^ uint64_t(r.uni() * 65536.0f); };
+    for (uint32_t i = 0; i < n; i++) {
+        double a, b;
+        const int kind = static_cast<int>(i % 6);
+        const int ea = static_cast<int>(r.uni() * 400) - 200;
+        a = std::ldexp(1.0 + static_cast<double>(rnd64() >> 12) / 4503599627370496.0, ea) * (r.uni() < 0.5f ? -1 : 1);
+        if (kind == 0) b = std::ldexp(1.0 + static_cast<double>(rnd64() >> 12) / 4503599627370496.0, ea - static_cast<int>(r.uni() * 70));
+        else if (kind == 1) b = -a * (1.0 + std::ldexp(static_cast<double>(static_cast<int>(r.uni() * 64) - 32), -50));
+        else if (kind == 2) b = std::ldexp(a, -53) * (r.uni() < 0.5f ? 1.0 : 3.0); // ties and near ties
+        else if (kind == 3) {
+            a = static_cast<double>(tricky(r, false));
+            b = static_cast<double>(tricky(r, false));
+            if (!std::isfinite(a) || a == 0.0) a = 1.5;
+            if (!std::isfinite(b)) b = -2.25;
+        } else b = std::ldexp(1.0 + static_cast<double>(rnd64() >> 12) / 4503599627370496.0, ea + static_cast<int>(r.uni() * 8) - 4) *
+                   (r.uni() < 0.5f ? -1 : 1);
+        uint64_t ua = dbits(a), ub = dbits(b);
+        if (kind == 5) { // f32 operands in the low words: anything, denormals and specials included
+            const float fa = tricky(r, false), fb = i % 30 == 5 ? std::numeric_limits<float>::quiet_NaN() : tricky(r, false);
+            ua = (ua & 0xFFFFFFFF00000000ull) | fbits(fa);
+            ub = (ub & 0xFFFFFFFF00000000ull) | fbits(i % 60 == 11 ? 0.0f : fb);
+        }
+        in[4 * i] = static_cast<uint32_t>(ua);
+        in[4 * i + 1] = static_cast<uint32_t>(ua >> 32);
+        in[4 * i + 2] = static_cast<uint32_t>(ub);
+        in[4 * i + 3] = static_cast<uint32_t>(ub >> 32);
+    }
+    const std::vector<uint32_t> out = run_probe(v, in, n, div);
+    int bad[6] = {0, 0, 0, 0, 0, 0};
+    uint32_t first[6] = {0, 0, 0, 0, 0, 0};
+    auto same_f = [](uint32_t got, float want) {
+        return got == fbits(want) || (std::isnan(want) && std::isnan(from_fbits(got)));
+    };
+    for (uint32_t i = 0; i < n; i++) {
+        const uint64_t ua = in[4 * i] | (uint64_t(in[4 * i + 1]) << 32), ub = in[4 * i + 2] | (uint64_t(in[4 * i + 3]) << 32);
+        const double a = from_dbits(ua), b = from_dbits(ub);
+        const uint64_t sum = out[8 * i] | (uint64_t(out[8 * i + 1]) << 32);
+        const float fa = from_fbits(in[4 * i]), fb = from_fbits(in[4 * i + 2]);
+        const bool ok[6] = {sum == dbits(a + b) || (a + b == 0.0 && from_dbits(sum) == 0.0 && std::signbit(a + b) == std::signbit(from_dbits(sum))),
+                            same_f(out[8 * i + 2], static_cast<float>(a / static_cast<double>(div + i % 977))),
+                            same_f(out[8 * i + 3], fa + fb), same_f(out[8 * i + 4], fa * fb), same_f(out[8 * i + 5], fa / fb),
+                            same_f(out[8 * i + 6], static_cast<float>(a))};
+        for (int k = 0; k < 6; k++)
+            if (!ok[k] && bad[k]++ == 0) first[k] = i;
+    }
+    const char *names[6] = {"f64_add", "f64_div_u_f32", "f32_add", "f32_mul", "f32_div", "d2f_bits"};
+    for (int k = 0; k < 6; k++)
+        CHECK(bad[k] == 0, "integer-code %s differs from the host in %d of %u cases (first: case %u)", names[k], bad[k], n,
+              first[k]);
+    std::fprintf(stderr, "f64 primitives in integer code: %u cases x 6 operations\n", n);
+}
+
 // A chain of device ops records without waiting: no submission until the download.
 void no_round_trip(defkv::Backend &vk) {
     auto *vb = dynamic_cast<defkv::vkb::VulkanBackend *>(&vk);
@@ -997,6 +1208,7 @@ int main() {
         vk->release(&ob);
         free_buf(v, b);
     }
+    f64_primitives(v);
     // Selection ops, bit for bit: on the caller's device (f64 arithmetic in integer code: the
     // backend cannot know the caller enabled shaderFloat64), then on a device of the backend's
     // own (device float64).
