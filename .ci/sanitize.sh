@@ -4,7 +4,9 @@
 # library's own build dependencies. Exits non-zero on any failure.
 #
 #   1. build-asan  : -DDEFKV_SANITIZE=ON (ASan + UBSan, no recovery), runs ctest -L unit,
-#                    the CLI tests (-R '^cli\.') when the defkv program is built, -L reliability.
+#                    the CLI tests (-R '^cli\.') when the defkv program is built, -L reliability
+#                    (which includes the allocation fault-injection sweep
+#                    reliability_fault_injection, run here with leak detection).
 #   2. build-tsan  : -DDEFKV_TSAN=ON, runs the multithreaded tests (-L threads, and the unit
 #                    determinism/threads tests).
 #   3. build-valgrind: a plain RelWithDebInfo build; every `unit` and `reliability` C test
@@ -55,7 +57,7 @@ if ctest --test-dir build-asan -N -R '^cli\.' | grep -q 'Total Tests: [1-9]'; th
   step "ASan+UBSan: CLI tests"
   run_ctest build-asan -R '^cli\.'
 fi
-step "ASan+UBSan: reliability tests"
+step "ASan+UBSan: reliability tests (the fault-injection sweep included)"
 run_ctest build-asan -L reliability -E oversized
 unset ASAN_OPTIONS UBSAN_OPTIONS LSAN_OPTIONS
 fi
@@ -65,7 +67,7 @@ if want tsan; then
 step "TSan build (build-tsan)"
 cmake -S . -B build-tsan "${COMMON[@]}" -DDEFKV_TSAN=ON -DDEFKV_BUILD_TOOLS=OFF >/dev/null
 # only the multithreaded tests (and what they link): keeps the job short
-build_targets build-tsan rel_test_concurrency rel_test_determinism test_determinism
+build_targets build-tsan rel_test_concurrency rel_test_determinism test_determinism test_thread_pool rel_test_hardening
 export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:suppressions=$PWD/.ci/tsan.supp"
 step "TSan: multithreaded tests"
 run_ctest build-tsan -L threads

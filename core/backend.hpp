@@ -162,7 +162,8 @@ public:
     virtual defkv_status top_rows(const Buf &score, const Buf &rank_tier, const Buf &bad, int64_t rows, int64_t L,
                                   int64_t j_end, const Buf &counts, int64_t count, const Buf &flag, std::string *msg);
     // out f32 [1] = max of x[r, j] over r < rows, j < n (row stride ld) not flagged in bad
-    // (stride ld too); -inf when there is none.
+    // (stride ld too); 0 when there is none (no eligible entry: e.g. every prefix key non-finite
+    // under DEFKV_NONFINITE_LOWEST), never -inf.
     virtual defkv_status masked_max(const Buf &x, const Buf &bad, int64_t rows, int64_t n, int64_t ld, const Buf &out,
                                     std::string *msg);
     // x[r, j] = value for j in [j0, j1) (value_buf f32 [1] when present, else value).

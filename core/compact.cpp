@@ -8,6 +8,7 @@
 
 #include "context.hpp"
 #include "error.hpp"
+#include "overlap.hpp"
 
 namespace defkv {
 
@@ -38,20 +39,48 @@ defkv_status check_host_selection(const LayerInfo &li, const defkv_selection &se
     return DEFKV_SUCCESS;
 }
 
-// Byte ranges of host views, for the overlap checks.
-bool overlap(const View &a, const View &b) {
-    if (a.memory != DEFKV_MEMORY_HOST || b.memory != DEFKV_MEMORY_HOST) return a.handle == b.handle;
-    int64_t na = 0, nb = 0;
-    view_extent_bytes(a, &na);
-    view_extent_bytes(b, &nb);
-    const uintptr_t alo = reinterpret_cast<uintptr_t>(a.base), blo = reinterpret_cast<uintptr_t>(b.base);
-    return alo < blo + static_cast<uintptr_t>(nb) && blo < alo + static_cast<uintptr_t>(na);
+// Whether two views describe exactly the same elements (the same tensor passed twice).
+bool same_view(const View &a, const View &b) {
+    if (a.memory != b.memory || a.base != b.base || a.handle != b.handle || a.byte_offset != b.byte_offset ||
+        a.dtype != b.dtype || a.ndim != b.ndim)
+        return false;
+    for (int i = 0; i < a.ndim; i++)
+        if (a.shape[i] != b.shape[i] || (a.shape[i] > 1 && a.stride[i] != b.stride[i])) return false;
+    return true;
+}
+
+// The selection's arrays as the compaction reads them.
+std::vector<Span> selection_spans(const defkv_selection &sel, int64_t nh, int64_t kept) {
+    const int64_t n_idx = kept >= 0 ? kept : sel.indices_capacity;
+    return {array_span(sel.memory, sel.head_lens, nh * 4, "sel->head_lens"),
+            array_span(sel.memory, sel.cu_seqlens, (nh + 1) * 4, "sel->cu_seqlens"),
+            array_span(sel.memory, sel.indices, n_idx > INT64_MAX / 4 ? INT64_MAX : n_idx * 4, "sel->indices")};
+}
+
+// In-place compaction writes every sequence's keys and values: they must not overlap each
+// other or the selection. Values identical to their keys (an MLA latent cache passed as both)
+// are compacted once: *values_is_keys[b] is set.
+defkv_status check_inplace_targets(const LayerInfo &li, const std::vector<Span> &sel_spans,
+                                   std::vector<uint8_t> *values_is_keys, std::string *msg) {
+    std::vector<Span> targets;
+    values_is_keys->assign(li.seqs.size(), 0);
+    for (size_t b = 0; b < li.seqs.size(); b++) {
+        const SeqViews &v = li.seqs[b].v;
+        targets.push_back(view_span(v.keys, "keys", static_cast<int64_t>(b)));
+        if (same_view(v.keys, v.values)) (*values_is_keys)[b] = 1;
+        else targets.push_back(view_span(v.values, "values", static_cast<int64_t>(b)));
+    }
+    DEFKV_FORWARD(check_apart(targets, sel_spans, "compaction would overwrite the selection while reading it", msg));
+    return check_disjoint(targets,
+                          "in-place compaction writes both; pass one tensor as both keys and values (an MLA latent "
+                          "cache) or disjoint ones",
+                          msg);
 }
 
 // Resolves and checks keys_out / values_out for a gather of `total` rows (total < 0: unknown,
 // a device selection).
 defkv_status resolve_outputs(const LayerInfo &li, defkv_tensor *keys_out, defkv_tensor *values_out, int64_t total,
-                             View *kout, View *vout, std::string *msg) {
+                             const std::vector<Span> &sel_spans, View *kout, View *vout, std::string *msg) {
     if (!keys_out || !values_out) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "keys_out or values_out is NULL");
     const defkv_tensor *outs[2] = {keys_out, values_out};
     View *vs[2] = {kout, vout};
@@ -72,14 +101,15 @@ defkv_status resolve_outputs(const LayerInfo &li, defkv_tensor *keys_out, defkv_
     for (const SeqInfo &si : li.seqs)
         if (si.v.keys.dtype != kout->dtype || si.v.values.dtype != vout->dtype)
             DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "sequences of the layer have different dtypes");
-    if (overlap(*kout, *vout)) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "keys_out and values_out overlap");
-    for (size_t b = 0; b < li.seqs.size(); b++)
-        for (int t = 0; t < 2; t++)
-            if (overlap(*vs[t], li.seqs[b].v.keys) || overlap(*vs[t], li.seqs[b].v.values))
-                DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT,
-                           "%s overlaps the keys or values of layer->seqs[%zu] (the gather would read what it writes)",
-                           names[t], b);
-    return DEFKV_SUCCESS;
+    const std::vector<Span> outs_sp = {view_span(*kout, "keys_out"), view_span(*vout, "values_out")};
+    DEFKV_FORWARD(check_disjoint(outs_sp, "each output must have its own memory", msg));
+    std::vector<Span> inputs;
+    for (size_t b = 0; b < li.seqs.size(); b++) {
+        inputs.push_back(view_span(li.seqs[b].v.keys, "keys", static_cast<int64_t>(b)));
+        inputs.push_back(view_span(li.seqs[b].v.values, "values", static_cast<int64_t>(b)));
+    }
+    DEFKV_FORWARD(check_apart(outs_sp, inputs, "the gather would read what it writes", msg));
+    return check_apart(outs_sp, sel_spans, "the gather would overwrite the selection while reading it", msg);
 }
 
 // The selection's cu_seqlens and indices as buffers of the backend's memory: wrapped when
@@ -126,8 +156,20 @@ defkv_status compact_impl(defkv_context &ctx, const char *fn, const defkv_layer 
                                                                : "");
     const int64_t Hk = li.Hk, d = li.d, nh = Hk * static_cast<int64_t>(li.seqs.size());
     if (host_sel) DEFKV_FORWARD(check_host_selection(li, *sel, msg));
+    else {
+        DEFKV_FORWARD(be.check_pointer(sel->cu_seqlens, sel->memory, "sel->cu_seqlens", msg));
+        DEFKV_FORWARD(be.check_pointer(sel->indices, sel->memory, "sel->indices", msg));
+    }
+    if (!inplace && keys_out && values_out)
+        for (const defkv_tensor *t : {keys_out, values_out})
+            if (t->memory != DEFKV_MEMORY_HOST && t->data)
+                DEFKV_FORWARD(be.check_pointer(t->data, t->memory, t == keys_out ? "keys_out" : "values_out", msg));
+    const int64_t kept = host_sel ? sel->cu_seqlens[nh] : -1;
+    const std::vector<Span> sel_spans = selection_spans(*sel, nh, kept);
     View kout, vout;
-    if (!inplace) DEFKV_FORWARD(resolve_outputs(li, keys_out, values_out, host_sel ? sel->cu_seqlens[nh] : -1, &kout, &vout, msg));
+    std::vector<uint8_t> values_is_keys;
+    if (inplace) DEFKV_FORWARD(check_inplace_targets(li, sel_spans, &values_is_keys, msg));
+    else DEFKV_FORWARD(resolve_outputs(li, keys_out, values_out, kept, sel_spans, &kout, &vout, msg));
     Buf cu, idx;
     DEFKV_FORWARD(selection_buffers(ctx, *sel, nh, &cu, &idx, msg));
     for (size_t b = 0; b < li.seqs.size(); b++) {
@@ -135,7 +177,7 @@ defkv_status compact_impl(defkv_context &ctx, const char *fn, const defkv_layer 
         const int64_t head0 = static_cast<int64_t>(b) * Hk;
         if (inplace) {
             DEFKV_FORWARD(be.compact_inplace(si.v.keys, Hk, si.s.L, d, cu, idx, head0, msg));
-            DEFKV_FORWARD(be.compact_inplace(si.v.values, Hk, si.s.L, d, cu, idx, head0, msg));
+            if (!values_is_keys[b]) DEFKV_FORWARD(be.compact_inplace(si.v.values, Hk, si.s.L, d, cu, idx, head0, msg));
         } else {
             DEFKV_FORWARD(be.compact_varlen(si.v.keys, Hk, d, cu, idx, head0, kout, msg));
             DEFKV_FORWARD(be.compact_varlen(si.v.values, Hk, d, cu, idx, head0, vout, msg));

@@ -70,7 +70,13 @@ struct defkv_context {
     std::unique_ptr<defkv::ThreadPool> pool;
     std::unique_ptr<defkv::Backend> backend;
     std::unique_ptr<defkv::Arena> arena;
+    // Capacity reserved at creation (kErrorReserve) so that reporting an out-of-memory error
+    // does not itself allocate (capi/src/api.cpp).
     std::string last_error;
+    // The in-use guard: set while an API call runs on this context (or a defkv_global of it).
+    // A second thread entering meanwhile gets DEFKV_ERROR_INVALID_STATE and touches nothing,
+    // last_error included (it belongs to the thread inside).
+    std::atomic<bool> busy{false};
 };
 
 namespace defkv {

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "backend.hpp"
+#include "error.hpp"
 #include "gemm.hpp"
 #include "ops.hpp"
 #include "thread_pool.hpp"
@@ -58,6 +59,14 @@ template <class T> struct AlignedAlloc {
 const float *direct_f32(const View &v, int64_t off, int64_t col_stride) {
     if (v.dtype != DEFKV_DTYPE_F32 || col_stride != 1) return nullptr;
     return reinterpret_cast<const float *>(v.base) + off;
+}
+
+// Whether any of the first n entries is not masked (masked may be null: none is).
+bool any_unmasked(const uint8_t *masked, int64_t n) {
+    if (!masked) return n > 0;
+    for (int64_t j = 0; j < n; j++)
+        if (!masked[j]) return true;
+    return false;
 }
 
 class CpuBackend final : public Backend {
@@ -100,14 +109,14 @@ private:
     defkv_status key_norm_host(const SeqViews &in, const SeqShape &s, float *out, std::string *msg);
     void projected_norm_fused(const SeqViews &in, const SeqShape &s, int64_t n_tokens, float *out);
     ThreadPool *pool_;
-    int32_t n_threads_;
+    [[maybe_unused]] int32_t n_threads_;
 };
 
 defkv_status CpuBackend::attention_host(const SeqViews &in, const SeqShape &s, const AttentionRequest &req,
                                    std::string *msg) {
-    (void)msg;
     const int64_t H = s.H, G = s.G, W = s.W, L = s.L, P = s.P, d = s.d;
     std::vector<float> rows(static_cast<size_t>(W * L));     // A[h, :, :] for the current head
+    std::vector<uint8_t> row_ok(static_cast<size_t>(W));      // softmax found a finite maximum
     std::vector<float> qbuf(static_cast<size_t>(W * d));
     std::vector<float> pooled;                                 // [W, P] scratch
     const bool need_def = req.def_max || req.def_avg;
@@ -148,7 +157,17 @@ defkv_status CpuBackend::attention_host(const SeqViews &in, const SeqShape &s, c
                 pack_b_columns(cols.data(), d, T, &kp);
                 gemm_store(W, qbuf.data(), d, kp, req.scale, &rows[t0], L);
             });
-            pool_->parallel_for(W, [&](int64_t w) { softmax_row(&rows[w * L], L, P + w + 1, masked); });
+            pool_->parallel_for(W, [&](int64_t w) {
+                row_ok[w] = softmax_row(&rows[w * L], L, P + w + 1, masked) || !any_unmasked(masked, P + w + 1);
+            });
+            // A row with eligible entries but no usable maximum: finite inputs whose logits
+            // overflowed float32. Its probabilities would be zeros or NaN: report it.
+            for (int64_t w = 0; w < W; w++)
+                if (!row_ok[w])
+                    DEFKV_FAIL(DEFKV_ERROR_NON_FINITE,
+                               "the window attention logits of head %lld, query %lld overflowed float32 (keys or "
+                               "queries too large)",
+                               (long long)h, (long long)w);
         }
         // Per-row reductions (rows independent).
         pool_->parallel_for(W, [&](int64_t w) {

@@ -16,10 +16,10 @@ namespace {
 defkv_status global_begin(defkv_global &g, const LayerInfo &li, std::string *msg) {
     Backend &be = *g.ctx->backend;
     g.Hk = li.Hk;
+    g.owned.reserve(li.seqs.size()); // push_back below cannot throw once a buffer is held
     for (const SeqInfo &si : li.seqs) {
         const int64_t n = g.n_layers * li.Hk * si.s.L;
         Buf all;
-        g.owned.reserve(li.seqs.size());
         DEFKV_FORWARD(be.alloc(n * 6, &all, msg));
         g.owned.push_back(all);
         defkv_global::Seq s;
@@ -85,16 +85,22 @@ defkv_status add_impl(defkv_global &g, int32_t layer_index, const defkv_layer *l
     if (g.added[layer_index]) DEFKV_FAIL(DEFKV_ERROR_INVALID_STATE, "layer %d was already added", layer_index);
     LayerInfo li;
     DEFKV_FORWARD(resolve_layer(*g.ctx, layer, g.params, "defkv_global_add_layer", &li, msg));
-    const bool first = g.seq_lens.empty();
-    if (first) DEFKV_FORWARD(global_begin(g, li, msg));
+    // A failed first layer leaves the handle as it was, also when it fails by an exception
+    // (out of memory) that the C API turns into a status.
+    struct Rollback {
+        defkv_global &g;
+        bool armed;
+        ~Rollback() {
+            if (!armed) return;
+            for (Buf &b : g.owned) g.ctx->backend->release(&b);
+            g.owned.clear(), g.seqs.clear(), g.seq_lens.clear();
+            g.Hk = 0;
+        }
+    } rollback{g, g.seq_lens.empty()};
+    if (rollback.armed) DEFKV_FORWARD(global_begin(g, li, msg));
     else DEFKV_FORWARD(check_same_shape(g, layer_index, li, msg));
-    const defkv_status st = with_prefix(score_into(g, layer_index, li, msg), msg, fmt("layer %d", layer_index).c_str());
-    if (st != DEFKV_SUCCESS && first) { // a failed first layer leaves the handle as it was
-        for (Buf &b : g.owned) g.ctx->backend->release(&b);
-        g.owned.clear(), g.seqs.clear(), g.seq_lens.clear();
-        g.Hk = 0;
-    }
-    DEFKV_FORWARD(st);
+    DEFKV_FORWARD(with_prefix(score_into(g, layer_index, li, msg), msg, fmt("layer %d", layer_index).c_str()));
+    rollback.armed = false;
     g.added[layer_index] = 1;
     return DEFKV_SUCCESS;
 }
@@ -129,8 +135,10 @@ defkv_status layer_selection_impl(defkv_global &g, int32_t layer_index, defkv_se
     if (out->memory != DEFKV_MEMORY_HOST && out->memory != be.memory())
         DEFKV_FAIL(DEFKV_ERROR_UNSUPPORTED, "out->memory is %d; the %s backend writes host (0) or its own device memory (%d)",
                    out->memory, be.name(), be.memory());
+    DEFKV_FORWARD(check_output_pointers(be, *out, msg));
     int64_t bound = 0; // a layer keeps at most all of its entries
     for (int64_t L : g.seq_lens) bound += g.Hk * L;
+    DEFKV_FORWARD(check_selection_overlaps(*out, g.Hk * static_cast<int64_t>(g.seq_lens.size()), bound, nullptr, msg));
     if (out->memory != DEFKV_MEMORY_HOST && out->indices && out->indices_capacity < bound)
         DEFKV_FAIL(DEFKV_ERROR_BUFFER_TOO_SMALL,
                    "out->indices_capacity is %lld; a device-memory selection of one layer needs n_seqs * Hk * L = %lld "

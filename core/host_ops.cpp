@@ -75,11 +75,17 @@ void top_rows(const float *score, const uint8_t *rank_tier, const uint8_t *bad, 
 }
 
 float masked_max(const float *x, const uint8_t *bad, int64_t rows, int64_t n, int64_t ld) {
+    // No eligible entry (every prefix entry ranked lowest): 0, not -inf, so that the window
+    // filled with this value stays finite and ranks above the bad entries (-inf).
     float mx = -std::numeric_limits<float>::infinity();
+    bool any = false;
     for (int64_t r = 0; r < rows; r++)
         for (int64_t j = 0; j < n; j++)
-            if (!(bad && bad[r * ld + j]) && x[r * ld + j] > mx) mx = x[r * ld + j];
-    return mx;
+            if (!(bad && bad[r * ld + j])) {
+                any = true;
+                if (x[r * ld + j] > mx) mx = x[r * ld + j];
+            }
+    return any ? mx : 0.0f;
 }
 
 void fill(float *x, int64_t rows, int64_t L, int64_t j0, int64_t j1, float value) {
@@ -138,7 +144,7 @@ void top_k(TopK mode, const float *score, const uint8_t *tier, int64_t rows, int
     case TopK::PER_HEAD:
     case TopK::PER_HEAD_BUDGET:
         for (int64_t r = 0; r < rows; r++)
-            select_top(score + r * L, tier + r * L, L, mode == TopK::PER_HEAD ? k : counts[r], keep + r * L, scratch);
+            select_top(score + r * L, tier ? tier + r * L : nullptr, L, mode == TopK::PER_HEAD ? k : counts[r], keep + r * L, scratch);
         break;
     case TopK::HEAD_ADAPTIVE: select_top(score, tier, N, k, keep, scratch); break;
     case TopK::LAYER_ADAPTIVE: select_top_global(score, tier, N, k, keep, scratch); break;

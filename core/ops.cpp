@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 namespace defkv {
@@ -31,6 +32,10 @@ bool softmax_row(float *logits, int64_t n, int64_t n_valid, const uint8_t *maske
         float e = (masked && masked[j]) ? 0.0f : std::exp(logits[j] - mx);
         logits[j] = e;
         sum += e;
+    }
+    if (!std::isfinite(sum)) { // a NaN logit (+inf - inf in the product) beside finite ones
+        for (int64_t j = 0; j < n; j++) logits[j] = std::numeric_limits<float>::quiet_NaN();
+        return false;
     }
     const float inv = static_cast<float>(1.0 / sum);
     for (int64_t j = 0; j < n_valid; j++) logits[j] *= inv;
@@ -69,7 +74,7 @@ struct RankLocal {
     const float *s;
     const uint8_t *t;
     bool operator()(int64_t x, int64_t y) const {
-        uint8_t tx = t ? t[x] : TIER_NORMAL, ty = t ? t[y] : TIER_NORMAL;
+        uint8_t tx = t ? t[x] : uint8_t(TIER_NORMAL), ty = t ? t[y] : uint8_t(TIER_NORMAL);
         if (tx != ty) return tx > ty;
         if (s[x] != s[y]) return s[x] > s[y];
         return x < y;
@@ -82,7 +87,7 @@ struct RankGlobal {
         bool bx = t && t[x] == TIER_BAD, by = t && t[y] == TIER_BAD;
         if (bx != by) return by;
         if (s[x] != s[y]) return s[x] > s[y];
-        uint8_t tx = t ? t[x] : TIER_NORMAL, ty = t ? t[y] : TIER_NORMAL;
+        uint8_t tx = t ? t[x] : uint8_t(TIER_NORMAL), ty = t ? t[y] : uint8_t(TIER_NORMAL);
         if (tx != ty) return tx > ty;
         return x < y;
     }
@@ -104,14 +109,14 @@ void top_indices(const float *score, const uint8_t *tier, int64_t n, int64_t k, 
 void select_top(const float *score, const uint8_t *tier, int64_t n, int64_t k, uint8_t *keep, int64_t *scratch) {
     k = std::max<int64_t>(0, std::min(k, n));
     partition_top(n, k, scratch, RankLocal{score, tier});
-    std::fill(keep, keep + n, 0);
+    if (n > 0) std::memset(keep, 0, static_cast<size_t>(n));
     for (int64_t i = 0; i < k; i++) keep[scratch[i]] = 1;
 }
 
 void select_top_global(const float *score, const uint8_t *tier, int64_t n, int64_t k, uint8_t *keep, int64_t *scratch) {
     k = std::max<int64_t>(0, std::min(k, n));
     partition_top(n, k, scratch, RankGlobal{score, tier});
-    std::fill(keep, keep + n, 0);
+    if (n > 0) std::memset(keep, 0, static_cast<size_t>(n));
     for (int64_t i = 0; i < k; i++) keep[scratch[i]] = 1;
 }
 

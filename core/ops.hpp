@@ -17,7 +17,9 @@ void avg_pool1d(const float *x, int64_t n, int32_t k, float *out);
 
 // In place: causal softmax of one row of logits over [0, n_valid); entries >= n_valid and
 // entries flagged in `masked` (may be null) become 0. Returns false when the row has no finite
-// logit left (then the row is all 0).
+// logit left (then the row is all 0, or all NaN when a logit was NaN) or a NaN logit beside
+// finite ones (the row is then NaN). With at least one unmasked entry in [0, n_valid), false
+// means the logits overflowed: callers report it rather than use the row.
 bool softmax_row(float *logits, int64_t n, int64_t n_valid, const uint8_t *masked);
 
 // DefensiveKV's defensive aggregation for one query row already pooled and mass-renormalised:

@@ -4,6 +4,7 @@
 
 #include "error.hpp"
 #include "ops.hpp"
+#include "overlap.hpp"
 
 namespace defkv {
 
@@ -45,6 +46,40 @@ defkv_status check_scores_finite(Exec &x, const Params &p, const std::vector<Seq
                        defkv_method_name(p.method));
     }
     return DEFKV_SUCCESS;
+}
+
+defkv_status check_output_pointers(const Backend &be, const defkv_selection &out, std::string *msg) {
+    if (out.memory == DEFKV_MEMORY_HOST) return DEFKV_SUCCESS;
+    const void *ptrs[] = {out.head_lens, out.cu_seqlens, out.indices, out.keep_mask, out.scores};
+    const char *names[] = {"head_lens", "cu_seqlens", "indices", "keep_mask", "scores"};
+    for (int i = 0; i < 5; i++)
+        if (ptrs[i]) DEFKV_FORWARD(be.check_pointer(ptrs[i], out.memory, names[i], msg));
+    return DEFKV_SUCCESS;
+}
+
+defkv_status check_selection_overlaps(const defkv_selection &out, int64_t nh, int64_t total, const LayerInfo *li,
+                                      std::string *msg) {
+    const int32_t mem = out.memory;
+    const int64_t cap = out.indices_capacity < 0 ? 0 : out.indices_capacity;
+    std::vector<Span> outs = {array_span(mem, out.head_lens, nh * 4, "out->head_lens")};
+    if (out.cu_seqlens) outs.push_back(array_span(mem, out.cu_seqlens, (nh + 1) * 4, "out->cu_seqlens"));
+    if (out.indices)
+        outs.push_back(array_span(mem, out.indices, cap > INT64_MAX / 4 ? INT64_MAX : cap * 4, "out->indices"));
+    if (out.keep_mask) outs.push_back(array_span(mem, out.keep_mask, total, "out->keep_mask"));
+    if (out.scores) outs.push_back(array_span(mem, out.scores, total * 4, "out->scores"));
+    DEFKV_FORWARD(check_disjoint(outs, "each output array must have its own memory", msg));
+    if (!li) return DEFKV_SUCCESS;
+    std::vector<Span> inputs;
+    for (size_t b = 0; b < li->seqs.size(); b++) {
+        const SeqViews &v = li->seqs[b].v;
+        const int64_t i = static_cast<int64_t>(b);
+        if (v.queries.present()) inputs.push_back(view_span(v.queries, "queries", i));
+        if (v.attention.present()) inputs.push_back(view_span(v.attention, "attention", i));
+        inputs.push_back(view_span(v.keys, "keys", i));
+        inputs.push_back(view_span(v.values, "values", i));
+    }
+    if (!li->seqs.empty() && li->seqs[0].v.o_proj.present()) inputs.push_back(view_span(li->seqs[0].v.o_proj, "layer->o_proj"));
+    return check_apart(outs, inputs, "the selection must not be written over the layer's inputs", msg);
 }
 
 namespace {

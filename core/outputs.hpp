@@ -25,6 +25,16 @@ defkv_status prepare_inputs(defkv_context &ctx, const Params &p, const SeqInfo &
 // ranked lowest). Reads the scores on the host (a download on GPU backends).
 defkv_status check_scores_finite(Exec &x, const Params &p, const std::vector<SeqResult> &res, int64_t Hk);
 
+// For a selection in the backend's memory: every pointer it holds is memory the backend can
+// use (Backend::check_pointer), so a wrong pointer is an error, not a device fault.
+defkv_status check_output_pointers(const Backend &be, const defkv_selection &out, std::string *msg);
+
+// Rejects a selection whose arrays overlap each other or (li not null) the layer's tensors:
+// head_lens [nh], cu_seqlens [nh + 1], indices [indices_capacity], keep_mask and scores
+// [total entries]. The struct itself was checked by the caller.
+defkv_status check_selection_overlaps(const defkv_selection &out, int64_t nh, int64_t total, const LayerInfo *li,
+                                      std::string *msg);
+
 // Writes the selection of every sequence into *out (already checked by the caller: struct
 // size, head_lens present, memory host or the backend's). Host selections are staged in the
 // arena and checked (indices capacity) before anything reaches the caller. A dry run only

@@ -67,6 +67,8 @@ defkv_status select_impl(defkv_context &ctx, const defkv_params *params, const d
     LayerInfo li;
     DEFKV_FORWARD(resolve_layer(ctx, layer, p, "defkv_select", &li, msg));
     DEFKV_FORWARD(check_selection(*ctx.backend, out, msg));
+    DEFKV_FORWARD(check_selection_overlaps(*out, li.Hk * static_cast<int64_t>(li.seqs.size()), li.total_entries, &li, msg));
+    DEFKV_FORWARD(check_output_pointers(*ctx.backend, *out, msg));
     const bool host_out = out->memory == DEFKV_MEMORY_HOST;
     int64_t bound = 0;
     for (const SeqInfo &si : li.seqs) bound += std::min(seq_kept_count(p, si.s, 1), si.s.Hk * si.s.L);

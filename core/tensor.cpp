@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <limits>
+#include <utility>
 
 namespace defkv {
 
@@ -96,6 +97,38 @@ static bool mul_ok(int64_t a, int64_t b, int64_t *out) {
     return true;
 }
 
+// The header's rule: distinct indices address distinct elements. Checked as a nesting: the
+// dimensions of extent > 1, sorted by stride, must each step over everything the smaller ones
+// span (stride >= span so far). Every layout a transpose or slice of a dense tensor gives
+// passes; a zero stride, or rows that overlap (strides[1] < d), is rejected.
+static bool strides_distinct(const View &v, const char *name, char *buf, size_t cap) {
+    int dims[DEFKV_MAX_DIMS], m = 0;
+    for (int i = 0; i < v.ndim; i++) {
+        if (v.shape[i] == 0) return true; // no elements: nothing aliases
+        if (v.shape[i] > 1) dims[m++] = i;
+    }
+    for (int a = 1; a < m; a++) // insertion sort by stride (at most 4 dims)
+        for (int b = a; b > 0 && v.stride[dims[b]] < v.stride[dims[b - 1]]; b--) std::swap(dims[b], dims[b - 1]);
+    int64_t span = 1; // elements the smaller dimensions cover (max offset + 1); no overflow: the extent fits
+    for (int a = 0; a < m; a++) {
+        const int i = dims[a];
+        if (v.stride[i] == 0) {
+            std::snprintf(buf, cap, "%s: strides[%d] is 0 with shape[%d] = %lld: distinct indices would address the "
+                          "same element (only an all-zero strides array means contiguous)", name, i, i,
+                          (long long)v.shape[i]);
+            return false;
+        }
+        if (v.stride[i] < span) {
+            std::snprintf(buf, cap, "%s: strides[%d] = %lld is smaller than the %lld elements the dimensions with "
+                          "smaller strides span: distinct indices would address the same element", name, i,
+                          (long long)v.stride[i], (long long)span);
+            return false;
+        }
+        span += (v.shape[i] - 1) * v.stride[i];
+    }
+    return true;
+}
+
 bool resolve_view(const defkv_tensor &t, int32_t want_ndim, const char *name, View *out, std::string *msg) {
     char buf[256];
     if (t.dtype != DEFKV_DTYPE_F32 && t.dtype != DEFKV_DTYPE_F16 && t.dtype != DEFKV_DTYPE_BF16) {
@@ -177,6 +210,20 @@ bool resolve_view(const defkv_tensor &t, int32_t want_ndim, const char *name, Vi
     int64_t bytes;
     if (!view_extent_bytes(v, &bytes)) {
         std::snprintf(buf, sizeof buf, "%s: the extent of shape x strides overflows 64 bits", name);
+        *msg = buf;
+        return false;
+    }
+    // The offset is part of every extent: byte_offset + extent must fit 64 bits and, for host
+    // memory, the address space (a wrapped pointer would be dereferenced otherwise).
+    if (bytes > std::numeric_limits<int64_t>::max() - t.byte_offset ||
+        (t.memory == DEFKV_MEMORY_HOST && t.data != nullptr &&
+         reinterpret_cast<uintptr_t>(t.data) > UINTPTR_MAX - static_cast<uintptr_t>(t.byte_offset + bytes))) {
+        std::snprintf(buf, sizeof buf, "%s: byte_offset (%lld) + the extent of shape x strides (%lld bytes) overflows",
+                      name, (long long)t.byte_offset, (long long)bytes);
+        *msg = buf;
+        return false;
+    }
+    if (!strides_distinct(v, name, buf, sizeof buf)) {
         *msg = buf;
         return false;
     }

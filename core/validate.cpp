@@ -104,8 +104,9 @@ defkv_status resolve_params(const defkv_params *in, Params *out, std::string *ms
         DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "params->budget is %lld, expected 0 (use the ratio) or a positive count",
                    (long long)full.budget);
     if (full.window < 1) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "params->window is %d, expected >= 1", full.window);
-    if (full.kernel < 1 || full.kernel % 2 == 0)
-        DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "params->kernel is %d, expected an odd number >= 1", full.kernel);
+    if (full.kernel < 1 || full.kernel % 2 == 0 || full.kernel > DEFKV_KERNEL_MAX)
+        DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "params->kernel is %d, expected an odd number in [1, %d] (DEFKV_KERNEL_MAX)",
+                   full.kernel, DEFKV_KERNEL_MAX);
     if (full.budget > 0 && full.budget < full.window)
         DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "params->budget is %lld, below the window (%d): the window is always kept",
                    (long long)full.budget, full.window);
@@ -272,6 +273,8 @@ defkv_status resolve_layer(const defkv_context &ctx, const defkv_layer *layer, c
             if (v->present() && !be.accepts(v->memory))
                 DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "%s: layer->seqs[%d]: a tensor has memory kind %d, which the %s backend does not read",
                            fn, b, v->memory, be.name());
+            else if (v->present() && v->memory != DEFKV_MEMORY_HOST)
+                DEFKV_FORWARD(be.check_pointer(v->handle, v->memory, "a tensor of layer->seqs", msg));
     }
     if (li.total_entries > kIndexMax)
         DEFKV_FAIL(DEFKV_ERROR_SIZE_OVERFLOW, "%s: the batch has %lld cache entries, more than int32 cu_seqlens can address",

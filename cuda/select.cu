@@ -249,7 +249,7 @@ __global__ void __launch_bounds__(kThreads) max_final_kernel(const float *pv, co
         }
         __syncthreads();
     }
-    if (threadIdx.x == 0) *out = si[0] < 0 ? -INFINITY : sv[0];
+    if (threadIdx.x == 0) *out = si[0] < 0 ? 0.0f : sv[0]; // no eligible entry: 0 (as host_ops.cpp)
 }
 
 // ---- element-wise ops --------------------------------------------------------------------------

@@ -63,7 +63,7 @@ int safety(const defkv_tensor &t, int64_t bytes) {
         ext += (__int128)(shape[i] - 1) * stride[i];
         count *= shape[i];
         if (ext > std::numeric_limits<int64_t>::max() / 8 || count > ((__int128)1 << 62)) {
-            return ext > std::numeric_limits<int64_t>::max() / 8 && ext * 4 > std::numeric_limits<int64_t>::max() ? 2 : 0;
+            return ext > std::numeric_limits<int64_t>::max() / 4 ? 2 : 0; // (ext * 4 could overflow __int128)
         }
     }
     const __int128 need = (ext + 1) * dsize(t.dtype) + t.byte_offset;
@@ -144,7 +144,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     // Hostile edits.
     const int n_edits = r.u8() % 4;
     for (int e = 0; e < n_edits; e++) {
-        const int b = r.u8() % n_seqs, op = r.u8() % 16, dim = r.u8() % 4;
+        const int b = r.u8() % n_seqs, op = r.u8() % 18, dim = r.u8() % 4;
         defkv_tensor *ts[4] = {&seqs[b].keys, &seqs[b].values, use_attn ? &seqs[b].attention : &seqs[b].queries,
                                &layer.o_proj};
         defkv_tensor *t = ts[r.u8() % 4];
@@ -166,6 +166,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             break;
         }
         case 14: p.window = (int32_t)r.hostile(); break;
+        case 16: p.kernel = (int32_t)r.hostile(); break; // INT32_MAX must be rejected, not run quadratic
+        case 17: seqs[b].values = seqs[b].keys; break;    // an MLA latent cache: one tensor as both
         default: { double v[] = {-0.1, 1.0, NAN, 0.999999, 1e308}; p.compression_ratio = v[r.u8() % 5]; break; }
         }
     }
@@ -190,6 +192,16 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     sel.keep_mask = (r.u8() % 2) ? keep.data() : nullptr;
     sel.scores = (r.u8() % 2) ? sc.data() : nullptr;
     if (r.u8() % 16 == 0) sel.head_lens = nullptr;
+    // Output arrays placed over each other (in-bounds of the real vectors): must be rejected.
+    bool outputs_overlap = false;
+    switch (r.u8() % 8) {
+    // (indices span indices_capacity elements: with capacity 0 nothing overlaps it)
+    case 1: if (sel.indices && sel.indices_capacity > 0) sel.keep_mask = reinterpret_cast<uint8_t *>(idx.data()), outputs_overlap = true; break;
+    case 2: if (sel.indices && sel.indices_capacity > 0) sel.scores = reinterpret_cast<float *>(idx.data()), outputs_overlap = true; break;
+    case 3: if (sel.cu_seqlens && sel.head_lens) sel.head_lens = cu.data() + 1, outputs_overlap = true; break;
+    case 4: if (sel.scores) sel.keep_mask = reinterpret_cast<uint8_t *>(sc.data()) + 1, outputs_overlap = true; break;
+    default: break;
+    }
 
     int64_t cnt = -1, ws = -1;
     defkv_status st1 = defkv_kept_count(g_ctx, &p, &layer, &cnt);
@@ -199,6 +211,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     defkv_status st = defkv_select(g_ctx, &p, &layer, &sel);
     if (st > 0 || st < DEFKV_ERROR_INTERNAL) fail("status out of range");
     if (st == DEFKV_ERROR_INTERNAL) fail("internal error");
+    if (st == DEFKV_SUCCESS && outputs_overlap) fail("overlapping selection outputs accepted");
     if (st != DEFKV_SUCCESS) {
         if (defkv_context_last_error(g_ctx)[0] == 0) fail("no message for a failing call");
         for (int32_t x : head_lens) if (x != -7) fail("head_lens written on failure");
@@ -227,8 +240,19 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     vt = kt;
     vt.data = vo.data();
     if (r.u8() & 1) idx[r.u8() % (cu[nh] + 1)] += (int32_t)(r.u8() % 3) - 1; // maybe break the selection
+    // keys_out over the selection's own indices (in-bounds of idx): must be rejected, idx intact.
+    const bool out_over_sel = cu[nh] > 0 && (r.u8() % 4) == 0;
+    const std::vector<int32_t> idx_before = idx;
+    if (out_over_sel) kt.data = idx.data();
     defkv_status sv = defkv_compact_varlen(g_ctx, &layer, &sel, &kt, &vt);
     if (sv == DEFKV_ERROR_INTERNAL) fail("compact_varlen internal");
+    if (out_over_sel) {
+        if (sv == DEFKV_SUCCESS) fail("keys_out over sel->indices accepted");
+        if (idx != idx_before) fail("the selection was written by a rejected compaction");
+        kt.data = ko.data();
+        sv = defkv_compact_varlen(g_ctx, &layer, &sel, &kt, &vt);
+        if (sv == DEFKV_ERROR_INTERNAL) fail("compact_varlen internal");
+    }
     const std::string varlen_msg = defkv_context_last_error(g_ctx);
     for (int i = 0; i < 8; i++) if (ko[cu[nh] * dd + i] != 7.0f || vo[cu[nh] * dd + i] != 7.0f) fail("varlen overrun");
     if (sv != DEFKV_SUCCESS) {

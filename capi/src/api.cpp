@@ -1,5 +1,7 @@
 // The C ABI: argument presence checks, exception containment and error bookkeeping around
 // the core. No exception, abort or exit crosses this boundary.
+#include <atomic>
+#include <cstdio>
 #include <cstring>
 #include <new>
 #include <string>
@@ -21,21 +23,65 @@ const char *const kPressNames[DEFKV_METHOD_COUNT] = {
     "EfficientDefensiveKVPress", "EfficientLayerDefensiveKVPress", "StreamingLLMPress", "KnormPress", "TOVAPress",
     "RandomPress"};
 
+// A context's message and the thread's create error keep at least this capacity, so that
+// an out-of-memory error can be reported without allocating.
+constexpr size_t kErrorReserve = 512;
+
+// *err = text without allocating: text is cut at the string's capacity (at least 15
+// characters for any std::string, kErrorReserve normally).
+void set_error_noalloc(std::string *err, const char *text) {
+    if (!err) return;
+    size_t n = std::strlen(text);
+    if (n > err->capacity()) n = err->capacity();
+    err->assign(text, n);
+}
+
+void set_oom_error(std::string *err) {
+    static const char kLong[] = "out of host memory";
+    set_error_noalloc(err, err && err->capacity() >= sizeof kLong - 1 ? kLong : "out of memory");
+}
+
+// Runs f, turning every exception into a status. The handlers do not allocate (an allocation
+// failing there would throw out of the handler): messages are literals copied into the
+// reserved capacity; the message of an unexpected std::exception is added only if that works.
 template <class F>
 defkv_status guarded(std::string *err, F &&f) {
     try {
+        if (err && err->capacity() < kErrorReserve) err->reserve(kErrorReserve);
         return f();
     } catch (const std::bad_alloc &) {
-        if (err) *err = "out of host memory";
+        set_oom_error(err);
         return DEFKV_ERROR_OUT_OF_MEMORY;
     } catch (const std::exception &e) {
-        if (err) *err = std::string("internal error: ") + e.what();
+        try {
+            if (err) *err = std::string("internal error: ") + e.what();
+        } catch (...) {
+            set_error_noalloc(err, "internal error");
+        }
         return DEFKV_ERROR_INTERNAL;
     } catch (...) {
-        if (err) *err = "internal error: unknown exception";
+        set_error_noalloc(err, "internal error: unknown exception");
         return DEFKV_ERROR_INTERNAL;
     }
 }
+
+// The in-use guard: owner() is false when another thread is inside a call on the context.
+// Such a call returns DEFKV_ERROR_INVALID_STATE at once and writes nothing, not even the
+// context's message, which belongs to the thread inside.
+class InUse {
+public:
+    explicit InUse(defkv_context *ctx) : ctx_(ctx), owner_(!ctx->busy.exchange(true, std::memory_order_acquire)) {}
+    ~InUse() {
+        if (owner_) ctx_->busy.store(false, std::memory_order_release);
+    }
+    InUse(const InUse &) = delete;
+    InUse &operator=(const InUse &) = delete;
+    bool owner() const { return owner_; }
+
+private:
+    defkv_context *ctx_;
+    bool owner_;
+};
 
 } // namespace
 
@@ -114,7 +160,7 @@ DEFKV_API void defkv_context_options_default(defkv_context_options *o) {
 DEFKV_API defkv_status defkv_context_create(const defkv_context_options *options, defkv_context **out) {
     g_create_error.clear();
     if (!out) {
-        g_create_error = "defkv_context_create: ctx (the output pointer) is NULL";
+        set_error_noalloc(&g_create_error, "defkv_context_create: ctx (the output pointer) is NULL");
         return DEFKV_ERROR_INVALID_ARGUMENT;
     }
     *out = nullptr;
@@ -139,7 +185,13 @@ DEFKV_API defkv_status defkv_context_create(const defkv_context_options *options
                              ", expected 0 (all cores) or 1..4096";
             return DEFKV_ERROR_INVALID_ARGUMENT;
         }
+        if (o.reserved0 != 0) {
+            g_create_error = "defkv_context_create: options->reserved0 is " + std::to_string(o.reserved0) +
+                             ", must be 0";
+            return DEFKV_ERROR_INVALID_ARGUMENT;
+        }
         std::unique_ptr<defkv_context> ctx(new defkv_context);
+        ctx->last_error.reserve(kErrorReserve);
         ctx->options = o;
         int32_t n = o.n_threads;
         if (n == 0) {
@@ -148,6 +200,15 @@ DEFKV_API defkv_status defkv_context_create(const defkv_context_options *options
         }
         ctx->n_threads = n;
         ctx->pool.reset(new defkv::ThreadPool(n));
+        if (!ctx->pool->ok()) { // thread creation failed (RLIMIT_NPROC, RLIMIT_AS, out of memory)
+            char buf[160];
+            std::snprintf(buf, sizeof buf,
+                          "defkv_context_create: could not start %d worker threads (out of memory or a process "
+                          "limit); try a smaller options->n_threads",
+                          n - 1);
+            set_error_noalloc(&g_create_error, buf);
+            return DEFKV_ERROR_OUT_OF_MEMORY;
+        }
         std::string msg;
         defkv_status st = defkv::backend_create(o, ctx->pool.get(), n, &ctx->backend, &msg);
         if (st != DEFKV_SUCCESS) {
@@ -169,48 +230,52 @@ DEFKV_API const char *defkv_last_error_global(void) { return g_create_error.c_st
 DEFKV_API int32_t defkv_context_backend(const defkv_context *ctx) { return ctx ? ctx->backend->kind() : -1; }
 DEFKV_API int32_t defkv_context_n_threads(const defkv_context *ctx) { return ctx ? ctx->n_threads : 0; }
 
-#define DEFKV_NEED_CTX(ctx) \
-    if (!(ctx)) return DEFKV_ERROR_INVALID_ARGUMENT; \
+// Entry of every function that works on a context: NULL check, the in-use guard, a fresh
+// message. A call that finds the context in use returns before touching anything.
+#define DEFKV_ENTER(ctx)                                          \
+    if (!(ctx)) return DEFKV_ERROR_INVALID_ARGUMENT;              \
+    InUse in_use_(ctx);                                           \
+    if (!in_use_.owner()) return DEFKV_ERROR_INVALID_STATE;       \
     (ctx)->last_error.clear()
 
 DEFKV_API defkv_status defkv_kept_count(defkv_context *ctx, const defkv_params *params, const defkv_layer *layer,
                                         int64_t *count) {
-    DEFKV_NEED_CTX(ctx);
+    DEFKV_ENTER(ctx);
     return guarded(&ctx->last_error, [&] { return defkv::do_kept_count(*ctx, params, layer, count); });
 }
 
 DEFKV_API defkv_status defkv_workspace_size(defkv_context *ctx, const defkv_params *params, const defkv_layer *layer,
                                             int64_t *bytes) {
-    DEFKV_NEED_CTX(ctx);
+    DEFKV_ENTER(ctx);
     return guarded(&ctx->last_error, [&] { return defkv::do_workspace_size(*ctx, params, layer, bytes); });
 }
 
 DEFKV_API defkv_status defkv_select(defkv_context *ctx, const defkv_params *params, const defkv_layer *layer,
                                     defkv_selection *out) {
-    DEFKV_NEED_CTX(ctx);
+    DEFKV_ENTER(ctx);
     return guarded(&ctx->last_error, [&] { return defkv::do_select(*ctx, params, layer, out); });
 }
 
 DEFKV_API defkv_status defkv_compact_inplace(defkv_context *ctx, const defkv_layer *layer, const defkv_selection *sel) {
-    DEFKV_NEED_CTX(ctx);
+    DEFKV_ENTER(ctx);
     return guarded(&ctx->last_error, [&] { return defkv::do_compact(*ctx, layer, sel, nullptr, nullptr, true); });
 }
 
 DEFKV_API defkv_status defkv_compact_varlen(defkv_context *ctx, const defkv_layer *layer, const defkv_selection *sel,
                                             defkv_tensor *keys_out, defkv_tensor *values_out) {
-    DEFKV_NEED_CTX(ctx);
+    DEFKV_ENTER(ctx);
     return guarded(&ctx->last_error, [&] { return defkv::do_compact(*ctx, layer, sel, keys_out, values_out, false); });
 }
 
 DEFKV_API defkv_status defkv_global_create(defkv_context *ctx, const defkv_params *params, int32_t n_layers,
                                            defkv_global **global) {
-    DEFKV_NEED_CTX(ctx);
+    DEFKV_ENTER(ctx);
     return guarded(&ctx->last_error, [&]() -> defkv_status {
         if (!global) {
             ctx->last_error = "defkv_global_create: global (the output pointer) is NULL";
             return DEFKV_ERROR_INVALID_ARGUMENT;
         }
-        *global = nullptr;
+        // On error *global is left as it was (nothing written on error).
         defkv::Params p;
         defkv_status st = defkv::resolve_params(params, &p, &ctx->last_error);
         if (st != DEFKV_SUCCESS) {
@@ -241,31 +306,32 @@ DEFKV_API void defkv_global_destroy(defkv_global *g) { delete g; }
 
 DEFKV_API defkv_status defkv_global_add_layer(defkv_global *g, int32_t layer_index, const defkv_layer *layer) {
     if (!g) return DEFKV_ERROR_INVALID_ARGUMENT;
-    g->ctx->last_error.clear();
+    DEFKV_ENTER(g->ctx);
     return guarded(&g->ctx->last_error, [&] { return defkv::global_add(*g, layer_index, layer); });
 }
 
 DEFKV_API defkv_status defkv_global_select(defkv_global *g) {
     if (!g) return DEFKV_ERROR_INVALID_ARGUMENT;
-    g->ctx->last_error.clear();
+    DEFKV_ENTER(g->ctx);
     return guarded(&g->ctx->last_error, [&] { return defkv::global_select(*g); });
 }
 
 DEFKV_API defkv_status defkv_global_layer_selection(defkv_global *g, int32_t layer_index, defkv_selection *out) {
     if (!g) return DEFKV_ERROR_INVALID_ARGUMENT;
-    g->ctx->last_error.clear();
+    DEFKV_ENTER(g->ctx);
     return guarded(&g->ctx->last_error, [&] { return defkv::global_layer_selection(*g, layer_index, out); });
 }
 
 DEFKV_API defkv_status defkv_global_layer_kept_count(defkv_global *g, int32_t layer_index, int64_t *count) {
     if (!g) return DEFKV_ERROR_INVALID_ARGUMENT;
-    g->ctx->last_error.clear();
+    DEFKV_ENTER(g->ctx);
     if (!g->selected) {
-        g->ctx->last_error = "defkv_global_layer_kept_count: call defkv_global_select first";
+        set_error_noalloc(&g->ctx->last_error, "defkv_global_layer_kept_count: call defkv_global_select first");
         return DEFKV_ERROR_INVALID_STATE;
     }
     if (layer_index < 0 || layer_index >= g->n_layers || !count) {
-        g->ctx->last_error = "defkv_global_layer_kept_count: layer_index out of range or count is NULL";
+        set_error_noalloc(&g->ctx->last_error,
+                          "defkv_global_layer_kept_count: layer_index out of range or count is NULL");
         return DEFKV_ERROR_INVALID_ARGUMENT;
     }
     return guarded(&g->ctx->last_error, [&] { return defkv::global_layer_kept_count(*g, layer_index, count); });

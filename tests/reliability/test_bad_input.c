@@ -83,6 +83,24 @@ static void m_memory(defkv_params *p, defkv_layer *l, defkv_sequence *seqs, rel_
 static void m_reserved(defkv_params *p, defkv_layer *l, defkv_sequence *seqs, rel_layer *r) { (void)p; (void)l; (void)r; SEQ0.keys.reserved0 = 1; }
 static void m_misaligned_offset(defkv_params *p, defkv_layer *l, defkv_sequence *seqs, rel_layer *r) { (void)p; (void)l; (void)r; SEQ0.values.byte_offset = 2; }
 static void m_neg_offset(defkv_params *p, defkv_layer *l, defkv_sequence *seqs, rel_layer *r) { (void)p; (void)l; (void)r; SEQ0.keys.byte_offset = -4; }
+static void m_zero_stride(defkv_params *p, defkv_layer *l, defkv_sequence *seqs, rel_layer *r) {
+    (void)p; (void)l; (void)r;
+    SEQ0.keys.strides[0] = 40 * 8; SEQ0.keys.strides[1] = 0; SEQ0.keys.strides[2] = 1; /* every row is row 0 */
+}
+static void m_overlapping_rows(defkv_params *p, defkv_layer *l, defkv_sequence *seqs, rel_layer *r) {
+    (void)p; (void)l; (void)r;
+    SEQ0.values.strides[0] = 40 * 8; SEQ0.values.strides[1] = 4; SEQ0.values.strides[2] = 1; /* rows overlap */
+}
+static void m_offset_overflow(defkv_params *p, defkv_layer *l, defkv_sequence *seqs, rel_layer *r) {
+    (void)p; (void)l; (void)r;
+    SEQ0.keys.byte_offset = (INT64_MAX / 4) * 4 - 64; /* aligned; offset + extent overflows int64 */
+}
+static void m_oproj_offset_overflow(defkv_params *p, defkv_layer *l, defkv_sequence *seqs, rel_layer *r) {
+    (void)p; (void)seqs; (void)r;
+    l->o_proj.byte_offset = (INT64_MAX / 4) * 4 - 64;
+}
+static void m_kernel_huge(defkv_params *p, defkv_layer *l, defkv_sequence *seqs, rel_layer *r) { (void)l; (void)seqs; (void)r; p->kernel = INT32_MAX; }
+static void m_kernel_over_max(defkv_params *p, defkv_layer *l, defkv_sequence *seqs, rel_layer *r) { (void)l; (void)seqs; (void)r; p->kernel = DEFKV_KERNEL_MAX + 2; }
 static void m_nan_keys(defkv_params *p, defkv_layer *l, defkv_sequence *seqs, rel_layer *r) { (void)p; (void)l; (void)seqs; r->k[1][17] = NAN; }
 static void m_inf_values(defkv_params *p, defkv_layer *l, defkv_sequence *seqs, rel_layer *r) { (void)p; (void)l; (void)seqs; r->v[0][5] = -INFINITY; }
 static void m_nan_queries(defkv_params *p, defkv_layer *l, defkv_sequence *seqs, rel_layer *r) { (void)l; (void)seqs; p->nonfinite = DEFKV_NONFINITE_LOWEST; r->q[0][3] = NAN; }
@@ -125,6 +143,12 @@ static const bad_case kCases[] = {
     {"reserved0 set", m_reserved, DEFKV_ERROR_INVALID_ARGUMENT, "reserved0"},
     {"byte_offset not a multiple of the element size", m_misaligned_offset, DEFKV_ERROR_INVALID_ARGUMENT, "byte_offset"},
     {"negative byte_offset", m_neg_offset, DEFKV_ERROR_INVALID_ARGUMENT, "byte_offset"},
+    {"zero stride on a dimension of size > 1", m_zero_stride, DEFKV_ERROR_INVALID_ARGUMENT, "strides[1] is 0"},
+    {"overlapping rows (strides[1] < d)", m_overlapping_rows, DEFKV_ERROR_INVALID_ARGUMENT, "strides[1]"},
+    {"byte_offset + extent overflows int64", m_offset_overflow, DEFKV_ERROR_INVALID_ARGUMENT, "byte_offset"},
+    {"o_proj byte_offset + extent overflows int64", m_oproj_offset_overflow, DEFKV_ERROR_INVALID_ARGUMENT, "byte_offset"},
+    {"kernel INT32_MAX", m_kernel_huge, DEFKV_ERROR_INVALID_ARGUMENT, "kernel"},
+    {"kernel above DEFKV_KERNEL_MAX", m_kernel_over_max, DEFKV_ERROR_INVALID_ARGUMENT, "DEFKV_KERNEL_MAX"},
     {"NaN key (reject policy)", m_nan_keys, DEFKV_ERROR_NON_FINITE, "keys"},
     {"-Inf value (reject policy)", m_inf_values, DEFKV_ERROR_NON_FINITE, "values"},
     {"NaN query (lowest policy still rejects)", m_nan_queries, DEFKV_ERROR_NON_FINITE, "queries"},
@@ -293,6 +317,10 @@ static void test_compaction_matrix(void **state) {
         {"varlen output wrong dtype", 9, DEFKV_ERROR_INVALID_ARGUMENT},
         {"varlen output NULL", 10, DEFKV_ERROR_INVALID_ARGUMENT},
         {"indices NULL", 11, DEFKV_ERROR_INVALID_ARGUMENT},
+        {"varlen output rows aliased (strides[0] = 0)", 12, DEFKV_ERROR_INVALID_ARGUMENT},
+        {"varlen output byte_offset + extent overflows", 13, DEFKV_ERROR_INVALID_ARGUMENT},
+        {"keys_out over sel->cu_seqlens", 14, DEFKV_ERROR_INVALID_ARGUMENT},
+        {"values_out over keys_out", 15, DEFKV_ERROR_INVALID_ARGUMENT},
     };
     for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
         defkv_selection sel = o.sel;
@@ -304,6 +332,7 @@ static void test_compaction_matrix(void **state) {
         sel.cu_seqlens = cu;
         sel.indices = idx;
         defkv_tensor kx = kt, vx = vt;
+        int32_t *cu_inside = NULL;
         switch (cases[ci].which) {
         case 0: idx[cu[3]] = 12; break;             /* seqs[1] has L = 12 */
         case 1: idx[1] = idx[0]; break;
@@ -317,14 +346,28 @@ static void test_compaction_matrix(void **state) {
         case 9: kx.dtype = DEFKV_DTYPE_F16; break;
         case 10: vx.data = NULL; break;
         case 11: sel.indices = NULL; break;
+        case 12: kx.strides[0] = 0; kx.strides[1] = 1; break;
+        case 13: vx.byte_offset = (INT64_MAX / 4) * 4 - 64; break;
+        case 14: /* cu_seqlens copied into the middle of the output block, keys_out over it */
+            cu_inside = (int32_t *)out + total * d / 2;
+            break;
+        case 15: vx.data = out + d; break;
         }
         memset(out, REL_SENTINEL, (size_t)(2 * total * d) * 4 + REL_GUARD);
+        if (cu_inside) {
+            memcpy(cu_inside, cu, sizeof cu);
+            sel.cu_seqlens = cu_inside;
+        }
         defkv_status st = defkv_compact_varlen(ctx, &rl.layer, &sel, &kx, &vx);
         if (st != cases[ci].expect)
             fprintf(stderr, "compact_varlen case '%s': status %d, expected %d (%s)\n", cases[ci].name, st,
                     cases[ci].expect, defkv_context_last_error(ctx));
         assert_int_equal(st, cases[ci].expect);
         assert_true(strlen(defkv_context_last_error(ctx)) > 0);
+        if (cu_inside) { /* the output block holds the selection's cu_seqlens: unchanged, the rest sentinel */
+            assert_memory_equal(cu_inside, cu, sizeof cu);
+            memset(cu_inside, REL_SENTINEL, sizeof cu);
+        }
         assert_true(rel_all_sentinel(out, (size_t)(2 * total * d) * 4 + REL_GUARD));
         if (cases[ci].which <= 6 || cases[ci].which == 11) {
             /* the same selection through in-place compaction: rejected, caches unchanged */
@@ -347,7 +390,7 @@ static void test_compaction_matrix(void **state) {
 static void test_counted(void **state) {
     (void)state;
     fprintf(stderr, "bad-input cases checked: %lld\n", (long long)g_cases);
-    assert_true(g_cases >= (int64_t)(sizeof kCases / sizeof kCases[0]) + DEFKV_METHOD_COUNT + 7 + 12);
+    assert_true(g_cases >= (int64_t)(sizeof kCases / sizeof kCases[0]) + DEFKV_METHOD_COUNT + 7 + 16);
 }
 
 int main(void) {

@@ -9,7 +9,19 @@
  * - Handles are opaque; every *_destroy accepts NULL.
  * - Threading: a context (and any defkv_global made from it) is used by one thread at a time.
  *   Different contexts are fully independent and may be used concurrently, also on shared
- *   read-only inputs.
+ *   read-only inputs. A cheap guard detects a violation: a call that finds its context inside
+ *   another call (on another thread, or through a defkv_global of it) returns
+ *   DEFKV_ERROR_INVALID_STATE at once, writes nothing and does not touch the context's last
+ *   error, which belongs to the call inside. The guard is a check, not a lock: do not rely on
+ *   it to serialise calls.
+ * - Memory: every input and output array a call receives must be distinct memory from every
+ *   array the call writes. Overlaps the library can see are rejected with
+ *   DEFKV_ERROR_INVALID_ARGUMENT naming both arguments (host and CUDA memory by address range,
+ *   Vulkan buffers by handle and byte range): outputs over inputs, outputs over each other,
+ *   compaction outputs over the selection's head_lens/cu_seqlens/indices. The one allowed
+ *   aliasing is keys == values in defkv_compact_inplace (see there).
+ * - Out of memory (host allocations, worker threads that cannot start) gives
+ *   DEFKV_ERROR_OUT_OF_MEMORY with nothing written; no exception, abort or exit crosses the API.
  * - Ownership: the library never keeps a pointer to caller memory after a call returns,
  *   except defkv_global, which copies the scores it needs (O(Hk*L) floats per layer).
  * - Extensible structs begin with `struct_size`; fill them with the matching *_default()
@@ -58,7 +70,8 @@ typedef enum defkv_status {
     DEFKV_ERROR_UNSUPPORTED = -3,         /* valid request this build/backend cannot do           */
     DEFKV_ERROR_BACKEND_UNAVAILABLE = -4, /* backend not compiled in, or no driver/device here    */
     DEFKV_ERROR_SIZE_OVERFLOW = -5,       /* a size product does not fit the index types          */
-    DEFKV_ERROR_NON_FINITE = -6,          /* NaN/Inf in an input under DEFKV_NONFINITE_REJECT     */
+    DEFKV_ERROR_NON_FINITE = -6,          /* NaN/Inf in an input under DEFKV_NONFINITE_REJECT, or
+                                             an intermediate (e.g. attention logits) overflowed */
     DEFKV_ERROR_INVALID_STATE = -7,       /* calls out of order (e.g. defkv_global before select) */
     DEFKV_ERROR_BUFFER_TOO_SMALL = -8,    /* an output capacity is smaller than needed            */
     DEFKV_ERROR_BACKEND_FAILURE = -9,     /* the device/driver reported an error                  */
@@ -122,7 +135,11 @@ typedef enum defkv_nonfinite_policy {
     DEFKV_NONFINITE_REJECT = 0,
     /* A cache entry whose key or value row holds a non-finite value is treated as the least
      * important entry of its head: it is masked out of attention, never must-keep, and ranked
-     * below every finite entry. Non-finite queries, attention or o_proj are still rejected. */
+     * below every finite entry. Non-finite queries, attention or o_proj are still rejected.
+     * A sequence whose every prefix entry is non-finite is accepted: the window is kept and
+     * the prefix ranks lowest.
+     * Under either policy, finite inputs so large that an intermediate overflows float32 (the
+     * window attention logits) give DEFKV_ERROR_NON_FINITE naming the intermediate. */
     DEFKV_NONFINITE_LOWEST = 1,
     DEFKV_NONFINITE_MAX_ENUM = 0x7FFFFFFF
 } defkv_nonfinite_policy;
@@ -137,7 +154,12 @@ typedef enum defkv_nonfinite_policy {
  * elements, per logical dimension, and may be any non-negative values that keep distinct
  * elements distinct (so head-major [Hk, L, d] and token-major [L, Hk, d] caches are both
  * described as logical [Hk, L, d] without copies). If every stride is 0 the tensor is
- * contiguous row-major. A tensor with data == NULL is "absent". */
+ * contiguous row-major. A tensor with data == NULL is "absent".
+ * Checked (DEFKV_ERROR_INVALID_ARGUMENT): sorted by stride, the dimensions of size > 1 must
+ * nest, each stride at least the span of the dimensions with smaller strides; so a zero stride
+ * on a dimension of size > 1, or rows that overlap, are rejected (every transpose or slice of
+ * a dense tensor nests). byte_offset + the extent must not overflow 64 bits (or, for host
+ * memory, the address space). */
 typedef struct defkv_tensor {
     void *data;          /* host pointer, CUDA device pointer, or VkBuffer handle (see memory) */
     int32_t dtype;       /* defkv_dtype */
@@ -177,6 +199,10 @@ typedef struct defkv_layer {
 /* Parameters                                                                                */
 /* ------------------------------------------------------------------------------------------ */
 
+/* The largest pooling kernel accepted (defkv_params.kernel): pooling costs O(kernel) per entry,
+ * and a kernel far beyond the official 5..31 would make scoring quadratic in L. */
+#define DEFKV_KERNEL_MAX 255
+
 typedef struct defkv_params {
     uint32_t struct_size;     /* sizeof(defkv_params) */
     int32_t method;           /* defkv_method; default DEFKV_METHOD_DEFENSIVEKV */
@@ -185,7 +211,7 @@ typedef struct defkv_params {
     int64_t budget;           /* > 0: absolute per-head budget n in tokens (>= window; n >= L keeps
                                  everything); 0 (default): use compression_ratio */
     int32_t window;           /* observation window W; default 32; every L must exceed it */
-    int32_t kernel;           /* pooling kernel, odd, >= 1; default 5 */
+    int32_t kernel;           /* pooling kernel, odd, in [1, DEFKV_KERNEL_MAX]; default 5 */
     float scale;              /* softmax scale; 0 (default) means 1/sqrt(d) */
     int32_t n_sink;           /* streamingllm sink tokens; default 4 */
     double alpha_safeguard;   /* AdaKV safeguard fraction; default 0.2 */
@@ -280,8 +306,10 @@ typedef struct defkv_context_options {
 
 DEFKV_API void defkv_context_options_default(defkv_context_options *options); /* since 0.1 */
 
-/* Creates a context. options may be NULL (defaults). On failure *ctx is NULL and the reason
- * is available from defkv_last_error_global(). since 0.1 */
+/* Creates a context. options may be NULL (defaults); options->reserved0 must be 0. On
+ * failure *ctx is NULL (the one output written on error) and the reason is available from
+ * defkv_last_error_global(); worker threads that cannot be started give
+ * DEFKV_ERROR_OUT_OF_MEMORY. since 0.1 */
 DEFKV_API defkv_status defkv_context_create(const defkv_context_options *options, defkv_context **ctx);
 DEFKV_API void defkv_context_destroy(defkv_context *ctx); /* NULL ok; since 0.1 */
 /* The last error of this context ("" if none); valid until the next call on ctx. since 0.1 */
@@ -318,13 +346,18 @@ DEFKV_API defkv_status defkv_select(defkv_context *ctx, const defkv_params *para
 
 /* Moves each head's kept entries (sel->indices at sel->cu_seqlens, both required) to the front
  * of that head's own rows of the layer's keys and values, in order; rows past head_lens are
- * left as they were. Keys and values must be writable. since 0.1 */
+ * left as they were. Keys and values must be writable.
+ * Aliasing: a sequence's values may be the very same tensor as its keys (same data,
+ * byte_offset, dtype, shape and strides), as an MLA-style latent cache passes one buffer for
+ * both: it is then compacted once. Any other overlap between keys and values, between
+ * sequences, or with the selection's arrays is rejected (DEFKV_ERROR_INVALID_ARGUMENT). since 0.1 */
 DEFKV_API defkv_status defkv_compact_inplace(defkv_context *ctx, const defkv_layer *layer,
                                              const defkv_selection *sel);
 
 /* Gathers the kept entries into flattened varlen buffers keys_out/values_out, logical
  * [sum(head_lens), d] (head i's rows at [cu_seqlens[i], cu_seqlens[i+1])), with the dtype of
- * the layer's keys/values. The layer's tensors are not modified. since 0.1 */
+ * the layer's keys/values. The layer's tensors are not modified. keys_out and values_out must
+ * not overlap each other, any sequence's keys or values, or the selection's arrays. since 0.1 */
 DEFKV_API defkv_status defkv_compact_varlen(defkv_context *ctx, const defkv_layer *layer,
                                             const defkv_selection *sel, defkv_tensor *keys_out,
                                             defkv_tensor *values_out);
@@ -340,7 +373,9 @@ DEFKV_API defkv_status defkv_compact_varlen(defkv_context *ctx, const defkv_laye
  * budget int(L*(1-r)*Hk*n_layers)), and each layer's selection is read back and compacted. */
 typedef struct defkv_global defkv_global;
 
-/* params->method must be DEFKV_METHOD_LAYER_DEFENSIVEKV. ctx must outlive *global. since 0.1 */
+/* params->method must be DEFKV_METHOD_LAYER_DEFENSIVEKV. ctx must outlive *global. On error
+ * *global is left unchanged (nothing written, as everywhere). The functions below enter ctx:
+ * the in-use guard covers them too. since 0.1 */
 DEFKV_API defkv_status defkv_global_create(defkv_context *ctx, const defkv_params *params,
                                            int32_t n_layers, defkv_global **global);
 DEFKV_API void defkv_global_destroy(defkv_global *global); /* NULL ok; since 0.1 */
