@@ -694,16 +694,18 @@ void selection_ops(defkv::Backend &cpu, defkv::Backend &vk, uint64_t seed, int64
             A.same(fl, "top_rows", "flag");
         }
     }
-    { // masked_max, with and without bad flags, and with nothing to take
-        for (int variant = 0; variant < 3; variant++) {
+    { // masked_max, with and without bad flags, with nothing eligible (0), only NaNs (-inf)
+        for (int variant = 0; variant < 4; variant++) {
             Arrays A(vk);
             std::vector<float> x = tricky_vec(r, N, false);
             if (variant == 2)
                 for (auto &v : x) v = r.uni() < 0.5f ? 0.0f : -0.0f; // a zero maximum: the sign of the first
+            if (variant == 3)
+                for (auto &v : x) v = std::numeric_limits<float>::quiet_NaN();
             int xi = A.add(x, 4), bad = A.add(bytes_vec(r, N, 2, variant == 1 ? 1.1f : 0.3f), 1);
             const float init = 7.0f;
             int out = A.add(&init, 4, 4);
-            const Buf bc = variant ? A.c(bad) : Buf{}, bd = variant ? A.d(bad) : Buf{};
+            const Buf bc = variant == 1 || variant == 2 ? A.c(bad) : Buf{}, bd = variant == 1 || variant == 2 ? A.d(bad) : Buf{};
             BOTH(masked_max(A.c(xi), bc, Hk, P, L, A.c(out), &m1), masked_max(A.d(xi), bd, Hk, P, L, A.d(out), &m2),
                  "masked_max");
             A.same(out, "masked_max", "out");

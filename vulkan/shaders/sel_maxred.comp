@@ -1,7 +1,8 @@
 #version 450
 // masked_max in one workgroup: the largest value (ord of the bits, -0 == +0, NaN skipped as the
 // host's `x > mx` skips it), then the bits of its first occurrence in (r, j) order, so the sign
-// of a zero maximum is the host's too; -inf when no entry qualifies (PcMaxRed).
+// of a zero maximum is the host's too; 0 when no entry is eligible (every one flagged bad),
+// -inf when the eligible ones are all NaN (PcMaxRed).
 #extension GL_GOOGLE_include_directive : enable
 #include "push.h"
 #include "common.glsl"
@@ -12,17 +13,21 @@ layout(std430, binding = B_SEL_F) readonly buffer BF { uint f[]; };
 layout(push_constant) uniform Push { PcMaxRed pc; };
 DEFKV_BYTE_LOADER(flag_at, f)
 shared uint sh[256];
+shared uint eligible;
 
+bool is_eligible(uint r, uint j) { return pc.has_bad == 0u || flag_at(pc.f_base + r * pc.ld + j) == 0u; }
 bool usable(uint r, uint j, out uint bits) {
     bits = a[pc.a_base + r * pc.ld + j];
-    if (pc.has_bad != 0u && flag_at(pc.f_base + r * pc.ld + j) != 0u) return false;
-    return !f32_is_nan(bits);
+    return is_eligible(r, j) && !f32_is_nan(bits);
 }
 
 void main() {
     const uint t = gl_LocalInvocationID.x, total = pc.rows * pc.n;
+    if (t == 0u) eligible = 0u;
+    barrier();
     uint best = 0u; // below every ord value of a number
     for (uint i = t; i < total; i += 256u) {
+        if (is_eligible(i / pc.n, i % pc.n)) atomicOr(eligible, 1u);
         uint bits;
         if (usable(i / pc.n, i % pc.n, bits)) best = max(best, f32_ord(bits));
     }
@@ -50,6 +55,7 @@ void main() {
     }
     if (t == 0u) {
         const uint i = sh[0];
-        x[pc.out_base] = i == 0xffffffffu ? 0xff800000u : a[pc.a_base + (i / pc.n) * pc.ld + i % pc.n];
+        const uint none = eligible != 0u ? 0xff800000u : 0u;
+        x[pc.out_base] = i == 0xffffffffu ? none : a[pc.a_base + (i / pc.n) * pc.ld + i % pc.n];
     }
 }
