@@ -24,7 +24,8 @@ SANITIZE_JOBS=${SANITIZE_JOBS:-asan tsan valgrind}
 want() { [[ " $SANITIZE_JOBS " == *" $1 "* ]]; }
 COMMON=(-G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_C_COMPILER=gcc -DCMAKE_CXX_COMPILER=g++
         -DDEFKV_VULKAN=OFF -DDEFKV_CUDA=OFF -DDEFKV_TOOLS_ENGINE=OFF -DDEFKV_TOOLS_BENCH=OFF
-        -DDEFKV_BINDING_RUST=OFF -DDEFKV_BINDING_GO=OFF -DDEFKV_BINDING_JAVA=OFF -DDEFKV_BINDING_PYTHON=OFF)
+        -DDEFKV_BINDING_RUST=OFF -DDEFKV_BINDING_GO=OFF -DDEFKV_BINDING_JAVA=OFF -DDEFKV_BINDING_PYTHON=OFF
+        -DDEFKV_WERROR="${DEFKV_WERROR:-OFF}")
 # OpenBLAS is not instrumented. One BLAS thread keeps its work on the calling thread, where the
 # sanitizers see every access (the library's own pool still runs with n_threads 1..4).
 export OPENBLAS_NUM_THREADS=1

@@ -114,6 +114,7 @@ void select_top(const float *score, const uint8_t *tier, int64_t n, int64_t k, u
 }
 
 void select_top_global(const float *score, const uint8_t *tier, int64_t n, int64_t k, uint8_t *keep, int64_t *scratch) {
+    if (n <= 0) return; // nothing to mark (and tells GCC the fill below is bounded: -Wstringop-overflow)
     k = std::max<int64_t>(0, std::min(k, n));
     partition_top(n, k, scratch, RankGlobal{score, tier});
     if (n > 0) std::memset(keep, 0, static_cast<size_t>(n));

@@ -11,6 +11,8 @@
 // The CUDA runtime is linked statically: on a machine without a driver cudaGetDeviceCount
 // fails cleanly and cuda_backend_available() reports DEFKV_ERROR_BACKEND_UNAVAILABLE, so the
 // library still loads and runs on the CPU.
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -560,9 +562,17 @@ defkv_status cuda_backend_available(std::string *why) {
     int n = 0;
     const cudaError_t e = cudaGetDeviceCount(&n);
     if (e != cudaSuccess) {
-        *why = std::string("the CUDA backend is compiled in, but no usable CUDA driver/device was found "
-                           "(cudaGetDeviceCount: ") +
-               cudaGetErrorString(e) + ", " + cudaGetErrorName(e) + ")";
+        // The runtime reports a missing driver as "driver version is insufficient", which reads
+        // like a broken install: say plainly when there is no driver library at all.
+        void *driver = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+        if (driver) dlclose(driver);
+        if (!driver)
+            *why = "no CUDA driver on this machine (libcuda.so.1 is not installed): the CUDA backend is "
+                   "compiled in but cannot run here; the CPU and Vulkan backends work without it";
+        else
+            *why = std::string("the CUDA backend is compiled in, but no usable CUDA driver/device was found "
+                               "(cudaGetDeviceCount: ") +
+                   cudaGetErrorString(e) + ", " + cudaGetErrorName(e) + ")";
         (void)cudaGetLastError();
         return DEFKV_ERROR_BACKEND_UNAVAILABLE;
     }

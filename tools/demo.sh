@@ -9,7 +9,8 @@ build=${DEFKV_BUILD_DIR:-build}
 bash tools/install-deps.sh
 have_assets=0
 if [[ -x tools/engine/fetch_assets.sh ]] && bash tools/engine/fetch_assets.sh; then have_assets=1; fi
-cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDEFKV_BUILD_TESTS=OFF >/dev/null
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDEFKV_BUILD_TOOLS=ON \
+  -DDEFKV_WERROR="${DEFKV_WERROR:-OFF}" >/dev/null
 cmake --build "$build" -j2 --target defkv_cli
 cli="$build/tools/defkv"
 if [[ $have_assets == 1 ]] && "$cli" demo --help >/dev/null 2>&1; then

@@ -93,7 +93,8 @@ void print_help() {
         "Exit status: 0 success, 1 bad input or failure, 2 usage error.\n");
 }
 
-int not_built(const char* what) {
+// Used only when the engine or the benchmark is left out of the build.
+[[maybe_unused]] int not_built(const char* what) {
     return defkv_cli::error(defkv_cli::kExitUsage,
                             std::string("subcommand '") + what + "' is not built into this defkv");
 }

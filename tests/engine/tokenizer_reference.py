@@ -52,8 +52,9 @@ def main():
     try:
         from tokenizers import Tokenizer, models, pre_tokenizers
     except ImportError:
-        print("SKIPPED: the Python module 'tokenizers' is not installed (pip install tokenizers, then set "
-              "DEFKV_TOKENIZERS_PYTHON to that interpreter)")
+        print(f"SKIPPED: the Python module 'tokenizers' is not installed for {sys.executable} "
+              "(tools/install-deps.sh makes ~/.cache/defkv/venv with it; or set DEFKV_TOKENIZERS_PYTHON "
+              "to an interpreter that has it)")
         return SKIP
     for p in (model, text_path):
         if not os.path.isfile(p):

@@ -24,7 +24,7 @@ static int g_checked_pairs = 0;
 static void compare_layer(const char *cs, const char *mname, int li, const st_file *exp, const uint8_t *keep,
                           const int32_t *lens, int64_t Hk, int64_t L) {
     char nm[64];
-    st_tensor tk, tl;
+    st_tensor tk = {0}, tl = {0}; /* st_get fills them; zeroed for GCC's -Wmaybe-uninitialized at -O3 */
     snprintf(nm, sizeof nm, "layers.%d.keep", li);
     assert_true(st_get(exp, nm, &tk));
     assert_int_equal(tk.nbytes, Hk * L);

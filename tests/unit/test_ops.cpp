@@ -60,12 +60,12 @@ static void test_softmax_row(void **) {
     for (int n = 1; n <= 9; n++) {
         for (int nv = 1; nv <= n; nv++) {
             for (int use_mask = 0; use_mask < 2; use_mask++) {
-                std::vector<float> x(n), y;
+                std::vector<float> x(n);
                 std::vector<uint8_t> m(n, 0);
                 for (auto &v : x) v = u(rng);
                 if (use_mask)
                     for (int j = 0; j < n; j++) m[j] = (rng() % 3) == 0;
-                y = x;
+                std::vector<float> y(x); // a copy, not assignment into an empty vector (GCC -O3 -Wnonnull)
                 bool any = false;
                 for (int j = 0; j < nv; j++) any |= !m[j];
                 bool ok = softmax_row(y.data(), n, nv, use_mask ? m.data() : nullptr);
@@ -108,9 +108,9 @@ static void test_max_clamp(void **) {
     std::uniform_real_distribution<float> u(0.0f, 1.0f);
     int cases = 0;
     for (int n = 1; n <= 40; n++) {
-        std::vector<float> m(n), r;
+        std::vector<float> m(n);
         for (auto &v : m) v = u(rng);
-        r = m;
+        std::vector<float> r(m);
         clamp_at_mean(r.data(), n);
         double mean = 0.0;
         for (float v : m) mean += v;

@@ -132,7 +132,9 @@ bool run_fidelity(defkv_context *ctx, Model &m, const std::vector<int> &toks, co
             std::vector<int> context(toks.begin() + off, toks.begin() + off + C);
             std::vector<int> cont(toks.begin() + off + C, toks.begin() + off + C + C2);
             KVState pre = m.new_state(C);
+            const double t_pre = now_s();
             if (!m.prefill(pre, context, cfg.chunk, 32, error)) return false;
+            const double prefill_s = now_s() - t_pre;
             for (FidelityResult &r : rows) {
                 KVState st;
                 CompressStats cs;
@@ -153,6 +155,11 @@ bool run_fidelity(defkv_context *ctx, Model &m, const std::vector<int> &toks, co
                     }
                 }
                 r.kept_fraction += (double)cs.kept / (double)cs.total / cfg.samples;
+                r.compress_seconds += cs.seconds;
+                r.prefill_seconds += prefill_s;
+                r.kept_entries += cs.kept;
+                r.total_entries += cs.total;
+                ++r.runs;
                 r.min_head = s == 0 ? cs.min_head_len : std::min(r.min_head, cs.min_head_len);
                 r.max_head = std::max(r.max_head, cs.max_head_len);
                 char what[96];
@@ -233,7 +240,9 @@ bool run_passkey(defkv_context *ctx, Model &m, const EvalConfig &cfg, Progress &
             const double depth = (double)(rng() % 1001) / 1000.0;
             PasskeyPrompt p = make_passkey_prompt(m, C, depth, key);
             KVState pre = m.new_state((int)p.context.size());
+            const double t_pre = now_s();
             if (!m.prefill(pre, p.context, cfg.chunk, 32, error)) return false;
+            const double prefill_s = now_s() - t_pre;
             for (PasskeyResult &r : rows) {
                 std::string ans;
                 CompressStats cs;
@@ -241,6 +250,10 @@ bool run_passkey(defkv_context *ctx, Model &m, const EvalConfig &cfg, Progress &
                 ++r.trials;
                 r.correct += ans.find(key) != std::string::npos;
                 r.kept_fraction += (double)cs.kept / (double)cs.total / cfg.passkey_trials;
+                r.compress_seconds += cs.seconds;
+                r.prefill_seconds += prefill_s;
+                r.kept_entries += cs.kept;
+                r.total_entries += cs.total;
                 char what[96];
                 std::snprintf(what, sizeof what, "passkey ctx=%d %s %.0f%%", C, r.method.c_str(), r.budget * 100);
                 prog.step(what);

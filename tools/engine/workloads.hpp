@@ -39,6 +39,9 @@ struct FidelityResult {
     int64_t nll_count = 0;
     double kept_fraction = 0;
     int min_head = 0, max_head = 0;
+    double compress_seconds = 0, prefill_seconds = 0;  // summed over `runs` (prefill shared by the rows)
+    int64_t kept_entries = 0, total_entries = 0;       // K/V rows, all layers, summed over `runs`
+    int runs = 0;
 };
 
 struct PasskeyResult {
@@ -47,6 +50,8 @@ struct PasskeyResult {
     std::string method;
     int trials = 0, correct = 0;
     double kept_fraction = 0;
+    double compress_seconds = 0, prefill_seconds = 0;  // summed over the trials (prefill shared by the rows)
+    int64_t kept_entries = 0, total_entries = 0;       // K/V rows, all layers, summed over the trials
 };
 
 struct PasskeyPrompt {
