@@ -133,26 +133,34 @@ Result bench_one(const char *bname, Backend *be, defkv_context *ctx, int32_t dt,
     s.D = D;
 
     Result res;
-    std::vector<float> mx(static_cast<size_t>(Hk * P)), avg(static_cast<size_t>(Hk * P));
     res.pn.assign(static_cast<size_t>(Hk * P), 0.0f);
-    double oo = 0, ow = 0;
+    // Outputs in the backend's own memory (host for the CPU, VkBuffers for Vulkan); each timed
+    // call ends with a small download, which waits for the device.
+    Buf mxb, avgb, omb, pnb;
+    BENCH_CHECK(be->alloc(Hk * P * 4, &mxb, &m) == DEFKV_SUCCESS && be->alloc(Hk * P * 4, &avgb, &m) == DEFKV_SUCCESS &&
+                    be->alloc(16, &omb, &m) == DEFKV_SUCCESS && be->alloc(Hk * P * 4, &pnb, &m) == DEFKV_SUCCESS,
+                "%s alloc: %s", bname, m.c_str());
+    double om[2];
     const double t_att = median_ms(reps, [&]() {
-        AttentionRequest r;
-        r.scale = 1.0f / std::sqrt(static_cast<float>(d));
-        r.kernel = 5;
-        r.def_max = mx.data();
-        r.def_avg = avg.data();
-        r.omega_official = &oo;
-        r.omega_window = &ow;
-        BENCH_CHECK(be->attention(views, s, r, &m) == DEFKV_SUCCESS, "%s attention: %s", bname, m.c_str());
+        AttentionOut r;
+        r.def_max = mxb;
+        r.def_avg = avgb;
+        r.omega = omb;
+        BENCH_CHECK(be->attention(views, s, 1.0f / std::sqrt(static_cast<float>(d)), 5, Buf{}, r, &m) == DEFKV_SUCCESS &&
+                        be->download(om, omb, 16, &m) == DEFKV_SUCCESS,
+                    "%s attention: %s", bname, m.c_str());
     });
     std::printf("VKBENCH backend=%s dtype=%s L=%lld phase=attention_defensive ms=%.3f\n", bname, dt_name(dt), (long long)L,
                 t_att);
     std::fflush(stdout);
+    float first = 0.0f;
     const double t_pn = median_ms(reps, [&]() {
-        BENCH_CHECK(be->projected_norm(views, s, P, nullptr, res.pn.data(), &m) == DEFKV_SUCCESS, "%s projected norm: %s",
-                    bname, m.c_str());
+        BENCH_CHECK(be->projected_norm(views, s, P, Buf{}, pnb, &m) == DEFKV_SUCCESS &&
+                        be->download(&first, pnb, 4, &m) == DEFKV_SUCCESS,
+                    "%s projected norm: %s", bname, m.c_str());
     });
+    BENCH_CHECK(be->download(res.pn.data(), pnb, Hk * P * 4, &m) == DEFKV_SUCCESS, "%s download: %s", bname, m.c_str());
+    for (Buf *x : {&mxb, &avgb, &omb, &pnb}) be->release(x);
     const double pn_tflops = 2.0 * P * d * D * H / (t_pn * 1e-3) / 1e12;
     std::printf("VKBENCH backend=%s dtype=%s L=%lld phase=projected_norm ms=%.3f tflops=%.3f\n", bname, dt_name(dt),
                 (long long)L, t_pn, pn_tflops);

@@ -7,7 +7,13 @@
 //   attention: mean_w, def_max, def_avg, last_row_mean within 1e-4 of the largest |value|;
 //              omega_official / omega_window within 1e-5 (absolute; they are in [0, 1]);
 //   projected_norm within 1e-4 relative to the largest value; key_norm within 1e-5 relative;
-//   compact_inplace / compact_varlen byte-identical.
+//   compact_inplace / compact_varlen byte-identical (host selections, and device selections for
+//   VkBuffer caches);
+//   every selection op and memory op (selection_ops) bit for bit: random arrays with ties, +-0,
+//   f32 denormals and -inf at odd byte offsets, on the caller's device (f64 arithmetic in integer
+//   code; with DEFKV_VULKAN_CALLER_FP64=1 on the device's float64) and on a device of the
+//   backend's own (device float64); a chain of device ops records without a submission
+//   until the download (no host round trip between ops).
 // Then defkv_select through the public API on the caller's device with VkBuffer tensors must
 // give the CPU's keep set.
 //
@@ -18,7 +24,9 @@
 #include <dlfcn.h>
 #include <vulkan/vulkan.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -30,6 +38,7 @@
 #include "defkv/defkv.h"
 #include "tensor.hpp"
 #include "thread_pool.hpp"
+#include "vk_backend.hpp"
 
 namespace {
 
@@ -64,12 +73,19 @@ struct Vk {
     uint32_t family = 0;
     VkDebugUtilsMessengerEXT messenger = VK_NULL_HANDLE;
     VkPhysicalDeviceMemoryProperties mp{};
+    bool fp64 = false; // the device was created with shaderFloat64
 #define F(n) PFN_##n n = nullptr;
     F(vkCreateInstance) F(vkDestroyInstance) F(vkEnumeratePhysicalDevices) F(vkGetPhysicalDeviceQueueFamilyProperties)
     F(vkGetPhysicalDeviceMemoryProperties) F(vkCreateDevice) F(vkDestroyDevice) F(vkGetDeviceQueue) F(vkCreateBuffer)
     F(vkDestroyBuffer) F(vkGetBufferMemoryRequirements) F(vkAllocateMemory) F(vkFreeMemory) F(vkBindBufferMemory)
     F(vkMapMemory) F(vkDeviceWaitIdle) F(vkCreateDebugUtilsMessengerEXT) F(vkDestroyDebugUtilsMessengerEXT)
     F(vkEnumerateInstanceLayerProperties)
+    F(vkCreateShaderModule) F(vkDestroyShaderModule) F(vkCreateDescriptorSetLayout) F(vkDestroyDescriptorSetLayout)
+    F(vkCreatePipelineLayout) F(vkDestroyPipelineLayout) F(vkCreateComputePipelines) F(vkDestroyPipeline)
+    F(vkCreateDescriptorPool) F(vkDestroyDescriptorPool) F(vkAllocateDescriptorSets) F(vkUpdateDescriptorSets)
+    F(vkCreateCommandPool) F(vkDestroyCommandPool) F(vkAllocateCommandBuffers) F(vkBeginCommandBuffer)
+    F(vkEndCommandBuffer) F(vkCmdBindPipeline) F(vkCmdBindDescriptorSets) F(vkCmdPushConstants) F(vkCmdDispatch)
+    F(vkCmdPipelineBarrier) F(vkQueueSubmit) F(vkQueueWaitIdle)
 #undef F
 };
 
@@ -114,6 +130,12 @@ std::string vk_init(Vk *v) {
     L(vkGetPhysicalDeviceMemoryProperties) L(vkCreateDevice) L(vkDestroyDevice) L(vkGetDeviceQueue) L(vkCreateBuffer)
     L(vkDestroyBuffer) L(vkGetBufferMemoryRequirements) L(vkAllocateMemory) L(vkFreeMemory) L(vkBindBufferMemory)
     L(vkMapMemory) L(vkDeviceWaitIdle) L(vkCreateDebugUtilsMessengerEXT) L(vkDestroyDebugUtilsMessengerEXT)
+    L(vkCreateShaderModule) L(vkDestroyShaderModule) L(vkCreateDescriptorSetLayout) L(vkDestroyDescriptorSetLayout)
+    L(vkCreatePipelineLayout) L(vkDestroyPipelineLayout) L(vkCreateComputePipelines) L(vkDestroyPipeline)
+    L(vkCreateDescriptorPool) L(vkDestroyDescriptorPool) L(vkAllocateDescriptorSets) L(vkUpdateDescriptorSets)
+    L(vkCreateCommandPool) L(vkDestroyCommandPool) L(vkAllocateCommandBuffers) L(vkBeginCommandBuffer)
+    L(vkEndCommandBuffer) L(vkCmdBindPipeline) L(vkCmdBindDescriptorSets) L(vkCmdPushConstants) L(vkCmdDispatch)
+    L(vkCmdPipelineBarrier) L(vkQueueSubmit) L(vkQueueWaitIdle)
 #undef L
     v->vkCreateDebugUtilsMessengerEXT(v->inst, &mci, nullptr, &v->messenger);
     n = 0;
@@ -143,6 +165,13 @@ std::string vk_init(Vk *v) {
     dci.sType = VK_STRUCTURE_TYPE_DEVICE_CREATE_INFO;
     dci.queueCreateInfoCount = 1;
     dci.pQueueCreateInfos = &qci;
+    // shaderFloat64 where offered, so that a backend told so (DEFKV_VULKAN_CALLER_FP64=1) may use it
+    auto gpdf = reinterpret_cast<PFN_vkGetPhysicalDeviceFeatures>(v->gipa(v->inst, "vkGetPhysicalDeviceFeatures"));
+    VkPhysicalDeviceFeatures offered{}, want{};
+    gpdf(v->pd, &offered);
+    want.shaderFloat64 = offered.shaderFloat64;
+    v->fp64 = offered.shaderFloat64 == VK_TRUE;
+    dci.pEnabledFeatures = &want;
     if (v->vkCreateDevice(v->pd, &dci, nullptr, &v->dev) != VK_SUCCESS) return "vkCreateDevice failed";
     v->vkGetDeviceQueue(v->dev, v->family, 0, &v->queue);
     v->vkGetPhysicalDeviceMemoryProperties(v->pd, &v->mp);
@@ -275,6 +304,43 @@ void close_rel(const char *what, const std::vector<float> &a, const std::vector<
     std::fprintf(stderr, "  %-48s max error %.3g (relative %.3g)\n", what, err, m > 0 ? err / m : err);
 }
 
+// Op outputs and inputs as buffers: host memory for the CPU backend, the Vulkan backend's own
+// buffers (alloc/upload, downloaded by finish()) for the Vulkan one.
+struct Outs {
+    defkv::Backend &b;
+    bool device;
+    std::vector<std::pair<defkv::Buf, void *>> outs;
+    std::vector<defkv::Buf> owned;
+    Outs(defkv::Backend &be, bool dev) : b(be), device(dev) {}
+    defkv::Buf add(void *host, int64_t bytes) {
+        if (!device) return defkv::host_buf(host, bytes);
+        defkv::Buf x;
+        std::string msg;
+        CHECK(b.alloc(bytes, &x, &msg) == DEFKV_SUCCESS, "alloc: %s", msg.c_str());
+        CHECK(b.fill_bytes(x, 0xFF, bytes, &msg) == DEFKV_SUCCESS, "fill_bytes: %s", msg.c_str());
+        owned.push_back(x);
+        outs.emplace_back(x, host);
+        return x;
+    }
+    defkv::Buf input(const void *host, int64_t bytes) {
+        if (!device) return defkv::host_buf(const_cast<void *>(host), bytes);
+        defkv::Buf x;
+        std::string msg;
+        CHECK(b.alloc(bytes, &x, &msg) == DEFKV_SUCCESS, "alloc: %s", msg.c_str());
+        CHECK(b.upload(x, host, bytes, &msg) == DEFKV_SUCCESS, "upload: %s", msg.c_str());
+        owned.push_back(x);
+        return x;
+    }
+    void finish() {
+        std::string msg;
+        for (auto &o : outs) CHECK(b.download(o.second, o.first, o.first.bytes, &msg) == DEFKV_SUCCESS, "download: %s", msg.c_str());
+        outs.clear();
+    }
+    ~Outs() {
+        for (auto &x : owned) b.release(&x);
+    }
+};
+
 struct OpCase {
     const char *name;
     int64_t H, Hk, d, D, L, W;
@@ -344,43 +410,42 @@ void run_ops(defkv::Backend &cpu, defkv::Backend &vk, Vk &v, const OpCase &c) {
         place(val, &dv.values);
         place(o, &dv.o_proj);
     }
-    // attention with every output
+    // attention with every output (CPU: host buffers; Vulkan: its own buffers, downloaded)
     std::vector<float> mean[2], dmax[2], davg[2], last[2];
-    double om_off[2], om_win[2];
+    double omega[2][2];
+    auto run_attention = [&](int be, std::vector<float> *mw, std::vector<float> *dm) {
+        defkv::Backend &b = be ? vk : cpu;
+        Outs o(b, be != 0);
+        defkv::AttentionOut out;
+        out.mean_w = o.add(mw->data(), H * P * 4);
+        out.def_max = o.add(dm->data(), Hk * P * 4);
+        if (be >= 0 && mw == &mean[be]) {
+            out.def_avg = o.add(davg[be].data(), Hk * P * 4);
+            out.omega = o.add(omega[be], 16);
+            out.last_row_mean = o.add(last[be].data(), (L - 1) * 4);
+        }
+        defkv::Buf mb = c.masked ? o.input(mask.data(), Hk * L) : defkv::Buf{};
+        std::string msg;
+        defkv_status st = b.attention(be ? dv : host, s, 1.0f / std::sqrt(static_cast<float>(d)), 5, mb, out, &msg);
+        CHECK(st == DEFKV_SUCCESS, "%s attention (%s): %s", c.name, be ? "vulkan" : "cpu", msg.c_str());
+        o.finish();
+    };
     for (int be = 0; be < 2; be++) {
         mean[be].assign(H * P, NAN);
         dmax[be].assign(Hk * P, NAN);
         davg[be].assign(Hk * P, NAN);
         last[be].assign(L - 1, NAN);
-        defkv::AttentionRequest req;
-        req.scale = 1.0f / std::sqrt(static_cast<float>(d));
-        req.kernel = 5;
-        req.masked = c.masked ? mask.data() : nullptr;
-        req.mean_w = mean[be].data();
-        req.def_max = dmax[be].data();
-        req.def_avg = davg[be].data();
-        req.omega_official = &om_off[be];
-        req.omega_window = &om_win[be];
-        req.last_row_mean = last[be].data();
-        std::string msg;
-        defkv_status st = (be ? vk : cpu).attention(be ? dv : host, s, req, &msg);
-        CHECK(st == DEFKV_SUCCESS, "%s attention (%s): %s", c.name, be ? "vulkan" : "cpu", msg.c_str());
+        run_attention(be, &mean[be], &dmax[be]);
     }
     {
         // The Vulkan results do not depend on the run: a second run gives the same bits.
         std::vector<float> again(H * P, NAN), dm(Hk * P, NAN);
-        defkv::AttentionRequest req;
-        req.scale = 1.0f / std::sqrt(static_cast<float>(d));
-        req.kernel = 5;
-        req.masked = c.masked ? mask.data() : nullptr;
-        req.mean_w = again.data();
-        req.def_max = dm.data();
-        std::string msg;
-        defkv_status st = vk.attention(dv, s, req, &msg);
-        CHECK(st == DEFKV_SUCCESS && std::memcmp(again.data(), mean[1].data(), again.size() * 4) == 0 &&
+        run_attention(1, &again, &dm);
+        CHECK(std::memcmp(again.data(), mean[1].data(), again.size() * 4) == 0 &&
                   std::memcmp(dm.data(), dmax[1].data(), dm.size() * 4) == 0,
               "%s: a second Vulkan attention run differs", c.name);
     }
+    const double om_off[2] = {omega[0][0], omega[1][0]}, om_win[2] = {omega[0][1], omega[1][1]};
     close_rel("attention mean_w", mean[0], mean[1], 1e-4);
     close_rel("attention def_max", dmax[0], dmax[1], 1e-4);
     close_rel("attention def_avg", davg[0], davg[1], 1e-4);
@@ -392,10 +457,14 @@ void run_ops(defkv::Backend &cpu, defkv::Backend &vk, Vk &v, const OpCase &c) {
         std::vector<float> pn[2];
         for (int be = 0; be < 2; be++) {
             pn[be].assign(Hk * n, NAN);
+            defkv::Backend &b = be ? vk : cpu;
+            Outs o(b, be != 0);
+            defkv::Buf out = o.add(pn[be].data(), Hk * n * 4);
+            defkv::Buf mb = c.masked ? o.input(mask.data(), Hk * L) : defkv::Buf{};
             std::string msg;
-            defkv_status st = (be ? vk : cpu).projected_norm(be ? dv : host, s, n, c.masked ? mask.data() : nullptr,
-                                                             pn[be].data(), &msg);
+            defkv_status st = b.projected_norm(be ? dv : host, s, n, mb, out, &msg);
             CHECK(st == DEFKV_SUCCESS, "%s projected_norm (%s): %s", c.name, be ? "vulkan" : "cpu", msg.c_str());
+            o.finish();
         }
         close_rel(n == L ? "projected_norm (L tokens)" : "projected_norm (P tokens)", pn[0], pn[1], 1e-4);
     }
@@ -403,9 +472,13 @@ void run_ops(defkv::Backend &cpu, defkv::Backend &vk, Vk &v, const OpCase &c) {
         std::vector<float> kn[2];
         for (int be = 0; be < 2; be++) {
             kn[be].assign(Hk * L, NAN);
+            defkv::Backend &b = be ? vk : cpu;
+            Outs o(b, be != 0);
+            defkv::Buf out = o.add(kn[be].data(), Hk * L * 4);
             std::string msg;
-            defkv_status st = (be ? vk : cpu).key_norm(be ? dv : host, s, kn[be].data(), &msg);
+            defkv_status st = b.key_norm(be ? dv : host, s, out, &msg);
             CHECK(st == DEFKV_SUCCESS, "%s key_norm: %s", c.name, msg.c_str());
+            o.finish();
         }
         close_rel("key_norm", kn[0], kn[1], 1e-5);
     }
@@ -441,7 +514,9 @@ void run_ops(defkv::Backend &cpu, defkv::Backend &vk, Vk &v, const OpCase &c) {
                 od.byte_offset = 8;
                 defkv::resolve_view(od, 2, "out", &ov, &msg);
             }
-            defkv_status st = (be ? vk : cpu).compact_varlen(be ? dv.keys : host.keys, Hk, d, cu.data(), idx.data(), ov, &msg);
+            Outs sel(be ? vk : cpu, be && c.on_device); // a device selection where the cache is on the device
+            const defkv::Buf cub = sel.input(cu.data(), (Hk + 1) * 4), idxb = sel.input(idx.data(), total * 4);
+            defkv_status st = (be ? vk : cpu).compact_varlen(be ? dv.keys : host.keys, Hk, d, cub, idxb, 0, ov, &msg);
             CHECK(st == DEFKV_SUCCESS, "%s compact_varlen: %s", c.name, msg.c_str());
             if (be && c.on_device) {
                 std::memcpy(out[be].data(), ob.map + 8, out[be].size());
@@ -462,7 +537,9 @@ void run_ops(defkv::Backend &cpu, defkv::Backend &vk, Vk &v, const OpCase &c) {
                 t = device_view(copy, tb, 4);
             }
             std::string msg;
-            defkv_status st = (be ? vk : cpu).compact_inplace(t, Hk, L, d, cu.data(), idx.data(), &msg);
+            Outs sel(be ? vk : cpu, be && c.on_device);
+            const defkv::Buf cub = sel.input(cu.data(), (Hk + 1) * 4), idxb = sel.input(idx.data(), total * 4);
+            defkv_status st = (be ? vk : cpu).compact_inplace(t, Hk, L, d, cub, idxb, 0, &msg);
             CHECK(st == DEFKV_SUCCESS, "%s compact_inplace: %s", c.name, msg.c_str());
             if (be && c.on_device) {
                 std::memcpy(copy.host.data(), tb.map + 4, copy.host.size());
@@ -473,6 +550,479 @@ void run_ops(defkv::Backend &cpu, defkv::Backend &vk, Vk &v, const OpCase &c) {
         CHECK(res[0] == res[1], "%s: compact_inplace results differ", c.name);
     }
     if (c.on_device) free_buf(v, buf);
+}
+
+// ---- selection and memory ops: bit-exact against the CPU backend (the host reference ops) ----
+
+// Arrays of one op call: a host copy the CPU backend works on in place, and the same bytes in a
+// buffer of the Vulkan backend at an odd offset (f32/i32 at 4 or 8 bytes, u8 at 1..3).
+struct Arrays {
+    defkv::Backend &vk;
+    std::vector<std::vector<uint8_t>> host;
+    std::vector<defkv::Buf> whole, dev;
+    explicit Arrays(defkv::Backend &b) : vk(b) {}
+    ~Arrays() {
+        for (auto &b : whole) vk.release(&b);
+    }
+    int add(const void *p, int64_t bytes, int64_t misalign) {
+        host.emplace_back(static_cast<const uint8_t *>(p), static_cast<const uint8_t *>(p) + bytes);
+        defkv::Buf b;
+        std::string msg;
+        CHECK(vk.alloc(bytes + misalign + 8, &b, &msg) == DEFKV_SUCCESS, "alloc: %s", msg.c_str());
+        whole.push_back(b);
+        dev.push_back(b.at(misalign, bytes));
+        CHECK(vk.upload(dev.back(), p, bytes, &msg) == DEFKV_SUCCESS, "upload: %s", msg.c_str());
+        return static_cast<int>(host.size()) - 1;
+    }
+    template <class T> int add(const std::vector<T> &v, int64_t misalign) {
+        return add(v.data(), static_cast<int64_t>(v.size() * sizeof(T)), misalign);
+    }
+    defkv::Buf c(int i) { return defkv::host_buf(host[i].data(), static_cast<int64_t>(host[i].size())); }
+    defkv::Buf d(int i) { return dev[i]; }
+    // The device bytes equal the CPU's, bit for bit.
+    void same(int i, const char *op, const char *what) {
+        std::vector<uint8_t> got(host[i].size());
+        std::string msg;
+        CHECK(vk.download(got.data(), dev[i], static_cast<int64_t>(got.size()), &msg) == DEFKV_SUCCESS, "download: %s",
+              msg.c_str());
+        size_t first = got.size(), n = 0;
+        for (size_t k = 0; k < got.size(); k++)
+            if (got[k] != host[i][k]) {
+                if (first == got.size()) first = k;
+                n++;
+            }
+        CHECK(n == 0, "%s: %s differs from the CPU in %zu of %zu bytes (first at byte %zu: cpu 0x%02x vulkan 0x%02x)", op,
+              what, n, got.size(), first, n ? host[i][first] : 0, n ? got[first] : 0);
+    }
+};
+
+// Scores with the cases that break careless ports: ties, +-0, denormals, -inf, large values.
+float tricky(Rng &r, bool nonneg) {
+    const float u = r.uni();
+    float x;
+    if (u < 0.05f) x = 0.0f;
+    else if (u < 0.08f) x = -0.0f;
+    else if (u < 0.12f) x = 1e-40f * (1.0f + r.uni());           // f32 denormal
+    else if (u < 0.14f) x = -std::numeric_limits<float>::infinity();
+    else if (u < 0.35f) x = std::round(r.normal() * 4.0f) / 4.0f; // ties
+    else if (u < 0.37f) x = 3e37f * r.uni();
+    else x = r.normal() * std::exp(4.0f * r.normal());
+    if (nonneg) x = std::fabs(x) == std::numeric_limits<float>::infinity() ? 0.0f : std::fabs(x);
+    return x;
+}
+std::vector<float> tricky_vec(Rng &r, int64_t n, bool nonneg) {
+    std::vector<float> v(static_cast<size_t>(n));
+    for (auto &x : v) x = tricky(r, nonneg);
+    return v;
+}
+std::vector<uint8_t> bytes_vec(Rng &r, int64_t n, int mod, float p_nonzero) {
+    std::vector<uint8_t> v(static_cast<size_t>(n));
+    for (auto &x : v) x = r.uni() < p_nonzero ? static_cast<uint8_t>(1 + static_cast<int>(r.uni() * 1000) % (mod - 1)) : 0;
+    return v;
+}
+
+#define BOTH(call_c, call_d, name)                                                                         \
+    do {                                                                                                   \
+        std::string m1, m2;                                                                                \
+        defkv_status s1 = cpu.call_c, s2 = vk.call_d;                                                      \
+        CHECK(s1 == DEFKV_SUCCESS && s2 == DEFKV_SUCCESS, "%s: cpu %d (%s) vulkan %d (%s)", name, s1, m1.c_str(), s2, \
+              m2.c_str());                                                                                 \
+    } while (0)
+
+void selection_ops(defkv::Backend &cpu, defkv::Backend &vk, uint64_t seed, int64_t Hk, int64_t G, int64_t L, int64_t W) {
+    Rng r(seed);
+    const int64_t H = Hk * G, P = L - W, N = Hk * L;
+    std::fprintf(stderr, "selection ops: seed %llu Hk=%lld G=%lld L=%lld W=%lld\n", (unsigned long long)seed,
+                 (long long)Hk, (long long)G, (long long)L, (long long)W);
+    using defkv::Buf;
+    { // pool_group (kernels 1, 5, 7)
+        for (int32_t kernel : {1, 5, 7}) {
+            Arrays A(vk);
+            int mw = A.add(tricky_vec(r, H * P, true), 4), sc = A.add(tricky_vec(r, N, false), 8);
+            BOTH(pool_group(A.c(mw), H, G, P, kernel, A.c(sc), L, &m1), pool_group(A.d(mw), H, G, P, kernel, A.d(sc), L, &m2),
+                 "pool_group");
+            A.same(sc, "pool_group", "score");
+        }
+    }
+    { // clamp_at_mean on the first P of rows of stride L
+        Arrays A(vk);
+        int x = A.add(tricky_vec(r, N, true), 4);
+        BOTH(clamp_at_mean(A.c(x), Hk, P, L, &m1), clamp_at_mean(A.d(x), Hk, P, L, &m2), "clamp_at_mean");
+        A.same(x, "clamp_at_mean", "x");
+    }
+    { // norm_weight
+        Arrays A(vk);
+        std::vector<float> pn = tricky_vec(r, Hk * P, true);
+        for (int64_t j = 0; j < P; j += 5) // whole columns of zero norms
+            for (int64_t k = 0; k < Hk; k++) pn[k * P + j] = 0.0f;
+        int m = A.add(tricky_vec(r, Hk * P, true), 4), p = A.add(pn, 8), sc = A.add(tricky_vec(r, N, false), 4);
+        BOTH(norm_weight(A.c(m), A.c(p), Hk, P, A.c(sc), L, &m1), norm_weight(A.d(m), A.d(p), Hk, P, A.d(sc), L, &m2),
+             "norm_weight");
+        A.same(sc, "norm_weight", "score");
+    }
+    { // mass_threshold, several thresholds and caps, with and without bad flags
+        for (int variant = 0; variant < 4; variant++) {
+            Arrays A(vk);
+            std::vector<float> avg = tricky_vec(r, Hk * P, true);
+            for (auto &x : avg) x = std::min(x, 10.0f);
+            const double omega[2] = {0.01 * r.uni(), 0.02 * r.uni()};
+            int a = A.add(avg, 4), om = A.add(omega, sizeof omega, 4);
+            int bad = A.add(bytes_vec(r, N, 2, 0.1f), 3), tier = A.add(bytes_vec(r, N, 3, 0.9f), 1);
+            const double thr = variant == 3 ? 2.0 : 0.3 + 0.2 * variant;
+            const int64_t cap = variant == 1 ? P / 3 : variant == 2 ? -4 : P;
+            const bool use_bad = variant != 0;
+            BOTH(mass_threshold(A.c(a), Hk, P, A.c(om), variant & 1, thr, cap, use_bad ? A.c(bad) : Buf{}, A.c(tier), L, &m1),
+                 mass_threshold(A.d(a), Hk, P, A.d(om), variant & 1, thr, cap, use_bad ? A.d(bad) : Buf{}, A.d(tier), L, &m2),
+                 "mass_threshold");
+            A.same(tier, "mass_threshold", "tier");
+        }
+    }
+    { // top_rows: count or per-row counts, rank tiers or none, bad flags or none
+        for (int variant = 0; variant < 4; variant++) {
+            Arrays A(vk);
+            std::vector<int64_t> counts(static_cast<size_t>(Hk));
+            for (auto &c : counts) c = static_cast<int64_t>(r.uni() * (P + 4)) - 2;
+            if (variant == 3) counts[0] = int64_t{1} << 40;
+            int sc = A.add(tricky_vec(r, N, false), 4), rt = A.add(bytes_vec(r, N, 3, 0.95f), 2);
+            int bad = A.add(bytes_vec(r, N, 2, 0.1f), 1), cn = A.add(counts, 4), fl = A.add(bytes_vec(r, N, 2, 0.2f), 3);
+            const Buf rtc = variant & 1 ? A.c(rt) : Buf{}, rtd = variant & 1 ? A.d(rt) : Buf{};
+            const Buf bc = variant >= 2 ? A.c(bad) : Buf{}, bd = variant >= 2 ? A.d(bad) : Buf{};
+            const Buf cc = variant >= 2 ? A.c(cn) : Buf{}, cd = variant >= 2 ? A.d(cn) : Buf{};
+            const int64_t j_end = variant == 0 ? L : P;
+            BOTH(top_rows(A.c(sc), rtc, bc, Hk, L, j_end, cc, P / 4, A.c(fl), &m1),
+                 top_rows(A.d(sc), rtd, bd, Hk, L, j_end, cd, P / 4, A.d(fl), &m2), "top_rows");
+            A.same(fl, "top_rows", "flag");
+        }
+    }
+    { // masked_max, with and without bad flags, with nothing eligible (0), only NaNs (-inf)
+        for (int variant = 0; variant < 4; variant++) {
+            Arrays A(vk);
+            std::vector<float> x = tricky_vec(r, N, false);
+            if (variant == 2)
+                for (auto &v : x) v = r.uni() < 0.5f ? 0.0f : -0.0f; // a zero maximum: the sign of the first
+            if (variant == 3)
+                for (auto &v : x) v = std::numeric_limits<float>::quiet_NaN();
+            int xi = A.add(x, 4), bad = A.add(bytes_vec(r, N, 2, variant == 1 ? 1.1f : 0.3f), 1);
+            const float init = 7.0f;
+            int out = A.add(&init, 4, 4);
+            const Buf bc = variant == 1 || variant == 2 ? A.c(bad) : Buf{}, bd = variant == 1 || variant == 2 ? A.d(bad) : Buf{};
+            BOTH(masked_max(A.c(xi), bc, Hk, P, L, A.c(out), &m1), masked_max(A.d(xi), bd, Hk, P, L, A.d(out), &m2),
+                 "masked_max");
+            A.same(out, "masked_max", "out");
+        }
+    }
+    { // fill (constant and from a buffer), broadcast_row, fill_uniform
+        Arrays A(vk);
+        const float v = -0.0f, vb = 1e-41f;
+        int x = A.add(tricky_vec(r, N, false), 4), val = A.add(&vb, 4, 8), src = A.add(tricky_vec(r, L, false), 4);
+        BOTH(fill(A.c(x), Hk, L, 3, P, v, Buf{}, &m1), fill(A.d(x), Hk, L, 3, P, v, Buf{}, &m2), "fill");
+        BOTH(fill(A.c(x), Hk, L, P, L, 0.0f, A.c(val), &m1), fill(A.d(x), Hk, L, P, L, 0.0f, A.d(val), &m2), "fill (buffer)");
+        A.same(x, "fill", "x");
+        int y = A.add(tricky_vec(r, N, false), 4);
+        BOTH(broadcast_row(A.c(src), L - 2, A.c(y), Hk, L, &m1), broadcast_row(A.d(src), L - 2, A.d(y), Hk, L, &m2),
+             "broadcast_row");
+        A.same(y, "broadcast_row", "x");
+        int u = A.add(tricky_vec(r, N, false), 8);
+        const uint64_t useed = 0x9E3779B97F4A7C15ull ^ seed;
+        BOTH(fill_uniform(A.c(u), Hk, L, useed, &m1), fill_uniform(A.d(u), Hk, L, useed, &m2), "fill_uniform");
+        A.same(u, "fill_uniform", "x");
+    }
+    { // set_tier (with and without flags), mark_bad, fill_must, max_where, add_mul (aliased too)
+        Arrays A(vk);
+        int t = A.add(bytes_vec(r, N, 3, 0.9f), 1), f = A.add(bytes_vec(r, N, 2, 0.4f), 2);
+        int bad = A.add(bytes_vec(r, N, 2, 0.15f), 3), sc = A.add(tricky_vec(r, N, false), 4);
+        const float mx = 12.5f;
+        int vb = A.add(&mx, 4, 4);
+        BOTH(set_tier(A.c(t), Hk, L, 2, P + 1, A.c(f), 2, &m1), set_tier(A.d(t), Hk, L, 2, P + 1, A.d(f), 2, &m2), "set_tier");
+        BOTH(set_tier(A.c(t), Hk, L, P, L, Buf{}, 1, &m1), set_tier(A.d(t), Hk, L, P, L, Buf{}, 1, &m2), "set_tier (all)");
+        A.same(t, "set_tier", "tier");
+        BOTH(mark_bad(A.c(sc), A.c(t), A.c(bad), N, &m1), mark_bad(A.d(sc), A.d(t), A.d(bad), N, &m2), "mark_bad");
+        A.same(t, "mark_bad", "tier");
+        BOTH(fill_must(A.c(sc), A.c(t), A.c(vb), N, &m1), fill_must(A.d(sc), A.d(t), A.d(vb), N, &m2), "fill_must");
+        A.same(sc, "mark_bad + fill_must", "score");
+        int out = A.add(tricky_vec(r, N, false), 8);
+        BOTH(max_where(A.c(out), A.c(sc), A.c(f), N, &m1), max_where(A.d(out), A.d(sc), A.d(f), N, &m2), "max_where");
+        A.same(out, "max_where", "out");
+        BOTH(max_where(A.c(sc), A.c(sc), A.c(bad), N, &m1), max_where(A.d(sc), A.d(sc), A.d(bad), N, &m2), "max_where (in place)");
+        A.same(sc, "max_where in place", "out");
+        int a = A.add(tricky_vec(r, N, true), 4), b = A.add(tricky_vec(r, N, false), 4), o2 = A.add(tricky_vec(r, N, false), 4);
+        BOTH(add_mul(A.c(o2), A.c(a), 1e-6f, A.c(b), N, &m1), add_mul(A.d(o2), A.d(a), 1e-6f, A.d(b), N, &m2), "add_mul");
+        A.same(o2, "add_mul", "out");
+        BOTH(add_mul(A.c(a), A.c(a), 3e-39f, A.c(b), N, &m1), add_mul(A.d(a), A.d(a), 3e-39f, A.d(b), N, &m2), "add_mul (out = a)");
+        A.same(a, "add_mul out = a", "out");
+    }
+    { // row_counts with several factors
+        for (double factor : {1.0, 0.2, 0.7000000000000001, -0.5}) {
+            Arrays A(vk);
+            int f = A.add(bytes_vec(r, N, 2, 0.5f), 1), c = A.add(std::vector<int64_t>(static_cast<size_t>(Hk), -7), 4);
+            BOTH(row_counts(A.c(f), Hk, L, factor, A.c(c), &m1), row_counts(A.d(f), Hk, L, factor, A.d(c), &m2), "row_counts");
+            A.same(c, "row_counts", "counts");
+        }
+    }
+    { // top_k in its four modes; k beyond what exists; budgets out of range
+        const defkv::TopK modes[] = {defkv::TopK::PER_HEAD, defkv::TopK::PER_HEAD_BUDGET, defkv::TopK::HEAD_ADAPTIVE,
+                                     defkv::TopK::LAYER_ADAPTIVE};
+        const char *names[] = {"top_k per head", "top_k per-head budget", "top_k head-adaptive", "top_k layer-adaptive"};
+        for (int mi = 0; mi < 4; mi++)
+            for (int64_t k : {int64_t{0}, L / 3, N / 2, N + 5}) {
+                Arrays A(vk);
+                std::vector<int64_t> counts(static_cast<size_t>(Hk));
+                for (auto &c : counts) c = static_cast<int64_t>(r.uni() * (L + 6)) - 3;
+                int sc = A.add(tricky_vec(r, N, false), 4), t = A.add(bytes_vec(r, N, 3, 0.9f), 3), cn = A.add(counts, 4);
+                int kp = A.add(bytes_vec(r, N, 2, 0.5f), 1);
+                BOTH(top_k(modes[mi], A.c(sc), A.c(t), Hk, L, k, A.c(cn), A.c(kp), &m1),
+                     top_k(modes[mi], A.d(sc), A.d(t), Hk, L, k, A.d(cn), A.d(kp), &m2), names[mi]);
+                A.same(kp, names[mi], "keep");
+            }
+    }
+    { // write_selection of a second sequence of a batch (head0 = 3, cu[3] already 41)
+        Arrays A(vk);
+        const int64_t head0 = 3, n_heads = head0 + Hk;
+        std::vector<int32_t> lens(static_cast<size_t>(n_heads), -1), cu(static_cast<size_t>(n_heads + 1), -1);
+        cu[head0] = 41;
+        int kp = A.add(bytes_vec(r, N, 2, 0.3f), 2), hl = A.add(lens, 4), c = A.add(cu, 8);
+        int ix = A.add(std::vector<int32_t>(static_cast<size_t>(41 + N + 3), -5), 4);
+        BOTH(write_selection(A.c(kp), Hk, L, head0, A.c(hl), A.c(c), A.c(ix), &m1),
+             write_selection(A.d(kp), Hk, L, head0, A.d(hl), A.d(c), A.d(ix), &m2), "write_selection");
+        A.same(hl, "write_selection", "head_lens");
+        A.same(c, "write_selection", "cu_seqlens");
+        A.same(ix, "write_selection", "indices");
+    }
+    { // memory ops at odd offsets: fill_bytes, copy (also overlapping), upload/download round trip
+        Arrays A(vk);
+        int x = A.add(bytes_vec(r, 1001, 255, 1.0f), 3), y = A.add(bytes_vec(r, 1001, 255, 1.0f), 2);
+        BOTH(fill_bytes(A.c(x).at(5, 300), 0xA5, 300, &m1), fill_bytes(A.d(x).at(5, 300), 0xA5, 300, &m2), "fill_bytes");
+        BOTH(copy(A.c(y).at(1, 700), A.c(x).at(6, 700), 700, &m1), copy(A.d(y).at(1, 700), A.d(x).at(6, 700), 700, &m2), "copy");
+        BOTH(copy(A.c(x).at(9, 500), A.c(x).at(2, 500), 500, &m1), copy(A.d(x).at(9, 500), A.d(x).at(2, 500), 500, &m2),
+             "copy (overlapping)");
+        A.same(x, "fill_bytes + copy", "x");
+        A.same(y, "copy", "y");
+    }
+}
+
+
+// ---- the integer-code f64 primitives (vulkan/shaders/f64.glsl) against the host's IEEE ops ----
+const uint32_t k_f64_probe[] =
+#include "f64_probe.inc"
+    ;
+
+uint64_t dbits(double d) {
+    uint64_t u;
+    std::memcpy(&u, &d, 8);
+    return u;
+}
+double from_dbits(uint64_t u) {
+    double d;
+    std::memcpy(&d, &u, 8);
+    return d;
+}
+uint32_t fbits(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+float from_fbits(uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+// Runs f64_probe.comp on n cases (4 words each) and returns 8 words per case.
+std::vector<uint32_t> run_probe(Vk &v, const std::vector<uint32_t> &in, uint32_t n, uint32_t div) {
+    DevBuf bi = make_buf(v, in.size() * 4), bo = make_buf(v, size_t(n) * 32);
+    std::memcpy(bi.map, in.data(), in.size() * 4);
+    VkShaderModuleCreateInfo sm{};
+    sm.sType = VK_STRUCTURE_TYPE_SHADER_MODULE_CREATE_INFO;
+    sm.codeSize = sizeof k_f64_probe;
+    sm.pCode = k_f64_probe;
+    VkShaderModule mod;
+    v.vkCreateShaderModule(v.dev, &sm, nullptr, &mod);
+    VkDescriptorSetLayoutBinding b[2] = {};
+    for (uint32_t i = 0; i < 2; i++) {
+        b[i].binding = i;
+        b[i].descriptorType = VK_DESCRIPTOR_TYPE_STORAGE_BUFFER;
+        b[i].descriptorCount = 1;
+        b[i].stageFlags = VK_SHADER_STAGE_COMPUTE_BIT;
+    }
+    VkDescriptorSetLayoutCreateInfo dl{};
+    dl.sType = VK_STRUCTURE_TYPE_DESCRIPTOR_SET_LAYOUT_CREATE_INFO;
+    dl.bindingCount = 2;
+    dl.pBindings = b;
+    VkDescriptorSetLayout dsl;
+    v.vkCreateDescriptorSetLayout(v.dev, &dl, nullptr, &dsl);
+    VkPushConstantRange pcr{VK_SHADER_STAGE_COMPUTE_BIT, 0, 8};
+    VkPipelineLayoutCreateInfo pl{};
+    pl.sType = VK_STRUCTURE_TYPE_PIPELINE_LAYOUT_CREATE_INFO;
+    pl.setLayoutCount = 1;
+    pl.pSetLayouts = &dsl;
+    pl.pushConstantRangeCount = 1;
+    pl.pPushConstantRanges = &pcr;
+    VkPipelineLayout layout;
+    v.vkCreatePipelineLayout(v.dev, &pl, nullptr, &layout);
+    VkComputePipelineCreateInfo cp{};
+    cp.sType = VK_STRUCTURE_TYPE_COMPUTE_PIPELINE_CREATE_INFO;
+    cp.stage.sType = VK_STRUCTURE_TYPE_PIPELINE_SHADER_STAGE_CREATE_INFO;
+    cp.stage.stage = VK_SHADER_STAGE_COMPUTE_BIT;
+    cp.stage.module = mod;
+    cp.stage.pName = "main";
+    cp.layout = layout;
+    VkPipeline pipe;
+    v.vkCreateComputePipelines(v.dev, VK_NULL_HANDLE, 1, &cp, nullptr, &pipe);
+    VkDescriptorPoolSize ps{VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, 2};
+    VkDescriptorPoolCreateInfo dp{};
+    dp.sType = VK_STRUCTURE_TYPE_DESCRIPTOR_POOL_CREATE_INFO;
+    dp.maxSets = 1;
+    dp.poolSizeCount = 1;
+    dp.pPoolSizes = &ps;
+    VkDescriptorPool pool;
+    v.vkCreateDescriptorPool(v.dev, &dp, nullptr, &pool);
+    VkDescriptorSetAllocateInfo ai{};
+    ai.sType = VK_STRUCTURE_TYPE_DESCRIPTOR_SET_ALLOCATE_INFO;
+    ai.descriptorPool = pool;
+    ai.descriptorSetCount = 1;
+    ai.pSetLayouts = &dsl;
+    VkDescriptorSet set;
+    v.vkAllocateDescriptorSets(v.dev, &ai, &set);
+    VkDescriptorBufferInfo info[2] = {{bi.buf, 0, VK_WHOLE_SIZE}, {bo.buf, 0, VK_WHOLE_SIZE}};
+    VkWriteDescriptorSet w[2] = {};
+    for (uint32_t i = 0; i < 2; i++) {
+        w[i].sType = VK_STRUCTURE_TYPE_WRITE_DESCRIPTOR_SET;
+        w[i].dstSet = set;
+        w[i].dstBinding = i;
+        w[i].descriptorCount = 1;
+        w[i].descriptorType = VK_DESCRIPTOR_TYPE_STORAGE_BUFFER;
+        w[i].pBufferInfo = &info[i];
+    }
+    v.vkUpdateDescriptorSets(v.dev, 2, w, 0, nullptr);
+    VkCommandPoolCreateInfo cpi{};
+    cpi.sType = VK_STRUCTURE_TYPE_COMMAND_POOL_CREATE_INFO;
+    cpi.queueFamilyIndex = v.family;
+    VkCommandPool cmdpool;
+    v.vkCreateCommandPool(v.dev, &cpi, nullptr, &cmdpool);
+    VkCommandBufferAllocateInfo cai{};
+    cai.sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_ALLOCATE_INFO;
+    cai.commandPool = cmdpool;
+    cai.level = VK_COMMAND_BUFFER_LEVEL_PRIMARY;
+    cai.commandBufferCount = 1;
+    VkCommandBuffer cmd;
+    v.vkAllocateCommandBuffers(v.dev, &cai, &cmd);
+    VkCommandBufferBeginInfo bgi{};
+    bgi.sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO;
+    v.vkBeginCommandBuffer(cmd, &bgi);
+    v.vkCmdBindPipeline(cmd, VK_PIPELINE_BIND_POINT_COMPUTE, pipe);
+    v.vkCmdBindDescriptorSets(cmd, VK_PIPELINE_BIND_POINT_COMPUTE, layout, 0, 1, &set, 0, nullptr);
+    const uint32_t pc[2] = {n, div};
+    v.vkCmdPushConstants(cmd, layout, VK_SHADER_STAGE_COMPUTE_BIT, 0, 8, pc);
+    v.vkCmdDispatch(cmd, (n + 63) / 64, 1, 1);
+    VkMemoryBarrier mb{};
+    mb.sType = VK_STRUCTURE_TYPE_MEMORY_BARRIER;
+    mb.srcAccessMask = VK_ACCESS_SHADER_WRITE_BIT;
+    mb.dstAccessMask = VK_ACCESS_HOST_READ_BIT;
+    v.vkCmdPipelineBarrier(cmd, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, VK_PIPELINE_STAGE_HOST_BIT, 0, 1, &mb, 0, nullptr, 0,
+                           nullptr);
+    v.vkEndCommandBuffer(cmd);
+    VkSubmitInfo si{};
+    si.sType = VK_STRUCTURE_TYPE_SUBMIT_INFO;
+    si.commandBufferCount = 1;
+    si.pCommandBuffers = &cmd;
+    v.vkQueueSubmit(v.queue, 1, &si, VK_NULL_HANDLE);
+    v.vkQueueWaitIdle(v.queue);
+    std::vector<uint32_t> out(size_t(n) * 8);
+    std::memcpy(out.data(), bo.map, out.size() * 4);
+    v.vkDestroyCommandPool(v.dev, cmdpool, nullptr);
+    v.vkDestroyDescriptorPool(v.dev, pool, nullptr);
+    v.vkDestroyPipeline(v.dev, pipe, nullptr);
+    v.vkDestroyPipelineLayout(v.dev, layout, nullptr);
+    v.vkDestroyDescriptorSetLayout(v.dev, dsl, nullptr);
+    v.vkDestroyShaderModule(v.dev, mod, nullptr);
+    free_buf(v, bi);
+    free_buf(v, bo);
+    return out;
+}
+
+// Operands that exercise rounding: random doubles over a wide exponent range, exponent gaps of
+// 0..70, near-cancellation, exact ties (a + 2^-53 a), sums of f32 values; f32 operands with
+// denormals, zeros, infinities and NaNs.
+void f64_primitives(Vk &v) {
+    Rng r(77);
+    const uint32_t n = 20000, div = 3;
+    std::vector<uint32_t> in(size_t(n) * 4);
+    auto rnd64 = [&]() { return (uint64_t(r.uni() * 16777216.0f) << 40) ^ (uint64_t(r.uni() * 16777216.0f) << 16) ^ uint64_t(r.uni() * 65536.0f); };
+    for (uint32_t i = 0; i < n; i++) {
+        double a, b;
+        const int kind = static_cast<int>(i % 6);
+        const int ea = static_cast<int>(r.uni() * 400) - 200;
+        a = std::ldexp(1.0 + static_cast<double>(rnd64() >> 12) / 4503599627370496.0, ea) * (r.uni() < 0.5f ? -1 : 1);
+        if (kind == 0) b = std::ldexp(1.0 + static_cast<double>(rnd64() >> 12) / 4503599627370496.0, ea - static_cast<int>(r.uni() * 70));
+        else if (kind == 1) b = -a * (1.0 + std::ldexp(static_cast<double>(static_cast<int>(r.uni() * 64) - 32), -50));
+        else if (kind == 2) b = std::ldexp(a, -53) * (r.uni() < 0.5f ? 1.0 : 3.0); // ties and near ties
+        else if (kind == 3) {
+            a = static_cast<double>(tricky(r, false));
+            b = static_cast<double>(tricky(r, false));
+            if (!std::isfinite(a) || a == 0.0) a = 1.5;
+            if (!std::isfinite(b)) b = -2.25;
+        } else b = std::ldexp(1.0 + static_cast<double>(rnd64() >> 12) / 4503599627370496.0, ea + static_cast<int>(r.uni() * 8) - 4) *
+                   (r.uni() < 0.5f ? -1 : 1);
+        uint64_t ua = dbits(a), ub = dbits(b);
+        if (kind == 5) { // f32 operands in the low words: anything, denormals and specials included
+            const float fa = tricky(r, false), fb = i % 30 == 5 ? std::numeric_limits<float>::quiet_NaN() : tricky(r, false);
+            ua = (ua & 0xFFFFFFFF00000000ull) | fbits(fa);
+            ub = (ub & 0xFFFFFFFF00000000ull) | fbits(i % 60 == 11 ? 0.0f : fb);
+        }
+        in[4 * i] = static_cast<uint32_t>(ua);
+        in[4 * i + 1] = static_cast<uint32_t>(ua >> 32);
+        in[4 * i + 2] = static_cast<uint32_t>(ub);
+        in[4 * i + 3] = static_cast<uint32_t>(ub >> 32);
+    }
+    const std::vector<uint32_t> out = run_probe(v, in, n, div);
+    int bad[6] = {0, 0, 0, 0, 0, 0};
+    uint32_t first[6] = {0, 0, 0, 0, 0, 0};
+    auto same_f = [](uint32_t got, float want) {
+        return got == fbits(want) || (std::isnan(want) && std::isnan(from_fbits(got)));
+    };
+    for (uint32_t i = 0; i < n; i++) {
+        const uint64_t ua = in[4 * i] | (uint64_t(in[4 * i + 1]) << 32), ub = in[4 * i + 2] | (uint64_t(in[4 * i + 3]) << 32);
+        const double a = from_dbits(ua), b = from_dbits(ub);
+        const uint64_t sum = out[8 * i] | (uint64_t(out[8 * i + 1]) << 32);
+        const float fa = from_fbits(in[4 * i]), fb = from_fbits(in[4 * i + 2]);
+        const bool ok[6] = {sum == dbits(a + b) || (a + b == 0.0 && from_dbits(sum) == 0.0 && std::signbit(a + b) == std::signbit(from_dbits(sum))),
+                            same_f(out[8 * i + 2], static_cast<float>(a / static_cast<double>(div + i % 977))),
+                            same_f(out[8 * i + 3], fa + fb), same_f(out[8 * i + 4], fa * fb), same_f(out[8 * i + 5], fa / fb),
+                            same_f(out[8 * i + 6], static_cast<float>(a))};
+        for (int k = 0; k < 6; k++)
+            if (!ok[k] && bad[k]++ == 0) first[k] = i;
+    }
+    const char *names[6] = {"f64_add", "f64_div_u_f32", "f32_add", "f32_mul", "f32_div", "d2f_bits"};
+    for (int k = 0; k < 6; k++)
+        CHECK(bad[k] == 0, "integer-code %s differs from the host in %d of %u cases (first: case %u)", names[k], bad[k], n,
+              first[k]);
+    std::fprintf(stderr, "f64 primitives in integer code: %u cases x 6 operations\n", n);
+}
+
+// A chain of device ops records without waiting: no submission until the download.
+void no_round_trip(defkv::Backend &vk) {
+    auto *vb = dynamic_cast<defkv::vkb::VulkanBackend *>(&vk);
+    CHECK(vb != nullptr, "not a Vulkan backend");
+    if (!vb) return;
+    const int64_t rows = 4, L = 500, N = rows * L;
+    Arrays A(vk);
+    Rng r(3);
+    int x = A.add(tricky_vec(r, N, false), 4), t = A.add(bytes_vec(r, N, 3, 0.9f), 1), kp = A.add(bytes_vec(r, N, 2, 0.5f), 2);
+    int hl = A.add(std::vector<int32_t>(rows, 0), 4), cu = A.add(std::vector<int32_t>(rows + 1, 0), 4);
+    int ix = A.add(std::vector<int32_t>(N, 0), 4);
+    const int64_t before = vb->submissions();
+    std::string m;
+    bool ok = vk.fill_uniform(A.d(x), rows, L, 7, &m) == DEFKV_SUCCESS && vk.clamp_at_mean(A.d(x), rows, L, L, &m) == DEFKV_SUCCESS &&
+              vk.set_tier(A.d(t), rows, L, L - 10, L, defkv::Buf{}, 2, &m) == DEFKV_SUCCESS &&
+              vk.top_k(defkv::TopK::HEAD_ADAPTIVE, A.d(x), A.d(t), rows, L, 600, defkv::Buf{}, A.d(kp), &m) == DEFKV_SUCCESS &&
+              vk.write_selection(A.d(kp), rows, L, 0, A.d(hl), A.d(cu), A.d(ix), &m) == DEFKV_SUCCESS;
+    CHECK(ok, "device chain: %s", m.c_str());
+    CHECK(vb->submissions() == before, "a chain of device ops submitted %lld time(s) before any download",
+          static_cast<long long>(vb->submissions() - before));
+    std::vector<int32_t> cuh(rows + 1);
+    CHECK(vk.download(cuh.data(), A.d(cu), (rows + 1) * 4, &m) == DEFKV_SUCCESS && cuh[rows] == 600,
+          "device chain: %d kept, not 600", cuh[rows]);
+    CHECK(vb->submissions() == before + 1, "the download submitted %lld times", static_cast<long long>(vb->submissions() - before));
 }
 
 // defkv_select on the caller's device with VkBuffer tensors against the CPU on host tensors.
@@ -630,14 +1180,17 @@ int main() {
         sv.keys.byte_offset = 2; // not a multiple of 4 bytes (the core rejects it earlier; the backend too)
         std::vector<float> out(20);
         std::string m;
-        defkv_status bad = vk->key_norm(sv, s, out.data(), &m);
+        defkv::Buf ob;
+        CHECK(vk->alloc(80, &ob, &m) == DEFKV_SUCCESS, "alloc: %s", m.c_str());
+        defkv_status bad = vk->key_norm(sv, s, ob, &m);
         CHECK(bad == DEFKV_ERROR_INVALID_ARGUMENT && m.find("byte_offset") != std::string::npos,
               "misaligned VkBuffer offset: status %d, message '%s'", bad, m.c_str());
         sv.keys = device_view(k, b, 8);
         std::vector<float> ref(20);
         defkv::SeqViews hv;
         hv.keys = view_of(k);
-        CHECK(cpu->key_norm(hv, s, ref.data(), &m) == DEFKV_SUCCESS && vk->key_norm(sv, s, out.data(), &m) == DEFKV_SUCCESS,
+        CHECK(cpu->key_norm(hv, s, defkv::host_buf(ref.data(), 80), &m) == DEFKV_SUCCESS &&
+                  vk->key_norm(sv, s, ob, &m) == DEFKV_SUCCESS && vk->download(out.data(), ob, 80, &m) == DEFKV_SUCCESS,
               "key_norm after an error: %s", m.c_str());
         close_rel("key_norm after a rejected call", ref, out, 1e-5);
         // a head dim beyond the shared-memory tiles is refused, naming d
@@ -646,14 +1199,52 @@ int main() {
         s.d = 1000;
         hv.keys = view_of(big);
         hv.queries = view_of(q);
-        std::vector<float> mw(16);
-        defkv::AttentionRequest req;
-        req.scale = 0.03f;
-        req.mean_w = mw.data();
-        bad = vk->attention(hv, s, req, &m);
+        defkv::AttentionOut req;
+        defkv::Buf mw;
+        CHECK(vk->alloc(64, &mw, &m) == DEFKV_SUCCESS, "alloc: %s", m.c_str());
+        req.mean_w = mw;
+        bad = vk->attention(hv, s, 0.03f, 5, defkv::Buf{}, req, &m);
         CHECK(bad == DEFKV_ERROR_UNSUPPORTED && m.find("d = 1000") != std::string::npos, "d = 1000: status %d, '%s'", bad,
               m.c_str());
+        vk->release(&mw);
+        vk->release(&ob);
         free_buf(v, b);
+    }
+    f64_primitives(v);
+    // Selection ops, bit for bit: on the caller's device (f64 arithmetic in integer code: the
+    // backend cannot know the caller enabled shaderFloat64), then on a device of the backend's
+    // own (device float64).
+    selection_ops(*cpu, *vk, 1, 2, 4, 300, 32);
+    selection_ops(*cpu, *vk, 2, 3, 1, 37, 5);
+    if (v.fp64) { // the caller says its device has shaderFloat64 enabled: the f64 shaders run there too
+        setenv("DEFKV_VULKAN_CALLER_FP64", "1", 1);
+        std::unique_ptr<defkv::Backend> fb;
+        st = defkv::backend_create(opts, &pool, 2, &fb, &msg);
+        unsetenv("DEFKV_VULKAN_CALLER_FP64");
+        auto *vb = dynamic_cast<defkv::vkb::VulkanBackend *>(fb.get());
+        CHECK(vb && vb->has_fp64(), "DEFKV_VULKAN_CALLER_FP64=1 on a device with shaderFloat64: %s", msg.c_str());
+        if (fb) selection_ops(*cpu, *fb, 3, 2, 2, 150, 16);
+    }
+    {
+        defkv_context_options own;
+        defkv_context_options_default(&own);
+        own.backend = DEFKV_BACKEND_VULKAN;
+        std::unique_ptr<defkv::Backend> ob;
+        st = defkv::backend_create(own, &pool, 2, &ob, &msg);
+        CHECK(st == DEFKV_SUCCESS, "backend on its own device: %s", msg.c_str());
+        if (ob) {
+            auto *vb = dynamic_cast<defkv::vkb::VulkanBackend *>(ob.get());
+            VkPhysicalDeviceFeatures f{};
+            auto gpdf = reinterpret_cast<PFN_vkGetPhysicalDeviceFeatures>(v.gipa(v.inst, "vkGetPhysicalDeviceFeatures"));
+            gpdf(v.pd, &f);
+            CHECK(vb && vb->has_fp64() == (f.shaderFloat64 == VK_TRUE),
+                  "own device: shaderFloat64 offered %d, used %d (the float64 op shaders would not be tested)",
+                  f.shaderFloat64, vb ? vb->has_fp64() : -1);
+            const uint64_t seeds[] = {11, 12, 13, 14, 15};
+            const int64_t shapes[][4] = {{2, 4, 300, 32}, {3, 1, 37, 5}, {1, 2, 9, 8}, {4, 2, 2100, 64}, {8, 1, 129, 1}};
+            for (int i = 0; i < 5; i++) selection_ops(*cpu, *ob, seeds[i], shapes[i][0], shapes[i][1], shapes[i][2], shapes[i][3]);
+            no_round_trip(*ob);
+        }
     }
     vk.reset();
     api_on_device(v);
@@ -662,7 +1253,7 @@ int main() {
     v.vkDestroyDevice(v.dev, nullptr);
     v.vkDestroyDebugUtilsMessengerEXT(v.inst, v.messenger, nullptr);
     v.vkDestroyInstance(v.inst, nullptr);
-    CHECK(g_checks >= 180, "only %d checks ran", g_checks); // 7 op cases x 24 + the API block
+    CHECK(g_checks >= 3500, "only %d checks ran", g_checks); // 7 op cases x 24, 8 selection-op rounds, the API block
     std::fprintf(stderr, "vk_ops: %d checks, %d failures\n", g_checks, g_failures);
     return g_failures ? 1 : 0;
 }

@@ -707,23 +707,48 @@ Result host_select(defkv_context *ctx, const defkv_params &p, const defkv_layer 
     return r;
 }
 
-// One layer (its sequences' lengths Ls), defensivekv and layer-defensivekv, params from `base`.
-void resident_layer(TestVk &tv, defkv_context *cpu, defkv_context *vk, const std::string &name, defkv_params base,
-                    const defkv_layer &layer, const std::vector<int64_t> &Ls, int64_t Hk, int64_t d, int32_t dtype) {
-    int64_t entries = 0;
-    for (int64_t L : Ls) entries += Hk * L;
-    const int64_t nh = Hk * static_cast<int64_t>(Ls.size());
-    for (int32_t m : {DEFKV_METHOD_DEFENSIVEKV, DEFKV_METHOD_LAYER_DEFENSIVEKV}) {
-        defkv_params p = base;
-        p.method = m;
-        const std::string what = "resident " + name + " / " + k_names[m];
-        Result a = host_select(cpu, p, layer, nh, entries);
-        CHECK(a.st == DEFKV_SUCCESS, "%s: cpu failed: %s", what.c_str(), a.err.c_str());
-        if (a.st != DEFKV_SUCCESS) return;
-        const int64_t kept = a.cu[nh];
-        TBuf lens(&tv, 4 * nh, 0xEE), cu(&tv, 4 * (nh + 1), 0xEE), idx(&tv, 4 * (kept + 1), 0xEE), keep(&tv, entries, 0xAB),
-            score(&tv, 4 * entries, 0xFF);
-        defkv_selection s{};
+// A copy of a tensor in a VkBuffer of the test's device (byte_offset 0); `own` keeps it alive.
+defkv_tensor to_device(TestVk &tv, const defkv_tensor &t, std::vector<std::unique_ptr<TBuf>> *own) {
+    if (!t.data) return t;
+    const int64_t es = t.dtype == DEFKV_DTYPE_F32 ? 4 : 2;
+    bool contig = true;
+    for (int i = 0; i < t.ndim; i++) contig = contig && t.strides[i] == 0;
+    int64_t ext = 1;
+    for (int i = 0; i < t.ndim; i++) ext = contig ? ext * t.shape[i] : ext + (t.shape[i] - 1) * t.strides[i];
+    const size_t bytes = static_cast<size_t>(ext * es);
+    own->emplace_back(new TBuf(&tv, bytes, 0));
+    std::memcpy(own->back()->map, t.data, bytes);
+    defkv_tensor d = t;
+    d.data = reinterpret_cast<void *>(own->back()->buf);
+    d.memory = DEFKV_MEMORY_VULKAN_BUFFER;
+    d.byte_offset = 0;
+    return d;
+}
+
+// The layer with every tensor (queries or attention, caches, o_proj) in VkBuffers.
+struct DeviceLayer {
+    std::vector<defkv_sequence> sq;
+    defkv_layer layer{};
+    std::vector<std::unique_ptr<TBuf>> own;
+    DeviceLayer(TestVk &tv, const defkv_layer &host) : sq(host.seqs, host.seqs + host.n_seqs), layer(host) {
+        for (defkv_sequence &q : sq) {
+            q.queries = to_device(tv, q.queries, &own);
+            q.attention = to_device(tv, q.attention, &own);
+            q.keys = to_device(tv, q.keys, &own);
+            q.values = to_device(tv, q.values, &own);
+        }
+        layer.o_proj = to_device(tv, host.o_proj, &own);
+        layer.seqs = sq.data();
+    }
+};
+
+// A selection whose every output is a VkBuffer of the test's device.
+struct DeviceSelection {
+    TBuf lens, cu, idx, keep, score;
+    defkv_selection s{};
+    DeviceSelection(TestVk &tv, int64_t nh, int64_t kept, int64_t entries)
+        : lens(&tv, 4 * nh, 0xEE), cu(&tv, 4 * (nh + 1), 0xEE), idx(&tv, 4 * (kept + 1), 0xEE), keep(&tv, entries, 0xAB),
+          score(&tv, 4 * entries, 0xFF) {
         s.struct_size = sizeof s;
         s.memory = DEFKV_MEMORY_VULKAN_BUFFER;
         s.head_lens = reinterpret_cast<int32_t *>(lens.buf);
@@ -732,144 +757,274 @@ void resident_layer(TestVk &tv, defkv_context *cpu, defkv_context *vk, const std
         s.indices_capacity = kept + 1;
         s.keep_mask = reinterpret_cast<uint8_t *>(keep.buf);
         s.scores = reinterpret_cast<float *>(score.buf);
-        const defkv_status st = defkv_select(vk, &p, &layer, &s);
+    }
+    Result read(int64_t nh, int64_t kept, int64_t entries) const {
+        Result r;
+        r.st = DEFKV_SUCCESS;
+        r.lens = lens.host<int32_t>(nh);
+        r.cu = cu.host<int32_t>(nh + 1);
+        r.idx = idx.host<int32_t>(kept + 1);
+        r.keep = keep.host<uint8_t>(entries);
+        r.scores = score.host<float>(entries);
+        return r;
+    }
+};
+
+// The device selection `g` against the CPU's `a` (near ties allowed, counts exact, scores within
+// 1e-4 of the largest |score| of each sequence), and head_lens/cu_seqlens/indices exactly g's
+// keep mask.
+void check_against_cpu(const std::string &what, const Result &a, const Result &g, const std::vector<int64_t> &Ls,
+                       int64_t Hk, int64_t kept) {
+    int64_t entries = 0;
+    for (int64_t L : Ls) entries += Hk * L;
+    int64_t flips = 0, n1 = 0, bad = 0;
+    for (int64_t i = 0; i < entries; i++) {
+        flips += g.keep[i] != a.keep[i];
+        n1 += g.keep[i] == 1;
+        bad += g.keep[i] > 1;
+    }
+    CHECK(bad == 0, "%s: %lld keep bytes are neither 0 nor 1", what.c_str(), (long long)bad);
+    CHECK(n1 == kept, "%s: the device keeps %lld entries, the CPU %lld", what.c_str(), (long long)n1, (long long)kept);
+    CHECK(flips <= std::max<int64_t>(2, entries / 200), "%s: %lld keep decisions differ from the CPU", what.c_str(),
+          (long long)flips);
+    if (std::getenv("DEFKV_VK_TEST_VERBOSE"))
+        std::fprintf(stderr, "  %s: %lld entries, %lld kept, %lld flips\n", what.c_str(), (long long)entries, (long long)kept,
+                     (long long)flips);
+    int64_t e0 = 0;
+    for (int64_t L : Ls) {
+        double mx = 0.0, err = 0.0;
+        for (int64_t i = e0; i < e0 + Hk * L; i++)
+            if (std::isfinite(a.scores[i])) mx = std::max(mx, std::fabs(static_cast<double>(a.scores[i])));
+        for (int64_t i = e0; i < e0 + Hk * L; i++) {
+            if (a.scores[i] == g.scores[i]) continue; // also +-inf and FLT_MAX
+            const double e = std::fabs(static_cast<double>(a.scores[i]) - static_cast<double>(g.scores[i]));
+            if (!(e <= err)) err = e;
+        }
+        if (mx > 0 && err / mx > g_max_score_err) g_max_score_err = err / mx;
+        CHECK(err <= 1e-4 * mx + 1e-30, "%s: scores differ by %g (max |score| %g)", what.c_str(), err, mx);
+        e0 += Hk * L;
+    }
+    bool ok = g.cu[0] == 0;
+    int64_t r = 0;
+    e0 = 0;
+    for (size_t b = 0; b < Ls.size() && ok; b++) {
+        for (int64_t k = 0; k < Hk && ok; k++) {
+            const int64_t hd = static_cast<int64_t>(b) * Hk + k;
+            int64_t c = 0;
+            for (int64_t j = 0; j < Ls[b] && ok; j++)
+                if (g.keep[e0 + k * Ls[b] + j]) {
+                    ok = r < kept && g.idx[r] == j;
+                    r++;
+                    c++;
+                }
+            ok = ok && g.lens[hd] == c && g.cu[hd + 1] - g.cu[hd] == c;
+        }
+        e0 += Hk * Ls[b];
+    }
+    CHECK(ok && r == kept, "%s: head_lens/cu_seqlens/indices disagree with the device keep mask", what.c_str());
+}
+
+// The same backend's device outputs equal its host outputs bit for bit (the same ops, only the
+// outputs' memory differs).
+void check_same(const std::string &what, const Result &h, const Result &g, int64_t kept) {
+    const bool same = h.lens == g.lens && h.cu == g.cu && h.keep == g.keep &&
+                      std::equal(h.idx.begin(), h.idx.begin() + kept, g.idx.begin()) &&
+                      std::memcmp(h.scores.data(), g.scores.data(), h.scores.size() * 4) == 0;
+    CHECK(same, "%s: the device selection differs from the same context's host selection", what.c_str());
+}
+
+// Compaction from the device selection `s` (VkBuffer caches in place, varlen into host rows) vs
+// the CPU's driven by the same selection copied to the host (g).
+void check_compaction(TestVk &tv, defkv_context *cpu, defkv_context *vk, const std::string &what, const defkv_layer &layer,
+                      const defkv_selection &s, const Result &g, int64_t kept, int64_t d, int32_t dtype) {
+    defkv_selection hs{};
+    hs.struct_size = sizeof hs;
+    std::vector<int32_t> hl = g.lens, hcu = g.cu, hidx = g.idx;
+    hs.head_lens = hl.data();
+    hs.cu_seqlens = hcu.data();
+    hs.indices = hidx.data();
+    hs.indices_capacity = kept + 1;
+    const int64_t es = dtype == DEFKV_DTYPE_F32 ? 4 : 2;
+    std::vector<uint8_t> outs[2][2];
+    for (int be = 0; be < 2; be++) {
+        for (int t = 0; t < 2; t++) outs[be][t].assign(static_cast<size_t>(kept * (d + 3) * es), 0x5A);
+        defkv_tensor ko = gc_tensor2(outs[be][0].data(), dtype, kept, d);
+        defkv_tensor vo = gc_tensor2(outs[be][1].data(), dtype, kept, d);
+        ko.strides[0] = vo.strides[0] = d + 3;
+        ko.strides[1] = vo.strides[1] = 1;
+        const defkv_status cst = defkv_compact_varlen(be ? vk : cpu, &layer, be ? &s : &hs, &ko, &vo);
+        CHECK(cst == DEFKV_SUCCESS, "%s: compact_varlen (%s): %s", what.c_str(), be ? "vulkan, device selection" : "cpu",
+              defkv_context_last_error(be ? vk : cpu));
+    }
+    CHECK(outs[0][0] == outs[1][0] && outs[0][1] == outs[1][1], "%s: compact_varlen outputs differ", what.c_str());
+    // in place: CPU on host copies, Vulkan on VkBuffer copies of the caches
+    std::vector<defkv_sequence> sq_c(layer.seqs, layer.seqs + layer.n_seqs), sq_v = sq_c;
+    std::vector<std::vector<uint8_t>> host_caches;
+    std::vector<std::unique_ptr<TBuf>> dev_caches;
+    for (size_t i = 0; i < sq_c.size(); i++)
+        for (int t = 0; t < 2; t++) {
+            defkv_tensor &tc = t ? sq_c[i].values : sq_c[i].keys;
+            defkv_tensor &tvv = t ? sq_v[i].values : sq_v[i].keys;
+            tvv = to_device(tv, tc, &dev_caches);
+            host_caches.emplace_back(dev_caches.back()->map, dev_caches.back()->map + dev_caches.back()->bytes);
+        }
+    for (size_t i = 0; i < sq_c.size(); i++) {
+        sq_c[i].keys.data = host_caches[2 * i].data();
+        sq_c[i].values.data = host_caches[2 * i + 1].data();
+    }
+    defkv_layer lc = layer, lv = layer;
+    lc.seqs = sq_c.data();
+    lv.seqs = sq_v.data();
+    defkv_status cst = defkv_compact_inplace(cpu, &lc, &hs);
+    CHECK(cst == DEFKV_SUCCESS, "%s: compact_inplace (cpu): %s", what.c_str(), defkv_context_last_error(cpu));
+    cst = defkv_compact_inplace(vk, &lv, &s);
+    CHECK(cst == DEFKV_SUCCESS, "%s: compact_inplace (vulkan, device selection and caches): %s", what.c_str(),
+          defkv_context_last_error(vk));
+    bool same = true;
+    for (size_t i = 0; i < host_caches.size(); i++)
+        same = same && std::memcmp(host_caches[i].data(), dev_caches[i]->map, host_caches[i].size()) == 0;
+    CHECK(same, "%s: compact_inplace caches differ", what.c_str());
+}
+
+// One layer (its sequences' lengths Ls), every method, params from `base`: inputs in VkBuffers
+// and every output in VkBuffers, against the CPU's host selection, and against the same Vulkan
+// context's host selection bit for bit; then compaction from the device selection.
+void resident_layer(TestVk &tv, defkv_context *cpu, defkv_context *vk, const std::string &name, defkv_params base,
+                    const defkv_layer &layer, const std::vector<int64_t> &Ls, int64_t Hk, int64_t d, int32_t dtype) {
+    int64_t entries = 0;
+    for (int64_t L : Ls) entries += Hk * L;
+    const int64_t nh = Hk * static_cast<int64_t>(Ls.size());
+    DeviceLayer dl(tv, layer);
+    for (int32_t m = 0; m < DEFKV_METHOD_COUNT; m++) {
+        defkv_params p = base;
+        p.method = m;
+        const std::string what = "resident " + name + " / " + k_names[m];
+        Result a = host_select(cpu, p, layer, nh, entries);
+        CHECK(a.st == DEFKV_SUCCESS, "%s: cpu failed: %s", what.c_str(), a.err.c_str());
+        if (a.st != DEFKV_SUCCESS) return;
+        const int64_t kept = a.cu[nh];
+        Result vh = host_select(vk, p, dl.layer, nh, entries);
+        CHECK(vh.st == DEFKV_SUCCESS, "%s: vulkan host selection failed: %s", what.c_str(), vh.err.c_str());
+        DeviceSelection ds(tv, nh, kept, entries);
+        const defkv_status st = defkv_select(vk, &p, &dl.layer, &ds.s);
         CHECK(st == DEFKV_SUCCESS, "%s: device-resident select failed (status %d): %s", what.c_str(), st,
               defkv_context_last_error(vk));
         if (st != DEFKV_SUCCESS) return;
         g_resident++;
-        std::vector<uint8_t> gk = keep.host<uint8_t>(entries);
-        const std::vector<float> gs = score.host<float>(entries);
-        const std::vector<int32_t> gl = lens.host<int32_t>(nh), gcu = cu.host<int32_t>(nh + 1), gidx = idx.host<int32_t>(kept + 1);
-        if (g_perturb_resident) gk[entries / 2] ^= 1;
-        int64_t flips = 0, n1 = 0, bad = 0;
-        for (int64_t i = 0; i < entries; i++) {
-            flips += gk[i] != a.keep[i];
-            n1 += gk[i] == 1;
-            bad += gk[i] > 1;
-        }
-        CHECK(bad == 0, "%s: %lld keep bytes are neither 0 nor 1", what.c_str(), (long long)bad);
-        CHECK(n1 == kept, "%s: the device keeps %lld entries, the CPU %lld", what.c_str(), (long long)n1, (long long)kept);
-        CHECK(flips <= std::max<int64_t>(2, entries / 200), "%s: %lld keep decisions differ from the CPU", what.c_str(),
-              (long long)flips);
-        if (std::getenv("DEFKV_VK_TEST_VERBOSE"))
-            std::fprintf(stderr, "  %s: %lld entries, %lld kept, %lld flips\n", what.c_str(), (long long)entries,
-                         (long long)kept, (long long)flips);
-        int64_t e0 = 0;
-        for (int64_t L : Ls) {
-            double mx = 0.0, err = 0.0;
-            for (int64_t i = e0; i < e0 + Hk * L; i++) mx = std::max(mx, std::fabs(static_cast<double>(a.scores[i])));
-            for (int64_t i = e0; i < e0 + Hk * L; i++) {
-                const double e = std::fabs(static_cast<double>(a.scores[i]) - static_cast<double>(gs[i]));
-                if (!(e <= err)) err = e;
-            }
-            if (mx > 0 && err / mx > g_max_score_err) g_max_score_err = err / mx;
-            CHECK(err <= 1e-4 * mx + 1e-30, "%s: scores differ by %g (max |score| %g)", what.c_str(), err, mx);
-            e0 += Hk * L;
-        }
-        // head_lens, cu_seqlens and indices describe the device keep mask exactly
-        bool ok = gcu[0] == 0;
-        int64_t r = 0;
-        e0 = 0;
-        for (size_t b = 0; b < Ls.size() && ok; b++) {
-            for (int64_t k = 0; k < Hk && ok; k++) {
-                const int64_t hd = static_cast<int64_t>(b) * Hk + k;
-                int64_t c = 0;
-                for (int64_t j = 0; j < Ls[b] && ok; j++)
-                    if (gk[e0 + k * Ls[b] + j]) {
-                        ok = r < kept && gidx[r] == j;
-                        r++;
-                        c++;
-                    }
-                ok = ok && gl[hd] == c && gcu[hd + 1] - gcu[hd] == c;
-            }
-            e0 += Hk * Ls[b];
-        }
-        CHECK(ok && r == kept, "%s: head_lens/cu_seqlens/indices disagree with the device keep mask", what.c_str());
-        if (!ok || m != DEFKV_METHOD_DEFENSIVEKV) continue;
-
-        // Optional outputs left out: indices without cu_seqlens (the backend's own offsets), and
-        // head_lens alone; what is written must equal the full selection's.
-        for (int variant = 0; variant < 2; variant++) {
-            TBuf lens2(&tv, 4 * nh, 0xEE), idx2(&tv, 4 * (kept + 1), 0xEE);
-            defkv_selection s2{};
-            s2.struct_size = sizeof s2;
-            s2.memory = DEFKV_MEMORY_VULKAN_BUFFER;
-            s2.head_lens = reinterpret_cast<int32_t *>(lens2.buf);
-            if (variant == 0) {
-                s2.indices = reinterpret_cast<int32_t *>(idx2.buf);
-                s2.indices_capacity = kept + 1;
-            }
-            const defkv_status st2 = defkv_select(vk, &p, &layer, &s2);
-            CHECK(st2 == DEFKV_SUCCESS, "%s (%s): %s", what.c_str(), variant ? "head_lens only" : "no cu_seqlens",
-                  defkv_context_last_error(vk));
-            CHECK(lens2.host<int32_t>(nh) == gl, "%s (%s): head_lens differ from the full selection's", what.c_str(),
-                  variant ? "head_lens only" : "no cu_seqlens");
-            if (variant == 0)
-                CHECK(idx2.host<int32_t>(kept) == std::vector<int32_t>(gidx.begin(), gidx.begin() + kept),
-                      "%s (no cu_seqlens): indices differ from the full selection's", what.c_str());
-        }
-
-        // Compaction from the device selection vs the CPU's from the same selection on the host.
-        defkv_selection hs{};
-        hs.struct_size = sizeof hs;
-        std::vector<int32_t> hl = gl, hcu = gcu, hidx = gidx;
-        hs.head_lens = hl.data();
-        hs.cu_seqlens = hcu.data();
-        hs.indices = hidx.data();
-        hs.indices_capacity = kept + 1;
-        const int64_t es = dtype == DEFKV_DTYPE_F32 ? 4 : 2;
-        // varlen into host rows with a padded stride
-        std::vector<uint8_t> outs[2][2];
-        for (int be = 0; be < 2; be++) {
-            for (int t = 0; t < 2; t++) outs[be][t].assign(static_cast<size_t>(kept * (d + 3) * es), 0x5A);
-            defkv_tensor ko = gc_tensor2(outs[be][0].data(), dtype, kept, d);
-            defkv_tensor vo = gc_tensor2(outs[be][1].data(), dtype, kept, d);
-            ko.strides[0] = vo.strides[0] = d + 3;
-            ko.strides[1] = vo.strides[1] = 1;
-            const defkv_status cst = defkv_compact_varlen(be ? vk : cpu, &layer, be ? &s : &hs, &ko, &vo);
-            CHECK(cst == DEFKV_SUCCESS, "%s: compact_varlen (%s): %s", what.c_str(), be ? "vulkan, device selection" : "cpu",
-                  defkv_context_last_error(be ? vk : cpu));
-        }
-        CHECK(outs[0][0] == outs[1][0] && outs[0][1] == outs[1][1], "%s: compact_varlen outputs differ", what.c_str());
-        // in place: CPU on host copies, Vulkan on VkBuffer copies of the caches
-        std::vector<defkv_sequence> sq_c(layer.seqs, layer.seqs + layer.n_seqs), sq_v = sq_c;
-        std::vector<std::vector<uint8_t>> host_caches;
-        std::vector<std::unique_ptr<TBuf>> dev_caches;
-        for (size_t i = 0; i < sq_c.size(); i++) {
-            for (int t = 0; t < 2; t++) {
-                defkv_tensor &tc = t ? sq_c[i].values : sq_c[i].keys;
-                defkv_tensor &tvv = t ? sq_v[i].values : sq_v[i].keys;
-                int64_t ext = 1; // elements spanned (all-zero strides: contiguous)
-                const bool contig = tc.strides[0] == 0 && tc.strides[1] == 0 && tc.strides[2] == 0;
-                for (int dd = 0; dd < 3; dd++) ext = contig ? ext * tc.shape[dd] : ext + (tc.shape[dd] - 1) * tc.strides[dd];
-                const size_t bytes = static_cast<size_t>(ext * es);
-                host_caches.emplace_back(static_cast<const uint8_t *>(tc.data), static_cast<const uint8_t *>(tc.data) + bytes);
-                tc.data = host_caches.back().data();
-                dev_caches.emplace_back(new TBuf(&tv, bytes, 0));
-                std::memcpy(dev_caches.back()->map, host_caches.back().data(), bytes);
-                tvv.data = reinterpret_cast<void *>(dev_caches.back()->buf);
-                tvv.memory = DEFKV_MEMORY_VULKAN_BUFFER;
-                tvv.byte_offset = 0;
+        Result g = ds.read(nh, kept, entries);
+        if (g_perturb_resident) g.keep[entries / 2] ^= 1;
+        check_against_cpu(what, a, g, Ls, Hk, kept);
+        if (vh.st == DEFKV_SUCCESS) check_same(what, vh, g, kept);
+        if (m == DEFKV_METHOD_DEFENSIVEKV) {
+            // Optional outputs left out: indices without cu_seqlens, and head_lens alone; what is
+            // written must equal the full selection's.
+            for (int variant = 0; variant < 2; variant++) {
+                TBuf lens2(&tv, 4 * nh, 0xEE), idx2(&tv, 4 * (kept + 1), 0xEE);
+                defkv_selection s2{};
+                s2.struct_size = sizeof s2;
+                s2.memory = DEFKV_MEMORY_VULKAN_BUFFER;
+                s2.head_lens = reinterpret_cast<int32_t *>(lens2.buf);
+                if (variant == 0) {
+                    s2.indices = reinterpret_cast<int32_t *>(idx2.buf);
+                    s2.indices_capacity = kept + 1;
+                }
+                const defkv_status st2 = defkv_select(vk, &p, &dl.layer, &s2);
+                CHECK(st2 == DEFKV_SUCCESS, "%s (%s): %s", what.c_str(), variant ? "head_lens only" : "no cu_seqlens",
+                      defkv_context_last_error(vk));
+                CHECK(lens2.host<int32_t>(nh) == g.lens, "%s (%s): head_lens differ from the full selection's", what.c_str(),
+                      variant ? "head_lens only" : "no cu_seqlens");
+                if (variant == 0)
+                    CHECK(idx2.host<int32_t>(kept) == std::vector<int32_t>(g.idx.begin(), g.idx.begin() + kept),
+                          "%s (no cu_seqlens): indices differ from the full selection's", what.c_str());
             }
         }
-        // host_caches may have moved while growing: point the CPU tensors at their final storage
-        for (size_t i = 0; i < sq_c.size(); i++) {
-            sq_c[i].keys.data = host_caches[2 * i].data();
-            sq_c[i].values.data = host_caches[2 * i + 1].data();
-        }
-        defkv_layer lc = layer, lv = layer;
-        lc.seqs = sq_c.data();
-        lv.seqs = sq_v.data();
-        defkv_status cst = defkv_compact_inplace(cpu, &lc, &hs);
-        CHECK(cst == DEFKV_SUCCESS, "%s: compact_inplace (cpu): %s", what.c_str(), defkv_context_last_error(cpu));
-        cst = defkv_compact_inplace(vk, &lv, &s);
-        CHECK(cst == DEFKV_SUCCESS, "%s: compact_inplace (vulkan, device selection and caches): %s", what.c_str(),
-              defkv_context_last_error(vk));
-        bool same = true;
-        for (size_t i = 0; i < host_caches.size(); i++)
-            same = same && std::memcmp(host_caches[i].data(), dev_caches[i]->map, host_caches[i].size()) == 0;
-        CHECK(same, "%s: compact_inplace caches differ", what.c_str());
+        check_compaction(tv, cpu, vk, what, layer, ds.s, g, kept, d, dtype);
     }
+}
+
+// Layer-adaptive selection across layers (defkv_global) with VkBuffer inputs and outputs, against
+// the CPU's with host ones, and against the same context's host outputs bit for bit; then each
+// layer compacted from its device selection.
+void resident_global(TestVk &tv, defkv_context *cpu, defkv_context *vk) {
+    const int n_layers = 3;
+    std::vector<Built> built(n_layers);
+    std::vector<std::unique_ptr<DeviceLayer>> dls;
+    Case c;
+    c.name = "global";
+    c.H = 4;
+    c.Hk = 2;
+    c.d = 16;
+    c.D = 24;
+    c.W = 8;
+    c.Ls = {90, 37};
+    for (int li = 0; li < n_layers; li++) {
+        c.seed = 40 + li;
+        build(c, &built[li]);
+        dls.emplace_back(new DeviceLayer(tv, built[li].layer));
+    }
+    defkv_params p;
+    defkv_params_default(&p);
+    p.method = DEFKV_METHOD_LAYER_DEFENSIVEKV;
+    p.window = static_cast<int32_t>(c.W);
+    p.compression_ratio = 0.6;
+    int64_t entries = 0;
+    for (int64_t L : c.Ls) entries += c.Hk * L;
+    const int64_t nh = c.Hk * static_cast<int64_t>(c.Ls.size());
+    defkv_global *gc = nullptr, *gv = nullptr;
+    defkv_status st = defkv_global_create(cpu, &p, n_layers, &gc);
+    if (st == DEFKV_SUCCESS) st = defkv_global_create(vk, &p, n_layers, &gv);
+    for (int li = 0; li < n_layers && st == DEFKV_SUCCESS; li++) {
+        st = defkv_global_add_layer(gc, li, &built[li].layer);
+        if (st == DEFKV_SUCCESS) st = defkv_global_add_layer(gv, li, &dls[li]->layer);
+    }
+    if (st == DEFKV_SUCCESS) st = defkv_global_select(gc);
+    if (st == DEFKV_SUCCESS) st = defkv_global_select(gv);
+    CHECK(st == DEFKV_SUCCESS, "global selection: %s / %s", defkv_context_last_error(cpu), defkv_context_last_error(vk));
+    for (int li = 0; li < n_layers && st == DEFKV_SUCCESS; li++) {
+        const std::string what = "resident global layer " + std::to_string(li);
+        int64_t kept = 0, kept_v = -1;
+        CHECK(defkv_global_layer_kept_count(gc, li, &kept) == DEFKV_SUCCESS &&
+                  defkv_global_layer_kept_count(gv, li, &kept_v) == DEFKV_SUCCESS,
+              "%s: kept count", what.c_str());
+        Result a, vh;
+        for (Result *r : {&a, &vh}) {
+            r->lens.assign(nh, -1);
+            r->cu.assign(nh + 1, -1);
+            r->idx.assign(std::max(kept, kept_v) + 1, -1);
+            r->keep.assign(entries, 0xAB);
+            r->scores.assign(entries, NAN);
+            defkv_selection out{};
+            out.struct_size = sizeof out;
+            out.head_lens = r->lens.data();
+            out.cu_seqlens = r->cu.data();
+            out.indices = r->idx.data();
+            out.indices_capacity = static_cast<int64_t>(r->idx.size());
+            out.keep_mask = r->keep.data();
+            out.scores = r->scores.data();
+            r->st = defkv_global_layer_selection(r == &a ? gc : gv, li, &out);
+            CHECK(r->st == DEFKV_SUCCESS, "%s: host layer selection (%s): %s", what.c_str(), r == &a ? "cpu" : "vulkan",
+                  defkv_context_last_error(r == &a ? cpu : vk));
+        }
+        // (a device selection of one layer is bound for every entry: its count is on the device)
+        DeviceSelection ds(tv, nh, entries, entries);
+        st = defkv_global_layer_selection(gv, li, &ds.s);
+        CHECK(st == DEFKV_SUCCESS, "%s: device layer selection: %s", what.c_str(), defkv_context_last_error(vk));
+        if (st != DEFKV_SUCCESS) break;
+        g_resident++;
+        Result g = ds.read(nh, entries, entries);
+        if (g_perturb_resident) g.keep[entries / 2] ^= 1;
+        // Layer-adaptive: a near tie may move an entry between layers, so counts per layer may
+        // differ by the flips allowed; the keep mask is compared as for one layer.
+        int64_t n1 = 0;
+        for (uint8_t k : g.keep) n1 += k == 1;
+        CHECK(std::llabs(n1 - kept) <= 2, "%s: the device keeps %lld entries, the CPU %lld", what.c_str(), (long long)n1,
+              (long long)kept);
+        check_against_cpu(what, a, g, c.Ls, c.Hk, n1);
+        check_same(what, vh, g, n1);
+        check_compaction(tv, cpu, vk, what, built[li].layer, ds.s, g, n1, c.d, c.dtype);
+    }
+    defkv_global_destroy(gc);
+    defkv_global_destroy(gv);
 }
 
 // Random and golden cases through the resident path; `perturb` runs one small case only.
@@ -955,24 +1110,7 @@ void resident_checks(defkv_context *cpu, const char *dir, bool quick) {
             gc_free(&c);
         }
     }
-    // Methods without a device path are refused, nothing written.
-    {
-        Case c; c.name = "refused"; c.Ls = {40}; c.seed = 27;
-        Built b;
-        build(c, &b);
-        defkv_params p;
-        defkv_params_default(&p);
-        p.method = DEFKV_METHOD_SNAPKV;
-        p.window = static_cast<int32_t>(c.W);
-        TBuf lens(&tv, 4 * c.Hk, 0x11);
-        defkv_selection s{};
-        s.struct_size = sizeof s;
-        s.memory = DEFKV_MEMORY_VULKAN_BUFFER;
-        s.head_lens = reinterpret_cast<int32_t *>(lens.buf);
-        const defkv_status st = defkv_select(vk, &p, &b.layer, &s);
-        CHECK(st == DEFKV_ERROR_UNSUPPORTED, "snapkv into VkBuffers: status %d, expected DEFKV_ERROR_UNSUPPORTED", st);
-        CHECK(lens.host<uint8_t>(1)[0] == 0x11, "a refused device selection wrote head_lens");
-    }
+    if (!quick) resident_global(tv, cpu, vk);
     defkv_context_destroy(vk);
     tv.destroy();
 }
@@ -1100,7 +1238,7 @@ int main(int argc, char **argv) {
     // Device-resident selections (outputs in VkBuffers of the test's own device): 6 random cases
     // and the 6 golden layers, 2 methods each.
     resident_checks(cpu, dir, false);
-    CHECK(g_resident == 24, "%d device-resident selections compared, expected 24", g_resident);
+    CHECK(g_resident == 123, "%d device-resident selections compared, expected 123 (12 layers x 10 methods + 3 global)", g_resident);
     std::fprintf(stderr, "resident: %d device-resident selections compared, %d failures so far\n", g_resident, g_failures);
 
     defkv_context_destroy(cpu);

@@ -1,15 +1,13 @@
 #version 450
 // Given attention probabilities: rows[w * row_stride + col0 + t] = A[w, t] (widened to f32).
 #extension GL_GOOGLE_include_directive : enable
+#include "push.h"
 #include "common.glsl"
 layout(local_size_x = 64, local_size_y = 4) in;
 
-layout(std430, binding = 0) readonly buffer BA { uint a[]; };
-layout(std430, binding = 2) writeonly buffer BR { float rows[]; };
-layout(push_constant) uniform PC {
-    uint dtype, base, s1, s2;
-    uint Wb, T, col0, row_stride;
-} pc;
+layout(std430, binding = B_Q) readonly buffer BA { uint a[]; };
+layout(std430, binding = B_ROWS) writeonly buffer BR { float rows[]; };
+layout(push_constant) uniform Push { PcAttnLoad pc; };
 
 DEFKV_LOADER(load_a, a)
 

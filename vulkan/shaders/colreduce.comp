@@ -4,26 +4,20 @@
 //   mean  [j] (+)= sum_w a[w, j]                                   j < P
 //   davg  [j] (+)= sum_w a[w, j]                                   (accumulated over the group)
 //   dmax  [j] = max(dmax[j], max_w pool(a_w)[j] / psum_w * base_w)  j < P
-//   tova  [j] (+)= a[W-1, j]                                        j < L-1, last block only
-// The first contribution of a head (or of a group, or of the sequence for tova) overwrites.
+//   last  [j] (+)= a[W-1, j] (the last query row)                      j < L-1, last block only
+// The first contribution of a head (or of a group, or of the sequence for the last row) overwrites.
 #extension GL_GOOGLE_include_directive : enable
+#include "push.h"
 #include "common.glsl"
 layout(local_size_x = 256) in;
 
-layout(std430, binding = 0) buffer BMean { float mean[]; };
-layout(std430, binding = 1) buffer BMax { float dmax[]; };
-layout(std430, binding = 2) readonly buffer BR { float rows[]; };
-layout(std430, binding = 3) buffer BAvg { float davg[]; };
-layout(std430, binding = 4) readonly buffer BS { float stats[]; };
-layout(std430, binding = 5) buffer BT { float tova[]; };
-layout(push_constant) uniform PC {
-    uint L, P, Wb, kernel;
-    uint flags;      // 1 mean, 2 dmax, 4 davg, 8 tova
-    uint first;      // 1: first block of this head, 2: first head of the group, 4: first head overall
-    uint stats_base; // row index of (h, wb0) in stats
-    uint last_row;   // row (within the block) of query W-1, or 0xffffffff when absent
-    uint mean_base, dmax_base, davg_base, tova_base;
-} pc;
+layout(std430, binding = B_MEAN) buffer BMean { float mean[]; };
+layout(std430, binding = B_DMAX) buffer BMax { float dmax[]; };
+layout(std430, binding = B_ROWS) readonly buffer BR { float rows[]; };
+layout(std430, binding = B_DAVG) buffer BAvg { float davg[]; };
+layout(std430, binding = B_STATS) readonly buffer BS { float stats[]; };
+layout(std430, binding = B_OUT) buffer BT { float last[]; };
+layout(push_constant) uniform Push { PcColreduce pc; };
 
 void main() {
     const uint j = gl_GlobalInvocationID.x;
@@ -58,8 +52,8 @@ void main() {
         }
     }
     if ((pc.flags & 8u) != 0u && pc.last_row != 0xffffffffu && j + 1u < pc.L) {
-        const uint o = pc.tova_base + j;
+        const uint o = pc.last_base + j;
         const float a = rows[pc.last_row * pc.L + j];
-        tova[o] = ((pc.first & 4u) != 0u) ? a : tova[o] + a;
+        last[o] = ((pc.first & 4u) != 0u) ? a : last[o] + a;
     }
 }

@@ -2,23 +2,24 @@
 // Compaction driven by a device-resident selection (cu and indices in buffers) for one KV head
 // k: for row i < n = cu[k + 1] - cu[k] and element e < d,
 //   dst[dst_base + drow * d_s1 + e * d_s2] = src[src_base + srow * s_s1 + e * s_s2]
-// with srow = indices[cu[k] + i] (gather) or i, and drow = cu[k] + i (varlen output) or i.
-// Raw bits are copied; 16-bit elements with two atomics on disjoint word halves (as copyrows).
+// with srow = indices[idx_base + cu[k] + i] (gather) or i, and drow = cu[k] + i (varlen output) or i.
+// Raw bits are copied; 16-bit elements with two atomics on disjoint word halves, so that
+// neighbouring rows may share words.
+#extension GL_GOOGLE_include_directive : enable
+#include "push.h"
 layout(local_size_x = 64, local_size_y = 4) in;
-layout(std430, binding = 0) readonly buffer BS { uint src[]; };
-layout(std430, binding = 1) buffer BD { uint dst[]; };
-layout(std430, binding = 2) readonly buffer BC { uint cu[]; };
-layout(std430, binding = 3) readonly buffer BI { uint idx[]; };
-layout(push_constant) uniform PC {
-    uint esize, d, s_s1, s_s2, d_s1, d_s2, src_base, dst_base, cu_at, gather, drow_global;
-} pc;
+layout(std430, binding = B_Q) readonly buffer BS { uint src[]; };
+layout(std430, binding = B_K) buffer BD { uint dst[]; };
+layout(std430, binding = B_ROWS) readonly buffer BC { uint cu[]; };
+layout(std430, binding = B_MASK) readonly buffer BI { uint idx[]; };
+layout(push_constant) uniform Push { PcCopySel pc; };
 
 void main() {
     const uint e = gl_GlobalInvocationID.x;
     if (e >= pc.d) return;
     const uint c0 = cu[pc.cu_at], n = cu[pc.cu_at + 1u] - c0;
     for (uint i = gl_GlobalInvocationID.y; i < n; i += gl_NumWorkGroups.y * 4u) {
-        const uint srow = pc.gather != 0u ? idx[c0 + i] : i;
+        const uint srow = pc.gather != 0u ? idx[pc.idx_base + c0 + i] : i;
         const uint drow = pc.drow_global != 0u ? c0 + i : i;
         const uint se = pc.src_base + srow * pc.s_s1 + e * pc.s_s2;
         const uint de = pc.dst_base + drow * pc.d_s1 + e * pc.d_s2;

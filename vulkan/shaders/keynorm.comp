@@ -1,15 +1,13 @@
 #version 450
 // out[t] = -|| K[t, :] ||_2 for a chunk of T keys of one KV head.
 #extension GL_GOOGLE_include_directive : enable
+#include "push.h"
 #include "common.glsl"
 layout(local_size_x = 64) in;
 
-layout(std430, binding = 0) readonly buffer BK { uint k[]; };
-layout(std430, binding = 5) writeonly buffer BOut { float outp[]; };
-layout(push_constant) uniform PC {
-    uint dtype, base, s1, s2;
-    uint d, T, out_base;
-} pc;
+layout(std430, binding = B_Q) readonly buffer BK { uint k[]; };
+layout(std430, binding = B_OUT) writeonly buffer BOut { float outp[]; };
+layout(push_constant) uniform Push { PcNorm pc; };
 
 DEFKV_LOADER(load_k, k)
 

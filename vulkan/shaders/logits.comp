@@ -5,20 +5,15 @@
 // (zero past the block; constant loop bounds keep the accumulators in registers), d <= SQ / 16.
 #extension GL_GOOGLE_include_directive : enable
 #extension GL_EXT_control_flow_attributes : enable
+#include "push.h"
 #include "common.glsl"
 layout(local_size_x = 64) in;
 layout(constant_id = 0) const uint SQ = 4096; // shared floats for the query block
 
-layout(std430, binding = 0) readonly buffer BQ { uint q[]; };
-layout(std430, binding = 1) readonly buffer BK { uint k[]; };
-layout(std430, binding = 2) writeonly buffer BR { float rows[]; };
-layout(push_constant) uniform PC {
-    uint q_dtype, k_dtype, q_base, k_base;
-    uint q_s1, q_s2, k_s1, k_s2;
-    uint d, Wb, T, col0;
-    uint row_stride;
-    float scale;
-} pc;
+layout(std430, binding = B_Q) readonly buffer BQ { uint q[]; };
+layout(std430, binding = B_K) readonly buffer BK { uint k[]; };
+layout(std430, binding = B_ROWS) writeonly buffer BR { float rows[]; };
+layout(push_constant) uniform Push { PcLogits pc; };
 
 DEFKV_LOADER(load_q, q)
 DEFKV_LOADER(load_k, k)

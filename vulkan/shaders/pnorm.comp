@@ -10,21 +10,16 @@
 // product; the host picks it from the device's extensions.)
 #extension GL_GOOGLE_include_directive : enable
 #extension GL_EXT_control_flow_attributes : enable
+#include "push.h"
 #include "common.glsl"
 layout(local_size_x = 64) in;
 layout(constant_id = 0) const uint SV = 3072; // shared floats for the value tile
 
-layout(std430, binding = 0) readonly buffer BV { uint v[]; };
-layout(std430, binding = 1) readonly buffer BO { uint o[]; };
-layout(std430, binding = 3) readonly buffer BM { uint mask[]; };
-layout(std430, binding = 5) buffer BOut { float outp[]; };
-layout(push_constant) uniform PC {
-    uint v_dtype, o_dtype, v_base, o_base;
-    uint v_s1, v_s2, o_s0, o_s1;
-    uint d, D, T, out_base;
-    uint first, last, has_mask, mask_base;
-    float invg;
-} pc;
+layout(std430, binding = B_Q) readonly buffer BV { uint v[]; };
+layout(std430, binding = B_K) readonly buffer BO { uint o[]; };
+layout(std430, binding = B_MASK) readonly buffer BM { uint mask[]; };
+layout(std430, binding = B_OUT) buffer BOut { float outp[]; };
+layout(push_constant) uniform Push { PcPnorm pc; };
 
 DEFKV_LOADER(load_v, v)
 DEFKV_LOADER(load_o, o)

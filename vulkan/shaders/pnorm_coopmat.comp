@@ -31,6 +31,7 @@
 #endif
 #extension GL_EXT_shader_explicit_arithmetic_types_float16 : enable
 #extension GL_KHR_shader_subgroup_basic : enable
+#include "push.h"
 #include "common.glsl"
 layout(local_size_x_id = 0) in;                    // NSG * SGS
 layout(constant_id = 1) const uint M = 16;          // cooperative-matrix rows (tokens)
@@ -42,17 +43,11 @@ layout(constant_id = 6) const uint NB = 64;         // o_proj columns per staged
 layout(constant_id = 7) const uint SVH = 64 * 136;  // shared halves of the value tile (>= TW * LD)
 layout(constant_id = 8) const uint SWH = 64 * 136;  // shared halves of the o_proj block (>= NB * LD)
 
-layout(std430, binding = 0) readonly buffer BV { uint v[]; };
-layout(std430, binding = 1) readonly buffer BO { uint o[]; };
-layout(std430, binding = 3) readonly buffer BM { uint mask[]; };
-layout(std430, binding = 5) buffer BOut { float outp[]; };
-layout(push_constant) uniform PC {
-    uint v_dtype, o_dtype, v_base, o_base;
-    uint v_s1, v_s2, o_s0, o_s1;
-    uint d, D, T, out_base;
-    uint first, last, has_mask, mask_base;
-    float invg;
-} pc;
+layout(std430, binding = B_Q) readonly buffer BV { uint v[]; };
+layout(std430, binding = B_K) readonly buffer BO { uint o[]; };
+layout(std430, binding = B_MASK) readonly buffer BM { uint mask[]; };
+layout(std430, binding = B_OUT) buffer BOut { float outp[]; };
+layout(push_constant) uniform Push { PcPnorm pc; };
 
 DEFKV_LOADER(load_v, v)
 DEFKV_LOADER(load_o, o)

@@ -1,46 +1,46 @@
 #version 450
-// Selection outputs from the keep flags (one word per entry, sequences concatenated).
-//   mode 0: head_lens[head_base + k] = kept entries of head k (one workgroup per head);
-//   mode 1: cu[0] = 0, cu[i + 1] = running sum of head_lens over n_heads (one invocation);
-//   mode 2: indices[cu[head_base + k] + r] = the r-th kept position of head k, ascending (one
-//           workgroup per head; 256 positions at a time through a shared-memory scan);
-//   mode 3: the keep flags of n entries packed into bytes (one invocation per output word).
+// write_selection from a u8 keep mask [rows, L] (PcIndex): INDEX_LENS head_lens of each row
+// (a workgroup per row), INDEX_CU the running cu_seqlens from cu[head0] (one invocation),
+// INDEX_INDICES the ascending kept positions of each row (a workgroup per row, 256 positions at a
+// time through a shared-memory scan).
+#extension GL_GOOGLE_include_directive : enable
+#include "push.h"
+#include "common.glsl"
 layout(local_size_x = 256) in;
-layout(std430, binding = 0) buffer BH { uint head_lens[]; };
-layout(std430, binding = 1) buffer BC { uint cu[]; };
-layout(std430, binding = 2) writeonly buffer BI { uint indices[]; };
-layout(std430, binding = 4) writeonly buffer BP { uint packed_keep[]; };
-layout(std430, binding = 7) readonly buffer BKe { uint keep[]; };
-layout(push_constant) uniform PC { uint mode, L, keep_base, head_base, n; } pc;
-
+layout(std430, binding = B_SEL_F) readonly buffer BF { uint keep[]; };
+layout(std430, binding = B_IDX_LENS) buffer BH { uint head_lens[]; };
+layout(std430, binding = B_IDX_CU) buffer BC { uint cu[]; };
+layout(std430, binding = B_IDX_INDICES) writeonly buffer BI { uint indices[]; };
+layout(push_constant) uniform Push { PcIndex pc; };
+DEFKV_BYTE_LOADER(keep_at, keep)
 shared uint sh[256];
 
 void main() {
-    const uint t = gl_LocalInvocationID.x, k = gl_WorkGroupID.x;
-    if (pc.mode == 0u) {
+    const uint t = gl_LocalInvocationID.x, r = gl_WorkGroupID.x;
+    const uint row = pc.keep_base + r * pc.L;
+    if (pc.mode == INDEX_LENS) {
         uint c = 0u;
-        for (uint j = t; j < pc.L; j += 256u) c += keep[pc.keep_base + k * pc.L + j];
+        for (uint j = t; j < pc.L; j += 256u) c += keep_at(row + j) != 0u ? 1u : 0u;
         sh[t] = c;
         barrier();
         for (uint o = 128u; o > 0u; o >>= 1) {
             if (t < o) sh[t] += sh[t + o];
             barrier();
         }
-        if (t == 0u) head_lens[pc.head_base + k] = sh[0];
-    } else if (pc.mode == 1u) {
+        if (t == 0u) head_lens[pc.hl_base + pc.head0 + r] = sh[0];
+    } else if (pc.mode == INDEX_CU) {
         if (gl_GlobalInvocationID.x != 0u) return;
-        uint run = 0u;
-        cu[0] = 0u;
-        for (uint i = 0u; i < pc.n; i++) {
-            run += head_lens[i];
-            cu[i + 1u] = run;
+        uint run = cu[pc.cu_base + pc.head0];
+        for (uint i = 0u; i < pc.rows; i++) {
+            run += head_lens[pc.hl_base + pc.head0 + i];
+            cu[pc.cu_base + pc.head0 + i + 1u] = run;
         }
-    } else if (pc.mode == 2u) {
-        uint at = cu[pc.head_base + k];
+    } else {
+        uint at = cu[pc.cu_base + pc.head0 + r];
         for (uint j0 = 0u; j0 < pc.L; j0 += 256u) {
             const uint j = j0 + t;
-            const uint f = j < pc.L ? keep[pc.keep_base + k * pc.L + j] : 0u;
-            sh[t] = f;
+            const uint fl = (j < pc.L && keep_at(row + j) != 0u) ? 1u : 0u;
+            sh[t] = fl;
             barrier();
             for (uint o = 1u; o < 256u; o <<= 1) {
                 const uint x = t >= o ? sh[t - o] : 0u;
@@ -48,16 +48,9 @@ void main() {
                 sh[t] += x;
                 barrier();
             }
-            if (f != 0u) indices[at + sh[t] - 1u] = j;
+            if (fl != 0u) indices[pc.idx_base + at + sh[t] - 1u] = j;
             at += sh[255];
             barrier();
         }
-    } else {
-        const uint w = gl_GlobalInvocationID.x;
-        if (4u * w >= pc.n) return;
-        uint v = 0u;
-        for (uint b = 0u; b < 4u; b++)
-            if (4u * w + b < pc.n && keep[4u * w + b] != 0u) v |= 1u << (8u * b);
-        packed_keep[w] = v;
     }
 }

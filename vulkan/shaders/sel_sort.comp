@@ -5,9 +5,11 @@
 //   mode 0: one global compare-exchange pass (k, j) over all n keys (one invocation per key);
 //   mode 1: a block of B = 2048 keys in shared memory runs every pass (k, j) with j < B, for
 //           k from k_lo to k_hi; the first k starts at j = j_start (later ones at k / 2).
+#extension GL_GOOGLE_include_directive : enable
+#include "push.h"
 layout(local_size_x = 256) in;
-layout(std430, binding = 6) buffer BK { uint keys[]; };
-layout(push_constant) uniform PC { uint mode, n, seg, k, j, k_lo, k_hi, j_start; } pc;
+layout(std430, binding = B_SEL_KEYS) buffer BK { uint keys[]; };
+layout(push_constant) uniform Push { PcSort pc; };
 
 const uint B = 2048u;
 shared uvec2 sh[B];

@@ -8,17 +8,14 @@
 //   stats[4 r + 3] = sum_{j < P} pool(a)[j]             (mass of the pooled prefix)
 // pool is avg_pool1d with kernel `kernel`, zero padding, count_include_pad.
 #extension GL_GOOGLE_include_directive : enable
+#include "push.h"
 #include "common.glsl"
 layout(local_size_x = 256) in;
 
-layout(std430, binding = 2) coherent buffer BR { float rows[]; };
-layout(std430, binding = 3) readonly buffer BM { uint mask[]; };
-layout(std430, binding = 4) buffer BS { float stats[]; };
-layout(push_constant) uniform PC {
-    uint L, P, W, wb0;
-    uint do_softmax, has_mask, mask_base, kernel;
-    uint stats_base;
-} pc;
+layout(std430, binding = B_ROWS) coherent buffer BR { float rows[]; };
+layout(std430, binding = B_MASK) readonly buffer BM { uint mask[]; };
+layout(std430, binding = B_STATS) buffer BS { float stats[]; };
+layout(push_constant) uniform Push { PcSoftmax pc; };
 
 DEFKV_BYTE_LOADER(load_mask, mask)
 
