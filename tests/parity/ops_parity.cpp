@@ -4,7 +4,8 @@
 //   ops_parity --backend cpu|vulkan|cuda [--small] [--inject-fault[=selection|scoring|compaction]]
 //     --small         fewer and smaller cases (the CUDA emulation is slow)
 //     --inject-fault  perturbs one result of the tested side (the first one compared in the
-//                     named section; selection ops by default): the run must then fail
+//                     named section; selection ops by default): exits 1 when that comparison
+//                     failed (caught), 0 when it did not, whatever else failed
 //
 // Inputs are built on the host (random data plus adversarial cases: sizes 1 and odd, ties,
 // signed zeros, -inf/NaN where the op allows them, absent optional buffers, counts and caps out
@@ -41,7 +42,7 @@ using namespace defkv;
 namespace {
 
 int g_checks = 0, g_failures = 0;
-bool g_small = false, g_inject = false, g_injected = false;
+bool g_small = false, g_inject = false, g_injected = false, g_caught = false;
 int g_section = 0, g_inject_section = 0; // 0 selection ops, 1 scoring ops, 2 compaction
 Backend *g_ref = nullptr, *g_test = nullptr;
 
@@ -263,8 +264,8 @@ void check_op(const char *what, const std::string &cs, const OpArrays &a, const 
         CHECK(st == DEFKV_SUCCESS, "%s [%s] on %s: status %d: %s", what, cs.c_str(), b.name(), st, msg.c_str());
         for (const auto &d : bufs) res[side].push_back(d->fetch(what, cs));
     }
-    if (inject_now() && !res[0].empty() && res[0].back().size() > static_cast<size_t>(2 * kGuard))
-        res[0].back()[kGuard] ^= 1;
+    const bool injected = !res[0].empty() && res[0].back().size() > static_cast<size_t>(2 * kGuard) && inject_now();
+    if (injected) res[0].back()[kGuard] ^= 1;
     for (size_t i = 0; i < a.arr.size(); i++) {
         const auto &got = res[0][i], &want = res[1][i];
         const int es = elem_size(a.arr[i].type);
@@ -274,6 +275,7 @@ void check_op(const char *what, const std::string &cs, const OpArrays &a, const 
                 if (first < 0) first = static_cast<int64_t>(j);
                 nbad++;
             }
+        if (injected && i + 1 == a.arr.size()) g_caught = first >= 0;
         CHECK(first < 0, "%s [%s]: array '%s': %lld of %lld elements differ; first at element %lld: got %s, want %s",
               what, cs.c_str(), a.arr[i].name.c_str(), (long long)nbad,
               (long long)(a.arr[i].bytes.size() / static_cast<size_t>(es)), (long long)((first - kGuard) / es),
@@ -580,7 +582,8 @@ void compare_vals(const char *what, const std::string &cs, const std::vector<uin
     std::vector<T> got(static_cast<size_t>(n)), want(static_cast<size_t>(n));
     std::memcpy(got.data(), &got_img[kGuard], static_cast<size_t>(n) * sizeof(T));
     std::memcpy(want.data(), &want_img[kGuard], static_cast<size_t>(n) * sizeof(T));
-    if (n > 0 && inject_now()) got[0] = got[0] * static_cast<T>(1.01) + static_cast<T>(1e-3);
+    const bool injected = n > 0 && inject_now();
+    if (injected) got[0] = got[0] * static_cast<T>(1.01) + static_cast<T>(1e-3);
     double mx = 0.0;
     for (T w : want)
         if (std::isfinite(static_cast<double>(w))) mx = std::max(mx, std::fabs(static_cast<double>(w)));
@@ -596,6 +599,7 @@ void compare_vals(const char *what, const std::string &cs, const std::vector<uin
             bad++;
         }
     }
+    if (injected) g_caught = bad > 0;
     CHECK(bad == 0, "%s [%s]: %lld of %lld values differ; first at %lld: got %.9g want %.9g", what, cs.c_str(),
           (long long)bad, (long long)n, (long long)first, first >= 0 ? (double)got[static_cast<size_t>(first)] : 0.0,
           first >= 0 ? (double)want[static_cast<size_t>(first)] : 0.0);
@@ -822,7 +826,9 @@ void check_compaction(const CompactCase &c) {
                       s, msg.c_str());
                 res[side] = t.fetch("compact_inplace", cs);
             }
-            if (inject_now()) res[0][kGuard] ^= 1;
+            const bool injected = inject_now();
+            if (injected) res[0][kGuard] ^= 1;
+            if (injected) g_caught = res[0] != res[1];
             CHECK(res[0] == res[1], "compact_inplace [%s] sequence %d (head0=%lld, kept %d rows): the result differs from the reference",
                   cs.c_str(), q, (long long)head0s[q], cu[head0s[q] + Hk] - cu[head0s[q]]);
             CHECK(guards_ok(res[0]), "compact_inplace [%s] sequence %d: guard bytes overwritten on %s", cs.c_str(), q, g_test->name());
@@ -1006,9 +1012,12 @@ int main(int argc, char **argv) {
         std::printf("FAIL: nothing was compared\n");
         return 1;
     }
-    if (g_inject && !g_injected) {
-        std::printf("FAIL: --inject-fault found no result to perturb\n");
-        return 1;
+    if (g_inject) {
+        // The injected fault must be what fails the run: exit 1 (the *_catches_fault tests'
+        // WILL_FAIL) only when the comparison of the perturbed result failed, 0 otherwise.
+        if (!g_injected) std::printf("inject-fault: FAIL: no result was perturbed\n");
+        else std::printf("inject-fault: the perturbed result was %s\n", g_caught ? "caught" : "NOT caught (FAIL)");
+        return g_injected && g_caught ? 1 : 0;
     }
     return g_failures == 0 ? 0 : 1;
 }
