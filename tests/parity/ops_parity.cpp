@@ -389,14 +389,17 @@ void check_select_ops(const SelCase &c) {
                      return b.top_rows(v[sc], arg(v, ti), arg(v, bad), Hk, L, j_end, arg(v, cn), count, v[fl], m);
                  });
     }
-    // masked_max: no bad, some bad, all bad (-> 0), -inf entries, signed zeros as the maximum, n = 1
-    for (int variant = 0; variant < 6; variant++) {
+    // masked_max: no bad, some bad, all bad (-> 0), -inf entries, signed zeros as the maximum,
+    // n = 1, NaN entries among finite ones (never the maximum)
+    for (int variant = 0; variant < 7; variant++) {
         OpArrays a;
         std::vector<float> x = variant == 1 ? tied_floats(N, rng, 4, true) : smooth_floats(N, rng, 2.0f);
         if (variant == 3)
             for (auto &v : x) v = -kInf;
         if (variant == 4)
             for (auto &v : x) v = (rng.next() % 3 == 0) ? -1.0f : ((rng.next() % 2) ? -0.0f : 0.0f);
+        if (variant == 6)
+            for (size_t i = 0; i < x.size(); i += 3) x[i] = kNaN;
         const int xi = a.add("x", x);
         const int bad = variant == 0 || variant == 4 ? -1
                         : a.add("bad", variant == 2 ? std::vector<uint8_t>(static_cast<size_t>(N), 1) : random_bytes(N, rng, 5, 1));
@@ -550,6 +553,16 @@ void check_select_ops(const SelCase &c) {
 
 // ---- scoring ops ---------------------------------------------------------------------------
 
+// Element strides of a [Hk, L, d] cache view, head-major ([Hk, L + pad, d] storage) or
+// token-major ([L, Hk + pad, d] storage: a view into a cache with room for more); *elems: the
+// storage's element count.
+void cache_strides(bool token_major, int64_t Hk, int64_t L, int64_t d, int64_t pad, int64_t st[3], int64_t *elems) {
+    st[0] = token_major ? d : (L + pad) * d;
+    st[1] = token_major ? (Hk + pad) * d : d;
+    st[2] = 1;
+    *elems = token_major ? L * (Hk + pad) * d : Hk * (L + pad) * d;
+}
+
 struct ScoreCase {
     int64_t H, Hk, d, L, W, D;
     int32_t dtype;
@@ -558,12 +571,14 @@ struct ScoreCase {
     bool oproj_transposed, host_inputs, nonfinite;
     int32_t kernel;
     uint64_t seed;
+    int64_t pad; // unused capacity in the cache's storage (cache_strides)
     std::string str() const {
-        char b[320];
+        char b[340];
         std::snprintf(b, sizeof b,
-                      "H=%lld Hk=%lld d=%lld L=%lld W=%lld D=%lld %s %s %s masked=%d oproj=%s inputs=%s%s kernel=%d seed=%llu",
+                      "H=%lld Hk=%lld d=%lld L=%lld W=%lld D=%lld %s %s pad=%lld %s masked=%d oproj=%s inputs=%s%s kernel=%d seed=%llu",
                       (long long)H, (long long)Hk, (long long)d, (long long)L, (long long)W, (long long)D,
-                      dtype_name(dtype), token_major ? "token-major" : "head-major", from_queries ? "queries" : "attention",
+                      dtype_name(dtype), token_major ? "token-major" : "head-major", (long long)pad,
+                      from_queries ? "queries" : "attention",
                       masked, oproj_transposed ? "transposed" : "row-major", host_inputs ? "host" : "backend",
                       nonfinite ? " non-finite keys" : "", kernel, (unsigned long long)seed);
         return b;
@@ -619,7 +634,9 @@ struct ScoreInputs {
         const int64_t H = c.H, Hk = c.Hk, d = c.d, L = c.L, W = c.W, D = c.D;
         s.H = H, s.Hk = Hk, s.G = H / Hk, s.d = d, s.L = L, s.W = W, s.P = L - W, s.D = D;
         q = make_data(H * W * d, c.dtype, 2.0f, rng);
-        std::vector<float> kf(static_cast<size_t>(Hk * L * d));
+        int64_t st[3], elems;
+        cache_strides(c.token_major, Hk, L, d, c.pad, st, &elems);
+        std::vector<float> kf(static_cast<size_t>(elems));
         for (auto &x : kf) x = rng.uni();
         if (c.nonfinite) {
             kf[0] = kInf;
@@ -627,7 +644,7 @@ struct ScoreInputs {
             if (kf.size() > 5) kf[kf.size() - 1] = -kInf;
         }
         k = encode(kf, c.dtype);
-        v = make_data(Hk * L * d, c.dtype, 1.0f, rng);
+        v = make_data(elems, c.dtype, 1.0f, rng);
         o = make_data(D * H * d, c.dtype, 0.1f, rng);
         if (!c.from_queries) { // a causal probability table [H, W, L], ties and exact zeros included
             std::vector<float> p(static_cast<size_t>(H * W * L), 0.0f);
@@ -664,9 +681,9 @@ struct ScoreInputs {
             const int64_t sh[3] = {H, W, L};
             sv.attention = view(a, on_host, 3, sh, nullptr);
         }
-        // token-major storage [L, Hk, d] described as logical [Hk, L, d]
         const int64_t sh[3] = {Hk, L, d};
-        const int64_t st[3] = {c.token_major ? d : L * d, c.token_major ? Hk * d : d, 1};
+        int64_t st[3], elems;
+        cache_strides(c.token_major, Hk, L, d, c.pad, st, &elems);
         sv.keys = view(k, on_host, 3, sh, st);
         sv.values = view(v, on_host, 3, sh, st);
         // o_proj logical [D, H*d]; transposed storage is [H*d, D]
@@ -767,10 +784,12 @@ struct CompactCase {
     int32_t dtype;
     bool token_major;
     uint64_t seed;
+    int64_t pad; // unused capacity in the caches' storage (cache_strides)
     std::string str() const {
         char b[160];
-        std::snprintf(b, sizeof b, "Hk=%lld L=%lld d=%lld %s %s seed=%llu", (long long)Hk, (long long)L, (long long)d,
-                      dtype_name(dtype), token_major ? "token-major" : "head-major", (unsigned long long)seed);
+        std::snprintf(b, sizeof b, "Hk=%lld L=%lld d=%lld %s %s pad=%lld seed=%llu", (long long)Hk, (long long)L,
+                      (long long)d, dtype_name(dtype), token_major ? "token-major" : "head-major", (long long)pad,
+                      (unsigned long long)seed);
         return b;
     }
 };
@@ -791,7 +810,12 @@ void check_compaction(const CompactCase &c) {
         }
     const int64_t total = cu.back();
     std::vector<char> orig[2];
-    for (int q = 0; q < 2; q++) orig[q] = make_data(Hs[q] * Ls[q] * d, c.dtype, 1.0f, rng);
+    int64_t st_of[2][3];
+    for (int q = 0; q < 2; q++) {
+        int64_t elems;
+        cache_strides(c.token_major, Hs[q], Ls[q], d, c.pad, st_of[q], &elems);
+        orig[q] = make_data(elems, c.dtype, 1.0f, rng);
+    }
     if (idx.empty()) idx.push_back(0); // a buffer of at least one element
     for (int sel_mode = 0; sel_mode < 2; sel_mode++) {
         // the selection in the tested backend's memory, or in host memory (both allowed)
@@ -814,7 +838,7 @@ void check_compaction(const CompactCase &c) {
         for (int q = 0; q < 2; q++) {
             const int64_t Hk = Hs[q], L = Ls[q];
             const int64_t sh[3] = {Hk, L, d};
-            const int64_t st[3] = {c.token_major ? d : L * d, c.token_major ? Hk * d : d, 1};
+            const int64_t *st = st_of[q];
             std::vector<uint8_t> res[2];
             for (int side = 0; side < 2; side++) {
                 Backend &b = side == 0 ? *g_test : *g_ref;
@@ -853,7 +877,7 @@ void check_compaction(const CompactCase &c) {
             for (int q = 0; q < 2; q++) {
                 const int64_t Hk = Hs[q], L = Ls[q];
                 const int64_t sh[3] = {Hk, L, d};
-                const int64_t st[3] = {c.token_major ? d : L * d, c.token_major ? Hk * d : d, 1};
+                const int64_t *st = st_of[q];
                 DevArray src(b, orig[q].data(), static_cast<int64_t>(orig[q].size()));
                 const View sv = view_of(src.tensor(c.dtype, 3, sh, st), 3);
                 std::string msg;
@@ -891,23 +915,23 @@ std::vector<SelCase> sel_cases() {
 
 std::vector<ScoreCase> score_cases(bool test_takes_host) {
     const bool th = test_takes_host;
-    //                H  Hk  d   L   W   D  dtype              tm     fromq  mask  oT     host   nonf   kern seed
+    //  H  Hk  d  L  W  D  dtype  token-major  queries  masked  o_proj-transposed  host-inputs  non-finite  kernel  seed  pad
     std::vector<ScoreCase> v = {
-        {1, 1, 1, 2, 1, 1, DEFKV_DTYPE_F32, false, true, 0, false, false, false, 5, 1},
-        {4, 2, 8, 21, 5, 7, DEFKV_DTYPE_F32, true, true, 1, true, false, false, 3, 2},
-        {3, 1, 5, 13, 4, 3, DEFKV_DTYPE_F16, false, false, 2, false, false, false, 7, 3},
-        {2, 2, 4, 9, 3, 5, DEFKV_DTYPE_BF16, true, true, 0, false, th, false, 1, 4},
-        {2, 1, 3, 7, 2, 2, DEFKV_DTYPE_F32, false, true, 0, false, false, true, 5, 5},
-        {2, 1, 4, 7, 2, 2, DEFKV_DTYPE_F16, true, true, 0, false, false, true, 5, 6},
+        {1, 1, 1, 2, 1, 1, DEFKV_DTYPE_F32, false, true, 0, false, false, false, 5, 1, 0},
+        {4, 2, 8, 21, 5, 7, DEFKV_DTYPE_F32, true, true, 1, true, false, false, 3, 2, 3},
+        {3, 1, 5, 13, 4, 3, DEFKV_DTYPE_F16, false, false, 2, false, false, false, 7, 3, 0},
+        {2, 2, 4, 9, 3, 5, DEFKV_DTYPE_BF16, true, true, 0, false, th, false, 1, 4, 1},
+        {2, 1, 3, 7, 2, 2, DEFKV_DTYPE_F32, false, true, 0, false, false, true, 5, 5, 0},
+        {2, 1, 4, 7, 2, 2, DEFKV_DTYPE_F16, true, true, 0, false, false, true, 5, 6, 2},
     };
     if (!g_small) {
-        v.push_back({8, 2, 32, 150, 16, 64, DEFKV_DTYPE_F32, false, true, 1, false, false, false, 5, 7});
-        v.push_back({8, 4, 64, 300, 32, 96, DEFKV_DTYPE_BF16, true, false, 1, true, th, false, 5, 8});
-        v.push_back({4, 4, 128, 611, 33, 130, DEFKV_DTYPE_F16, false, true, 2, true, false, false, 5, 9});
-        v.push_back({12, 3, 48, 257, 17, 40, DEFKV_DTYPE_F32, true, false, 0, false, false, false, 7, 10});
-        v.push_back({4, 2, 16, 40, 8, 8, DEFKV_DTYPE_BF16, false, true, 0, false, false, true, 5, 11});
+        v.push_back({8, 2, 32, 150, 16, 64, DEFKV_DTYPE_F32, false, true, 1, false, false, false, 5, 7, 0});
+        v.push_back({8, 4, 64, 300, 32, 96, DEFKV_DTYPE_BF16, true, false, 1, true, th, false, 5, 8, 3});
+        v.push_back({4, 4, 128, 611, 33, 130, DEFKV_DTYPE_F16, false, true, 2, true, false, false, 5, 9, 0});
+        v.push_back({12, 3, 48, 257, 17, 40, DEFKV_DTYPE_F32, true, false, 0, false, false, false, 7, 10, 1});
+        v.push_back({4, 2, 16, 40, 8, 8, DEFKV_DTYPE_BF16, false, true, 0, false, false, true, 5, 11, 0});
 #ifndef DEFKV_CUDA_EMULATED
-        v.push_back({8, 2, 128, 2048, 64, 256, DEFKV_DTYPE_BF16, true, true, 1, false, false, false, 5, 12});
+        v.push_back({8, 2, 128, 2048, 64, 256, DEFKV_DTYPE_BF16, true, true, 1, false, false, false, 5, 12, 2});
 #endif
     }
     return v;
@@ -915,15 +939,15 @@ std::vector<ScoreCase> score_cases(bool test_takes_host) {
 
 std::vector<CompactCase> compact_cases() {
     std::vector<CompactCase> v = {
-        {1, 1, 1, DEFKV_DTYPE_F32, false, 1}, {2, 7, 3, DEFKV_DTYPE_F16, true, 2},
-        {3, 11, 5, DEFKV_DTYPE_BF16, false, 3}, {2, 9, 4, DEFKV_DTYPE_F32, true, 4},
+        {1, 1, 1, DEFKV_DTYPE_F32, false, 1, 0}, {2, 7, 3, DEFKV_DTYPE_F16, true, 2, 2},
+        {3, 11, 5, DEFKV_DTYPE_BF16, false, 3, 1}, {2, 9, 4, DEFKV_DTYPE_F32, true, 4, 0},
     };
     if (!g_small) {
-        v.push_back({4, 301, 64, DEFKV_DTYPE_F16, false, 5});
-        v.push_back({8, 129, 128, DEFKV_DTYPE_BF16, true, 6});
-        v.push_back({2, 1000, 33, DEFKV_DTYPE_F32, true, 7});
+        v.push_back({4, 301, 64, DEFKV_DTYPE_F16, false, 5, 0});
+        v.push_back({8, 129, 128, DEFKV_DTYPE_BF16, true, 6, 2});
+        v.push_back({2, 1000, 33, DEFKV_DTYPE_F32, true, 7, 1});
 #ifndef DEFKV_CUDA_EMULATED
-        v.push_back({8, 4000, 128, DEFKV_DTYPE_F16, true, 8});
+        v.push_back({8, 4000, 128, DEFKV_DTYPE_F16, true, 8, 0});
 #endif
     }
     return v;
