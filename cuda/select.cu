@@ -214,7 +214,9 @@ __global__ void __launch_bounds__(kThreads) max_partial_kernel(const float *x, c
     GRID_STRIDE(e, rows * n) {
         const int64_t off = (e / n) * ld + e % n;
         const float v = x[off];
-        if (!(bad && bad[off]) && v > -INFINITY) b = better(b, Best{v, e});
+        // every entry not flagged counts (a NaN as -inf), so that a row of -inf or NaN gives -inf
+        // and only a row with nothing eligible gives 0, as the host op
+        if (!(bad && bad[off])) b = better(b, Best{v != v ? -INFINITY : v, e});
     }
     sv[threadIdx.x] = b.v;
     si[threadIdx.x] = b.i;

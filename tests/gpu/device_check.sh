@@ -11,7 +11,9 @@
 #   available   test_cuda_available: the backend reports itself available on this machine
 #   parity      cuda_parity: every op and method on CUDA against the CPU, full case list
 #   memcheck    compute-sanitizer memcheck on cuda_parity --small
-#   vk_parity   the Vulkan backend's parity suite on the GPU's Vulkan driver, validation on
+#   parity_all  tests/parity: every method, host and device outputs, on CUDA against the CPU
+#   ops_parity  tests/parity: every backend op on CUDA against the CPU
+#   vk_parity   the same two harnesses on the GPU's Vulkan driver, validation on
 #   vk_ops      the Vulkan backend's op-level tests on a caller-created device
 #   bench       cuda_bench: Llama-3.1-8B-shaped layer at L = 8k, 32k, 128k + cuBLAS bf16 GEMM
 #   torch       torch_defensivekv.py: the same method in PyTorch, same shapes, same run
@@ -104,12 +106,14 @@ nvcc --version 2>&1 | tail -1
 step sass_sm90 20 bash -c "cuobjdump --list-elf '$B/lib/libdefkv.so.0' | tee /dev/stderr | grep -q sm_90"
 step available 30 "$B/bin/test_cuda_available"
 step parity 120 "$B/bin/cuda_parity"
+step parity_all 180 "$B/bin/parity" --backend cuda
+step ops_parity 120 "$B/bin/ops_parity" --backend cuda
 # The Vulkan backend on the GPU's own Vulkan driver (issue 3). The image has no Vulkan loader:
 # the loader and the Khronos validation layer travel as Debian packages in .gl (fetched on the
 # build machine with apt-get download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2
 # vulkan-validationlayers); the loader and glvnd go to /
 # as the device notes say, the layer to /tmp/vl, found through VK_LAYER_PATH.
-if [ -x "$B/bin/vk_parity" ] && ls "$ROOT"/.gl/libvulkan1_*.deb >/dev/null 2>&1; then
+if [ -x "$B/bin/parity" ] && ls "$ROOT"/.gl/libvulkan1_*.deb >/dev/null 2>&1; then
   # the loader plus glvnd's libraries, which the NVIDIA Vulkan driver (libGLX_nvidia) needs
   for f in "$ROOT"/.gl/*.deb; do case "$f" in *vulkan-validationlayers*) ;; *) dpkg -x "$f" / ;; esac; done
   ldconfig
@@ -122,11 +126,12 @@ if [ -x "$B/bin/vk_parity" ] && ls "$ROOT"/.gl/libvulkan1_*.deb >/dev/null 2>&1;
   nv_egl=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
   [ -f "$nv_egl" ] && export __EGL_VENDOR_LIBRARY_FILENAMES=$nv_egl
   ls /usr/local/nvidia/share/vulkan/icd.d /usr/share/vulkan/icd.d /etc/vulkan/icd.d 2>&1 | head -8
-  step vk_parity 120 env DEFKV_VULKAN_VALIDATION=abort DEFKV_VULKAN_INFO=1 "$B/bin/vk_parity" "$ROOT/tests/data/conformance"
+  step vk_parity 120 env DEFKV_VULKAN_VALIDATION=abort DEFKV_VULKAN_INFO=1 "$B/bin/parity" --backend vulkan
+  step vk_ops_parity 60 env DEFKV_VULKAN_VALIDATION=abort "$B/bin/ops_parity" --backend vulkan
   step vk_ops 60 env DEFKV_VULKAN_VALIDATION=abort "$B/bin/vk_ops"
   [ -x "$B/bin/vk_bench" ] && step vk_bench 120 env DEFKV_VULKAN_INFO=1 "$B/bin/vk_bench" --reps 1
 else
-  ROWS+=("$(printf '%-22s %-12s' vk_parity 'SKIP(no vk_parity in the bundle or no .gl loader)')")
+  ROWS+=("$(printf '%-22s %-12s' vk_parity 'SKIP(no parity in the bundle or no .gl loader)')")
 fi
 step bench 120 "$B/bin/cuda_bench"
 step torch 60 python3 "$ROOT/tests/gpu/torch_defensivekv.py"

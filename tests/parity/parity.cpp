@@ -432,6 +432,7 @@ void run_case(int idx, const Case &c, Sides &sd) {
         CHECK(ref.st == DEFKV_SUCCESS, "%s %s: reference failed: %s", cs.c_str(), defkv_method_name(m), ref.err.c_str());
         if (ref.st != DEFKV_SUCCESS) continue;
         check_consistent(cs + " reference", ref, c.Ls, c.Hk);
+        Sel host_got; // the tested backend's host-output selection: its device outputs must equal it bit for bit
         for (int on_dev = 0; on_dev < (sd.dev ? 2 : 1); on_dev++) {
             const std::string what = cs + " " + defkv_method_name(m) + (on_dev ? " device" : " host");
             Layer tly = make_layer(c, 1000 + idx);
@@ -448,6 +449,12 @@ void run_case(int idx, const Case &c, Sides &sd) {
             });
             compare(what, ref, got, tol);
             if (got.st != DEFKV_SUCCESS) continue;
+            if (!on_dev) host_got = got;
+            else if (host_got.st == DEFKV_SUCCESS && !host_got.keep.empty())
+                CHECK(got.keep == host_got.keep && got.lens == host_got.lens && got.cu == host_got.cu &&
+                          got.idx == host_got.idx &&
+                          std::memcmp(got.scores.data(), host_got.scores.data(), got.scores.size() * 4) == 0,
+                      "%s: differs from the same backend's host-output selection", what.c_str());
             check_consistent(what, got, c.Ls, c.Hk);
             if (!on_dev) { // host outputs live in run_select's buffers, gone now: use the copies
                 dsel.head_lens = got.lens.data();

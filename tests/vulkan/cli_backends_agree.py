@@ -2,7 +2,7 @@
 """`defkv compress --backend vulkan` against `--backend cpu`: every method on the golden case
 pub2-g1-L300 and the layer-adaptive and attention-heavy methods on the 3-layer case (each run is
 a fresh process with a fresh Vulkan instance and the validation layer, so the list is kept short;
-the parity harness vk_parity covers every case and method through the C API).
+the parity harness tests/parity covers every method through the C API).
 
 The two result files must hold the same tensors with identical bytes (keep masks, head_lens,
 cu_seqlens, compacted keys/values), scores within 1e-4 of the largest |score| of the layer, and
