@@ -86,11 +86,14 @@ struct Case {
     bool token_major, attention_input, oproj_t;
     double ratio;
     int64_t budget;
+    int32_t pad = 0;     // head-major caches with room for L + pad tokens ([Hk, L + pad, d] strides)
+    bool lowest = false; // a few NaN key rows, DEFKV_NONFINITE_LOWEST (host inputs only)
 };
 
 const char *dtname(int32_t dt) { return dt == DEFKV_DTYPE_F32 ? "f32" : dt == DEFKV_DTYPE_F16 ? "f16" : "bf16"; }
 
 std::string describe(int idx, const Case &c) {
+    const std::string extra = std::string(c.pad ? " padded" : "") + (c.lowest ? " NaN-rows/lowest" : "");
     std::string ls;
     for (int64_t L : c.Ls) ls += (ls.empty() ? "" : ",") + std::to_string(L);
     char b[256];
@@ -98,13 +101,14 @@ std::string describe(int idx, const Case &c) {
                   (long long)c.Hk, (long long)c.G, (long long)c.d, ls.c_str(), c.W, dtname(c.dtype),
                   c.token_major ? "token-major" : "head-major", c.attention_input ? "attention" : "queries",
                   c.oproj_t ? " o_proj^T" : "", c.ratio, (long long)c.budget);
-    return b;
+    return b + extra;
 }
 
 std::vector<Case> cases(bool small) {
     const int32_t F32 = DEFKV_DTYPE_F32, F16 = DEFKV_DTYPE_F16, BF = DEFKV_DTYPE_BF16;
     std::vector<Case> c = {
         {1, 1, 1, {6}, 1, F32, false, false, false, 0.5, 0},
+        {1, 2, 4, {9}, 8, F32, false, false, false, 0.5, 0}, // L = W + 1
         {2, 2, 8, {40}, 4, F32, false, false, false, 0.7, 0},
         {2, 4, 16, {67, 33}, 8, F32, true, false, true, 0.6, 0},
         {3, 1, 12, {51}, 5, BF, false, true, false, 0.5, 0},
@@ -112,6 +116,8 @@ std::vector<Case> cases(bool small) {
         {4, 2, 32, {257}, 16, BF, false, false, true, 0.75, 0},
         {1, 8, 64, {130}, 8, F32, false, false, false, 0.0, 40},
         {2, 2, 24, {300, 129}, 32, F32, true, true, false, 0.9, 0},
+        {2, 2, 16, {70, 41}, 8, F16, false, false, false, 0.6, 0, 5, false},
+        {2, 2, 8, {48}, 4, F32, false, false, false, 0.5, 0, 0, true},
     };
     if (small) c.resize(5);
     return c;
@@ -137,10 +143,13 @@ Layer make_layer(const Case &c, uint64_t seed) {
     for (int64_t L : c.Ls) {
         SeqData s;
         s.L = L;
-        std::vector<float> k(c.Hk * L * c.d), v(k.size()), q(ly.H * c.W * c.d);
+        const int64_t cap = L + c.pad; // token capacity of the cache
+        std::vector<float> k(c.Hk * cap * c.d), v(k.size()), q(ly.H * c.W * c.d);
         for (float &x : k) x = rng.uniform(-1.5f, 1.5f);
         for (float &x : v) x = rng.uniform(-1.0f, 1.0f);
         for (float &x : q) x = rng.uniform(-1.5f, 1.5f);
+        if (c.lowest) // NaN in a few prefix key rows of head 0 (head-major)
+            for (int64_t j : {int64_t(1), L / 3, L / 2}) k[(0 * cap + j) * c.d + c.d / 2] = NAN;
         s.k = encode(k, c.dtype), s.v = encode(v, c.dtype), s.q = encode(q, c.dtype);
         if (c.attention_input) { // causal softmax rows over random logits
             const int64_t P = L - c.W;
@@ -205,6 +214,10 @@ bool describe_layer(const Case &c, Layer &ly, Place &pl, ApiLayer *out) {
         if (c.token_major) { // the same values read as [Hk, L, d] with strides of an [L, Hk, d] cache
             q.keys = tensor(k, c.dtype, mem, {c.Hk, s.L, c.d}, {c.d, c.Hk * c.d, 1});
             q.values = tensor(v, c.dtype, mem, {c.Hk, s.L, c.d}, {c.d, c.Hk * c.d, 1});
+        } else if (c.pad) { // L tokens of a cache with room for L + pad
+            const int64_t cap = s.L + c.pad;
+            q.keys = tensor(k, c.dtype, mem, {c.Hk, s.L, c.d}, {cap * c.d, c.d, 1});
+            q.values = tensor(v, c.dtype, mem, {c.Hk, s.L, c.d}, {cap * c.d, c.d, 1});
         } else {
             q.keys = tensor(k, c.dtype, mem, {c.Hk, s.L, c.d});
             q.values = tensor(v, c.dtype, mem, {c.Hk, s.L, c.d});
@@ -419,6 +432,7 @@ void run_case(int idx, const Case &c, Sides &sd) {
         p.compression_ratio = c.ratio;
         p.budget = c.budget;
         p.seed = 11;
+        if (c.lowest) p.nonfinite = DEFKV_NONFINITE_LOWEST;
         Layer ly = make_layer(c, 1000 + idx);
         Place host;
         ApiLayer hl;
@@ -433,7 +447,7 @@ void run_case(int idx, const Case &c, Sides &sd) {
         if (ref.st != DEFKV_SUCCESS) continue;
         check_consistent(cs + " reference", ref, c.Ls, c.Hk);
         Sel host_got; // the tested backend's host-output selection: its device outputs must equal it bit for bit
-        for (int on_dev = 0; on_dev < (sd.dev ? 2 : 1); on_dev++) {
+        for (int on_dev = 0; on_dev < (sd.dev && !c.lowest ? 2 : 1); on_dev++) {
             const std::string what = cs + " " + defkv_method_name(m) + (on_dev ? " device" : " host");
             Layer tly = make_layer(c, 1000 + idx);
             Place pl;
@@ -481,6 +495,7 @@ void run_global(int idx, const Case &c, Sides &sd) {
     p.window = c.W;
     p.compression_ratio = c.ratio;
     p.budget = c.budget;
+    if (c.lowest) p.nonfinite = DEFKV_NONFINITE_LOWEST;
     auto run = [&](defkv_context *ctx, defkv_devmem::DeviceMemory *dev, std::vector<Sel> *out) {
         std::vector<Layer> lys;
         std::vector<Place> pls(3);
@@ -511,7 +526,7 @@ void run_global(int idx, const Case &c, Sides &sd) {
     const std::string re = run(sd.ref, nullptr, &ref);
     CHECK(re.empty(), "%s: reference failed: %s", cs.c_str(), re.c_str());
     if (!re.empty()) return;
-    for (int on_dev = 0; on_dev < (sd.dev ? 2 : 1); on_dev++) {
+    for (int on_dev = 0; on_dev < (sd.dev && !c.lowest ? 2 : 1); on_dev++) {
         std::vector<Sel> got;
         const std::string what = cs + (on_dev ? " device" : " host");
         const std::string ge = run(sd.test, on_dev ? sd.dev : nullptr, &got);
