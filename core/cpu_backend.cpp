@@ -104,6 +104,8 @@ public:
 
 private:
     defkv_status attention_host(const SeqViews &in, const SeqShape &s, const AttentionRequest &req, std::string *msg);
+    defkv_status head_rows(const SeqViews &in, const SeqShape &s, const AttentionRequest &req, int64_t h, float *rows,
+                           float *qbuf, uint8_t *row_ok, std::string *msg);
     defkv_status projected_norm_host(const SeqViews &in, const SeqShape &s, int64_t n_tokens, const uint8_t *masked,
                                      float *out, std::string *msg);
     defkv_status key_norm_host(const SeqViews &in, const SeqShape &s, float *out, std::string *msg);
@@ -111,6 +113,54 @@ private:
     ThreadPool *pool_;
     [[maybe_unused]] int32_t n_threads_;
 };
+
+// A[h, :, :] of one query head into rows [W, L]: the given probabilities, or the causal
+// softmax of the scaled logits, in token tiles on the pool. A row whose eligible logits have no
+// finite maximum (finite inputs whose logits overflowed float32) is DEFKV_ERROR_NON_FINITE.
+defkv_status CpuBackend::head_rows(const SeqViews &in, const SeqShape &s, const AttentionRequest &req, int64_t h,
+                                   float *rows, float *qbuf, uint8_t *row_ok, std::string *msg) {
+    const int64_t W = s.W, L = s.L, P = s.P, d = s.d, k = h / s.G;
+    const uint8_t *masked = req.masked ? req.masked + k * L : nullptr;
+    if (in.attention.present()) {
+        const View &a = in.attention;
+        pool_->parallel_for(W, [&](int64_t w) { load_f32(a, a.off3(h, w, 0), L, a.stride[2], &rows[w * L]); });
+    } else {
+        const View &q = in.queries, &kv = in.keys;
+        for (int64_t w = 0; w < W; w++) load_f32(q, q.off3(h, w, 0), d, q.stride[2], &qbuf[w * d]);
+        // Logits in token tiles, one work item per tile (the same products whatever the
+        // thread count); keys widened per tile when they are not f32 rows.
+        pool_->parallel_for((L + kTokenTile - 1) / kTokenTile, [&](int64_t tile) {
+            const int64_t t0 = tile * kTokenTile, T = std::min(kTokenTile, L - t0);
+            thread_local std::vector<float> kbuf;
+            thread_local std::vector<const float *> cols;
+            thread_local PackedB kp;
+            const float *direct = direct_f32(kv, kv.off3(k, t0, 0), kv.stride[2]);
+            int64_t ldk = kv.stride[1];
+            if (!direct) {
+                kbuf.resize(static_cast<size_t>(kTokenTile * d));
+                for (int64_t t = 0; t < T; t++) load_f32(kv, kv.off3(k, t0 + t, 0), d, kv.stride[2], &kbuf[t * d]);
+                direct = kbuf.data();
+                ldk = d;
+            }
+            cols.resize(static_cast<size_t>(T));
+            for (int64_t t = 0; t < T; t++) cols[t] = direct + t * ldk;
+            pack_b_columns(cols.data(), d, T, &kp);
+            gemm_store(W, qbuf, d, kp, req.scale, &rows[t0], L);
+        });
+        pool_->parallel_for(W, [&](int64_t w) {
+            row_ok[w] = softmax_row(&rows[w * L], L, P + w + 1, masked) || !any_unmasked(masked, P + w + 1);
+        });
+        // A row with eligible entries but no usable maximum: finite inputs whose logits
+        // overflowed float32. Its probabilities would be zeros or NaN: report it.
+        for (int64_t w = 0; w < W; w++)
+            if (!row_ok[w])
+                DEFKV_FAIL(DEFKV_ERROR_NON_FINITE,
+                           "the window attention logits of head %lld, query %lld overflowed float32 (keys or "
+                           "queries too large)",
+                           (long long)h, (long long)w);
+    }
+    return DEFKV_SUCCESS;
+}
 
 defkv_status CpuBackend::attention_host(const SeqViews &in, const SeqShape &s, const AttentionRequest &req,
                                    std::string *msg) {
@@ -130,45 +180,7 @@ defkv_status CpuBackend::attention_host(const SeqViews &in, const SeqShape &s, c
 
     for (int64_t h = 0; h < H; h++) {
         const int64_t k = h / G;
-        const uint8_t *masked = req.masked ? req.masked + k * L : nullptr;
-        if (in.attention.present()) {
-            const View &a = in.attention;
-            pool_->parallel_for(W, [&](int64_t w) { load_f32(a, a.off3(h, w, 0), L, a.stride[2], &rows[w * L]); });
-        } else {
-            const View &q = in.queries, &kv = in.keys;
-            for (int64_t w = 0; w < W; w++) load_f32(q, q.off3(h, w, 0), d, q.stride[2], &qbuf[w * d]);
-            // Logits in token tiles, one work item per tile (the same products whatever the
-            // thread count); keys widened per tile when they are not f32 rows.
-            pool_->parallel_for((L + kTokenTile - 1) / kTokenTile, [&](int64_t tile) {
-                const int64_t t0 = tile * kTokenTile, T = std::min(kTokenTile, L - t0);
-                thread_local std::vector<float> kbuf;
-                thread_local std::vector<const float *> cols;
-                thread_local PackedB kp;
-                const float *direct = direct_f32(kv, kv.off3(k, t0, 0), kv.stride[2]);
-                int64_t ldk = kv.stride[1];
-                if (!direct) {
-                    kbuf.resize(static_cast<size_t>(kTokenTile * d));
-                    for (int64_t t = 0; t < T; t++) load_f32(kv, kv.off3(k, t0 + t, 0), d, kv.stride[2], &kbuf[t * d]);
-                    direct = kbuf.data();
-                    ldk = d;
-                }
-                cols.resize(static_cast<size_t>(T));
-                for (int64_t t = 0; t < T; t++) cols[t] = direct + t * ldk;
-                pack_b_columns(cols.data(), d, T, &kp);
-                gemm_store(W, qbuf.data(), d, kp, req.scale, &rows[t0], L);
-            });
-            pool_->parallel_for(W, [&](int64_t w) {
-                row_ok[w] = softmax_row(&rows[w * L], L, P + w + 1, masked) || !any_unmasked(masked, P + w + 1);
-            });
-            // A row with eligible entries but no usable maximum: finite inputs whose logits
-            // overflowed float32. Its probabilities would be zeros or NaN: report it.
-            for (int64_t w = 0; w < W; w++)
-                if (!row_ok[w])
-                    DEFKV_FAIL(DEFKV_ERROR_NON_FINITE,
-                               "the window attention logits of head %lld, query %lld overflowed float32 (keys or "
-                               "queries too large)",
-                               (long long)h, (long long)w);
-        }
+        DEFKV_FORWARD(head_rows(in, s, req, h, rows.data(), qbuf.data(), row_ok.data(), msg));
         // Per-row reductions (rows independent).
         pool_->parallel_for(W, [&](int64_t w) {
             const float *a = &rows[w * L];

@@ -129,49 +129,49 @@ static bool strides_distinct(const View &v, const char *name, char *buf, size_t 
     return true;
 }
 
-bool resolve_view(const defkv_tensor &t, int32_t want_ndim, const char *name, View *out, std::string *msg) {
-    char buf[256];
+namespace {
+
+// dtype, rank, memory kind, reserved field, offset and alignment of a caller tensor.
+bool check_tensor_header(const defkv_tensor &t, int32_t want_ndim, const char *name, char *buf, size_t bufsz) {
     if (t.dtype != DEFKV_DTYPE_F32 && t.dtype != DEFKV_DTYPE_F16 && t.dtype != DEFKV_DTYPE_BF16) {
-        std::snprintf(buf, sizeof buf, "%s: dtype %d is not one of f32 (0), f16 (1), bf16 (2)", name, t.dtype);
-        *msg = buf;
+        std::snprintf(buf, bufsz, "%s: dtype %d is not one of f32 (0), f16 (1), bf16 (2)", name, t.dtype);
         return false;
     }
     if (t.ndim != want_ndim) {
-        std::snprintf(buf, sizeof buf, "%s: ndim is %d, expected %d", name, t.ndim, want_ndim);
-        *msg = buf;
+        std::snprintf(buf, bufsz, "%s: ndim is %d, expected %d", name, t.ndim, want_ndim);
         return false;
     }
     if (t.memory != DEFKV_MEMORY_HOST && t.memory != DEFKV_MEMORY_CUDA_DEVICE && t.memory != DEFKV_MEMORY_VULKAN_BUFFER) {
-        std::snprintf(buf, sizeof buf, "%s: memory kind %d is not a defkv_memory value", name, t.memory);
-        *msg = buf;
+        std::snprintf(buf, bufsz, "%s: memory kind %d is not a defkv_memory value", name, t.memory);
         return false;
     }
     if (t.reserved0 != 0) {
-        std::snprintf(buf, sizeof buf, "%s: reserved0 must be 0", name);
-        *msg = buf;
+        std::snprintf(buf, bufsz, "%s: reserved0 must be 0", name);
         return false;
     }
     if (t.byte_offset < 0) {
-        std::snprintf(buf, sizeof buf, "%s: byte_offset is negative (%lld)", name, (long long)t.byte_offset);
-        *msg = buf;
+        std::snprintf(buf, bufsz, "%s: byte_offset is negative (%lld)", name, (long long)t.byte_offset);
         return false;
     }
     // Element loads must be aligned: a byte offset or a host pointer that splits an element
     // is rejected rather than read through a misaligned pointer.
     const int64_t esize = dtype_size(t.dtype);
     if (t.byte_offset % esize != 0) {
-        std::snprintf(buf, sizeof buf, "%s: byte_offset %lld is not a multiple of the element size (%lld bytes)", name,
+        std::snprintf(buf, bufsz, "%s: byte_offset %lld is not a multiple of the element size (%lld bytes)", name,
                       (long long)t.byte_offset, (long long)esize);
-        *msg = buf;
         return false;
     }
     if (t.memory == DEFKV_MEMORY_HOST && reinterpret_cast<uintptr_t>(t.data) % static_cast<uintptr_t>(esize) != 0) {
-        std::snprintf(buf, sizeof buf, "%s: data pointer %p is not aligned to the element size (%lld bytes)", name, t.data,
+        std::snprintf(buf, bufsz, "%s: data pointer %p is not aligned to the element size (%lld bytes)", name, t.data,
                       (long long)esize);
-        *msg = buf;
         return false;
     }
-    View v;
+    return true;
+}
+
+// Shapes and strides (zero strides: contiguous) into v.
+bool resolve_shape(const defkv_tensor &t, int32_t want_ndim, const char *name, View *out, char *buf, size_t bufsz) {
+    View &v = *out;
     v.dtype = t.dtype;
     v.ndim = t.ndim;
     v.memory = t.memory;
@@ -180,14 +180,12 @@ bool resolve_view(const defkv_tensor &t, int32_t want_ndim, const char *name, Vi
     bool all_zero = true;
     for (int i = 0; i < want_ndim; i++) {
         if (t.shape[i] < 0) {
-            std::snprintf(buf, sizeof buf, "%s: shape[%d] is negative (%lld)", name, i, (long long)t.shape[i]);
-            *msg = buf;
+            std::snprintf(buf, bufsz, "%s: shape[%d] is negative (%lld)", name, i, (long long)t.shape[i]);
             return false;
         }
         if (t.strides[i] < 0) {
-            std::snprintf(buf, sizeof buf, "%s: strides[%d] is negative (%lld); only non-negative strides are supported",
+            std::snprintf(buf, bufsz, "%s: strides[%d] is negative (%lld); only non-negative strides are supported",
                           name, i, (long long)t.strides[i]);
-            *msg = buf;
             return false;
         }
         if (t.strides[i] != 0) all_zero = false;
@@ -199,11 +197,22 @@ bool resolve_view(const defkv_tensor &t, int32_t want_ndim, const char *name, Vi
         for (int i = want_ndim - 1; i >= 0; i--) {
             v.stride[i] = s;
             if (!mul_ok(s, t.shape[i] > 0 ? t.shape[i] : 1, &s)) {
-                std::snprintf(buf, sizeof buf, "%s: the product of the shape overflows 64 bits", name);
-                *msg = buf;
+                std::snprintf(buf, bufsz, "%s: the product of the shape overflows 64 bits", name);
                 return false;
             }
         }
+    }
+    return true;
+}
+
+} // namespace
+
+bool resolve_view(const defkv_tensor &t, int32_t want_ndim, const char *name, View *out, std::string *msg) {
+    char buf[256];
+    View v;
+    if (!check_tensor_header(t, want_ndim, name, buf, sizeof buf) || !resolve_shape(t, want_ndim, name, &v, buf, sizeof buf)) {
+        *msg = buf;
+        return false;
     }
     if (t.memory == DEFKV_MEMORY_HOST && t.data != nullptr)
         v.base = static_cast<const char *>(t.data) + t.byte_offset;
