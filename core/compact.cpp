@@ -8,6 +8,7 @@
 
 #include "context.hpp"
 #include "error.hpp"
+#include "outputs.hpp"
 #include "overlap.hpp"
 
 namespace defkv {
@@ -150,10 +151,7 @@ defkv_status compact_impl(defkv_context &ctx, const char *fn, const defkv_layer 
     const bool host_sel = sel->memory == DEFKV_MEMORY_HOST;
     if (!host_sel && sel->memory != be.memory())
         DEFKV_FAIL(DEFKV_ERROR_UNSUPPORTED, "sel->memory is %d; the %s backend reads host selections (0)%s", sel->memory,
-                   be.name(),
-                   be.memory() == DEFKV_MEMORY_CUDA_DEVICE     ? " or CUDA device memory (1)"
-                   : be.memory() == DEFKV_MEMORY_VULKAN_BUFFER ? " or Vulkan buffers (2)"
-                                                               : "");
+                   be.name(), device_memory_choice(be));
     const int64_t Hk = li.Hk, d = li.d, nh = Hk * static_cast<int64_t>(li.seqs.size());
     if (host_sel) DEFKV_FORWARD(check_host_selection(li, *sel, msg));
     else {

@@ -127,14 +127,7 @@ defkv_status layer_selection_impl(defkv_global &g, int32_t layer_index, defkv_se
     if (layer_index < 0 || layer_index >= g.n_layers)
         DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "layer_index is %d, expected [0, %d)", layer_index, g.n_layers);
     Backend &be = *g.ctx->backend;
-    if (!out) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "out (defkv_selection) is NULL");
-    if (out->struct_size < sizeof(defkv_selection))
-        DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "out->struct_size is %u, expected sizeof(defkv_selection) = %zu",
-                   out->struct_size, sizeof(defkv_selection));
-    if (!out->head_lens) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "out->head_lens is NULL (it is required)");
-    if (out->memory != DEFKV_MEMORY_HOST && out->memory != be.memory())
-        DEFKV_FAIL(DEFKV_ERROR_UNSUPPORTED, "out->memory is %d; the %s backend writes host (0) or its own device memory (%d)",
-                   out->memory, be.name(), be.memory());
+    DEFKV_FORWARD(check_selection(be, out, msg));
     DEFKV_FORWARD(check_output_pointers(be, *out, msg));
     int64_t bound = 0; // a layer keeps at most all of its entries
     for (int64_t L : g.seq_lens) bound += g.Hk * L;

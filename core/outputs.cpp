@@ -48,6 +48,24 @@ defkv_status check_scores_finite(Exec &x, const Params &p, const std::vector<Seq
     return DEFKV_SUCCESS;
 }
 
+const char *device_memory_choice(const Backend &be) {
+    return be.memory() == DEFKV_MEMORY_CUDA_DEVICE     ? " or CUDA device memory (1)"
+           : be.memory() == DEFKV_MEMORY_VULKAN_BUFFER ? " or Vulkan buffers (2)"
+                                                       : "";
+}
+
+defkv_status check_selection(const Backend &be, const defkv_selection *out, std::string *msg) {
+    if (!out) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "out (defkv_selection) is NULL");
+    if (out->struct_size < sizeof(defkv_selection))
+        DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "out->struct_size is %u, expected sizeof(defkv_selection) = %zu",
+                   out->struct_size, sizeof(defkv_selection));
+    if (!out->head_lens) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "out->head_lens is NULL (it is required)");
+    if (out->memory != DEFKV_MEMORY_HOST && out->memory != be.memory())
+        DEFKV_FAIL(DEFKV_ERROR_UNSUPPORTED, "out->memory is %d; the %s backend writes selections to host memory (0)%s",
+                   out->memory, be.name(), device_memory_choice(be));
+    return DEFKV_SUCCESS;
+}
+
 defkv_status check_output_pointers(const Backend &be, const defkv_selection &out, std::string *msg) {
     if (out.memory == DEFKV_MEMORY_HOST) return DEFKV_SUCCESS;
     const void *ptrs[] = {out.head_lens, out.cu_seqlens, out.indices, out.keep_mask, out.scores};

@@ -25,6 +25,14 @@ defkv_status prepare_inputs(defkv_context &ctx, const Params &p, const SeqInfo &
 // ranked lowest). Reads the scores on the host (a download on GPU backends).
 defkv_status check_scores_finite(Exec &x, const Params &p, const std::vector<SeqResult> &res, int64_t Hk);
 
+// " or CUDA device memory (1)" / " or Vulkan buffers (2)" / "": the device memory kind a
+// backend reads and writes besides host memory, for messages.
+const char *device_memory_choice(const Backend &be);
+
+// Validates the selection struct (size, head_lens) and its memory kind (host or the backend's),
+// not its pointers' contents.
+defkv_status check_selection(const Backend &be, const defkv_selection *out, std::string *msg);
+
 // For a selection in the backend's memory: every pointer it holds is memory the backend can
 // use (Backend::check_pointer), so a wrong pointer is an error, not a device fault.
 defkv_status check_output_pointers(const Backend &be, const defkv_selection &out, std::string *msg);

@@ -18,20 +18,11 @@ namespace defkv {
 
 namespace {
 
-// Validates the selection struct and its memory kind (not its pointers' contents).
-defkv_status check_selection(const Backend &be, const defkv_selection *out, std::string *msg) {
-    if (!out) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "out (defkv_selection) is NULL");
-    if (out->struct_size < sizeof(defkv_selection))
-        DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "out->struct_size is %u, expected sizeof(defkv_selection) = %zu",
-                   out->struct_size, sizeof(defkv_selection));
-    if (!out->head_lens) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "out->head_lens is NULL (it is required)");
-    if (out->memory != DEFKV_MEMORY_HOST && out->memory != be.memory())
-        DEFKV_FAIL(DEFKV_ERROR_UNSUPPORTED, "out->memory is %d; the %s backend writes selections to host memory (0)%s",
-                   out->memory, be.name(),
-                   be.memory() == DEFKV_MEMORY_CUDA_DEVICE     ? " or CUDA device memory (1)"
-                   : be.memory() == DEFKV_MEMORY_VULKAN_BUFFER ? " or Vulkan buffers (2)"
-                                                               : "");
-    return DEFKV_SUCCESS;
+// defkv_kept_count's figure: exact for every method but the layer-adaptive one (per layer).
+int64_t layer_kept_bound(const Params &p, const LayerInfo &li) {
+    int64_t n = 0;
+    for (const SeqInfo &si : li.seqs) n += std::min(seq_kept_count(p, si.s, 1), si.s.Hk * si.s.L);
+    return n;
 }
 
 // Scores and selects every sequence (a dry run only takes the arena slices).
@@ -70,8 +61,7 @@ defkv_status select_impl(defkv_context &ctx, const defkv_params *params, const d
     DEFKV_FORWARD(check_selection_overlaps(*out, li.Hk * static_cast<int64_t>(li.seqs.size()), li.total_entries, &li, msg));
     DEFKV_FORWARD(check_output_pointers(*ctx.backend, *out, msg));
     const bool host_out = out->memory == DEFKV_MEMORY_HOST;
-    int64_t bound = 0;
-    for (const SeqInfo &si : li.seqs) bound += std::min(seq_kept_count(p, si.s, 1), si.s.Hk * si.s.L);
+    const int64_t bound = layer_kept_bound(p, li);
     if (!host_out && out->indices && out->indices_capacity < bound)
         DEFKV_FAIL(DEFKV_ERROR_BUFFER_TOO_SMALL, "out->indices_capacity is %lld, the selection keeps %lld entries",
                    (long long)out->indices_capacity, (long long)bound);
@@ -108,9 +98,7 @@ defkv_status do_kept_count(defkv_context &ctx, const defkv_params *params, const
     LayerInfo li;
     DEFKV_FORWARD(resolve_layer(ctx, layer, p, "defkv_kept_count", &li, msg));
     if (!count) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "defkv_kept_count: count is NULL");
-    int64_t c = 0;
-    for (const SeqInfo &si : li.seqs) c += std::min(seq_kept_count(p, si.s, 1), si.s.Hk * si.s.L);
-    *count = c;
+    *count = layer_kept_bound(p, li);
     return DEFKV_SUCCESS;
 }
 

@@ -35,12 +35,6 @@ defkv_status cuda_backend_create(const defkv_context_options &opts, ThreadPool *
 namespace cuda {
 namespace {
 
-#define DEFKV_FORWARD_ST(expr)                \
-    do {                                      \
-        defkv_status st_ = (expr);            \
-        if (st_ != DEFKV_SUCCESS) return st_; \
-    } while (0)
-
 constexpr int kMinMajor = 8; // bf16 tensor-core WMMA; the build carries sm_80 and sm_90 code
 
 // Where each piece of a grow-only device buffer starts (256-byte aligned).
@@ -309,7 +303,7 @@ private:
             *out = b.ptr<uint8_t>();
             return DEFKV_SUCCESS;
         }
-        DEFKV_FORWARD_ST(stage->reserve(static_cast<size_t>(n), msg));
+        DEFKV_FORWARD(stage->reserve(static_cast<size_t>(n), msg));
         DEFKV_CUDA_TRY(cudaMemcpyAsync(stage->as<void>(), b.ptr<void>(), static_cast<size_t>(n), cudaMemcpyHostToDevice,
                                        stream_));
         *out = stage->as<uint8_t>();
@@ -359,7 +353,7 @@ defkv_status CudaBackend::bind(const View &v, const char *what, DeviceBuffer *st
                " is not accepted (host or CUDA device memory only)";
         return DEFKV_ERROR_INVALID_ARGUMENT;
     }
-    DEFKV_FORWARD_ST(stage->reserve(static_cast<size_t>(bytes), msg));
+    DEFKV_FORWARD(stage->reserve(static_cast<size_t>(bytes), msg));
     if (bytes)
         DEFKV_CUDA_TRY(cudaMemcpyAsync(stage->as<void>(), v.base, static_cast<size_t>(bytes), cudaMemcpyHostToDevice,
                                        stream_));
@@ -396,20 +390,20 @@ defkv_status CudaBackend::attention(const SeqViews &in, const SeqShape &s, float
     a.kernel = kernel;
     a.from_queries = !in.attention.present();
     if (a.from_queries) {
-        DEFKV_FORWARD_ST(bind(in.queries, "queries", &stage_a_, &a.queries, msg));
-        DEFKV_FORWARD_ST(bind(in.keys, "keys", &stage_b_, &a.keys, msg));
+        DEFKV_FORWARD(bind(in.queries, "queries", &stage_a_, &a.queries, msg));
+        DEFKV_FORWARD(bind(in.keys, "keys", &stage_b_, &a.keys, msg));
     } else {
-        DEFKV_FORWARD_ST(bind(in.attention, "attention", &stage_a_, &a.attention, msg));
+        DEFKV_FORWARD(bind(in.attention, "attention", &stage_a_, &a.attention, msg));
     }
-    DEFKV_FORWARD_ST(bind_bytes(masked, s.Hk * s.L, &masked_, &a.masked, msg));
+    DEFKV_FORWARD(bind_bytes(masked, s.Hk * s.L, &masked_, &a.masked, msg));
     const bool want_omega = static_cast<bool>(out.omega), want_last = static_cast<bool>(out.last_row_mean);
     Carve res, work;
     const size_t o_omega = res.take(want_omega ? sizeof(double) * 2 * s.H * s.W : 0);
     const size_t o_last = res.take(want_last ? sizeof(double) * (s.L - 1) : 0);
     const size_t w_probs = work.take(sizeof(float) * s.G * s.W * s.L);
     const size_t w_stats = work.take(sizeof(float) * 2 * s.G * s.W);
-    DEFKV_FORWARD_ST(att_out_.reserve(res.used, msg));
-    DEFKV_FORWARD_ST(work_.reserve(work.used, msg));
+    DEFKV_FORWARD(att_out_.reserve(res.used, msg));
+    DEFKV_FORWARD(work_.reserve(work.used, msg));
     char *rb = att_out_.as<char>(), *wb = work_.as<char>();
     a.mean_w = dptr<float>(out.mean_w);
     a.def_max = dptr<float>(out.def_max);
@@ -418,7 +412,7 @@ defkv_status CudaBackend::attention(const SeqViews &in, const SeqShape &s, float
     if (want_last) a.last_row_sum = reinterpret_cast<double *>(rb + o_last);
     a.probs = reinterpret_cast<float *>(wb + w_probs);
     a.row_stats = reinterpret_cast<float *>(wb + w_stats);
-    DEFKV_FORWARD_ST(window_attention(a, stream_, msg));
+    DEFKV_FORWARD(window_attention(a, stream_, msg));
     // the query rows' omega masses summed in row order, the last row divided by H, as the CPU
     return attention_finish(a.row_omega, s.H * s.W, dptr<double>(out.omega), a.last_row_sum, s.L - 1, s.H,
                             dptr<float>(out.last_row_mean), stream_, msg);
@@ -439,10 +433,10 @@ defkv_status CudaBackend::projected_norm(const SeqViews &in, const SeqShape &s, 
     a.D = s.D;
     a.L = s.L;
     a.n_tokens = n_tokens;
-    DEFKV_FORWARD_ST(bind(in.values, "values", &stage_c_, &a.values, msg));
-    DEFKV_FORWARD_ST(bind(in.o_proj, "o_proj", &stage_d_, &a.o_proj, msg));
-    DEFKV_FORWARD_ST(bind_bytes(masked, s.Hk * s.L, &masked_, &a.masked, msg));
-    DEFKV_FORWARD_ST(pn_work_.reserve(sizeof(float) * s.H * n_tokens, msg));
+    DEFKV_FORWARD(bind(in.values, "values", &stage_c_, &a.values, msg));
+    DEFKV_FORWARD(bind(in.o_proj, "o_proj", &stage_d_, &a.o_proj, msg));
+    DEFKV_FORWARD(bind_bytes(masked, s.Hk * s.L, &masked_, &a.masked, msg));
+    DEFKV_FORWARD(pn_work_.reserve(sizeof(float) * s.H * n_tokens, msg));
     a.partial = pn_work_.as<float>();
     a.out = out.ptr<float>();
     return cuda::projected_norm(a, stream_, msg);
@@ -455,7 +449,7 @@ defkv_status CudaBackend::key_norm(const SeqViews &in, const SeqShape &s, const 
     }
     DEFKV_CUDA_TRY(cudaSetDevice(device_));
     DevTensor k;
-    DEFKV_FORWARD_ST(bind(in.keys, "keys", &stage_b_, &k, msg));
+    DEFKV_FORWARD(bind(in.keys, "keys", &stage_b_, &k, msg));
     return cuda::key_norm(k, s.Hk, s.L, s.d, out.ptr<float>(), stream_, msg);
 }
 
@@ -488,7 +482,7 @@ defkv_status CudaBackend::compact(const View &t, int64_t Hk, int64_t L, int64_t 
         a.idx_global = false;
         Carve c;
         const size_t o_cu = c.take(sizeof(int32_t) * (Hk + 1)), o_idx = c.take(sizeof(int32_t) * a.total_rows);
-        DEFKV_FORWARD_ST(index_.reserve(c.used, msg));
+        DEFKV_FORWARD(index_.reserve(c.used, msg));
         DEFKV_CUDA_TRY(cudaMemcpyAsync(index_.as<char>() + o_cu, hcu, sizeof(int32_t) * (Hk + 1),
                                        cudaMemcpyHostToDevice, stream_));
         DEFKV_CUDA_TRY(cudaMemcpyAsync(index_.as<char>() + o_idx, idx.ptr<int32_t>() + hcu[0],
@@ -496,20 +490,20 @@ defkv_status CudaBackend::compact(const View &t, int64_t Hk, int64_t L, int64_t 
         a.cu = reinterpret_cast<const int32_t *>(index_.as<char>() + o_cu);
         a.idx = reinterpret_cast<const int32_t *>(index_.as<char>() + o_idx);
     }
-    DEFKV_FORWARD_ST(bind(t, dst ? "keys/values (compaction source)" : "keys/values (compaction)", &stage_a_, &a.src, msg));
+    DEFKV_FORWARD(bind(t, dst ? "keys/values (compaction source)" : "keys/values (compaction)", &stage_a_, &a.src, msg));
     if (a.inplace) {
         const int64_t rows = a.total_rows >= 0 ? a.total_rows : Hk * L;
-        DEFKV_FORWARD_ST(compact_scratch_.reserve(static_cast<size_t>(rows * d * a.elem_bytes), msg));
+        DEFKV_FORWARD(compact_scratch_.reserve(static_cast<size_t>(rows * d * a.elem_bytes), msg));
         a.scratch = compact_scratch_.as<void>();
     } else {
         // a host destination is uploaded first so that rows this call does not write come back unchanged
-        DEFKV_FORWARD_ST(bind(*dst, "keys_out/values_out", &stage_b_, &a.dst, msg));
+        DEFKV_FORWARD(bind(*dst, "keys_out/values_out", &stage_b_, &a.dst, msg));
         a.dst_rows = dst->shape[0];
     }
-    DEFKV_FORWARD_ST(compact_rows(a, stream_, msg));
+    DEFKV_FORWARD(compact_rows(a, stream_, msg));
     const View &written = dst ? *dst : t;
     if (written.memory != DEFKV_MEMORY_HOST) return DEFKV_SUCCESS;
-    DEFKV_FORWARD_ST(unstage(written, dst ? stage_b_ : stage_a_, msg));
+    DEFKV_FORWARD(unstage(written, dst ? stage_b_ : stage_a_, msg));
     DEFKV_CUDA_TRY(cudaStreamSynchronize(stream_)); // the caller's host tensor holds the result on return
     return DEFKV_SUCCESS;
 }

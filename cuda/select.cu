@@ -23,12 +23,6 @@
 #include <cub/device/device_radix_sort.cuh>
 #endif
 
-#define DEFKV_FORWARD_STATUS(expr)            \
-    do {                                      \
-        defkv_status st_ = (expr);            \
-        if (st_ != DEFKV_SUCCESS) return st_; \
-    } while (0)
-
 namespace defkv {
 namespace cuda {
 namespace {
@@ -614,10 +608,10 @@ defkv_status sort_space(DeviceBuffer *scratch, int64_t n, int end_bit, size_t ex
         return DEFKV_ERROR_UNSUPPORTED;
     }
     size_t temp = 0;
-    DEFKV_FORWARD_STATUS(sort_temp_bytes(n, end_bit, &temp, msg));
+    DEFKV_FORWARD(sort_temp_bytes(n, end_bit, &temp, msg));
     const size_t un = static_cast<size_t>(n);
     const size_t k8 = align256(un * 8), v4 = align256(un * 4), t = align256(temp);
-    DEFKV_FORWARD_STATUS(scratch->reserve(2 * k8 + 2 * v4 + t + align256(extra), msg));
+    DEFKV_FORWARD(scratch->reserve(2 * k8 + 2 * v4 + t + align256(extra), msg));
     char *p = scratch->as<char>();
     s->keys = reinterpret_cast<uint64_t *>(p);
     s->keys_alt = reinterpret_cast<uint64_t *>(p + k8);
@@ -673,7 +667,7 @@ defkv_status select_space(DeviceBuffer *scratch, int64_t rows, int64_t len, Sele
     const size_t un = static_cast<size_t>(rows * len), uc = static_cast<size_t>(rows * sp->nc);
     const size_t k8 = align256(un * 8), s = align256(static_cast<size_t>(rows) * sizeof(SelectState)),
                  h = align256(uc * kSelectBins * sizeof(uint32_t)), e = align256(uc * sizeof(int32_t));
-    DEFKV_FORWARD_STATUS(scratch->reserve(k8 + s + h + e, msg));
+    DEFKV_FORWARD(scratch->reserve(k8 + s + h + e, msg));
     char *p = scratch->as<char>();
     sp->keys = reinterpret_cast<uint64_t *>(p);
     sp->st = reinterpret_cast<SelectState *>(p + k8);
@@ -743,13 +737,13 @@ defkv_status mass_threshold(const float *avg, int64_t Hk, int64_t P, const doubl
     if (Hk <= 0 || P <= 0) return DEFKV_SUCCESS;
     const int end_bit = 32 + bits_for(Hk);
     SortSpace s;
-    DEFKV_FORWARD_STATUS(sort_space(scratch, Hk * P, end_bit, sizeof(float) * static_cast<size_t>(Hk), &s, msg));
+    DEFKV_FORWARD(sort_space(scratch, Hk * P, end_bit, sizeof(float) * static_cast<size_t>(Hk), &s, msg));
     float *fs = reinterpret_cast<float *>(s.extra);
     row_float_sum_kernel<<<static_cast<unsigned>(Hk), kThreads, 0, stream>>>(avg, P, fs);
     DEFKV_LAUNCHED("row_float_sum_kernel");
     mass_keys_kernel<<<grid_1d(Hk * P, kThreads), kThreads, 0, stream>>>(avg, fs, Hk, P, s.keys, s.vals);
     DEFKV_LAUNCHED("mass_keys_kernel");
-    DEFKV_FORWARD_STATUS(sort_pairs(s, Hk * P, end_bit, stream, msg));
+    DEFKV_FORWARD(sort_pairs(s, Hk * P, end_bit, stream, msg));
     mass_count_kernel<<<static_cast<unsigned>(Hk), kThreads, 0, stream>>>(s.keys_alt, s.vals_alt, P, L, omega,
                                                                           omega_index, threshold, cap, bad, tier);
     DEFKV_LAUNCHED("mass_count_kernel");
@@ -763,7 +757,7 @@ defkv_status top_rows(const float *score, const uint8_t *rank_tier, const uint8_
     if (rows <= 0 || j_end <= 0) return DEFKV_SUCCESS;
     if (!counts && count <= 0) return DEFKV_SUCCESS;
     SelectSpace sp;
-    DEFKV_FORWARD_STATUS(select_space(scratch, rows, j_end, &sp, msg));
+    DEFKV_FORWARD(select_space(scratch, rows, j_end, &sp, msg));
     rank_keys_kernel<<<grid_1d(rows * j_end, kThreads), kThreads, 0, stream>>>(kLocal, score, rank_tier, bad, rows, L,
                                                                                 j_end, sp.keys);
     DEFKV_LAUNCHED("rank_keys_kernel");
@@ -774,7 +768,7 @@ defkv_status masked_max(const float *x, const uint8_t *bad, int64_t rows, int64_
                         DeviceBuffer *scratch, cudaStream_t stream, std::string *msg) {
     const int64_t N = rows > 0 && n > 0 ? rows * n : 0;
     const int nb = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kMaxPartials, (N + kThreads * 8 - 1) / (kThreads * 8))));
-    DEFKV_FORWARD_STATUS(scratch->reserve(align256(sizeof(float) * kMaxPartials) + sizeof(int64_t) * kMaxPartials, msg));
+    DEFKV_FORWARD(scratch->reserve(align256(sizeof(float) * kMaxPartials) + sizeof(int64_t) * kMaxPartials, msg));
     float *pv = scratch->as<float>();
     int64_t *pi = reinterpret_cast<int64_t *>(scratch->as<char>() + align256(sizeof(float) * kMaxPartials));
     max_partial_kernel<<<nb, kThreads, 0, stream>>>(x, bad, rows > 0 ? rows : 0, n > 0 ? n : 0, ld, pv, pi);
@@ -879,7 +873,7 @@ defkv_status top_k(TopK mode, const float *score, const uint8_t *tier, int64_t r
     if (k == 0) return DEFKV_SUCCESS;
     const bool global = mode == TopK::LAYER_ADAPTIVE;
     SelectSpace sp;
-    DEFKV_FORWARD_STATUS(select_space(scratch, 1, n, &sp, msg));
+    DEFKV_FORWARD(select_space(scratch, 1, n, &sp, msg));
     rank_keys_kernel<<<grid_1d(n, kThreads), kThreads, 0, stream>>>(global ? kGlobal : kLocal, score, tier, nullptr,
                                                                     rows, L, L, sp.keys);
     DEFKV_LAUNCHED("rank_keys_kernel");
@@ -899,7 +893,7 @@ defkv_status write_selection(const uint8_t *keep, int64_t Hk, int64_t L, int64_t
         return DEFKV_ERROR_UNSUPPORTED;
     }
     const int64_t nc = std::max<int64_t>(1, (L + kChunk - 1) / kChunk);
-    DEFKV_FORWARD_STATUS(scratch->reserve(sizeof(int32_t) * static_cast<size_t>(Hk * nc), msg));
+    DEFKV_FORWARD(scratch->reserve(sizeof(int32_t) * static_cast<size_t>(Hk * nc), msg));
     int32_t *counts = scratch->as<int32_t>();
     const dim3 grid(static_cast<unsigned>(nc), static_cast<unsigned>(Hk));
     count_chunks_kernel<<<grid, kThreads, 0, stream>>>(keep, L, nc, counts);

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "backend.hpp"
+#include "error.hpp"
 #include "common.cuh"
 
 namespace defkv {

@@ -49,7 +49,7 @@ bool env_on(const char *name) {
 } // namespace
 
 defkv_status VulkanBackend::vk_fail(VkResult r, const char *what, std::string *msg) const {
-    *msg = strf("%s failed (VkResult %d)", what, static_cast<int>(r));
+    *msg = fmt("%s failed (VkResult %d)", what, static_cast<int>(r));
     return r == VK_ERROR_OUT_OF_DEVICE_MEMORY || r == VK_ERROR_OUT_OF_HOST_MEMORY ? DEFKV_ERROR_OUT_OF_MEMORY
                                                                                   : DEFKV_ERROR_BACKEND_FAILURE;
 }
@@ -94,7 +94,7 @@ defkv_status VulkanBackend::open_caller_device(const defkv_context_options &o, s
                           : !o.vk_queue           ? "vk_queue"
                                                   : nullptr;
     if (missing) {
-        *msg = strf("options->%s is NULL: give all of vk_instance, vk_physical_device, vk_device and vk_queue, or none",
+        *msg = fmt("options->%s is NULL: give all of vk_instance, vk_physical_device, vk_device and vk_queue, or none",
                     missing);
         return DEFKV_ERROR_INVALID_ARGUMENT;
     }
@@ -166,7 +166,7 @@ defkv_status VulkanBackend::open_own_device(const defkv_context_options &o, std:
     VkResult r = fi_.vkCreateDevice(dv_.pd, &dci, nullptr, &dev_);
     if (r != VK_SUCCESS && (dv_.cm.ok || want.shaderFloat64)) { // retry plain: both are optional
         if (dv_.cm.ok)
-            dv_.cm.why = strf("vkCreateDevice with %s failed (VkResult %d)",
+            dv_.cm.why = fmt("vkCreateDevice with %s failed (VkResult %d)",
                               dv_.cm.emulated ? "shaderFloat16" : "VK_NV_cooperative_matrix", static_cast<int>(r));
         dv_.cm.ok = false;
         want.shaderFloat64 = VK_FALSE;
@@ -218,7 +218,7 @@ defkv_status VulkanBackend::read_device_limits(std::string *msg) {
     sq_floats_ = std::min<uint32_t>(8192, shared / 4);
     sv_floats_ = shared > 16 * 64 * 4 ? std::min<uint32_t>(8192, (shared - 16 * 64 * 4) / 4) : 0;
     if (sv_floats_ < 16 || shared < 16384) {
-        *msg = strf("the Vulkan device has only %u bytes of shared memory (the sort needs 16384)", shared);
+        *msg = fmt("the Vulkan device has only %u bytes of shared memory (the sort needs 16384)", shared);
         return DEFKV_ERROR_BACKEND_UNAVAILABLE;
     }
     fp64_ = dv_.fp64;
@@ -264,7 +264,7 @@ defkv_status VulkanBackend::create_pipeline(const char *shader, const VkSpeciali
                                             std::string *msg) {
     const vk::ShaderCode *code = find_shader(shader);
     if (!code) {
-        *msg = strf("internal: shader %s is not embedded", shader);
+        *msg = fmt("internal: shader %s is not embedded", shader);
         return DEFKV_ERROR_INTERNAL;
     }
     VkShaderModuleCreateInfo sm{};
@@ -286,7 +286,7 @@ defkv_status VulkanBackend::create_pipeline(const char *shader, const VkSpeciali
     fd_.vkDestroyShaderModule(dev_, mod, nullptr);
     if (r != VK_SUCCESS) {
         *out = VK_NULL_HANDLE;
-        return vk_fail(r, strf("vkCreateComputePipelines (%s)", shader).c_str(), msg);
+        return vk_fail(r, fmt("vkCreateComputePipelines (%s)", shader).c_str(), msg);
     }
     return DEFKV_SUCCESS;
 }
@@ -326,7 +326,7 @@ defkv_status VulkanBackend::create_pnorm_cm(std::string *msg) {
     uint32_t nsg = 4;
     while (nsg > 1 && too_big(nsg)) nsg /= 2;
     if (too_big(nsg)) {
-        *msg = strf("a workgroup of one subgroup (%u) exceeds the device's limits", cm.subgroup);
+        *msg = fmt("a workgroup of one subgroup (%u) exceeds the device's limits", cm.subgroup);
         return DEFKV_ERROR_UNSUPPORTED;
     }
     const uint32_t nb = 64, tw = nsg * cm.M;
@@ -336,7 +336,7 @@ defkv_status VulkanBackend::create_pnorm_cm(std::string *msg) {
     dmax = std::min<int64_t>(dmax, 512);
     dmax -= dmax % cm.K;
     if (dmax < static_cast<int64_t>(cm.K)) {
-        *msg = strf("%u bytes of shared memory do not hold the tiles", shared);
+        *msg = fmt("%u bytes of shared memory do not hold the tiles", shared);
         return DEFKV_ERROR_UNSUPPORTED;
     }
     const uint32_t ld = static_cast<uint32_t>(dmax) + 8;
@@ -420,9 +420,9 @@ Pipe VulkanBackend::pnorm_pipe(int32_t v_dtype, int32_t o_dtype, int64_t d, uint
 std::string VulkanBackend::describe_pnorm(int32_t v_dtype, int32_t o_dtype, int64_t d) const {
     uint32_t tokens = 0;
     const CoopmatSupport &cm = dv_.cm;
-    std::string r = strf("device='%s' ", props_.deviceName);
+    std::string r = fmt("device='%s' ", props_.deviceName);
     if (pnorm_pipe(v_dtype, o_dtype, d, &tokens) == P_PNORM_CM)
-        return r + strf("pnorm=%s (fp16 %ux%ux%u, subgroup %u)",
+        return r + fmt("pnorm=%s (fp16 %ux%ux%u, subgroup %u)",
                         cm.emulated ? "EMULATED-cooperative-matrix (test switch, no tensor cores)"
                                     : "cooperative-matrix (GL_NV_cooperative_matrix)",
                         cm.M, cm.N, cm.K, cm.subgroup);

@@ -115,7 +115,7 @@ defkv_status VulkanBackend::compact_device_inplace(const View &t, int64_t Hk, in
             pc.drow_global = 0;
             VK_TRY(dispatch(P_COPYSEL, j.bs, &pc, sizeof pc, j.gx, j.gy, 1, msg));
         }
-    trace("compact_inplace", strf("%lld heads", static_cast<long long>(Hk)));
+    trace("compact_inplace", fmt("%lld heads", static_cast<long long>(Hk)));
     return settle({j.src.buf}, msg);
 }
 
@@ -165,7 +165,7 @@ defkv_status VulkanBackend::compact_device_varlen(const View &t, int64_t Hk, int
         packed.stride[1] = 1;
         for (int64_t r = idx0; r < rows; r++) copy_row(packed, r * d, dst, dst.off2(r, 0), d);
     }
-    trace("compact_varlen", strf("%lld heads", static_cast<long long>(Hk)));
+    trace("compact_varlen", fmt("%lld heads", static_cast<long long>(Hk)));
     return settle({dsrc.buf}, msg);
 }
 

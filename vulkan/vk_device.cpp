@@ -14,15 +14,6 @@
 namespace defkv {
 namespace vkb {
 
-std::string strf(const char *f, ...) {
-    char buf[512];
-    va_list ap;
-    va_start(ap, f);
-    std::vsnprintf(buf, sizeof buf, f, ap);
-    va_end(ap);
-    return buf;
-}
-
 // ---- the loader ----------------------------------------------------------------------------
 
 const Loader &loader() {
@@ -166,7 +157,7 @@ bool create_instance(VkInstance *out, InstanceFns *fi, VkDebugUtilsMessengerEXT 
     VkInstance inst = VK_NULL_HANDLE;
     VkResult r = L.vkCreateInstance(&ci, nullptr, &inst);
     if (r != VK_SUCCESS) {
-        *msg = strf("vkCreateInstance failed (VkResult %d): no usable Vulkan driver", static_cast<int>(r));
+        *msg = fmt("vkCreateInstance failed (VkResult %d): no usable Vulkan driver", static_cast<int>(r));
         return false;
     }
     if (!fi->load(inst, msg)) {
@@ -219,16 +210,16 @@ bool pick_device(const InstanceFns &fi, VkInstance inst, int32_t index, VkPhysic
         VkPhysicalDeviceProperties p;
         fi.vkGetPhysicalDeviceProperties(pd, &p);
         if (p.apiVersion < VK_API_VERSION_1_2) {
-            *why = strf("Vulkan device '%s' supports only Vulkan %u.%u; defkv needs 1.2", p.deviceName,
+            *why = fmt("Vulkan device '%s' supports only Vulkan %u.%u; defkv needs 1.2", p.deviceName,
                         VK_API_VERSION_MAJOR(p.apiVersion), VK_API_VERSION_MINOR(p.apiVersion));
             return false;
         }
         if (compute_family(fi, pd) < 0) {
-            *why = strf("Vulkan device '%s' has no compute queue", p.deviceName);
+            *why = fmt("Vulkan device '%s' has no compute queue", p.deviceName);
             return false;
         }
         if (p.limits.maxPerStageDescriptorStorageBuffers < 8) {
-            *why = strf("Vulkan device '%s' allows %u storage buffers per stage; defkv needs 8", p.deviceName,
+            *why = fmt("Vulkan device '%s' allows %u storage buffers per stage; defkv needs 8", p.deviceName,
                         p.limits.maxPerStageDescriptorStorageBuffers);
             return false;
         }
@@ -236,7 +227,7 @@ bool pick_device(const InstanceFns &fi, VkInstance inst, int32_t index, VkPhysic
     };
     if (index >= 0) {
         if (static_cast<uint32_t>(index) >= n) {
-            *msg = strf("options->device_index is %d but this machine has %u Vulkan device(s)", index, n);
+            *msg = fmt("options->device_index is %d but this machine has %u Vulkan device(s)", index, n);
             return false;
         }
         if (!usable(pds[index], msg)) return false;
@@ -330,7 +321,7 @@ CoopmatSupport query_coopmat(const InstanceFns &fi, VkPhysicalDevice pd, bool ha
     f2.pNext = &f12;
     fi.vkGetPhysicalDeviceFeatures2(pd, &f2);
     if (!cmf.cooperativeMatrix || !f12.shaderFloat16 || !f12.vulkanMemoryModel) {
-        c.why = strf("a required feature is missing (cooperativeMatrix %u, shaderFloat16 %u, vulkanMemoryModel %u)",
+        c.why = fmt("a required feature is missing (cooperativeMatrix %u, shaderFloat16 %u, vulkanMemoryModel %u)",
                      cmf.cooperativeMatrix, f12.shaderFloat16, f12.vulkanMemoryModel);
         return c;
     }
@@ -378,7 +369,7 @@ CoopmatSupport query_coopmat(const InstanceFns &fi, VkPhysicalDevice pd, bool ha
         }
     }
     if (best < 0) {
-        c.why = strf("none of the %u cooperative-matrix configurations is fp16 x fp16 -> fp32 at subgroup scope with M "
+        c.why = fmt("none of the %u cooperative-matrix configurations is fp16 x fp16 -> fp32 at subgroup scope with M "
                      "dividing the subgroup size %u",
                      n, sgp.subgroupSize);
         return c;

@@ -10,11 +10,10 @@
 #include <string>
 
 #include "defkv/defkv.h"
+#include "error.hpp"
 
 namespace defkv {
 namespace vkb {
-
-std::string strf(const char *f, ...) __attribute__((format(printf, 1, 2)));
 
 struct Loader {
     void *lib = nullptr;
@@ -116,7 +115,7 @@ struct ValidationLog {
     bool take(std::string *msg) {
         std::lock_guard<std::mutex> lock(mu);
         if (count == 0) return false;
-        *msg = strf("the Vulkan validation layer reported %lld message(s), the first: ", static_cast<long long>(count)) + first;
+        *msg = fmt("the Vulkan validation layer reported %lld message(s), the first: ", static_cast<long long>(count)) + first;
         count = 0;
         first.clear();
         return true;

@@ -52,7 +52,7 @@ defkv_status VulkanBackend::make_buffer(VkDeviceSize bytes, Buffer *b, std::stri
     if (r != VK_SUCCESS) {
         fd_.vkDestroyBuffer(dev_, b->buf, nullptr);
         b->buf = VK_NULL_HANDLE;
-        return vk_fail(r, strf("vkAllocateMemory of %llu bytes", static_cast<unsigned long long>(req.size)).c_str(), msg);
+        return vk_fail(r, fmt("vkAllocateMemory of %llu bytes", static_cast<unsigned long long>(req.size)).c_str(), msg);
     }
     fd_.vkBindBufferMemory(dev_, b->buf, b->mem, 0);
     void *p = nullptr;
@@ -149,7 +149,7 @@ defkv_status VulkanBackend::tensor_src(const View &v, Src *out, std::string *msg
             return DEFKV_ERROR_INVALID_ARGUMENT;
         }
         if (v.byte_offset % es != 0) {
-            *msg = strf("a VkBuffer tensor's byte_offset (%lld) is not a multiple of its element size (%lld)",
+            *msg = fmt("a VkBuffer tensor's byte_offset (%lld) is not a multiple of its element size (%lld)",
                         static_cast<long long>(v.byte_offset), static_cast<long long>(es));
             return DEFKV_ERROR_INVALID_ARGUMENT;
         }
@@ -157,7 +157,7 @@ defkv_status VulkanBackend::tensor_src(const View &v, Src *out, std::string *msg
         return DEFKV_SUCCESS;
     }
     if (v.memory != DEFKV_MEMORY_HOST) {
-        *msg = strf("a tensor has memory kind %d; the Vulkan backend takes host memory or VkBuffers", v.memory);
+        *msg = fmt("a tensor has memory kind %d; the Vulkan backend takes host memory or VkBuffers", v.memory);
         return DEFKV_ERROR_INVALID_ARGUMENT;
     }
     if (!v.base) {
@@ -178,7 +178,7 @@ defkv_status VulkanBackend::device_copy(const Buf &b, int64_t bytes, Buf *out, s
         return DEFKV_SUCCESS;
     }
     if (b.memory != DEFKV_MEMORY_HOST) {
-        *msg = strf("internal: a buffer of memory kind %d given to the Vulkan backend", b.memory);
+        *msg = fmt("internal: a buffer of memory kind %d given to the Vulkan backend", b.memory);
         return DEFKV_ERROR_INTERNAL;
     }
     Src s;
@@ -199,7 +199,7 @@ defkv_status VulkanBackend::window(const Src &src, int64_t e0, int64_t n, Bind *
     const VkDeviceSize end = byte + static_cast<VkDeviceSize>(std::max<int64_t>(n, 1) * src.esize);
     const VkDeviceSize range = (end - aligned + 3) / 4 * 4;
     if (range > static_cast<VkDeviceSize>(limit)) {
-        *msg = strf("a window of %llu bytes exceeds the storage-buffer range %lld",
+        *msg = fmt("a window of %llu bytes exceeds the storage-buffer range %lld",
                     static_cast<unsigned long long>(range), static_cast<long long>(limit));
         return limit == max_range_ ? DEFKV_ERROR_INTERNAL : DEFKV_ERROR_UNSUPPORTED;
     }
@@ -219,13 +219,13 @@ defkv_status VulkanBackend::bind_span(const Buf &b, int64_t unit, Bind *out, uin
     const VkDeviceSize byte = static_cast<VkDeviceSize>(b.offset);
     const VkDeviceSize aligned = byte - byte % align_;
     if ((byte - aligned) % static_cast<VkDeviceSize>(unit) != 0) {
-        *msg = strf("a buffer at byte offset %lld is not aligned to its %lld-byte elements",
+        *msg = fmt("a buffer at byte offset %lld is not aligned to its %lld-byte elements",
                     static_cast<long long>(b.offset), static_cast<long long>(unit));
         return DEFKV_ERROR_INVALID_ARGUMENT;
     }
     const VkDeviceSize range = (byte + static_cast<VkDeviceSize>(std::max<int64_t>(b.bytes, 1)) - aligned + 3) / 4 * 4;
     if (range > props_.limits.maxStorageBufferRange) {
-        *msg = strf("a buffer of %lld bytes exceeds the device's storage-buffer range (%u bytes)",
+        *msg = fmt("a buffer of %lld bytes exceeds the device's storage-buffer range (%u bytes)",
                     static_cast<long long>(b.bytes), props_.limits.maxStorageBufferRange);
         return DEFKV_ERROR_UNSUPPORTED;
     }
@@ -267,12 +267,12 @@ defkv_status VulkanBackend::dispatch(Pipe p, const Bind *binds, const void *pc, 
     if (gx == 0 || gy == 0 || gz == 0) return DEFKV_SUCCESS;
     const uint32_t *maxg = props_.limits.maxComputeWorkGroupCount;
     if (gx > maxg[0] || gy > maxg[1] || gz > maxg[2]) {
-        *msg = strf("internal: dispatch %ux%ux%u exceeds the device's workgroup count limits", gx, gy, gz);
+        *msg = fmt("internal: dispatch %ux%ux%u exceeds the device's workgroup count limits", gx, gy, gz);
         return DEFKV_ERROR_INTERNAL;
     }
     const VkPipeline pipe = p == P_PNORM_CM ? pnorm_cm_ : pipes_[p];
     if (!pipe) {
-        *msg = strf("internal: pipeline %d was not created", static_cast<int>(p));
+        *msg = fmt("internal: pipeline %d was not created", static_cast<int>(p));
         return DEFKV_ERROR_INTERNAL;
     }
     constexpr uint32_t kSetsPerPool = 256;

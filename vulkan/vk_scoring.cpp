@@ -164,13 +164,13 @@ defkv_status VulkanBackend::attention(const SeqViews &in, const SeqShape &s, flo
     const int64_t H = s.H, d = s.d, L = s.L, W = s.W, P = s.P;
     const bool have_q = in.queries.present();
     if (have_q && d * 16 > sq_floats_) {
-        *msg = strf("head dim d = %lld exceeds what the Vulkan logits shader stages in %u bytes of shared memory",
+        *msg = fmt("head dim d = %lld exceeds what the Vulkan logits shader stages in %u bytes of shared memory",
                     static_cast<long long>(d), props_.limits.maxComputeSharedMemorySize);
         return DEFKV_ERROR_UNSUPPORTED;
     }
     const int64_t capf = cap_elems(4);
     if (L > capf || H * W * 4 > capf) {
-        *msg = strf("L = %lld is too long for one storage-buffer window of this Vulkan device (%lld bytes)",
+        *msg = fmt("L = %lld is too long for one storage-buffer window of this Vulkan device (%lld bytes)",
                     static_cast<long long>(L), static_cast<long long>(max_range_));
         return DEFKV_ERROR_UNSUPPORTED;
     }
@@ -202,7 +202,7 @@ defkv_status VulkanBackend::attention(const SeqViews &in, const SeqShape &s, flo
             VK_TRY(attn_reduce(j, h, wb0, nb, msg));
         }
     VK_TRY(attn_finish(j, msg));
-    trace("attention", strf("H=%lld L=%lld W=%lld, %lld query rows per block", static_cast<long long>(H),
+    trace("attention", fmt("H=%lld L=%lld W=%lld, %lld query rows per block", static_cast<long long>(H),
                             static_cast<long long>(L), static_cast<long long>(W), static_cast<long long>(j.Wb)));
     VK_TRY(settle({vkbuf(out.mean_w), vkbuf(out.def_max), vkbuf(out.def_avg), vkbuf(out.omega), vkbuf(out.last_row_mean)},
                   msg));
@@ -223,7 +223,7 @@ defkv_status VulkanBackend::projected_norm(const SeqViews &in, const SeqShape &s
     Buf masked;
     VK_TRY(device_copy(masked_in, s.Hk * L, &masked, msg));
     if (d * 16 > sv_floats_) {
-        *msg = strf("head dim d = %lld exceeds what the Vulkan projected-norm shader stages in shared memory",
+        *msg = fmt("head dim d = %lld exceeds what the Vulkan projected-norm shader stages in shared memory",
                     static_cast<long long>(d));
         return DEFKV_ERROR_UNSUPPORTED;
     }
@@ -283,7 +283,7 @@ defkv_status VulkanBackend::projected_norm(const SeqViews &in, const SeqShape &s
             }
         }
     }
-    trace("projected_norm", strf("n=%lld D=%lld, %lld tokens / %lld columns per chunk, %s shader", static_cast<long long>(n_tokens),
+    trace("projected_norm", fmt("n=%lld D=%lld, %lld tokens / %lld columns per chunk, %s shader", static_cast<long long>(n_tokens),
                                  static_cast<long long>(D), static_cast<long long>(Tmax), static_cast<long long>(Cmax),
                                  pn_pipe == P_PNORM_CM ? "cooperative-matrix" : "plain"));
     VK_TRY(settle({vkbuf(out)}, msg));
@@ -317,7 +317,7 @@ defkv_status VulkanBackend::key_norm(const SeqViews &in, const SeqShape &s, cons
                     static_cast<uint32_t>(K.stride[2]), static_cast<uint32_t>(d), static_cast<uint32_t>(T), obase};
             VK_TRY(dispatch(P_KEYNORM, bs, &pc, sizeof pc, static_cast<uint32_t>((T + 63) / 64), 1, 1, msg));
         }
-    trace("key_norm", strf("L=%lld, %lld tokens per chunk", static_cast<long long>(L), static_cast<long long>(Tmax)));
+    trace("key_norm", fmt("L=%lld, %lld tokens per chunk", static_cast<long long>(L), static_cast<long long>(Tmax)));
     VK_TRY(settle({vkbuf(out)}, msg));
     return scope.ok();
 }

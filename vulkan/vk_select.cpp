@@ -58,7 +58,7 @@ defkv_status VulkanBackend::sort_keys(const Bind &keys, int64_t n, int64_t seg, 
     bs[B_SEL_KEYS] = keys;
     const uint32_t blocks = u32((n + B - 1) / B);
     if (blocks > props_.limits.maxComputeWorkGroupCount[0] || (n + 255) / 256 > props_.limits.maxComputeWorkGroupCount[0]) {
-        *msg = strf("%lld sort keys exceed the device's workgroup count", static_cast<long long>(n));
+        *msg = fmt("%lld sort keys exceed the device's workgroup count", static_cast<long long>(n));
         return DEFKV_ERROR_UNSUPPORTED;
     }
     VK_TRY(dispatch(P_SEL_SORT, bs, &pc, sizeof pc, blocks, 1, 1, msg));

@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "../parity/harness.hpp"
 #include "backend.hpp"
 #include "defkv/defkv.h"
 #include "ops.hpp"
@@ -35,36 +36,14 @@ using namespace defkv;
 
 namespace {
 
-int g_checks = 0, g_failures = 0;
+using parity::g_checks;
+using parity::g_failures;
+using parity::Rng;
 bool g_self = false, g_small = false, g_inject = false;
 int g_only_case = -1; // --case N: run only case N of the list (to rerun a failure)
 
-#define CHECK(cond, ...)                                                  \
-    do {                                                                  \
-        g_checks++;                                                       \
-        if (!(cond)) {                                                    \
-            g_failures++;                                                 \
-            if (g_failures <= 60) {                                       \
-                std::printf("FAIL %s:%d: ", __FILE__, __LINE__);          \
-                std::printf(__VA_ARGS__);                                 \
-                std::printf("\n");                                        \
-            }                                                             \
-        }                                                                 \
-    } while (0)
-
 // ---- deterministic data --------------------------------------------------------------------
 
-struct Rng {
-    uint64_t s;
-    explicit Rng(uint64_t seed) : s(seed * 0x9E3779B97F4A7C15ull + 1) {}
-    uint32_t next() {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        return static_cast<uint32_t>(s >> 11);
-    }
-    float uni() { return static_cast<float>(next() & 0xFFFFFF) / 16777216.0f * 2.0f - 1.0f; } // [-1, 1)
-};
 
 // A host buffer of `n` elements of `dtype`, filled with scale * uniform values.
 std::vector<char> make_data(int64_t n, int32_t dtype, float scale, Rng &rng) {

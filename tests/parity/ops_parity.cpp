@@ -33,6 +33,7 @@
 
 #include "backend.hpp"
 #include "defkv/defkv.h"
+#include "harness.hpp"
 #include "ops.hpp"
 #include "tensor.hpp"
 #include "thread_pool.hpp"
@@ -41,23 +42,12 @@ using namespace defkv;
 
 namespace {
 
-int g_checks = 0, g_failures = 0;
+using parity::g_checks;
+using parity::g_failures;
+using parity::Rng;
 bool g_small = false, g_inject = false, g_injected = false, g_caught = false;
 int g_section = 0, g_inject_section = 0; // 0 selection ops, 1 scoring ops, 2 compaction
 Backend *g_ref = nullptr, *g_test = nullptr;
-
-#define CHECK(cond, ...)                                         \
-    do {                                                         \
-        g_checks++;                                              \
-        if (!(cond)) {                                           \
-            g_failures++;                                        \
-            if (g_failures <= 80) {                              \
-                std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-                std::printf(__VA_ARGS__);                        \
-                std::printf("\n");                               \
-            }                                                    \
-        }                                                        \
-    } while (0)
 
 // --inject-fault: true exactly once (the first tested result compared).
 bool inject_now() {
@@ -76,17 +66,6 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 // ---- deterministic data --------------------------------------------------------------------
 
-struct Rng {
-    uint64_t s;
-    explicit Rng(uint64_t seed) : s(seed * 0x9E3779B97F4A7C15ull + 1) {}
-    uint32_t next() {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        return static_cast<uint32_t>(s >> 11);
-    }
-    float uni() { return static_cast<float>(next() & 0xFFFFFF) / 16777216.0f * 2.0f - 1.0f; } // [-1, 1)
-};
 
 std::vector<char> encode(const std::vector<float> &x, int32_t dtype) {
     std::vector<char> b(x.size() * static_cast<size_t>(dtype_size(dtype)));
@@ -956,6 +935,7 @@ std::vector<CompactCase> compact_cases() {
 } // namespace
 
 int main(int argc, char **argv) {
+    parity::g_print_limit = 80;
     int32_t kind = -1;
     const char *kind_name = "";
     for (int i = 1; i < argc; i++) {

@@ -25,33 +25,15 @@
 
 #include "defkv/defkv.h"
 #include "devmem.hpp"
+#include "harness.hpp"
 
 namespace {
 
-int g_checks = 0, g_failures = 0;
+using parity::g_checks;
+using parity::g_failures;
+using parity::Rng;
 bool g_inject = false, g_injected = false;
 
-#define CHECK(cond, ...)                                              \
-    do {                                                              \
-        g_checks++;                                                   \
-        if (!(cond)) {                                                \
-            if (++g_failures <= 40) {                                 \
-                std::printf("FAIL %s:%d: ", __FILE__, __LINE__);      \
-                std::printf(__VA_ARGS__);                             \
-                std::printf("\n");                                    \
-            }                                                         \
-        }                                                             \
-    } while (0)
-
-struct Rng {
-    uint64_t s;
-    explicit Rng(uint64_t seed) : s(seed * 0x9E3779B97F4A7C15ull + 7) {}
-    uint32_t next() {
-        s ^= s << 13, s ^= s >> 7, s ^= s << 17;
-        return static_cast<uint32_t>(s >> 11);
-    }
-    float uniform(float lo, float hi) { return lo + (hi - lo) * static_cast<float>(next() & 0xFFFFFF) / 16777216.0f; }
-};
 
 uint16_t to_bf16(float f) {
     uint32_t u;
@@ -136,7 +118,7 @@ struct Layer {
 };
 
 Layer make_layer(const Case &c, uint64_t seed) {
-    Rng rng(seed);
+    Rng rng(seed, 7);
     Layer ly;
     ly.H = c.Hk * c.G;
     ly.D = 3 * c.d + 1;
@@ -546,6 +528,7 @@ void run_global(int idx, const Case &c, Sides &sd) {
 } // namespace
 
 int main(int argc, char **argv) {
+    parity::g_print_limit = 40;
     int32_t backend = -1;
     bool small = false;
     int only = -1;
