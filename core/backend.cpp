@@ -264,4 +264,22 @@ defkv_status Backend::write_selection(const Buf &keep, int64_t Hk, int64_t L, in
     return sg.finish();
 }
 
+// The same elements in the same order: a tensor passed as both source and destination.
+bool same_elements(const View &a, const View &b) {
+    if (a.memory != b.memory || a.base != b.base || a.handle != b.handle || a.byte_offset != b.byte_offset ||
+        a.dtype != b.dtype || a.paged() != b.paged())
+        return false;
+    for (int i = 0; i < 3; i++)
+        if (a.stride[i] != b.stride[i]) return false;
+    return !a.paged() || (a.pages == b.pages && a.page_row == b.page_row && a.page_size == b.page_size &&
+                          a.page_stride == b.page_stride);
+}
+
+defkv_status Backend::compact_heads(const View &src, const View &dst, int64_t Hk, int64_t d, const Buf &cu,
+                                   const Buf &idx, int64_t head0, std::string *msg) {
+    if (!src.paged() && same_elements(src, dst)) return compact_inplace(src, Hk, src.shape[1], d, cu, idx, head0, msg);
+    *msg = fmt("the %s backend does not compact paged caches in this build", name());
+    return DEFKV_ERROR_UNSUPPORTED;
+}
+
 } // namespace defkv

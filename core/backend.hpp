@@ -114,6 +114,9 @@ public:
         b.bytes = bytes;
         return b;
     }
+    // Whether the scoring and compaction ops read paged views (View::paged(): keys and values
+    // addressed through a host block table).
+    virtual bool paged_views() const { return false; }
     // Whether a caller tensor of this memory kind can be read by the ops.
     virtual bool accepts(int32_t memory) const { return memory == DEFKV_MEMORY_HOST; }
     // Checks a caller pointer before it is wrapped (a selection's outputs, a selection given to
@@ -208,10 +211,19 @@ public:
     // In place: head k's rows idx[cu[head0+k] ..) moved to rows 0.. of head k.
     virtual defkv_status compact_inplace(const View &t, int64_t Hk, int64_t L, int64_t d, const Buf &cu,
                                          const Buf &idx, int64_t head0, std::string *msg) = 0;
+    // dst(k, i) <- src(k, idx[cu[head0+k] + i]) for i < head_lens[head0+k]: each head's kept
+    // rows to the front of head k of dst. src and dst are [Hk, *, d] views of the same dtype,
+    // paged or not; dst may be src (in place: rows only move toward the front). The base class
+    // runs compact_inplace when neither is paged and dst is src, and is UNSUPPORTED otherwise.
+    virtual defkv_status compact_heads(const View &src, const View &dst, int64_t Hk, int64_t d, const Buf &cu,
+                                      const Buf &idx, int64_t head0, std::string *msg);
     // Gather into dst [rows, d] at rows cu[head0+k] + i.
     virtual defkv_status compact_varlen(const View &src, int64_t Hk, int64_t d, const Buf &cu, const Buf &idx,
                                         int64_t head0, const View &dst, std::string *msg) = 0;
 };
+
+// Whether two views address the same elements in the same order (a tensor passed twice).
+bool same_elements(const View &a, const View &b);
 
 std::unique_ptr<Backend> make_cpu_backend(ThreadPool *pool, int32_t n_threads);
 

@@ -33,6 +33,7 @@ struct LayerInfo {
     std::vector<SeqInfo> seqs;
     int64_t H = 0, Hk = 0, d = 0, W = 0, D = 0;
     int64_t total_entries = 0; // sum over seqs of Hk * L
+    const defkv_paged_kv *paged = nullptr; // the caller's paged description, when paged
 };
 
 // Scratch for one call, carved from one backend buffer that grows only when a call needs more

@@ -74,6 +74,7 @@ public:
     CpuBackend(ThreadPool *pool, int32_t n_threads) : pool_(pool), n_threads_(n_threads) {}
     int32_t kind() const override { return DEFKV_BACKEND_CPU; }
     const char *name() const override { return "cpu"; }
+    bool paged_views() const override { return true; }
 
     defkv_status attention(const SeqViews &in, const SeqShape &s, float scale, int32_t kernel, const Buf &masked,
                            const AttentionOut &out, std::string *msg) override {
@@ -101,6 +102,8 @@ public:
                                  int64_t head0, std::string *msg) override;
     defkv_status compact_varlen(const View &src, int64_t Hk, int64_t d, const Buf &cu, const Buf &idx, int64_t head0,
                                 const View &dst, std::string *msg) override;
+    defkv_status compact_heads(const View &src, const View &dst, int64_t Hk, int64_t d, const Buf &cu, const Buf &idx,
+                              int64_t head0, std::string *msg) override;
 
 private:
     defkv_status attention_host(const SeqViews &in, const SeqShape &s, const AttentionRequest &req, std::string *msg);
@@ -134,16 +137,15 @@ defkv_status CpuBackend::head_rows(const SeqViews &in, const SeqShape &s, const 
             thread_local std::vector<float> kbuf;
             thread_local std::vector<const float *> cols;
             thread_local PackedB kp;
-            const float *direct = direct_f32(kv, kv.off3(k, t0, 0), kv.stride[2]);
-            int64_t ldk = kv.stride[1];
-            if (!direct) {
+            cols.resize(static_cast<size_t>(T));
+            if (direct_f32(kv, 0, kv.stride[2])) {
+                // f32 rows are read where they are (through the block table when paged).
+                for (int64_t t = 0; t < T; t++) cols[t] = direct_f32(kv, kv.off3(k, t0 + t, 0), 1);
+            } else {
                 kbuf.resize(static_cast<size_t>(kTokenTile * d));
                 for (int64_t t = 0; t < T; t++) load_f32(kv, kv.off3(k, t0 + t, 0), d, kv.stride[2], &kbuf[t * d]);
-                direct = kbuf.data();
-                ldk = d;
+                for (int64_t t = 0; t < T; t++) cols[t] = kbuf.data() + t * d;
             }
-            cols.resize(static_cast<size_t>(T));
-            for (int64_t t = 0; t < T; t++) cols[t] = direct + t * ldk;
             pack_b_columns(cols.data(), d, T, &kp);
             gemm_store(W, qbuf, d, kp, req.scale, &rows[t0], L);
         });
@@ -440,6 +442,22 @@ defkv_status CpuBackend::compact_inplace(const View &t, int64_t Hk, int64_t L, i
         for (int64_t i = 0; i < cu[k + 1] - cu[k]; i++) {
             const int64_t j = idx[cu[k] + i];
             if (j != i) copy_row(t, t.off3(k, j, 0), t, t.off3(k, i, 0), d);
+        }
+    });
+    return DEFKV_SUCCESS;
+}
+
+defkv_status CpuBackend::compact_heads(const View &src, const View &dst, int64_t Hk, int64_t d, const Buf &cub,
+                                      const Buf &idxb, int64_t head0, std::string *msg) {
+    (void)msg;
+    const int32_t *cu = cub.ptr<int32_t>() + head0, *idx = idxb.ptr<int32_t>();
+    // As compact_inplace: heads in parallel (rows and pages of heads are distinct, validated),
+    // rows in ascending order within a head.
+    pool_->parallel_for(Hk, [&](int64_t k) {
+        const bool same = same_elements(src, dst);
+        for (int64_t i = 0; i < cu[k + 1] - cu[k]; i++) {
+            const int64_t j = idx[cu[k] + i];
+            if (!same || j != i) copy_row(src, src.off3(k, j, 0), dst, dst.off3(k, i, 0), d);
         }
     });
     return DEFKV_SUCCESS;

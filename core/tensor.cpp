@@ -241,6 +241,10 @@ bool resolve_view(const defkv_tensor &t, int32_t want_ndim, const char *name, Vi
 }
 
 bool view_extent_bytes(const View &v, int64_t *bytes) {
+    if (v.paged()) {
+        *bytes = v.pool_bytes;
+        return true;
+    }
     int64_t max_off = 0;
     for (int i = 0; i < v.ndim; i++) {
         if (v.shape[i] == 0) { *bytes = 0; return true; }

@@ -1,5 +1,6 @@
 // Internal tensor views and dtype conversion.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -41,7 +42,28 @@ struct View {
     void *handle = nullptr;  // original data pointer (device memory kinds)
     int64_t byte_offset = 0; // original byte offset (device memory kinds)
 
+    // Paged views (a cache [Hk, L, d] in a page pool; defkv_paged_kv): the element offset of
+    // (i, j, k) is pages[i * page_row + j / page_size] * page_stride + i * stride[0] +
+    // (j % page_size) * stride[1] + k * stride[2]. pages is host memory (the caller's block
+    // table row of this sequence); page_row is 0 when the heads share a table (NHD, HND) and
+    // the table stride when every head has its own row (stride[0] is 0 then). pool_bytes is
+    // the pool's extent (overlap checks, staging). page_size 0: not paged.
+    const int32_t *pages = nullptr;
+    int64_t page_row = 0, page_size = 0, page_stride = 0, pool_bytes = 0;
+
     bool present() const { return base != nullptr || handle != nullptr; }
+    bool paged() const { return page_size > 0; }
+    // Element offset of token j of row i (k = 0) and the number of tokens from j on, up to
+    // n, whose offsets continue it by stride[1] (the rest of its page, and the pages after it
+    // that are adjacent in the pool; everything for a non-paged view).
+    int64_t run(int64_t i, int64_t j, int64_t n) const {
+        if (!paged()) return n;
+        const int32_t *row = pages + i * page_row;
+        int64_t p = j / page_size, len = std::min(n, page_size - j % page_size);
+        if (page_stride != page_size * stride[1]) return len;
+        while (len < n && row[p + 1] == row[p] + 1) len = std::min(n, len + page_size), p++;
+        return len;
+    }
     float get(int64_t off) const {
         switch (dtype) {
         case DEFKV_DTYPE_F32: { float f; std::memcpy(&f, base + off * 4, 4); return f; }
@@ -50,7 +72,12 @@ struct View {
         }
     }
     // Element offset of a 3-D index.
-    int64_t off3(int64_t i, int64_t j, int64_t k) const { return i * stride[0] + j * stride[1] + k * stride[2]; }
+    int64_t off3(int64_t i, int64_t j, int64_t k) const {
+        if (paged())
+            return static_cast<int64_t>(pages[i * page_row + j / page_size]) * page_stride + i * stride[0] +
+                   (j % page_size) * stride[1] + k * stride[2];
+        return i * stride[0] + j * stride[1] + k * stride[2];
+    }
     int64_t off2(int64_t i, int64_t j) const { return i * stride[0] + j * stride[1]; }
 };
 

@@ -3,6 +3,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdio>
+#include <cstddef>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -10,6 +11,7 @@
 #include "context.hpp"
 #include "error.hpp"
 #include "ops.hpp"
+#include "paged.hpp"
 
 namespace defkv {
 
@@ -147,6 +149,18 @@ defkv_status resolve_params(const defkv_params *in, Params *out, std::string *ms
     return DEFKV_SUCCESS;
 }
 
+// The shape checks resolve_kv and resolve_paged share: Hk, d >= 1, L beyond the window.
+defkv_status check_kv_shape(int64_t Hk, int64_t L, int64_t d, const Params &p, const char *what, std::string *msg) {
+    if (Hk < 1) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "%s: Hk is %lld, expected >= 1", what, (long long)Hk);
+    if (d < 1) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "%s: d is %lld, expected >= 1", what, (long long)d);
+    if (L <= p.window)
+        DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "%s: L is %lld, must exceed the window (%d)", what, (long long)L, p.window);
+    if (L > kIndexMax || Hk > kIndexMax)
+        DEFKV_FAIL(DEFKV_ERROR_SIZE_OVERFLOW, "%s: L = %lld or Hk = %lld does not fit int32 indices", what, (long long)L,
+                   (long long)Hk);
+    return DEFKV_SUCCESS;
+}
+
 namespace {
 
 // Keys and values of one sequence: [Hk, L, d] each, the same shape, L beyond the window.
@@ -168,19 +182,14 @@ defkv_status resolve_kv(const defkv_sequence &sq, const Params &p, const char *f
                        fn, b, (long long)V.shape[0], (long long)V.shape[1], (long long)V.shape[2], (long long)K.shape[0],
                        (long long)K.shape[1], (long long)K.shape[2]);
     const int64_t Hk = K.shape[0], L = K.shape[1], d = K.shape[2];
-    if (Hk < 1) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "%s: layer->seqs[%d].keys: shape[0] (Hk) is %lld, expected >= 1", fn, b, (long long)Hk);
-    if (d < 1) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "%s: layer->seqs[%d].keys: shape[2] (d) is %lld, expected >= 1", fn, b, (long long)d);
-    if (L <= p.window)
-        DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "%s: layer->seqs[%d].keys: shape[1] (L) is %lld, must exceed the window (%d)",
-                   fn, b, (long long)L, p.window);
-    if (L > kIndexMax || Hk > kIndexMax)
-        DEFKV_FAIL(DEFKV_ERROR_SIZE_OVERFLOW, "%s: layer->seqs[%d].keys: L = %lld or Hk = %lld does not fit int32 indices",
-                   fn, b, (long long)L, (long long)Hk);
+    std::snprintf(name, sizeof name, "%s: layer->seqs[%d].keys: shape [Hk, L, d]", fn, b);
+    DEFKV_FORWARD(check_kv_shape(Hk, L, d, p, name, msg));
     si->s.Hk = Hk;
     si->s.L = L;
     si->s.d = d;
     return DEFKV_SUCCESS;
 }
+
 
 // Exactly one of queries [H, W, d] and attention [H, W, L]; sets H and W.
 defkv_status resolve_window(const defkv_sequence &sq, const Params &p, const char *fn, int32_t b, SeqInfo *si,
@@ -242,7 +251,7 @@ defkv_status resolve_oproj(const Backend &be, const defkv_layer *layer, int32_t 
 defkv_status resolve_layer(const defkv_context &ctx, const defkv_layer *layer, const Params &p, const char *fn,
                            LayerInfo *out, std::string *msg) {
     if (!layer) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "%s: layer is NULL", fn);
-    if (layer->struct_size < sizeof(defkv_layer))
+    if (layer->struct_size < offsetof(defkv_layer, paged))
         DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "%s: layer->struct_size is %u, expected sizeof(defkv_layer) = %zu", fn,
                    layer->struct_size, sizeof(defkv_layer));
     if (layer->n_seqs < 1) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "%s: layer->n_seqs is %d, expected >= 1", fn, layer->n_seqs);
@@ -250,10 +259,12 @@ defkv_status resolve_layer(const defkv_context &ctx, const defkv_layer *layer, c
     const Backend &be = *ctx.backend;
     LayerInfo li;
     li.seqs.resize(static_cast<size_t>(layer->n_seqs));
+    li.paged = layer->struct_size >= sizeof(defkv_layer) ? layer->paged : nullptr;
+    if (li.paged) DEFKV_FORWARD(resolve_paged(be, layer, p, fn, &li, msg));
     for (int32_t b = 0; b < layer->n_seqs; b++) {
         const defkv_sequence &sq = layer->seqs[b];
         SeqInfo &si = li.seqs[b];
-        DEFKV_FORWARD(resolve_kv(sq, p, fn, b, &si, msg));
+        if (!li.paged) DEFKV_FORWARD(resolve_kv(sq, p, fn, b, &si, msg));
         if (method_needs_attention(p.method)) DEFKV_FORWARD(resolve_window(sq, p, fn, b, &si, msg));
         else si.s.H = li.H ? li.H : si.s.Hk, si.s.W = p.window;
         if (b == 0) li.H = si.s.H, li.Hk = si.s.Hk, li.d = si.s.d, li.W = si.s.W;

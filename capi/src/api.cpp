@@ -10,6 +10,8 @@
 
 #include "defkv/defkv.h"
 #include "context.hpp"
+#include "error.hpp"
+#include "paged.hpp"
 
 namespace {
 
@@ -265,6 +267,42 @@ DEFKV_API defkv_status defkv_compact_varlen(defkv_context *ctx, const defkv_laye
                                             defkv_tensor *keys_out, defkv_tensor *values_out) {
     DEFKV_ENTER(ctx);
     return guarded(&ctx->last_error, [&] { return defkv::do_compact(*ctx, layer, sel, keys_out, values_out, false); });
+}
+
+DEFKV_API void defkv_paged_kv_default(defkv_paged_kv *paged) {
+    if (!paged) return;
+    *paged = defkv_paged_kv{};
+    paged->struct_size = sizeof *paged;
+    paged->layout = DEFKV_PAGE_NHD;
+}
+
+DEFKV_API defkv_status defkv_compact_paged(defkv_context *ctx, const defkv_layer *layer, const defkv_selection *sel,
+                                           const defkv_paged_kv *dst, int32_t *freed_pages, int64_t freed_capacity,
+                                           int64_t *n_freed) {
+    DEFKV_ENTER(ctx);
+    return guarded(&ctx->last_error,
+                   [&] { return defkv::do_compact_paged(*ctx, layer, sel, dst, freed_pages, freed_capacity, n_freed); });
+}
+
+// Context-free helpers report their errors through defkv_last_error_global().
+DEFKV_API defkv_status defkv_paged_pages_needed(const int32_t *head_lens, int64_t n_heads, int32_t page_size,
+                                                int32_t *pages, int64_t *total) {
+    return guarded(&g_create_error, [&] {
+        g_create_error.clear();
+        return defkv::with_prefix(defkv::do_pages_needed(head_lens, n_heads, page_size, pages, total, &g_create_error),
+                                  &g_create_error, "defkv_paged_pages_needed");
+    });
+}
+
+DEFKV_API defkv_status defkv_paged_next_slots(const int32_t *lens, int64_t n_rows, const int32_t *block_tables,
+                                              int64_t block_table_stride, int32_t page_size, int32_t *slot_page,
+                                              int32_t *slot_offset) {
+    return guarded(&g_create_error, [&] {
+        g_create_error.clear();
+        return defkv::with_prefix(defkv::do_next_slots(lens, n_rows, block_tables, block_table_stride, page_size,
+                                                       slot_page, slot_offset, &g_create_error),
+                                  &g_create_error, "defkv_paged_next_slots");
+    });
 }
 
 DEFKV_API defkv_status defkv_global_create(defkv_context *ctx, const defkv_params *params, int32_t n_layers,

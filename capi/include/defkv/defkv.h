@@ -53,7 +53,7 @@ extern "C" {
 #endif
 
 #define DEFKV_VERSION_MAJOR 0
-#define DEFKV_VERSION_MINOR 1
+#define DEFKV_VERSION_MINOR 2
 #define DEFKV_VERSION_PATCH 0
 /* ABI major: the SONAME is libdefkv.so.DEFKV_ABI_VERSION */
 #define DEFKV_ABI_VERSION 0
@@ -185,14 +185,64 @@ typedef struct defkv_sequence {
     defkv_tensor values;
 } defkv_sequence;
 
+/* ------------------------------------------------------------------------------------------ */
+/* Paged caches                                                                              */
+/* ------------------------------------------------------------------------------------------ */
+
+/* How a page pool stores K or V. A page holds page_size consecutive tokens of a sequence. */
+typedef enum defkv_page_layout {
+    /* [num_pages, page_size, Hk, d]: every KV head of a token in one page (vLLM, FlashInfer
+     * "NHD"); one block table per sequence. */
+    DEFKV_PAGE_NHD = 0,
+    /* [num_pages, Hk, page_size, d] (FlashInfer "HND"); one block table per sequence. */
+    DEFKV_PAGE_HND = 1,
+    /* [num_pages, page_size, d]: one KV head per page; one block table per (sequence, KV head),
+     * sequence-major. This is what defkv_compact_paged writes: every (sequence, head) becomes
+     * its own logical sequence with one KV head, as flash-attention's block_table and
+     * FlashInfer's paged decode consume it. */
+    DEFKV_PAGE_HEAD = 2,
+    DEFKV_PAGE_LAYOUT_MAX_ENUM = 0x7FFFFFFF
+} defkv_page_layout;
+
+/* A layer's K and V held in page pools and addressed through block tables. Rows of
+ * block_tables: one per sequence (NHD, HND) or one per (sequence, KV head) (HEAD); row r's
+ * page ids, in token order, are block_tables[r * block_table_stride + i], and a row of length
+ * L uses its first ceil(L / page_size) entries. Token t of a row sits in page
+ * row[t / page_size] at slot t % page_size. Pages not in a row, slots past a sequence's
+ * length and entries past ceil(L / page_size) are never read, so pools may hold other
+ * sequences' pages (or garbage, NaN included) there.
+ * block_tables and seq_lens are host memory (small; engines keep a host copy of their block
+ * tables); the pools may be host, CUDA or Vulkan memory, as for defkv_tensor.
+ * Checked (DEFKV_ERROR_INVALID_ARGUMENT, naming the argument): page_size >= 1, a page id
+ * outside [0, num_pages), a page used twice within or across rows, seq_lens beyond what a row
+ * can address (block_table_stride pages), pools of different shapes or dtypes. */
+typedef struct defkv_paged_kv {
+    uint32_t struct_size;     /* sizeof(defkv_paged_kv) */
+    int32_t layout;           /* defkv_page_layout */
+    int32_t page_size;        /* tokens per page, >= 1 */
+    int32_t n_kv_heads;       /* Hk: required for DEFKV_PAGE_HEAD; 0 or the pool's Hk otherwise */
+    defkv_tensor k_pages;     /* NHD [N, page_size, Hk, d], HND [N, Hk, page_size, d], HEAD [N, page_size, d] */
+    defkv_tensor v_pages;     /* same shape and dtype as k_pages (may be the same tensor: MLA) */
+    const int32_t *block_tables; /* host, rows as above */
+    int64_t block_table_stride;  /* entries between rows (the most pages a row can hold) */
+    const int32_t *seq_lens;     /* host, [n_seqs]: L of each sequence */
+} defkv_paged_kv;
+
+/* Fills *paged with zeros and struct_size (layout NHD). since 0.2 */
+DEFKV_API void defkv_paged_kv_default(defkv_paged_kv *paged);
+
 /* One layer of a batch. o_proj is the output projection, logical [D, H*d] as PyTorch's
  * o_proj.weight (pass its transpose through strides); required by criticalkv,
- * ada-criticalkv, defensivekv and layer-defensivekv, ignored by the others. */
+ * ada-criticalkv, defensivekv and layer-defensivekv, ignored by the others.
+ * paged (since 0.2): when not NULL, the cache is read from its page pools and every
+ * sequence's keys and values must be absent (data NULL); queries or attention stay in seqs.
+ * Callers built against 0.1 pass the shorter struct_size and get paged = NULL. */
 typedef struct defkv_layer {
     uint32_t struct_size; /* sizeof(defkv_layer) */
     int32_t n_seqs;
     const defkv_sequence *seqs; /* [n_seqs] */
     defkv_tensor o_proj;
+    const defkv_paged_kv *paged; /* since 0.2; NULL: seqs[b].keys and .values hold the cache */
 } defkv_layer;
 
 /* ------------------------------------------------------------------------------------------ */
@@ -319,7 +369,8 @@ DEFKV_API defkv_status defkv_context_create(const defkv_context_options *options
 DEFKV_API void defkv_context_destroy(defkv_context *ctx); /* NULL ok; since 0.1 */
 /* The last error of this context ("" if none); valid until the next call on ctx. since 0.1 */
 DEFKV_API const char *defkv_context_last_error(const defkv_context *ctx);
-/* The error of the last failed defkv_context_create on this thread. since 0.1 */
+/* The error of the last failed defkv_context_create, defkv_paged_pages_needed or
+ * defkv_paged_next_slots on this thread. since 0.1 */
 DEFKV_API const char *defkv_last_error_global(void);
 /* The backend actually in use (never AUTO). since 0.1 */
 DEFKV_API int32_t defkv_context_backend(const defkv_context *ctx);
@@ -366,6 +417,45 @@ DEFKV_API defkv_status defkv_compact_inplace(defkv_context *ctx, const defkv_lay
 DEFKV_API defkv_status defkv_compact_varlen(defkv_context *ctx, const defkv_layer *layer,
                                             const defkv_selection *sel, defkv_tensor *keys_out,
                                             defkv_tensor *values_out);
+
+/* ---- paged compaction ---- */
+
+/* Pages each (sequence, KV head) needs for its kept entries: pages[i] = ceil(head_lens[i] /
+ * page_size) for i < n_heads (pages may be NULL), *total = their sum. Host memory. Call it with
+ * a selection's head_lens before defkv_compact_paged to allocate destination pages from your
+ * own allocator. since 0.2 */
+DEFKV_API defkv_status defkv_paged_pages_needed(const int32_t *head_lens, int64_t n_heads, int32_t page_size,
+                                                int32_t *pages, int64_t *total);
+
+/* Compacts a paged layer (layer->paged set) after defkv_select.
+ * dst == NULL: in place. Each block-table row's kept entries move to the front of that row's
+ * own slots, in order (as defkv_compact_inplace), and the row's pages past the ones still in
+ * use are freed: ceil(head_len / page_size) pages stay in use per head for DEFKV_PAGE_HEAD, and
+ * ceil(max over the sequence's heads of head_len / page_size) for NHD and HND (heads share
+ * pages there, which is why per-head pages free more).
+ * dst != NULL: a DEFKV_PAGE_HEAD description whose rows (one per sequence and KV head,
+ * sequence-major, as many as sel->head_lens) hold at least defkv_paged_pages_needed pages each,
+ * allocated by the caller; head i's kept entries are gathered into its row's pages, and every
+ * source page of the layer (the first ceil(L / page_size) of each source row) is freed.
+ * dst->seq_lens is ignored (the selection's head_lens are the new lengths); dst pages must not
+ * be source pages of the layer when the pools share memory, nor repeat.
+ * freed_pages (host, capacity freed_capacity) receives the freed source page ids, row by row
+ * in table order, and *n_freed (required) their number. freed_pages = NULL (capacity 0) only
+ * counts: *n_freed is set and nothing is moved. DEFKV_ERROR_BUFFER_TOO_SMALL when
+ * freed_capacity is short (nothing written; the message gives the number). GPU backends run the moves on the context's
+ * stream/queue like defkv_compact_inplace. since 0.2 */
+DEFKV_API defkv_status defkv_compact_paged(defkv_context *ctx, const defkv_layer *layer,
+                                           const defkv_selection *sel, const defkv_paged_kv *dst,
+                                           int32_t *freed_pages, int64_t freed_capacity, int64_t *n_freed);
+
+/* Where each row's next appended token goes, for decoding after compaction: for row i (n_rows
+ * rows of block_tables as in defkv_paged_kv, lengths lens[i]), slot_offset[i] = lens[i] %
+ * page_size and slot_page[i] = the row's page at lens[i] / page_size, or -1 when
+ * lens[i] % page_size == 0 (the row's pages are full: allocate a page, append its id to the
+ * row, and write at offset 0). Host memory. since 0.2 */
+DEFKV_API defkv_status defkv_paged_next_slots(const int32_t *lens, int64_t n_rows, const int32_t *block_tables,
+                                              int64_t block_table_stride, int32_t page_size,
+                                              int32_t *slot_page, int32_t *slot_offset);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Layer-adaptive selection across layers (Layer-DefensiveKV)                                */
