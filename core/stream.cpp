@@ -139,7 +139,7 @@ defkv_status resolve_cache(const defkv_stream &s, const Backend &be, int32_t l, 
 // window queries of the group (pooled mean; defensive maximum with the adaptive prior, times the
 // value-norm weight).
 defkv_status score_head(defkv_stream &s, Backend &be, const StreamLayer &sl, const View &keys, int64_t k,
-                        ScopedBuf &out, std::vector<float> *scores, std::string *msg) {
+                        const std::vector<float> &weight, ScopedBuf &out, std::vector<float> *scores, std::string *msg) {
     const Params &p = s.params;
     const int64_t H = s.sp.n_heads, Hk = s.sp.n_kv_heads, G = H / Hk, d = s.sp.head_dim, W = p.window;
     const StreamHead &hd = sl.heads[static_cast<size_t>(k)];
@@ -165,7 +165,7 @@ defkv_status score_head(defkv_stream &s, Backend &be, const StreamLayer &sl, con
     scores->assign(static_cast<size_t>(P), 0.0f);
     if (def) {
         clamp_at_mean(raw.data(), P); // the adaptive prior, per round
-        for (int64_t j = 0; j < P; j++) (*scores)[j] = raw[j] * hd.weight[static_cast<size_t>(j)];
+        for (int64_t j = 0; j < P; j++) (*scores)[j] = raw[j] * weight[static_cast<size_t>(j)];
     } else {
         host::pool_group(raw.data(), G, G, P, p.kernel, scores->data(), P);
     }
@@ -263,63 +263,24 @@ defkv_status stream_create(defkv_context &ctx, const defkv_params *params, const
     return DEFKV_SUCCESS;
 }
 
-defkv_status stream_append(defkv_stream &s, int32_t layer, int32_t n, const defkv_tensor *values,
-                           const defkv_tensor *o_proj, std::string *msg) {
+defkv_status stream_append(defkv_stream &s, int32_t layer, int32_t n, std::string *msg) {
     DEFKV_FORWARD(check_layer_index(s, layer, msg));
     if (n < 0) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "n is %d, expected >= 0", n);
     StreamLayer &sl = s.layers[static_cast<size_t>(layer)];
-    const int64_t H = s.sp.n_heads, Hk = s.sp.n_kv_heads, d = s.sp.head_dim;
-    for (int64_t k = 0; k < Hk; k++)
+    for (size_t k = 0; k < sl.heads.size(); k++)
         if (static_cast<int64_t>(sl.heads[k].pos.size()) + n > s.sp.capacity)
             DEFKV_FAIL(DEFKV_ERROR_INVALID_STATE,
-                       "layer %d head %lld holds %zu entries; %d more exceed the capacity (%d): run a round first", layer,
-                       (long long)k, sl.heads[k].pos.size(), n, s.sp.capacity);
+                       "layer %d head %zu holds %zu entries; %d more exceed the capacity (%d): run a round first", layer, k,
+                       sl.heads[k].pos.size(), n, s.sp.capacity);
     if (sl.appended + n > std::numeric_limits<int32_t>::max())
         DEFKV_FAIL(DEFKV_ERROR_SIZE_OVERFLOW, "layer %d: positions beyond int32", layer);
-    std::vector<float> w(static_cast<size_t>(Hk * n), 0.0f);
-    if (weighted(s.params.method) && n > 0) {
-        if (!values || !values->data || !o_proj || !o_proj->data)
-            DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "%s is absent; method %s weighs entries by their values through o_proj",
-                       !values || !values->data ? "values" : "o_proj", defkv_method_name(s.params.method));
-        Backend &be = *s.ctx->backend;
-        SeqViews in;
-        std::string vmsg;
-        if (!resolve_view(*values, 3, "values", &in.values, &vmsg) || !resolve_view(*o_proj, 2, "o_proj", &in.o_proj, &vmsg))
-            DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "%s", vmsg.c_str());
-        if (in.values.shape[0] != Hk || in.values.shape[1] != n || in.values.shape[2] != d)
-            DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "values: shape [%lld, %lld, %lld], expected [Hk, n, d] = [%lld, %d, %lld]",
-                       (long long)in.values.shape[0], (long long)in.values.shape[1], (long long)in.values.shape[2],
-                       (long long)Hk, n, (long long)d);
-        if (in.o_proj.shape[1] != H * d || in.o_proj.shape[0] < 1)
-            DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "o_proj: shape [%lld, %lld], expected [D, H*d = %lld]",
-                       (long long)in.o_proj.shape[0], (long long)in.o_proj.shape[1], (long long)(H * d));
-        for (const View *v : {&in.values, &in.o_proj})
-            if (!be.accepts(v->memory))
-                DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "values/o_proj: memory kind %d, which the %s backend does not read",
-                           v->memory, be.name());
-        SeqShape sh;
-        sh.H = H, sh.Hk = Hk, sh.G = H / Hk, sh.d = d, sh.L = n, sh.D = in.o_proj.shape[0];
-        ScopedBuf pn(be);
-        DEFKV_FORWARD(pn.ensure(Hk * n * 4, msg));
-        DEFKV_FORWARD(be.projected_norm(in, sh, n, Buf{}, pn.b.at(0, Hk * n * 4), msg));
-        std::vector<float> h(static_cast<size_t>(Hk * n));
-        DEFKV_FORWARD(be.download(h.data(), pn.b, Hk * n * 4, msg));
-        for (int64_t j = 0; j < n; j++) {
-            float den = 0.0f;
-            for (int64_t k = 0; k < Hk; k++) den += h[k * n + j];
-            if (!std::isfinite(den))
-                DEFKV_FAIL(DEFKV_ERROR_NON_FINITE, "values or o_proj: the value-norm weight of appended entry %lld is not finite", (long long)j);
-            for (int64_t k = 0; k < Hk; k++) w[k * n + j] = den > 0.0f ? h[k * n + j] / den : 0.0f;
-        }
-    }
-    for (int64_t k = 0; k < Hk; k++) {
-        StreamHead &hd = sl.heads[k];
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    for (StreamHead &hd : sl.heads)
         for (int64_t j = 0; j < n; j++) {
             hd.pos.push_back(static_cast<int32_t>(sl.appended + j));
-            hd.weight.push_back(w[k * n + j]);
-            hd.kept_score.push_back(std::numeric_limits<float>::quiet_NaN());
+            hd.weight.push_back(nan);
+            hd.kept_score.push_back(nan);
         }
-    }
     sl.appended += n;
     return DEFKV_SUCCESS;
 }
@@ -382,6 +343,105 @@ defkv_status stream_head_lens(defkv_stream &s, int32_t layer, int32_t *lens, std
 }
 
 namespace {
+
+// Rows [start, start + n) of a one-head view as a view of their own: a shifted base when the
+// head is not paged, else a per-row table (page_size 1) built in *table.
+bool rows_view(const View &head, int64_t start, int64_t n, std::vector<int32_t> *table, View *out) {
+    View v = head;
+    v.shape[1] = n;
+    if (!head.paged()) {
+        const int64_t shift = start * head.stride[1] * dtype_size(head.dtype);
+        v.byte_offset += shift;
+        if (v.base) v.base += shift;
+        *out = v;
+        return true;
+    }
+    if (head.stride[1] == 0 || head.page_stride % head.stride[1] != 0) return false;
+    const int64_t per_page = head.page_stride / head.stride[1];
+    table->resize(static_cast<size_t>(n));
+    for (int64_t t = 0; t < n; t++) {
+        const int64_t j = start + t, row = head.pages[j / head.page_size] * per_page + j % head.page_size;
+        if (row > std::numeric_limits<int32_t>::max()) return false;
+        (*table)[static_cast<size_t>(t)] = static_cast<int32_t>(row);
+    }
+    v.pages = table->data();
+    v.page_row = 0;
+    v.page_size = 1;
+    v.page_stride = head.stride[1];
+    *out = v;
+    return true;
+}
+
+// The value-norm weights of the entries appended since the previous round (the trailing NaN
+// weights of every head): pn of their value rows through o_proj, normalised over the token's
+// KV heads, in one projected_norm per head. *w receives every head's weights.
+defkv_status pending_weights(defkv_stream &s, Backend &be, int32_t l, const LayerViews &lv, const View &o,
+                             std::vector<std::vector<float>> *w, std::string *msg) {
+    const StreamLayer &sl = s.layers[l];
+    const int64_t H = s.sp.n_heads, Hk = s.sp.n_kv_heads, G = H / Hk, d = s.sp.head_dim;
+    w->resize(static_cast<size_t>(Hk));
+    int64_t pend = 0;
+    for (int64_t k = 0; k < Hk; k++) {
+        const std::vector<float> &hw = sl.heads[k].weight;
+        (*w)[k] = hw;
+        int64_t p = 0;
+        while (p < static_cast<int64_t>(hw.size()) && std::isnan(hw[hw.size() - 1 - static_cast<size_t>(p)])) p++;
+        if (k > 0 && p != pend)
+            DEFKV_FAIL(DEFKV_ERROR_INTERNAL, "layer %d: heads disagree on the entries awaiting weights", l);
+        pend = p;
+    }
+    if (pend == 0) return DEFKV_SUCCESS;
+    std::vector<float> pn(static_cast<size_t>(Hk * pend));
+    ScopedBuf out(be);
+    DEFKV_FORWARD(out.ensure(pend * 4, msg));
+    for (int64_t k = 0; k < Hk; k++) {
+        const int64_t len = static_cast<int64_t>(sl.heads[k].pos.size());
+        SeqViews in;
+        std::vector<int32_t> table;
+        if (!rows_view(head_view(lv, lv.values, k, len), len - pend, pend, &table, &in.values))
+            DEFKV_FAIL(DEFKV_ERROR_UNSUPPORTED, "caches[%d].paged: the pool's page stride is not a whole number of token rows",
+                       l);
+        in.o_proj = o;
+        const int64_t shift = k * G * d * o.stride[1] * dtype_size(o.dtype);
+        in.o_proj.byte_offset += shift;
+        if (in.o_proj.base) in.o_proj.base += shift;
+        in.o_proj.shape[1] = G * d;
+        SeqShape sh;
+        sh.H = G, sh.Hk = 1, sh.G = G, sh.d = d, sh.L = pend, sh.D = o.shape[0];
+        DEFKV_FORWARD(be.projected_norm(in, sh, pend, Buf{}, out.b.at(0, pend * 4), msg));
+        DEFKV_FORWARD(be.download(&pn[static_cast<size_t>(k * pend)], out.b, pend * 4, msg));
+    }
+    for (int64_t t = 0; t < pend; t++) {
+        float den = 0.0f;
+        for (int64_t k = 0; k < Hk; k++) den += pn[k * pend + t];
+        if (!std::isfinite(den))
+            DEFKV_FAIL(DEFKV_ERROR_NON_FINITE, "caches[%d]: the value-norm weight of an appended entry is not finite (non-finite "
+                       "values or o_proj)", l);
+        for (int64_t k = 0; k < Hk; k++) {
+            std::vector<float> &hw = (*w)[k];
+            hw[hw.size() - static_cast<size_t>(pend - t)] = den > 0.0f ? pn[k * pend + t] / den : 0.0f;
+        }
+    }
+    return DEFKV_SUCCESS;
+}
+
+// caches[l].o_proj as [D, H*d] (weighted methods).
+defkv_status resolve_stream_oproj(const defkv_stream &s, const Backend &be, int32_t l, const defkv_stream_cache &c, View *o,
+                                  std::string *msg) {
+    char name[64];
+    std::snprintf(name, sizeof name, "caches[%d].o_proj", l);
+    if (!c.o_proj.data)
+        DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "%s is absent; method %s weighs entries by their values through o_proj", name,
+                   defkv_method_name(s.params.method));
+    std::string vmsg;
+    if (!resolve_view(c.o_proj, 2, name, o, &vmsg)) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "%s", vmsg.c_str());
+    if (o->shape[0] < 1 || o->shape[1] != static_cast<int64_t>(s.sp.n_heads) * s.sp.head_dim)
+        DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "%s: shape [%lld, %lld], expected [D, H*d = %lld]", name, (long long)o->shape[0],
+                   (long long)o->shape[1], (long long)s.sp.n_heads * s.sp.head_dim);
+    if (!be.accepts(o->memory))
+        DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "%s: memory kind %d, which the %s backend does not read", name, o->memory, be.name());
+    return DEFKV_SUCCESS;
+}
 
 // Checks the selection outputs of a round before anything is written.
 defkv_status check_round_outputs(const defkv_stream &s, const defkv_selection *sels,
@@ -446,8 +506,16 @@ defkv_status stream_round(defkv_stream &s, const defkv_stream_cache *caches, def
     std::vector<Cand> all;
     ScopedBuf out(be);
     const int64_t B = s.sp.budget;
+    std::vector<std::vector<std::vector<float>>> weights(static_cast<size_t>(nl));
     for (int32_t l = 0; l < nl; l++) {
         const StreamLayer &sl = s.layers[l];
+        if (weighted(p.method)) {
+            View o;
+            DEFKV_FORWARD(resolve_stream_oproj(s, be, l, caches[l], &o, msg));
+            DEFKV_FORWARD(pending_weights(s, be, l, views[l], o, &weights[l], msg));
+        } else {
+            for (const StreamHead &hd : sl.heads) weights[l].push_back(hd.weight);
+        }
         retained[l].resize(static_cast<size_t>(Hk)), shown[l].resize(static_cast<size_t>(Hk));
         keep[l].resize(static_cast<size_t>(Hk));
         std::vector<Cand> layer_c;
@@ -458,7 +526,7 @@ defkv_status stream_round(defkv_stream &s, const defkv_stream_cache *caches, def
             keep[l][k].assign(static_cast<size_t>(L), 0);
             if (p.method != DEFKV_METHOD_STREAMINGLLM && P > 0) {
                 std::vector<float> sc;
-                DEFKV_FORWARD(score_head(s, be, sl, head_view(views[l], views[l].keys, k, L), k, out, &sc, msg));
+                DEFKV_FORWARD(score_head(s, be, sl, head_view(views[l], views[l].keys, k, L), k, weights[l][k], out, &sc, msg));
                 for (int64_t j = 0; j < P; j++) retained[l][k][j] = aggregate(s.sp, hd.kept_score[j], sc[j]);
             }
             shown[l][k].resize(static_cast<size_t>(L));
@@ -511,7 +579,7 @@ defkv_status stream_round(defkv_stream &s, const defkv_stream_cache *caches, def
             size_t n = 0;
             for (size_t i = 0; i < keep[l][k].size(); i++)
                 if (keep[l][k][i]) {
-                    hd.pos[n] = hd.pos[i], hd.weight[n] = hd.weight[i], hd.kept_score[n] = retained[l][k][i];
+                    hd.pos[n] = hd.pos[i], hd.weight[n] = weights[l][k][i], hd.kept_score[n] = retained[l][k][i];
                     n++;
                 }
             hd.pos.resize(n), hd.weight.resize(n), hd.kept_score.resize(n);

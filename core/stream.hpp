@@ -9,7 +9,8 @@
 namespace defkv {
 
 // One KV head's live entries, in cache order: absolute positions, value-norm weights
-// (pn / sum over the token's heads; weighted methods) and the score the earlier rounds retained.
+// (pn / sum over the token's heads; weighted methods; NaN until the first round after the
+// append computes it) and the score the earlier rounds retained (NaN: never scored).
 struct StreamHead {
     std::vector<int32_t> pos;
     std::vector<float> weight;
@@ -36,8 +37,7 @@ struct defkv_stream {
 namespace defkv {
 defkv_status stream_create(defkv_context &ctx, const defkv_params *params, const defkv_stream_params *sp,
                            defkv_stream **out, std::string *msg);
-defkv_status stream_append(defkv_stream &s, int32_t layer, int32_t n, const defkv_tensor *values,
-                           const defkv_tensor *o_proj, std::string *msg);
+defkv_status stream_append(defkv_stream &s, int32_t layer, int32_t n, std::string *msg);
 defkv_status stream_push(defkv_stream &s, int32_t layer, const defkv_tensor *queries, std::string *msg);
 defkv_status stream_due(defkv_stream &s, int32_t *due, std::string *msg);
 defkv_status stream_head_lens(defkv_stream &s, int32_t layer, int32_t *lens, std::string *msg);

@@ -334,9 +334,8 @@ DEFKV_API void defkv_stream_destroy(defkv_stream *stream) { delete stream; }
     DEFKV_ENTER(ctx);                                                                               \
     return guarded(&ctx->last_error, [&] { return defkv::with_prefix(call, &ctx->last_error, fn); })
 
-DEFKV_API defkv_status defkv_stream_append(defkv_stream *stream, int32_t layer, int32_t n, const defkv_tensor *values,
-                                           const defkv_tensor *o_proj) {
-    DEFKV_STREAM_CALL("defkv_stream_append", defkv::stream_append(*stream, layer, n, values, o_proj, &ctx->last_error));
+DEFKV_API defkv_status defkv_stream_append(defkv_stream *stream, int32_t layer, int32_t n) {
+    DEFKV_STREAM_CALL("defkv_stream_append", defkv::stream_append(*stream, layer, n, &ctx->last_error));
 }
 
 DEFKV_API defkv_status defkv_stream_push_queries(defkv_stream *stream, int32_t layer, const defkv_tensor *queries) {

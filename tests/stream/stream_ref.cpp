@@ -208,7 +208,7 @@ void run_stream(int32_t backend, const Shape &sh, int method, int agg, int n_lay
         // One token: its entry in every layer's caches, its queries.
         for (int l = 0; l < n_layers; l++) {
             std::vector<std::vector<float>> kk(size_t(sh.Hk)), vv(size_t(sh.Hk));
-            std::vector<float> vrow(size_t(sh.Hk) * sh.d), qrow(size_t(sh.H) * sh.d);
+            std::vector<float> qrow(size_t(sh.H) * sh.d);
             std::vector<int32_t> lens(size_t(sh.Hk));
             defkv_stream_head_lens(st[0], l, lens.data());
             std::vector<int32_t> slot_page(size_t(sh.Hk)), slot_off(size_t(sh.Hk));
@@ -221,7 +221,6 @@ void run_stream(int32_t backend, const Shape &sh, int method, int agg, int n_lay
                 for (int i = 0; i < sh.d; i++) kk[h][i] = r.uni() * spike, vv[h][i] = r.uni() * (1.0f + float(t % 4));
                 std::copy(kk[h].begin(), kk[h].end(), &lib[l].k[(size_t(h) * sh.cap + lens[h]) * sh.d]);
                 std::copy(vv[h].begin(), vv[h].end(), &lib[l].v[(size_t(h) * sh.cap + lens[h]) * sh.d]);
-                std::copy(vv[h].begin(), vv[h].end(), &vrow[size_t(h) * sh.d]);
                 if (slot_page[h] < 0) { // the head's pages are full: a new page from the free list
                     slot_page[h] = lib[l].free_pages.back();
                     lib[l].free_pages.pop_back();
@@ -232,12 +231,9 @@ void run_stream(int32_t backend, const Shape &sh, int method, int agg, int n_lay
                 std::copy(vv[h].begin(), vv[h].end(), &lib[l].vp[at]);
             }
             for (float &x : qrow) x = r.uni() * 2.0f;
-            const defkv_tensor vt = t3(vrow.data(), sh.Hk, 1, sh.d);
-            defkv_tensor ot = t3(ref.o.data(), sh.D, sh.H * sh.d, 1);
-            ot.ndim = 2;
             const defkv_tensor qt = t3(qrow.data(), sh.H, 1, sh.d);
             for (auto *x : st) {
-                const defkv_status a = defkv_stream_append(x, l, 1, &vt, &ot);
+                const defkv_status a = defkv_stream_append(x, l, 1);
                 const defkv_status b = defkv_stream_push_queries(x, l, &qt);
                 CHECK(a == DEFKV_SUCCESS && b == DEFKV_SUCCESS, "%s: step %d layer %d: append/push: %s", tag, t, l,
                       defkv_context_last_error(ctx));
@@ -277,6 +273,8 @@ void run_stream(int32_t backend, const Shape &sh, int method, int agg, int n_lay
                 x.keep_mask = &km[s][size_t(l) * sh.Hk * C];
                 x.scores = &sc[s][size_t(l) * sh.Hk * C];
                 std::memset(&caches[l], 0, sizeof caches[l]);
+                caches[l].o_proj = t3(ref.o.data(), sh.D, sh.H * sh.d, 1);
+                caches[l].o_proj.ndim = 2;
                 if (s == 0) {
                     caches[l].keys = t3(lib[l].k.data(), sh.Hk, C, sh.d);
                     caches[l].values = t3(lib[l].v.data(), sh.Hk, C, sh.d);
@@ -447,15 +445,14 @@ void run_bad(int32_t backend) {
     expect(defkv_stream_create(ctx, &pm, &sp, &s), DEFKV_ERROR_UNSUPPORTED, "knorm", "a method streams do not run");
     expect(defkv_stream_create(ctx, &p, &sp, &s), DEFKV_SUCCESS, "", "good create");
     if (!s) return;
-    std::vector<float> q(4 * 8, 0.5f), v(2 * 16 * 8, 0.25f), ow(8 * 32, 0.1f);
+    std::vector<float> q(4 * 8, 0.5f), ow(8 * 32, 0.1f);
     defkv_tensor qt = t3(q.data(), 4, 1, 8), wrong = t3(q.data(), 2, 2, 8);
     expect(defkv_stream_push_queries(s, 0, &wrong), DEFKV_ERROR_INVALID_ARGUMENT, "queries: shape", "queries of the wrong shape");
     expect(defkv_stream_push_queries(s, 1, &qt), DEFKV_ERROR_INVALID_ARGUMENT, "layer is 1", "a layer out of range");
-    defkv_tensor vt = t3(v.data(), 2, 16, 8), ot = t3(ow.data(), 8, 32, 1);
+    defkv_tensor ot = t3(ow.data(), 8, 32, 1);
     ot.ndim = 2;
-    expect(defkv_stream_append(s, 0, 16, &vt, &ot), DEFKV_SUCCESS, "", "filling the cache");
-    defkv_tensor v1 = t3(v.data(), 2, 1, 8);
-    expect(defkv_stream_append(s, 0, 1, &v1, &ot), DEFKV_ERROR_INVALID_STATE, "capacity", "appending to a full cache");
+    expect(defkv_stream_append(s, 0, 16), DEFKV_SUCCESS, "", "filling the cache");
+    expect(defkv_stream_append(s, 0, 1), DEFKV_ERROR_INVALID_STATE, "capacity", "appending to a full cache");
     int32_t lens[2] = {0, 0};
     defkv_stream_head_lens(s, 0, lens);
     CHECK(lens[0] == 16 && lens[1] == 16, "a failed append changed the stream (%d, %d)", lens[0], lens[1]);
@@ -464,6 +461,18 @@ void run_bad(int32_t backend) {
     std::vector<float> kc(2 * 16 * 8, 0.3f), vc(2 * 16 * 8, 0.2f);
     c.keys = t3(kc.data(), 2, 16, 8), c.values = t3(vc.data(), 2, 16, 8);
     expect(defkv_stream_round(s, &c, nullptr), DEFKV_ERROR_INVALID_STATE, "queries pushed", "a round before a window of queries");
+    for (int i = 0; i < 4; i++) expect(defkv_stream_push_queries(s, 0, &qt), DEFKV_SUCCESS, "", "pushing the window");
+    expect(defkv_stream_round(s, &c, nullptr), DEFKV_ERROR_INVALID_ARGUMENT, "o_proj", "a defensivekv round without o_proj");
+    c.o_proj = ot;
+    std::vector<float> wrong_shape(2 * 8 * 8);
+    c.keys = t3(wrong_shape.data(), 2, 8, 8);
+    expect(defkv_stream_round(s, &c, nullptr), DEFKV_ERROR_INVALID_ARGUMENT, "caches[0].keys", "a cache shorter than the heads");
+    defkv_stream_head_lens(s, 0, lens);
+    CHECK(lens[0] == 16 && lens[1] == 16, "a failed round changed the stream (%d, %d)", lens[0], lens[1]);
+    c.keys = t3(kc.data(), 2, 16, 8);
+    expect(defkv_stream_round(s, &c, nullptr), DEFKV_SUCCESS, "", "a good round after the errors");
+    defkv_stream_head_lens(s, 0, lens);
+    CHECK(lens[0] + lens[1] == 16, "the round after the errors keeps budget x Hk = 16 entries (%d + %d)", lens[0], lens[1]);
     defkv_stream_destroy(s);
     defkv_context_destroy(ctx);
 }

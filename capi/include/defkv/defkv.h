@@ -500,20 +500,23 @@ typedef enum defkv_stream_aggregation {
 } defkv_stream_aggregation;
 
 /* A stream follows the caches of n_layers layers while a model generates and evicts entries in
- * rounds. The engine appends every new token's entry (per layer: the values, for the value-norm
- * weight, computed once here) and pushes its post-rotary queries; the stream keeps the last
+ * rounds. The engine writes every new token's keys and values into its caches, registers them
+ * (defkv_stream_append) and pushes the token's post-rotary queries; the stream keeps the last
  * `window` queries of each layer. A round scores each head's live entries with those queries
  * (the method's own aggregation within the round: the pooled mean for snapkv and ada-snapkv,
- * the defensive maximum with the adaptive prior for defensivekv and layer-defensivekv),
- * combines the scores with earlier rounds' (aggregation), keeps the budget (per head for
- * snapkv, per layer for ada-snapkv and defensivekv, per model for layer-defensivekv; the
- * `window` most recent entries and the first params->n_sink positions are always kept; a
- * streamingllm stream keeps the sinks and the most recent entries), compacts the caches the
- * engine passes in place and reports each layer's selection.
+ * the defensive maximum with the adaptive prior, weighted by the entry's value norm through
+ * o_proj, for defensivekv and layer-defensivekv), combines the scores with earlier rounds'
+ * (aggregation), keeps the budget (per head for snapkv, per layer for ada-snapkv and
+ * defensivekv, per model for layer-defensivekv; the `window` most recent entries and the first
+ * params->n_sink positions are always kept; a streamingllm stream keeps the sinks and the most
+ * recent entries), compacts the caches the engine passes in place and reports each layer's
+ * selection. An entry's value-norm weight (pn / sum over the token's KV heads, as prefill's
+ * defensivekv) is computed once, by the first round after its append, in one batch for the
+ * entries appended since the previous round.
  * Live entries of head k of a layer are, in order, rows [0, head_len[k]) of that head in the
  * engine's cache: contiguous [Hk, capacity, d], or pages (defkv_paged_kv rows: one per head for
  * DEFKV_PAGE_HEAD, whose row r holds ceil(head_len[r] / page_size) pages; shared rows for NHD and
- * HND, holding the longest head). Append writes after the last live row of every head. */
+ * HND, holding the longest head). Appended entries go after the last live row of every head. */
 typedef struct defkv_stream_params {
     uint32_t struct_size; /* sizeof(defkv_stream_params) */
     int32_t n_layers;     /* >= 1 */
@@ -545,12 +548,10 @@ DEFKV_API defkv_status defkv_stream_create(defkv_context *ctx, const defkv_param
                                            const defkv_stream_params *sp, defkv_stream **stream);
 DEFKV_API void defkv_stream_destroy(defkv_stream *stream); /* NULL ok; since 0.2 */
 
-/* Registers n new entries at the end of every head of `layer`. values [Hk, n, d] and o_proj
- * [D, H*d] (host or the context's device memory) give the value-norm weights of defensivekv
- * and layer-defensivekv (values may be absent for the other methods). Appending past capacity
- * is DEFKV_ERROR_INVALID_STATE with nothing changed. since 0.2 */
-DEFKV_API defkv_status defkv_stream_append(defkv_stream *stream, int32_t layer, int32_t n,
-                                           const defkv_tensor *values, const defkv_tensor *o_proj);
+/* Registers n new entries the engine wrote after the last live row of every head of `layer`
+ * (the cache passed to the next round holds them). Appending past capacity is
+ * DEFKV_ERROR_INVALID_STATE with nothing changed. since 0.2 */
+DEFKV_API defkv_status defkv_stream_append(defkv_stream *stream, int32_t layer, int32_t n);
 
 /* Pushes the post-rotary queries [H, n, d] of the newest n steps of `layer` (host memory, or
  * the context's device memory); the stream keeps the last `window` of them. Each call is n
@@ -570,7 +571,8 @@ DEFKV_API defkv_status defkv_stream_head_lens(defkv_stream *stream, int32_t laye
 typedef struct defkv_stream_cache {
     defkv_tensor keys;
     defkv_tensor values;
-    const defkv_paged_kv *paged; /* seq_lens and n_kv_heads as described above; seq_lens unused */
+    const defkv_paged_kv *paged; /* seq_lens unused (the stream knows each head's length) */
+    defkv_tensor o_proj;         /* [D, H*d]: defensivekv and layer-defensivekv; else absent */
 } defkv_stream_cache;
 
 /* Runs a round over every layer (caches: n_layers entries): scores, selects, compacts the
