@@ -12,6 +12,7 @@
 #include "context.hpp"
 #include "error.hpp"
 #include "paged.hpp"
+#include "shard.hpp"
 #include "stream.hpp"
 
 namespace {
@@ -416,12 +417,35 @@ DEFKV_API defkv_status defkv_global_layer_kept_count(defkv_global *g, int32_t la
         set_error_noalloc(&g->ctx->last_error, "defkv_global_layer_kept_count: call defkv_global_select first");
         return DEFKV_ERROR_INVALID_STATE;
     }
+    layer_index -= g->layer0; // a sharded handle takes global indices
     if (layer_index < 0 || layer_index >= g->n_layers || !count) {
         set_error_noalloc(&g->ctx->last_error,
                           "defkv_global_layer_kept_count: layer_index out of range or count is NULL");
         return DEFKV_ERROR_INVALID_ARGUMENT;
     }
     return guarded(&g->ctx->last_error, [&] { return defkv::global_layer_kept_count(*g, layer_index, count); });
+}
+
+// ---- sharded selection (tensor and pipeline parallel; core/shard.cpp) ----------------------
+
+DEFKV_API void defkv_shard_default(defkv_shard *shard) {
+    if (!shard) return;
+    std::memset(shard, 0, sizeof *shard);
+    shard->struct_size = sizeof *shard;
+    shard->n_layers = 1;
+    shard->layer_end = 1;
+}
+
+DEFKV_API defkv_status defkv_select_sharded(defkv_context *ctx, const defkv_params *params, const defkv_layer *layer,
+                                            const defkv_shard *shard, defkv_selection *out) {
+    DEFKV_ENTER(ctx);
+    return guarded(&ctx->last_error, [&] { return defkv::do_select_sharded(*ctx, params, layer, shard, out); });
+}
+
+DEFKV_API defkv_status defkv_global_create_sharded(defkv_context *ctx, const defkv_params *params,
+                                                   const defkv_shard *shard, defkv_global **global) {
+    DEFKV_ENTER(ctx);
+    return guarded(&ctx->last_error, [&] { return defkv::do_global_create_sharded(*ctx, params, shard, global); });
 }
 
 } // extern "C"

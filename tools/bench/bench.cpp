@@ -310,7 +310,10 @@ int fail(const char *fmt, const std::string &a) {
 
 } // namespace
 
+int defkv_bench_shard(int argc, char **argv); // shard_bench.cpp
+
 int defkv_cmd_bench(int argc, char **argv) {
+    if (argc > 1 && std::string(argv[1]) == "shard") return defkv_bench_shard(argc - 1, argv + 1);
     Options o;
     for (int i = 1; i < argc; i++) {
         const std::string a = argv[i];
