@@ -22,6 +22,7 @@ int defkv_cmd_demo(int argc, char** argv);
 #endif
 #ifdef DEFKV_HAVE_BENCH
 int defkv_cmd_bench(int argc, char** argv);
+int defkv_cmd_bench_stream(int argc, char** argv);
 #endif
 
 namespace defkv_cli {
@@ -70,6 +71,7 @@ void print_help() {
         "  defkv info FILE.safetensors\n"
         "  defkv eval ... | defkv demo ...   (real-model engine, when built)\n"
         "  defkv bench ...                    (benchmarks, when built)\n"
+        "  defkv bench-stream ...             (decode-time eviction cost per step, when built)\n"
         "  defkv --version | defkv help\n"
         "\n"
         "methods:",
@@ -135,6 +137,13 @@ int dispatch(int argc, char** argv) {
         return defkv_cmd_bench(argc - 1, argv + 1);
 #else
         return not_built("bench");
+#endif
+    }
+    if (cmd == "bench-stream") {
+#ifdef DEFKV_HAVE_BENCH
+        return defkv_cmd_bench_stream(argc - 1, argv + 1);
+#else
+        return not_built("bench-stream");
 #endif
     }
     return error(kExitUsage, "unknown subcommand '" + cmd + "' (try 'defkv help')");

@@ -487,6 +487,103 @@ DEFKV_API defkv_status defkv_global_layer_selection(defkv_global *global, int32_
 DEFKV_API defkv_status defkv_global_layer_kept_count(defkv_global *global, int32_t layer_index,
                                                      int64_t *count);
 
+/* ------------------------------------------------------------------------------------------ */
+/* Decode-time eviction: streams                                                             */
+/* ------------------------------------------------------------------------------------------ */
+
+/* How a stream combines an entry's scores across rounds. */
+typedef enum defkv_stream_aggregation {
+    DEFKV_STREAM_LATEST = 0,    /* the current round's score only (kvpress DecodingPress) */
+    DEFKV_STREAM_MAX = 1,       /* the running maximum over every round that scored the entry */
+    DEFKV_STREAM_MAX_DECAY = 2, /* r = max(decay * r, s): a maximum that fades */
+    DEFKV_STREAM_AGGREGATION_MAX_ENUM = 0x7FFFFFFF
+} defkv_stream_aggregation;
+
+/* A stream follows the caches of n_layers layers while a model generates and evicts entries in
+ * rounds. The engine writes every new token's keys and values into its caches, registers them
+ * (defkv_stream_append) and pushes the token's post-rotary queries; the stream keeps the last
+ * `window` queries of each layer. A round scores each head's live entries with those queries
+ * (the method's own aggregation within the round: the pooled mean for snapkv and ada-snapkv,
+ * the defensive maximum with the adaptive prior, weighted by the entry's value norm through
+ * o_proj, for defensivekv and layer-defensivekv), combines the scores with earlier rounds'
+ * (aggregation), keeps the budget (per head for snapkv, per layer for ada-snapkv and
+ * defensivekv, per model for layer-defensivekv; the `window` most recent entries and the first
+ * params->n_sink positions are always kept; a streamingllm stream keeps the sinks and the most
+ * recent entries), compacts the caches the engine passes in place and reports each layer's
+ * selection. An entry's value-norm weight (pn / sum over the token's KV heads, as prefill's
+ * defensivekv) is computed once, by the first round after its append, in one batch for the
+ * entries appended since the previous round.
+ * Live entries of head k of a layer are, in order, rows [0, head_len[k]) of that head in the
+ * engine's cache: contiguous [Hk, capacity, d], or pages (defkv_paged_kv rows: one per head for
+ * DEFKV_PAGE_HEAD, whose row r holds ceil(head_len[r] / page_size) pages; shared rows for NHD and
+ * HND, holding the longest head). Appended entries go after the last live row of every head. */
+typedef struct defkv_stream_params {
+    uint32_t struct_size; /* sizeof(defkv_stream_params) */
+    int32_t n_layers;     /* >= 1 */
+    int32_t n_heads;      /* H */
+    int32_t n_kv_heads;   /* Hk, dividing H */
+    int32_t head_dim;     /* d */
+    int32_t capacity;     /* entries a head's cache can hold; appending past it is an error */
+    int32_t interval;     /* steps between rounds (defkv_stream_due); default 128; >= window */
+    int32_t aggregation;  /* defkv_stream_aggregation; default DEFKV_STREAM_MAX */
+    int64_t budget;       /* entries kept per head after a round (the mode's total is budget *
+                             Hk per layer, or * n_layers per model); >= window + n_sink */
+    int64_t slack;        /* a head holding more than budget + slack makes a round due;
+                             default 0 = interval */
+    float decay;          /* DEFKV_STREAM_MAX_DECAY factor in (0, 1]; default 0.9 */
+    int32_t reserved0;    /* must be 0 */
+} defkv_stream_params;
+
+typedef struct defkv_stream defkv_stream;
+
+/* Fills *sp with the defaults (n_layers 1, interval 128, aggregation MAX, decay 0.9; the shape
+ * fields, capacity and budget are 0 and must be set). since 0.2 */
+DEFKV_API void defkv_stream_params_default(defkv_stream_params *sp);
+
+/* params: method (snapkv, ada-snapkv, defensivekv, layer-defensivekv or streamingllm), window,
+ * kernel, scale and n_sink (the sinks every round keeps); the ratio and budget fields are not
+ * used (sp->budget is). ctx must outlive the stream; the stream's calls enter ctx (in-use
+ * guard). On error *stream is unchanged. since 0.2 */
+DEFKV_API defkv_status defkv_stream_create(defkv_context *ctx, const defkv_params *params,
+                                           const defkv_stream_params *sp, defkv_stream **stream);
+DEFKV_API void defkv_stream_destroy(defkv_stream *stream); /* NULL ok; since 0.2 */
+
+/* Registers n new entries the engine wrote after the last live row of every head of `layer`
+ * (the cache passed to the next round holds them). Appending past capacity is
+ * DEFKV_ERROR_INVALID_STATE with nothing changed. since 0.2 */
+DEFKV_API defkv_status defkv_stream_append(defkv_stream *stream, int32_t layer, int32_t n);
+
+/* Pushes the post-rotary queries [H, n, d] of the newest n steps of `layer` (host memory, or
+ * the context's device memory); the stream keeps the last `window` of them. Each call is n
+ * steps for defkv_stream_due. since 0.2 */
+DEFKV_API defkv_status defkv_stream_push_queries(defkv_stream *stream, int32_t layer,
+                                                 const defkv_tensor *queries);
+
+/* *due = 1 when a round is due: `interval` steps pushed to some layer since the last round,
+ * or a head holds more than budget + slack entries. since 0.2 */
+DEFKV_API defkv_status defkv_stream_due(defkv_stream *stream, int32_t *due);
+
+/* The live entries of `layer` per head (head_lens [Hk]). since 0.2 */
+DEFKV_API defkv_status defkv_stream_head_lens(defkv_stream *stream, int32_t layer, int32_t *head_lens);
+
+/* One cache of a stream round: keys and values [Hk, C, d] with C >= every head's length, or
+ * paged (keys and values absent). */
+typedef struct defkv_stream_cache {
+    defkv_tensor keys;
+    defkv_tensor values;
+    const defkv_paged_kv *paged; /* seq_lens unused (the stream knows each head's length) */
+    defkv_tensor o_proj;         /* [D, H*d]: defensivekv and layer-defensivekv; else absent */
+} defkv_stream_cache;
+
+/* Runs a round over every layer (caches: n_layers entries): scores, selects, compacts the
+ * caches in place and, when sels is not NULL, writes layer l's selection into sels[l] (host
+ * memory; per-entry arrays are [Hk, capacity]; indices are rows of the live entries before the
+ * round). Every layer needs `window` pushed queries and more than `window` entries in some head
+ * to evict anything; a head within its budget loses nothing. Errors leave the stream and the
+ * caches unchanged. since 0.2 */
+DEFKV_API defkv_status defkv_stream_round(defkv_stream *stream, const defkv_stream_cache *caches,
+                                          defkv_selection *sels);
+
 #ifdef __cplusplus
 }
 #endif
