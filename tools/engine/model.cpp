@@ -204,9 +204,9 @@ bool Model::forward(KVState &st, const int *tokens, int T, float *logits, int n_
         } else {
             for (int kh = 0; kh < Hk; ++kh)
                 for (int t = 0; t < T; ++t) {
-                const size_t dst = ((size_t)kh * st.tail_cap + n_old + t) * d;
-                std::memcpy(&kv.tail_k[dst], &k_[((size_t)t * Hk + kh) * d], sizeof(float) * d);
-                std::memcpy(&kv.tail_v[dst], &v_[((size_t)t * Hk + kh) * d], sizeof(float) * d);
+                    const size_t dst = ((size_t)kh * st.tail_cap + n_old + t) * d;
+                    std::memcpy(&kv.tail_k[dst], &k_[((size_t)t * Hk + kh) * d], sizeof(float) * d);
+                    std::memcpy(&kv.tail_v[dst], &v_[((size_t)t * Hk + kh) * d], sizeof(float) * d);
                 }
         }
         if (capture_window > 0) {
