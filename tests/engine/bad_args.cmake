@@ -5,6 +5,7 @@ set(cases
   "eval --contexts abc|--contexts"
   "eval --methods nosuchmethod|--methods"
   "eval --samples 0|--samples"
+  "eval --cache ring|--cache"
   "demo --frobnicate|--frobnicate"
   "eval --model /nonexistent/model.gguf|model file not found"
   "ppl --tokens|needs a value"

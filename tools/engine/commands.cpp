@@ -217,6 +217,18 @@ int load_text_tokens(const std::string &path, const Model &m, size_t max_chars, 
     return 0;
 }
 
+bool parse_cache(Args &a, CacheKind *kind) {
+    const std::string c = a.str("--cache", "paged");
+    if (c != "paged" && c != "contiguous") {
+        a.error = "option --cache: expected paged or contiguous, got '" + c + "'";
+        return false;
+    }
+    *kind = c == "paged" ? CacheKind::paged : CacheKind::contiguous;
+    return true;
+}
+
+double mib(double bytes) { return bytes / (1024.0 * 1024.0); }
+
 std::string pct(double f) {
     char b[16];
     std::snprintf(b, sizeof b, "%.0f%%", f * 100);
@@ -242,6 +254,19 @@ void print_tables(const std::vector<FidelityResult> &fr, const std::vector<Passk
                         r.kl.empty() ? 0.0 : *std::max_element(r.kl.begin(), r.kl.end()),
                         r.tokens ? 100.0 * r.top1_agree / r.tokens : 0.0,
                         r.nll_count ? std::exp(r.nll_sum / r.nll_count) : NAN);
+        }
+    }
+    if (!fr.empty() && fr[0].page_bytes > 0) {
+        std::printf("\nPaged KV cache: per-head pages of 16 tokens (%lld bytes of keys and values each), per run\n",
+                    (long long)fr[0].page_bytes);
+        std::printf("%-7s %-7s %-18s %12s %12s %10s %10s\n", "context", "budget", "method", "pages before",
+                    "pages after", "freed MiB", "peak MiB");
+        for (const FidelityResult &r : fr) {
+            const int n = std::max(r.runs, 1);
+            std::printf("%-7d %-7s %-18s %12lld %12lld %10.2f %10.2f\n", r.context,
+                        r.method == "full" ? "100%" : pct(r.budget).c_str(), r.method.c_str(),
+                        (long long)(r.pages_before / n), (long long)(r.pages_after / n),
+                        mib((double)(r.pages_before - r.pages_after) * r.page_bytes / n), mib((double)r.peak_bytes));
         }
     }
     if (!pr.empty()) {
@@ -329,15 +354,30 @@ void print_demo(const ModelConfig &c, const std::vector<FidelityResult> &fr, con
         std::printf("\n3. Continuation fidelity: %d tokens of Moby Dick prefilled and compressed, then the next %lld\n"
                     "   real tokens teacher-forced through the compressed and the full cache.\n",
                     fr[0].context, (long long)(fr[0].runs ? fr[0].tokens / fr[0].runs : fr[0].tokens));
-        std::printf("   %-18s %5s %8s %8s %7s %7s  %s\n", "method", "kept", "KL mean", "KL p99", "top-1", "ppl",
-                    "KL mean (shorter is better)");
+        const bool paged = fr[0].page_bytes > 0;
+        std::printf("   %-18s %5s %8s %8s %7s %7s %s %s\n", "method", "kept", "KL mean", "KL p99", "top-1", "ppl",
+                    paged ? "freed MiB" : "", "KL mean (shorter is better)");
         for (const FidelityResult &r : fr) {
             const double m = mean_of(r.kl);
-            std::printf("   %-18s %5s %8.4f %8.4f %6.1f%% %7.2f  %s\n", r.method == "full" ? "full cache" : r.method.c_str(),
+            char freed[24] = "";
+            if (paged)
+                std::snprintf(freed, sizeof freed, "%9.1f",
+                              mib((double)(r.pages_before - r.pages_after) * r.page_bytes / std::max(r.runs, 1)));
+            std::printf("   %-18s %5s %8.4f %8.4f %6.1f%% %7.2f %s %s\n", r.method == "full" ? "full cache" : r.method.c_str(),
                         pct(r.kept_fraction).c_str(), m, percentile(r.kl, 0.99),
                         r.tokens ? 100.0 * r.top1_agree / r.tokens : 0.0,
-                        r.nll_count ? std::exp(r.nll_sum / r.nll_count) : NAN,
+                        r.nll_count ? std::exp(r.nll_sum / r.nll_count) : NAN, freed,
                         kl_max > 0 ? bar(m / kl_max, 30).c_str() : "");
+        }
+        if (paged) {
+            const FidelityResult &f = fr[0];
+            const int n = std::max(f.runs, 1);
+            int64_t peak = 0;  // of the compressed runs: while layer 0 is gathered, both copies
+            for (const FidelityResult &r : fr)
+                if (r.method != "full") peak = std::max(peak, r.peak_bytes);
+            std::printf("   Paged cache: %lld pages of 16 tokens per KV head (%.1f MiB) before compression, peak\n"
+                        "   %.1f MiB while compacting (every old page and layer 0's new ones).\n",
+                        (long long)(f.pages_before / n), mib((double)f.pages_before * f.page_bytes / n), mib((double)peak));
         }
     }
     // 4. time
@@ -367,6 +407,8 @@ void print_demo(const ModelConfig &c, const std::vector<FidelityResult> &fr, con
         "                  is cached once and asked about later\n"
         "  correct         trials whose 8-token greedy answer contains the key\n"
         "  compress ms     defkv's time for all layers of one prompt, next to the prefill time (section 4)\n"
+        "  freed MiB       KV-cache pages (16 tokens of one KV head each) the compression returned to\n"
+        "                  the engine's page pool (defkv_compact_paged)\n"
         "  teacher-forced  the real next tokens of the book are fed in, not the model's own guesses, so\n"
         "                  both caches predict the same positions and can be compared token by token\n"
         "  KL mean, p99    Kullback-Leibler divergence (nats) of the compressed cache's next-token\n"
@@ -553,6 +595,8 @@ const char *kEvalHelp =
     "  --no-fidelity / --no-passkey   skip one of the two measurements\n"
     "  --csv PATH / --svg PATH also write the results as CSV / an SVG plot\n"
     "  --seed N                passkey random seed (default 1234)\n"
+    "  --cache paged|contiguous  the engine's KV cache: page pools of 16 tokens through block\n"
+    "                          tables (default), or contiguous buffers; the same figures either way\n"
     "  --quiet                 no progress bar\n";
 
 int run_eval_like(int argc, char **argv, const char *cmd, EvalConfig cfg, const char *ctx_def, const char *bud_def,
@@ -568,7 +612,7 @@ int run_eval_like(int argc, char **argv, const char *cmd, EvalConfig cfg, const 
     long v = 0;
     if (!a.parse(argc, argv,
                  {"--model", "--text", "--contexts", "--samples", "--continuation", "--budgets", "--methods",
-                  "--passkey-contexts", "--passkey-trials", "--csv", "--svg", "--seed"},
+                  "--passkey-contexts", "--passkey-trials", "--csv", "--svg", "--seed", "--cache"},
                  {"--no-fidelity", "--no-passkey", "--quiet"}) ||
         !a.int_list("--contexts", 64, 8192, &cfg.contexts) || !a.budget_list("--budgets", &cfg.budgets) ||
         !a.method_list("--methods", &cfg.methods) || !a.int_list("--passkey-contexts", 128, 8192, &cfg.passkey_contexts)) {
@@ -589,6 +633,7 @@ int run_eval_like(int argc, char **argv, const char *cmd, EvalConfig cfg, const 
     cfg.seed = (uint64_t)v;
     cfg.fidelity = !a.has("--no-fidelity");
     cfg.passkey = !a.has("--no-passkey");
+    if (!parse_cache(a, &cfg.cache)) goto bad;
     for (int c : cfg.contexts)
         for (double b : cfg.budgets)
             if ((int)(c * b) <= 32) {
@@ -890,6 +935,112 @@ int defkv_cmd_selftest(int argc, char **argv) {
                     cs.max_head_len, ans.c_str(), ok ? "" : "  FAIL: kept fraction outside [15%, 20%]");
         failures += !ok;
     }
+    std::printf("%s: %d checks, %d failures\n", failures ? "FAIL" : "PASS", checks, failures);
+    return failures ? 1 : 0;
+}
+
+// Used by CTest: the eval's figures through the paged and the contiguous cache must be the same
+// bits, and the paged cache's pages must add up. Exit 77 (skip) when the model is not cached.
+int defkv_cmd_cache_parity(int argc, char **argv) {
+    Args a;
+    long ctx_len = 256, cont = 16;
+    if (!a.parse(argc, argv, {"--model", "--text", "--context", "--continuation"}, {}) ||
+        !a.integer("--context", 128, 4096, &ctx_len) || !a.integer("--continuation", 2, 1024, &cont)) {
+        std::fprintf(stderr, "defkv-engine cache-parity: %s\n", a.error.c_str());
+        return 2;
+    }
+    const std::string model = a.str("--model", default_model()), text = a.str("--text", default_text());
+    for (const std::string &f : {model, text})
+        if (!file_exists(f)) {
+            std::printf("SKIPPED: %s is not cached; run tools/engine/fetch_assets.sh to enable this test\n", f.c_str());
+            return 77;
+        }
+    Env env;
+    int rc = open_env(model, &env, "cache-parity");
+    if (rc) return rc;
+    EvalConfig cfg;
+    cfg.contexts = {(int)ctx_len};
+    cfg.budgets = {0.2};
+    cfg.methods.assign(std::begin(kAllMethods), std::end(kAllMethods));
+    cfg.continuation = (int)cont;
+    cfg.passkey_contexts = {(int)ctx_len};
+    cfg.passkey_trials = 1;
+    std::vector<int> toks;
+    rc = load_text_tokens(text, env.model, (size_t)(ctx_len + cont + 2000) * 6, &toks, "cache-parity");
+    if (rc) return rc;
+    int checks = 0, failures = 0;
+    auto check = [&](bool ok, const std::string &what) {
+        ++checks;
+        if (!ok) {
+            std::printf("FAIL: %s\n", what.c_str());
+            ++failures;
+        }
+    };
+    // 1. The same eval both ways: every per-token KL, top-1 and log-likelihood bit for bit.
+    std::vector<FidelityResult> fr[2];
+    std::vector<PasskeyResult> pr[2];
+    std::string err;
+    for (int k = 0; k < 2; ++k) {
+        cfg.cache = k ? CacheKind::paged : CacheKind::contiguous;
+        Progress prog;
+        prog.enabled = false;
+        if (!run_fidelity(env.ctx, env.model, toks, cfg, prog, &fr[k], &err) ||
+            !run_passkey(env.ctx, env.model, cfg, prog, &pr[k], &err)) {
+            std::printf("FAIL: %s cache: %s\n", k ? "paged" : "contiguous", err.c_str());
+            return 1;
+        }
+    }
+    check(fr[0].size() == fr[1].size() && pr[0].size() == pr[1].size() && !fr[0].empty(), "result rows differ");
+    for (size_t i = 0; i < std::min(fr[0].size(), fr[1].size()); ++i) {
+        const FidelityResult &c = fr[0][i], &p = fr[1][i];
+        const bool same = c.kl.size() == p.kl.size() && !c.kl.empty() &&
+                          !std::memcmp(c.kl.data(), p.kl.data(), sizeof(double) * c.kl.size()) &&
+                          c.top1_agree == p.top1_agree && !std::memcmp(&c.nll_sum, &p.nll_sum, sizeof(double)) &&
+                          c.kept_entries == p.kept_entries;
+        std::printf("fidelity %-18s KL mean %.17g (contiguous) %.17g (paged), pages %lld -> %lld, peak %lld bytes%s\n",
+                    c.method.c_str(), mean_of(c.kl), mean_of(p.kl), (long long)p.pages_before,
+                    (long long)p.pages_after, (long long)p.peak_bytes, same ? "" : "  DIFFERENT");
+        check(same, "fidelity " + c.method + ": the paged cache's figures differ from the contiguous cache's");
+    }
+    for (size_t i = 0; i < std::min(pr[0].size(), pr[1].size()); ++i)
+        check(pr[0][i].correct == pr[1][i].correct && pr[0][i].kept_entries == pr[1][i].kept_entries,
+              "passkey " + pr[0][i].method + ": the answers differ between the caches");
+    // 2. The pages: before Hk * ceil(L / 16) per layer, after the sum over heads of
+    // ceil(head_len / 16), all NHD pages back in the pool, resident bytes = pages x page bytes,
+    // the peak while layer 0 is gathered (layers are compacted in order and free as they go).
+    const ModelConfig &mc = env.model.config();
+    std::vector<int> context(toks.begin() + 1000, toks.begin() + 1000 + ctx_len);
+    KVState pre = env.model.new_state((int)ctx_len, CacheKind::paged);
+    if (!env.model.prefill(pre, context, 256, 32, &err)) {
+        std::printf("FAIL: prefill: %s\n", err.c_str());
+        return 1;
+    }
+    const int64_t before = (int64_t)mc.n_layers * mc.n_kv_heads * ((ctx_len + kPageSize - 1) / kPageSize);
+    check(pre.paged && pre.paged->head_pages_in_use() == before, "prefilled pages");
+    for (const char *m : kAllMethods) {
+        KVState st;
+        CompressStats cs;
+        if (!compress_state(env.ctx, env.model, pre, m, 0.2, 8, &st, &cs, &err)) {
+            std::printf("FAIL: %s: %s\n", m, err.c_str());
+            return 1;
+        }
+        int64_t after = 0, kept = 0, after_layer0 = 0;
+        for (const PagedLayer &pl : st.paged->layers)
+            for (int32_t len : pl.len) after += (len + kPageSize - 1) / kPageSize, kept += len;
+        for (int32_t len : st.paged->layers[0].len) after_layer0 += (len + kPageSize - 1) / kPageSize;
+        const int64_t page_bytes = 2LL * kPageSize * mc.head_dim * (int64_t)sizeof(float);
+        const bool ok = cs.pages_before == before && cs.pages_after == after && kept == cs.kept &&
+                        st.paged->nhd.in_use() == 0 && st.paged->head.in_use() == after &&
+                        st.paged->resident_bytes() == after * page_bytes && cs.page_bytes == page_bytes &&
+                        // the peak is while layer 0 is gathered: every source page and layer 0's new ones
+                        cs.peak_bytes == (before + after_layer0) * page_bytes;
+        std::printf("pages %-18s before %lld (expected %lld), after %lld (expected %lld), freed %.2f MiB, peak %.2f MiB%s\n",
+                    m, (long long)cs.pages_before, (long long)before, (long long)cs.pages_after, (long long)after,
+                    mib((double)(cs.pages_before - cs.pages_after) * page_bytes), mib((double)cs.peak_bytes),
+                    ok ? "" : "  WRONG");
+        check(ok, std::string("page accounting of ") + m);
+    }
+    if (checks == 0) ++failures;
     std::printf("%s: %d checks, %d failures\n", failures ? "FAIL" : "PASS", checks, failures);
     return failures ? 1 : 0;
 }

@@ -10,4 +10,5 @@ int defkv_cmd_ppl(int argc, char **argv);
 int defkv_cmd_generate(int argc, char **argv);
 int defkv_cmd_passkey_sweep(int argc, char **argv);
 int defkv_cmd_selftest(int argc, char **argv);
+int defkv_cmd_cache_parity(int argc, char **argv);
 int defkv_cmd_tokenize(int argc, char **argv);

@@ -14,7 +14,9 @@ int main(int argc, char **argv) {
         "  generate       greedy generation for a prompt (--chat applies the chat template)\n"
         "  passkey-sweep  full-cache passkey accuracy per context length\n"
         "  tokenize       token ids of the (normalised) text, one per line\n"
-        "  selftest       short end-to-end check used by CTest (exit 77: model not cached)\n";
+        "  selftest       short end-to-end check used by CTest (exit 77: model not cached)\n"
+        "  cache-parity   the eval through the paged and the contiguous cache, bit for bit, and the\n"
+        "                 paged cache's page accounting (CTest; exit 77: model not cached)\n";
     if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h")) {
         std::fputs(usage, argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
@@ -27,6 +29,7 @@ int main(int argc, char **argv) {
     if (!std::strcmp(c, "passkey-sweep")) return defkv_cmd_passkey_sweep(argc - 1, argv + 1);
     if (!std::strcmp(c, "tokenize")) return defkv_cmd_tokenize(argc - 1, argv + 1);
     if (!std::strcmp(c, "selftest")) return defkv_cmd_selftest(argc - 1, argv + 1);
+    if (!std::strcmp(c, "cache-parity")) return defkv_cmd_cache_parity(argc - 1, argv + 1);
     std::fprintf(stderr, "defkv-engine: unknown command '%s'\n%s", c, usage);
     return 2;
 }

@@ -10,6 +10,11 @@ namespace defkv_engine {
 
 int64_t KVState::cached_entries() const {
     int64_t n = 0;
+    if (paged) {
+        for (const PagedLayer &pl : paged->layers)
+            for (int32_t len : pl.len) n += len;
+        return n;
+    }
     for (const LayerKV &l : layers) {
         const int hk = (int)l.seg_cu.size() - 1;
         n += l.seg_cu.empty() ? 0 : l.seg_cu[hk];
@@ -119,16 +124,19 @@ void Model::ensure_rope(int max_pos) {
         }
 }
 
-KVState Model::new_state(int tail_cap) const {
+KVState Model::new_state(int tail_cap, CacheKind kind) const {
     KVState s;
     s.tail_cap = tail_cap;
     s.layers.resize(cfg_.n_layers);
     const size_t n = (size_t)cfg_.n_kv_heads * tail_cap * cfg_.head_dim;
     for (LayerKV &l : s.layers) {
         l.seg_cu.assign(cfg_.n_kv_heads + 1, 0);
+        if (kind == CacheKind::paged) continue;
         l.tail_k.resize(n);
         l.tail_v.resize(n);
     }
+    if (kind == CacheKind::paged)
+        s.paged = std::make_unique<PagedCache>(cfg_.n_layers, cfg_.n_kv_heads, cfg_.head_dim, tail_cap);
     return s;
 }
 
@@ -190,12 +198,17 @@ bool Model::forward(KVState &st, const int *tokens, int T, float *logits, int n_
             rot(&q_[(size_t)t * H * d], H);
             rot(&k_[(size_t)t * Hk * d], Hk);
         }
-        for (int kh = 0; kh < Hk; ++kh)
-            for (int t = 0; t < T; ++t) {
-                const size_t dst = ((size_t)kh * st.tail_cap + n_old + t) * d;
-                std::memcpy(&kv.tail_k[dst], &k_[((size_t)t * Hk + kh) * d], sizeof(float) * d);
-                std::memcpy(&kv.tail_v[dst], &v_[((size_t)t * Hk + kh) * d], sizeof(float) * d);
-            }
+        if (st.paged) {
+            for (int t = 0; t < T; ++t)
+                if (!st.paged->append(l, &k_[(size_t)t * Hk * d], &v_[(size_t)t * Hk * d], error)) return false;
+        } else {
+            for (int kh = 0; kh < Hk; ++kh)
+                for (int t = 0; t < T; ++t) {
+                    const size_t dst = ((size_t)kh * st.tail_cap + n_old + t) * d;
+                    std::memcpy(&kv.tail_k[dst], &k_[((size_t)t * Hk + kh) * d], sizeof(float) * d);
+                    std::memcpy(&kv.tail_v[dst], &v_[((size_t)t * Hk + kh) * d], sizeof(float) * d);
+                }
+        }
         if (capture_window > 0) {
             for (int h = 0; h < H; ++h)
                 for (int wi = 0; wi < capture_window; ++wi)
@@ -204,18 +217,40 @@ bool Model::forward(KVState &st, const int *tokens, int T, float *logits, int n_
         }
         // Attention, one query head at a time: scores over [segment | tail], causal in the tail.
         const int n_tail_all = n_old + T;
+        // A paged cache's head is first gathered through its block table into the same two
+        // contiguous blocks, so the BLAS calls (and their sums) are the contiguous cache's.
+        const float *Ks = nullptr, *Vs = nullptr, *Kt = nullptr, *Vt = nullptr;
+        int ns = 0;
         for (int h = 0; h < H; ++h) {
             const int kh = h / G;
-            const int s0 = kv.seg_cu[kh], ns = kv.seg_cu[kh + 1] - s0;
+            if (st.paged && h % G == 0) {
+                const PagedLayer &pl = st.paged->layers[l];
+                ns = pl.seg[kh];
+                if (pl.len[kh] - ns != n_tail_all) {
+                    *error = "internal: paged cache head length does not match the tail";
+                    return false;
+                }
+                seg_k_.resize((size_t)std::max(ns, 1) * d);
+                seg_v_.resize((size_t)std::max(ns, 1) * d);
+                tail_k_.resize((size_t)n_tail_all * d);
+                tail_v_.resize((size_t)n_tail_all * d);
+                st.paged->gather(l, kh, 0, ns, seg_k_.data(), seg_v_.data());
+                st.paged->gather(l, kh, ns, pl.len[kh], tail_k_.data(), tail_v_.data());
+                Ks = seg_k_.data(), Vs = seg_v_.data(), Kt = tail_k_.data(), Vt = tail_v_.data();
+            } else if (!st.paged) {
+                const int s0 = kv.seg_cu[kh];
+                ns = kv.seg_cu[kh + 1] - s0;
+                Ks = kv.seg_k.data() + (size_t)s0 * d, Vs = kv.seg_v.data() + (size_t)s0 * d;
+                Kt = &kv.tail_k[(size_t)kh * st.tail_cap * d];
+                Vt = &kv.tail_v[(size_t)kh * st.tail_cap * d];
+            }
             const int ncol = ns + n_tail_all;
             scores_.resize((size_t)T * ncol);
             float *S = scores_.data();
             const float *Qh = &q_[(size_t)h * d];
             if (ns > 0)
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, ns, d, scale, Qh, H * d,
-                            &kv.seg_k[(size_t)s0 * d], d, 0.0f, S, ncol);
-            const float *Kt = &kv.tail_k[(size_t)kh * st.tail_cap * d];
-            const float *Vt = &kv.tail_v[(size_t)kh * st.tail_cap * d];
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, ns, d, scale, Qh, H * d, Ks, d, 0.0f, S,
+                            ncol);
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, n_tail_all, d, scale, Qh, H * d, Kt, d,
                         0.0f, S + ns, ncol);
             for (int t = 0; t < T; ++t) {
@@ -234,8 +269,8 @@ bool Model::forward(KVState &st, const int *tokens, int T, float *logits, int n_
             }
             float *Oh = &att_[(size_t)h * d];
             if (ns > 0)
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, d, ns, 1.0f, S, ncol,
-                            &kv.seg_v[(size_t)s0 * d], d, 0.0f, Oh, H * d);
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, d, ns, 1.0f, S, ncol, Vs, d, 0.0f, Oh,
+                            H * d);
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, d, n_tail_all, 1.0f, S + ns, ncol, Vt, d,
                         ns > 0 ? 1.0f : 0.0f, Oh, H * d);
         }

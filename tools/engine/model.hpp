@@ -7,14 +7,19 @@
 //   tail:    tokens appended after the segment, head-major [Hk, tail_cap, d], the same count
 //            n_tail for every head. Prefill of the context fills the tail; compression turns
 //            the tail into a segment.
+// Or paged (CacheKind::paged, the default): the same segment and tail held in page pools
+// through block tables (paged.hpp); the attention reads the pages through the tables into the
+// same two blocks per head, so both caches give the same bits.
 // Positions keep counting through eviction: a token appended after compression gets the
 // rotary position it would have had with the full cache.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "gguf.hpp"
+#include "paged.hpp"
 #include "tokenizer.hpp"
 
 namespace defkv_engine {
@@ -28,6 +33,8 @@ struct ModelConfig {
 struct LayerWeights {
     std::vector<float> attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_up, w_down;  // [out, in]
 };
+
+enum class CacheKind { contiguous, paged };
 
 struct LayerKV {
     std::vector<float> seg_k, seg_v;  // [sum(head_lens), d]
@@ -43,6 +50,9 @@ struct KVState {
     // Post-rotary queries of the last `window` prefill tokens, per layer [H, window, d]
     int window = 0;
     std::vector<std::vector<float>> win_q;
+    // Paged caches only (null for contiguous ones): the pools and block tables; layers[] then
+    // holds only seg_cu (all zero).
+    std::unique_ptr<PagedCache> paged;
     int64_t cached_entries() const;  // kept (key, value) rows over all layers and heads
 };
 
@@ -54,7 +64,7 @@ public:
     const std::vector<float> &o_proj(int layer) const { return layers_[layer].wo; }
 
     // A fresh empty state with room for tail_cap tokens in the tail.
-    KVState new_state(int tail_cap) const;
+    KVState new_state(int tail_cap, CacheKind kind = CacheKind::paged) const;
     // Runs `tokens` through the model, appending them to the state's tail.
     // logits: if non-null, receives [n, vocab] logits for the last n tokens (n = n_logits).
     // capture_window > 0: record post-rotary queries of the last capture_window tokens of this
@@ -80,6 +90,7 @@ private:
     void ensure_rope(int max_pos);
     // scratch, reused between calls
     std::vector<float> x_, xn_, q_, k_, v_, att_, gate_, up_, scores_;
+    std::vector<float> seg_k_, seg_v_, tail_k_, tail_v_;  // one KV head gathered from pages
 };
 
 }  // namespace defkv_engine

@@ -22,6 +22,12 @@ std::string fmt_time(double s) {
     std::snprintf(b, sizeof b, "%dm%02ds", (int)(s / 60), (int)s % 60);
     return b;
 }
+template <class Result> void add_pages(const CompressStats &cs, Result *r) {
+    r->pages_before += cs.pages_before;
+    r->pages_after += cs.pages_after;
+    r->page_bytes = cs.page_bytes;
+    r->peak_bytes = std::max(r->peak_bytes, cs.peak_bytes);
+}
 }  // namespace
 
 bool load_text(const std::string &path, std::string *text, std::string *error) {
@@ -131,7 +137,7 @@ bool run_fidelity(defkv_context *ctx, Model &m, const std::vector<int> &toks, co
             }
             std::vector<int> context(toks.begin() + off, toks.begin() + off + C);
             std::vector<int> cont(toks.begin() + off + C, toks.begin() + off + C + C2);
-            KVState pre = m.new_state(C);
+            KVState pre = m.new_state(C, cfg.cache);
             const double t_pre = now_s();
             if (!m.prefill(pre, context, cfg.chunk, 32, error)) return false;
             const double prefill_s = now_s() - t_pre;
@@ -142,6 +148,7 @@ bool run_fidelity(defkv_context *ctx, Model &m, const std::vector<int> &toks, co
                 if (!compress_state(ctx, m, pre, r.method, r.budget, C2, &st, &cs, error)) return false;
                 float *dst = is_ref ? ref.data() : cmp.data();
                 if (!m.forward(st, cont.data(), C2, dst, C2, 0, error)) return false;
+                if (st.paged) cs.peak_bytes = st.paged->peak_bytes;
                 for (int t = 0; t < C2; ++t) log_softmax(dst + (size_t)t * V, V);
                 for (int t = 0; t < C2; ++t) {
                     const float *p = ref.data() + (size_t)t * V, *q = dst + (size_t)t * V;
@@ -159,6 +166,7 @@ bool run_fidelity(defkv_context *ctx, Model &m, const std::vector<int> &toks, co
                 r.prefill_seconds += prefill_s;
                 r.kept_entries += cs.kept;
                 r.total_entries += cs.total;
+                add_pages(cs, &r);
                 ++r.runs;
                 r.min_head = s == 0 ? cs.min_head_len : std::min(r.min_head, cs.min_head_len);
                 r.max_head = std::max(r.max_head, cs.max_head_len);
@@ -214,6 +222,7 @@ bool answer_passkey(defkv_context *ctx, Model &m, const KVState &pre, const Pass
     if (!m.forward(st, p.question.data(), (int)p.question.size(), logits.data(), 1, 0, error)) return false;
     std::vector<int> gen = m.generate_greedy(st, logits, max_new, error);
     *answer = m.tokenizer().decode(gen);
+    if (st.paged) stats->peak_bytes = st.paged->peak_bytes;
     return true;
 }
 
@@ -239,7 +248,7 @@ bool run_passkey(defkv_context *ctx, Model &m, const EvalConfig &cfg, Progress &
             const std::string key = std::to_string(10000 + (int)(rng() % 90000));
             const double depth = (double)(rng() % 1001) / 1000.0;
             PasskeyPrompt p = make_passkey_prompt(m, C, depth, key);
-            KVState pre = m.new_state((int)p.context.size());
+            KVState pre = m.new_state((int)p.context.size(), cfg.cache);
             const double t_pre = now_s();
             if (!m.prefill(pre, p.context, cfg.chunk, 32, error)) return false;
             const double prefill_s = now_s() - t_pre;
@@ -254,6 +263,7 @@ bool run_passkey(defkv_context *ctx, Model &m, const EvalConfig &cfg, Progress &
                 r.prefill_seconds += prefill_s;
                 r.kept_entries += cs.kept;
                 r.total_entries += cs.total;
+                add_pages(cs, &r);
                 char what[96];
                 std::snprintf(what, sizeof what, "passkey ctx=%d %s %.0f%%", C, r.method.c_str(), r.budget * 100);
                 prog.step(what);

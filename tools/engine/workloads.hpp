@@ -42,6 +42,9 @@ struct FidelityResult {
     double compress_seconds = 0, prefill_seconds = 0;  // summed over `runs` (prefill shared by the rows)
     int64_t kept_entries = 0, total_entries = 0;       // K/V rows, all layers, summed over `runs`
     int runs = 0;
+    // Paged cache (zero for contiguous): per-head pages before/after compression summed over
+    // `runs`, the bytes of one, and the largest peak of resident bytes (decoding included).
+    int64_t pages_before = 0, pages_after = 0, page_bytes = 0, peak_bytes = 0;
 };
 
 struct PasskeyResult {
@@ -52,6 +55,7 @@ struct PasskeyResult {
     double kept_fraction = 0;
     double compress_seconds = 0, prefill_seconds = 0;  // summed over the trials (prefill shared by the rows)
     int64_t kept_entries = 0, total_entries = 0;       // K/V rows, all layers, summed over the trials
+    int64_t pages_before = 0, pages_after = 0, page_bytes = 0, peak_bytes = 0;  // as FidelityResult's
 };
 
 struct PasskeyPrompt {
@@ -81,6 +85,7 @@ struct EvalConfig {
     int passkey_trials = 20;
     uint64_t seed = 1234;
     int chunk = 256;
+    CacheKind cache = CacheKind::paged;
 };
 
 bool run_fidelity(defkv_context *ctx, Model &m, const std::vector<int> &text_tokens, const EvalConfig &cfg,

@@ -1,0 +1,30 @@
+# `defkv-engine eval --cache contiguous` and `--cache paged` must write the same CSV (the
+# user-visible path of engine_cache_parity, which compares the figures bit for bit in one
+# process), and the paged run must print its page table. Prints SKIPPED when the model or the
+# text is not cached (exit 3 of the engine).
+set(args eval --contexts 256 --budgets 20% --continuation 16 --passkey-contexts 256 --passkey-trials 1 --quiet)
+foreach(cache contiguous paged)
+  execute_process(COMMAND ${ENGINE} ${args} --cache ${cache} --csv ${WORKDIR}/cache_${cache}.csv
+                  RESULT_VARIABLE rc OUTPUT_VARIABLE out_${cache} ERROR_VARIABLE err)
+  if(rc EQUAL 3)
+    message("SKIPPED: the model or the text is not cached; run tools/engine/fetch_assets.sh\n${err}")
+    return()
+  endif()
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "eval --cache ${cache} failed (${rc}):\n${err}")
+  endif()
+  file(READ ${WORKDIR}/cache_${cache}.csv csv_${cache})
+endforeach()
+if(NOT csv_contiguous STREQUAL csv_paged)
+  message(FATAL_ERROR "the CSVs differ:\ncontiguous:\n${csv_contiguous}\npaged:\n${csv_paged}")
+endif()
+string(FIND "${out_paged}" "pages before" pos)
+if(pos EQUAL -1)
+  message(FATAL_ERROR "the paged run printed no page table:\n${out_paged}")
+endif()
+string(REGEX MATCHALL "\nfidelity," rows "${csv_paged}")
+list(LENGTH rows n)
+if(n LESS 2)
+  message(FATAL_ERROR "the CSV has ${n} fidelity rows")
+endif()
+message("PASS: identical CSVs (${n} fidelity rows and the passkey rows)")
