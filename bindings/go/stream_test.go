@@ -15,7 +15,7 @@ import (
 // Due), on contiguous [Hk, capacity, d] caches or one-head-per-page caches.
 const (
 	stLayers, stH, stHk, stD, stW, stCap, stBudget, stInterval, stDM = 2, 4, 2, 8, 4, 48, 12, 8, 16
-	stPrompt, stSteps, stPS                                         = 20, 40, 4
+	stPrompt, stSteps, stPS                                          = 20, 40, 4
 )
 
 func streamParams() (defkv.Params, defkv.StreamParams) {
@@ -65,7 +65,7 @@ func streamRun(t *testing.T, paged bool) [][]int32 {
 	}
 	type entry struct{ k, v []float32 }
 	keys, vals := make([][]float32, stLayers), make([][]float32, stLayers)
-	mirror := make([][][]entry, stLayers) // per layer and head: the live entries in cache order
+	mirror := make([][][]entry, stLayers)  // per layer and head: the live entries in cache order
 	written := make([][][]entry, stLayers) // everything appended, in order
 	caches := make([]defkv.StreamCache, stLayers)
 	for l := range keys {
