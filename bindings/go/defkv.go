@@ -415,8 +415,9 @@ func (s *Selection) Kept(h int) []int32 { return s.Indices[s.CuSeqlens[h]:s.CuSe
 
 // Context is a library context. Close releases it (idempotent).
 type Context struct {
-	mu  sync.Mutex
-	ptr raw.Struct_SS_defkv_context
+	mu      sync.Mutex
+	ptr     raw.Struct_SS_defkv_context
+	streams map[*streamHandle]struct{} // open streams, destroyed by Close before the context
 }
 
 // ContextOptions configure NewContext.
@@ -445,11 +446,16 @@ func NewContextWith(o ContextOptions) (*Context, error) {
 	return c, nil
 }
 
-// Close releases the context; later calls return an InvalidState error. Safe to call twice.
+// Close releases the context and closes its open streams; later calls on either return an
+// InvalidState error. Safe to call twice.
 func (c *Context) Close() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.ptr != nil {
+		for h := range c.streams { // a stream points at its context: it goes first
+			h.destroy()
+		}
+		c.streams = nil
 		raw.Defkv_context_destroy(c.ptr)
 		c.ptr = nil
 		runtime.SetFinalizer(c, nil)

@@ -20,6 +20,11 @@ typedef struct defkvb_layer {
     defkv_layer layer;
     defkv_sequence *seqs;
 } defkvb_layer;
+/* The caches of a stream round, n of them. Opaque to the languages. */
+typedef struct defkvb_stream_caches {
+    int32_t n;
+    defkv_stream_cache *caches;
+} defkvb_stream_caches;
 
 static void defkvb_fill_tensor(defkv_tensor *t, int64_t address, int32_t dtype, int32_t ndim,
                                int64_t s0, int64_t s1, int64_t s2, int64_t s3,
@@ -35,12 +40,14 @@ static void defkvb_fill_tensor(defkv_tensor *t, int64_t address, int32_t dtype, 
 }
 %}
 typedef struct defkvb_layer defkvb_layer;
+typedef struct defkvb_stream_caches defkvb_stream_caches;
 
 %include <stdint.i>
 
 /* Opaque handles */
 typedef struct defkv_context defkv_context;
 typedef struct defkv_global defkv_global;
+typedef struct defkv_stream defkv_stream;
 
 /* defkv_status is an int32 in every wrapper; the per-language typemaps turn it into errors. */
 typedef int defkv_status;
@@ -71,6 +78,29 @@ typedef struct defkv_params {
     ~defkv_params() { free($self); }
 }
 
+/* Stream parameters: the real struct without struct_size and reserved0 (set by the
+ * constructor), wrapped field by field. */
+typedef struct defkv_stream_params {
+    int32_t n_layers;
+    int32_t n_heads;
+    int32_t n_kv_heads;
+    int32_t head_dim;
+    int32_t capacity;
+    int32_t interval;
+    int32_t aggregation;
+    int64_t budget;
+    int64_t slack;
+    float decay;
+} defkv_stream_params;
+%extend defkv_stream_params {
+    defkv_stream_params() {
+        defkv_stream_params *p = (defkv_stream_params *)calloc(1, sizeof(defkv_stream_params));
+        if (p) defkv_stream_params_default(p);
+        return p;
+    }
+    ~defkv_stream_params() { free($self); }
+}
+
 /* Library information */
 uint32_t defkv_version_number(void);
 const char *defkv_version_string(void);
@@ -86,6 +116,8 @@ int32_t defkv_context_n_threads(const defkv_context *ctx);
 void defkv_context_destroy(defkv_context *ctx);
 void defkv_global_destroy(defkv_global *global);
 defkv_status defkv_global_select(defkv_global *global);
+void defkv_stream_destroy(defkv_stream *stream);
+defkv_status defkv_stream_append(defkv_stream *stream, int32_t layer, int32_t n);
 
 %inline %{
 /* The method value of a name, or a negative status. */
@@ -248,5 +280,98 @@ static int64_t defkvb_global_layer_kept_count(defkv_global *g, int32_t index) {
 }
 static defkv_status defkvb_global_layer_selection(defkv_global *g, int32_t index, defkv_selection *s) {
     return defkv_global_layer_selection(g, index, s);
+}
+
+/* ---- streams (decode-time eviction) ---- */
+
+/* A stream, or NULL: then defkvb_last_create_status() and the context's last error say why. */
+static defkv_stream *defkvb_stream_create(defkv_context *ctx, const defkv_params *p, const defkv_stream_params *sp) {
+    defkv_stream *s = NULL;
+    defkvb_create_status = defkv_stream_create(ctx, p, sp, &s);
+    return s;
+}
+/* Queries [H, n, d] at address (the rest as in defkvb_layer_set_tensor). */
+static defkv_status defkvb_stream_push_queries(defkv_stream *s, int32_t layer, int64_t address, int32_t dtype,
+                                               int32_t ndim, int64_t s0, int64_t s1, int64_t s2, int64_t s3,
+                                               int64_t t0, int64_t t1, int64_t t2, int64_t t3,
+                                               int32_t memory, int64_t byte_offset) {
+    defkv_tensor t;
+    defkvb_fill_tensor(&t, address, dtype, ndim, s0, s1, s2, s3, t0, t1, t2, t3, memory, byte_offset);
+    return defkv_stream_push_queries(s, layer, &t);
+}
+/* 1 when a round is due, 0 when not, or a negative status. */
+static int32_t defkvb_stream_due(defkv_stream *s) {
+    int32_t due = 0;
+    defkv_status st = defkv_stream_due(s, &due);
+    return st == DEFKV_SUCCESS ? due : (int32_t)st;
+}
+/* head_lens: the address of Hk int32. */
+static defkv_status defkvb_stream_head_lens(defkv_stream *s, int32_t layer, int64_t head_lens) {
+    return defkv_stream_head_lens(s, layer, (int32_t *)(intptr_t)head_lens);
+}
+/* The caches of one round, one per layer; every tensor starts absent. Opaque to the languages. */
+static defkvb_stream_caches *defkvb_stream_caches_new(int32_t n_layers) {
+    defkvb_stream_caches *c;
+    if (n_layers < 1) return NULL;
+    c = (defkvb_stream_caches *)calloc(1, sizeof(defkvb_stream_caches));
+    if (!c) return NULL;
+    c->caches = (defkv_stream_cache *)calloc((size_t)n_layers, sizeof(defkv_stream_cache));
+    if (!c->caches) { free(c); return NULL; }
+    c->n = n_layers;
+    return c;
+}
+static void defkvb_stream_caches_free(defkvb_stream_caches *c) {
+    if (c) { free(c->caches); free(c); }
+}
+/* which: 0 keys, 1 values, 2 o_proj of cache `layer`; the rest as in defkvb_layer_set_tensor. */
+static defkv_status defkvb_stream_caches_set_tensor(defkvb_stream_caches *c, int32_t layer, int32_t which, int64_t address,
+                                                    int32_t dtype, int32_t ndim,
+                                                    int64_t s0, int64_t s1, int64_t s2, int64_t s3,
+                                                    int64_t t0, int64_t t1, int64_t t2, int64_t t3,
+                                                    int32_t memory, int64_t byte_offset) {
+    defkv_tensor *t;
+    if (!c || layer < 0 || layer >= c->n || which < 0 || which > 2) return DEFKV_ERROR_INVALID_ARGUMENT;
+    t = which == 0 ? &c->caches[layer].keys : which == 1 ? &c->caches[layer].values : &c->caches[layer].o_proj;
+    defkvb_fill_tensor(t, address, dtype, ndim, s0, s1, s2, s3, t0, t1, t2, t3, memory, byte_offset);
+    return DEFKV_SUCCESS;
+}
+/* Cache `layer` is paged (p's seq_lens are not read); the caller keeps p alive through the round. */
+static defkv_status defkvb_stream_caches_set_paged(defkvb_stream_caches *c, int32_t layer, const defkv_paged_kv *p) {
+    if (!c || layer < 0 || layer >= c->n) return DEFKV_ERROR_INVALID_ARGUMENT;
+    c->caches[layer].paged = p;
+    return DEFKV_SUCCESS;
+}
+/* defkv_stream_round over c (which must hold the stream's n_layers caches, so n_layers is given
+ * and checked). head_lens = 0: no selections. Otherwise the per-layer selections are slices of
+ * caller arrays: layer l's head_lens at head_lens + l*Hk, cu_seqlens at + l*(Hk+1), and
+ * indices, keep_mask and scores at + l*Hk*capacity (cu_seqlens, indices, keep_mask, scores may
+ * be 0 = not wanted). */
+static defkv_status defkvb_stream_round(defkv_stream *s, const defkvb_stream_caches *c, int32_t n_layers,
+                                        int32_t n_kv_heads, int64_t capacity, int64_t head_lens, int64_t cu_seqlens,
+                                        int64_t indices, int64_t keep_mask, int64_t scores) {
+    defkv_selection *sels = NULL;
+    defkv_status st;
+    int32_t l;
+    if (!c || c->n != n_layers || n_kv_heads < 1 || capacity < 0) return DEFKV_ERROR_INVALID_ARGUMENT;
+    if (head_lens) {
+        const int64_t per = (int64_t)n_kv_heads * capacity;
+        sels = (defkv_selection *)calloc((size_t)n_layers, sizeof(defkv_selection));
+        if (!sels) return DEFKV_ERROR_OUT_OF_MEMORY;
+        for (l = 0; l < n_layers; l++) {
+            defkv_selection *o = &sels[l];
+            o->struct_size = sizeof(defkv_selection);
+            o->head_lens = (int32_t *)(intptr_t)head_lens + (int64_t)l * n_kv_heads;
+            if (cu_seqlens) o->cu_seqlens = (int32_t *)(intptr_t)cu_seqlens + (int64_t)l * (n_kv_heads + 1);
+            if (indices) {
+                o->indices = (int32_t *)(intptr_t)indices + l * per;
+                o->indices_capacity = per;
+            }
+            if (keep_mask) o->keep_mask = (uint8_t *)(intptr_t)keep_mask + l * per;
+            if (scores) o->scores = (float *)(intptr_t)scores + l * per;
+        }
+    }
+    st = defkv_stream_round(s, c->caches, sels);
+    free(sels);
+    return st;
 }
 %}

@@ -27,6 +27,9 @@
 //! Paged caches (vLLM / FlashInfer page pools with block tables) are described by a
 //! [`PagedKv`] given to [`Layer::with_paged`]; [`Context::compact_paged_inplace`] and
 //! [`Context::compact_paged_into`] compact them and return the page ids they free.
+//!
+//! Decode-time eviction: [`Context::stream`] starts a [`Stream`] that keeps every layer's cache
+//! at a budget while the model generates (rounds over [`StreamCache`]s, contiguous or paged).
 #![deny(missing_docs)]
 
 use defkv_sys as sys;
@@ -36,6 +39,9 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::os::raw::c_char;
 use std::ptr::NonNull;
+
+mod stream;
+pub use stream::{Aggregation, Stream, StreamCache, StreamParams};
 
 /// `defkv_status` as an integer newtype: values this crate does not know are kept, not lost.
 #[derive(Copy, Clone, PartialEq, Eq, Hash, Debug)]

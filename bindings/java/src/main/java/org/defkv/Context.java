@@ -23,12 +23,38 @@ public final class Context implements AutoCloseable {
     }
     public static String version() { return DefkvNative.defkv_version_string(); }
 
+    /** Closes the context and, first, its open streams (a stream points at its context). */
     @Override public synchronized void close() {
-        if (ctx != null) { DefkvNative.defkv_context_destroy(ctx); ctx = null; }
+        if (ctx != null) {
+            for (Stream s : new java.util.ArrayList<>(streams)) s.closeLocked();
+            streams.clear();
+            DefkvNative.defkv_context_destroy(ctx); ctx = null;
+        }
     }
     private void open() { if (ctx == null) throw new DefkvException(Status.INVALID_STATE, "the context is closed"); }
+
+    /** Open streams of this context, closed by close(); guarded by this. */
+    final java.util.Set<Stream> streams = java.util.Collections.newSetFromMap(new java.util.IdentityHashMap<>());
+
+    /**
+     * Starts decode-time eviction over the caches of sp.nLayers() layers: p gives the method
+     * (snapkv, ada-snapkv, defensivekv, layer-defensivekv or streamingllm), window, kernel, scale
+     * and nSink; sp the shape, capacity, interval, aggregation and budget. Close the stream when
+     * done; closing this context closes it too (its later calls throw INVALID_STATE).
+     */
+    public synchronized Stream stream(Params p, StreamParams sp) {
+        open();
+        if (p == null || sp == null) throw new DefkvException(Status.INVALID_ARGUMENT, "Context.stream: p and sp are required");
+        SWIGTYPE_p_defkv_stream s = DefkvNative.defkvb_stream_create(ctx, p.raw, sp.raw);
+        if (s == null) throw err("Context.stream", DefkvNative.defkvb_last_create_status());
+        Stream st = new Stream(this, s, sp.nLayers(), sp.nKvHeads(), sp.capacity());
+        streams.add(st);
+        return st;
+    }
+    /** The handle, for the stream's calls (which hold this context's lock); null once closed. */
+    SWIGTYPE_p_defkv_context handle() { return ctx; }
     /** The context's error, its message naming the Java method called (not the C function). */
-    private DefkvException err(String fn, int status) {
+    DefkvException err(String fn, int status) {
         return new DefkvException(status, callerMessage(fn, DefkvNative.defkv_context_last_error(ctx)));
     }
     static String callerMessage(String fn, String msg) {
