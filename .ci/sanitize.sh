@@ -60,6 +60,8 @@ if ctest --test-dir build-asan -N -R '^cli\.' | grep -q 'Total Tests: [1-9]'; th
 fi
 step "ASan+UBSan: reliability tests (the fault-injection sweep included)"
 run_ctest build-asan -L reliability -E oversized
+step "ASan+UBSan: the paged-cache harness"
+run_ctest build-asan -R '^paged_cpu$'
 unset ASAN_OPTIONS UBSAN_OPTIONS LSAN_OPTIONS
 fi
 
@@ -121,7 +123,17 @@ for line in "${tests[@]}"; do
     echo "valgrind FAILED: $name (exit $rc)"; tail -60 "build-valgrind/valgrind-$name.log"; status=1
   fi
 done
-echo "valgrind memcheck: $vg_pass of ${#tests[@]} test executables clean, $vg_skip skipped by the test"
+# the paged-cache harness (paged pools, page-table validation, paged compaction), small cases
+build_targets build-valgrind paged
+echo "--- valgrind: paged --backend cpu --small"
+if valgrind --tool=memcheck --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,indirect \
+    --suppressions=.ci/valgrind.supp --quiet build-valgrind/tests/parity/paged --backend cpu --small \
+    > build-valgrind/valgrind-paged.log 2>&1; then
+  vg_pass=$((vg_pass + 1)); tail -1 build-valgrind/valgrind-paged.log
+else
+  echo "valgrind FAILED: paged"; tail -60 build-valgrind/valgrind-paged.log; status=1
+fi
+echo "valgrind memcheck: $vg_pass of $((${#tests[@]} + 1)) test executables clean, $vg_skip skipped by the test"
 fi
 
 echo

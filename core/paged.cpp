@@ -3,6 +3,7 @@
 #include "paged.hpp"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <utility>
 
@@ -63,6 +64,9 @@ defkv_status resolve_pools(const defkv_paged_kv &pg, const char *fn, const char 
 
 defkv_status check_block_tables(const defkv_paged_kv &pg, const std::vector<int64_t> &row_lens, int64_t n_pages,
                                 const char *fn, const char *arg, std::string *msg) {
+    if (!row_lens.empty() && pg.block_table_stride > INT64_MAX / 8 / static_cast<int64_t>(row_lens.size()))
+        DEFKV_FAIL(DEFKV_ERROR_SIZE_OVERFLOW, "%s: %s->block_table_stride %lld x %zu rows overflows", fn, arg,
+                   (long long)pg.block_table_stride, row_lens.size());
     std::vector<std::pair<int32_t, int64_t>> used; // (page, entry)
     for (size_t r = 0; r < row_lens.size(); r++) {
         const int64_t np = (row_lens[r] + pg.page_size - 1) / pg.page_size;
