@@ -472,6 +472,7 @@ defkv_status CudaBackend::stage_pages(const View &v, Stage *stage, std::string *
         for (int32_t &id : stage->rows)
             id = static_cast<int32_t>(std::lower_bound(used.begin(), used.end(), id) - used.begin());
     }
+    if (stage->runs.empty()) return DEFKV_SUCCESS; // no rows read (a destination keeping nothing)
     const Stage::Run &last = stage->runs.back();
     DEFKV_FORWARD(stage->data.reserve(static_cast<size_t>(last.staged + last.bytes), msg));
     for (const Stage::Run &r : stage->runs)

@@ -1,6 +1,7 @@
 // Projected value norm kernels.
 //   Fast tensor-core path (pn_mma_kernel; sm_80+, values and o_proj both bf16 or both f16,
-//   d % 16 == 0, d <= 128, rows contiguous and 16-byte aligned, o_proj row-major): a block owns
+//   d % 16 == 0, d <= 128, o_proj rows contiguous and 16-byte aligned; V strided or paged, read
+//   16 bytes at a time when its rows allow it, else element by element): a block owns
 //   256 tokens of one KV head. It stages V[k, t0:t0+256, :] in shared memory once and moves it
 //   into registers as mma.sync A fragments (each of the 8 warps: 32 tokens x d); the same shared
 //   memory then holds a 3-stage cp.async pipeline of o_proj tiles (128 output columns x d) over
@@ -157,15 +158,17 @@ inline size_t mma_smem_bytes(int64_t d) {
 
 // out[k, t] = (1/G) sum_g sum_c | sum_i V[k, t, i] o_proj[c, (kG+g) d + i] | for this block's 256
 // tokens t of KV head k = blockIdx.y (0 where masked). Rows of V (addressed by row_off: strided
-// or through a block table) and of o_proj (stride os0) are contiguous and 16-byte aligned (the
-// host checked).
+// or through a block table) are copied 16 bytes at a time with cp.async when vec_v (contiguous,
+// 16-byte aligned, strides and page stride multiples of 8 elements), else element by element, so
+// the layout of V never changes the arithmetic; rows of o_proj (stride os0) are contiguous and
+// 16-byte aligned (the host checked).
 // Dynamic shared memory: mma_smem_bytes(d) (102 KB at d = 128: two blocks per SM).
 // KF: the k-steps of 16 when fixed at compile time (d = 16 KF: every k-step guard folds away and
 // each tile's product is one basic block the compiler schedules freely), or 0: d >> 4 at run time.
 // SP: 16-column strips multiplied together (their accumulators live at the same time).
 template <typename T, int KF, int SP>
 __global__ void __launch_bounds__(kMmaThreads, 2)
-pn_mma_kernel(DevTensor vt /* [Hk, L, d] of T */, const T *__restrict__ o, int64_t os0, int64_t G,
+pn_mma_kernel(DevTensor vt /* [Hk, L, d] of T */, int vec_v, const T *__restrict__ o, int64_t os0, int64_t G,
               int d, int64_t D, int64_t L, int64_t n_tokens, const uint8_t *masked /* [Hk, L] or null */,
               float *out /* [Hk, n_tokens] */) {
     extern __shared__ __align__(128) unsigned char smem[];
@@ -182,7 +185,14 @@ pn_mma_kernel(DevTensor vt /* [Hk, L, d] of T */, const T *__restrict__ o, int64
     for (int e = tid; e < kMmaTokens * d8; e += kMmaThreads) {
         const int r = e / d8, seg = e - r * d8;
         const int64_t t = t0 + r;
-        cp_async16(sm + r * ld + seg * 8, v + row_off(vt, k, t < n_tokens ? t : 0) + seg * 8, t < n_tokens);
+        if (vec_v) {
+            cp_async16(sm + r * ld + seg * 8, v + row_off(vt, k, t < n_tokens ? t : 0) + seg * 8, t < n_tokens);
+        } else { // 16-bit patterns copied as they are (zero bits are 0.0 in f16 and bf16)
+            uint16_t *dst = reinterpret_cast<uint16_t *>(sm + r * ld + seg * 8);
+            const uint16_t *src = reinterpret_cast<const uint16_t *>(v);
+            const int64_t ro = t < n_tokens ? row_off(vt, k, t) : 0;
+            for (int u = 0; u < 8; u++) dst[u] = t < n_tokens ? src[ro + (seg * 8 + u) * vt.s2] : uint16_t(0);
+        }
     }
     cp_async_commit();
     cp_async_wait<0>();
@@ -465,12 +475,13 @@ bool tensor_core_ok(int32_t vd, int32_t od, int64_t d) {
 
 bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-// The fast path's layout needs: V rows (inner stride 1, strides and a page stride multiples of 8
-// elements) and o_proj rows (row-major, inner stride 1) start on 16-byte boundaries, d <= 128,
-// and an sm_80+ GPU with the shared memory it asks for.
+// The fast path's layout needs: o_proj rows (row-major, inner stride 1) start on 16-byte
+// boundaries, d <= 128, and an sm_80+ GPU with the shared memory it asks for. V may have any
+// layout (strided or paged): unaligned rows are staged element by element, so a paged cache
+// takes the path its contiguous copy takes and gives the same bits.
 bool mma_path_ok(const ProjectedNormArgs &a, int cc_major, int smem_max) {
     return tensor_core_ok(a.values.dtype, a.o_proj.dtype, a.d) && a.d <= 16 * kMmaMaxK && cc_major >= 8 &&
-           mma_smem_bytes(a.d) <= static_cast<size_t>(smem_max) && rows_vec16(a.values) && a.o_proj.s1 == 1 &&
+           mma_smem_bytes(a.d) <= static_cast<size_t>(smem_max) && a.o_proj.s1 == 1 &&
            a.o_proj.s0 % 8 == 0 && aligned16(a.o_proj.data) && a.Hk <= 65535;
 }
 
@@ -481,7 +492,7 @@ defkv_status launch_mma_k(const ProjectedNormArgs &a, cudaStream_t stream, std::
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     const dim3 grid(static_cast<unsigned>(ceil_div(a.n_tokens, kMmaTokens)), static_cast<unsigned>(a.Hk));
     pn_mma_kernel<T, KF, kMmaStripsPerPass><<<grid, kMmaThreads, smem, stream>>>(
-        a.values, static_cast<const T *>(a.o_proj.data),
+        a.values, rows_vec16(a.values) ? 1 : 0, static_cast<const T *>(a.o_proj.data),
         a.o_proj.s0, a.G, static_cast<int>(a.d), a.D, a.L, a.n_tokens, a.masked, a.out);
     DEFKV_CUDA_LAUNCHED("pn_mma_kernel");
     return DEFKV_SUCCESS;
