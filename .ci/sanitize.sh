@@ -123,17 +123,20 @@ for line in "${tests[@]}"; do
     echo "valgrind FAILED: $name (exit $rc)"; tail -60 "build-valgrind/valgrind-$name.log"; status=1
   fi
 done
-# the paged-cache harness (paged pools, page-table validation, paged compaction), small cases
-build_targets build-valgrind paged
-echo "--- valgrind: paged --backend cpu --small"
-if valgrind --tool=memcheck --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,indirect \
-    --suppressions=.ci/valgrind.supp --quiet build-valgrind/tests/parity/paged --backend cpu --small \
-    > build-valgrind/valgrind-paged.log 2>&1; then
-  vg_pass=$((vg_pass + 1)); tail -1 build-valgrind/valgrind-paged.log
-else
-  echo "valgrind FAILED: paged"; tail -60 build-valgrind/valgrind-paged.log; status=1
-fi
-echo "valgrind memcheck: $vg_pass of $((${#tests[@]} + 1)) test executables clean, $vg_skip skipped by the test"
+# the paged-cache harness (small cases) and the stream reference test
+build_targets build-valgrind paged stream_ref
+for extra in "paged tests/parity/paged --backend cpu --small" "stream_ref tests/stream/stream_ref --backend cpu"; do
+  name=${extra%% *}; cmd=${extra#* }
+  echo "--- valgrind: $cmd"
+  # shellcheck disable=SC2086
+  if valgrind --tool=memcheck --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,indirect \
+      --suppressions=.ci/valgrind.supp --quiet build-valgrind/$cmd > "build-valgrind/valgrind-$name.log" 2>&1; then
+    vg_pass=$((vg_pass + 1)); tail -1 "build-valgrind/valgrind-$name.log"
+  else
+    echo "valgrind FAILED: $name"; tail -60 "build-valgrind/valgrind-$name.log"; status=1
+  fi
+done
+echo "valgrind memcheck: $vg_pass of $((${#tests[@]} + 2)) test executables clean, $vg_skip skipped by the test"
 fi
 
 echo

@@ -77,6 +77,10 @@ struct AttentionOut {
     Buf omega;         // f64 [2]: mean_{h,w} sum A[h,w,j] over j in [max(0,P-W),P) (official)
                        //          and over j in [P,L) (window)
     Buf last_row_mean; // f32 [L-1]: mean_h A[h,W-1,j] (TOVA)
+    // Sharded selection (backends with attention_rows()): the terms of the sums above, so that
+    // the ranks can add every head's terms in the single-process order.
+    Buf omega_rows;    // f64 [2, H, W]: the official then the window mass of each (h, w)
+    Buf last_rows;     // f32 [H, L-1]: A[h, W-1, j]
 };
 
 // Ranking tiers of an entry (ops.hpp: TIER_BAD < TIER_NORMAL < TIER_MUST).
@@ -117,6 +121,8 @@ public:
     // Whether the scoring and compaction ops read paged views (View::paged(): keys and values
     // addressed through a host block table).
     virtual bool paged_views() const { return false; }
+    // Whether attention() writes AttentionOut::omega_rows and last_rows (sharded selection).
+    virtual bool attention_rows() const { return false; }
     // Whether a caller tensor of this memory kind can be read by the ops.
     virtual bool accepts(int32_t memory) const { return memory == DEFKV_MEMORY_HOST; }
     // Checks a caller pointer before it is wrapped (a selection's outputs, a selection given to

@@ -137,6 +137,10 @@ struct defkv_global {
     };
     std::vector<Seq> seqs;
     std::vector<defkv::Buf> owned; // released with the handle
+    // Sharded (defkv_global_create_sharded, shard.cpp): the shard state, and the first layer
+    // this rank holds (layer indices of the API are global; storage is by local index).
+    std::shared_ptr<void> shard;
+    int32_t layer0 = 0;
     ~defkv_global() {
         if (ctx)
             for (defkv::Buf &b : owned) ctx->backend->release(&b);
@@ -145,6 +149,8 @@ struct defkv_global {
 
 namespace defkv {
 defkv_status global_add(defkv_global &g, int32_t layer_index, const defkv_layer *layer);
+// global_add on this rank's storage (layer_index local), for the sharded handle (shard.cpp).
+defkv_status global_add_local(defkv_global &g, int32_t layer_index, const defkv_layer *layer);
 defkv_status global_select(defkv_global &g);
 defkv_status global_layer_selection(defkv_global &g, int32_t layer_index, defkv_selection *out);
 // Entries the layer keeps after defkv_global_select (checked by the caller: selected, index).

@@ -38,6 +38,8 @@ struct AttentionRequest {
     float *mean_w = nullptr, *def_max = nullptr, *def_avg = nullptr;
     double *omega_official = nullptr, *omega_window = nullptr;
     float *last_row_mean = nullptr;
+    double *omega_rows = nullptr; // [2, H, W]
+    float *last_rows = nullptr;   // [H, L-1]
 };
 
 // 32-byte aligned storage for packed panels.
@@ -75,6 +77,7 @@ public:
     int32_t kind() const override { return DEFKV_BACKEND_CPU; }
     const char *name() const override { return "cpu"; }
     bool paged_views() const override { return true; }
+    bool attention_rows() const override { return true; }
 
     defkv_status attention(const SeqViews &in, const SeqShape &s, float scale, int32_t kernel, const Buf &masked,
                            const AttentionOut &out, std::string *msg) override {
@@ -89,6 +92,8 @@ public:
         req.omega_official = om;
         req.omega_window = om ? om + 1 : nullptr;
         req.last_row_mean = out.last_row_mean.ptr<float>();
+        req.omega_rows = out.omega_rows.ptr<double>();
+        req.last_rows = out.last_rows.ptr<float>();
         return attention_host(in, s, req, msg);
     }
     defkv_status projected_norm(const SeqViews &in, const SeqShape &s, int64_t n_tokens, const Buf &masked,
@@ -226,6 +231,7 @@ defkv_status CpuBackend::attention_host(const SeqViews &in, const SeqShape &s, c
             const float *a = &rows[(W - 1) * L];
             for (int64_t j = 0; j < L - 1; j++) tova_acc[j] += a[j];
         }
+        if (req.last_rows) std::copy(&rows[(W - 1) * L], &rows[(W - 1) * L] + (L - 1), req.last_rows + h * (L - 1));
     }
     if (req.def_avg) {
         const float invg = 1.0f / static_cast<float>(G);
@@ -234,6 +240,10 @@ defkv_status CpuBackend::attention_host(const SeqViews &in, const SeqShape &s, c
     (void)need_def;
     double so = 0.0, sw = 0.0;
     for (int64_t i = 0; i < H * W; i++) { so += omega_off[i]; sw += omega_win[i]; }
+    if (req.omega_rows) {
+        std::copy(omega_off.begin(), omega_off.end(), req.omega_rows);
+        std::copy(omega_win.begin(), omega_win.end(), req.omega_rows + H * W);
+    }
     if (req.omega_official) *req.omega_official = so / static_cast<double>(H * W);
     if (req.omega_window) *req.omega_window = sw / static_cast<double>(H * W);
     if (req.last_row_mean)

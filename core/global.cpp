@@ -7,6 +7,7 @@
 #include "context.hpp"
 #include "error.hpp"
 #include "outputs.hpp"
+#include "shard.hpp"
 
 namespace defkv {
 
@@ -51,7 +52,7 @@ defkv_status score_into(defkv_global &g, int32_t layer_index, const LayerInfo &l
     for (size_t b = 0; b < li.seqs.size(); b++)
         DEFKV_FORWARD(with_prefix(prepare_inputs(ctx, g.params, li.seqs[b], check, &bad[b], msg), msg,
                                   fmt("seqs[%zu]", b).c_str()));
-    Exec x{*ctx.backend, *ctx.arena, msg};
+    Exec x{*ctx.backend, *ctx.arena, msg, shard_global_heads(g)};
     std::vector<SeqResult> res(li.seqs.size());
     for (int pass = 0; pass < 2; pass++) {
         if (pass == 0) x.ar.measure();
@@ -169,17 +170,24 @@ defkv_status global_layer_kept_count(defkv_global &g, int32_t layer_index, int64
 }
 
 defkv_status global_add(defkv_global &g, int32_t layer_index, const defkv_layer *layer) {
+    if (g.shard) return shard_global_add(g, layer_index, layer); // global index (shard.cpp)
+    return global_add_local(g, layer_index, layer);
+}
+
+defkv_status global_add_local(defkv_global &g, int32_t layer_index, const defkv_layer *layer) {
     std::string *msg = &g.ctx->last_error;
     return with_prefix(add_impl(g, layer_index, layer, msg), msg, "defkv_global_add_layer");
 }
 
 defkv_status global_select(defkv_global &g) {
+    if (g.shard) return shard_global_select(g);
     std::string *msg = &g.ctx->last_error;
     return with_prefix(select_impl(g, msg), msg, "defkv_global_select");
 }
 
 defkv_status global_layer_selection(defkv_global &g, int32_t layer_index, defkv_selection *out) {
     std::string *msg = &g.ctx->last_error;
+    layer_index -= g.layer0; // sharded: global indices
     return with_prefix(layer_selection_impl(g, layer_index, out, msg), msg, "defkv_global_layer_selection");
 }
 

@@ -5,6 +5,7 @@
 
 #include "error.hpp"
 #include "ops.hpp"
+#include "shard.hpp"
 
 namespace defkv {
 
@@ -45,6 +46,7 @@ defkv_status snap_scores(Exec &x, const In &in, const Buf &score, const Buf &mx)
     OP(attention(in.v, s, attention_scale(in.p, s.d), in.p.kernel, in.bad, a, msg));
     OP(pool_group(a.mean_w, s.H, s.G, s.P, in.p.kernel, score, s.L, msg));
     OP(masked_max(score, in.bad, s.Hk, s.P, s.L, mx, msg));
+    DEFKV_FORWARD(shard_layer_max(x, mx));
     OP(fill(score, s.Hk, s.L, s.P, s.L, 0.0f, mx, msg));
     return DEFKV_SUCCESS;
 }
@@ -141,7 +143,7 @@ defkv_status plan_ada_criticalkv(Exec &x, const In &in, Scored *o) {
     OP(fill_bytes(t1, TIER_NORMAL, N, msg));
     OP(set_tier(t1, s.Hk, s.L, 0, s.L, safe, TIER_MUST, msg));
     if (in.bad) OP(set_tier(t1, s.Hk, s.L, 0, s.L, in.bad, TIER_BAD, msg));
-    OP(top_k(TopK::HEAD_ADAPTIVE, sfull, t1, s.Hk, s.L, n * s.Hk, Buf{}, alloc, msg));
+    DEFKV_FORWARD(shard_head_top_k(x, sfull, t1, s.Hk, s.L, n * shard_layer_heads(x, s.Hk), alloc));
     OP(row_counts(alloc, s.Hk, s.L, 1.0, o->counts, msg));
     OP(row_counts(alloc, s.Hk, s.L, p.first_stage, c1, msg));
     // stage 1 within each head's budget, on top of the safeguard
@@ -169,17 +171,19 @@ defkv_status plan_defensivekv(Exec &x, const In &in, Scored *o) {
     a.def_max = x.ar.take_n<float>(s.Hk * s.P);
     a.def_avg = x.ar.take_n<float>(s.Hk * s.P);
     a.omega = x.ar.take_n<double>(2);
+    if (x.sh) a.omega_rows = x.ar.take_n<double>(2 * s.H * s.W);
     const Buf pn = x.ar.take_n<float>(s.Hk * s.P), mx = x.ar.take_n<float>(1);
     OP(attention(in.v, s, attention_scale(p, s.d), p.kernel, in.bad, a, msg));
     OP(clamp_at_mean(a.def_max, s.Hk, s.P, s.P, msg));
     OP(projected_norm(in.v, s, s.P, in.bad, pn, msg));
     OP(fill_bytes(o->score, 0, N * 4, msg));
-    OP(norm_weight(a.def_max, pn, s.Hk, s.P, o->score, s.L, msg));
+    DEFKV_FORWARD(shard_norm_weight(x, s, a, pn, o->score)); // norm_weight; omega over every rank
     OP(mass_threshold(a.def_avg, s.Hk, s.P, a.omega, p.window_bias == DEFKV_WINDOW_BIAS_WINDOW ? 1 : 0,
                       p.mass_threshold, defensive_stage1_cap(p, s), in.bad, o->tier, s.L, msg));
     OP(set_tier(o->tier, s.Hk, s.L, s.P, s.L, Buf{}, TIER_MUST, msg));
     DEFKV_FORWARD(mark_bad(x, in, *o));
     OP(masked_max(o->score, in.bad, s.Hk, s.P, s.L, mx, msg));
+    DEFKV_FORWARD(shard_layer_max(x, mx));
     OP(fill_must(o->score, o->tier, mx, N, msg));
     DEFKV_FORWARD(copy_out(x, in, *o));
     o->mode = TopK::HEAD_ADAPTIVE;
@@ -221,8 +225,10 @@ defkv_status plan_tova(Exec &x, const In &in, Scored *o) {
     DEFKV_FORWARD(begin(x, in, o));
     AttentionOut a;
     a.last_row_mean = x.ar.take_n<float>(s.L - 1);
+    if (x.sh) a.last_rows = x.ar.take_n<float>(s.H * (s.L - 1));
     const Buf mx = x.ar.take_n<float>(1);
     OP(attention(in.v, s, attention_scale(in.p, s.d), in.p.kernel, in.bad, a, msg));
+    DEFKV_FORWARD(shard_tova_mean(x, s, a)); // the mean over every rank's query heads
     OP(masked_max(a.last_row_mean, Buf{}, 1, s.L - 1, s.L - 1, mx, msg));
     OP(broadcast_row(a.last_row_mean, s.L - 1, o->score, s.Hk, s.L, msg));
     OP(fill(o->score, s.Hk, s.L, s.L - 1, s.L, 0.0f, mx, msg));
@@ -235,9 +241,8 @@ defkv_status plan_tova(Exec &x, const In &in, Scored *o) {
 }
 
 defkv_status plan_random(Exec &x, const In &in, Scored *o) {
-    std::string *msg = x.msg;
     DEFKV_FORWARD(begin(x, in, o));
-    OP(fill_uniform(o->score, in.s.Hk, in.s.L, in.p.seed, msg));
+    DEFKV_FORWARD(shard_fill_uniform(x, o->score, in.s.Hk, in.s.L, in.p.seed)); // streams = global heads
     DEFKV_FORWARD(copy_out(x, in, *o));
     o->mode = TopK::PER_HEAD;
     o->k = per_head_budget(in.p, in.s.L);

@@ -23,6 +23,7 @@ struct Exec {
     Backend &be;
     Arena &ar;
     std::string *msg;
+    class ShardRun *sh = nullptr; // sharded selection (shard.hpp): the heads group, or null
 };
 
 // Scores one sequence with params->method's plan. bad: u8 [Hk, L] entries ranked lowest

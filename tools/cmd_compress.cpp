@@ -1,5 +1,6 @@
 // defkv compress: runs one method over every layer of a case file (tests/data/conformance
-// README, "Case file") and writes the selection in the result-file format compare.py reads.
+// README, "Case file", or its paged form, "Paged copies") and writes the selection in the
+// result-file format compare.py reads.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -16,6 +17,7 @@
 #include "cmd_common.hpp"
 #include "devmem.hpp"
 #include "file_output.hpp"
+#include "paged_case.hpp"
 #include "safetensors.hpp"
 
 namespace defkv_cli {
@@ -135,42 +137,10 @@ int parse_options(int argc, char** argv, Options* o) {
     return -1;
 }
 
-bool to_defkv_dtype(DType d, int32_t* out) {
-    switch (d) {
-        case DType::F32: *out = DEFKV_DTYPE_F32; return true;
-        case DType::F16: *out = DEFKV_DTYPE_F16; return true;
-        case DType::BF16: *out = DEFKV_DTYPE_BF16; return true;
-        default: return false;
-    }
-}
-
-// A host tensor view of a file tensor (the library only reads it).
-bool view_of(const Tensor& t, size_t rank, defkv_tensor* out, std::string* err) {
-    std::memset(out, 0, sizeof(*out));
-    if (!to_defkv_dtype(t.dtype, &out->dtype)) {
-        *err = "tensor '" + t.name + "' has dtype " + defkv_st::dtype_name(t.dtype) + ", expected F32, F16 or BF16";
-        return false;
-    }
-    if (t.shape.size() != rank) {
-        *err = "tensor '" + t.name + "' has rank " + std::to_string(t.shape.size()) + ", expected " +
-               std::to_string(rank);
-        return false;
-    }
-    for (size_t i = 0; i < rank; ++i)
-        if (t.shape[i] < 1) {
-            *err = "tensor '" + t.name + "' has an empty dimension " + std::to_string(i);
-            return false;
-        }
-    out->data = const_cast<uint8_t*>(t.data.data());
-    out->ndim = static_cast<int32_t>(rank);
-    for (size_t i = 0; i < rank; ++i) out->shape[i] = t.shape[i];
-    out->memory = DEFKV_MEMORY_HOST;
-    return true;
-}
-
 struct Layer {
     defkv_sequence seq{};
     defkv_layer layer{};
+    defkv_paged_kv paged{};  // a paged case file: the pools (layer.paged points here)
     int64_t Hk = 0, L = 0, d = 0;
     DType kv_dtype = DType::F32;
 };
@@ -180,6 +150,10 @@ struct LayerResult {
     std::vector<float> scores;
     std::vector<int32_t> head_lens, cu_seqlens, indices;
     std::vector<uint8_t> keys_compact, values_compact;
+    // --compact of a paged layer: per-head pools [pages, page_size, d], their block tables
+    // [Hk, table_stride] (-1 past a head's pages) and the source pages freed.
+    std::vector<int32_t> tables_compact, freed_pages;
+    int64_t pages_compact = 0, table_stride = 0;
     int64_t kept = 0;
     double ms = 0;
 };
@@ -244,6 +218,80 @@ const char* selection_kind(int32_t method) {
 
 std::string layer_name(int64_t i, const char* what) { return "layers." + std::to_string(i) + "." + what; }
 
+// "STATUS: detail" of a failed library call on ctx.
+std::string library_error(defkv_context* ctx, defkv_status st) {
+    const char* detail = defkv_context_last_error(ctx);
+    return std::string(defkv_status_string(st)) + (detail && *detail ? ": " : "") + (detail ? detail : "");
+}
+
+// --compact of a paged layer: the kept entries gathered into a fresh per-head pool
+// (DEFKV_PAGE_HEAD) sized by defkv_paged_pages_needed, its pages numbered in head order, one
+// block-table row per KV head; the freed source pages are counted first, then received.
+// Returns false with *err.
+bool compact_paged(defkv_context* ctx, const Layer& ly, const defkv_selection& sel, DeviceSide* dev, int32_t dev_memory,
+                   LayerResult* res, std::string* err) {
+    const int32_t ps = ly.paged.page_size;
+    std::vector<int32_t> pages(static_cast<size_t>(ly.Hk));
+    int64_t total = 0;
+    defkv_status st = defkv_paged_pages_needed(res->head_lens.data(), ly.Hk, ps, pages.data(), &total);
+    if (st != DEFKV_SUCCESS) {
+        *err = std::string("defkv_paged_pages_needed: ") + defkv_status_string(st) + ": " + defkv_last_error_global();
+        return false;
+    }
+    res->pages_compact = total;
+    res->table_stride = std::max<int64_t>(1, *std::max_element(pages.begin(), pages.end()));
+    res->tables_compact.assign(static_cast<size_t>(ly.Hk * res->table_stride), -1);
+    int32_t next = 0;
+    for (int64_t h = 0; h < ly.Hk; ++h)
+        for (int32_t p = 0; p < pages[static_cast<size_t>(h)]; ++p)
+            res->tables_compact[static_cast<size_t>(h * res->table_stride + p)] = next++;
+    // The library needs a pool of at least one page even when nothing is kept.
+    const int64_t pool_pages = std::max<int64_t>(total, 1);
+    const size_t pool_bytes = static_cast<size_t>(pool_pages * ps * ly.d) * defkv_st::dtype_size(ly.kv_dtype);
+    res->keys_compact.assign(pool_bytes, 0);
+    res->values_compact.assign(pool_bytes, 0);
+    defkv_paged_kv dst;
+    defkv_paged_kv_default(&dst);
+    dst.layout = DEFKV_PAGE_HEAD;
+    dst.page_size = ps;
+    dst.n_kv_heads = static_cast<int32_t>(ly.Hk);
+    dst.k_pages.dtype = ly.paged.k_pages.dtype;
+    dst.k_pages.ndim = 3;
+    dst.k_pages.shape[0] = pool_pages;
+    dst.k_pages.shape[1] = ps;
+    dst.k_pages.shape[2] = ly.d;
+    dst.v_pages = dst.k_pages;
+    dst.k_pages.data = res->keys_compact.data();
+    dst.v_pages.data = res->values_compact.data();
+    if (dev) {
+        dst.k_pages.memory = dst.v_pages.memory = dev_memory;
+        dst.k_pages.data = dev->buffer(pool_bytes, 0, err);
+        dst.v_pages.data = dev->buffer(pool_bytes, 0, err);
+        if (!dst.k_pages.data || !dst.v_pages.data) return false;
+    }
+    dst.block_tables = res->tables_compact.data();
+    dst.block_table_stride = res->table_stride;
+    dst.seq_lens = res->head_lens.data();
+    int64_t n_freed = 0;
+    st = defkv_compact_paged(ctx, &ly.layer, &sel, &dst, nullptr, 0, &n_freed);  // counts only
+    if (st == DEFKV_SUCCESS) {
+        res->freed_pages.assign(static_cast<size_t>(std::max<int64_t>(n_freed, 1)), -1);
+        st = defkv_compact_paged(ctx, &ly.layer, &sel, &dst, res->freed_pages.data(),
+                                 static_cast<int64_t>(res->freed_pages.size()), &n_freed);
+        res->freed_pages.resize(static_cast<size_t>(n_freed));
+    }
+    if (st != DEFKV_SUCCESS) {
+        *err = "compaction: " + library_error(ctx, st);
+        return false;
+    }
+    res->keys_compact.resize(static_cast<size_t>(total) * pool_bytes / static_cast<size_t>(pool_pages));
+    res->values_compact.resize(res->keys_compact.size());
+    if (dev && (!dev->download(res->keys_compact.data(), dst.k_pages.data, res->keys_compact.size(), err) ||
+                !dev->download(res->values_compact.data(), dst.v_pages.data, res->values_compact.size(), err)))
+        return false;
+    return true;
+}
+
 int run(const Options& o) {
     int32_t method = 0;
     if (defkv_method_from_name(o.method_name.c_str(), &method) != DEFKV_SUCCESS) {
@@ -265,15 +313,21 @@ int run(const Options& o) {
     SafeFile file;
     if (!defkv_st::read_safetensors(o.input, &file, &err)) return error(kExitError, "--input " + err);
 
-    // Layers: layers.0 .. layers.{n-1}, each with keys; metadata n_layers must agree.
+    // Layers: layers.0 .. layers.{n-1}, each with keys (k_pages in a paged file); metadata
+    // n_layers must agree.
+    const bool paged = is_paged_case(file);
+    const char* cache_name = paged ? "k_pages" : "keys";
+    PagedGeometry geometry;
+    if (paged && !read_paged_geometry(file, &geometry, &err)) return error(kExitError, "--input " + o.input + ": " + err);
     int64_t n_layers = 0;
-    while (file.find(layer_name(n_layers, "keys"))) ++n_layers;
-    if (n_layers == 0) return error(kExitError, "--input " + o.input + ": no tensor 'layers.0.keys'");
+    while (file.find(layer_name(n_layers, cache_name))) ++n_layers;
+    if (n_layers == 0)
+        return error(kExitError, "--input " + o.input + ": no tensor '" + layer_name(0, cache_name) + "'");
     if (const std::string* nl = file.meta("n_layers")) {
         long long v = 0;
         if (!parse_int(*nl, &v) || v != n_layers)
             return error(kExitError, "--input " + o.input + ": metadata n_layers '" + *nl + "' but the file has " +
-                                         std::to_string(n_layers) + " layers (layers.i.keys)");
+                                         std::to_string(n_layers) + " layers (layers.i." + cache_name + ")");
     }
     for (const Tensor& t : file.tensors) {
         if (t.name.rfind("layers.", 0) != 0) continue;
@@ -281,7 +335,7 @@ int run(const Options& o) {
         size_t dot = t.name.find('.', 7);
         if (dot == std::string::npos || !parse_int(t.name.substr(7, dot - 7), &idx) || idx < 0 || idx >= n_layers)
             return error(kExitError, "--input " + o.input + ": tensor '" + t.name + "' belongs to no layer 0.." +
-                                         std::to_string(n_layers - 1) + " (a layer without keys?)");
+                                         std::to_string(n_layers - 1) + " (a layer without " + cache_name + "?)");
     }
 
     // Parameters: flags, then the file's metadata, then the library's defaults.
@@ -328,22 +382,34 @@ int run(const Options& o) {
     std::vector<Layer> layers(static_cast<size_t>(n_layers));
     for (int64_t i = 0; i < n_layers; ++i) {
         Layer& ly = layers[static_cast<size_t>(i)];
-        const Tensor* keys = file.find(layer_name(i, "keys"));
-        const Tensor* values = file.find(layer_name(i, "values"));
         const Tensor* queries = file.find(layer_name(i, "queries"));
         const Tensor* attention = file.find(layer_name(i, "attention"));
         const Tensor* o_proj = file.find(layer_name(i, "o_proj"));
-        if (!values) return error(kExitError, "--input " + o.input + ": missing tensor '" + layer_name(i, "values") + "'");
+        ly.layer.struct_size = sizeof(defkv_layer);
+        ly.layer.n_seqs = 1;
+        ly.layer.seqs = &ly.seq;
+        if (paged) {
+            if (!read_paged_layer(file, i, geometry, &ly.paged, &ly.Hk, &ly.d, &ly.kv_dtype, &err))
+                return error(kExitError, "--input " + o.input + ": " + err);
+            ly.L = geometry.seq_len;
+            ly.layer.paged = &ly.paged;
+        }
+        const Tensor* keys = paged ? nullptr : file.find(layer_name(i, "keys"));
+        const Tensor* values = paged ? nullptr : file.find(layer_name(i, "values"));
+        if (!paged && !values)
+            return error(kExitError, "--input " + o.input + ": missing tensor '" + layer_name(i, "values") + "'");
         if (!queries && !attention)
             return error(kExitError, "--input " + o.input + ": missing tensor '" + layer_name(i, "queries") + "'");
         if (queries && attention)
             return error(kExitError, "--input " + o.input + ": layer " + std::to_string(i) +
                                          " has both queries and attention; give one");
-        if (!view_of(*keys, 3, &ly.seq.keys, &err) || !view_of(*values, 3, &ly.seq.values, &err) ||
-            (queries && !view_of(*queries, 3, &ly.seq.queries, &err)) ||
+        if ((queries && !view_of(*queries, 3, &ly.seq.queries, &err)) ||
             (attention && !view_of(*attention, 3, &ly.seq.attention, &err)))
             return error(kExitError, "--input " + o.input + ": " + err);
         if (o_proj && !view_of(*o_proj, 2, &ly.layer.o_proj, &err))
+            return error(kExitError, "--input " + o.input + ": " + err);
+        if (paged) continue;
+        if (!view_of(*keys, 3, &ly.seq.keys, &err) || !view_of(*values, 3, &ly.seq.values, &err))
             return error(kExitError, "--input " + o.input + ": " + err);
         if (values->shape != keys->shape)
             return error(kExitError, "--input " + o.input + ": " + layer_name(i, "values") +
@@ -352,9 +418,6 @@ int run(const Options& o) {
         ly.L = keys->shape[1];
         ly.d = keys->shape[2];
         ly.kv_dtype = keys->dtype;
-        ly.layer.struct_size = sizeof(defkv_layer);
-        ly.layer.n_seqs = 1;
-        ly.layer.seqs = &ly.seq;
     }
 
     defkv_context_options copts;
@@ -370,7 +433,8 @@ int run(const Options& o) {
         devmem->context_options(&copts);
         dev.reset(new DeviceSide(devmem.get()));
         for (Layer& ly : layers) {
-            defkv_tensor* ts[] = {&ly.seq.queries, &ly.seq.attention, &ly.seq.keys, &ly.seq.values, &ly.layer.o_proj};
+            defkv_tensor* ts[] = {&ly.seq.queries, &ly.seq.attention, &ly.seq.keys,   &ly.seq.values,
+                                  &ly.layer.o_proj, &ly.paged.k_pages,   &ly.paged.v_pages};
             for (defkv_tensor* t : ts)
                 if (!dev->to_device(t, &err)) return error(kExitError, "--device-resident: " + err);
         }
@@ -381,9 +445,7 @@ int run(const Options& o) {
     std::unique_ptr<defkv_context, ContextDeleter> ctx(raw_ctx);
 
     auto lib_error = [&](const std::string& where, defkv_status st) {
-        const char* detail = defkv_context_last_error(ctx.get());
-        return error(kExitError, where + ": " + defkv_status_string(st) + (detail && *detail ? ": " : "") +
-                                     (detail ? detail : ""));
+        return error(kExitError, where + ": " + library_error(ctx.get(), st));
     };
     using Clock = std::chrono::steady_clock;
     auto ms_since = [](Clock::time_point t0) {
@@ -471,6 +533,11 @@ int run(const Options& o) {
         total_kept += res.kept;
         if (!o.compact) continue;
         const Layer& ly = layers[i];
+        if (paged) {
+            if (!compact_paged(ctx.get(), ly, sels[i], dev.get(), dev ? devmem->memory() : DEFKV_MEMORY_HOST, &res, &err))
+                return error(kExitError, "layer " + std::to_string(i) + ": " + err);
+            continue;
+        }
         const size_t row_bytes = static_cast<size_t>(ly.d) * defkv_st::dtype_size(ly.kv_dtype);
         res.keys_compact.assign(static_cast<size_t>(res.kept) * row_bytes, 0);
         res.values_compact.assign(static_cast<size_t>(res.kept) * row_bytes, 0);
@@ -515,7 +582,18 @@ int run(const Options& o) {
         add(layer_name(li, "keep"), DType::U8, {ly.Hk, ly.L}, res.keep.data(), res.keep.size());
         add(layer_name(li, "scores"), DType::F32, {ly.Hk, ly.L}, res.scores.data(), res.scores.size() * 4);
         add(layer_name(li, "head_lens"), DType::I32, {ly.Hk}, res.head_lens.data(), res.head_lens.size() * 4);
-        if (o.compact) {
+        if (o.compact && paged) {
+            const int64_t ps = ly.paged.page_size;
+            add(layer_name(li, "cu_seqlens"), DType::I32, {ly.Hk + 1}, res.cu_seqlens.data(), res.cu_seqlens.size() * 4);
+            add(layer_name(li, "k_pages_compact"), ly.kv_dtype, {res.pages_compact, ps, ly.d}, res.keys_compact.data(),
+                res.keys_compact.size());
+            add(layer_name(li, "v_pages_compact"), ly.kv_dtype, {res.pages_compact, ps, ly.d}, res.values_compact.data(),
+                res.values_compact.size());
+            add(layer_name(li, "block_tables_compact"), DType::I32, {ly.Hk, res.table_stride}, res.tables_compact.data(),
+                res.tables_compact.size() * 4);
+            add(layer_name(li, "freed_pages"), DType::I32, {static_cast<int64_t>(res.freed_pages.size())},
+                res.freed_pages.data(), res.freed_pages.size() * 4);
+        } else if (o.compact) {
             add(layer_name(li, "cu_seqlens"), DType::I32, {ly.Hk + 1}, res.cu_seqlens.data(), res.cu_seqlens.size() * 4);
             add(layer_name(li, "keys_compact"), ly.kv_dtype, {res.kept, ly.d}, res.keys_compact.data(),
                 res.keys_compact.size());
@@ -544,6 +622,12 @@ int run(const Options& o) {
     }
     meta["window_bias"] = params.window_bias == DEFKV_WINDOW_BIAS_WINDOW ? "window" : "official";
     meta["defkv_version"] = defkv_version_string();
+    if (paged) {  // the input's geometry; compacted pools are one KV head per page (DEFKV_PAGE_HEAD)
+        meta["page_layout"] = geometry.layout_name;
+        meta["page_size"] = std::to_string(geometry.page_size);
+        meta["seq_len"] = std::to_string(geometry.seq_len);
+        if (o.compact) meta["compact_page_layout"] = "HEAD";
+    }
     if (!defkv_st::write_safetensors(o.output, out, meta, &err)) return error(kExitError, "--output " + err);
 
     // The summary goes to stdout, unless the result itself went there (--output /dev/stdout).
@@ -554,6 +638,11 @@ int run(const Options& o) {
         std::fprintf(summary, "layer %zu: kept per head [%s] = %lld of %lld entries, %.3f ms\n", i, heads.c_str(),
                     static_cast<long long>(results[i].kept), static_cast<long long>(layers[i].Hk * layers[i].L),
                     results[i].ms);
+        if (paged && o.compact)
+            std::fprintf(summary, "layer %zu: pages %zu before (%s, shared by the heads), %lld after (one KV head per page), "
+                                  "%zu freed\n",
+                         i, geometry.block_table.size(), geometry.layout_name.c_str(),
+                         static_cast<long long>(results[i].pages_compact), results[i].freed_pages.size());
     }
     if (method == DEFKV_METHOD_LAYER_DEFENSIVEKV) std::fprintf(summary, "global selection: %.3f ms\n", global_ms);
     std::fprintf(summary, "%s: %s, %lld layers, %lld entries kept, backend %s -> %s\n", meta["method"].c_str(),

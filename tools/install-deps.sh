@@ -14,7 +14,8 @@ extra=(clang-14 libclang-rt-14-dev libclang1-14 valgrind
        mesa-vulkan-drivers libvulkan-dev libvulkan1 vulkan-tools glslc glslang-tools spirv-tools vulkan-validationlayers
        swig golang-go default-jdk-headless junit5 bindgen python3-pip dpkg-dev
        python3-numpy python3-venv maven libsurefire-java libmaven-compiler-plugin-java libmaven-resources-plugin-java
-       python3-dev libdlpack-dev librust-pkg-config-dev librust-half-dev)
+       python3-dev libdlpack-dev librust-pkg-config-dev librust-half-dev
+       openmpi-bin libopenmpi-dev)
 pkgs=("${core[@]}")
 if [[ "${1:-}" != "--minimal" ]]; then pkgs+=("${extra[@]}"); fi
 command -v cargo >/dev/null 2>&1 || pkgs+=(cargo rustc)

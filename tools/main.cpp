@@ -22,6 +22,7 @@ int defkv_cmd_demo(int argc, char** argv);
 #endif
 #ifdef DEFKV_HAVE_BENCH
 int defkv_cmd_bench(int argc, char** argv);
+int defkv_cmd_bench_stream(int argc, char** argv);
 #endif
 
 namespace defkv_cli {
@@ -70,6 +71,7 @@ void print_help() {
         "  defkv info FILE.safetensors\n"
         "  defkv eval ... | defkv demo ...   (real-model engine, when built)\n"
         "  defkv bench ...                    (benchmarks, when built)\n"
+        "  defkv bench-stream ...             (decode-time eviction cost per step, when built)\n"
         "  defkv --version | defkv help\n"
         "\n"
         "methods:",
@@ -85,6 +87,11 @@ void print_help() {
         "are the defaults of the flags. It writes layers.{i}.keep (U8 [Hk,L]), scores (F32 [Hk,L]),\n"
         "head_lens (I32 [Hk]) and, with --compact, keys_compact/values_compact ([sum head_lens, d])\n"
         "and cu_seqlens (I32 [Hk+1]).\n"
+        "Paged case files hold layers.{i}.k_pages/v_pages (NHD [N,page_size,Hk,d] or HND\n"
+        "[N,Hk,page_size,d]) instead of keys/values, metadata page_layout, page_size and seq_len, and\n"
+        "one I32 block_table [ceil(seq_len/page_size)]; --compact then writes per-head pools\n"
+        "k_pages_compact/v_pages_compact [pages,page_size,d], block_tables_compact (I32 [Hk,max pages],\n"
+        "-1 past a head's pages) and freed_pages (I32, the source pages freed).\n"
         "--output: a new or existing regular file (a link is followed) is written to OUT.tmp.PID.N next\n"
         "to it and renamed into place; the temporary file is removed on error and on SIGINT, SIGTERM,\n"
         "SIGHUP, SIGQUIT or SIGXFSZ. A character device or FIFO (/dev/null, /dev/stdout on a pipe) is\n"
@@ -135,6 +142,13 @@ int dispatch(int argc, char** argv) {
         return defkv_cmd_bench(argc - 1, argv + 1);
 #else
         return not_built("bench");
+#endif
+    }
+    if (cmd == "bench-stream") {
+#ifdef DEFKV_HAVE_BENCH
+        return defkv_cmd_bench_stream(argc - 1, argv + 1);
+#else
+        return not_built("bench-stream");
 #endif
     }
     return error(kExitUsage, "unknown subcommand '" + cmd + "' (try 'defkv help')");

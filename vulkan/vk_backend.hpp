@@ -41,6 +41,7 @@ enum Pipe {
 
 struct AttnJob; // one attention op's state (vk_scoring.cpp)
 struct CopyJob; // one compaction's bindings (vk_compact.cpp)
+struct RowMap;  // where each head's rows lie, paged or not (vk_compact.cpp)
 
 // Internal scratch buffers (grown on demand; a grown buffer's predecessor is released after the
 // next submission).
@@ -138,6 +139,11 @@ public:
                                  int64_t head0, std::string *msg) override;
     defkv_status compact_varlen(const View &src, int64_t Hk, int64_t d, const Buf &cu, const Buf &idx, int64_t head0,
                                 const View &dst, std::string *msg) override;
+    defkv_status compact_heads(const View &src, const View &dst, int64_t Hk, int64_t d, const Buf &cu, const Buf &idx,
+                               int64_t head0, std::string *msg) override;
+    // Keys and values in page pools: the scoring ops read them in runs of linearly addressed
+    // tokens, compaction through row-offset tables (copysel.comp).
+    bool paged_views() const override { return true; }
 
     // For tests: whether the float64 selection shaders run on this device (else those ops use
     // the host fallback), and the number of submissions so far.
@@ -233,6 +239,13 @@ private:
                                         int64_t head0, std::string *msg);
     defkv_status compact_device_varlen(const View &t, int64_t Hk, int64_t d, const Buf &cu, const Buf &idx,
                                        int64_t head0, const View &dst, std::string *msg);
+    defkv_status compact_device_heads(const View &src, const View &dst, int64_t Hk, int64_t d, const Buf &cu,
+                                      const Buf &idx, int64_t head0, std::string *msg);
+    defkv_status bind_rows(const CopyJob &j, const Src &s, const RowMap &m, int64_t k, Bind *b, uint32_t *base,
+                           uint32_t *tab_at, std::string *msg);
+    defkv_status host_cu(const Buf &cu, int64_t head0, int64_t Hk, std::vector<int32_t> *hcu, std::string *msg);
+    // The most bytes of a tensor one window of `limit` bytes holds, whatever its alignment.
+    int64_t window_bytes(int64_t limit) const { return limit - static_cast<int64_t>(align_) - 3; }
     defkv_status host_selection(const Buf &cu, const Buf &idx, int64_t head0, int64_t Hk, std::vector<int32_t> *hcu,
                                 std::vector<int32_t> *hidx, int64_t *idx0, std::string *msg);
 

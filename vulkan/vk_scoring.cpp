@@ -74,8 +74,9 @@ defkv_status VulkanBackend::attn_logits(const AttnJob &j, int64_t h, int64_t wb0
     bs[B_ROWS] = j.rows_b;
     uint32_t qbase;
     VK_TRY(window(j.q, Q.off3(h, wb0, 0), qspan, &bs[B_Q], &qbase, msg));
-    for (int64_t t0 = 0; t0 < L; t0 += Tmax) {
-        const int64_t T = std::min(Tmax, L - t0);
+    // A paged cache in runs of linearly addressed tokens (each key's logits are independent).
+    for (int64_t t0 = 0, T = 0; t0 < L; t0 += T) {
+        T = K.run(kh, t0, std::min(Tmax, L - t0));
         uint32_t kbase;
         VK_TRY(window(j.k, K.off3(kh, t0, 0), span_elems({{T, K.stride[1]}, {d, K.stride[2]}}), &bs[B_K], &kbase, msg));
         PcLogits pc = {u32(Q.dtype), u32(K.dtype), qbase, kbase, u32(Q.stride[1]), u32(Q.stride[2]), u32(K.stride[1]),
@@ -262,8 +263,10 @@ defkv_status VulkanBackend::projected_norm(const SeqViews &in, const SeqShape &s
             Bind ob;
             uint32_t obase;
             VK_TRY(window(o, O.off2(c0, h * d), span_elems({{C, O.stride[0]}, {d, O.stride[1]}}), &ob, &obase, msg));
-            for (int64_t t0 = 0; t0 < n_tokens; t0 += Tmax) {
-                const int64_t T = std::min(Tmax, n_tokens - t0);
+            // Paged values in runs of linearly addressed tokens: a token's sum reads its own row
+            // only (a tile's other rows are zero or other tokens), so the split changes no bit.
+            for (int64_t t0 = 0, T = 0; t0 < n_tokens; t0 += T) {
+                T = V.run(kh, t0, std::min(Tmax, n_tokens - t0));
                 Bind vb;
                 uint32_t vbase;
                 VK_TRY(window(v, V.off3(kh, t0, 0), span_elems({{T, V.stride[1]}, {d, V.stride[2]}}), &vb, &vbase, msg));
@@ -307,8 +310,8 @@ defkv_status VulkanBackend::key_norm(const SeqViews &in, const SeqShape &s, cons
         return DEFKV_ERROR_UNSUPPORTED;
     }
     for (int64_t kh = 0; kh < Hk; kh++)
-        for (int64_t t0 = 0; t0 < L; t0 += Tmax) {
-            const int64_t T = std::min(Tmax, L - t0);
+        for (int64_t t0 = 0, T = 0; t0 < L; t0 += T) { // paged: runs of linearly addressed tokens
+            T = K.run(kh, t0, std::min(Tmax, L - t0));
             Binds bs = {};
             uint32_t kbase, obase;
             VK_TRY(window(k, K.off3(kh, t0, 0), span_elems({{T, K.stride[1]}, {d, K.stride[2]}}), &bs[B_Q], &kbase, msg));

@@ -239,10 +239,105 @@ type Sequence struct {
 	Queries, Attention, Keys, Values *Tensor
 }
 
-// Layer is one layer of a batch.
+// Layer is one layer of a batch. With Paged set, the cache is read from its page pools and
+// every sequence gives only Queries (or Attention).
 type Layer struct {
 	Seqs  []Sequence
 	OProj *Tensor
+	Paged *PagedKV
+}
+
+// PageLayout is a defkv_page_layout value: how a page pool stores K or V.
+type PageLayout int32
+
+// Page layouts.
+const (
+	PageNHD  PageLayout = 0 // [numPages, pageSize, Hk, d]; one block-table row per sequence
+	PageHND  PageLayout = 1 // [numPages, Hk, pageSize, d]; one row per sequence
+	PageHead PageLayout = 2 // [numPages, pageSize, d]; one row per (sequence, KV head), sequence-major
+)
+
+// PagedKV is a layer's K and V held in page pools (KPages, VPages: tensors of the layout's
+// shape, the same tensor for an MLA cache) and addressed through block tables: row r's page
+// ids in token order are BlockTables[r*BlockTableStride:], token t of a row sits in page
+// row[t/PageSize] at slot t%PageSize. SeqLens holds L of each sequence. The slices are read
+// during each call only (nothing is kept); pages not in a row may hold anything, NaN included.
+type PagedKV struct {
+	Layout           PageLayout
+	PageSize         int32
+	NKVHeads         int32 // Hk: required for PageHead; 0 or the pools' Hk otherwise
+	KPages, VPages   *Tensor
+	BlockTables      []int32
+	BlockTableStride int64
+	SeqLens          []int32 // one per sequence; ignored in the destination of CompactPaged
+}
+
+// kvHeads is Hk of the description (0 when it cannot be told).
+func (p *PagedKV) kvHeads() int64 {
+	if p.Layout == PageHead || p.KPages == nil {
+		return int64(p.NKVHeads)
+	}
+	sh := p.KPages.shape
+	if p.Layout == PageNHD && len(sh) == 4 {
+		return sh[2]
+	}
+	if p.Layout == PageHND && len(sh) == 4 {
+		return sh[1]
+	}
+	return int64(p.NKVHeads)
+}
+
+// checkRows makes sure the library's reads stay inside the Go slices: rows block-table rows
+// of BlockTableStride entries, and seqs sequence lengths (seqs < 0: not read).
+func (p *PagedKV) checkRows(fn, what string, rows, seqs int64) error {
+	if p.BlockTableStride < 1 {
+		return &Error{InvalidArgument, fmt.Sprintf("%s: %s.BlockTableStride is %d, expected >= 1", fn, what, p.BlockTableStride)}
+	}
+	if rows > 0 && int64(len(p.BlockTables)) < rows*p.BlockTableStride {
+		return &Error{InvalidArgument, fmt.Sprintf("%s: %s.BlockTables has %d entries, expected %d rows of %d", fn, what,
+			len(p.BlockTables), rows, p.BlockTableStride)}
+	}
+	if seqs >= 0 && int64(len(p.SeqLens)) != seqs {
+		return &Error{InvalidArgument, fmt.Sprintf("%s: %s.SeqLens has %d entries, expected one per sequence (%d)", fn, what,
+			len(p.SeqLens), seqs)}
+	}
+	return nil
+}
+
+// rows is the number of block-table rows for n sequences.
+func (p *PagedKV) rows(n int64) int64 {
+	if p.Layout == PageHead {
+		return n * int64(p.NKVHeads)
+	}
+	return n
+}
+
+func sliceAddr(s []int32) int64 {
+	if len(s) == 0 {
+		return 0
+	}
+	return int64(uintptr(unsafe.Pointer(&s[0])))
+}
+
+// buildPaged is the C description of p; free it (raw.Defkvb_paged_free) after the call and
+// keep p's slices alive until then.
+func buildPaged(p *PagedKV) (raw.Defkv_paged_kv, error) {
+	r := raw.Defkvb_paged_new(int(p.Layout), int(p.PageSize), int(p.NKVHeads), sliceAddr(p.BlockTables),
+		p.BlockTableStride, sliceAddr(p.SeqLens))
+	if r == nil || r.Swigcptr() == 0 {
+		return nil, &Error{OutOfMemory, "could not allocate the paged description"}
+	}
+	for which, t := range []*Tensor{p.KPages, p.VPages} {
+		if t == nil {
+			continue
+		}
+		var s, st [4]int64
+		copy(s[:], t.shape)
+		copy(st[:], t.strides)
+		_ = raw.Defkvb_paged_set_pool(r, which, int64(t.addr), int(t.dtype), len(t.shape),
+			s[0], s[1], s[2], s[3], st[0], st[1], st[2], st[3], int(t.memory), t.offset)
+	}
+	return r, nil
 }
 
 // WindowBias values (Params.WindowBias): how DefensiveKV measures its window bias.
@@ -404,8 +499,10 @@ func (c *Context) Backend() Backend {
 
 // builtLayer is a C-side layer description over Go memory; free it after the call.
 type builtLayer struct {
-	l    raw.Struct_SS_defkvb_layer
-	keep []*Tensor
+	l     raw.Struct_SS_defkvb_layer
+	paged raw.Defkv_paged_kv // nil for a contiguous layer
+	keep  []*Tensor
+	pkeep *PagedKV
 }
 
 func setTensor(l raw.Struct_SS_defkvb_layer, seq, which int, t *Tensor) error {
@@ -419,7 +516,15 @@ func setTensor(l raw.Struct_SS_defkvb_layer, seq, which int, t *Tensor) error {
 		s[0], s[1], s[2], s[3], st[0], st[1], st[2], st[3], int(t.memory), t.offset)
 }
 
-func buildLayer(layer *Layer) (*builtLayer, error) {
+func buildLayer(fn string, layer *Layer) (*builtLayer, error) {
+	if layer == nil {
+		return nil, &Error{InvalidArgument, fn + ": layer is nil"}
+	}
+	if p := layer.Paged; p != nil {
+		if err := p.checkRows(fn, "layer.Paged", p.rows(int64(len(layer.Seqs))), int64(len(layer.Seqs))); err != nil {
+			return nil, err
+		}
+	}
 	l := raw.Defkvb_layer_new(len(layer.Seqs))
 	if l == nil || l.Swigcptr() == 0 {
 		return nil, &Error{OutOfMemory, "could not allocate the layer description"}
@@ -436,11 +541,28 @@ func buildLayer(layer *Layer) (*builtLayer, error) {
 	}
 	_ = setTensor(l, 0, 4, layer.OProj)
 	b.keep = append(b.keep, layer.OProj)
+	if layer.Paged != nil {
+		p, err := buildPaged(layer.Paged)
+		if err != nil {
+			raw.Defkvb_layer_free(l)
+			return nil, err
+		}
+		raw.Defkvb_layer_set_paged(l, p)
+		b.paged, b.pkeep = p, layer.Paged
+		b.keep = append(b.keep, layer.Paged.KPages, layer.Paged.VPages)
+	}
 	return b, nil
 }
 
 func (b *builtLayer) free() {
 	raw.Defkvb_layer_free(b.l)
+	if b.paged != nil {
+		raw.Defkvb_paged_free(b.paged)
+	}
+	if b.pkeep != nil {
+		runtime.KeepAlive(b.pkeep.BlockTables)
+		runtime.KeepAlive(b.pkeep.SeqLens)
+	}
 	// The Go memory the C description pointed at must stay alive until here.
 	for _, t := range b.keep {
 		if t != nil {
@@ -450,6 +572,16 @@ func (b *builtLayer) free() {
 }
 
 func shapeOf(layer *Layer) (heads, entries int) {
+	if p := layer.Paged; p != nil {
+		hk := int(p.kvHeads())
+		for b := range layer.Seqs {
+			if b < len(p.SeqLens) {
+				heads += hk
+				entries += hk * int(p.SeqLens[b])
+			}
+		}
+		return
+	}
 	for _, s := range layer.Seqs {
 		if s.Keys != nil && len(s.Keys.shape) >= 2 {
 			heads += int(s.Keys.shape[0])
@@ -483,7 +615,7 @@ func (c *Context) Select(p Params, layer *Layer) (*Selection, error) {
 	if c.ptr == nil {
 		return nil, errClosed
 	}
-	b, err := buildLayer(layer)
+	b, err := buildLayer("Context.Select", layer)
 	if err != nil {
 		return nil, err
 	}
@@ -519,7 +651,7 @@ func (c *Context) CompactInPlace(layer *Layer, sel *Selection) error {
 	if err := checkSelection("Context.CompactInPlace", sel); err != nil {
 		return err
 	}
-	b, err := buildLayer(layer)
+	b, err := buildLayer("Context.CompactInPlace", layer)
 	if err != nil {
 		return err
 	}
@@ -556,6 +688,122 @@ func checkSelection(fn string, sel *Selection) error {
 			fn, total, len(sel.Indices))}
 	}
 	return nil
+}
+
+// rawSelection is the C view of sel for a compaction (its Indices' full capacity).
+func rawSelection(sel *Selection) (raw.Defkv_selection, []int32) {
+	full := sel.Indices[:cap(sel.Indices)]
+	if len(full) == 0 {
+		full = []int32{0}
+	}
+	return raw.Defkvb_selection_new(sliceAddr(sel.HeadLens), sliceAddr(sel.CuSeqlens), sliceAddr(full),
+		int64(len(sel.Indices)), 0, 0), full
+}
+
+// CompactPaged compacts a paged layer (layer.Paged set) after Select and returns the source
+// page ids it frees, row by row in table order, for the caller's page allocator.
+//
+// dst nil: in place. Each block-table row's kept entries move to the front of the row's own
+// slots, and the row's pages past those still in use are freed (per head for PageHead; for
+// PageNHD and PageHND the heads share pages, so a sequence keeps the pages of its longest head).
+//
+// dst non-nil: a PageHead description (NKVHeads = the layer's Hk) whose rows, one per
+// (sequence, KV head) as in sel.HeadLens, hold at least PagesNeeded(sel.HeadLens) pages each,
+// allocated by the caller; every head's kept entries are gathered into its row's pages and
+// every source page of the layer is freed. dst.SeqLens is not read (sel.HeadLens are the new
+// lengths).
+func (c *Context) CompactPaged(layer *Layer, sel *Selection, dst *PagedKV) ([]int32, error) {
+	const fn = "Context.CompactPaged"
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.ptr == nil {
+		return nil, errClosed
+	}
+	if err := checkSelection(fn, sel); err != nil {
+		return nil, err
+	}
+	if layer != nil && layer.Paged == nil {
+		return nil, &Error{InvalidArgument, fn + ": layer.Paged is nil (compact contiguous caches with CompactInPlace)"}
+	}
+	b, err := buildLayer(fn, layer)
+	if err != nil {
+		return nil, err
+	}
+	defer b.free()
+	var rdst raw.Defkv_paged_kv = raw.SwigcptrDefkv_paged_kv(0)
+	if dst != nil {
+		if err := dst.checkRows(fn, "dst", int64(len(sel.HeadLens)), -1); err != nil {
+			return nil, err
+		}
+		if rdst, err = buildPaged(dst); err != nil {
+			return nil, err
+		}
+		defer raw.Defkvb_paged_free(rdst)
+	}
+	rs, full := rawSelection(sel)
+	defer raw.Defkvb_selection_free(rs)
+	n := raw.Defkvb_compact_paged(c.ptr, b.l, rs, rdst, 0, 0) // counts only
+	if err := c.status(fn, n); err != nil {
+		return nil, err
+	}
+	freed := make([]int32, n+1) // never empty: a NULL freed_pages would only count
+	n = raw.Defkvb_compact_paged(c.ptr, b.l, rs, rdst, sliceAddr(freed), n)
+	runtime.KeepAlive(sel)
+	runtime.KeepAlive(full)
+	if dst != nil {
+		runtime.KeepAlive(dst.BlockTables)
+		runtime.KeepAlive(dst.KPages)
+		runtime.KeepAlive(dst.VPages)
+	}
+	if err := c.status(fn, n); err != nil {
+		return nil, err
+	}
+	return freed[:n], nil
+}
+
+// globalError is the failure of a context-free call, read on the OS thread that made it.
+func globalError(fn string, code int64) error {
+	return &Error{Status(code), callerMessage(fn, raw.Defkv_last_error_global())}
+}
+
+// PagesNeeded returns the pages each (sequence, KV head) needs for its kept entries,
+// ceil(headLens[i] / pageSize), and their total: what to allocate before CompactPaged into
+// new pages.
+func PagesNeeded(headLens []int32, pageSize int32) (pages []int32, total int64, err error) {
+	runtime.LockOSThread() // the message is per OS thread
+	defer runtime.UnlockOSThread()
+	pages = make([]int32, len(headLens)+1)
+	total = raw.Defkvb_paged_pages_needed(sliceAddr(headLens), int64(len(headLens)), int(pageSize), sliceAddr(pages))
+	runtime.KeepAlive(headLens)
+	runtime.KeepAlive(pages)
+	if total < 0 {
+		return nil, 0, globalError("PagesNeeded", total)
+	}
+	return pages[:len(headLens)], total, nil
+}
+
+// NextSlots says where each block-table row's next token goes when decoding after
+// compaction: row i (length lens[i]) appends at slot slotOffset[i] of page slotPage[i], or,
+// where slotPage[i] is -1, the row is full: allocate a page, append its id to the row and
+// write at slot 0.
+func NextSlots(lens, blockTables []int32, blockTableStride int64, pageSize int32) (slotPage, slotOffset []int32, err error) {
+	if blockTableStride >= 1 && int64(len(blockTables)) < int64(len(lens))*blockTableStride {
+		return nil, nil, &Error{InvalidArgument, fmt.Sprintf("NextSlots: blockTables has %d entries, expected %d rows of %d",
+			len(blockTables), len(lens), blockTableStride)}
+	}
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	slotPage, slotOffset = make([]int32, len(lens)+1), make([]int32, len(lens)+1)
+	e := raw.Defkvb_paged_next_slots(sliceAddr(lens), int64(len(lens)), sliceAddr(blockTables), blockTableStride,
+		int(pageSize), sliceAddr(slotPage), sliceAddr(slotOffset))
+	runtime.KeepAlive(lens)
+	runtime.KeepAlive(blockTables)
+	runtime.KeepAlive(slotPage)
+	runtime.KeepAlive(slotOffset)
+	if se, ok := e.(*raw.StatusError); ok {
+		return nil, nil, globalError("NextSlots", int64(se.Code))
+	}
+	return slotPage[:len(lens)], slotOffset[:len(lens)], nil
 }
 
 // Global is a layer-adaptive (Layer-DefensiveKV) selection over several layers.
@@ -606,7 +854,7 @@ func (g *Global) AddLayer(index int, layer *Layer) error {
 	if g.g == nil || g.c.ptr == nil {
 		return errClosed
 	}
-	b, err := buildLayer(layer)
+	b, err := buildLayer("Global.AddLayer", layer)
 	if err != nil {
 		return err
 	}

@@ -34,4 +34,14 @@ static defkv_status defkvb_layer_set_dltensor(defkvb_layer *l, int32_t seq, int3
     }
     return DEFKV_SUCCESS;
 }
+
+/* A DLPack tensor (DLTensor address) as pool which (0 k_pages, 1 v_pages) of a paged description. */
+static defkv_status defkvb_paged_set_dlpool(defkv_paged_kv *p, int32_t which, int64_t dltensor) {
+    if (!p || which < 0 || which > 1) {
+        snprintf(defkvb_dl_error, sizeof defkvb_dl_error, "bad pool slot");
+        return DEFKV_ERROR_INVALID_ARGUMENT;
+    }
+    return defkv_tensor_from_dltensor((const DLTensor *)(intptr_t)dltensor, which ? &p->v_pages : &p->k_pages,
+                                      defkvb_dl_error, sizeof defkvb_dl_error);
+}
 %}

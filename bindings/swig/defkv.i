@@ -1,4 +1,4 @@
-/* bindings/swig/defkv.i: the interface SWIG wraps for every language (Go, Java).
+/* bindings/swig/defkv.i: the interface SWIG wraps for every language (Go, Java, Python).
  *
  * Allow-list: this file does NOT %include defkv.h. It declares exactly the functions and
  * types the bindings use, so nothing else of the header is wrapped. Tensors, layers and
@@ -20,6 +20,19 @@ typedef struct defkvb_layer {
     defkv_layer layer;
     defkv_sequence *seqs;
 } defkvb_layer;
+
+static void defkvb_fill_tensor(defkv_tensor *t, int64_t address, int32_t dtype, int32_t ndim,
+                               int64_t s0, int64_t s1, int64_t s2, int64_t s3,
+                               int64_t t0, int64_t t1, int64_t t2, int64_t t3, int32_t memory, int64_t byte_offset) {
+    memset(t, 0, sizeof *t);
+    t->data = (void *)(intptr_t)address;
+    t->dtype = dtype;
+    t->ndim = ndim;
+    t->shape[0] = s0; t->shape[1] = s1; t->shape[2] = s2; t->shape[3] = s3;
+    t->strides[0] = t0; t->strides[1] = t1; t->strides[2] = t2; t->strides[3] = t3;
+    t->memory = memory;
+    t->byte_offset = byte_offset;
+}
 %}
 typedef struct defkvb_layer defkvb_layer;
 
@@ -131,15 +144,42 @@ static defkv_status defkvb_layer_set_tensor(defkvb_layer *l, int32_t seq, int32_
     case 3: t = &l->seqs[seq].values; break;
     default: t = &l->layer.o_proj; break;
     }
-    memset(t, 0, sizeof *t);
-    t->data = (void *)(intptr_t)address;
-    t->dtype = dtype;
-    t->ndim = ndim;
-    t->shape[0] = s0; t->shape[1] = s1; t->shape[2] = s2; t->shape[3] = s3;
-    t->strides[0] = t0; t->strides[1] = t1; t->strides[2] = t2; t->strides[3] = t3;
-    t->memory = memory;
-    t->byte_offset = byte_offset;
+    defkvb_fill_tensor(t, address, dtype, ndim, s0, s1, s2, s3, t0, t1, t2, t3, memory, byte_offset);
     return DEFKV_SUCCESS;
+}
+
+/* A paged KV description (defkv_paged_kv) whose block tables and sequence lengths are caller
+ * memory given by address; the pools are set with defkvb_paged_set_pool. The caller keeps that
+ * memory alive while the description is used (one call: the library keeps no pointer). */
+static defkv_paged_kv *defkvb_paged_new(int32_t layout, int32_t page_size, int32_t n_kv_heads, int64_t block_tables,
+                                        int64_t block_table_stride, int64_t seq_lens) {
+    defkv_paged_kv *p = (defkv_paged_kv *)calloc(1, sizeof(defkv_paged_kv));
+    if (!p) return NULL;
+    defkv_paged_kv_default(p);
+    p->layout = layout;
+    p->page_size = page_size;
+    p->n_kv_heads = n_kv_heads;
+    p->block_tables = (const int32_t *)(intptr_t)block_tables;
+    p->block_table_stride = block_table_stride;
+    p->seq_lens = (const int32_t *)(intptr_t)seq_lens;
+    return p;
+}
+static void defkvb_paged_free(defkv_paged_kv *p) { free(p); }
+
+/* which: 0 k_pages, 1 v_pages; the rest as in defkvb_layer_set_tensor. */
+static defkv_status defkvb_paged_set_pool(defkv_paged_kv *p, int32_t which, int64_t address, int32_t dtype, int32_t ndim,
+                                          int64_t s0, int64_t s1, int64_t s2, int64_t s3,
+                                          int64_t t0, int64_t t1, int64_t t2, int64_t t3,
+                                          int32_t memory, int64_t byte_offset) {
+    if (!p || which < 0 || which > 1) return DEFKV_ERROR_INVALID_ARGUMENT;
+    defkvb_fill_tensor(which ? &p->v_pages : &p->k_pages, address, dtype, ndim, s0, s1, s2, s3, t0, t1, t2, t3,
+                       memory, byte_offset);
+    return DEFKV_SUCCESS;
+}
+
+/* The layer's cache is read from p (NULL: from its sequences' keys and values). */
+static void defkvb_layer_set_paged(defkvb_layer *l, const defkv_paged_kv *p) {
+    if (l) l->layer.paged = p;
 }
 
 /* A selection whose buffers are caller memory given by address (0 = not wanted). */
@@ -168,6 +208,30 @@ static defkv_status defkvb_select(defkv_context *ctx, const defkv_params *p, con
 }
 static defkv_status defkvb_compact_inplace(defkv_context *ctx, const defkvb_layer *l, const defkv_selection *s) {
     return defkv_compact_inplace(ctx, l ? &l->layer : NULL, s);
+}
+/* defkv_compact_paged (dst NULL: in place) into freed_pages (an address, capacity entries):
+ * the number of freed pages, or a negative status. freed_pages = 0 only counts. */
+static int64_t defkvb_compact_paged(defkv_context *ctx, const defkvb_layer *l, const defkv_selection *s,
+                                    const defkv_paged_kv *dst, int64_t freed_pages, int64_t freed_capacity) {
+    int64_t n = 0;
+    defkv_status st = defkv_compact_paged(ctx, l ? &l->layer : NULL, s, dst, (int32_t *)(intptr_t)freed_pages,
+                                          freed_capacity, &n);
+    return st == DEFKV_SUCCESS ? n : (int64_t)st;
+}
+/* defkv_paged_pages_needed over addresses: the total, or a negative status (the message is
+ * defkv_last_error_global() of this OS thread). */
+static int64_t defkvb_paged_pages_needed(int64_t head_lens, int64_t n_heads, int32_t page_size, int64_t pages) {
+    int64_t total = 0;
+    defkv_status st = defkv_paged_pages_needed((const int32_t *)(intptr_t)head_lens, n_heads, page_size,
+                                               (int32_t *)(intptr_t)pages, &total);
+    return st == DEFKV_SUCCESS ? total : (int64_t)st;
+}
+/* defkv_paged_next_slots over addresses (message as for defkvb_paged_pages_needed). */
+static defkv_status defkvb_paged_next_slots(int64_t lens, int64_t n_rows, int64_t block_tables, int64_t block_table_stride,
+                                            int32_t page_size, int64_t slot_page, int64_t slot_offset) {
+    return defkv_paged_next_slots((const int32_t *)(intptr_t)lens, n_rows, (const int32_t *)(intptr_t)block_tables,
+                                  block_table_stride, page_size, (int32_t *)(intptr_t)slot_page,
+                                  (int32_t *)(intptr_t)slot_offset);
 }
 static defkv_global *defkvb_global_create(defkv_context *ctx, const defkv_params *p, int32_t n_layers) {
     defkv_global *g = NULL;

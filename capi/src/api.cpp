@@ -12,6 +12,8 @@
 #include "context.hpp"
 #include "error.hpp"
 #include "paged.hpp"
+#include "shard.hpp"
+#include "stream.hpp"
 
 namespace {
 
@@ -305,6 +307,54 @@ DEFKV_API defkv_status defkv_paged_next_slots(const int32_t *lens, int64_t n_row
     });
 }
 
+DEFKV_API void defkv_stream_params_default(defkv_stream_params *sp) {
+    if (!sp) return;
+    *sp = defkv_stream_params{};
+    sp->struct_size = sizeof *sp;
+    sp->n_layers = 1;
+    sp->interval = 128;
+    sp->aggregation = DEFKV_STREAM_MAX;
+    sp->decay = 0.9f;
+}
+
+DEFKV_API defkv_status defkv_stream_create(defkv_context *ctx, const defkv_params *params,
+                                           const defkv_stream_params *sp, defkv_stream **stream) {
+    DEFKV_ENTER(ctx);
+    return guarded(&ctx->last_error, [&] {
+        return defkv::with_prefix(defkv::stream_create(*ctx, params, sp, stream, &ctx->last_error), &ctx->last_error,
+                                  "defkv_stream_create");
+    });
+}
+
+DEFKV_API void defkv_stream_destroy(defkv_stream *stream) { delete stream; }
+
+// Entry of the stream functions: the stream's context, with its in-use guard and message.
+#define DEFKV_STREAM_CALL(fn, call)                                                                  \
+    if (!stream) return DEFKV_ERROR_INVALID_ARGUMENT;                                               \
+    defkv_context *ctx = stream->ctx;                                                               \
+    DEFKV_ENTER(ctx);                                                                               \
+    return guarded(&ctx->last_error, [&] { return defkv::with_prefix(call, &ctx->last_error, fn); })
+
+DEFKV_API defkv_status defkv_stream_append(defkv_stream *stream, int32_t layer, int32_t n) {
+    DEFKV_STREAM_CALL("defkv_stream_append", defkv::stream_append(*stream, layer, n, &ctx->last_error));
+}
+
+DEFKV_API defkv_status defkv_stream_push_queries(defkv_stream *stream, int32_t layer, const defkv_tensor *queries) {
+    DEFKV_STREAM_CALL("defkv_stream_push_queries", defkv::stream_push(*stream, layer, queries, &ctx->last_error));
+}
+
+DEFKV_API defkv_status defkv_stream_due(defkv_stream *stream, int32_t *due) {
+    DEFKV_STREAM_CALL("defkv_stream_due", defkv::stream_due(*stream, due, &ctx->last_error));
+}
+
+DEFKV_API defkv_status defkv_stream_head_lens(defkv_stream *stream, int32_t layer, int32_t *head_lens) {
+    DEFKV_STREAM_CALL("defkv_stream_head_lens", defkv::stream_head_lens(*stream, layer, head_lens, &ctx->last_error));
+}
+
+DEFKV_API defkv_status defkv_stream_round(defkv_stream *stream, const defkv_stream_cache *caches, defkv_selection *sels) {
+    DEFKV_STREAM_CALL("defkv_stream_round", defkv::stream_round(*stream, caches, sels, &ctx->last_error));
+}
+
 DEFKV_API defkv_status defkv_global_create(defkv_context *ctx, const defkv_params *params, int32_t n_layers,
                                            defkv_global **global) {
     DEFKV_ENTER(ctx);
@@ -367,12 +417,35 @@ DEFKV_API defkv_status defkv_global_layer_kept_count(defkv_global *g, int32_t la
         set_error_noalloc(&g->ctx->last_error, "defkv_global_layer_kept_count: call defkv_global_select first");
         return DEFKV_ERROR_INVALID_STATE;
     }
+    layer_index -= g->layer0; // a sharded handle takes global indices
     if (layer_index < 0 || layer_index >= g->n_layers || !count) {
         set_error_noalloc(&g->ctx->last_error,
                           "defkv_global_layer_kept_count: layer_index out of range or count is NULL");
         return DEFKV_ERROR_INVALID_ARGUMENT;
     }
     return guarded(&g->ctx->last_error, [&] { return defkv::global_layer_kept_count(*g, layer_index, count); });
+}
+
+// ---- sharded selection (tensor and pipeline parallel; core/shard.cpp) ----------------------
+
+DEFKV_API void defkv_shard_default(defkv_shard *shard) {
+    if (!shard) return;
+    std::memset(shard, 0, sizeof *shard);
+    shard->struct_size = sizeof *shard;
+    shard->n_layers = 1;
+    shard->layer_end = 1;
+}
+
+DEFKV_API defkv_status defkv_select_sharded(defkv_context *ctx, const defkv_params *params, const defkv_layer *layer,
+                                            const defkv_shard *shard, defkv_selection *out) {
+    DEFKV_ENTER(ctx);
+    return guarded(&ctx->last_error, [&] { return defkv::do_select_sharded(*ctx, params, layer, shard, out); });
+}
+
+DEFKV_API defkv_status defkv_global_create_sharded(defkv_context *ctx, const defkv_params *params,
+                                                   const defkv_shard *shard, defkv_global **global) {
+    DEFKV_ENTER(ctx);
+    return guarded(&ctx->last_error, [&] { return defkv::do_global_create_sharded(*ctx, params, shard, global); });
 }
 
 } // extern "C"

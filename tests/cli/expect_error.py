@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Asserts that a command fails cleanly.
 
-usage: expect_error.py [--exit N] [--absent PATH] -- COMMAND...
+usage: expect_error.py [--exit N] [--absent PATH] [--match TEXT] -- COMMAND...
 Passes when the command exits with a non-zero status (N if given) that is not a signal or crash,
 writes exactly one line to stderr containing "error:", and (with --absent) PATH does not exist
-afterwards, nor any temporary file PATH.tmp.*. PATH is removed before the run."""
+afterwards, nor any temporary file PATH.tmp.*, and (with --match) stderr contains TEXT. PATH is
+removed before the run."""
 import glob
 import os
 import subprocess
@@ -13,10 +14,13 @@ import sys
 
 def main():
     args = sys.argv[1:]
-    want_exit, absent = None, []
+    want_exit, absent, match = None, [], []
     while args and args[0] != "--":
         if args[0] == "--exit":
             want_exit = int(args[1])
+            args = args[2:]
+        elif args[0] == "--match":
+            match.append(args[1])
             args = args[2:]
         elif args[0] == "--absent":
             absent.append(args[1])
@@ -51,6 +55,10 @@ def main():
     if "error:" not in err:
         print("FAIL: stderr does not contain 'error:'")
         ok = False
+    for text in match:
+        if text not in err:
+            print("FAIL: stderr does not contain %r" % text)
+            ok = False
     for p in absent:
         if os.path.exists(p):
             print("FAIL: %s was created" % p)

@@ -3,7 +3,10 @@
 // shape for FLOP-bound phases, a large multi-threaded memcpy for byte-bound ones), times each
 // method end to end through the public C API, and runs a straightforward PyTorch
 // implementation of the same methods (baseline.py) on the same inputs, after checking that it
-// keeps the same entries. Prints a table and writes a JSON file.
+// keeps the same entries. It also times each method on the same cache laid out in shuffled NHD
+// pages of 16 (a defkv_paged_kv) against the contiguous cache, alternating the two in the same
+// runs, and prints the ratio (target on the CPU: paged within 1.15x; printed, not asserted).
+// Prints a table and writes a JSON file.
 #include <cblas.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -183,6 +186,65 @@ Timing time_it(int repeats, const std::function<void()> &fn) {
     return out;
 }
 
+// Runs a and b alternately (one warm-up each), so that load from other processes hits both
+// alike; the medians of each.
+std::pair<Timing, Timing> time_pair(int repeats, const std::function<void()> &a, const std::function<void()> &b) {
+    a();
+    b();
+    std::vector<double> ta, tb, ca, cb;
+    for (int r = 0; r < repeats; r++) {
+        for (int which = 0; which < 2; which++) {
+            const bool first = (which == 0) == (r % 2 == 0); // alternate which one goes first
+            const double c0 = cpu_s(), t0 = now_s();
+            (first ? a : b)();
+            (first ? ta : tb).push_back(now_s() - t0);
+            (first ? ca : cb).push_back(cpu_s() - c0);
+        }
+    }
+    auto stat = [](std::vector<double> t, std::vector<double> c) {
+        std::sort(t.begin(), t.end());
+        std::sort(c.begin(), c.end());
+        Timing out;
+        out.cpu = c[c.size() / 2];
+        out.min = t.front();
+        out.median = t.size() % 2 ? t[t.size() / 2] : 0.5 * (t[t.size() / 2 - 1] + t[t.size() / 2]);
+        return out;
+    };
+    return {stat(ta, ca), stat(tb, cb)};
+}
+
+// The same cache [Hk, L, d] in an NHD page pool [n_pages, page_size, Hk, d]: token t of every
+// head in page table[t / page_size], slot t % page_size. Pages the table does not use and
+// slots past L hold NaN (all bits set in f32, f16 and bf16), so reading them shows.
+struct PagedCopy {
+    std::vector<uint8_t> k, v;
+    std::vector<int32_t> table;
+    int64_t n_pages = 0;
+};
+
+PagedCopy page_nhd(const std::vector<uint8_t> &k, const std::vector<uint8_t> &v, int64_t Hk, int64_t L, int64_t d,
+                   int64_t esize, int64_t page_size, int64_t spare, uint64_t seed) {
+    PagedCopy pc;
+    const int64_t used = (L + page_size - 1) / page_size;
+    pc.n_pages = used + spare;
+    std::vector<int32_t> perm(static_cast<size_t>(pc.n_pages));
+    for (size_t i = 0; i < perm.size(); i++) perm[i] = static_cast<int32_t>(i);
+    uint64_t st = seed;
+    for (size_t i = perm.size(); i > 1; i--) std::swap(perm[i - 1], perm[splitmix(&st) % i]); // Fisher-Yates
+    pc.table.assign(perm.begin(), perm.begin() + used);
+    const size_t row = static_cast<size_t>(d * esize), bytes = static_cast<size_t>(pc.n_pages * page_size * Hk) * row;
+    pc.k.assign(bytes, 0xFF);
+    pc.v.assign(bytes, 0xFF);
+    for (int64_t h = 0; h < Hk; h++)
+        for (int64_t t = 0; t < L; t++) {
+            const size_t src = static_cast<size_t>(h * L + t) * row;
+            const size_t dst = static_cast<size_t>((pc.table[static_cast<size_t>(t / page_size)] * page_size + t % page_size) * Hk + h) * row;
+            std::memcpy(&pc.k[dst], &k[src], row);
+            std::memcpy(&pc.v[dst], &v[src], row);
+        }
+    return pc;
+}
+
 struct Ceilings {
     double sgemm_flops = 0;  // FLOP/s of one sgemm M=2048, N=D, K=d, all threads
     double memcpy_bytes = 0; // bytes/s (read + written) of a 256 MiB copy split over the threads
@@ -310,7 +372,10 @@ int fail(const char *fmt, const std::string &a) {
 
 } // namespace
 
+int defkv_bench_shard(int argc, char **argv); // shard_bench.cpp
+
 int defkv_cmd_bench(int argc, char **argv) {
+    if (argc > 1 && std::string(argv[1]) == "shard") return defkv_bench_shard(argc - 1, argv + 1);
     Options o;
     for (int i = 1; i < argc; i++) {
         const std::string a = argv[i];
@@ -623,6 +688,79 @@ int defkv_cmd_bench(int argc, char **argv) {
                 }
                 cj["workspace_bytes"] = ws_bytes;
 
+                // ---- paged vs contiguous: the same cache in shuffled NHD pages of 16 ----
+                constexpr int64_t kPageSize = 16;
+                const PagedCopy pc = page_nhd(k, v, Hk, L, d, defkv::dtype_size(dt), kPageSize, 3, seed + 5);
+                const int32_t paged_len = static_cast<int32_t>(L);
+                defkv_paged_kv pkv;
+                defkv_paged_kv_default(&pkv);
+                pkv.layout = DEFKV_PAGE_NHD;
+                pkv.page_size = static_cast<int32_t>(kPageSize);
+                pkv.k_pages = tens(const_cast<uint8_t *>(pc.k.data()), dt, {pc.n_pages, kPageSize, Hk, d});
+                pkv.v_pages = tens(const_cast<uint8_t *>(pc.v.data()), dt, {pc.n_pages, kPageSize, Hk, d});
+                pkv.block_tables = pc.table.data();
+                pkv.block_table_stride = static_cast<int64_t>(pc.table.size());
+                pkv.seq_lens = &paged_len;
+                defkv_sequence pseq = seq;
+                pseq.keys = defkv_tensor{};
+                pseq.values = defkv_tensor{};
+                defkv_layer player = layer;
+                player.seqs = &pseq;
+                player.paged = &pkv;
+                json paged_j = json::object();
+                for (const std::string &mname : o.methods) {
+                    int32_t method;
+                    defkv_method_from_name(mname.c_str(), &method);
+                    defkv_params p;
+                    defkv_params_default(&p);
+                    p.method = method;
+                    p.compression_ratio = o.ratio;
+                    p.window = static_cast<int32_t>(W);
+                    int64_t kept = 0;
+                    if (defkv_kept_count(ctx, &p, &layer, &kept) != DEFKV_SUCCESS)
+                        return fail("defkv_kept_count failed: %s", defkv_context_last_error(ctx));
+                    struct Out {
+                        std::vector<int32_t> hl, cu, idx;
+                        std::vector<uint8_t> keep;
+                        defkv_selection sel;
+                    } oc, op;
+                    for (Out *x : {&oc, &op}) {
+                        x->hl.resize(static_cast<size_t>(Hk));
+                        x->cu.resize(static_cast<size_t>(Hk + 1));
+                        x->idx.resize(static_cast<size_t>(std::max<int64_t>(kept, 1)));
+                        x->keep.resize(static_cast<size_t>(Hk * L));
+                        std::memset(&x->sel, 0, sizeof x->sel);
+                        x->sel.struct_size = sizeof x->sel;
+                        x->sel.head_lens = x->hl.data();
+                        x->sel.cu_seqlens = x->cu.data();
+                        x->sel.indices = x->idx.data();
+                        x->sel.indices_capacity = static_cast<int64_t>(x->idx.size());
+                        x->sel.keep_mask = x->keep.data();
+                    }
+                    defkv_status sc = DEFKV_SUCCESS, sp = DEFKV_SUCCESS;
+                    const auto tp = time_pair(
+                        o.repeats, [&] { const defkv_status x = defkv_select(ctx, &p, &layer, &oc.sel); if (x) sc = x; },
+                        [&] { const defkv_status x = defkv_select(ctx, &p, &player, &op.sel); if (x) sp = x; });
+                    if (sc != DEFKV_SUCCESS || sp != DEFKV_SUCCESS)
+                        return fail("defkv_select (paged comparison) failed: %s", defkv_context_last_error(ctx));
+                    // Wall-clock and CPU-time ratios: on a shared machine the CPU time is the steadier.
+                    const double ratio = tp.second.median / tp.first.median;
+                    const double cpu_ratio = tp.first.cpu > 0 ? tp.second.cpu / tp.first.cpu : 0.0;
+                    Row rpg{cname, "paged NHD/16 " + mname, ""};
+                    rpg.t = tp.second;
+                    char note[200];
+                    std::snprintf(note, sizeof note,
+                                  "x%.3f of contiguous %.2f ms (CPU time x%.3f), same runs alternated (target <= 1.15)%s",
+                                  ratio, tp.first.median * 1e3, cpu_ratio, op.keep == oc.keep ? "" : "; keep set DIFFERS");
+                    rpg.note = note;
+                    rows.push_back(rpg);
+                    paged_j[mname] = {{"contiguous_median_s", tp.first.median}, {"paged_median_s", tp.second.median},
+                                      {"contiguous_cpu_s", tp.first.cpu},       {"paged_cpu_s", tp.second.cpu},
+                                      {"ratio", ratio},                         {"cpu_time_ratio", cpu_ratio},
+                                      {"same_keep", op.keep == oc.keep}};
+                }
+                cj["paged_nhd16_vs_contiguous"] = paged_j;
+
                 // ---- the PyTorch side ----
                 json torch_res;
                 if (o.baseline) {
@@ -740,6 +878,20 @@ int defkv_cmd_bench(int argc, char **argv) {
         summary.push_back(sj);
     }
     out["summary"] = summary;
+    std::printf("\npaged vs contiguous selection (the same cache in shuffled NHD pages of 16; paged / contiguous "
+                "median wall time, and CPU time; target <= 1.15 on the CPU)\n");
+    for (const json &c : cases) {
+        if (!c.contains("paged_nhd16_vs_contiguous")) continue;
+        std::string line;
+        for (const auto &m : c["paged_nhd16_vs_contiguous"].items()) {
+            char b[96];
+            std::snprintf(b, sizeof b, "  %s x%.3f (CPU x%.3f)%s", m.key().c_str(), m.value()["ratio"].get<double>(),
+                          m.value()["cpu_time_ratio"].get<double>(), m.value()["same_keep"].get<bool>() ? "" : " (keep DIFFERS)");
+            line += b;
+        }
+        std::printf("  %-14s %-5s L=%-6lld%s\n", c["shape"].get<std::string>().c_str(), c["dtype"].get<std::string>().c_str(),
+                    (long long)c["L"].get<int64_t>(), line.c_str());
+    }
     getloadavg(load, 3);
     out["loadavg_end"] = {load[0], load[1], load[2]};
     std::printf("\nload average at end %.2f %.2f %.2f (other processes share these cores: read the rates with it)\n",

@@ -31,6 +31,7 @@ typedef float f32;
 #define B_MASK 3   // u8 masked entries; indices (copysel)
 #define B_STATS 4  // f32 per-row statistics (softmax -> colreduce, attn_finish)
 #define B_OUT 5    // f32 output (keynorm, pnorm); last-row sums (colreduce)
+#define B_TAB 4    // copysel: row-offset tables of paged caches
 #define B_MEAN 0   // colreduce: mean over w
 #define B_DMAX 1   // colreduce: the max over (g, w) of the pooled, renormalised rows
 #define B_DAVG 3   // colreduce: the group mean
@@ -80,10 +81,15 @@ struct PcPnorm { // pnorm and pnorm_coopmat
     u32 first, last, has_mask, mask_base;
     f32 invg;
 };
+// copysel: a row r of the source (destination) starts at element src_base + tab[s_tab + r]
+// (dst_base + tab[d_tab + r]) when s_tab (d_tab) is a table's first entry in B_TAB, and at
+// src_base + r * s_s1 (dst_base + r * d_s1) when it is COPYSEL_NO_TABLE.
+#define COPYSEL_NO_TABLE 0xffffffffu
 struct PcCopySel {
     u32 esize, d, s_s1, s_s2;
     u32 d_s1, d_s2, src_base, dst_base;
     u32 cu_at, gather, drow_global, idx_base;
+    u32 s_tab, d_tab;
 };
 
 // ---- selection ops ----------------------------------------------------------------------------

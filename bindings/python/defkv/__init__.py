@@ -12,6 +12,10 @@ returns). Nothing is copied: the library reads the caller's memory through its s
         ctx.compact_inplace(sel, keys=k, values=v)               # kept rows now lead each head
         print(sel.head_lens, sel.kept(0))
 
+Paged caches (page pools addressed through block tables): ``defkv.PagedKV``, passed as
+``paged=`` to ``Context.select``; ``Context.compact_paged`` compacts them and returns the freed
+page ids; ``pages_needed`` and ``next_slots`` do the page arithmetic around it.
+
 Errors raise ``defkv.Error`` (``.status``, ``.message``). A Context is used by one thread at a
 time (its calls hold a lock); different contexts are independent.
 """
@@ -24,7 +28,7 @@ import numpy as np
 from . import native as _n
 
 __all__ = ["Context", "Params", "Sequence", "Selection", "Error", "Status", "Method", "Dtype", "Backend",
-           "bfloat16", "version", "method_from_name"]
+           "PagedKV", "bfloat16", "version", "method_from_name", "pages_needed", "next_slots"]
 
 
 class Status:
@@ -228,22 +232,37 @@ class _View:
         _n.defkvb_layer_set_tensor(layer, seq, which, self.address, self.dtype, len(self.shape),
                                    s[0], s[1], s[2], s[3], t[0], t[1], t[2], t[3], _MEMORY_HOST, 0)
 
-    def heads_and_len(self):
+    def set_pool(self, fn, what, paged, which):
+        """As set(), for pool ``which`` (0 k_pages, 1 v_pages) of a paged description."""
+        if self.dltensor is not None:
+            st = _n.defkvb_paged_set_dlpool(paged, which, self.dltensor)
+            if st < 0:
+                raise Error(st, _caller_message(fn, _n.defkvb_dlpack_error()).replace(": ", ": %s: " % what, 1))
+            return
+        s = (self.shape + [0, 0, 0, 0])[:4]
+        t = (self.strides + [0, 0, 0, 0])[:4]
+        _n.defkvb_paged_set_pool(paged, which, self.address, self.dtype, len(self.shape),
+                                 s[0], s[1], s[2], s[3], t[0], t[1], t[2], t[3], _MEMORY_HOST, 0)
+
+    def full_shape(self):
         if self.dltensor is not None:
             # DLTensor: data (8 bytes), device (2 x int32), ndim (int32), dtype (4 bytes), shape.
             ndim = ctypes.c_int32.from_address(self.dltensor + 16).value
             shape_ptr = ctypes.c_void_p.from_address(self.dltensor + 24).value
-            shape = [ctypes.c_int64.from_address(shape_ptr + 8 * i).value for i in range(ndim)]
-        else:
-            shape = self.shape
+            return [ctypes.c_int64.from_address(shape_ptr + 8 * i).value for i in range(ndim)]
+        return self.shape
+
+    def heads_and_len(self):
+        shape = self.full_shape()
         return (shape[0], shape[1]) if len(shape) >= 2 else (0, 0)
 
 
 class Sequence:
     """One sequence of a (ragged) batch: queries [H, W, d] (or attention [H, W, L]), keys and
-    values [Hk, L, d]. L may differ between sequences; H, Hk, W and d may not."""
+    values [Hk, L, d]. L may differ between sequences; H, Hk, W and d may not. In a paged layer
+    (``select(..., paged=...)``) a sequence has queries (or attention) only."""
 
-    def __init__(self, keys, values, queries=None, attention=None):
+    def __init__(self, keys=None, values=None, queries=None, attention=None):
         self.queries, self.attention, self.keys, self.values = queries, attention, keys, values
 
 
@@ -280,18 +299,103 @@ class Selection:
         return "Selection(head_lens=%s)" % (self.head_lens.tolist(),)
 
 
+_LAYOUTS = {"nhd": 0, "hnd": 1, "head": 2}
+
+
+def _int32_array(fn, what, a, ndim):
+    """a as a C-contiguous int32 array of ndim dimensions (a copy only when it is not one)."""
+    try:
+        out = np.ascontiguousarray(a, dtype=np.int32)
+    except (TypeError, ValueError) as e:
+        raise Error(Status.INVALID_ARGUMENT, "%s: %s: %s" % (fn, what, e))
+    if out.ndim != ndim:
+        raise Error(Status.INVALID_ARGUMENT, "%s: %s has %d dimensions, expected %d" % (fn, what, out.ndim, ndim))
+    return out
+
+
+class PagedKV:
+    """A layer's K and V in page pools addressed through block tables (defkv_paged_kv).
+
+    ``PagedKV("nhd", k_pages, v_pages, block_tables, seq_lens, page_size=16)``: layout "nhd"
+    ([num_pages, page_size, Hk, d], vLLM), "hnd" ([num_pages, Hk, page_size, d]) or "head"
+    ([num_pages, page_size, d], one KV head per page; needs ``n_kv_heads``); pools as NumPy
+    arrays or DLPack tensors (the same object for an MLA cache); ``block_tables`` a 2-D int array,
+    one row per sequence (per (sequence, KV head), sequence-major, for "head") listing its page
+    ids in token order; ``seq_lens`` each sequence's length (None for the destination of
+    ``Context.compact_paged``). Pages no row points at and slots past a sequence's end are never
+    read (NaN is fine there). The tables are read at each call, never kept.
+    """
+
+    NHD, HND, HEAD = 0, 1, 2
+
+    def __init__(self, layout, k_pages, v_pages, block_tables, seq_lens=None, *, page_size, n_kv_heads=0):
+        if isinstance(layout, str):
+            if layout.lower() not in _LAYOUTS:
+                raise Error(Status.INVALID_ARGUMENT, "PagedKV: layout %r is not one of %s" % (layout, sorted(_LAYOUTS)))
+            layout = _LAYOUTS[layout.lower()]
+        self.layout, self.page_size, self.n_kv_heads = int(layout), int(page_size), int(n_kv_heads)
+        self.k_pages, self.v_pages, self.block_tables, self.seq_lens = k_pages, v_pages, block_tables, seq_lens
+
+    def _rows_per_seq(self):
+        return max(self.n_kv_heads, 0) if self.layout == PagedKV.HEAD else 1
+
+    def _build(self, fn, what, rows, n_seqs, writable):
+        """The C description (free with _n.defkvb_paged_free) and what keeps its memory alive.
+        rows: block-table rows the call reads; n_seqs: sequences (seq_lens read), or None."""
+        tables = _int32_array(fn, what + ".block_tables", self.block_tables, 2)
+        if tables.shape[0] < rows:
+            raise Error(Status.INVALID_ARGUMENT, "%s: %s.block_tables has %d rows, expected %d"
+                        % (fn, what, tables.shape[0], rows))
+        lens = None
+        if n_seqs is not None:
+            lens = _int32_array(fn, what + ".seq_lens", self.seq_lens if self.seq_lens is not None else [], 1)
+            if lens.shape[0] != n_seqs:
+                raise Error(Status.INVALID_ARGUMENT, "%s: %s.seq_lens has %d entries, expected one per sequence (%d)"
+                            % (fn, what, lens.shape[0], n_seqs))
+        addr = lambda a: a.__array_interface__["data"][0] if a is not None and a.size else 0
+        raw = _n.defkvb_paged_new(self.layout, self.page_size, self.n_kv_heads, addr(tables), tables.shape[1],
+                                  addr(lens))
+        keep = [tables, lens]
+        try:
+            views = []
+            for which, name, t in ((0, "k_pages", self.k_pages), (1, "v_pages", self.v_pages)):
+                v = _View(fn, "%s.%s" % (what, name), t, writable)
+                v.set_pool(fn, "%s.%s" % (what, name), raw, which)
+                views.append(v)
+            keep.append(views)
+        except BaseException:
+            _n.defkvb_paged_free(raw)
+            raise
+        return raw, keep, views[0].full_shape()
+
+    def _kv_heads(self, k_shape):
+        if self.layout == PagedKV.NHD and len(k_shape) == 4:
+            return k_shape[2]
+        if self.layout == PagedKV.HND and len(k_shape) == 4:
+            return k_shape[1]
+        return self.n_kv_heads
+
+
 class _Layer:
     """A C-side layer description over the caller's memory; free() after the call."""
 
-    def __init__(self, fn, seqs, o_proj, writable):
+    def __init__(self, fn, seqs, o_proj, writable, paged=None):
         if not seqs:
             raise Error(Status.INVALID_ARGUMENT, "%s: at least one sequence is needed" % fn)
         self.views = []
         self.raw = _n.defkvb_layer_new(len(seqs))
         self.shape = []
+        self.paged = None
         try:
+            if paged is not None:
+                self.paged, keep, k_shape = paged._build(fn, "paged", len(seqs) * paged._rows_per_seq(), len(seqs),
+                                                         writable)
+                self.views.append(keep)
+                _n.defkvb_layer_set_paged(self.raw, self.paged)
+                hk = paged._kv_heads(k_shape)
+                self.shape = [(hk, int(n)) for n in keep[1]]
             for b, s in enumerate(seqs):
-                if s.keys is None or s.values is None:
+                if paged is None and (s.keys is None or s.values is None):
                     raise Error(Status.INVALID_ARGUMENT, "%s: sequence %d needs keys and values" % (fn, b))
                 for which, name, t in ((0, "queries", s.queries), (1, "attention", s.attention),
                                        (2, "keys", s.keys), (3, "values", s.values)):
@@ -318,6 +422,9 @@ class _Layer:
         if self.raw is not None:
             _n.defkvb_layer_free(self.raw)
             self.raw = None
+        if self.paged is not None:
+            _n.defkvb_paged_free(self.paged)
+            self.paged = None
 
 
 def _seqs(seqs, queries, keys, values, attention):
@@ -370,13 +477,15 @@ class Context:
     def _fail(self, fn, status):
         raise Error(status, _caller_message(fn, _n.defkv_context_last_error(self._ctx)))
 
-    def select(self, params, queries=None, keys=None, values=None, o_proj=None, attention=None, *, seqs=None):
+    def select(self, params, queries=None, keys=None, values=None, o_proj=None, attention=None, *, seqs=None,
+               paged=None):
         """Scores one layer with params.method and returns the Selection of entries to keep.
-        One sequence by keyword (queries or attention, keys, values), or a batch: seqs=[Sequence]."""
+        One sequence by keyword (queries or attention, keys, values), or a batch: seqs=[Sequence].
+        A paged cache: paged=PagedKV(...) in place of keys and values."""
         fn = "Context.select"
         with self._lock:
             self._open(fn)
-            layer = _Layer(fn, _seqs(seqs, queries, keys, values, attention), o_proj, False)
+            layer = _Layer(fn, _seqs(seqs, queries, keys, values, attention), o_proj, False, paged)
             try:
                 n = _n.defkvb_kept_count(self._ctx, params._raw, layer.raw)
                 if n < 0:
@@ -412,6 +521,47 @@ class Context:
                 if st < 0:
                     self._fail(fn, st)
             finally:
+                layer.free()
+
+    def compact_paged(self, selection, paged, dst=None):
+        """Compacts a paged cache after select() and returns the freed page ids (int32 array, row
+        by row in table order) for your page allocator.
+
+        dst None: in place. Each block-table row's kept entries move to the front of the row's
+        own slots and the row's pages past those still in use are freed (per head for "head";
+        "nhd"/"hnd" heads share pages, so a sequence keeps the pages of its longest head).
+        dst a PagedKV("head", ..., n_kv_heads=Hk): rows, one per (sequence, KV head) as in
+        selection.head_lens, holding at least pages_needed() pages each; every head's kept
+        entries are gathered there and every source page is freed."""
+        fn = "Context.compact_paged"
+        if not isinstance(selection, Selection):
+            raise Error(Status.INVALID_ARGUMENT, "%s: selection must be a Selection from select()" % fn)
+        if not isinstance(paged, PagedKV) or (dst is not None and not isinstance(dst, PagedKV)):
+            raise Error(Status.INVALID_ARGUMENT, "%s: paged and dst must be PagedKV descriptions" % fn)
+        n_seqs = len(paged.seq_lens) if paged.seq_lens is not None else 0
+        with self._lock:
+            self._open(fn)
+            # Compaction reads the cache only: sequences without tensors.
+            layer = _Layer(fn, [Sequence() for _ in range(max(n_seqs, 1))], None, dst is None, paged)
+            rdst = None
+            try:
+                if dst is not None:
+                    rdst, keep, _ = dst._build(fn, "dst", len(selection.head_lens), None, True)
+                raw = selection._raw(with_outputs=False)
+                try:
+                    n = _n.defkvb_compact_paged(self._ctx, layer.raw, raw, rdst, 0, 0)  # counts only
+                    if n < 0:
+                        self._fail(fn, n)
+                    freed = np.zeros(n + 1, np.int32)  # never empty: a NULL freed_pages only counts
+                    n = _n.defkvb_compact_paged(self._ctx, layer.raw, raw, rdst, freed.__array_interface__["data"][0], n)
+                finally:
+                    _n.defkvb_selection_free(raw)
+                if n < 0:
+                    self._fail(fn, n)
+                return freed[:n]
+            finally:
+                if rdst is not None:
+                    _n.defkvb_paged_free(rdst)
                 layer.free()
 
     def select_global(self, params, layers):
@@ -456,3 +606,38 @@ class Context:
                 return out
             finally:
                 _n.defkv_global_destroy(g)
+
+
+def _global_fail(fn, status):
+    raise Error(status, _caller_message(fn, _n.defkv_last_error_global()))
+
+
+def pages_needed(head_lens, page_size):
+    """Pages each (sequence, KV head) needs for its kept entries, ceil(head_lens[i] / page_size),
+    and their total: ``(pages, total)``, what to allocate before ``compact_paged`` into new pages."""
+    fn = "pages_needed"
+    lens = _int32_array(fn, "head_lens", head_lens, 1)
+    pages = np.zeros(lens.size + 1, np.int32)
+    a = lambda x: x.__array_interface__["data"][0] if x.size else 0
+    total = _n.defkvb_paged_pages_needed(a(lens), lens.size, int(page_size), a(pages))
+    if total < 0:
+        _global_fail(fn, total)
+    return pages[:lens.size], total
+
+
+def next_slots(lens, block_tables, page_size):
+    """Where each block-table row's next token goes when decoding after compaction:
+    ``(slot_page, slot_offset)``; row i (length lens[i], block_tables a 2-D int array) appends at
+    slot slot_offset[i] of page slot_page[i], or, where slot_page[i] is -1, the row is full:
+    allocate a page, append its id to the row and write at slot 0."""
+    fn = "next_slots"
+    lens = _int32_array(fn, "lens", lens, 1)
+    tables = _int32_array(fn, "block_tables", block_tables, 2)
+    if tables.shape[0] < lens.size:
+        raise Error(Status.INVALID_ARGUMENT, "%s: block_tables has %d rows, expected %d" % (fn, tables.shape[0], lens.size))
+    page, offset = np.zeros(lens.size + 1, np.int32), np.zeros(lens.size + 1, np.int32)
+    a = lambda x: x.__array_interface__["data"][0] if x.size else 0
+    st = _n.defkvb_paged_next_slots(a(lens), lens.size, a(tables), tables.shape[1], int(page_size), a(page), a(offset))
+    if st < 0:
+        _global_fail(fn, st)
+    return page[:lens.size], offset[:lens.size]

@@ -11,7 +11,7 @@ fn main() {
             println!("cargo:rustc-link-lib=dylib=defkv");
             Some(dir)
         }
-        _ => match pkg_config::Config::new().atleast_version("0.1").probe("defkv") {
+        _ => match pkg_config::Config::new().atleast_version("0.2").probe("defkv") {
             // pkg-config prints the link flags; it leaves out -L for system directories, which
             // need no run path.
             // (A relocatable defkv.pc gives <prefix>/lib/pkgconfig/../../lib: canonicalized.)

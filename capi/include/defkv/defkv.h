@@ -487,6 +487,216 @@ DEFKV_API defkv_status defkv_global_layer_selection(defkv_global *global, int32_
 DEFKV_API defkv_status defkv_global_layer_kept_count(defkv_global *global, int32_t layer_index,
                                                      int64_t *count);
 
+/* ------------------------------------------------------------------------------------------ */
+/* Decode-time eviction: streams                                                             */
+/* ------------------------------------------------------------------------------------------ */
+
+/* How a stream combines an entry's scores across rounds. */
+typedef enum defkv_stream_aggregation {
+    DEFKV_STREAM_LATEST = 0,    /* the current round's score only (kvpress DecodingPress) */
+    DEFKV_STREAM_MAX = 1,       /* the running maximum over every round that scored the entry */
+    DEFKV_STREAM_MAX_DECAY = 2, /* r = max(decay * r, s): a maximum that fades */
+    DEFKV_STREAM_AGGREGATION_MAX_ENUM = 0x7FFFFFFF
+} defkv_stream_aggregation;
+
+/* A stream follows the caches of n_layers layers while a model generates and evicts entries in
+ * rounds. The engine writes every new token's keys and values into its caches, registers them
+ * (defkv_stream_append) and pushes the token's post-rotary queries; the stream keeps the last
+ * `window` queries of each layer. A round scores each head's live entries with those queries
+ * (the method's own aggregation within the round: the pooled mean for snapkv and ada-snapkv,
+ * the defensive maximum with the adaptive prior, weighted by the entry's value norm through
+ * o_proj, for defensivekv and layer-defensivekv), combines the scores with earlier rounds'
+ * (aggregation), keeps the budget (per head for snapkv, per layer for ada-snapkv and
+ * defensivekv, per model for layer-defensivekv; the `window` most recent entries and the first
+ * params->n_sink positions are always kept; a streamingllm stream keeps the sinks and the most
+ * recent entries), compacts the caches the engine passes in place and reports each layer's
+ * selection. An entry's value-norm weight (pn / sum over the token's KV heads, as prefill's
+ * defensivekv) is computed once, by the first round after its append, in one batch for the
+ * entries appended since the previous round.
+ * Live entries of head k of a layer are, in order, rows [0, head_len[k]) of that head in the
+ * engine's cache: contiguous [Hk, capacity, d], or pages (defkv_paged_kv rows: one per head for
+ * DEFKV_PAGE_HEAD, whose row r holds ceil(head_len[r] / page_size) pages; shared rows for NHD and
+ * HND, holding the longest head). Appended entries go after the last live row of every head. */
+typedef struct defkv_stream_params {
+    uint32_t struct_size; /* sizeof(defkv_stream_params) */
+    int32_t n_layers;     /* >= 1 */
+    int32_t n_heads;      /* H */
+    int32_t n_kv_heads;   /* Hk, dividing H */
+    int32_t head_dim;     /* d */
+    int32_t capacity;     /* entries a head's cache can hold; appending past it is an error */
+    int32_t interval;     /* steps between rounds (defkv_stream_due); default 128; >= window */
+    int32_t aggregation;  /* defkv_stream_aggregation; default DEFKV_STREAM_MAX */
+    int64_t budget;       /* entries kept per head after a round (the mode's total is budget *
+                             Hk per layer, or * n_layers per model); >= window + n_sink */
+    int64_t slack;        /* a head holding more than budget + slack makes a round due;
+                             default 0 = interval */
+    float decay;          /* DEFKV_STREAM_MAX_DECAY factor in (0, 1]; default 0.9 */
+    int32_t reserved0;    /* must be 0 */
+} defkv_stream_params;
+
+typedef struct defkv_stream defkv_stream;
+
+/* Fills *sp with the defaults (n_layers 1, interval 128, aggregation MAX, decay 0.9; the shape
+ * fields, capacity and budget are 0 and must be set). since 0.2 */
+DEFKV_API void defkv_stream_params_default(defkv_stream_params *sp);
+
+/* params: method (snapkv, ada-snapkv, defensivekv, layer-defensivekv or streamingllm), window,
+ * kernel, scale and n_sink (the sinks every round keeps); the ratio and budget fields are not
+ * used (sp->budget is). ctx must outlive the stream; the stream's calls enter ctx (in-use
+ * guard). On error *stream is unchanged. since 0.2 */
+DEFKV_API defkv_status defkv_stream_create(defkv_context *ctx, const defkv_params *params,
+                                           const defkv_stream_params *sp, defkv_stream **stream);
+DEFKV_API void defkv_stream_destroy(defkv_stream *stream); /* NULL ok; since 0.2 */
+
+/* Registers n new entries the engine wrote after the last live row of every head of `layer`
+ * (the cache passed to the next round holds them). Appending past capacity is
+ * DEFKV_ERROR_INVALID_STATE with nothing changed. since 0.2 */
+DEFKV_API defkv_status defkv_stream_append(defkv_stream *stream, int32_t layer, int32_t n);
+
+/* Pushes the post-rotary queries [H, n, d] of the newest n steps of `layer` (host memory, or
+ * the context's device memory); the stream keeps the last `window` of them. Each call is n
+ * steps for defkv_stream_due. since 0.2 */
+DEFKV_API defkv_status defkv_stream_push_queries(defkv_stream *stream, int32_t layer,
+                                                 const defkv_tensor *queries);
+
+/* *due = 1 when a round is due: `interval` steps pushed to some layer since the last round,
+ * or a head holds more than budget + slack entries. since 0.2 */
+DEFKV_API defkv_status defkv_stream_due(defkv_stream *stream, int32_t *due);
+
+/* The live entries of `layer` per head (head_lens [Hk]). since 0.2 */
+DEFKV_API defkv_status defkv_stream_head_lens(defkv_stream *stream, int32_t layer, int32_t *head_lens);
+
+/* One cache of a stream round: keys and values [Hk, C, d] with C >= every head's length, or
+ * paged (keys and values absent). */
+typedef struct defkv_stream_cache {
+    defkv_tensor keys;
+    defkv_tensor values;
+    const defkv_paged_kv *paged; /* seq_lens unused (the stream knows each head's length) */
+    defkv_tensor o_proj;         /* [D, H*d]: defensivekv and layer-defensivekv; else absent */
+} defkv_stream_cache;
+
+/* Runs a round over every layer (caches: n_layers entries): scores, selects, compacts the
+ * caches in place and, when sels is not NULL, writes layer l's selection into sels[l] (host
+ * memory; per-entry arrays are [Hk, capacity]; indices are rows of the live entries before the
+ * round). Every layer needs `window` pushed queries and more than `window` entries in some head
+ * to evict anything; a head within its budget loses nothing. Errors leave the stream and the
+ * caches unchanged. since 0.2 */
+DEFKV_API defkv_status defkv_stream_round(defkv_stream *stream, const defkv_stream_cache *caches,
+                                          defkv_selection *sels);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Sharded selection: tensor- and pipeline-parallel engines                                  */
+/* ------------------------------------------------------------------------------------------ */
+
+/* A rank of a tensor-parallel (TP) engine holds a contiguous block of a layer's KV heads (and
+ * their G query heads and o_proj columns); a pipeline-parallel (PP) stage holds a contiguous
+ * block of layers. The sharded entry points give every rank its part of the single-process
+ * selection, bit for bit: the union over ranks of keep masks, scores, head_lens and indices
+ * equals what defkv_select / defkv_global_* return on the whole model in one process.
+ * Communication goes through the engine's own collectives (MPI, NCCL, gloo, ...), given as
+ * the function pointers below. What each method sends, per layer selection of one sequence
+ * (B sequences of a batch: the top-k rounds are batched, the other reductions are per sequence):
+ *   streamingllm, knorm, tova without TP, random, and every method with one TP rank: nothing.
+ *   snapkv, criticalkv: 1 all-reduce (f32 max, 2 values): the layer maximum (window sentinel).
+ *   ada-snapkv: that, then the head-adaptive top-k: 4 radix rounds (i64 sum of 512-bin
+ *     histograms of the 36-bit rank keys) + 1 tie round (i64 sum of the number of entries
+ *     equal to the threshold key per KV head): 6 calls, about 16.4 KiB, independent of L.
+ *   ada-criticalkv: the same 6 calls (the top-k is its budget allocation).
+ *   defensivekv: 1 exact gather (i64 sum all-reduce of disjoint slots: every head's projected
+ *     value norms, 4*Hk*(L-W) bytes, and every query head's window-bias terms, 16*H*W bytes),
+ *     1 f32 max, then the 5 top-k calls: 7 calls. The gather grows with L: the norm weight
+ *     pn / sum over ALL KV heads of a token is a sequential float32 sum in head order in the
+ *     single-process reference, which no reduction of partial sums reproduces bit for bit.
+ *   tova under TP: 1 exact gather of every query head's last attention row (4*H*(L-1) bytes),
+ *     for the same reason (a float64 sum over heads in head order).
+ *   layer-defensivekv (defkv_global, sharded): per layer as defensivekv without its top-k, in
+ *     the heads group; defkv_global_select: 5 calls in the model group for all layers together.
+ * Every call carries one extra element, a status word, so that an error on one rank (a
+ * collective that returned non-zero, a failed op, out of memory) reaches every other rank at
+ * its next call. A rank that fails keeps issuing the remaining calls of the selection (same
+ * sizes, fixed in advance), so no rank is left waiting, and every rank then returns
+ * DEFKV_ERROR_BACKEND_FAILURE with nothing written. The exception is a failure in the LAST
+ * call of a selection: only the rank where it fails knows, and only it returns the error
+ * (no protocol can tell the others without a further message).
+ * Argument errors (bad structs, shapes, capacities) are returned before the first call: pass
+ * the same params and the same global shapes (n_seqs, every L, H, Hk, W, d) on every rank,
+ * as an MPI collective requires the same counts. */
+
+typedef enum defkv_reduce_op {
+    DEFKV_REDUCE_SUM = 0,
+    DEFKV_REDUCE_MAX = 1,
+    DEFKV_REDUCE_OP_MAX_ENUM = 0x7FFFFFFF
+} defkv_reduce_op;
+
+/* The engine's collectives over one group of ranks. Every function is called by every rank of
+ * the group in the same order with the same count (a blocking collective, e.g. MPI_Allreduce
+ * with MPI_IN_PLACE); it returns 0 on success, anything else on failure. Buffers are host
+ * memory (GPU backends download the few reduced values; see below). user is passed through.
+ * A NULL function is never needed by this version except the two it calls:
+ * allreduce_i64 (sum and max) and allreduce_f32 (max); allreduce_f64 and allgather are used
+ * by defkv_global_create_sharded only when present (a check that the shards tile the model). */
+typedef struct defkv_collectives {
+    uint32_t struct_size; /* sizeof(defkv_collectives) */
+    int32_t n_ranks;      /* ranks in the group, >= 1 */
+    int32_t rank;         /* this rank, in [0, n_ranks) */
+    int32_t reserved0;    /* must be 0 */
+    void *user;
+    /* data[0..count) := the element-wise op (defkv_reduce_op) over the group, in place. */
+    int32_t (*allreduce_i64)(void *user, int64_t *data, int64_t count, int32_t op);
+    int32_t (*allreduce_f64)(void *user, double *data, int64_t count, int32_t op);
+    int32_t (*allreduce_f32)(void *user, float *data, int64_t count, int32_t op);
+    /* recv[r*bytes .. (r+1)*bytes) := rank r's send (every rank sends `bytes` bytes). */
+    int32_t (*allgather)(void *user, const void *send, int64_t bytes, void *recv);
+} defkv_collectives;
+
+/* What one rank holds. Its layer tensors (defkv_layer) hold only its KV heads
+ * [kv_head_begin, kv_head_end) as [Hk_local, L, d], their query heads [begin*G, end*G) as
+ * [H_local, W, d] (or attention [H_local, W, L]) and o_proj's matching columns [D, H_local*d]
+ * (a row-parallel o_proj shard); G = H_local / Hk_local is the model's group size. */
+typedef struct defkv_shard {
+    uint32_t struct_size;  /* sizeof(defkv_shard) */
+    int32_t n_kv_heads;    /* Hk of the whole model */
+    int32_t kv_head_begin; /* this rank's KV heads: [begin, end), at least one */
+    int32_t kv_head_end;
+    int32_t n_layers;      /* layers of the whole model (defkv_global_create_sharded); 1 otherwise */
+    int32_t layer_begin;   /* this rank's layers [begin, end) (PP stage), at least one */
+    int32_t layer_end;
+    int32_t reserved0;     /* must be 0 */
+    /* The ranks holding the other KV heads of the same layers (the TP group), in head order is
+     * not required. NULL when this rank holds every KV head (no TP). */
+    const defkv_collectives *heads;
+    /* Every rank holding a part of the model (TP x PP), for defkv_global_select; NULL when this
+     * rank holds the whole model. Not used by defkv_select_sharded. */
+    const defkv_collectives *model;
+} defkv_shard;
+
+/* Zeros, struct_size, n_layers = 1 and layer_end = 1. since 0.2 */
+DEFKV_API void defkv_shard_default(defkv_shard *shard);
+
+/* defkv_select for one layer split by KV heads (TP): every rank of shard->heads calls it with
+ * its own heads and receives their part of the layer's selection: per-head arrays have
+ * n_seqs * Hk_local entries, per-entry arrays [Hk_local, L] blocks, as defkv_select writes them
+ * for a layer of Hk_local heads. Host selection outputs only (out->memory HOST); the caches
+ * may be in the context's device memory (the reduced values are downloaded and uploaded:
+ * a few floats, plus the gathers listed above). out->indices_capacity, when indices is given,
+ * must be at least Hk_local * sum(L) (the exact count is known only after the collectives).
+ * With every head local (heads NULL) this is defkv_select. since 0.2 */
+DEFKV_API defkv_status defkv_select_sharded(defkv_context *ctx, const defkv_params *params,
+                                            const defkv_layer *layer, const defkv_shard *shard,
+                                            defkv_selection *out);
+
+/* defkv_global_create for a rank holding layers [layer_begin, layer_end) and KV heads
+ * [kv_head_begin, kv_head_end) of every one of them. The handle works with the usual
+ * defkv_global_* functions, with GLOBAL layer indices in [layer_begin, layer_end);
+ * defkv_global_add_layer calls the heads group (the layer's ranks), defkv_global_select the
+ * model group (every rank, once, after its own layers were added), and the layer selections
+ * hold the rank's heads. The shard (and the collectives it points to) must outlive the
+ * handle. Collective: when model->allgather is present, the ranks check that their shards
+ * tile heads x layers exactly once (DEFKV_ERROR_INVALID_ARGUMENT on every rank otherwise).
+ * since 0.2 */
+DEFKV_API defkv_status defkv_global_create_sharded(defkv_context *ctx, const defkv_params *params,
+                                                   const defkv_shard *shard, defkv_global **global);
+
 #ifdef __cplusplus
 }
 #endif

@@ -328,3 +328,158 @@ extern "C" {
         count: *mut i64,
     ) -> defkv_status;
 }
+pub const defkv_stream_aggregation_DEFKV_STREAM_LATEST: defkv_stream_aggregation = 0;
+pub const defkv_stream_aggregation_DEFKV_STREAM_MAX: defkv_stream_aggregation = 1;
+pub const defkv_stream_aggregation_DEFKV_STREAM_MAX_DECAY: defkv_stream_aggregation = 2;
+pub const defkv_stream_aggregation_DEFKV_STREAM_AGGREGATION_MAX_ENUM: defkv_stream_aggregation =
+    2147483647;
+pub type defkv_stream_aggregation = ::std::os::raw::c_uint;
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct defkv_stream_params {
+    pub struct_size: u32,
+    pub n_layers: i32,
+    pub n_heads: i32,
+    pub n_kv_heads: i32,
+    pub head_dim: i32,
+    pub capacity: i32,
+    pub interval: i32,
+    pub aggregation: i32,
+    pub budget: i64,
+    pub slack: i64,
+    pub decay: f32,
+    pub reserved0: i32,
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct defkv_stream {
+    _unused: [u8; 0],
+}
+extern "C" {
+    pub fn defkv_stream_params_default(sp: *mut defkv_stream_params);
+}
+extern "C" {
+    pub fn defkv_stream_create(
+        ctx: *mut defkv_context,
+        params: *const defkv_params,
+        sp: *const defkv_stream_params,
+        stream: *mut *mut defkv_stream,
+    ) -> defkv_status;
+}
+extern "C" {
+    pub fn defkv_stream_destroy(stream: *mut defkv_stream);
+}
+extern "C" {
+    pub fn defkv_stream_append(stream: *mut defkv_stream, layer: i32, n: i32) -> defkv_status;
+}
+extern "C" {
+    pub fn defkv_stream_push_queries(
+        stream: *mut defkv_stream,
+        layer: i32,
+        queries: *const defkv_tensor,
+    ) -> defkv_status;
+}
+extern "C" {
+    pub fn defkv_stream_due(stream: *mut defkv_stream, due: *mut i32) -> defkv_status;
+}
+extern "C" {
+    pub fn defkv_stream_head_lens(
+        stream: *mut defkv_stream,
+        layer: i32,
+        head_lens: *mut i32,
+    ) -> defkv_status;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct defkv_stream_cache {
+    pub keys: defkv_tensor,
+    pub values: defkv_tensor,
+    pub paged: *const defkv_paged_kv,
+    pub o_proj: defkv_tensor,
+}
+extern "C" {
+    pub fn defkv_stream_round(
+        stream: *mut defkv_stream,
+        caches: *const defkv_stream_cache,
+        sels: *mut defkv_selection,
+    ) -> defkv_status;
+}
+pub const defkv_reduce_op_DEFKV_REDUCE_SUM: defkv_reduce_op = 0;
+pub const defkv_reduce_op_DEFKV_REDUCE_MAX: defkv_reduce_op = 1;
+pub const defkv_reduce_op_DEFKV_REDUCE_OP_MAX_ENUM: defkv_reduce_op = 2147483647;
+pub type defkv_reduce_op = ::std::os::raw::c_uint;
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct defkv_collectives {
+    pub struct_size: u32,
+    pub n_ranks: i32,
+    pub rank: i32,
+    pub reserved0: i32,
+    pub user: *mut ::std::os::raw::c_void,
+    pub allreduce_i64: ::std::option::Option<
+        unsafe extern "C" fn(
+            user: *mut ::std::os::raw::c_void,
+            data: *mut i64,
+            count: i64,
+            op: i32,
+        ) -> i32,
+    >,
+    pub allreduce_f64: ::std::option::Option<
+        unsafe extern "C" fn(
+            user: *mut ::std::os::raw::c_void,
+            data: *mut f64,
+            count: i64,
+            op: i32,
+        ) -> i32,
+    >,
+    pub allreduce_f32: ::std::option::Option<
+        unsafe extern "C" fn(
+            user: *mut ::std::os::raw::c_void,
+            data: *mut f32,
+            count: i64,
+            op: i32,
+        ) -> i32,
+    >,
+    pub allgather: ::std::option::Option<
+        unsafe extern "C" fn(
+            user: *mut ::std::os::raw::c_void,
+            send: *const ::std::os::raw::c_void,
+            bytes: i64,
+            recv: *mut ::std::os::raw::c_void,
+        ) -> i32,
+    >,
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct defkv_shard {
+    pub struct_size: u32,
+    pub n_kv_heads: i32,
+    pub kv_head_begin: i32,
+    pub kv_head_end: i32,
+    pub n_layers: i32,
+    pub layer_begin: i32,
+    pub layer_end: i32,
+    pub reserved0: i32,
+    pub heads: *const defkv_collectives,
+    pub model: *const defkv_collectives,
+}
+extern "C" {
+    pub fn defkv_shard_default(shard: *mut defkv_shard);
+}
+extern "C" {
+    pub fn defkv_select_sharded(
+        ctx: *mut defkv_context,
+        params: *const defkv_params,
+        layer: *const defkv_layer,
+        shard: *const defkv_shard,
+        out: *mut defkv_selection,
+    ) -> defkv_status;
+}
+extern "C" {
+    pub fn defkv_global_create_sharded(
+        ctx: *mut defkv_context,
+        params: *const defkv_params,
+        shard: *const defkv_shard,
+        global: *mut *mut defkv_global,
+    ) -> defkv_status;
+}

@@ -23,6 +23,10 @@
 //! ctx.compact_inplace(&mut layer, &sel)?;
 //! # Ok(()) }
 //! ```
+//!
+//! Paged caches (vLLM / FlashInfer page pools with block tables) are described by a
+//! [`PagedKv`] given to [`Layer::with_paged`]; [`Context::compact_paged_inplace`] and
+//! [`Context::compact_paged_into`] compact them and return the page ids they free.
 #![deny(missing_docs)]
 
 use defkv_sys as sys;
@@ -262,7 +266,7 @@ fn caller_message(caller: &str, msg: &str) -> String {
     format!("{caller}: {rest}")
 }
 
-/// The library version ("0.1.0").
+/// The library version ("0.2.0").
 pub fn version() -> &'static str {
     // SAFETY: static string.
     unsafe { static_str(sys::defkv_version_string()).unwrap_or("") }
@@ -272,6 +276,53 @@ pub fn version() -> &'static str {
 pub fn version_number() -> u32 {
     // SAFETY: plain call.
     unsafe { sys::defkv_version_number() }
+}
+
+/// The error of the last failed context-free call on this thread, naming `caller`.
+fn global_error(caller: &str, st: i32) -> Error {
+    // SAFETY: the thread-local message of the failed call.
+    let msg = unsafe { owned_str(sys::defkv_last_error_global()) };
+    Error::new(Status(st), caller_message(caller, &msg))
+}
+
+/// Pages each (sequence, KV head) needs for its kept entries, `ceil(head_lens[i] /
+/// page_size)`, and their total: what to allocate before [`Context::compact_paged_into`].
+pub fn pages_needed(head_lens: &[i32], page_size: i32) -> Result<(Vec<i32>, i64)> {
+    let mut pages = vec![0i32; head_lens.len()];
+    let mut total = 0i64;
+    // SAFETY: both arrays hold head_lens.len() entries.
+    let st = unsafe {
+        sys::defkv_paged_pages_needed(head_lens.as_ptr(), head_lens.len() as i64, page_size, pages.as_mut_ptr(), &mut total)
+    };
+    if st != 0 {
+        return Err(global_error("pages_needed", st));
+    }
+    Ok((pages, total))
+}
+
+/// Where each block-table row's next token goes when decoding after compaction: row `i`
+/// (length `lens[i]`) appends at slot `offsets[i]` of page `pages[i]`, or, where `pages[i]` is
+/// -1, the row is full: allocate a page, append its id to the row and write at slot 0.
+/// Returns `(pages, offsets)`.
+pub fn next_slots(lens: &[i32], block_tables: &[i32], block_table_stride: i64, page_size: i32)
+                  -> Result<(Vec<i32>, Vec<i32>)> {
+    if block_table_stride >= 1
+        && (block_tables.len() as u64) < (lens.len() as u64).saturating_mul(block_table_stride as u64)
+    {
+        return Err(Error::new(Status::INVALID_ARGUMENT, format!(
+            "next_slots: block_tables has {} entries, expected {} rows of {block_table_stride}",
+            block_tables.len(), lens.len())));
+    }
+    let (mut pages, mut offsets) = (vec![0i32; lens.len()], vec![0i32; lens.len()]);
+    // SAFETY: the tables hold every row read (checked above); outputs hold lens.len() entries.
+    let st = unsafe {
+        sys::defkv_paged_next_slots(lens.as_ptr(), lens.len() as i64, block_tables.as_ptr(), block_table_stride,
+                                    page_size, pages.as_mut_ptr(), offsets.as_mut_ptr())
+    };
+    if st != 0 {
+        return Err(global_error("next_slots", st));
+    }
+    Ok((pages, offsets))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -486,37 +537,152 @@ const ABSENT: sys::defkv_tensor = sys::defkv_tensor {
     byte_offset: 0,
 };
 
-/// One sequence of a batch: queries (or attention), keys and values of one layer.
+/// One sequence of a batch: queries (or attention), keys and values of one layer (keys and
+/// values absent when the layer's cache is paged).
 #[derive(Clone, Copy)]
 pub struct Sequence<'a> {
     queries: Option<Tensor<'a>>,
     attention: Option<Tensor<'a>>,
-    keys: Tensor<'a>,
-    values: Tensor<'a>,
+    keys: Option<Tensor<'a>>,
+    values: Option<Tensor<'a>>,
 }
 
 impl<'a> Sequence<'a> {
     /// Queries [H, W, d], keys [Hk, L, d], values [Hk, L, d].
     pub fn with_queries(queries: Tensor<'a>, keys: Tensor<'a>, values: Tensor<'a>) -> Sequence<'a> {
-        Sequence { queries: Some(queries), attention: None, keys, values }
+        Sequence { queries: Some(queries), attention: None, keys: Some(keys), values: Some(values) }
     }
     /// Precomputed window attention [H, W, L], keys and values [Hk, L, d].
     pub fn with_attention(attention: Tensor<'a>, keys: Tensor<'a>, values: Tensor<'a>) -> Sequence<'a> {
-        Sequence { queries: None, attention: Some(attention), keys, values }
+        Sequence { queries: None, attention: Some(attention), keys: Some(keys), values: Some(values) }
+    }
+    /// Queries [H, W, d] of a sequence whose cache is in the layer's [`PagedKv`].
+    pub fn paged_queries(queries: Tensor<'a>) -> Sequence<'a> {
+        Sequence { queries: Some(queries), attention: None, keys: None, values: None }
+    }
+    /// Window attention [H, W, L] of a sequence whose cache is in the layer's [`PagedKv`].
+    pub fn paged_attention(attention: Tensor<'a>) -> Sequence<'a> {
+        Sequence { queries: None, attention: Some(attention), keys: None, values: None }
     }
     fn raw(&self) -> sys::defkv_sequence {
         sys::defkv_sequence {
             queries: self.queries.map_or(ABSENT, |t| t.raw),
             attention: self.attention.map_or(ABSENT, |t| t.raw),
-            keys: self.keys.raw,
-            values: self.values.raw,
+            keys: self.keys.map_or(ABSENT, |t| t.raw),
+            values: self.values.map_or(ABSENT, |t| t.raw),
         }
     }
     fn kv_heads(&self) -> i64 {
-        self.keys.raw.shape[0]
+        self.keys.map_or(0, |t| t.raw.shape[0])
     }
     fn len(&self) -> i64 {
-        self.keys.raw.shape[1]
+        self.keys.map_or(0, |t| t.raw.shape[1])
+    }
+}
+
+/// `defkv_page_layout` as an integer newtype: how a page pool stores K or V.
+#[derive(Copy, Clone, PartialEq, Eq, Hash, Debug)]
+#[repr(transparent)]
+pub struct PageLayout(pub i32);
+impl PageLayout {
+    /// `[num_pages, page_size, Hk, d]` (vLLM, FlashInfer "NHD"); one block-table row per sequence.
+    pub const NHD: PageLayout = PageLayout(0);
+    /// `[num_pages, Hk, page_size, d]` (FlashInfer "HND"); one row per sequence.
+    pub const HND: PageLayout = PageLayout(1);
+    /// `[num_pages, page_size, d]`, one KV head per page; one row per (sequence, KV head),
+    /// sequence-major. What [`Context::compact_paged_into`] writes.
+    pub const HEAD: PageLayout = PageLayout(2);
+}
+
+/// A layer's K and V held in page pools and addressed through block tables
+/// (`defkv_paged_kv`), borrowing the pools and tables for `'a`.
+///
+/// Row `r` of `block_tables` holds its page ids in token order at
+/// `block_tables[r * block_table_stride..]`; token `t` of a row sits in page
+/// `row[t / page_size]` at slot `t % page_size`. Rows: one per sequence (NHD, HND) or one per
+/// (sequence, KV head) (HEAD). Pages no row points at, and slots past a sequence's end, are
+/// never read (they may hold anything, NaN included). The tables are read during each call only.
+#[derive(Clone, Copy)]
+pub struct PagedKv<'a> {
+    raw: sys::defkv_paged_kv,
+    k_pages: Tensor<'a>,
+    v_pages: Tensor<'a>,
+    block_tables: &'a [i32],
+    seq_lens: &'a [i32],
+}
+
+impl<'a> PagedKv<'a> {
+    /// Pools `k_pages` and `v_pages` of the layout's shape (the same tensor for an MLA
+    /// cache; writable ones for in-place compaction or as a destination), `block_tables` as
+    /// rows of `block_table_stride` entries, and `seq_lens` (L of each sequence; empty for a
+    /// destination of [`Context::compact_paged_into`]). For [`PageLayout::HEAD`] set
+    /// [`PagedKv::n_kv_heads`].
+    pub fn new(layout: PageLayout, page_size: i32, k_pages: Tensor<'a>, v_pages: Tensor<'a>, block_tables: &'a [i32],
+               block_table_stride: i64, seq_lens: &'a [i32]) -> PagedKv<'a> {
+        // SAFETY: plain data filled by the default function.
+        let mut raw: sys::defkv_paged_kv = unsafe { std::mem::zeroed() };
+        unsafe { sys::defkv_paged_kv_default(&mut raw) };
+        raw.layout = layout.0;
+        raw.page_size = page_size;
+        raw.k_pages = k_pages.raw;
+        raw.v_pages = v_pages.raw;
+        raw.block_tables = block_tables.as_ptr();
+        raw.block_table_stride = block_table_stride;
+        raw.seq_lens = if seq_lens.is_empty() { std::ptr::null() } else { seq_lens.as_ptr() };
+        PagedKv { raw, k_pages, v_pages, block_tables, seq_lens }
+    }
+    /// Hk: required for [`PageLayout::HEAD`]; 0 (the default) or the pools' Hk otherwise.
+    pub fn n_kv_heads(mut self, hk: i32) -> PagedKv<'a> {
+        self.raw.n_kv_heads = hk;
+        self
+    }
+    /// The layout.
+    pub fn layout(&self) -> PageLayout {
+        PageLayout(self.raw.layout)
+    }
+    fn kv_heads(&self) -> i64 {
+        let shape = self.k_pages.shape();
+        match (self.layout(), shape.len()) {
+            (PageLayout::NHD, 4) => shape[2],
+            (PageLayout::HND, 4) => shape[1],
+            _ => self.raw.n_kv_heads as i64,
+        }
+    }
+    fn rows_per_seq(&self) -> i64 {
+        if self.layout() == PageLayout::HEAD {
+            self.raw.n_kv_heads.max(0) as i64
+        } else {
+            1
+        }
+    }
+    /// Makes sure the library reads only inside the borrowed tables: `rows` rows of
+    /// block_table_stride entries and (when `seqs` is Some) one length per sequence.
+    fn check_tables(&self, caller: &str, what: &str, rows: i64, seqs: Option<usize>) -> Result<()> {
+        let stride = self.raw.block_table_stride;
+        if stride >= 1 && rows > 0 {
+            let need = rows.checked_mul(stride).ok_or_else(|| Error::new(Status::SIZE_OVERFLOW, format!(
+                "{caller}: {what}: {rows} rows of {stride} entries overflow")))?;
+            if (self.block_tables.len() as u64) < need as u64 {
+                return Err(Error::new(Status::INVALID_ARGUMENT, format!(
+                    "{caller}: {what}: block_tables has {} entries, expected {rows} rows of {stride}",
+                    self.block_tables.len())));
+            }
+        }
+        if let Some(n) = seqs {
+            if self.seq_lens.len() != n {
+                return Err(Error::new(Status::INVALID_ARGUMENT, format!(
+                    "{caller}: {what}: seq_lens has {} entries, expected one per sequence ({n})", self.seq_lens.len())));
+            }
+        }
+        Ok(())
+    }
+    fn require_writable(&self, caller: &str, what: &str) -> Result<()> {
+        if self.k_pages.writable && self.v_pages.writable {
+            Ok(())
+        } else {
+            Err(Error::new(Status::INVALID_ARGUMENT, format!(
+                "{caller}: {what}: k_pages and v_pages must be writable tensors (Tensor::*_mut) for compaction")))
+        }
     }
 }
 
@@ -525,13 +691,23 @@ pub struct Layer<'a> {
     seqs: Vec<Sequence<'a>>,
     raw_seqs: Vec<sys::defkv_sequence>,
     o_proj: Option<Tensor<'a>>,
+    paged: Option<PagedKv<'a>>,
 }
 
 impl<'a> Layer<'a> {
     /// A layer of the given sequences (one per batch element).
     pub fn new(seqs: Vec<Sequence<'a>>) -> Layer<'a> {
         let raw_seqs = seqs.iter().map(|s| s.raw()).collect();
-        Layer { seqs, raw_seqs, o_proj: None }
+        Layer { seqs, raw_seqs, o_proj: None, paged: None }
+    }
+    /// Reads the cache from page pools: the sequences then give only queries (or attention),
+    /// [`Sequence::paged_queries`]. Errors when the block tables are shorter than the layer's
+    /// rows or `seq_lens` does not have one entry per sequence.
+    pub fn with_paged(mut self, paged: PagedKv<'a>) -> Result<Layer<'a>> {
+        let n = self.seqs.len();
+        paged.check_tables("Layer::with_paged", "paged", n as i64 * paged.rows_per_seq(), Some(n))?;
+        self.paged = Some(paged);
+        Ok(self)
     }
     /// Adds the output projection [D, H*d] (needed by the CriticalKV and DefensiveKV family).
     pub fn with_o_proj(mut self, o_proj: Tensor<'a>) -> Layer<'a> {
@@ -548,9 +724,13 @@ impl<'a> Layer<'a> {
             n_seqs: self.raw_seqs.len() as i32,
             seqs: self.raw_seqs.as_ptr(),
             o_proj: self.o_proj.map_or(ABSENT, |t| t.raw),
+            paged: self.paged.as_ref().map_or(std::ptr::null(), |p| &p.raw),
         }
     }
     fn shape(&self) -> LayerShape {
+        if let Some(p) = &self.paged {
+            return LayerShape { heads: p.seq_lens.iter().map(|&l| (p.kv_heads().max(0), (l as i64).max(0))).collect() };
+        }
         LayerShape { heads: self.seqs.iter().map(|s| (s.kv_heads().max(0), s.len().max(0))).collect() }
     }
 }
@@ -837,8 +1017,11 @@ impl Context {
         Ok(sel)
     }
     fn require_writable(layer: &Layer<'_>) -> Result<()> {
+        if layer.paged.is_some() {
+            return Ok(()); // the library names the paged compaction to use
+        }
         for (b, s) in layer.seqs.iter().enumerate() {
-            if !s.keys.writable || !s.values.writable {
+            if !s.keys.map_or(false, |t| t.writable) || !s.values.map_or(false, |t| t.writable) {
                 return Err(Error::new(
                     Status::INVALID_ARGUMENT,
                     format!("sequence {b}: keys and values must be writable tensors (Tensor::*_mut) for compaction"),
@@ -868,6 +1051,52 @@ impl Context {
         self.check("Context::compact_varlen", unsafe {
             sys::defkv_compact_varlen(self.raw.as_ptr(), &raw, &s, &mut keys_out.raw, &mut values_out.raw)
         })
+    }
+    /// Compacts a paged layer in place after [`Context::select`]: each block-table row's kept
+    /// entries move to the front of the row's own slots, and the pages past those still in
+    /// use are freed (per head for [`PageLayout::HEAD`]; NHD and HND heads share pages, so a
+    /// sequence keeps the pages of its longest head). Returns the freed page ids, row by row
+    /// in table order, for the caller's page allocator.
+    pub fn compact_paged_inplace(&self, layer: &mut Layer<'_>, sel: &Selection) -> Result<Vec<i32>> {
+        const CALLER: &str = "Context::compact_paged_inplace";
+        let paged = layer.paged.as_ref().ok_or_else(|| Error::new(Status::INVALID_ARGUMENT, format!(
+            "{CALLER}: the layer is not paged (Layer::with_paged); use Context::compact_inplace")))?;
+        paged.require_writable(CALLER, "layer's pages")?;
+        self.compact_paged(CALLER, layer, sel, None)
+    }
+    /// Gathers a paged layer's kept entries into new pages after [`Context::select`]: `dst` is
+    /// a [`PageLayout::HEAD`] description (`n_kv_heads` the layer's Hk, writable pools) with
+    /// one row per (sequence, KV head), as in `sel.head_lens()`, holding at least
+    /// [`pages_needed`] pages each, allocated by the caller. Every source page of the layer is
+    /// freed; returns their ids, row by row in table order.
+    pub fn compact_paged_into(&self, layer: &Layer<'_>, sel: &Selection, dst: &mut PagedKv<'_>) -> Result<Vec<i32>> {
+        const CALLER: &str = "Context::compact_paged_into";
+        if layer.paged.is_none() {
+            return Err(Error::new(Status::INVALID_ARGUMENT, format!(
+                "{CALLER}: the layer is not paged (Layer::with_paged); use Context::compact_varlen")));
+        }
+        dst.require_writable(CALLER, "dst")?;
+        dst.check_tables(CALLER, "dst", sel.head_lens.len() as i64, None)?;
+        self.compact_paged(CALLER, layer, sel, Some(&dst.raw))
+    }
+    fn compact_paged(&self, caller: &str, layer: &Layer<'_>, sel: &Selection, dst: Option<&sys::defkv_paged_kv>)
+                     -> Result<Vec<i32>> {
+        let raw = layer.raw();
+        let s = sel.raw_const();
+        let dst = dst.map_or(std::ptr::null(), |d| d as *const _);
+        let mut n = 0i64;
+        // SAFETY: a null freed_pages only counts; every pointer borrows live memory.
+        self.check(caller, unsafe {
+            sys::defkv_compact_paged(self.raw.as_ptr(), &raw, &s, dst, std::ptr::null_mut(), 0, &mut n)
+        })?;
+        // Never empty: a null freed_pages would only count again.
+        let mut freed = vec![0i32; n.max(0) as usize + 1];
+        // SAFETY: pools were checked writable; freed holds n entries.
+        self.check(caller, unsafe {
+            sys::defkv_compact_paged(self.raw.as_ptr(), &raw, &s, dst, freed.as_mut_ptr(), n, &mut n)
+        })?;
+        freed.truncate(n.max(0) as usize);
+        Ok(freed)
     }
     /// Starts a layer-adaptive (Layer-DefensiveKV) selection over `n_layers` layers.
     pub fn global(&self, params: &Params, n_layers: i32) -> Result<Global<'_>> {

@@ -65,6 +65,29 @@ public final class Context implements AutoCloseable {
         for (Sequence s : seqs) { heads += s.kvHeads(); entries += s.kvHeads() * s.length(); }
         return new Out(heads, (int) entries, cap);
     }
+    /** The same for a paged batch (Hk of the pools, seqLens). */
+    private static Out out(PagedKv paged, long cap) {
+        int heads = 0; long entries = 0;
+        for (int l : paged.seqLens) { heads += paged.kvHeads(); entries += (long) paged.kvHeads() * l; }
+        return new Out(heads, (int) entries, cap);
+    }
+    /** A selection's arrays in direct buffers, for a compaction; close() frees the C view. */
+    private static final class SelIn implements AutoCloseable {
+        final ByteBuffer lens, cu, idx; final SWIGTYPE_p_defkv_selection raw;
+        SelIn(String fn, Selection sel) {
+            if (sel == null || sel.headLens.length == 0 || sel.cuSeqlens.length != sel.headLens.length + 1)
+                throw new DefkvException(Status.INVALID_ARGUMENT, fn + ": sel must be a Selection returned by select or selectGlobal");
+            lens = direct(4L * sel.headLens.length); cu = direct(4L * sel.cuSeqlens.length); idx = direct(4L * sel.indices.length);
+            lens.asIntBuffer().put(sel.headLens); cu.asIntBuffer().put(sel.cuSeqlens); idx.asIntBuffer().put(sel.indices);
+            raw = DefkvNative.defkvb_selection_new(DefkvNative.defkvb_buffer_address(lens), DefkvNative.defkvb_buffer_address(cu),
+                DefkvNative.defkvb_buffer_address(idx), sel.indices.length, 0, 0);
+        }
+        @Override public void close() {
+            DefkvNative.defkvb_selection_free(raw);
+            java.lang.ref.Reference.reachabilityFence(lens); java.lang.ref.Reference.reachabilityFence(cu);
+            java.lang.ref.Reference.reachabilityFence(idx);
+        }
+    }
     private static ByteBuffer direct(long bytes) {
         return ByteBuffer.allocateDirect((int) Math.max(bytes, 4)).order(ByteOrder.nativeOrder());
     }
@@ -111,6 +134,74 @@ public final class Context implements AutoCloseable {
         } finally {
             DefkvNative.defkvb_layer_free(l);
             java.lang.ref.Reference.reachabilityFence(seqs); java.lang.ref.Reference.reachabilityFence(o);
+        }
+    }
+
+    /** Scores one single-sequence layer whose cache is paged (queries [H, W, d], oProj or null). */
+    public Selection select(Params p, Tensor q, Tensor o, PagedKv paged) {
+        return select(p, new Sequence[] {Sequence.ofQueries(q)}, o, paged);
+    }
+
+    /**
+     * Scores one layer of a batch whose cache is paged: seqs hold queries (or attention) only
+     * ({@link Sequence#ofQueries(Tensor)}), paged the pools, block tables and one length per
+     * sequence. The selection is laid out as for contiguous caches.
+     */
+    public synchronized Selection select(Params p, Sequence[] seqs, Tensor o, PagedKv paged) {
+        open();
+        if (paged == null) return select(p, seqs, o);
+        SWIGTYPE_p_defkvb_layer l = layer(seqs, o);
+        try (PagedKv.Native pn = paged.new Native("Context.select", "paged", seqs.length * paged.rowsPerSeq(), seqs.length)) {
+            DefkvNative.defkvb_layer_set_paged(l, pn.raw);
+            long n = DefkvNative.defkvb_kept_count(ctx, p.raw, l);
+            if (n < 0) throw err("Context.select", (int) n);
+            Out out = out(paged, n);
+            SWIGTYPE_p_defkv_selection s = out.raw();
+            try { DefkvNative.defkvb_select(ctx, p.raw, l, s); } catch (StatusException e) { throw err("Context.select", e.status); }
+            finally { DefkvNative.defkvb_selection_free(s); }
+            return out.get();
+        } finally {
+            DefkvNative.defkvb_layer_free(l);
+            java.lang.ref.Reference.reachabilityFence(seqs); java.lang.ref.Reference.reachabilityFence(o);
+        }
+    }
+
+    /**
+     * Compacts a paged cache in place after select: each block-table row's kept entries move to
+     * the front of the row's own slots, and the row's pages past those still in use are freed
+     * (per head for HEAD; NHD and HND heads share pages, so a sequence keeps the pages of its
+     * longest head). Returns the freed page ids, row by row in table order.
+     */
+    public int[] compactPaged(PagedKv paged, Selection sel) { return compactPaged(paged, sel, null); }
+
+    /**
+     * Compacts a paged cache after select into dst (dst null: in place): a HEAD description
+     * (nKvHeads = Hk) whose rows, one per (sequence, KV head) as in sel.headLens, hold at least
+     * {@link PagedKv#pagesNeeded} pages each, allocated by the caller. Every source page is then
+     * freed; returns the freed page ids, row by row in table order.
+     */
+    public synchronized int[] compactPaged(PagedKv paged, Selection sel, PagedKv dst) {
+        final String fn = "Context.compactPaged";
+        open();
+        if (paged == null) throw new DefkvException(Status.INVALID_ARGUMENT, fn + ": paged is null");
+        int nSeqs = paged.seqLens.length;
+        if (nSeqs == 0) throw new DefkvException(Status.INVALID_ARGUMENT, fn + ": paged.seqLens is empty");
+        SWIGTYPE_p_defkvb_layer l = DefkvNative.defkvb_layer_new(nSeqs); // no tensors: compaction reads the cache only
+        try (SelIn s = new SelIn(fn, sel);
+             PagedKv.Native pn = paged.new Native(fn, "paged", nSeqs * paged.rowsPerSeq(), nSeqs);
+             PagedKv.Native dn = dst == null ? null : dst.new Native(fn, "dst", sel.headLens.length, -1)) {
+            DefkvNative.defkvb_layer_set_paged(l, pn.raw);
+            SWIGTYPE_p_defkv_paged_kv d = dn == null ? null : dn.raw;
+            long n = DefkvNative.defkvb_compact_paged(ctx, l, s.raw, d, 0, 0); // counts only
+            if (n < 0) throw err(fn, (int) n);
+            ByteBuffer freed = direct(4 * n); // never empty: a NULL freed_pages would only count
+            n = DefkvNative.defkvb_compact_paged(ctx, l, s.raw, d, DefkvNative.defkvb_buffer_address(freed), n);
+            if (n < 0) throw err(fn, (int) n);
+            int[] r = new int[(int) n];
+            freed.asIntBuffer().get(r);
+            return r;
+        } finally {
+            DefkvNative.defkvb_layer_free(l);
         }
     }
 

@@ -1,0 +1,375 @@
+/* Sharded selection under real MPI: every method on the golden cases (and a synthetic case with
+ * 8 KV heads and 4 layers, so that 8 ranks all hold something), split by KV heads (TP), by layers
+ * (PP, layer-defensivekv over defkv_global) and both. Every rank also runs the single-process
+ * selection and checks that its part of the sharded one is identical bit for bit: keep masks,
+ * scores, head_lens and indices. Then a fault test: one rank's collective returns an error at
+ * each call in turn, and every rank must return an error with nothing written.
+ * Run: mpirun -n N mpi_shard CONFORMANCE_DIR. Prints the number of checks; 0 checks fails. */
+#include <mpi.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "defkv/defkv.h"
+#include "st_reader.h"
+
+static int g_rank, g_size;
+static long g_checks, g_fail;
+
+#define CHECK(cond, ...)                                                         \
+    do {                                                                         \
+        g_checks++;                                                              \
+        if (!(cond)) {                                                           \
+            g_fail++;                                                            \
+            if (g_fail < 20) {                                                   \
+                fprintf(stderr, "[rank %d] FAIL %s:%d: ", g_rank, __FILE__, __LINE__); \
+                fprintf(stderr, __VA_ARGS__);                                    \
+                fprintf(stderr, "\n");                                           \
+            }                                                                    \
+        }                                                                        \
+    } while (0)
+
+/* ---- the MPI adapter (what an engine writes) ---- */
+typedef struct mpi_coll {
+    MPI_Comm comm;
+    long calls, bytes;
+    long fail_at; /* this rank's call number that returns an error (after doing the collective), -1: none */
+} mpi_coll;
+
+static int ar_i64(void *u, int64_t *d, int64_t n, int32_t op) {
+    mpi_coll *c = u;
+    const long call = c->calls++;
+    c->bytes += n * 8;
+    int rc = MPI_Allreduce(MPI_IN_PLACE, d, (int)n, MPI_INT64_T, op == DEFKV_REDUCE_MAX ? MPI_MAX : MPI_SUM, c->comm);
+    if (call == c->fail_at) return -42;
+    return rc == MPI_SUCCESS ? 0 : rc;
+}
+static int ar_f64(void *u, double *d, int64_t n, int32_t op) {
+    mpi_coll *c = u;
+    c->calls++, c->bytes += n * 8;
+    return MPI_Allreduce(MPI_IN_PLACE, d, (int)n, MPI_DOUBLE, op == DEFKV_REDUCE_MAX ? MPI_MAX : MPI_SUM, c->comm);
+}
+static int ar_f32(void *u, float *d, int64_t n, int32_t op) {
+    mpi_coll *c = u;
+    const long call = c->calls++;
+    c->bytes += n * 4;
+    int rc = MPI_Allreduce(MPI_IN_PLACE, d, (int)n, MPI_FLOAT, op == DEFKV_REDUCE_MAX ? MPI_MAX : MPI_SUM, c->comm);
+    if (call == c->fail_at) return -42;
+    return rc == MPI_SUCCESS ? 0 : rc;
+}
+static int gather(void *u, const void *send, int64_t bytes, void *recv) {
+    mpi_coll *c = u;
+    c->calls++;
+    return MPI_Allgather(send, (int)bytes, MPI_BYTE, recv, (int)bytes, MPI_BYTE, c->comm);
+}
+static defkv_collectives make_coll(mpi_coll *c, MPI_Comm comm) {
+    defkv_collectives k;
+    memset(&k, 0, sizeof k);
+    memset(c, 0, sizeof *c);
+    c->comm = comm;
+    c->fail_at = -1;
+    k.struct_size = sizeof k;
+    MPI_Comm_size(comm, &k.n_ranks);
+    MPI_Comm_rank(comm, &k.rank);
+    k.user = c;
+    k.allreduce_i64 = ar_i64;
+    k.allreduce_f64 = ar_f64;
+    k.allreduce_f32 = ar_f32;
+    k.allgather = gather;
+    return k;
+}
+
+/* ---- cases ---- */
+typedef struct mcase {
+    const char *name;
+    golden_case gc;
+    float *own; /* synthetic data */
+} mcase;
+
+static float frand(uint64_t *s) {
+    *s ^= *s << 13, *s ^= *s >> 7, *s ^= *s << 17;
+    return (float)((*s >> 40) * (1.0 / 16777216.0)) * 2.0f - 1.0f;
+}
+
+static void make_synthetic(mcase *c) {
+    golden_case *g = &c->gc;
+    memset(g, 0, sizeof *g);
+    g->n_layers = 4, g->window = 8, g->kernel = 5, g->ratio = 0.7;
+    g->H = 16, g->Hk = 8, g->d = 16, g->D = 32, g->L = 160;
+    const int64_t nq = g->H * g->window * g->d, nk = g->Hk * g->L * g->d, no = g->D * g->H * g->d;
+    c->own = malloc(sizeof(float) * (size_t)(g->n_layers * (nq + 2 * nk + no)));
+    uint64_t s = 0x9E3779B97F4A7C15ull;
+    float *p = c->own;
+    for (int l = 0; l < g->n_layers; l++) {
+        g->q[l] = p;
+        for (int64_t i = 0; i < nq; i++) *p++ = 2.0f * frand(&s);
+        g->k[l] = p;
+        for (int64_t i = 0; i < nk; i++) *p++ = frand(&s);
+        g->v[l] = p;
+        for (int64_t i = 0; i < nk; i++) *p++ = frand(&s);
+        g->o[l] = p;
+        for (int64_t i = 0; i < no; i++) *p++ = frand(&s);
+    }
+}
+
+/* The rank's part of layer li: KV heads [k0, k1), their query heads and o_proj columns. */
+static void part_layer(const golden_case *c, int li, int64_t k0, int64_t k1, defkv_sequence *seq, defkv_layer *layer) {
+    const int64_t G = c->H / c->Hk, hk = k1 - k0;
+    memset(seq, 0, sizeof *seq);
+    seq->queries = gc_tensor3(c->q[li] + k0 * G * c->window * c->d, DEFKV_DTYPE_F32, hk * G, c->window, c->d);
+    seq->keys = gc_tensor3(c->k[li] + k0 * c->L * c->d, DEFKV_DTYPE_F32, hk, c->L, c->d);
+    seq->values = gc_tensor3(c->v[li] + k0 * c->L * c->d, DEFKV_DTYPE_F32, hk, c->L, c->d);
+    memset(layer, 0, sizeof *layer);
+    layer->struct_size = sizeof *layer;
+    layer->n_seqs = 1;
+    layer->seqs = seq;
+    layer->o_proj = gc_tensor2(c->o[li] + k0 * G * c->d, DEFKV_DTYPE_F32, c->D, hk * G * c->d);
+    layer->o_proj.strides[0] = c->H * c->d; /* a column block of the row-major [D, H*d] weight */
+    layer->o_proj.strides[1] = 1;
+}
+
+typedef struct sel_buf {
+    int32_t *lens, *cu, *idx;
+    uint8_t *keep;
+    float *scores;
+    int64_t nh, n;
+    defkv_selection s;
+} sel_buf;
+
+static void sel_alloc(sel_buf *b, int64_t nh, int64_t n) {
+    b->nh = nh, b->n = n;
+    b->lens = malloc(4 * nh), b->cu = malloc(4 * (nh + 1)), b->idx = malloc(4 * n);
+    b->keep = malloc(n), b->scores = malloc(4 * n);
+    memset(b->lens, 0x5A, 4 * nh), memset(b->cu, 0x5A, 4 * (nh + 1)), memset(b->idx, 0x5A, 4 * n);
+    memset(b->keep, 0x5A, n), memset(b->scores, 0x5A, 4 * n);
+    memset(&b->s, 0, sizeof b->s);
+    b->s.struct_size = sizeof b->s;
+    b->s.head_lens = b->lens, b->s.cu_seqlens = b->cu, b->s.indices = b->idx, b->s.indices_capacity = n;
+    b->s.keep_mask = b->keep, b->s.scores = b->scores;
+}
+static void sel_free(sel_buf *b) { free(b->lens), free(b->cu), free(b->idx), free(b->keep), free(b->scores); }
+static int untouched(const sel_buf *b) {
+    const unsigned char *ps[5] = {(void *)b->lens, (void *)b->cu, (void *)b->idx, b->keep, (void *)b->scores};
+    const int64_t ns[5] = {4 * b->nh, 4 * (b->nh + 1), 4 * b->n, b->n, 4 * b->n};
+    for (int i = 0; i < 5; i++)
+        for (int64_t j = 0; j < ns[i]; j++)
+            if (ps[i][j] != 0x5A) return 0;
+    return 1;
+}
+
+/* The rank's heads [k0, k1) of a full selection `ref` (Hk heads, L) equal `got`. */
+static void compare(const char *what, const sel_buf *ref, int64_t L, int64_t k0, int64_t k1,
+                    const sel_buf *got) {
+    for (int64_t k = k0; k < k1; k++) {
+        const int64_t r = k - k0;
+        CHECK(ref->lens[k] == got->lens[r], "%s: head %lld head_len %d vs %d", what, (long long)k, got->lens[r], ref->lens[k]);
+        CHECK(memcmp(ref->keep + k * L, got->keep + r * L, L) == 0, "%s: head %lld keep mask differs", what, (long long)k);
+        CHECK(memcmp(ref->scores + k * L, got->scores + r * L, 4 * L) == 0, "%s: head %lld scores differ", what,
+              (long long)k);
+        CHECK(ref->lens[k] == got->lens[r] &&
+                  memcmp(ref->idx + ref->cu[k], got->idx + got->cu[r], 4 * (size_t)ref->lens[k]) == 0,
+              "%s: head %lld indices differ", what, (long long)k);
+    }
+}
+
+static defkv_context *g_ctx;
+
+/* Per-layer methods, heads split over tp ranks (the ranks below tp take part). */
+static void run_tp(const mcase *mc, int method, int tp) {
+    const golden_case *c = &mc->gc;
+    MPI_Comm comm;
+    const int active = g_rank < tp;
+    MPI_Comm_split(MPI_COMM_WORLD, active ? 0 : MPI_UNDEFINED, g_rank, &comm);
+    if (!active) return;
+    mpi_coll mc_heads;
+    defkv_collectives coll = make_coll(&mc_heads, comm);
+    const int64_t k0 = g_rank * c->Hk / tp, k1 = (g_rank + 1) * c->Hk / tp;
+    defkv_params p;
+    gc_params(c, method, &p);
+    p.seed = 7;
+    for (int li = 0; li < c->n_layers; li++) {
+        defkv_sequence seq;
+        defkv_layer layer;
+        sel_buf ref, got;
+        sel_alloc(&ref, c->Hk, c->Hk * c->L);
+        gc_layer(c, li, &seq, &layer);
+        defkv_status st = defkv_select(g_ctx, &p, &layer, &ref.s);
+        CHECK(st == DEFKV_SUCCESS, "reference select: %s", defkv_context_last_error(g_ctx));
+        part_layer(c, li, k0, k1, &seq, &layer);
+        sel_alloc(&got, k1 - k0, (k1 - k0) * c->L);
+        defkv_shard sh;
+        defkv_shard_default(&sh);
+        sh.n_kv_heads = (int32_t)c->Hk, sh.kv_head_begin = (int32_t)k0, sh.kv_head_end = (int32_t)k1;
+        sh.heads = &coll;
+        mc_heads.calls = mc_heads.bytes = 0;
+        st = defkv_select_sharded(g_ctx, &p, &layer, &sh, &got.s);
+        char what[160];
+        snprintf(what, sizeof what, "%s %s layer %d TP=%d", mc->name, defkv_method_name(method), li, tp);
+        CHECK(st == DEFKV_SUCCESS, "%s: %s", what, defkv_context_last_error(g_ctx));
+        if (st == DEFKV_SUCCESS) compare(what, &ref, c->L, k0, k1, &got);
+        if (g_rank == 0 && li == 0 && tp > 1)
+            printf("  %-18s %-18s TP=%d: %ld collective calls, %ld bytes\n", mc->name, defkv_method_name(method), tp,
+                   mc_heads.calls, mc_heads.bytes);
+        sel_free(&ref), sel_free(&got);
+    }
+    MPI_Comm_free(&comm);
+}
+
+/* layer-defensivekv over defkv_global: tp x pp ranks (stage = rank / tp). */
+static void run_global(const mcase *mc, int tp, int pp) {
+    const golden_case *c = &mc->gc;
+    const int active = g_rank < tp * pp;
+    MPI_Comm model, heads;
+    MPI_Comm_split(MPI_COMM_WORLD, active ? 0 : MPI_UNDEFINED, g_rank, &model);
+    MPI_Comm_split(MPI_COMM_WORLD, active ? g_rank / tp : MPI_UNDEFINED, g_rank, &heads);
+    if (!active) return;
+    mpi_coll mh, mm;
+    defkv_collectives ch = make_coll(&mh, heads), cm = make_coll(&mm, model);
+    const int stage = g_rank / tp, t = g_rank % tp;
+    const int64_t k0 = t * c->Hk / tp, k1 = (t + 1) * c->Hk / tp;
+    const int l0 = stage * c->n_layers / pp, l1 = (stage + 1) * c->n_layers / pp;
+    defkv_params p;
+    gc_params(c, DEFKV_METHOD_LAYER_DEFENSIVEKV, &p);
+    defkv_global *ref = NULL, *g = NULL;
+    defkv_status st = defkv_global_create(g_ctx, &p, c->n_layers, &ref);
+    CHECK(st == DEFKV_SUCCESS, "global create");
+    defkv_sequence seq;
+    defkv_layer layer;
+    for (int li = 0; li < c->n_layers; li++) {
+        gc_layer(c, li, &seq, &layer);
+        CHECK(defkv_global_add_layer(ref, li, &layer) == DEFKV_SUCCESS, "ref add %s", defkv_context_last_error(g_ctx));
+    }
+    CHECK(defkv_global_select(ref) == DEFKV_SUCCESS, "ref select");
+    defkv_shard sh;
+    defkv_shard_default(&sh);
+    sh.n_kv_heads = (int32_t)c->Hk, sh.kv_head_begin = (int32_t)k0, sh.kv_head_end = (int32_t)k1;
+    sh.n_layers = c->n_layers, sh.layer_begin = l0, sh.layer_end = l1;
+    sh.heads = &ch, sh.model = &cm;
+    st = defkv_global_create_sharded(g_ctx, &p, &sh, &g);
+    CHECK(st == DEFKV_SUCCESS, "create sharded: %s", defkv_context_last_error(g_ctx));
+    for (int li = l0; li < l1 && st == DEFKV_SUCCESS; li++) {
+        part_layer(c, li, k0, k1, &seq, &layer);
+        st = defkv_global_add_layer(g, li, &layer);
+        CHECK(st == DEFKV_SUCCESS, "sharded add %d: %s", li, defkv_context_last_error(g_ctx));
+    }
+    mm.calls = mm.bytes = 0;
+    st = defkv_global_select(g);
+    CHECK(st == DEFKV_SUCCESS, "sharded select: %s", defkv_context_last_error(g_ctx));
+    if (g_rank == 0)
+        printf("  %-18s layer-defensivekv  TP=%d PP=%d: defkv_global_select %ld calls, %ld bytes\n", mc->name, tp, pp,
+               mm.calls, mm.bytes);
+    for (int li = l0; li < l1 && st == DEFKV_SUCCESS; li++) {
+        sel_buf r, s;
+        sel_alloc(&r, c->Hk, c->Hk * c->L), sel_alloc(&s, k1 - k0, (k1 - k0) * c->L);
+        CHECK(defkv_global_layer_selection(ref, li, &r.s) == DEFKV_SUCCESS, "ref layer sel");
+        st = defkv_global_layer_selection(g, li, &s.s);
+        CHECK(st == DEFKV_SUCCESS, "layer sel %d: %s", li, defkv_context_last_error(g_ctx));
+        char what[160];
+        snprintf(what, sizeof what, "%s layer-defensivekv layer %d TP=%d PP=%d", mc->name, li, tp, pp);
+        if (st == DEFKV_SUCCESS) compare(what, &r, c->L, k0, k1, &s);
+        int64_t cnt = -1, want = 0;
+        CHECK(defkv_global_layer_kept_count(g, li, &cnt) == DEFKV_SUCCESS, "kept count");
+        for (int64_t k = k0; k < k1; k++) want += r.lens[k];
+        CHECK(cnt == want, "%s: kept count %lld vs %lld", what, (long long)cnt, (long long)want);
+        sel_free(&r), sel_free(&s);
+    }
+    defkv_global_destroy(ref), defkv_global_destroy(g);
+    MPI_Comm_free(&model), MPI_Comm_free(&heads);
+}
+
+/* One rank's collective fails at call f (after taking part): every rank must fail, nothing written. */
+static void run_fault(const mcase *mc, int method, int tp) {
+    const golden_case *c = &mc->gc;
+    MPI_Comm comm;
+    const int active = g_rank < tp;
+    MPI_Comm_split(MPI_COMM_WORLD, active ? 0 : MPI_UNDEFINED, g_rank, &comm);
+    if (!active) return;
+    mpi_coll m;
+    defkv_collectives coll = make_coll(&m, comm);
+    const int64_t k0 = g_rank * c->Hk / tp, k1 = (g_rank + 1) * c->Hk / tp;
+    defkv_params p;
+    gc_params(c, method, &p);
+    defkv_sequence seq;
+    defkv_layer layer;
+    part_layer(c, 0, k0, k1, &seq, &layer);
+    defkv_shard sh;
+    defkv_shard_default(&sh);
+    sh.n_kv_heads = (int32_t)c->Hk, sh.kv_head_begin = (int32_t)k0, sh.kv_head_end = (int32_t)k1;
+    sh.heads = &coll;
+    sel_buf b;
+    sel_alloc(&b, k1 - k0, (k1 - k0) * c->L);
+    CHECK(defkv_select_sharded(g_ctx, &p, &layer, &sh, &b.s) == DEFKV_SUCCESS, "fault baseline");
+    const long n_calls = m.calls;
+    CHECK(n_calls >= 2, "%s has %ld calls", defkv_method_name(method), n_calls);
+    for (long f = 0; f + 1 < n_calls; f++) {
+        sel_free(&b);
+        sel_alloc(&b, k1 - k0, (k1 - k0) * c->L);
+        m.calls = 0;
+        m.fail_at = g_rank == tp - 1 ? f : -1;
+        defkv_status st = defkv_select_sharded(g_ctx, &p, &layer, &sh, &b.s);
+        const char *e = defkv_context_last_error(g_ctx);
+        CHECK(st == DEFKV_ERROR_BACKEND_FAILURE, "%s fault at call %ld: status %d", defkv_method_name(method), f, st);
+        CHECK(strstr(e, "collective") || strstr(e, "another rank"), "unclear message: %s", e);
+        CHECK(untouched(&b), "%s fault at call %ld: outputs written", defkv_method_name(method), f);
+        CHECK(m.calls == n_calls, "fault at %ld: %ld calls, the schedule has %ld", f, m.calls, n_calls);
+        if (g_rank == 0 && f == 1) printf("  fault message on rank 0: %s\n", e);
+        if (g_rank == tp - 1 && f == 1) printf("  fault message on the failing rank: %s\n", e);
+    }
+    m.fail_at = -1;
+    sel_free(&b);
+    MPI_Comm_free(&comm);
+}
+
+int main(int argc, char **argv) {
+    MPI_Init(&argc, &argv);
+    MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &g_size);
+    const char *dir = argc > 1 ? argv[1] : g_conf_dir;
+    defkv_context_options o;
+    defkv_context_options_default(&o);
+    o.n_threads = 1;
+    if (defkv_context_create(&o, &g_ctx) != DEFKV_SUCCESS) return 1;
+    mcase cases[5];
+    memset(cases, 0, sizeof cases);
+    int nc = 0;
+    for (int i = 0; i < 4; i++) {
+        cases[nc].name = k_case_names[i];
+        if (!gc_load(&cases[nc].gc, dir, k_case_names[i])) {
+            fprintf(stderr, "cannot load %s from %s\n", k_case_names[i], dir);
+            return 1;
+        }
+        nc++;
+    }
+    cases[nc].name = "synth-hk8-4layer";
+    make_synthetic(&cases[nc++]);
+    if (g_rank == 0) printf("mpi_shard: %d ranks\n", g_size);
+    for (int i = 0; i < nc; i++) {
+        const golden_case *c = &cases[i].gc;
+        const int tp = g_size < c->Hk ? g_size : (int)c->Hk;
+        for (int m = 0; m < DEFKV_METHOD_COUNT; m++) {
+            if (m == DEFKV_METHOD_LAYER_DEFENSIVEKV) continue;
+            run_tp(&cases[i], m, tp);
+        }
+        int pp = g_size < c->n_layers ? g_size : c->n_layers;
+        run_global(&cases[i], 1, pp);  /* PP */
+        run_global(&cases[i], tp, 1);  /* TP */
+        int tp2 = tp, pp2 = g_size / tp2 < c->n_layers ? g_size / tp2 : c->n_layers;
+        if (tp2 > 1 && pp2 < 2 && tp2 > 2) tp2 /= 2, pp2 = g_size / tp2 < c->n_layers ? g_size / tp2 : c->n_layers;
+        run_global(&cases[i], tp2, pp2 < 1 ? 1 : pp2); /* TP x PP */
+    }
+    if (g_size >= 2) {
+        run_fault(&cases[0], DEFKV_METHOD_DEFENSIVEKV, 2);
+        run_fault(&cases[0], DEFKV_METHOD_ADA_SNAPKV, 2);
+    }
+    long tot[2] = {g_checks, g_fail}, all[2];
+    MPI_Allreduce(tot, all, 2, MPI_LONG, MPI_SUM, MPI_COMM_WORLD);
+    if (g_rank == 0) printf("mpi_shard: %ld checks on %d ranks, %ld failed\n", all[0], g_size, all[1]);
+    for (int i = 0; i < nc; i++) {
+        if (cases[i].own) free(cases[i].own);
+        else gc_free(&cases[i].gc);
+    }
+    defkv_context_destroy(g_ctx);
+    MPI_Finalize();
+    return all[1] == 0 && all[0] > 0 ? 0 : 1;
+}
