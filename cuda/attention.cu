@@ -88,7 +88,7 @@ __global__ void logits_kernel(DevTensor q /* [H, W, d] */, DevTensor kt /* [Hk, 
             qs[rr][tx] = v;
             const int64_t j = j0 + rr;
             float kv = 0.f;
-            if (j < L && c < d) kv = load_f32(kt, k * kt.s0 + j * kt.s1 + c * kt.s2);
+            if (j < L && c < d) kv = load_f32(kt, row_off(kt, k, j) + c * kt.s2);
             ks[rr][tx] = kv;
         }
         __syncthreads();
@@ -364,13 +364,13 @@ __device__ void fill_tile(const FusedParams &p, int64_t k, int64_t jb, int nc, c
                 const int c = e / d8, i = (e - c * d8) * 8;
                 const int64_t j = jb + c;
                 uint4 v = make_uint4(0u, 0u, 0u, 0u);
-                if (j >= 0 && j < p.L) v = *reinterpret_cast<const uint4 *>(src + k * p.kt.s0 + j * p.kt.s1 + i);
+                if (j >= 0 && j < p.L) v = *reinterpret_cast<const uint4 *>(src + row_off(p.kt, k, j) + i);
                 *reinterpret_cast<uint4 *>(ks + c * p.ld + i) = v;
             }
         } else {
             for (int64_t e = threadIdx.x; e < nc * p.d; e += blockDim.x) {
                 const int64_t c = e / p.d, i = e - c * p.d, j = jb + c;
-                ks[c * p.ld + i] = (j >= 0 && j < p.L) ? src[k * p.kt.s0 + j * p.kt.s1 + i * p.kt.s2] : uint16_t(0);
+                ks[c * p.ld + i] = (j >= 0 && j < p.L) ? src[row_off(p.kt, k, j) + i * p.kt.s2] : uint16_t(0);
             }
         }
         if (!k_staged) __syncthreads();
@@ -406,7 +406,7 @@ __device__ void fill_tile(const FusedParams &p, int64_t k, int64_t jb, int nc, c
             const int64_t r = e / nc, c = e - r * nc, j = jb + c;
             float acc = 0.0f;
             if (r < p.R && j >= 0 && j < p.L) {
-                const int64_t qo = (k * p.G + r / p.W) * p.q.s0 + (r % p.W) * p.q.s1, ko = k * p.kt.s0 + j * p.kt.s1;
+                const int64_t qo = (k * p.G + r / p.W) * p.q.s0 + (r % p.W) * p.q.s1, ko = row_off(p.kt, k, j);
                 for (int64_t i = 0; i < p.d; i++) acc = fmaf(load_f32(p.q, qo + i * p.q.s2), load_f32(p.kt, ko + i * p.kt.s2), acc);
             }
             S[r * lds + c] = acc;
@@ -440,7 +440,7 @@ __device__ void load_k_regs(const FusedParams &p, int64_t k, int64_t jb, uint4 (
         const int e = static_cast<int>(threadIdx.x) + u * kFThreads, c = e / d8, i = (e - c * d8) * 8;
         const int64_t j = jb + c;
         v[u] = make_uint4(0u, 0u, 0u, 0u);
-        if (c < kStatTile && j < p.L) v[u] = *reinterpret_cast<const uint4 *>(src + k * p.kt.s0 + j * p.kt.s1 + i);
+        if (c < kStatTile && j < p.L) v[u] = *reinterpret_cast<const uint4 *>(src + row_off(p.kt, k, j) + i);
     }
 }
 __device__ void store_k_regs(const FusedParams &p, uint16_t *ks, const uint4 (&v)[kPrefetch]) {
@@ -726,12 +726,9 @@ defkv_status window_attention(const AttentionArgs &a, cudaStream_t stream, std::
     p.scale = a.scale;
     p.kernel = a.kernel;
     p.ld = static_cast<int32_t>(a.d + kQPad);
-    // 16-byte staging: contiguous rows, 16-byte aligned base and row strides
-    auto vec_ok = [](const DevTensor &t) {
-        return t.s2 == 1 && t.s0 % 8 == 0 && t.s1 % 8 == 0 && reinterpret_cast<uintptr_t>(t.data) % 16 == 0;
-    };
-    p.vec_q = mode == kModeWmma && vec_ok(a.queries) ? 1 : 0;
-    p.vec_k = mode == kModeWmma && vec_ok(a.keys) ? 1 : 0;
+    // 16-byte staging: contiguous rows, 16-byte aligned base, row and page strides
+    p.vec_q = mode == kModeWmma && rows_vec16(a.queries) ? 1 : 0;
+    p.vec_k = mode == kModeWmma && rows_vec16(a.keys) ? 1 : 0;
     const int64_t h = a.kernel / 2;
     const int halo = a.def_max ? static_cast<int>(mode == kModeWmma ? ceil_div(h, 8) * 8 : h) : 0;
     const int nc = kColTile + 2 * halo;

@@ -76,11 +76,34 @@ private:
 
 // A strided device tensor as kernels see it: `data` points at element [0, 0, 0] (byte offset
 // applied), strides in elements per logical dimension (s2 unused for 2-D views).
+// Paged [Hk, L, d] caches (page_size > 0; core/tensor.hpp's View::off3): `data` is the page
+// pool, and token j of head i lives in page pages[i * page_row + j / page_size] (a device copy
+// of the block-table rows; page_row 0 when the heads share one row), at pool element
+// page * page_stride + i * s0 + (j % page_size) * s1.
 struct DevTensor {
     const void *data = nullptr;
     int32_t dtype = DEFKV_DTYPE_F32;
     int64_t s0 = 0, s1 = 0, s2 = 0;
+    const int32_t *pages = nullptr; // device [rows, page_row or more]: block-table rows (paged)
+    int64_t page_row = 0, page_stride = 0;
+    int32_t page_size = 0;          // 0: not paged
 };
+
+// Element offset of row (i, j) of a 3-D tensor, element 0 (add c * s2 for element c): through
+// the block table when paged. Every kernel addresses a cache's token rows with it.
+__device__ __forceinline__ int64_t row_off(const DevTensor &t, int64_t i, int64_t j) {
+    if (t.page_size == 0) return i * t.s0 + j * t.s1;
+    const int32_t jj = static_cast<int32_t>(j), p = jj / t.page_size; // L < 2^31 (validated)
+    return static_cast<int64_t>(t.pages[i * t.page_row + p]) * t.page_stride + i * t.s0 +
+           static_cast<int64_t>(jj - p * t.page_size) * t.s1;
+}
+
+// Whether a tensor's rows can be read 16 bytes (8 16-bit elements) at a time: inner stride 1,
+// every other stride (the page stride included) a multiple of 8 elements, a 16-byte aligned base.
+inline bool rows_vec16(const DevTensor &t) {
+    return t.s2 == 1 && t.s0 % 8 == 0 && t.s1 % 8 == 0 && t.page_stride % 8 == 0 &&
+           (reinterpret_cast<uintptr_t>(t.data) & 15u) == 0;
+}
 
 // Element at element offset `off`, widened to f32.
 __device__ __forceinline__ float load_f32(const DevTensor &t, int64_t off) {

@@ -2,7 +2,10 @@
 // kernels on the context's stream (options.cuda_stream, or a stream of its own). Every op only
 // enqueues: the one host synchronisation is download() (and the copy back of a host-memory
 // tensor that compaction staged). Caller tensors in DEFKV_MEMORY_CUDA_DEVICE memory are used in
-// place; host tensors are staged into grow-only device buffers. Op scratch (CUB temporary
+// place; host tensors are staged into grow-only device buffers. Paged caches (View::paged()) are
+// read through a device copy of the sequence's block-table rows, uploaded before the kernels; a
+// paged cache in host memory is staged page by page (only the pages its table uses), never as a
+// contiguous copy of the cache. Op scratch (CUB temporary
 // storage, sort keys, partial results) lives in grow-only buffers too, so nothing allocates
 // after a first call of the same or a larger shape and every op can be captured in a CUDA graph.
 // An op given a buffer in host memory (which the core never does for this backend) runs the base
@@ -47,6 +50,27 @@ struct Carve {
     }
 };
 
+// Device memory a view is bound through: the staged bytes of a host tensor, and for paged views
+// the block-table rows the kernels read (with their host copy, kept to avoid an allocation per
+// call; cudaMemcpyAsync from pageable memory has copied it when it returns).
+struct Stage {
+    struct Run {
+        int64_t host = 0, staged = 0, bytes = 0; // byte offsets from the view's base and into data
+    };
+    DeviceBuffer data;         // host views: the staged tensor, or the staged pages
+    DeviceBuffer table;        // paged views: the block-table rows the kernels read
+    std::vector<int32_t> rows; // host copy of those rows (page ids, or staged slots for a host pool)
+    std::vector<int32_t> used; // paged views: the distinct pages the rows name, ascending
+    std::vector<Run> runs;     // host views: what was staged, for copying a written tensor back
+};
+
+// Bytes one page of a paged view spans from its first element: every head's page_size rows of
+// d elements (strides are non-negative, validated).
+int64_t page_span_bytes(const View &v) {
+    return ((v.shape[0] - 1) * v.stride[0] + (v.page_size - 1) * v.stride[1] + (v.shape[2] - 1) * v.stride[2] + 1) *
+           dtype_size(v.dtype);
+}
+
 bool on_device(const Buf &b) { return !b || b.memory == DEFKV_MEMORY_CUDA_DEVICE; }
 bool all_on_device(std::initializer_list<const Buf *> bs) {
     for (const Buf *b : bs)
@@ -72,6 +96,7 @@ public:
     }
     int32_t kind() const override { return DEFKV_BACKEND_CUDA; }
     const char *name() const override { return "cuda"; }
+    bool paged_views() const override { return true; }
 
     // ---- memory ----
     int32_t memory() const override { return DEFKV_MEMORY_CUDA_DEVICE; }
@@ -280,21 +305,38 @@ public:
     // ---- compaction ----
     defkv_status compact_inplace(const View &t, int64_t Hk, int64_t L, int64_t d, const Buf &cu, const Buf &idx,
                                  int64_t head0, std::string *msg) override {
-        return compact(t, Hk, L, d, cu, idx, head0, nullptr, msg);
+        return compact(t, Hk, L, d, cu, idx, head0, nullptr, false, msg);
     }
     defkv_status compact_varlen(const View &src, int64_t Hk, int64_t d, const Buf &cu, const Buf &idx, int64_t head0,
                                 const View &dst, std::string *msg) override {
-        return compact(src, Hk, src.shape[1], d, cu, idx, head0, &dst, msg);
+        return compact(src, Hk, src.shape[1], d, cu, idx, head0, &dst, false, msg);
+    }
+    defkv_status compact_heads(const View &src, const View &dst, int64_t Hk, int64_t d, const Buf &cu, const Buf &idx,
+                               int64_t head0, std::string *msg) override {
+        const bool same = same_elements(src, dst);
+        return compact(src, Hk, src.shape[1], d, cu, idx, head0, same ? nullptr : &dst, true, msg);
     }
 
 private:
+    // dst null: in place; heads: dst is [Hk, *, d] written at (k, i), else the varlen output.
     defkv_status compact(const View &t, int64_t Hk, int64_t L, int64_t d, const Buf &cu, const Buf &idx, int64_t head0,
-                         const View *dst, std::string *msg);
+                         const View *dst, bool heads, std::string *msg);
     // A view as a kernel argument: device memory in place (after checking the pointer really
-    // is device memory of this context's device), host memory uploaded into `stage`.
-    defkv_status bind(const View &v, const char *what, DeviceBuffer *stage, DevTensor *out, std::string *msg);
+    // is device memory of this context's device), host memory uploaded into `stage`. A paged
+    // view gets its block-table rows in `stage->table`; row_lens (null: L for every head) is the
+    // tokens each head reads, so only validated table entries are read.
+    defkv_status bind(const View &v, const char *what, Stage *stage, DevTensor *out, std::string *msg,
+                      const int64_t *row_lens = nullptr);
+    // The block-table rows of a paged view into stage->rows ([rows, *width]: each row's first
+    // ceil(len / page_size) entries, len the most tokens a head of the row reads) and their
+    // distinct pages into stage->used; a page outside the pool is an error.
+    defkv_status gather_table(const View &v, const char *what, const int64_t *row_lens, Stage *stage, int64_t *width,
+                              std::string *msg);
+    // A paged host view: stage the pages its table uses (runs of adjacent pages in one copy)
+    // and renumber the table to the staged slots; or the whole pool when that is no larger.
+    defkv_status stage_pages(const View &v, Stage *stage, std::string *msg);
     // Copies a staged host view back to the caller (views in device memory: no-op).
-    defkv_status unstage(const View &v, const DeviceBuffer &stage, std::string *msg);
+    defkv_status unstage(const View &v, const Stage &stage, std::string *msg);
     // A u8 [n] input buffer as a device pointer: in place, or a host buffer uploaded into `stage`.
     defkv_status bind_bytes(const Buf &b, int64_t n, DeviceBuffer *stage, const uint8_t **out, std::string *msg) {
         *out = nullptr;
@@ -313,19 +355,21 @@ private:
     int device_;
     cudaStream_t stream_;
     bool own_stream_;
-    DeviceBuffer stage_a_, stage_b_, stage_c_, stage_d_; // staged host inputs
+    Stage stage_a_, stage_b_, stage_c_, stage_d_;        // staged host inputs, block tables
     DeviceBuffer masked_, index_;                        // staged host masks and selections
     DeviceBuffer work_, pn_work_, att_out_;              // op workspace
     DeviceBuffer scratch_;                               // selection ops (select.cu)
     DeviceBuffer compact_scratch_;
 };
 
-defkv_status CudaBackend::bind(const View &v, const char *what, DeviceBuffer *stage, DevTensor *out,
-                               std::string *msg) {
+defkv_status CudaBackend::bind(const View &v, const char *what, Stage *stage, DevTensor *out, std::string *msg,
+                               const int64_t *row_lens) {
+    *out = DevTensor();
     out->dtype = v.dtype;
     out->s0 = v.stride[0];
     out->s1 = v.stride[1];
     out->s2 = v.ndim > 2 ? v.stride[2] : 0;
+    stage->runs.clear();
     int64_t bytes = 0;
     if (!view_extent_bytes(v, &bytes)) {
         *msg = std::string("CUDA backend: ") + what + ": the tensor's extent overflows";
@@ -346,28 +390,104 @@ defkv_status CudaBackend::bind(const View &v, const char *what, DeviceBuffer *st
             return DEFKV_ERROR_INVALID_ARGUMENT;
         }
         out->data = static_cast<const char *>(v.handle) + v.byte_offset;
-        return DEFKV_SUCCESS;
-    }
-    if (v.memory != DEFKV_MEMORY_HOST) {
+    } else if (v.memory != DEFKV_MEMORY_HOST) {
         *msg = std::string("CUDA backend: ") + what + ": memory kind " + std::to_string(v.memory) +
                " is not accepted (host or CUDA device memory only)";
         return DEFKV_ERROR_INVALID_ARGUMENT;
+    } else if (!v.paged()) {
+        DEFKV_FORWARD(stage->data.reserve(static_cast<size_t>(bytes), msg));
+        if (bytes)
+            DEFKV_CUDA_TRY(cudaMemcpyAsync(stage->data.as<void>(), v.base, static_cast<size_t>(bytes),
+                                           cudaMemcpyHostToDevice, stream_));
+        stage->runs.push_back(Stage::Run{0, 0, bytes});
+        out->data = stage->data.as<void>();
     }
-    DEFKV_FORWARD(stage->reserve(static_cast<size_t>(bytes), msg));
-    if (bytes)
-        DEFKV_CUDA_TRY(cudaMemcpyAsync(stage->as<void>(), v.base, static_cast<size_t>(bytes), cudaMemcpyHostToDevice,
-                                       stream_));
-    out->data = stage->as<void>();
+    if (!v.paged()) return DEFKV_SUCCESS;
+    int64_t width = 0;
+    DEFKV_FORWARD(gather_table(v, what, row_lens, stage, &width, msg));
+    if (v.memory == DEFKV_MEMORY_HOST) {
+        DEFKV_FORWARD(stage_pages(v, stage, msg));
+        out->data = stage->data.as<void>();
+    }
+    const size_t tb = sizeof(int32_t) * stage->rows.size();
+    DEFKV_FORWARD(stage->table.reserve(tb, msg));
+    if (tb)
+        DEFKV_CUDA_TRY(cudaMemcpyAsync(stage->table.as<void>(), stage->rows.data(), tb, cudaMemcpyHostToDevice, stream_));
+    out->pages = stage->table.as<int32_t>();
+    out->page_row = v.page_row ? width : 0;
+    out->page_size = static_cast<int32_t>(v.page_size);
+    out->page_stride = v.page_stride;
     return DEFKV_SUCCESS;
 }
 
-defkv_status CudaBackend::unstage(const View &v, const DeviceBuffer &stage, std::string *msg) {
+defkv_status CudaBackend::gather_table(const View &v, const char *what, const int64_t *row_lens, Stage *stage,
+                                       int64_t *width, std::string *msg) {
+    const int64_t Hk = v.shape[0], ps = v.page_size, n_rows = v.page_row ? Hk : 1;
+    const int64_t es = dtype_size(v.dtype), span = page_span_bytes(v);
+    auto pages_of = [&](int64_t r) { // a shared row serves the head that reads the most tokens
+        int64_t n = 0;
+        for (int64_t k = v.page_row ? r : 0; k < (v.page_row ? r + 1 : Hk); k++)
+            n = std::max(n, row_lens ? row_lens[k] : v.shape[1]);
+        return (n + ps - 1) / ps;
+    };
+    int64_t w = 0;
+    for (int64_t r = 0; r < n_rows; r++) w = std::max(w, pages_of(r));
+    stage->rows.assign(static_cast<size_t>(n_rows * w), 0);
+    stage->used.clear();
+    for (int64_t r = 0; r < n_rows; r++)
+        for (int64_t i = 0, n = pages_of(r); i < n; i++) {
+            const int32_t id = v.pages[r * v.page_row + i];
+            // core validated the entries of L tokens; a compaction destination's come from cu_seqlens
+            if (id < 0 || id * v.page_stride * es + span > v.pool_bytes) {
+                *msg = std::string("CUDA backend: ") + what + ": block-table row " + std::to_string(r) + " entry " +
+                       std::to_string(i) + " is page " + std::to_string(id) +
+                       ", outside the pool (do sel->cu_seqlens and sel->head_lens agree?)";
+                return DEFKV_ERROR_INVALID_ARGUMENT;
+            }
+            stage->rows[static_cast<size_t>(r * w + i)] = id;
+            stage->used.push_back(id);
+        }
+    std::sort(stage->used.begin(), stage->used.end());
+    stage->used.erase(std::unique(stage->used.begin(), stage->used.end()), stage->used.end());
+    *width = w;
+    return DEFKV_SUCCESS;
+}
+
+defkv_status CudaBackend::stage_pages(const View &v, Stage *stage, std::string *msg) {
+    const int64_t pb = v.page_stride * dtype_size(v.dtype), span = page_span_bytes(v);
+    const std::vector<int32_t> &used = stage->used;
+    const int64_t n = static_cast<int64_t>(used.size());
+    if (pb < span || n * pb >= v.pool_bytes) {
+        // pages interleaved with each other in the pool, or the table uses about all of it
+        stage->runs.push_back(Stage::Run{0, 0, v.pool_bytes});
+    } else {
+        // slot s holds page used[s] at s * pb: runs of adjacent pages stay adjacent, so each
+        // run is one copy and the staged pool keeps the caller's strides (and alignment)
+        for (int64_t a = 0; a < n;) {
+            int64_t b = a + 1;
+            while (b < n && used[b] == used[b - 1] + 1) b++;
+            stage->runs.push_back(Stage::Run{used[a] * pb, a * pb, (b - a - 1) * pb + span});
+            a = b;
+        }
+        for (int32_t &id : stage->rows)
+            id = static_cast<int32_t>(std::lower_bound(used.begin(), used.end(), id) - used.begin());
+    }
+    if (stage->runs.empty()) return DEFKV_SUCCESS; // no rows read (a destination keeping nothing)
+    const Stage::Run &last = stage->runs.back();
+    DEFKV_FORWARD(stage->data.reserve(static_cast<size_t>(last.staged + last.bytes), msg));
+    for (const Stage::Run &r : stage->runs)
+        if (r.bytes)
+            DEFKV_CUDA_TRY(cudaMemcpyAsync(stage->data.as<char>() + r.staged, v.base + r.host, static_cast<size_t>(r.bytes),
+                                           cudaMemcpyHostToDevice, stream_));
+    return DEFKV_SUCCESS;
+}
+
+defkv_status CudaBackend::unstage(const View &v, const Stage &stage, std::string *msg) {
     if (v.memory != DEFKV_MEMORY_HOST) return DEFKV_SUCCESS;
-    int64_t bytes = 0;
-    if (!view_extent_bytes(v, &bytes)) return DEFKV_ERROR_SIZE_OVERFLOW;
-    if (bytes)
-        DEFKV_CUDA_TRY(cudaMemcpyAsync(const_cast<char *>(v.base), stage.as<void>(), static_cast<size_t>(bytes),
-                                       cudaMemcpyDeviceToHost, stream_));
+    for (const Stage::Run &r : stage.runs)
+        if (r.bytes)
+            DEFKV_CUDA_TRY(cudaMemcpyAsync(const_cast<char *>(v.base) + r.host, stage.data.as<char>() + r.staged,
+                                           static_cast<size_t>(r.bytes), cudaMemcpyDeviceToHost, stream_));
     return DEFKV_SUCCESS;
 }
 
@@ -458,13 +578,29 @@ defkv_status CudaBackend::key_norm(const SeqViews &in, const SeqShape &s, const 
 // part of cu and idx uploaded, the row count known). A host-memory tensor is staged, compacted
 // and copied back before the call returns.
 defkv_status CudaBackend::compact(const View &t, int64_t Hk, int64_t L, int64_t d, const Buf &cu, const Buf &idx,
-                                  int64_t head0, const View *dst, std::string *msg) {
+                                  int64_t head0, const View *dst, bool heads, std::string *msg) {
     DEFKV_CUDA_TRY(cudaSetDevice(device_));
     CompactArgs a;
     a.Hk = Hk;
     a.d = d;
     a.elem_bytes = dtype_size(t.dtype);
     a.inplace = dst == nullptr;
+    a.dst_heads = heads && dst;
+    // A paged destination's block table is read only as far as each head's kept rows reach: the
+    // counts on the host (a device selection's part of cu_seqlens downloaded: this waits).
+    std::vector<int64_t> dst_lens;
+    if (a.dst_heads && dst->paged()) {
+        std::vector<int32_t> hcu(static_cast<size_t>(Hk + 1));
+        if (cu.memory == DEFKV_MEMORY_CUDA_DEVICE) {
+            DEFKV_CUDA_TRY(cudaMemcpyAsync(hcu.data(), cu.ptr<int32_t>() + head0, sizeof(int32_t) * (Hk + 1),
+                                           cudaMemcpyDeviceToHost, stream_));
+            DEFKV_CUDA_TRY(cudaStreamSynchronize(stream_));
+        } else {
+            std::copy(cu.ptr<int32_t>() + head0, cu.ptr<int32_t>() + head0 + Hk + 1, hcu.begin());
+        }
+        for (int64_t k = 0; k < Hk; k++)
+            dst_lens.push_back(std::min<int64_t>(std::max<int64_t>(int64_t{hcu[k + 1]} - hcu[k], 0), L));
+    }
     if (cu.memory == DEFKV_MEMORY_CUDA_DEVICE) {
         if (idx && idx.memory != DEFKV_MEMORY_CUDA_DEVICE) {
             *msg = "CUDA backend: compaction: cu_seqlens and indices must live in the same memory";
@@ -497,8 +633,9 @@ defkv_status CudaBackend::compact(const View &t, int64_t Hk, int64_t L, int64_t 
         a.scratch = compact_scratch_.as<void>();
     } else {
         // a host destination is uploaded first so that rows this call does not write come back unchanged
-        DEFKV_FORWARD(bind(*dst, "keys_out/values_out", &stage_b_, &a.dst, msg));
-        a.dst_rows = dst->shape[0];
+        DEFKV_FORWARD(bind(*dst, heads ? "keys/values (compaction destination)" : "keys_out/values_out", &stage_b_,
+                           &a.dst, msg, dst_lens.empty() ? nullptr : dst_lens.data()));
+        if (!heads) a.dst_rows = dst->shape[0];
     }
     DEFKV_FORWARD(compact_rows(a, stream_, msg));
     const View &written = dst ? *dst : t;

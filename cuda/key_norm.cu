@@ -14,7 +14,7 @@ __global__ void key_norm_kernel(DevTensor kt /* [Hk, L, d] */, int64_t Hk, int64
         const int64_t k = e / L, j = e % L;
         double acc = 0.0;
         for (int64_t i = lane; i < d; i += 32) {
-            const double x = load_f32(kt, k * kt.s0 + j * kt.s1 + i * kt.s2);
+            const double x = load_f32(kt, row_off(kt, k, j) + i * kt.s2);
             acc += x * x;
         }
         acc = warp_sum(acc);

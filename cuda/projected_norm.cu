@@ -1,6 +1,7 @@
 // Projected value norm kernels.
 //   Fast tensor-core path (pn_mma_kernel; sm_80+, values and o_proj both bf16 or both f16,
-//   d % 16 == 0, d <= 128, rows contiguous and 16-byte aligned, o_proj row-major): a block owns
+//   d % 16 == 0, d <= 128, o_proj rows contiguous and 16-byte aligned; V strided or paged, read
+//   16 bytes at a time when its rows allow it, else element by element): a block owns
 //   256 tokens of one KV head. It stages V[k, t0:t0+256, :] in shared memory once and moves it
 //   into registers as mma.sync A fragments (each of the 8 warps: 32 tokens x d); the same shared
 //   memory then holds a 3-stage cp.async pipeline of o_proj tiles (128 output columns x d) over
@@ -156,15 +157,18 @@ inline size_t mma_smem_bytes(int64_t d) {
 }
 
 // out[k, t] = (1/G) sum_g sum_c | sum_i V[k, t, i] o_proj[c, (kG+g) d + i] | for this block's 256
-// tokens t of KV head k = blockIdx.y (0 where masked). Rows of V (stride vs1, head stride vs0)
-// and of o_proj (stride os0) are contiguous and 16-byte aligned (the host checked).
+// tokens t of KV head k = blockIdx.y (0 where masked). Rows of V (addressed by row_off: strided
+// or through a block table) are copied 16 bytes at a time with cp.async when vec_v (contiguous,
+// 16-byte aligned, strides and page stride multiples of 8 elements), else element by element, so
+// the layout of V never changes the arithmetic; rows of o_proj (stride os0) are contiguous and
+// 16-byte aligned (the host checked).
 // Dynamic shared memory: mma_smem_bytes(d) (102 KB at d = 128: two blocks per SM).
 // KF: the k-steps of 16 when fixed at compile time (d = 16 KF: every k-step guard folds away and
 // each tile's product is one basic block the compiler schedules freely), or 0: d >> 4 at run time.
 // SP: 16-column strips multiplied together (their accumulators live at the same time).
 template <typename T, int KF, int SP>
 __global__ void __launch_bounds__(kMmaThreads, 2)
-pn_mma_kernel(const T *__restrict__ v, int64_t vs0, int64_t vs1, const T *__restrict__ o, int64_t os0, int64_t G,
+pn_mma_kernel(DevTensor vt /* [Hk, L, d] of T */, int vec_v, const T *__restrict__ o, int64_t os0, int64_t G,
               int d, int64_t D, int64_t L, int64_t n_tokens, const uint8_t *masked /* [Hk, L] or null */,
               float *out /* [Hk, n_tokens] */) {
     extern __shared__ __align__(128) unsigned char smem[];
@@ -173,6 +177,7 @@ pn_mma_kernel(const T *__restrict__ v, int64_t vs0, int64_t vs1, const T *__rest
     const int64_t k = blockIdx.y, t0 = static_cast<int64_t>(blockIdx.x) * kMmaTokens;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5; // warp: tokens warp*32 .. +32
     const int d8 = d >> 3, nks = KF > 0 ? KF : d >> 4; // 16-byte segments per row, k-steps of 16
+    const T *__restrict__ v = static_cast<const T *>(vt.data);
     constexpr int kMaxK = KF > 0 ? KF : kMmaMaxK;
 
     // V tile (tokens past n_tokens are zero-filled), then into registers as A fragments:
@@ -180,7 +185,14 @@ pn_mma_kernel(const T *__restrict__ v, int64_t vs0, int64_t vs1, const T *__rest
     for (int e = tid; e < kMmaTokens * d8; e += kMmaThreads) {
         const int r = e / d8, seg = e - r * d8;
         const int64_t t = t0 + r;
-        cp_async16(sm + r * ld + seg * 8, v + k * vs0 + (t < n_tokens ? t : 0) * vs1 + seg * 8, t < n_tokens);
+        if (vec_v) {
+            cp_async16(sm + r * ld + seg * 8, v + row_off(vt, k, t < n_tokens ? t : 0) + seg * 8, t < n_tokens);
+        } else { // 16-bit patterns copied as they are (zero bits are 0.0 in f16 and bf16)
+            uint16_t *dst = reinterpret_cast<uint16_t *>(sm + r * ld + seg * 8);
+            const uint16_t *src = reinterpret_cast<const uint16_t *>(v);
+            const int64_t ro = t < n_tokens ? row_off(vt, k, t) : 0;
+            for (int u = 0; u < 8; u++) dst[u] = t < n_tokens ? src[ro + (seg * 8 + u) * vt.s2] : uint16_t(0);
+        }
     }
     cp_async_commit();
     cp_async_wait<0>();
@@ -322,13 +334,13 @@ pn_wmma_kernel(DevTensor v /* [Hk, L, d] of T */, DevTensor o /* [D, H*d] of T *
         for (int64_t e = tid; e < kTcTokens * d8; e += kTcThreads) {
             const int64_t r = e / d8, i = (e % d8) * 8, t = t0 + r;
             uint4 x = make_uint4(0u, 0u, 0u, 0u); // all-zero bits are 0.0 in f16 and bf16
-            if (t < n_tokens) x = *reinterpret_cast<const uint4 *>(vp + k * v.s0 + t * v.s1 + i);
+            if (t < n_tokens) x = *reinterpret_cast<const uint4 *>(vp + row_off(v, k, t) + i);
             *reinterpret_cast<uint4 *>(vs + r * ld + i) = x;
         }
     } else {
         for (int64_t e = tid; e < kTcTokens * d; e += kTcThreads) {
             const int64_t r = e / d, i = e % d, t = t0 + r;
-            vs[r * ld + i] = t < n_tokens ? raw_load<T>(v, k * v.s0 + t * v.s1 + i * v.s2) : zero_val<T>();
+            vs[r * ld + i] = t < n_tokens ? raw_load<T>(v, row_off(v, k, t) + i * v.s2) : zero_val<T>();
         }
     }
     // Each thread owns half a row of the 128x64 tile: row tid/2, columns (tid%2)*32 .. +32.
@@ -406,7 +418,7 @@ pn_f32_kernel(DevTensor v /* [Hk, L, d] */, DevTensor o /* [D, H*d] */, int64_t 
             for (int e = tid; e < kTokens * kK; e += kThreads) {
                 const int r = e / kK, i = e % kK;
                 const int64_t t = t0 + r, ii = i0 + i;
-                vs[r][i] = (t < n_tokens && ii < d) ? load_f32(v, k * v.s0 + t * v.s1 + ii * v.s2) : 0.0f;
+                vs[r][i] = (t < n_tokens && ii < d) ? load_f32(v, row_off(v, k, t) + ii * v.s2) : 0.0f;
                 const int64_t c = c0 + r;
                 bs[r][i] = (c < D && ii < d) ? load_f32(o, c * o.s0 + (h * d + ii) * o.s1) : 0.0f;
             }
@@ -448,7 +460,7 @@ template <typename T> defkv_status launch_wmma(const ProjectedNormArgs &a, cudaS
                                         static_cast<int>(smem)));
     // 16-byte row segments: inner stride 1, other strides and the base multiples of 8 elements.
     auto aligned16 = [](const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; };
-    const bool vec_v = a.values.s2 == 1 && a.values.s0 % 8 == 0 && a.values.s1 % 8 == 0 && aligned16(a.values.data);
+    const bool vec_v = rows_vec16(a.values);
     const bool vec_o = a.o_proj.s1 == 1 && a.o_proj.s0 % 8 == 0 && aligned16(a.o_proj.data);
     const dim3 grid(static_cast<unsigned>(ceil_div(a.n_tokens, kTcTokens)), static_cast<unsigned>(a.H));
     pn_wmma_kernel<T><<<grid, kTcThreads, smem, stream>>>(a.values, a.o_proj, a.G, a.d, a.D, a.n_tokens, vec_v,
@@ -463,13 +475,14 @@ bool tensor_core_ok(int32_t vd, int32_t od, int64_t d) {
 
 bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-// The fast path's layout needs: V rows (inner stride 1) and o_proj rows (row-major, inner stride
-// 1) start on 16-byte boundaries, d <= 128, and an sm_80+ GPU with the shared memory it asks for.
+// The fast path's layout needs: o_proj rows (row-major, inner stride 1) start on 16-byte
+// boundaries, d <= 128, and an sm_80+ GPU with the shared memory it asks for. V may have any
+// layout (strided or paged): unaligned rows are staged element by element, so a paged cache
+// takes the path its contiguous copy takes and gives the same bits.
 bool mma_path_ok(const ProjectedNormArgs &a, int cc_major, int smem_max) {
     return tensor_core_ok(a.values.dtype, a.o_proj.dtype, a.d) && a.d <= 16 * kMmaMaxK && cc_major >= 8 &&
-           mma_smem_bytes(a.d) <= static_cast<size_t>(smem_max) && a.values.s2 == 1 && a.values.s0 % 8 == 0 &&
-           a.values.s1 % 8 == 0 && aligned16(a.values.data) && a.o_proj.s1 == 1 && a.o_proj.s0 % 8 == 0 &&
-           aligned16(a.o_proj.data) && a.Hk <= 65535;
+           mma_smem_bytes(a.d) <= static_cast<size_t>(smem_max) && a.o_proj.s1 == 1 &&
+           a.o_proj.s0 % 8 == 0 && aligned16(a.o_proj.data) && a.Hk <= 65535;
 }
 
 template <typename T, int KF>
@@ -479,7 +492,7 @@ defkv_status launch_mma_k(const ProjectedNormArgs &a, cudaStream_t stream, std::
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     const dim3 grid(static_cast<unsigned>(ceil_div(a.n_tokens, kMmaTokens)), static_cast<unsigned>(a.Hk));
     pn_mma_kernel<T, KF, kMmaStripsPerPass><<<grid, kMmaThreads, smem, stream>>>(
-        static_cast<const T *>(a.values.data), a.values.s0, a.values.s1, static_cast<const T *>(a.o_proj.data),
+        a.values, rows_vec16(a.values) ? 1 : 0, static_cast<const T *>(a.o_proj.data),
         a.o_proj.s0, a.G, static_cast<int>(a.d), a.D, a.L, a.n_tokens, a.masked, a.out);
     DEFKV_CUDA_LAUNCHED("pn_mma_kernel");
     return DEFKV_SUCCESS;

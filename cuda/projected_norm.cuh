@@ -1,10 +1,10 @@
 // The projected value norm: pn[k, t] = (1/G) sum_g || V[k, t, :] Wo_{kG+g} ||_1 for t < n_tokens,
 // where Wo_h = o_proj[:, h*d:(h+1)*d]^T (d x D). A GEMM per query head (tokens x d times d x D)
 // whose epilogue sums |.| over the D columns, so no n_tokens x D product is ever stored.
-// One host entry: projected_norm(). On sm_80+ with bf16/f16 V and o_proj, d % 16 == 0, d <= 128,
-// 16-byte aligned contiguous rows and a row-major o_proj it runs one fused mma.sync kernel per
-// KV head (G heads summed inside, `partial` unused); otherwise a WMMA or f32 kernel per query
-// head plus a fixed-order head reduction through `partial`.
+// One host entry: projected_norm(). On sm_80+ with bf16/f16 V and o_proj, d % 16 == 0, d <= 128
+// and a 16-byte aligned row-major o_proj (V strided or paged, any alignment) it runs one fused
+// mma.sync kernel per KV head (G heads summed inside, `partial` unused); otherwise a WMMA or f32
+// kernel per query head plus a fixed-order head reduction through `partial`.
 #pragma once
 #include <string>
 

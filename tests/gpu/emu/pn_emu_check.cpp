@@ -44,14 +44,15 @@ double from_bits(uint16_t b, int32_t dt) {
 }
 
 int run_case(int32_t dt, int64_t Hk, int64_t G, int64_t d, int64_t D, int64_t L, int64_t n, bool token_major,
-             bool with_mask, uint64_t seed) {
+             bool with_mask, uint64_t seed, int64_t pad = 0) {
     const int64_t H = Hk * G;
     Rng rng{seed};
-    // V logical [Hk, L, d]: head-major storage [Hk][L][d] or token-major [L][Hk][d]
-    std::vector<uint16_t> v(static_cast<size_t>(Hk * L * d)), o(static_cast<size_t>(D * H * d));
+    // V logical [Hk, L, d]: head-major storage [Hk][L][d] (heads pad elements apart: pad % 8 != 0
+    // leaves the rows unaligned, read element by element) or token-major [L][Hk][d]
+    std::vector<uint16_t> v(static_cast<size_t>(Hk * (L * d + pad))), o(static_cast<size_t>(D * H * d));
     for (auto &x : v) x = to_bits(static_cast<float>(rng.uniform()), dt);
     for (auto &x : o) x = to_bits(static_cast<float>(rng.uniform() * 0.1), dt);
-    const int64_t vs0 = token_major ? d : L * d, vs1 = token_major ? Hk * d : d;
+    const int64_t vs0 = token_major ? d : L * d + pad, vs1 = token_major ? Hk * d : d;
     std::vector<uint8_t> masked(static_cast<size_t>(Hk * L), 0);
     if (with_mask)
         for (auto &m : masked) m = rng.next() % 7 == 0;
@@ -92,9 +93,10 @@ int run_case(int32_t dt, int64_t Hk, int64_t G, int64_t d, int64_t D, int64_t L,
     std::string msg;
     const defkv_status st = cuda::projected_norm(a, nullptr, &msg);
     char name[200];
-    std::snprintf(name, sizeof name, "%s Hk=%lld G=%lld d=%lld D=%lld L=%lld n=%lld %s mask=%d",
+    std::snprintf(name, sizeof name, "%s Hk=%lld G=%lld d=%lld D=%lld L=%lld n=%lld %s pad=%lld mask=%d",
                   dt == DEFKV_DTYPE_BF16 ? "bf16" : "f16", (long long)Hk, (long long)G, (long long)d, (long long)D,
-                  (long long)L, (long long)n, token_major ? "token-major" : "head-major", with_mask ? 1 : 0);
+                  (long long)L, (long long)n, token_major ? "token-major" : "head-major", (long long)pad,
+                  with_mask ? 1 : 0);
     int fails = 0;
     if (st != DEFKV_SUCCESS) {
         std::printf("FAIL %s: status %d: %s\n", name, st, msg.c_str());
@@ -157,6 +159,8 @@ int main() {
     // d = 48 and d = 112: k-steps at run time
     fails += run_case(DEFKV_DTYPE_F16, 1, 2, 48, 40, 270, 270, false, true, seed++);
     fails += run_case(DEFKV_DTYPE_BF16, 1, 2, 112, 129, 40, 33, false, false, seed++);
+    // V rows not 16-byte aligned (head stride L*d + 3): staged element by element, same path
+    fails += run_case(DEFKV_DTYPE_BF16, 2, 2, 64, 100, 300, 290, false, true, seed++, 3);
     std::printf("pn_emu_check: %d failure(s)\n", fails);
     return fails ? 1 : 0;
 }
