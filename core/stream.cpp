@@ -569,9 +569,17 @@ defkv_status stream_round(defkv_stream &s, const defkv_stream_cache *caches, def
             if (idb.bytes) DEFKV_FORWARD(be.upload(didx.b, idx.data(), idb.bytes, msg));
             cub = dcu.b, idb = didx.b;
         }
-        if (moves) DEFKV_FORWARD(be.compact_heads(lv.keys, lv.keys, Hk, s.sp.head_dim, cub, idb, 0, msg));
-        if (moves && !same_elements(lv.keys, lv.values))
-            DEFKV_FORWARD(be.compact_heads(lv.values, lv.values, Hk, s.sp.head_dim, cub, idb, 0, msg));
+        // One call per layer; per head when every head has its own block-table row, since the
+        // heads' rows then hold different numbers of pages (a view must not name missing ones).
+        const bool shared = same_elements(lv.keys, lv.values);
+        for (int32_t k = 0; moves && k < (lv.head_rows ? Hk : 1); k++) {
+            const int64_t len = static_cast<int64_t>(keep[l][k].size());
+            const View kv = lv.head_rows ? head_view(lv, lv.keys, k, len) : lv.keys;
+            const View vv = lv.head_rows ? head_view(lv, lv.values, k, len) : lv.values;
+            const int64_t nh = lv.head_rows ? 1 : Hk;
+            DEFKV_FORWARD(be.compact_heads(kv, kv, nh, s.sp.head_dim, cub, idb, k, msg));
+            if (!shared) DEFKV_FORWARD(be.compact_heads(vv, vv, nh, s.sp.head_dim, cub, idb, k, msg));
+        }
         if (sels) write_round_output(s, keep[l], shown[l], sels[l]);
         StreamLayer &sl = s.layers[l];
         for (int32_t k = 0; k < Hk; k++) {
