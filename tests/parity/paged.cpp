@@ -27,6 +27,9 @@
 #include "defkv/defkv.h"
 #include "devmem.hpp"
 #include "harness.hpp"
+#ifdef DEFKV_PAGED_GOLDEN
+#include "safetensors.hpp"
+#endif
 
 namespace {
 
@@ -71,6 +74,8 @@ struct Case {
     int64_t H, Hk, d, D, W;
     std::vector<int64_t> Ls;
     int32_t page_size, dtype;
+    int32_t kernel = 3;
+    double ratio = 0.6;
 };
 
 std::vector<Case> cases(bool small) {
@@ -350,8 +355,8 @@ void run_layout(defkv_context *ctx, const Case &c, Data &x, int32_t layout, Mem 
         defkv_params_default(&prm);
         prm.method = m;
         prm.window = static_cast<int32_t>(c.W);
-        prm.compression_ratio = 0.6;
-        prm.kernel = 3;
+        prm.compression_ratio = c.ratio;
+        prm.kernel = c.kernel;
         const std::string what = tag + " " + layout_name(layout) + " " + defkv_method_name(m);
         Sel ref(nh, E), got(nh, E);
         defkv_status a = defkv_select(ctx, &prm, &cont.layer, &ref.s);
@@ -369,7 +374,8 @@ void run_layout(defkv_context *ctx, const Case &c, Data &x, int32_t layout, Mem 
         defkv_params prm;
         defkv_params_default(&prm);
         prm.window = static_cast<int32_t>(c.W);
-        prm.compression_ratio = 0.6;
+        prm.compression_ratio = c.ratio;
+        prm.kernel = c.kernel;
         CHECK(defkv_select(ctx, &prm, &cont.layer, &sel.s) == DEFKV_SUCCESS, "%s: select: %s", what.c_str(),
               defkv_context_last_error(ctx));
     }
@@ -482,7 +488,8 @@ void run_global(defkv_context *ctx, const Case &c, Data &x0, Data &x1, Mem &mem,
     defkv_params_default(&prm);
     prm.method = DEFKV_METHOD_LAYER_DEFENSIVEKV;
     prm.window = static_cast<int32_t>(c.W);
-    prm.compression_ratio = 0.6;
+    prm.compression_ratio = c.ratio;
+    prm.kernel = c.kernel;
     Paged p0 = make_paged(c, x0, DEFKV_PAGE_HEAD, 21), p1 = make_paged(c, x1, DEFKV_PAGE_NHD, 22);
     defkv_paged_kv g0 = describe(c, p0, mem.put(p0.kpool), mem.put(p0.vpool), mem.kind());
     defkv_paged_kv g1 = describe(c, p1, mem.put(p1.kpool), mem.put(p1.vpool), mem.kind());
@@ -592,6 +599,38 @@ void run_bad(defkv_context *ctx, const Case &c, Data &x, const std::string &tag)
     }
 }
 
+#ifdef DEFKV_PAGED_GOLDEN
+// The public golden cases (tests/data/conformance/*.case.safetensors): each layer as a case of
+// one sequence with the file's window, kernel and ratio, pages of 16.
+bool load_golden(const std::string &path, Case *c, std::vector<Data> *layers, std::string *err) {
+    defkv_st::SafeFile f;
+    if (!defkv_st::read_safetensors(path, &f, err)) return false;
+    auto meta = [&](const char *k) { const std::string *v = f.meta(k); return v ? *v : std::string(); };
+    const int n_layers = std::atoi(meta("n_layers").c_str());
+    c->W = std::atoi(meta("window").c_str());
+    c->kernel = std::atoi(meta("kernel").c_str());
+    c->ratio = std::atof(meta("compression_ratio").c_str());
+    c->page_size = 16;
+    c->dtype = DEFKV_DTYPE_F32;
+    for (int l = 0; l < n_layers; l++) {
+        const std::string pre = "layers." + std::to_string(l) + ".";
+        const defkv_st::Tensor *q = f.find(pre + "queries"), *k = f.find(pre + "keys"), *v = f.find(pre + "values"),
+                               *o = f.find(pre + "o_proj");
+        if (!q || !k || !v || !o || q->shape.size() != 3 || k->shape.size() != 3 || o->shape.size() != 2) {
+            *err = path + ": layer " + std::to_string(l) + " is missing a tensor";
+            return false;
+        }
+        c->H = q->shape[0], c->Hk = k->shape[0], c->d = k->shape[2], c->D = o->shape[0];
+        c->Ls = {k->shape[1]};
+        Data x;
+        x.q.push_back(q->data), x.k.push_back(k->data), x.v.push_back(v->data);
+        x.o = o->data;
+        layers->push_back(std::move(x));
+    }
+    return n_layers > 0 && c->W > 0 && c->kernel > 0;
+}
+#endif
+
 void run_slots(const std::string &tag) {
     // Rows of lengths 0, 1, 15, 16, 17, 33 with page size 16 and tables [10+r*4 ..].
     const int32_t lens[] = {0, 1, 15, 16, 17, 33};
@@ -620,13 +659,15 @@ void run_slots(const std::string &tag) {
 int main(int argc, char **argv) {
     std::string backend = "cpu";
     bool small = false;
+    std::vector<std::string> golden; // case files (--golden FILE, repeated)
     for (int i = 1; i < argc; i++) {
         const std::string a = argv[i];
         if (a == "--backend" && i + 1 < argc) backend = argv[++i];
         else if (a == "--small") small = true;
         else if (a == "--inject-fault") g_fault = true;
+        else if (a == "--golden" && i + 1 < argc) golden.push_back(argv[++i]);
         else {
-            std::fprintf(stderr, "usage: paged [--backend cpu|vulkan|cuda] [--small] [--inject-fault]\n");
+            std::fprintf(stderr, "usage: paged [--backend cpu|vulkan|cuda] [--small] [--inject-fault] [--golden CASE_FILE]...\n");
             return 2;
         }
     }
@@ -669,6 +710,31 @@ int main(int argc, char **argv) {
         if (ci == 0) run_bad(c.ctx, cs, x, backend + " " + cs.name);
         ci++;
     }
+#ifdef DEFKV_PAGED_GOLDEN
+    // The golden cases: every layer, every method, three layouts; the layer-adaptive API over
+    // the first two layers of the multi-layer case.
+    for (const std::string &name : golden) {
+        Case cs{};
+        std::vector<Data> layers;
+        std::string err;
+        if (!load_golden(name, &cs, &layers, &err)) {
+            std::printf("FAIL: %s\n", err.c_str());
+            return 1;
+        }
+        const std::string base = name.substr(name.find_last_of('/') + 1);
+        cs.name = base.c_str();
+        for (int mk = 0; mk < (dev ? 2 : 1); mk++) {
+            Mem mem;
+            if (mk == 1) mem.dev = dev.get();
+            for (size_t l = 0; l < layers.size(); l++) {
+                const std::string tag = backend + " golden " + base + " layer " + std::to_string(l) + (mk ? " device pools" : " host pools");
+                for (int32_t layout : {DEFKV_PAGE_NHD, DEFKV_PAGE_HND, DEFKV_PAGE_HEAD})
+                    run_layout(c.ctx, cs, layers[l], layout, mem, tag);
+            }
+            if (layers.size() >= 2) run_global(c.ctx, cs, layers[0], layers[1], mem, backend + " golden " + base);
+        }
+    }
+#endif
     run_slots(backend);
     std::printf("paged %s: %d checks, %d failures\n", backend.c_str(), parity::g_checks, parity::g_failures);
     return parity::g_failures == 0 ? 0 : 1;
