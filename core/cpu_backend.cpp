@@ -63,6 +63,14 @@ const float *direct_f32(const View &v, int64_t off, int64_t col_stride) {
     return reinterpret_cast<const float *>(v.base) + off;
 }
 
+// Asks for the d elements at element offset `off` of a host view ahead of use (rows of a paged
+// or token-major cache are far apart, beyond what the hardware prefetcher follows).
+inline void prefetch_row(const View &v, int64_t off, int64_t d) {
+    const int64_t es = dtype_size(v.dtype);
+    if (v.stride[2] != 1) return;
+    for (int64_t b = 0; b < d * es; b += 64) __builtin_prefetch(v.base + off * es + b);
+}
+
 // Whether any of the first n entries is not masked (masked may be null: none is).
 bool any_unmasked(const uint8_t *masked, int64_t n) {
     if (!masked) return n > 0;
@@ -148,7 +156,10 @@ defkv_status CpuBackend::head_rows(const SeqViews &in, const SeqShape &s, const 
                 for (int64_t t = 0; t < T; t++) cols[t] = direct_f32(kv, kv.off3(k, t0 + t, 0), 1);
             } else {
                 kbuf.resize(static_cast<size_t>(kTokenTile * d));
-                for (int64_t t = 0; t < T; t++) load_f32(kv, kv.off3(k, t0 + t, 0), d, kv.stride[2], &kbuf[t * d]);
+                for (int64_t t = 0; t < T; t++) {
+                    if (t + 4 < T) prefetch_row(kv, kv.off3(k, t0 + t + 4, 0), d);
+                    load_f32(kv, kv.off3(k, t0 + t, 0), d, kv.stride[2], &kbuf[t * d]);
+                }
                 for (int64_t t = 0; t < T; t++) cols[t] = kbuf.data() + t * d;
             }
             pack_b_columns(cols.data(), d, T, &kp);
@@ -381,6 +392,7 @@ void CpuBackend::projected_norm_fused(const SeqViews &in, const SeqShape &s, int
             tail.resize(static_cast<size_t>(kTile * 8));
             for (int64_t t = 0; t < nrb * kMR; t++) {
                 float *dst = &apack[(t / kMR) * d * kMR + t % kMR];
+                if (t + 4 < T) prefetch_row(v, v.off3(k, t0 + t + 4, 0), d);
                 if (t < T) load_f32(v, v.off3(k, t0 + t, 0), d, v.stride[2], row.data());
                 else std::fill(row.begin(), row.end(), 0.0f);
                 for (int64_t i = 0; i < d; i++) dst[i * kMR] = row[i];
@@ -417,15 +429,19 @@ defkv_status CpuBackend::key_norm_host(const SeqViews &in, const SeqShape &s, fl
     (void)msg;
     const View &kv = in.keys;
     const int64_t L = s.L, d = s.d;
-    pool_->parallel_for(s.Hk * ((L + 255) / 256), [&](int64_t task) {
-        const int64_t nb = (L + 255) / 256, k = task / nb, j0 = (task % nb) * 256;
+    // Token blocks, every head of a token together: rows of a token-major or NHD-paged cache
+    // are then read in memory order (each entry is computed alone: the order does not matter).
+    const int64_t Hk = s.Hk, blk = 64;
+    pool_->parallel_for((L + blk - 1) / blk, [&](int64_t task) {
+        const int64_t j0 = task * blk;
         std::vector<float> row(static_cast<size_t>(d));
-        for (int64_t j = j0; j < std::min(L, j0 + 256); j++) {
-            load_f32(kv, kv.off3(k, j, 0), d, kv.stride[2], row.data());
-            double acc = 0.0;
-            for (int64_t i = 0; i < d; i++) acc += static_cast<double>(row[i]) * row[i];
-            out[k * L + j] = -static_cast<float>(std::sqrt(acc));
-        }
+        for (int64_t j = j0; j < std::min(L, j0 + blk); j++)
+            for (int64_t k = 0; k < Hk; k++) {
+                load_f32(kv, kv.off3(k, j, 0), d, kv.stride[2], row.data());
+                double acc = 0.0;
+                for (int64_t i = 0; i < d; i++) acc += static_cast<double>(row[i]) * row[i];
+                out[k * L + j] = -static_cast<float>(std::sqrt(acc));
+            }
     });
     return DEFKV_SUCCESS;
 }

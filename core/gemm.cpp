@@ -92,6 +92,9 @@ void pack_b_columns(const float *const *cols, int64_t K, int64_t N, PackedB *out
         const int64_t n0 = p * kGemmNR, nn = std::min(kGemmNR, N - n0);
         for (int64_t c = 0; c < nn; c++) {
             const float *col = cols[n0 + c];
+            // Columns may be far apart (a paged or token-major cache): fetch a later one early.
+            if (n0 + c + 4 < N)
+                for (int64_t k = 0; k < K; k += 16) __builtin_prefetch(cols[n0 + c + 4] + k);
             for (int64_t k = 0; k < K; k++) dst[k * kGemmNR + c] = col[k];
         }
     }
