@@ -7,7 +7,7 @@
 // says one is due; the round scores, selects and compacts the cache in place. The baseline is
 // that step's attention over the whole cache (per KV head: S = K Q^T with OpenBLAS sgemm over the
 // group's queries, a softmax, O = P V with sgemm), the same work an engine's decode attention
-// does. The stream's cost per step, amortised over the rounds, is printed as a fraction of it,
+// does, on as many threads as the library. The stream's cost per step, amortised over the rounds, is printed as a fraction of it,
 // for several intervals. Nothing is asserted: figures only.
 #include <cblas.h>
 
@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "defkv/defkv.h"
@@ -55,12 +56,28 @@ struct Opts {
     int threads = 0;
 };
 
-// One decode step's attention over the live entries: per KV head, the group's G queries.
+// One decode step's attention over the live entries: per KV head, the group's G queries; the
+// KV heads split over `threads` threads, each calling single-threaded OpenBLAS (its own thread
+// pool spins and thrashes on thin products like these when the cores are shared).
+void decode_attention_heads(const float *K, const float *V, const float *q, const int32_t *lens, int64_t cap, int H,
+                            int Hk, int d, int k0, int k1, std::vector<float> &S, float *out);
+
 void decode_attention(const float *K, const float *V, const float *q, const int32_t *lens, int64_t cap, int H, int Hk,
-                      int d, std::vector<float> &S, float *out) {
+                      int d, int threads, std::vector<std::vector<float>> &S, float *out) {
+    std::vector<std::thread> ts;
+    const int n = std::max(1, std::min(threads, Hk));
+    S.resize(static_cast<size_t>(n));
+    for (int t = 1; t < n; t++)
+        ts.emplace_back([&, t] { decode_attention_heads(K, V, q, lens, cap, H, Hk, d, Hk * t / n, Hk * (t + 1) / n, S[t], out); });
+    decode_attention_heads(K, V, q, lens, cap, H, Hk, d, 0, Hk / n, S[0], out);
+    for (std::thread &t : ts) t.join();
+}
+
+void decode_attention_heads(const float *K, const float *V, const float *q, const int32_t *lens, int64_t cap, int H,
+                            int Hk, int d, int k0, int k1, std::vector<float> &S, float *out) {
     const int G = H / Hk;
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-    for (int k = 0; k < Hk; k++) {
+    for (int k = k0; k < k1; k++) {
         const int64_t L = lens[k];
         S.resize(static_cast<size_t>(G * L));
         const float *Kk = K + static_cast<size_t>(k) * cap * d, *Vk = V + static_cast<size_t>(k) * cap * d;
@@ -114,7 +131,9 @@ bool run(const Opts &o, const char *method_name, int interval, Result *res) {
     }
     Rng r(42);
     std::vector<float> K(static_cast<size_t>(Hk) * cap * d), V(K.size()), O(static_cast<size_t>(D) * H * d), q(static_cast<size_t>(H) * d),
-        qw(static_cast<size_t>(H) * W * d), out(static_cast<size_t>(H) * d), S;
+        qw(static_cast<size_t>(H) * W * d), out(static_cast<size_t>(H) * d);
+    std::vector<std::vector<float>> S;
+    const int threads = o.threads > 0 ? o.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
     for (float &x : K) x = r.uni();
     for (float &x : V) x = r.uni();
     for (float &x : O) x = r.uni() * 0.02f;
@@ -141,7 +160,7 @@ bool run(const Opts &o, const char *method_name, int interval, Result *res) {
             }
         for (int32_t &x : lens) x++;
         const auto a0 = Clock::now();
-        decode_attention(K.data(), V.data(), q.data(), lens.data(), cap, H, Hk, d, S, out.data());
+        decode_attention(K.data(), V.data(), q.data(), lens.data(), cap, H, Hk, d, threads, S, out.data());
         const auto a1 = Clock::now();
         int32_t due = 0;
         ok = defkv_stream_append(st, 0, 1) == DEFKV_SUCCESS && defkv_stream_push_queries(st, 0, &qt) == DEFKV_SUCCESS &&
@@ -208,7 +227,10 @@ int defkv_cmd_bench_stream(int argc, char **argv) {
     std::printf("defkv bench-stream: Llama-3.1-8B-shaped layer (H 32, Hk 8, d 128, D 4096, f32), cache held at %lld "
                 "entries per head, window 32\n",
                 (long long)o.length);
-    std::printf("baseline: that step's decode attention over the cache (OpenBLAS sgemm, same threads)\n");
+    openblas_set_num_threads(1);
+    std::printf("baseline: that step's decode attention over the cache (KV heads over %d threads, single-threaded "
+                "OpenBLAS sgemm each; the library uses as many)\n",
+                o.threads > 0 ? o.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
     std::printf("%-12s %8s %6s %7s %12s %12s %12s %9s\n", "method", "interval", "steps", "rounds", "attn ms/step",
                 "stream ms/step", "round ms", "fraction");
     for (const std::string &m : o.methods)
