@@ -13,6 +13,8 @@
 #   memcheck    compute-sanitizer memcheck on cuda_parity --small
 #   parity_all  tests/parity: every method, host and device outputs, on CUDA against the CPU
 #   ops_parity  tests/parity: every backend op on CUDA against the CPU
+#   paged       tests/parity/paged: paged caches on CUDA against its contiguous results
+#   stream      tests/stream/stream_ref: decode-time eviction against the float64 reference
 #   vk_parity   the same two harnesses on the GPU's Vulkan driver, validation on
 #   vk_ops      the Vulkan backend's op-level tests on a caller-created device
 #   bench       cuda_bench: Llama-3.1-8B-shaped layer at L = 8k, 32k, 128k + cuBLAS bf16 GEMM
@@ -108,6 +110,14 @@ step available 30 "$B/bin/test_cuda_available"
 step parity 120 "$B/bin/cuda_parity"
 step parity_all 180 "$B/bin/parity" --backend cuda
 step ops_parity 120 "$B/bin/ops_parity" --backend cuda
+# paged caches (every method, NHD/HND/per-head pools in host and device memory, the golden cases
+# too) and decode-time eviction (every round against the float64 reference)
+golden=""
+for c in pub1-g4-L1024 pub2-g1-L300 pub3-g8-L700 pub4-3layer-L512; do
+  [ -f "$ROOT/tests/data/conformance/$c.case.safetensors" ] && golden="$golden --golden $ROOT/tests/data/conformance/$c.case.safetensors"
+done
+[ -x "$B/bin/paged" ] && step paged 120 "$B/bin/paged" --backend cuda $golden
+[ -x "$B/bin/stream_ref" ] && step stream 60 "$B/bin/stream_ref" --backend cuda
 # The Vulkan backend on the GPU's own Vulkan driver (issue 3). The image has no Vulkan loader:
 # the loader and the Khronos validation layer travel as Debian packages in .gl (fetched on the
 # build machine with apt-get download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2
@@ -128,6 +138,8 @@ if [ -x "$B/bin/parity" ] && ls "$ROOT"/.gl/libvulkan1_*.deb >/dev/null 2>&1; th
   ls /usr/local/nvidia/share/vulkan/icd.d /usr/share/vulkan/icd.d /etc/vulkan/icd.d 2>&1 | head -8
   step vk_parity 120 env DEFKV_VULKAN_VALIDATION=abort DEFKV_VULKAN_INFO=1 "$B/bin/parity" --backend vulkan
   step vk_ops_parity 60 env DEFKV_VULKAN_VALIDATION=abort "$B/bin/ops_parity" --backend vulkan
+  [ -x "$B/bin/paged" ] && step vk_paged 120 env DEFKV_VULKAN_VALIDATION=abort "$B/bin/paged" --backend vulkan
+  [ -x "$B/bin/stream_ref" ] && step vk_stream 60 env DEFKV_VULKAN_VALIDATION=abort "$B/bin/stream_ref" --backend vulkan
   step vk_ops 60 env DEFKV_VULKAN_VALIDATION=abort "$B/bin/vk_ops"
   [ -x "$B/bin/vk_bench" ] && step vk_bench 120 env DEFKV_VULKAN_INFO=1 "$B/bin/vk_bench" --reps 1
 else

@@ -14,14 +14,15 @@ BUILD=${DEFKV_BUNDLE_BUILD:-$ROOT/build-cuda-dev}
 OUT=$ROOT/build-cuda-bundle
 cmake -S "$ROOT" -B "$BUILD" -G Ninja -DDEFKV_CUDA=ON \
   -DDEFKV_CUDA_ARCHITECTURES="80-real;90" -DDEFKV_VULKAN=ON -DDEFKV_BUILD_TESTS=ON >/dev/null
-ninja -C "$BUILD" -j2 defkv cuda_parity cuda_bench test_cuda_available parity ops_parity vk_ops
+ninja -C "$BUILD" -j2 defkv cuda_parity cuda_bench test_cuda_available parity ops_parity paged stream_ref vk_ops
 ninja -C "$BUILD" -j2 vk_bench || echo "make_device_bundle: vk_bench did not build; the bundle goes without it"
 rm -rf "$OUT"
 mkdir -p "$OUT/bin" "$OUT/lib"
 cp "$BUILD"/tests/gpu/{cuda_parity,cuda_bench,test_cuda_available} "$OUT/bin/"
 # the shared parity harnesses (every method and op, CUDA and the GPU's own Vulkan driver) and
 # the Vulkan backend's own op tests
-cp "$BUILD"/tests/parity/{parity,ops_parity} "$OUT/bin/"
+cp "$BUILD"/tests/parity/{parity,ops_parity,paged} "$OUT/bin/"
+cp "$BUILD"/tests/stream/stream_ref "$OUT/bin/"
 cp "$BUILD"/tests/vulkan/vk_ops "$OUT/bin/"
 # and its benchmark when it exists (device_check.sh runs bin/vk_bench if present)
 [ -x "$BUILD"/tests/vulkan/vk_bench ] && cp "$BUILD"/tests/vulkan/vk_bench "$OUT/bin/"
