@@ -120,8 +120,8 @@ public:
 
 private:
     defkv_status attention_host(const SeqViews &in, const SeqShape &s, const AttentionRequest &req, std::string *msg);
-    defkv_status head_rows(const SeqViews &in, const SeqShape &s, const AttentionRequest &req, int64_t h, float *rows,
-                           float *qbuf, uint8_t *row_ok, std::string *msg);
+    defkv_status group_rows(const SeqViews &in, const SeqShape &s, const AttentionRequest &req, int64_t k, float *rows,
+                            float *qbuf, uint8_t *row_ok, std::string *msg);
     defkv_status projected_norm_host(const SeqViews &in, const SeqShape &s, int64_t n_tokens, const uint8_t *masked,
                                      float *out, std::string *msg);
     defkv_status key_norm_host(const SeqViews &in, const SeqShape &s, float *out, std::string *msg);
@@ -130,62 +130,67 @@ private:
     [[maybe_unused]] int32_t n_threads_;
 };
 
-// A[h, :, :] of one query head into rows [W, L]: the given probabilities, or the causal
-// softmax of the scaled logits, in token tiles on the pool. A row whose eligible logits have no
-// finite maximum (finite inputs whose logits overflowed float32) is DEFKV_ERROR_NON_FINITE.
-defkv_status CpuBackend::head_rows(const SeqViews &in, const SeqShape &s, const AttentionRequest &req, int64_t h,
-                                   float *rows, float *qbuf, uint8_t *row_ok, std::string *msg) {
-    const int64_t W = s.W, L = s.L, P = s.P, d = s.d, k = h / s.G;
+// A[h, :, :] of the G query heads h = kG + g of KV head k into rows [G*W, L] (head g's at
+// g*W): the given probabilities, or the causal softmax of the scaled logits, in token tiles on
+// the pool; each tile of keys is read and packed once for the whole group. A row whose eligible
+// logits have no finite maximum (finite inputs whose logits overflowed float32) is
+// DEFKV_ERROR_NON_FINITE.
+defkv_status CpuBackend::group_rows(const SeqViews &in, const SeqShape &s, const AttentionRequest &req, int64_t k,
+                                    float *rows, float *qbuf, uint8_t *row_ok, std::string *msg) {
+    const int64_t G = s.G, W = s.W, L = s.L, P = s.P, d = s.d, R = G * W;
     const uint8_t *masked = req.masked ? req.masked + k * L : nullptr;
     if (in.attention.present()) {
         const View &a = in.attention;
-        pool_->parallel_for(W, [&](int64_t w) { load_f32(a, a.off3(h, w, 0), L, a.stride[2], &rows[w * L]); });
-    } else {
-        const View &q = in.queries, &kv = in.keys;
-        for (int64_t w = 0; w < W; w++) load_f32(q, q.off3(h, w, 0), d, q.stride[2], &qbuf[w * d]);
-        // Logits in token tiles, one work item per tile (the same products whatever the
-        // thread count); keys widened per tile when they are not f32 rows.
-        pool_->parallel_for((L + kTokenTile - 1) / kTokenTile, [&](int64_t tile) {
-            const int64_t t0 = tile * kTokenTile, T = std::min(kTokenTile, L - t0);
-            thread_local std::vector<float> kbuf;
-            thread_local std::vector<const float *> cols;
-            thread_local PackedB kp;
-            cols.resize(static_cast<size_t>(T));
-            if (direct_f32(kv, 0, kv.stride[2])) {
-                // f32 rows are read where they are (through the block table when paged).
-                for (int64_t t = 0; t < T; t++) cols[t] = direct_f32(kv, kv.off3(k, t0 + t, 0), 1);
-            } else {
-                kbuf.resize(static_cast<size_t>(kTokenTile * d));
-                for (int64_t t = 0; t < T; t++) {
-                    if (t + 4 < T) prefetch_row(kv, kv.off3(k, t0 + t + 4, 0), d);
-                    load_f32(kv, kv.off3(k, t0 + t, 0), d, kv.stride[2], &kbuf[t * d]);
-                }
-                for (int64_t t = 0; t < T; t++) cols[t] = kbuf.data() + t * d;
-            }
-            pack_b_columns(cols.data(), d, T, &kp);
-            gemm_store(W, qbuf, d, kp, req.scale, &rows[t0], L);
+        pool_->parallel_for(R, [&](int64_t r) {
+            load_f32(a, a.off3(k * G + r / W, r % W, 0), L, a.stride[2], &rows[r * L]);
         });
-        pool_->parallel_for(W, [&](int64_t w) {
-            row_ok[w] = softmax_row(&rows[w * L], L, P + w + 1, masked) || !any_unmasked(masked, P + w + 1);
-        });
-        // A row with eligible entries but no usable maximum: finite inputs whose logits
-        // overflowed float32. Its probabilities would be zeros or NaN: report it.
-        for (int64_t w = 0; w < W; w++)
-            if (!row_ok[w])
-                DEFKV_FAIL(DEFKV_ERROR_NON_FINITE,
-                           "the window attention logits of head %lld, query %lld overflowed float32 (keys or "
-                           "queries too large)",
-                           (long long)h, (long long)w);
+        return DEFKV_SUCCESS;
     }
+    const View &q = in.queries, &kv = in.keys;
+    for (int64_t r = 0; r < R; r++) load_f32(q, q.off3(k * G + r / W, r % W, 0), d, q.stride[2], &qbuf[r * d]);
+    // Logits in token tiles, one work item per tile (the same products whatever the thread
+    // count); keys widened per tile when they are not f32 rows.
+    pool_->parallel_for((L + kTokenTile - 1) / kTokenTile, [&](int64_t tile) {
+        const int64_t t0 = tile * kTokenTile, T = std::min(kTokenTile, L - t0);
+        thread_local std::vector<float> kbuf;
+        thread_local std::vector<const float *> cols;
+        thread_local PackedB kp;
+        cols.resize(static_cast<size_t>(T));
+        if (direct_f32(kv, 0, kv.stride[2])) {
+            // f32 rows are read where they are (through the block table when paged).
+            for (int64_t t = 0; t < T; t++) cols[t] = direct_f32(kv, kv.off3(k, t0 + t, 0), 1);
+        } else {
+            kbuf.resize(static_cast<size_t>(kTokenTile * d));
+            for (int64_t t = 0; t < T; t++) {
+                if (t + 4 < T) prefetch_row(kv, kv.off3(k, t0 + t + 4, 0), d);
+                load_f32(kv, kv.off3(k, t0 + t, 0), d, kv.stride[2], &kbuf[t * d]);
+            }
+            for (int64_t t = 0; t < T; t++) cols[t] = kbuf.data() + t * d;
+        }
+        pack_b_columns(cols.data(), d, T, &kp);
+        gemm_store(R, qbuf, d, kp, req.scale, &rows[t0], L);
+    });
+    pool_->parallel_for(R, [&](int64_t r) {
+        const int64_t w = r % W;
+        row_ok[r] = softmax_row(&rows[r * L], L, P + w + 1, masked) || !any_unmasked(masked, P + w + 1);
+    });
+    // A row with eligible entries but no usable maximum: finite inputs whose logits
+    // overflowed float32. Its probabilities would be zeros or NaN: report it.
+    for (int64_t r = 0; r < R; r++)
+        if (!row_ok[r])
+            DEFKV_FAIL(DEFKV_ERROR_NON_FINITE,
+                       "the window attention logits of head %lld, query %lld overflowed float32 (keys or "
+                       "queries too large)",
+                       (long long)(k * G + r / W), (long long)(r % W));
     return DEFKV_SUCCESS;
 }
 
 defkv_status CpuBackend::attention_host(const SeqViews &in, const SeqShape &s, const AttentionRequest &req,
                                    std::string *msg) {
     const int64_t H = s.H, G = s.G, W = s.W, L = s.L, P = s.P, d = s.d;
-    std::vector<float> rows(static_cast<size_t>(W * L));     // A[h, :, :] for the current head
-    std::vector<uint8_t> row_ok(static_cast<size_t>(W));      // softmax found a finite maximum
-    std::vector<float> qbuf(static_cast<size_t>(W * d));
+    std::vector<float> group(static_cast<size_t>(G * W * L)); // A[h, :, :] of the current group's heads
+    std::vector<uint8_t> row_ok(static_cast<size_t>(G * W));  // softmax found a finite maximum
+    std::vector<float> qbuf(static_cast<size_t>(G * W * d));
     std::vector<float> pooled;                                 // [W, P] scratch
     const bool need_def = req.def_max || req.def_avg;
     if (req.def_max) pooled.resize(static_cast<size_t>(W * P));
@@ -198,7 +203,8 @@ defkv_status CpuBackend::attention_host(const SeqViews &in, const SeqShape &s, c
 
     for (int64_t h = 0; h < H; h++) {
         const int64_t k = h / G;
-        DEFKV_FORWARD(head_rows(in, s, req, h, rows.data(), qbuf.data(), row_ok.data(), msg));
+        if (h % G == 0) DEFKV_FORWARD(group_rows(in, s, req, k, group.data(), qbuf.data(), row_ok.data(), msg));
+        const float *rows = &group[static_cast<size_t>((h % G) * W * L)];
         // Per-row reductions (rows independent).
         pool_->parallel_for(W, [&](int64_t w) {
             const float *a = &rows[w * L];
