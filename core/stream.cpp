@@ -324,12 +324,26 @@ defkv_status stream_push(defkv_stream &s, int32_t layer, const defkv_tensor *que
 
 defkv_status stream_due(defkv_stream &s, int32_t *due, std::string *msg) {
     if (!due) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "due is NULL");
+    // Over budget + slack per head, counted over what a round's budget covers: each head (per-
+    // head methods), each layer's heads (head-adaptive), the model (layer-adaptive). A round of a
+    // head-adaptive method may leave one head above budget + slack on purpose; counting it per
+    // head would make every later step due.
+    const int32_t m = s.params.method;
+    const int64_t over = s.sp.budget + s.sp.slack, Hk = s.sp.n_kv_heads;
     int32_t d = 0;
+    int64_t model = 0;
     for (const StreamLayer &l : s.layers) {
         if (l.steps_since_round >= s.sp.interval) d = 1;
-        for (const StreamHead &h : l.heads)
-            if (static_cast<int64_t>(h.pos.size()) > s.sp.budget + s.sp.slack) d = 1;
+        int64_t layer = 0;
+        for (const StreamHead &h : l.heads) {
+            const int64_t n = static_cast<int64_t>(h.pos.size());
+            layer += n;
+            if ((m == DEFKV_METHOD_SNAPKV || m == DEFKV_METHOD_STREAMINGLLM) && n > over) d = 1;
+        }
+        if ((m == DEFKV_METHOD_ADA_SNAPKV || m == DEFKV_METHOD_DEFENSIVEKV) && layer > over * Hk) d = 1;
+        model += layer;
     }
+    if (m == DEFKV_METHOD_LAYER_DEFENSIVEKV && model > over * Hk * static_cast<int64_t>(s.layers.size())) d = 1;
     *due = d;
     return DEFKV_SUCCESS;
 }

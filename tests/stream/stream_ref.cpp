@@ -288,6 +288,13 @@ void run_stream(int32_t backend, const Shape &sh, int method, int agg, int n_lay
             if (rs != DEFKV_SUCCESS) broken = true;
         }
         if (broken) break;
+        // A round leaves nothing due (a head-adaptive round may leave one head above budget +
+        // slack; only the layer's total counts).
+        for (auto *x : st) {
+            int32_t again = -1;
+            defkv_stream_due(x, &again);
+            CHECK(again == 0, "%s: round %d: a round is due again right after a round", tag, rounds);
+        }
         if (g_fault && rounds == 2) km[0][0] ^= 1;
         CHECK(hl[0] == hl[1] && km[0] == km[1] && std::memcmp(sc[0].data(), sc[1].data(), sc[0].size() * 4) == 0,
               "%s: round %d: the paged cache's selection differs from the contiguous one", tag, rounds);

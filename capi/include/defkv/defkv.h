@@ -528,8 +528,8 @@ typedef struct defkv_stream_params {
     int32_t aggregation;  /* defkv_stream_aggregation; default DEFKV_STREAM_MAX */
     int64_t budget;       /* entries kept per head after a round (the mode's total is budget *
                              Hk per layer, or * n_layers per model); >= window + n_sink */
-    int64_t slack;        /* a head holding more than budget + slack makes a round due;
-                             default 0 = interval */
+    int64_t slack;        /* entries per head beyond the budget that make a round due
+                             (defkv_stream_due); default 0 = interval */
     float decay;          /* DEFKV_STREAM_MAX_DECAY factor in (0, 1]; default 0.9 */
     int32_t reserved0;    /* must be 0 */
 } defkv_stream_params;
@@ -559,8 +559,10 @@ DEFKV_API defkv_status defkv_stream_append(defkv_stream *stream, int32_t layer, 
 DEFKV_API defkv_status defkv_stream_push_queries(defkv_stream *stream, int32_t layer,
                                                  const defkv_tensor *queries);
 
-/* *due = 1 when a round is due: `interval` steps pushed to some layer since the last round,
- * or a head holds more than budget + slack entries. since 0.2 */
+/* *due = 1 when a round is due: `interval` steps pushed to some layer since the last round, or
+ * more than budget + slack entries per head in what a round's budget covers: a head (snapkv,
+ * streamingllm), the heads of a layer (ada-snapkv, defensivekv: Hk * (budget + slack)), or the
+ * model (layer-defensivekv). since 0.2 */
 DEFKV_API defkv_status defkv_stream_due(defkv_stream *stream, int32_t *due);
 
 /* The live entries of `layer` per head (head_lens [Hk]). since 0.2 */
