@@ -13,8 +13,8 @@
 #include <memory>
 #include <random>
 #include <sstream>
-#include <sys/stat.h>
 
+#include "cli.hpp"
 #include "workloads.hpp"
 
 using namespace defkv_engine;
@@ -23,209 +23,6 @@ namespace {
 
 const char *kAllMethods[] = {"snapkv", "ada-snapkv", "ada-criticalkv", "defensivekv", "layer-defensivekv",
                              "streamingllm"};
-
-bool file_exists(const std::string &p) {
-    struct stat st;
-    return stat(p.c_str(), &st) == 0 && S_ISREG(st.st_mode);
-}
-
-std::string cache_dir() {
-    if (const char *e = std::getenv("DEFKV_CACHE_DIR"); e && *e) return e;
-    if (const char *e = std::getenv("XDG_CACHE_HOME"); e && *e) return std::string(e) + "/defkv";
-    const char *home = std::getenv("HOME");
-    return std::string(home && *home ? home : ".") + "/.cache/defkv";
-}
-
-std::string default_model() {
-    if (const char *e = std::getenv("DEFKV_MODEL"); e && *e) return e;
-    return cache_dir() + "/SmolLM2-135M-Instruct.Q4_1.gguf";
-}
-
-std::string default_text() {
-    if (const char *e = std::getenv("DEFKV_TEXT"); e && *e) return e;
-    return cache_dir() + "/mobydick.txt";
-}
-
-// --name value options; flags are "--name" with no value. Every option must be known.
-struct Args {
-    std::map<std::string, std::string> kv;
-    std::string error;
-    bool parse(int argc, char **argv, const std::vector<std::string> &with_value,
-               const std::vector<std::string> &flags) {
-        for (int i = 1; i < argc; ++i) {
-            std::string a = argv[i];
-            if (std::find(flags.begin(), flags.end(), a) != flags.end()) {
-                kv[a] = "1";
-            } else if (std::find(with_value.begin(), with_value.end(), a) != with_value.end()) {
-                if (i + 1 >= argc) {
-                    error = "option " + a + " needs a value";
-                    return false;
-                }
-                kv[a] = argv[++i];
-            } else {
-                error = "unknown argument '" + a + "'";
-                return false;
-            }
-        }
-        return true;
-    }
-    bool has(const std::string &k) const { return kv.count(k) != 0; }
-    std::string str(const std::string &k, const std::string &def) const {
-        auto it = kv.find(k);
-        return it == kv.end() ? def : it->second;
-    }
-    // Integer in [lo, hi]; sets error naming the option otherwise.
-    bool integer(const std::string &k, long lo, long hi, long *out) {
-        if (!has(k)) return true;
-        const std::string &s = kv[k];
-        char *end = nullptr;
-        long v = std::strtol(s.c_str(), &end, 10);
-        if (s.empty() || *end || v < lo || v > hi) {
-            error = "option " + k + ": expected an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) +
-                    "], got '" + s + "'";
-            return false;
-        }
-        *out = v;
-        return true;
-    }
-    bool int_list(const std::string &k, long lo, long hi, std::vector<int> *out) {
-        if (!has(k)) return true;
-        std::vector<int> v;
-        std::stringstream ss(kv[k]);
-        std::string item;
-        while (std::getline(ss, item, ',')) {
-            char *end = nullptr;
-            long x = std::strtol(item.c_str(), &end, 10);
-            if (item.empty() || *end || x < lo || x > hi) {
-                error = "option " + k + ": '" + item + "' is not an integer in [" + std::to_string(lo) + ", " +
-                        std::to_string(hi) + "]";
-                return false;
-            }
-            v.push_back((int)x);
-        }
-        if (v.empty()) {
-            error = "option " + k + ": empty list";
-            return false;
-        }
-        *out = v;
-        return true;
-    }
-    // Budgets as fractions (0.2) or percentages (20); result in (0, 1).
-    bool budget_list(const std::string &k, std::vector<double> *out) {
-        if (!has(k)) return true;
-        std::vector<double> v;
-        std::stringstream ss(kv[k]);
-        std::string item;
-        while (std::getline(ss, item, ',')) {
-            std::string t = item;
-            bool pct = !t.empty() && t.back() == '%';
-            if (pct) t.pop_back();
-            char *end = nullptr;
-            double x = std::strtod(t.c_str(), &end);
-            if (t.empty() || *end || !std::isfinite(x)) {
-                error = "option " + k + ": '" + item + "' is not a number";
-                return false;
-            }
-            if (pct || x > 1.0) x /= 100.0;
-            if (x <= 0.0 || x >= 1.0) {
-                error = "option " + k + ": budget '" + item + "' must be in (0, 1) or (0%, 100%)";
-                return false;
-            }
-            v.push_back(x);
-        }
-        if (v.empty()) {
-            error = "option " + k + ": empty list";
-            return false;
-        }
-        *out = v;
-        return true;
-    }
-    bool method_list(const std::string &k, std::vector<std::string> *out) {
-        if (!has(k)) return true;
-        std::vector<std::string> v;
-        std::stringstream ss(kv[k]);
-        std::string item;
-        while (std::getline(ss, item, ',')) {
-            int32_t id;
-            if (item == "full") continue;  // always included
-            if (defkv_method_from_name(item.c_str(), &id) != DEFKV_SUCCESS) {
-                error = "option " + k + ": unknown method '" + item + "'";
-                return false;
-            }
-            v.push_back(item);
-        }
-        *out = v;
-        return true;
-    }
-};
-
-struct Env {
-    Model model;
-    defkv_context *ctx = nullptr;
-    ~Env() { defkv_context_destroy(ctx); }
-};
-
-// Loads the model and a defkv context; exit code on failure (3: model missing).
-int open_env(const std::string &model_path, Env *env, const char *cmd) {
-    if (!file_exists(model_path)) {
-        std::fprintf(stderr,
-                     "defkv %s: model file not found: %s\n"
-                     "  fetch it with tools/engine/fetch_assets.sh, or pass --model PATH (or set DEFKV_MODEL)\n",
-                     cmd, model_path.c_str());
-        return 3;
-    }
-    std::string err;
-    const auto t0 = std::chrono::steady_clock::now();
-    if (!env->model.load(model_path, &err)) {
-        std::fprintf(stderr, "defkv %s: --model %s: %s\n", cmd, model_path.c_str(), err.c_str());
-        return 1;
-    }
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    const ModelConfig &c = env->model.config();
-    std::fprintf(stderr, "defkv %s: loaded %s (%d layers, %d/%d heads, head dim %d, vocab %d) in %.1f s\n", cmd,
-                 model_path.c_str(), c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab, s);
-    defkv_context_options o;
-    defkv_context_options_default(&o);
-    o.backend = DEFKV_BACKEND_CPU;
-    int32_t st = defkv_context_create(&o, &env->ctx);
-    if (st != DEFKV_SUCCESS) {
-        std::fprintf(stderr, "defkv %s: defkv_context_create: %s\n", cmd, defkv_last_error_global());
-        return 1;
-    }
-    return 0;
-}
-
-int load_text_tokens(const std::string &path, const Model &m, size_t max_chars, std::vector<int> *toks,
-                     const char *cmd) {
-    if (!file_exists(path)) {
-        std::fprintf(stderr,
-                     "defkv %s: text file not found: %s\n"
-                     "  fetch it with tools/engine/fetch_assets.sh, or pass --text PATH (or set DEFKV_TEXT)\n",
-                     cmd, path.c_str());
-        return 3;
-    }
-    std::string text, err;
-    if (!load_text(path, &text, &err)) {
-        std::fprintf(stderr, "defkv %s: --text: %s\n", cmd, err.c_str());
-        return 1;
-    }
-    if (text.size() > max_chars) {
-        size_t cut = text.rfind('\n', max_chars);
-        text.resize(cut == std::string::npos || cut < max_chars / 2 ? max_chars : cut);
-    }
-    *toks = m.tokenizer().encode(text, false);
-    return 0;
-}
-
-bool parse_cache(Args &a, CacheKind *kind) {
-    const std::string c = a.str("--cache", "paged");
-    if (c != "paged" && c != "contiguous") {
-        a.error = "option --cache: expected paged or contiguous, got '" + c + "'";
-        return false;
-    }
-    *kind = c == "paged" ? CacheKind::paged : CacheKind::contiguous;
-    return true;
-}
 
 double mib(double bytes) { return bytes / (1024.0 * 1024.0); }
 
@@ -597,7 +394,8 @@ const char *kEvalHelp =
     "  --seed N                passkey random seed (default 1234)\n"
     "  --cache paged|contiguous  the engine's KV cache: page pools of 16 tokens through block\n"
     "                          tables (default), or contiguous buffers; the same figures either way\n"
-    "  --quiet                 no progress bar\n";
+    "  --quiet                 no progress bar\n"
+    "  --decode                decode-time eviction with streams instead (defkv eval --decode --help)\n";
 
 int run_eval_like(int argc, char **argv, const char *cmd, EvalConfig cfg, const char *ctx_def, const char *bud_def,
                   const char *pk_def) {
@@ -699,6 +497,8 @@ bad:
 }  // namespace
 
 int defkv_cmd_eval(int argc, char **argv) {
+    for (int i = 1; i < argc; ++i)
+        if (!std::strcmp(argv[i], "--decode")) return defkv_cmd_eval_decode(argc, argv);
     EvalConfig cfg;
     cfg.contexts = {1024};
     cfg.budgets = {0.1, 0.2, 0.4};

@@ -9,6 +9,7 @@ int main(int argc, char **argv) {
     const char *usage =
         "usage: defkv-engine <command> [options]   (--help after a command for its options)\n"
         "  eval           continuation fidelity and passkey retrieval per method and budget\n"
+        "                 (eval --decode: decode-time eviction with streams)\n"
         "  demo           a small default comparison (a few minutes on 2 cores)\n"
         "  ppl            perplexity of the full-cache model on the text\n"
         "  generate       greedy generation for a prompt (--chat applies the chat template)\n"

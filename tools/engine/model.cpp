@@ -16,11 +16,64 @@ int64_t KVState::cached_entries() const {
         return n;
     }
     for (const LayerKV &l : layers) {
+        if (per_head) {
+            for (int32_t len : l.head_len) n += len;
+            continue;
+        }
         const int hk = (int)l.seg_cu.size() - 1;
         n += l.seg_cu.empty() ? 0 : l.seg_cu[hk];
         n += (int64_t)hk * n_tail;
     }
     return n;
+}
+
+KVState KVState::clone(int capacity) const {
+    KVState c;
+    c.per_head = per_head;
+    c.tail_cap = capacity > 0 && per_head ? capacity : tail_cap;
+    c.n_tail = n_tail;
+    c.pos = pos;
+    c.window = window;
+    c.win_q = win_q;
+    if (paged) c.paged = std::make_unique<PagedCache>(*paged);
+    if (!per_head || paged || c.tail_cap == tail_cap) {
+        c.layers = layers;
+        return c;
+    }
+    c.layers.resize(layers.size());
+    for (size_t l = 0; l < layers.size(); ++l) {  // each head's rows into the new [Hk, capacity, d]
+        const LayerKV &a = layers[l];
+        LayerKV &b = c.layers[l];
+        b.seg_cu = a.seg_cu, b.head_len = a.head_len, b.head_seg = a.head_seg;
+        const size_t Hk = a.head_len.size(), d = a.head_k.size() / (Hk * (size_t)tail_cap);
+        b.head_k.assign(Hk * (size_t)c.tail_cap * d, 0.0f);
+        b.head_v.assign(Hk * (size_t)c.tail_cap * d, 0.0f);
+        for (size_t k = 0; k < Hk; ++k) {
+            const size_t rows = (size_t)std::min(a.head_len[k], c.tail_cap);
+            std::copy_n(&a.head_k[k * tail_cap * d], rows * d, &b.head_k[k * c.tail_cap * d]);
+            std::copy_n(&a.head_v[k * tail_cap * d], rows * d, &b.head_v[k * c.tail_cap * d]);
+        }
+    }
+    return c;
+}
+
+int KVState::head_len(int l, int kh) const { return paged ? paged->layers[l].len[kh] : layers[l].head_len[kh]; }
+
+void KVState::rebase(int l, const int32_t *lens) {
+    if (!paged) {
+        LayerKV &kv = layers[l];
+        for (size_t k = 0; k < kv.head_len.size(); ++k) kv.head_len[k] = kv.head_seg[k] = lens[k];
+        return;
+    }
+    PagedLayer &pl = paged->layers[l];
+    for (int k = 0; k < pl.rows(); ++k) {
+        pl.len[k] = pl.seg[k] = lens[k];
+        // A compacting round leaves a head's rows in its first pages; the rest are free.
+        for (int64_t i = (lens[k] + kPageSize - 1) / kPageSize; i < pl.stride; ++i) {
+            int32_t &id = pl.table[(size_t)(k * pl.stride + i)];
+            if (id >= 0) paged->release(true, id), id = -1;
+        }
+    }
 }
 
 namespace {
@@ -140,6 +193,30 @@ KVState Model::new_state(int tail_cap, CacheKind kind) const {
     return s;
 }
 
+KVState Model::new_head_state(int capacity, CacheKind kind) const {
+    KVState s;
+    s.per_head = true;
+    s.tail_cap = capacity;
+    s.layers.resize(cfg_.n_layers);
+    const int Hk = cfg_.n_kv_heads;
+    for (LayerKV &l : s.layers) {
+        l.seg_cu.assign(Hk + 1, 0);
+        if (kind == CacheKind::paged) continue;
+        l.head_k.resize((size_t)Hk * capacity * cfg_.head_dim);
+        l.head_v.resize((size_t)Hk * capacity * cfg_.head_dim);
+        l.head_len.assign(Hk, 0);
+        l.head_seg.assign(Hk, 0);
+    }
+    if (kind == CacheKind::paged) {
+        s.paged = std::make_unique<PagedCache>(cfg_.n_layers, Hk, cfg_.head_dim, 0);
+        for (PagedLayer &pl : s.paged->layers) {
+            pl.per_head = true;
+            pl.table.assign((size_t)(Hk * pl.stride), -1);
+        }
+    }
+    return s;
+}
+
 bool Model::forward(KVState &st, const int *tokens, int T, float *logits, int n_logits,
                     int capture_window, std::string *error) {
     const int D = cfg_.d_model, H = cfg_.n_heads, Hk = cfg_.n_kv_heads, d = cfg_.head_dim;
@@ -149,6 +226,13 @@ bool Model::forward(KVState &st, const int *tokens, int T, float *logits, int n_
         *error = "KV cache tail is full (" + std::to_string(st.tail_cap) + " tokens)";
         return false;
     }
+    if (st.per_head && !st.paged)
+        for (const LayerKV &l : st.layers)
+            for (int32_t len : l.head_len)
+                if (len + T > st.tail_cap) {
+                    *error = "KV cache head is full (" + std::to_string(st.tail_cap) + " rows)";
+                    return false;
+                }
     if (capture_window > T || n_logits > T) {
         *error = "internal: window or logits count exceeds the tokens of the call";
         return false;
@@ -201,6 +285,15 @@ bool Model::forward(KVState &st, const int *tokens, int T, float *logits, int n_
         if (st.paged) {
             for (int t = 0; t < T; ++t)
                 if (!st.paged->append(l, &k_[(size_t)t * Hk * d], &v_[(size_t)t * Hk * d], error)) return false;
+        } else if (st.per_head) {
+            for (int kh = 0; kh < Hk; ++kh) {
+                const size_t dst = ((size_t)kh * st.tail_cap + kv.head_len[kh]) * d;
+                for (int t = 0; t < T; ++t) {
+                    std::memcpy(&kv.head_k[dst + (size_t)t * d], &k_[((size_t)t * Hk + kh) * d], sizeof(float) * d);
+                    std::memcpy(&kv.head_v[dst + (size_t)t * d], &v_[((size_t)t * Hk + kh) * d], sizeof(float) * d);
+                }
+                kv.head_len[kh] += T;
+            }
         } else {
             for (int kh = 0; kh < Hk; ++kh)
                 for (int t = 0; t < T; ++t) {
@@ -237,7 +330,15 @@ bool Model::forward(KVState &st, const int *tokens, int T, float *logits, int n_
                 st.paged->gather(l, kh, 0, ns, seg_k_.data(), seg_v_.data());
                 st.paged->gather(l, kh, ns, pl.len[kh], tail_k_.data(), tail_v_.data());
                 Ks = seg_k_.data(), Vs = seg_v_.data(), Kt = tail_k_.data(), Vt = tail_v_.data();
-            } else if (!st.paged) {
+            } else if (st.per_head && h % G == 0) {
+                ns = kv.head_seg[kh];
+                if (kv.head_len[kh] - ns != n_tail_all) {
+                    *error = "internal: per-head cache length does not match the tail";
+                    return false;
+                }
+                Ks = &kv.head_k[(size_t)kh * st.tail_cap * d], Vs = &kv.head_v[(size_t)kh * st.tail_cap * d];
+                Kt = Ks + (size_t)ns * d, Vt = Vs + (size_t)ns * d;
+            } else if (!st.paged && !st.per_head) {
                 const int s0 = kv.seg_cu[kh];
                 ns = kv.seg_cu[kh + 1] - s0;
                 Ks = kv.seg_k.data() + (size_t)s0 * d, Vs = kv.seg_v.data() + (size_t)s0 * d;

@@ -40,9 +40,19 @@ struct LayerKV {
     std::vector<float> seg_k, seg_v;  // [sum(head_lens), d]
     std::vector<int32_t> seg_cu;      // [Hk + 1]
     std::vector<float> tail_k, tail_v;  // [Hk, tail_cap, d]
+    // Per-head states (Model::new_head_state, contiguous): one buffer [Hk, tail_cap, d] holding
+    // each head's own rows, the layout defkv_stream_round compacts in place. Head k holds rows
+    // [0, head_len[k]); the first head_seg[k] of them are its segment, the n_tail after it its
+    // tail (the attention sums the two blocks separately, as for the other layouts).
+    std::vector<float> head_k, head_v;
+    std::vector<int32_t> head_len, head_seg;  // [Hk]
 };
 
 struct KVState {
+    // Per-head state: every head has its own length (decode-time eviction, decode.hpp); the
+    // segment of each head is what it held at the last rebase(), the tail the n_tail tokens
+    // appended since. tail_cap is then the capacity of a head (segment and tail together).
+    bool per_head = false;
     int tail_cap = 0;
     int n_tail = 0;
     int pos = 0;  // absolute position of the next token
@@ -54,6 +64,16 @@ struct KVState {
     // holds only seg_cu (all zero).
     std::unique_ptr<PagedCache> paged;
     int64_t cached_entries() const;  // kept (key, value) rows over all layers and heads
+    // A deep copy (the pools included); a contiguous per-head state can get another capacity
+    // (> 0; its heads' rows must fit).
+    KVState clone(int capacity = 0) const;
+    // Per-head states: rows [0, lens[k]) of every head of layer l become its segment (after a
+    // stream round compacted them, or to start a new segment with nothing evicted); the
+    // caller sets n_tail = 0 once every layer was rebased. Paged: the pages past a head's
+    // rows go back to the pool.
+    void rebase(int l, const int32_t *lens);
+    // The rows a head of layer l holds (per-head states).
+    int head_len(int l, int kh) const;
 };
 
 class Model {
@@ -65,6 +85,10 @@ public:
 
     // A fresh empty state with room for tail_cap tokens in the tail.
     KVState new_state(int tail_cap, CacheKind kind = CacheKind::paged) const;
+    // A fresh empty per-head state (KVState::per_head) whose heads hold up to `capacity` rows:
+    // contiguous [Hk, capacity, d] buffers, or DEFKV_PAGE_HEAD pages (one block-table row per
+    // KV head) allocated as tokens arrive.
+    KVState new_head_state(int capacity, CacheKind kind) const;
     // Runs `tokens` through the model, appending them to the state's tail.
     // logits: if non-null, receives [n, vocab] logits for the last n tokens (n = n_logits).
     // capture_window > 0: record post-rotary queries of the last capture_window tokens of this
