@@ -3,6 +3,7 @@
 #include <defkv/defkv.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -68,6 +69,7 @@ private:
     bool round(std::string *error);
     void rebase_all();
     int longest_head() const;
+    int64_t steps_to_budget_round() const;
 
     defkv_context *ctx_ = nullptr;
     Model *m_ = nullptr;
@@ -83,6 +85,29 @@ int StreamRun::longest_head() const {
     for (size_t l = 0; l < st_.layers.size(); ++l)
         for (int k = 0; k < m_->config().n_kv_heads; ++k) mx = std::max(mx, st_.head_len((int)l, k));
     return mx;
+}
+
+// Steps until defkv_stream_due turns 1 by the budget (its rule: more than budget + slack per
+// head over what a round's budget covers: a head for per-head methods, a layer's heads for
+// head-adaptive ones, the model for layer-defensivekv); each step adds one entry per head.
+int64_t StreamRun::steps_to_budget_round() const {
+    const int Hk = m_->config().n_kv_heads, nl = (int)st_.layers.size();
+    const int64_t over = cap_ + slack_;
+    const int32_t m = dm_.method;
+    if (m == DEFKV_METHOD_SNAPKV || m == DEFKV_METHOD_STREAMINGLLM) return over + 1 - longest_head();
+    int64_t model = 0, steps = INT64_MAX;
+    for (int l = 0; l < nl; ++l) {
+        int64_t layer = 0;
+        for (int k = 0; k < Hk; ++k) layer += st_.head_len(l, k);
+        model += layer;
+        if (m != DEFKV_METHOD_LAYER_DEFENSIVEKV)
+            steps = std::min(steps, layer > over * Hk ? 0 : (over * Hk - layer) / Hk + 1);
+    }
+    if (m == DEFKV_METHOD_LAYER_DEFENSIVEKV) {
+        const int64_t total = over * Hk * nl;
+        steps = model > total ? 0 : (total - model) / ((int64_t)Hk * nl) + 1;
+    }
+    return steps;
 }
 
 void StreamRun::rebase_all() {
@@ -219,7 +244,7 @@ bool StreamRun::chunk(const int *tokens, int T, float *logits, int n_logits, std
     defkv_stream_due(stream_, &due);
     // The chunk was cut where the next round comes; the stream must agree (else the chunked
     // run would differ from step-by-step decoding).
-    const bool expect = since_ >= interval_ || longest_head() > cap_ + slack_;
+    const bool expect = since_ >= interval_ || steps_to_budget_round() <= 0;
     if ((due != 0) != expect) {
         *error = "internal: defkv_stream_due says " + std::to_string(due) + " after a chunk of " + std::to_string(T) +
                  " tokens, expected " + std::to_string(expect);
@@ -233,7 +258,7 @@ bool StreamRun::advance(const int *tokens, int n, float *logits, int n_logits, s
     const int V = m_->config().vocab;
     for (int i = 0; i < n;) {
         int64_t T = std::min(n - i, interval_ - since_);
-        if (stream_) T = std::min<int64_t>(T, cap_ + slack_ + 1 - longest_head());  // the step a head passes budget + slack
+        if (stream_) T = std::min<int64_t>(T, steps_to_budget_round());  // the step the budget + slack is passed
         T = std::max<int64_t>(T, 1);
         // logits of this chunk's tokens at positions >= n - n_logits
         const int first = std::max(i, n - n_logits), nl = std::max(0, i + (int)T - first);
