@@ -115,10 +115,8 @@ View paged_view(const View &pool, const defkv_paged_kv &pg, int64_t Hk, int64_t 
 
 Span page_span(const View &pool, int64_t page, const char *name) {
     View v = pool;
-    const int64_t shift = page * pool.stride[0] * dtype_size(pool.dtype);
     v.shape[0] = 1;
-    v.byte_offset += shift;
-    if (v.base) v.base += shift;
+    v.shift(page * pool.stride[0]);
     return view_span(v, name);
 }
 

@@ -75,9 +75,7 @@ View head_view(const LayerViews &lv, const View &whole, int64_t k, int64_t len) 
     if (lv.head_rows) {
         v.pages += k * v.page_row;
     } else {
-        const int64_t shift = k * whole.stride[0] * dtype_size(whole.dtype);
-        v.byte_offset += shift;
-        if (v.base) v.base += shift;
+        v.shift(k * whole.stride[0]);
     }
     v.shape[0] = 1;
     v.shape[1] = len;
@@ -302,9 +300,7 @@ defkv_status stream_push(defkv_stream &s, int32_t layer, const defkv_tensor *que
     const int64_t take = std::min(n, W);
     View tail = q;
     tail.shape[1] = take;
-    const int64_t skip = (n - take) * q.stride[1] * dtype_size(q.dtype);
-    tail.byte_offset += skip;
-    if (tail.base) tail.base += skip;
+    tail.shift((n - take) * q.stride[1]);
     std::vector<float> rows;
     DEFKV_FORWARD(read_f32(be, tail, H * take, d, &rows, msg));
     for (size_t i = 0; i < rows.size(); i++)
@@ -364,9 +360,7 @@ bool rows_view(const View &head, int64_t start, int64_t n, std::vector<int32_t> 
     View v = head;
     v.shape[1] = n;
     if (!head.paged()) {
-        const int64_t shift = start * head.stride[1] * dtype_size(head.dtype);
-        v.byte_offset += shift;
-        if (v.base) v.base += shift;
+        v.shift(start * head.stride[1]);
         *out = v;
         return true;
     }
@@ -416,9 +410,7 @@ defkv_status pending_weights(defkv_stream &s, Backend &be, int32_t l, const Laye
             DEFKV_FAIL(DEFKV_ERROR_UNSUPPORTED, "caches[%d].paged: the pool's page stride is not a whole number of token rows",
                        l);
         in.o_proj = o;
-        const int64_t shift = k * G * d * o.stride[1] * dtype_size(o.dtype);
-        in.o_proj.byte_offset += shift;
-        if (in.o_proj.base) in.o_proj.base += shift;
+        in.o_proj.shift(k * G * d * o.stride[1]);
         in.o_proj.shape[1] = G * d;
         SeqShape sh;
         sh.H = G, sh.Hk = 1, sh.G = G, sh.d = d, sh.L = pend, sh.D = o.shape[0];

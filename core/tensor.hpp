@@ -53,6 +53,12 @@ struct View {
 
     bool present() const { return base != nullptr || handle != nullptr; }
     bool paged() const { return page_size > 0; }
+    // Moves the view's start by `elems` elements (base for host memory, byte_offset always).
+    void shift(int64_t elems) {
+        const int64_t bytes = elems * dtype_size(dtype);
+        byte_offset += bytes;
+        if (base) base += bytes;
+    }
     // Element offset of token j of row i (k = 0) and the number of tokens from j on, up to
     // n, whose offsets continue it by stride[1] (the rest of its page, and the pages after it
     // that are adjacent in the pool; everything for a non-paged view).
