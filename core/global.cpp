@@ -101,6 +101,8 @@ defkv_status add_impl(defkv_global &g, int32_t layer_index, const defkv_layer *l
     if (rollback.armed) DEFKV_FORWARD(global_begin(g, li, msg));
     else DEFKV_FORWARD(check_same_shape(g, layer_index, li, msg));
     DEFKV_FORWARD(with_prefix(score_into(g, layer_index, li, msg), msg, fmt("layer %d", layer_index).c_str()));
+    // Sharded: the heads group agrees that every rank scored the layer before it counts as added.
+    if (ShardRun *heads = shard_global_heads(g)) DEFKV_FORWARD(heads->agree(msg));
     rollback.armed = false;
     g.added[layer_index] = 1;
     return DEFKV_SUCCESS;

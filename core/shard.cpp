@@ -85,6 +85,10 @@ defkv_status ShardRun::f32_max(float *data, int64_t count, const char *what, std
     return call(F32_MAX, data, count, what, msg);
 }
 
+defkv_status ShardRun::agree(std::string *msg) {
+    return call(I64_MAX, nullptr, 0, "status agreement (every rank succeeded; nothing is written otherwise)", msg);
+}
+
 defkv_status ShardRun::finish(defkv_status st, std::string *msg) {
     if (dry_ || !active() || st == DEFKV_SUCCESS) return st;
     failed_ = true;
@@ -498,15 +502,14 @@ defkv_status select_sharded_impl(defkv_context &ctx, const defkv_params *params,
         x.ar.measure();
         sr.begin(true);
         DEFKV_FORWARD(score_and_select(x, p, li, bad, sh, false, &res));
+        DEFKV_FORWARD(sr.agree(msg));
         *calls = sr.scheduled_calls();
         *bytes = sr.scheduled_bytes();
         x.ar.measure();
         return x.ar.commit(msg);
     }
     DEFKV_FORWARD(check_selection(*ctx.backend, out, msg));
-    if (out->memory != DEFKV_MEMORY_HOST)
-        DEFKV_FAIL(DEFKV_ERROR_UNSUPPORTED, "out->memory is %d; defkv_select_sharded writes host selections only",
-                   out->memory);
+    DEFKV_FORWARD(check_output_pointers(*ctx.backend, *out, msg));
     DEFKV_FORWARD(check_selection_overlaps(*out, li.Hk * static_cast<int64_t>(li.seqs.size()), li.total_entries, &li, msg));
     if (out->indices && out->indices_capacity < li.total_entries)
         DEFKV_FAIL(DEFKV_ERROR_BUFFER_TOO_SMALL,
@@ -526,6 +529,7 @@ defkv_status select_sharded_impl(defkv_context &ctx, const defkv_params *params,
     xd.ar.measure();
     sr.begin(true);
     defkv_status dst = score_and_select(xd, p, li, shape_bad, sh, false, &res);
+    if (dst == DEFKV_SUCCESS) dst = sr.agree(&dry_msg);
     if (dst == DEFKV_SUCCESS) dst = write_outputs(xd, li.Hk, res, out, true);
     if (dst != DEFKV_SUCCESS) {
         *msg = dry_msg;
@@ -534,6 +538,7 @@ defkv_status select_sharded_impl(defkv_context &ctx, const defkv_params *params,
     if (st == DEFKV_SUCCESS) st = x.ar.commit(msg);
     sr.begin(false);
     if (st == DEFKV_SUCCESS) st = score_and_select(x, p, li, bad, sh, true, &res);
+    if (st == DEFKV_SUCCESS) st = sr.agree(msg);
     st = sr.finish(st, msg);
     if (st != DEFKV_SUCCESS) return st;
     return write_outputs(x, li.Hk, res, out, false);
@@ -647,6 +652,7 @@ defkv_status shard_global_add(defkv_global &g, int32_t layer_index, const defkv_
             Buf bad;
             DEFKV_FORWARD(with_prefix(run_plan(xd, g.params, li.seqs[b], bad, &res[b].sc), msg, fn));
         }
+        DEFKV_FORWARD(sg.heads.agree(msg)); // add_impl's, after the layer is scored
         xd.ar.measure();
         DEFKV_FORWARD(with_prefix(xd.ar.commit(msg), msg, fn));
     }
@@ -687,6 +693,7 @@ defkv_status shard_global_select(defkv_global &g) {
     ShardRun &sr = sg.model;
     sr.begin(true);
     DEFKV_FORWARD(with_prefix(shard_top_k(sr, TopK::LAYER_ADAPTIVE, jobs, msg), msg, fn));
+    DEFKV_FORWARD(sr.agree(msg));
     sr.begin(false);
     for (size_t b = 0; b < jobs.size() && st == DEFKV_SUCCESS; b++) {
         const int64_t N = NL * Hk * jobs[b].L;
@@ -700,6 +707,7 @@ defkv_status shard_global_select(defkv_global &g) {
     if (st == DEFKV_SUCCESS) st = shard_top_k(sr, TopK::LAYER_ADAPTIVE, jobs, msg);
     for (size_t b = 0; b < jobs.size() && st == DEFKV_SUCCESS; b++)
         st = host_back(be, g.seqs[b].keep, NL * Hk * jobs[b].L, hv[3 * b + 2], msg);
+    if (st == DEFKV_SUCCESS) st = sr.agree(msg);
     st = sr.finish(st, msg);
     if (st != DEFKV_SUCCESS) return with_prefix(st, msg, fn);
     g.selected = true;

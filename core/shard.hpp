@@ -39,8 +39,13 @@ public:
     // DEFKV_ERROR_BACKEND_FAILURE when it fails here or reports a failure elsewhere.
     defkv_status i64(int64_t *data, int64_t count, int32_t op, const char *what, std::string *msg);
     defkv_status f32_max(float *data, int64_t count, const char *what, std::string *msg);
+    // The last call of every schedule: the status words alone (one i64 max over count 0),
+    // issued after the last data collective and every local step that can fail, before anything
+    // is written. A failure in any data collective or op is thus seen by every rank; only the
+    // failure of this call itself stays with the rank where it happens.
+    defkv_status agree(std::string *msg);
     // After a failure (status != SUCCESS): issues the rest of the schedule with the status word
-    // set. Returns st (or the collective failure that explains it).
+    // set, the agreement included. Returns st (or the collective failure that explains it).
     defkv_status finish(defkv_status st, std::string *msg);
     // Calls and bytes (payload and status words) of the schedule recorded by the last dry run.
     int64_t scheduled_calls() const { return static_cast<int64_t>(schedule_.size()); }

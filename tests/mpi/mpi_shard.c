@@ -3,7 +3,8 @@
  * (PP, layer-defensivekv over defkv_global) and both. Every rank also runs the single-process
  * selection and checks that its part of the sharded one is identical bit for bit: keep masks,
  * scores, head_lens and indices. Then a fault test: one rank's collective returns an error at
- * each call in turn, and every rank must return an error with nothing written.
+ * each data call in turn, and every rank must return an error with nothing written; at the last
+ * call (the status agreement) only the failing rank does.
  * Run: mpirun -n N mpi_shard CONFORMANCE_DIR. Prints the number of checks; 0 checks fails. */
 #include <mpi.h>
 #include <math.h>
@@ -278,7 +279,8 @@ static void run_global(const mcase *mc, int tp, int pp) {
     MPI_Comm_free(&model), MPI_Comm_free(&heads);
 }
 
-/* One rank's collective fails at call f (after taking part): every rank must fail, nothing written. */
+/* One rank's collective fails at call f (after taking part): at every data call, every rank must
+ * fail with nothing written. */
 static void run_fault(const mcase *mc, int method, int tp) {
     const golden_case *c = &mc->gc;
     MPI_Comm comm;
@@ -315,6 +317,22 @@ static void run_fault(const mcase *mc, int method, int tp) {
         CHECK(m.calls == n_calls, "fault at %ld: %ld calls, the schedule has %ld", f, m.calls, n_calls);
         if (g_rank == 0 && f == 1) printf("  fault message on rank 0: %s\n", e);
         if (g_rank == tp - 1 && f == 1) printf("  fault message on the failing rank: %s\n", e);
+    }
+    /* The last call is the status agreement: its failure is known only on the failing rank,
+     * which returns the error with nothing written; the other ranks complete normally. */
+    sel_free(&b);
+    sel_alloc(&b, k1 - k0, (k1 - k0) * c->L);
+    m.calls = 0;
+    m.fail_at = g_rank == tp - 1 ? n_calls - 1 : -1;
+    {
+        defkv_status st = defkv_select_sharded(g_ctx, &p, &layer, &sh, &b.s);
+        if (g_rank == tp - 1) {
+            CHECK(st == DEFKV_ERROR_BACKEND_FAILURE, "%s fault at the agreement: status %d", defkv_method_name(method), st);
+            CHECK(untouched(&b), "%s fault at the agreement: outputs written", defkv_method_name(method));
+        } else {
+            CHECK(st == DEFKV_SUCCESS, "%s fault at the agreement on another rank: status %d", defkv_method_name(method), st);
+        }
+        CHECK(m.calls == n_calls, "fault at the agreement: %ld calls, the schedule has %ld", m.calls, n_calls);
     }
     m.fail_at = -1;
     sel_free(&b);

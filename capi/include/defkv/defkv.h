@@ -598,28 +598,33 @@ DEFKV_API defkv_status defkv_stream_round(defkv_stream *stream, const defkv_stre
  * Communication goes through the engine's own collectives (MPI, NCCL, gloo, ...), given as
  * the function pointers below. What each method sends, per layer selection of one sequence
  * (B sequences of a batch: the top-k rounds are batched, the other reductions are per sequence):
- *   streamingllm, knorm, tova without TP, random, and every method with one TP rank: nothing.
+ *   Every method with one TP rank: nothing. With two or more, each call ends with one
+ *   status agreement (i64 max of the status words, 8 bytes) after the calls below:
+ *   streamingllm, knorm, tova without TP, random: no other call.
  *   snapkv, criticalkv: 1 all-reduce (f32 max, 2 values): the layer maximum (window sentinel).
  *   ada-snapkv: that, then the head-adaptive top-k: 4 radix rounds (i64 sum of 512-bin
  *     histograms of the 36-bit rank keys) + 1 tie round (i64 sum of the number of entries
- *     equal to the threshold key per KV head): 6 calls, about 16.4 KiB, independent of L.
- *   ada-criticalkv: the same 6 calls (the top-k is its budget allocation).
+ *     equal to the threshold key per KV head): 7 calls, about 16.4 KiB, independent of L.
+ *   ada-criticalkv: the same 7 calls (the top-k is its budget allocation).
  *   defensivekv: 1 exact gather (i64 sum all-reduce of disjoint slots: every head's projected
  *     value norms, 4*Hk*(L-W) bytes, and every query head's window-bias terms, 16*H*W bytes),
- *     1 f32 max, then the 5 top-k calls: 7 calls. The gather grows with L: the norm weight
+ *     1 f32 max, then the 5 top-k calls: 8 calls. The gather grows with L: the norm weight
  *     pn / sum over ALL KV heads of a token is a sequential float32 sum in head order in the
  *     single-process reference, which no reduction of partial sums reproduces bit for bit.
  *   tova under TP: 1 exact gather of every query head's last attention row (4*H*(L-1) bytes),
  *     for the same reason (a float64 sum over heads in head order).
- *   layer-defensivekv (defkv_global, sharded): per layer as defensivekv without its top-k, in
- *     the heads group; defkv_global_select: 5 calls in the model group for all layers together.
+ *   layer-defensivekv (defkv_global, sharded): per layer as defensivekv without its top-k (3
+ *     calls with the agreement), in the heads group; defkv_global_select: 6 calls in the model
+ *     group for all layers together.
  * Every call carries one extra element, a status word, so that an error on one rank (a
  * collective that returned non-zero, a failed op, out of memory) reaches every other rank at
  * its next call. A rank that fails keeps issuing the remaining calls of the selection (same
  * sizes, fixed in advance), so no rank is left waiting, and every rank then returns
- * DEFKV_ERROR_BACKEND_FAILURE with nothing written. The exception is a failure in the LAST
- * call of a selection: only the rank where it fails knows, and only it returns the error
- * (no protocol can tell the others without a further message).
+ * DEFKV_ERROR_BACKEND_FAILURE with nothing written. The last call (the status agreement)
+ * comes after every data collective and every local step that can fail, so all of those are
+ * seen by every rank; a failure of the agreement call itself is known only to the rank where
+ * it happens (no protocol can tell the others without a further message), and only that rank
+ * returns the error.
  * Argument errors (bad structs, shapes, capacities) are returned before the first call: pass
  * the same params and the same global shapes (n_seqs, every L, H, Hk, W, d) on every rank,
  * as an MPI collective requires the same counts. */
@@ -678,11 +683,15 @@ DEFKV_API void defkv_shard_default(defkv_shard *shard);
 /* defkv_select for one layer split by KV heads (TP): every rank of shard->heads calls it with
  * its own heads and receives their part of the layer's selection: per-head arrays have
  * n_seqs * Hk_local entries, per-entry arrays [Hk_local, L] blocks, as defkv_select writes them
- * for a layer of Hk_local heads. Host selection outputs only (out->memory HOST); the caches
- * may be in the context's device memory (the reduced values are downloaded and uploaded:
- * a few floats, plus the gathers listed above). out->indices_capacity, when indices is given,
- * must be at least Hk_local * sum(L) (the exact count is known only after the collectives).
- * With every head local (heads NULL) this is defkv_select. since 0.2 */
+ * for a layer of Hk_local heads. The outputs may be host memory or, as for defkv_select, the
+ * context's device memory (out->memory); the caches may be in the context's device memory.
+ * The collectives take host buffers: the reduced values are downloaded and uploaded (a few
+ * floats, histograms and counts, plus the gathers listed above), so a sharded call waits for
+ * the device. out->indices_capacity, when indices is given, must be at least
+ * Hk_local * sum(L) (the exact count is known only after the collectives). The last
+ * collective of every call carries only the ranks' status words: nothing is written unless
+ * every rank succeeded up to it. With every head local (heads NULL) this is defkv_select.
+ * since 0.2 */
 DEFKV_API defkv_status defkv_select_sharded(defkv_context *ctx, const defkv_params *params,
                                             const defkv_layer *layer, const defkv_shard *shard,
                                             defkv_selection *out);
