@@ -180,6 +180,36 @@ static void test_struct_sizes(void **state) {
     g_checks++;
 }
 
+/* A defkv_layer from a 0.1 caller ends before `paged` (struct_size = offsetof(defkv_layer, paged)):
+ * the library must not read that field (here garbage) and must select as for a contiguous layer. */
+static void test_layer_v01_size(void **state) {
+    fixture *f = (fixture *)*state;
+    defkv_status st = defkv_select(f->ctx, &f->params, &f->layer, &f->out);
+    assert_int_equal(st, DEFKV_SUCCESS);
+    int32_t hl[HK], idx[HK * L];
+    uint8_t keep[HK * L];
+    float sc[HK * L];
+    memcpy(hl, f->head_lens, sizeof hl);
+    memcpy(idx, f->idx, sizeof idx);
+    memcpy(keep, f->keep, sizeof keep);
+    memcpy(sc, f->scores, sizeof sc);
+    fill_outputs(f);
+    f->layer.struct_size = (uint32_t)offsetof(defkv_layer, paged);
+    f->layer.paged = (const defkv_paged_kv *)(uintptr_t)0x10; /* beyond the 0.1 struct: never read */
+    st = defkv_select(f->ctx, &f->params, &f->layer, &f->out);
+    assert_int_equal(st, DEFKV_SUCCESS);
+    assert_memory_equal(hl, f->head_lens, sizeof hl);
+    assert_memory_equal(keep, f->keep, sizeof keep);
+    assert_memory_equal(sc, f->scores, sizeof sc);
+    int32_t kept = 0;
+    for (int h = 0; h < HK; h++) kept += hl[h];
+    assert_memory_equal(idx, f->idx, (size_t)kept * sizeof(int32_t));
+    /* one byte short of that is refused, as before */
+    f->layer.struct_size = (uint32_t)offsetof(defkv_layer, paged) - 1;
+    select_fails(f, DEFKV_ERROR_INVALID_ARGUMENT, "layer->struct_size", "layer struct_size 0.1 - 1");
+    g_checks++;
+}
+
 static void test_bad_params(void **state) {
     fixture *f = (fixture *)*state;
     f->params.method = -1;
@@ -553,7 +583,7 @@ int main(int argc, char **argv) {
     (void)argc;
     (void)argv;
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_null_pointers),     cmocka_unit_test(test_struct_sizes),
+        cmocka_unit_test(test_null_pointers),     cmocka_unit_test(test_struct_sizes), cmocka_unit_test(test_layer_v01_size),
         cmocka_unit_test(test_bad_params),        cmocka_unit_test(test_bad_tensors),
         cmocka_unit_test(test_o_proj),            cmocka_unit_test(test_buffer_too_small),
         cmocka_unit_test(test_nonfinite),         cmocka_unit_test(test_compaction_errors),
