@@ -44,4 +44,29 @@ static defkv_status defkvb_paged_set_dlpool(defkv_paged_kv *p, int32_t which, in
     return defkv_tensor_from_dltensor((const DLTensor *)(intptr_t)dltensor, which ? &p->v_pages : &p->k_pages,
                                       defkvb_dl_error, sizeof defkvb_dl_error);
 }
+
+/* A DLPack tensor (DLTensor address) as tensor which (0 keys, 1 values, 2 o_proj) of cache
+ * `layer` of a stream round. */
+static defkv_status defkvb_stream_caches_set_dltensor(defkvb_stream_caches *c, int32_t layer, int32_t which,
+                                                      int64_t dltensor) {
+    defkv_tensor *t;
+    if (!c || layer < 0 || layer >= c->n || which < 0 || which > 2) {
+        snprintf(defkvb_dl_error, sizeof defkvb_dl_error, "bad stream cache slot");
+        return DEFKV_ERROR_INVALID_ARGUMENT;
+    }
+    t = which == 0 ? &c->caches[layer].keys : which == 1 ? &c->caches[layer].values : &c->caches[layer].o_proj;
+    return defkv_tensor_from_dltensor((const DLTensor *)(intptr_t)dltensor, t, defkvb_dl_error, sizeof defkvb_dl_error);
+}
+
+/* defkv_stream_push_queries of a DLPack tensor (DLTensor address). On failure the message is
+ * defkvb_dlpack_error() when the conversion failed (it is empty otherwise: then the context's
+ * last error). */
+static defkv_status defkvb_stream_push_dlqueries(defkv_stream *s, int32_t layer, int64_t dltensor) {
+    defkv_tensor t;
+    defkv_status st;
+    defkvb_dl_error[0] = 0;
+    st = defkv_tensor_from_dltensor((const DLTensor *)(intptr_t)dltensor, &t, defkvb_dl_error, sizeof defkvb_dl_error);
+    if (st != DEFKV_SUCCESS) return st;
+    return defkv_stream_push_queries(s, layer, &t);
+}
 %}

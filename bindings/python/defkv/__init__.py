@@ -16,19 +16,25 @@ Paged caches (page pools addressed through block tables): ``defkv.PagedKV``, pas
 ``paged=`` to ``Context.select``; ``Context.compact_paged`` compacts them and returns the freed
 page ids; ``pages_needed`` and ``next_slots`` do the page arithmetic around it.
 
+Decode-time eviction: ``Context.stream(params, defkv.StreamParams(...))`` returns a ``Stream``
+(``append``, ``push_queries``, ``due``, ``head_lens``, ``round`` over ``defkv.StreamCache``
+per layer: contiguous arrays compacted in place, or a ``PagedKV``).
+
 Errors raise ``defkv.Error`` (``.status``, ``.message``). A Context is used by one thread at a
 time (its calls hold a lock); different contexts are independent.
 """
 
 import ctypes
 import threading
+import weakref
 
 import numpy as np
 
 from . import native as _n
 
 __all__ = ["Context", "Params", "Sequence", "Selection", "Error", "Status", "Method", "Dtype", "Backend",
-           "PagedKV", "bfloat16", "version", "method_from_name", "pages_needed", "next_slots"]
+           "PagedKV", "bfloat16", "version", "method_from_name", "pages_needed", "next_slots",
+           "Stream", "StreamParams", "StreamCache", "Aggregation"]
 
 
 class Status:
@@ -231,6 +237,23 @@ class _View:
         t = (self.strides + [0, 0, 0, 0])[:4]
         _n.defkvb_layer_set_tensor(layer, seq, which, self.address, self.dtype, len(self.shape),
                                    s[0], s[1], s[2], s[3], t[0], t[1], t[2], t[3], _MEMORY_HOST, 0)
+
+    def _args(self):
+        """The host tensor as defkvb_*_set_tensor's arguments after the slot: address, dtype,
+        ndim, shape[4], strides[4], memory, byte_offset."""
+        s = (self.shape + [0, 0, 0, 0])[:4]
+        t = (self.strides + [0, 0, 0, 0])[:4]
+        return (self.address, self.dtype, len(self.shape), s[0], s[1], s[2], s[3], t[0], t[1], t[2], t[3],
+                _MEMORY_HOST, 0)
+
+    def set_stream_cache(self, fn, what, caches, layer, which):
+        """As set(), for tensor ``which`` (0 keys, 1 values, 2 o_proj) of a stream round's cache."""
+        if self.dltensor is not None:
+            st = _n.defkvb_stream_caches_set_dltensor(caches, layer, which, self.dltensor)
+            if st < 0:
+                raise Error(st, _caller_message(fn, _n.defkvb_dlpack_error()).replace(": ", ": %s: " % what, 1))
+            return
+        _n.defkvb_stream_caches_set_tensor(caches, layer, which, *self._args())
 
     def set_pool(self, fn, what, paged, which):
         """As set(), for pool ``which`` (0 k_pages, 1 v_pages) of a paged description."""
@@ -443,14 +466,18 @@ class Context:
                 raise Error(Status.INVALID_ARGUMENT, "Context: backend %r is not one of %s" % (backend, sorted(names)))
             backend = names[backend]
         self._lock = threading.RLock()
+        self._streams = weakref.WeakSet()  # open streams: close() destroys them before the context
         self._ctx = _n.defkvb_context_create(int(backend), int(threads), int(device_index))
         if self._ctx is None:
             raise Error(_n.defkvb_last_create_status(), _caller_message("Context", _n.defkv_last_error_global()))
 
     def close(self):
-        """Frees the context (idempotent)."""
+        """Frees the context and closes its open streams (idempotent)."""
         with self._lock:
             if self._ctx is not None:
+                for st in list(self._streams):  # a stream points at its context: it goes first
+                    st._destroy()
+                self._streams.clear()
                 _n.defkv_context_destroy(self._ctx)
                 self._ctx = None
 
@@ -564,6 +591,13 @@ class Context:
                     _n.defkvb_paged_free(rdst)
                 layer.free()
 
+    def stream(self, params, stream_params):
+        """Starts a decode-time eviction Stream: params gives the method (snapkv, ada-snapkv,
+        defensivekv, layer-defensivekv or streamingllm), window, kernel, scale and n_sink;
+        stream_params (a StreamParams) the shape, capacity, interval, aggregation and budget.
+        Closing the context closes the stream."""
+        return Stream(self, params, stream_params)
+
     def select_global(self, params, layers):
         """Layer-DefensiveKV over several layers: layers is a list of dicts with queries (or
         attention), keys, values and o_proj (or seqs=[Sequence] and o_proj). Returns one
@@ -641,3 +675,258 @@ def next_slots(lens, block_tables, page_size):
     if st < 0:
         _global_fail(fn, st)
     return page[:lens.size], offset[:lens.size]
+
+
+# -------------------------------------------------------------------------------------------
+# Decode-time eviction: streams
+# -------------------------------------------------------------------------------------------
+
+class Aggregation:
+    """defkv_stream_aggregation values: how a stream combines an entry's scores across rounds."""
+    LATEST = 0     # the current round's score only (kvpress DecodingPress)
+    MAX = 1        # the running maximum over every round that scored the entry (default)
+    MAX_DECAY = 2  # r = max(decay * r, s): a maximum that fades
+
+
+_AGGREGATIONS = {"latest": Aggregation.LATEST, "max": Aggregation.MAX, "max_decay": Aggregation.MAX_DECAY}
+_STREAM_FIELDS = ("n_layers", "n_heads", "n_kv_heads", "head_dim", "capacity", "interval", "aggregation",
+                  "budget", "slack", "decay")
+
+
+class StreamParams:
+    """Every field of defkv_stream_params, starting from the library's defaults (n_layers 1,
+    interval 128, aggregation MAX, slack 0 = interval, decay 0.9); the shape fields, capacity
+    and budget must be set:
+    ``StreamParams(n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, capacity=4096, budget=512)``.
+    Fields are attributes: n_layers, n_heads (H), n_kv_heads (Hk), head_dim (d), capacity (rows
+    per head in each layer's cache), interval (steps between rounds, >= window), aggregation
+    (an Aggregation value or "latest", "max", "max_decay"), budget (entries per head after a
+    round, >= window + n_sink), slack, decay.
+    """
+
+    def __init__(self, **fields):
+        object.__setattr__(self, "_raw", _n.defkv_stream_params())
+        for k, v in fields.items():
+            setattr(self, k, v)
+
+    def __getattr__(self, name):
+        if name in _STREAM_FIELDS:
+            return getattr(self._raw, name)
+        raise AttributeError(name)
+
+    def __setattr__(self, name, value):
+        if name not in _STREAM_FIELDS:
+            raise AttributeError("StreamParams has no field %r (fields: %s)" % (name, ", ".join(_STREAM_FIELDS)))
+        if name == "aggregation" and isinstance(value, str):
+            if value.lower() not in _AGGREGATIONS:
+                raise Error(Status.INVALID_ARGUMENT, "StreamParams: aggregation %r is not one of %s"
+                            % (value, sorted(_AGGREGATIONS)))
+            value = _AGGREGATIONS[value.lower()]
+        setattr(self._raw, name, value)
+
+    def __repr__(self):
+        return "StreamParams(%s)" % ", ".join("%s=%r" % (k, getattr(self, k)) for k in _STREAM_FIELDS)
+
+
+class StreamCache:
+    """One layer's cache in a stream round: ``keys`` and ``values`` [Hk, C, d] with C at least
+    every head's length (typically the whole [Hk, capacity, d] cache), writable, compacted in
+    place; or ``paged``, a PagedKV (its seq_lens is not read: the stream knows each head's
+    length; "head" layout: one block-table row per KV head). ``o_proj`` [D, H*d] is needed by
+    defensivekv and layer-defensivekv streams."""
+
+    def __init__(self, keys=None, values=None, *, paged=None, o_proj=None):
+        self.keys, self.values, self.paged, self.o_proj = keys, values, paged, o_proj
+
+
+def _int32(fn, what, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise Error(Status.INVALID_ARGUMENT, "%s: %s is a %s, expected an int" % (fn, what, type(value).__name__))
+    if not -2 ** 31 <= int(value) < 2 ** 31:
+        raise Error(Status.INVALID_ARGUMENT, "%s: %s is %d, outside int32" % (fn, what, value))
+    return int(value)
+
+
+class Stream:
+    """Decode-time eviction over the caches of a model's layers (defkv_stream). Per decoding
+    step and layer the engine writes the token's K/V at row ``head_lens(layer)[k]`` of each KV
+    head of its cache, calls ``append(layer, 1)`` and ``push_queries(layer, q)`` (post-rotary
+    queries [H, n, d]); when ``due()``, ``round(caches)`` scores, evicts down to the budget and
+    compacts the caches in place (the window and the sinks always stay).
+
+    ``Context.stream(params, stream_params)`` or ``Stream(ctx, params, stream_params)``. Every
+    call goes through the context (its lock). ``close()`` or ``with`` frees the stream; closing
+    the context closes it too, and later calls raise ``defkv.Error`` (INVALID_STATE).
+    Errors leave the stream and the caches unchanged.
+    """
+
+    def __init__(self, context, params, stream_params):
+        fn = "Context.stream"
+        self._s = None
+        if not isinstance(context, Context):
+            raise Error(Status.INVALID_ARGUMENT, "%s: context must be a defkv.Context" % fn)
+        if not isinstance(params, Params):
+            raise Error(Status.INVALID_ARGUMENT, "%s: params must be a defkv.Params" % fn)
+        if not isinstance(stream_params, StreamParams):
+            raise Error(Status.INVALID_ARGUMENT, "%s: stream_params must be a defkv.StreamParams" % fn)
+        self._context = context
+        with context._lock:
+            context._open(fn)
+            s = _n.defkvb_stream_create(context._ctx, params._raw, stream_params._raw)
+            if s is None:
+                context._fail(fn, _n.defkvb_last_create_status())
+            self._s = s
+            # The shape as created (stream_params may change afterwards).
+            self.n_layers, self.n_kv_heads = int(stream_params.n_layers), int(stream_params.n_kv_heads)
+            self.capacity = int(stream_params.capacity)
+            context._streams.add(self)
+
+    def _destroy(self):
+        """Frees the C stream (the context's lock is held, or the stream is unreachable)."""
+        if self._s is not None:
+            _n.defkv_stream_destroy(self._s)
+            self._s = None
+
+    def close(self):
+        """Frees the stream (idempotent)."""
+        with self._context._lock:
+            self._destroy()
+            self._context._streams.discard(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "_s", None) is not None:
+            self.close()
+
+    def _open(self, fn):
+        if self._s is None or self._context._ctx is None:
+            raise Error(Status.INVALID_STATE, "%s: the stream is closed (or its context is)" % fn)
+
+    def append(self, layer, n):
+        """Registers n new entries the engine wrote after the last live row of every head of
+        layer (at rows head_lens(layer)[k] onwards)."""
+        fn = "Stream.append"
+        layer, n = _int32(fn, "layer", layer), _int32(fn, "n", n)
+        with self._context._lock:
+            self._open(fn)
+            st = _n.defkv_stream_append(self._s, layer, n)
+            if st < 0:
+                self._context._fail(fn, st)
+
+    def push_queries(self, layer, queries):
+        """Pushes the post-rotary queries [H, n, d] of the newest n steps of layer (a NumPy
+        array or a DLPack tensor; copied: the stream keeps the last window of them). Each call
+        counts n steps towards due()."""
+        fn = "Stream.push_queries"
+        layer = _int32(fn, "layer", layer)
+        with self._context._lock:
+            self._open(fn)
+            v = _View(fn, "queries", queries, False)
+            if v.dltensor is not None:
+                st = _n.defkvb_stream_push_dlqueries(self._s, layer, v.dltensor)
+                if st < 0 and _n.defkvb_dlpack_error():
+                    raise Error(st, _caller_message(fn, _n.defkvb_dlpack_error()).replace(": ", ": queries: ", 1))
+            else:
+                st = _n.defkvb_stream_push_queries(self._s, layer, *v._args())
+            if st < 0:
+                self._context._fail(fn, st)
+
+    def due(self):
+        """True when a round is due: interval steps pushed to some layer since the last round,
+        or more than budget + slack entries per head in what a round's budget covers."""
+        fn = "Stream.due"
+        with self._context._lock:
+            self._open(fn)
+            d = _n.defkvb_stream_due(self._s)
+            if d < 0:
+                self._context._fail(fn, d)
+            return d != 0
+
+    def head_lens(self, layer):
+        """The live entries of each KV head of layer (int32 array [Hk]): where the next token's
+        K/V go."""
+        fn = "Stream.head_lens"
+        layer = _int32(fn, "layer", layer)
+        with self._context._lock:
+            self._open(fn)
+            lens = np.zeros(self.n_kv_heads + 1, np.int32)  # never empty
+            st = _n.defkvb_stream_head_lens(self._s, layer, lens.__array_interface__["data"][0])
+            if st < 0:
+                self._context._fail(fn, st)
+            return lens[:self.n_kv_heads]
+
+    def round(self, caches, *, selections=True):
+        """Runs a round over every layer: caches, one StreamCache (or dict of its fields) per
+        layer, are compacted in place (rows past a head's new length are left as they were; a
+        paged cache's pages past ceil(head_len / page_size) are no longer used). Returns one
+        Selection per layer (head_lens and cu_seqlens per KV head, indices the kept rows of the
+        live entries before the round, keep_mask and scores [Hk * capacity], zero past a head's
+        length), or None with selections=False."""
+        fn = "Stream.round"
+        try:
+            caches = [c if isinstance(c, StreamCache) else StreamCache(**c) for c in caches]
+        except TypeError as e:
+            raise Error(Status.INVALID_ARGUMENT, "%s: caches must be StreamCache objects (or dicts of keys, values, "
+                                                 "paged, o_proj): %s" % (fn, e))
+        with self._context._lock:
+            self._open(fn)
+            if len(caches) != self.n_layers:
+                raise Error(Status.INVALID_ARGUMENT, "%s: %d caches, expected one per layer (%d)"
+                            % (fn, len(caches), self.n_layers))
+            hk, cap, nl = self.n_kv_heads, self.capacity, self.n_layers
+            rc = _n.defkvb_stream_caches_new(nl)
+            if rc is None:
+                raise Error(Status.OUT_OF_MEMORY, "%s: could not allocate the caches' description" % fn)
+            keep, paged = [], []  # what the description points at: alive until the call returns
+            try:
+                for l, c in enumerate(caches):
+                    if c.paged is not None and not isinstance(c.paged, PagedKV):
+                        raise Error(Status.INVALID_ARGUMENT, "%s: caches[%d].paged must be a PagedKV" % (fn, l))
+                    for which, name, t in ((0, "keys", c.keys), (1, "values", c.values), (2, "o_proj", c.o_proj)):
+                        if t is None:
+                            continue
+                        what = "caches[%d].%s" % (l, name)
+                        v = _View(fn, what, t, which < 2)
+                        v.set_stream_cache(fn, what, rc, l, which)
+                        keep.append(v)
+                    if c.paged is not None:
+                        rows = hk if c.paged.layout == PagedKV.HEAD else 1
+                        p, k, _ = c.paged._build(fn, "caches[%d].paged" % l, rows, None, True)
+                        paged.append(p)
+                        keep.append(k)
+                        _n.defkvb_stream_caches_set_paged(rc, l, p)
+                a = lambda x: x.__array_interface__["data"][0]
+                if not selections:
+                    st = _n.defkvb_stream_round(self._s, rc, nl, hk, cap, 0, 0, 0, 0, 0)
+                    if st < 0:
+                        self._context._fail(fn, st)
+                    return None
+                per = hk * cap
+                hl = np.zeros(nl * hk, np.int32)
+                cu = np.zeros(nl * (hk + 1), np.int32)
+                idx = np.zeros(nl * per + 1, np.int32)  # never empty (capacity 0 is the library's error)
+                km = np.zeros(nl * per + 1, np.uint8)
+                sc = np.zeros(nl * per + 1, np.float32)
+                st = _n.defkvb_stream_round(self._s, rc, nl, hk, cap, a(hl), a(cu), a(idx), a(km), a(sc))
+                if st < 0:
+                    self._context._fail(fn, st)
+                out = []
+                for l in range(nl):
+                    sel = Selection.__new__(Selection)
+                    sel.head_lens = hl[l * hk:(l + 1) * hk]
+                    sel.cu_seqlens = cu[l * (hk + 1):(l + 1) * (hk + 1)]
+                    sel._indices = idx[l * per:(l + 1) * per]
+                    sel._capacity = per
+                    sel.keep_mask = km[l * per:(l + 1) * per]
+                    sel.scores = sc[l * per:(l + 1) * per]
+                    out.append(sel)
+                return out
+            finally:
+                for p in paged:
+                    _n.defkvb_paged_free(p)
+                _n.defkvb_stream_caches_free(rc)
