@@ -79,7 +79,8 @@ bool make_multikey(int C, std::mt19937_64 &rng, const TokenCounter &count, const
     std::vector<std::string> needles, values;
     for (const std::string &k : keys) {
         values.push_back(number(rng, 7));
-        needles.push_back(" The special magic number for " + k + " is " + values.back() + ".");
+        needles.push_back(" The pass key for " + k + " is " + values.back() + ". Remember it. " + values.back() +
+                          " is the pass key for " + k + ".");
     }
     const size_t asked = rng() % keys.size();
     std::shuffle(needles.begin(), needles.end(), rng);
@@ -88,8 +89,7 @@ bool make_multikey(int C, std::mt19937_64 &rng, const TokenCounter &count, const
     for (size_t i = 0; i < keys.size(); ++i)
         if (i != asked) out->distractor_keys.push_back(keys[i]);
     out->refs = {values[asked]};
-    out->question = "\nWhat is the special magic number for " + keys[asked] + "? The special magic number for " +
-                    keys[asked] + " is";
+    out->question = "\nWhat is the pass key for " + keys[asked] + "? The pass key for " + keys[asked] + " is";
     out->max_new = 12;
     return true;
 }
@@ -103,12 +103,11 @@ bool make_multivalue(int C, std::mt19937_64 &rng, const TokenCounter &count, con
         std::string v = number(rng, 7);
         if (!seen.insert(v).second) continue;
         out->refs.push_back(v);
-        needles.push_back(" One of the special magic numbers for " + key + " is " + v + ".");
+        needles.push_back(" One of the pass keys for " + key + " is " + v + ". Remember it.");
     }
     if (!haystack(kNeedleHead, needles, C, rng, count, out, error)) return false;
     out->asked_key = key;
-    out->question = "\nWhat are all the special magic numbers for " + key + "? The special magic numbers for " +
-                    key + " are";
+    out->question = "\nWhat are all the pass keys for " + key + "? The pass keys for " + key + " are";
     out->max_new = 48;
     return true;
 }

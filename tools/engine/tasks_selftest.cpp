@@ -103,15 +103,15 @@ void check_sample(Checker &c, TaskKind kind, int C, const TaskText &t, const std
     switch (kind) {
     case TaskKind::niah_multikey: {
         c.expect(t.refs.size() == 1, tag + ": one reference");
-        c.expect(occurrences(ctx, "number for " + t.asked_key + " is " + t.refs[0] + ".") == 1,
+        c.expect(occurrences(ctx, "pass key for " + t.asked_key + " is " + t.refs[0] + ".") == 1,
                  tag + ": the asked key's needle is not in the text once");
         c.expect(t.question.find(" " + t.asked_key + "?") != std::string::npos, tag + ": the question misses the key");
         c.expect(t.distractor_keys.size() == 3, tag + ": three distractors");
         std::set<std::string> keys(t.distractor_keys.begin(), t.distractor_keys.end());
         c.expect(keys.size() == 3 && !keys.count(t.asked_key), tag + ": a distractor equals the asked key");
         for (const std::string &k : t.distractor_keys) {
-            c.expect(occurrences(ctx, "number for " + k + " is ") == 1, tag + ": distractor " + k + " missing");
-            c.expect(ctx.find("number for " + k + " is " + t.refs[0] + ".") == std::string::npos,
+            c.expect(occurrences(ctx, "pass key for " + k + " is ") == 1, tag + ": distractor " + k + " missing");
+            c.expect(ctx.find("pass key for " + k + " is " + t.refs[0] + ".") == std::string::npos,
                      tag + ": a distractor holds the answer");
         }
         break;
@@ -121,8 +121,8 @@ void check_sample(Checker &c, TaskKind kind, int C, const TaskText &t, const std
         std::set<std::string> vals(t.refs.begin(), t.refs.end());
         c.expect(vals.size() == 4, tag + ": the values are not distinct");
         for (const std::string &r : t.refs)
-            c.expect(occurrences(ctx, "numbers for " + t.asked_key + " is " + r + ".") == 1, tag + ": value " + r);
-        c.expect(occurrences(ctx, "numbers for " + t.asked_key + " is ") == 4, tag + ": not four needles");
+            c.expect(occurrences(ctx, "pass keys for " + t.asked_key + " is " + r + ".") == 1, tag + ": value " + r);
+        c.expect(occurrences(ctx, "pass keys for " + t.asked_key + " is ") == 4, tag + ": not four needles");
         break;
     }
     case TaskKind::vartrack: {
