@@ -345,6 +345,9 @@ int defkv_cmd_tasks(int argc, char **argv) {
         if (!write_csv(a.str("--csv", ""), full, rows, cfg.threshold, &err)) return fail(cmd, err, 1);
         std::fprintf(stderr, "defkv %s: wrote %s\n", cmd, a.str("--csv", "").c_str());
     }
+    if (a.has("--svg") && rows.empty())
+        std::fprintf(stderr, "defkv %s: --svg %s not written: no compressed results to plot\n", cmd,
+                     a.str("--svg", "").c_str());
     if (a.has("--svg") && !rows.empty()) {
         if (!write_svg(a.str("--svg", ""), cfg, kept, rows, &err)) return fail(cmd, err, 1);
         std::fprintf(stderr, "defkv %s: wrote %s\n", cmd, a.str("--svg", "").c_str());
