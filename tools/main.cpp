@@ -2,7 +2,7 @@
 //
 //   defkv compress ...   select the KV entries to keep for a case file (see `defkv help`)
 //   defkv info FILE      list a safetensors file's tensors and metadata
-//   defkv eval|demo      real-model evaluation (built when tools/engine exists)
+//   defkv eval|demo|tasks  real-model evaluation (built when tools/engine exists)
 //   defkv bench          benchmarks (built when tools/bench exists)
 #include <cctype>
 #include <cerrno>
@@ -19,6 +19,7 @@
 #ifdef DEFKV_HAVE_ENGINE
 int defkv_cmd_eval(int argc, char** argv);
 int defkv_cmd_demo(int argc, char** argv);
+int defkv_cmd_tasks(int argc, char** argv);
 #endif
 #ifdef DEFKV_HAVE_BENCH
 int defkv_cmd_bench(int argc, char** argv);
@@ -69,7 +70,7 @@ void print_help() {
         "                 [--backend cpu|vulkan|cuda|auto] [--threads N]\n"
         "                 [--window-bias official|window] [--compact]\n"
         "  defkv info FILE.safetensors\n"
-        "  defkv eval ... | defkv demo ...   (real-model engine, when built)\n"
+        "  defkv eval ... | defkv demo ... | defkv tasks ...   (real-model engine, when built)\n"
         "  defkv bench ...                    (benchmarks, when built)\n"
         "  defkv bench-stream ...             (decode-time eviction cost per step, when built)\n"
         "  defkv --version | defkv help\n"
@@ -135,6 +136,13 @@ int dispatch(int argc, char** argv) {
         return defkv_cmd_demo(argc - 1, argv + 1);
 #else
         return not_built("demo");
+#endif
+    }
+    if (cmd == "tasks") {
+#ifdef DEFKV_HAVE_ENGINE
+        return defkv_cmd_tasks(argc - 1, argv + 1);
+#else
+        return not_built("tasks");
 #endif
     }
     if (cmd == "bench") {

@@ -7,6 +7,9 @@ int defkv_cmd_eval(int argc, char **argv);
 // `eval --decode`: decode-time eviction with streams (decode_cmd.cpp); defkv_cmd_eval hands over.
 int defkv_cmd_eval_decode(int argc, char **argv);
 int defkv_cmd_demo(int argc, char **argv);
+// The RULER-style task suite (tasks_cmd.cpp) and its model-free checks.
+int defkv_cmd_tasks(int argc, char **argv);
+int defkv_cmd_tasks_selftest(int argc, char **argv);
 // Developer subcommands of the standalone defkv-engine program.
 int defkv_cmd_ppl(int argc, char **argv);
 int defkv_cmd_generate(int argc, char **argv);

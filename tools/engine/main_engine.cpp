@@ -11,10 +11,12 @@ int main(int argc, char **argv) {
         "  eval           continuation fidelity and passkey retrieval per method and budget\n"
         "                 (eval --decode: decode-time eviction with streams)\n"
         "  demo           a small default comparison (a few minutes on 2 cores)\n"
+        "  tasks          RULER-style task suite (needles, variable tracking, word extraction)\n"
         "  ppl            perplexity of the full-cache model on the text\n"
         "  generate       greedy generation for a prompt (--chat applies the chat template)\n"
         "  passkey-sweep  full-cache passkey accuracy per context length\n"
         "  tokenize       token ids of the (normalised) text, one per line\n"
+        "  tasks-selftest model-free checks of the task generators and the scorer (CTest)\n"
         "  selftest       short end-to-end check used by CTest (exit 77: model not cached)\n"
         "  cache-parity   the eval through the paged and the contiguous cache, bit for bit, and the\n"
         "                 paged cache's page accounting (CTest; exit 77: model not cached)\n";
@@ -25,6 +27,8 @@ int main(int argc, char **argv) {
     const char *c = argv[1];
     if (!std::strcmp(c, "eval")) return defkv_cmd_eval(argc - 1, argv + 1);
     if (!std::strcmp(c, "demo")) return defkv_cmd_demo(argc - 1, argv + 1);
+    if (!std::strcmp(c, "tasks")) return defkv_cmd_tasks(argc - 1, argv + 1);
+    if (!std::strcmp(c, "tasks-selftest")) return defkv_cmd_tasks_selftest(argc - 1, argv + 1);
     if (!std::strcmp(c, "ppl")) return defkv_cmd_ppl(argc - 1, argv + 1);
     if (!std::strcmp(c, "generate")) return defkv_cmd_generate(argc - 1, argv + 1);
     if (!std::strcmp(c, "passkey-sweep")) return defkv_cmd_passkey_sweep(argc - 1, argv + 1);
