@@ -5,8 +5,13 @@
 # Three windows (the default is 16): the per-window CSV and the bootstrap columns are compared too.
 set(args eval --contexts 256 --budgets 20% --continuation 16 --samples 3 --passkey-contexts 256 --passkey-trials 1
     --quiet)
+# The paged run puts the fidelity settings on two threads (--threads 2): the figures must not
+# depend on it either.
+set(threads_contiguous 1)
+set(threads_paged 2)
 foreach(cache contiguous paged)
-  execute_process(COMMAND ${ENGINE} ${args} --cache ${cache} --csv ${WORKDIR}/cache_${cache}.csv
+  execute_process(COMMAND ${ENGINE} ${args} --cache ${cache} --threads ${threads_${cache}}
+                          --csv ${WORKDIR}/cache_${cache}.csv
                   RESULT_VARIABLE rc OUTPUT_VARIABLE out_${cache} ERROR_VARIABLE err)
   if(rc EQUAL 3)
     message("SKIPPED: the model or the text is not cached; run tools/engine/fetch_assets.sh\n${err}")

@@ -111,11 +111,17 @@ void Progress::finish() {
 
 namespace {
 
-// Relative costs for the progress estimate, from timings on the 2-core machine: a prefill of C
-// tokens is linear in C plus the quadratic attention; a setting (compression, forward of the
-// continuation through the kept cache, scoring) has a fixed part and a part linear in C.
-int64_t prefill_weight(int C) { return (int64_t)C * (8192 + C) / 8192; }
-int64_t setting_weight(int C, int C2) { return (int64_t)C2 * 5 + C / 4; }
+// Relative costs for the progress estimate, roughly milliseconds of the 2-core machine under load
+// (DEFKV_EVAL_TIMING at 1k to 8k tokens): a prefill of C tokens is linear in C plus the
+// quadratic attention; a setting (compression, the continuation's forward through the kept
+// cache, scoring) has a large fixed part (the matrix products of the continuation) and a part
+// linear in C (the fork of the cache, the scoring by defkv). Settings on `threads` threads
+// share the cores.
+int64_t prefill_weight(int C) { return (int64_t)C * 10 + (int64_t)C * C / 2048; }
+int64_t setting_weight(int C, int C2, int threads) {
+    const int cores = std::max(1, (int)std::thread::hardware_concurrency());
+    return ((int64_t)C2 * 20 + C / 2) / std::max(1, std::min(threads, cores));
+}
 
 // Runs fn(begin, end) over [0, n) split between the cores (the BLAS is idle while the
 // continuation is scored); each index is independent of the others.
@@ -132,7 +138,10 @@ template <class Fn> void parallel_ranges(int n, Fn fn) {
 int64_t fidelity_weight(const EvalConfig &cfg) {
     int64_t w = 0;
     const int64_t settings = 1 + (int64_t)cfg.budgets.size() * (int64_t)cfg.methods.size();
-    for (int C : cfg.contexts) w += cfg.samples * (prefill_weight(C) + settings * setting_weight(C, cfg.continuation));
+    const int workers = (int)std::max<int64_t>(1, std::min<int64_t>(cfg.threads, settings - 1));
+    for (int C : cfg.contexts)
+        w += cfg.samples * (prefill_weight(C) + setting_weight(C, cfg.continuation, 1) +
+                            (settings - 1) * setting_weight(C, cfg.continuation, workers));
     return w;
 }
 
@@ -317,14 +326,14 @@ bool run_fidelity(defkv_context *ctx, Model &m, const std::vector<int> &toks, co
                 *error = workers[0].error;
                 return false;
             }
-            step(rows[0], setting_weight(C, C2));
+            step(rows[0], setting_weight(C, C2, 1));
             if (n_workers == 1) {
                 for (size_t i = 1; i < rows.size(); ++i) {
                     if (!run_setting(workers[0], ref, cfg, pre, cont, s, prefill_s, true, rows[i])) {
                         *error = workers[0].error;
                         return false;
                     }
-                    step(rows[i], setting_weight(C, C2));
+                    step(rows[i], setting_weight(C, C2, n_workers));
                 }
                 continue;
             }
@@ -340,7 +349,7 @@ bool run_fidelity(defkv_context *ctx, Model &m, const std::vector<int> &toks, co
                         failed = true;
                         return;
                     }
-                    step(rows[i], setting_weight(C, C2));
+                    step(rows[i], setting_weight(C, C2, n_workers));
                 }
             };
             std::vector<std::thread> th;
