@@ -3,6 +3,7 @@
 #include <defkv/defkv.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -34,24 +35,39 @@ std::string pct(double f) {
 
 // ---- outputs --------------------------------------------------------------------------------
 
+std::string budget_label(const FidelityResult &r) { return r.method == "full" ? "100%" : pct(r.budget); }
+
 void print_tables(const std::vector<FidelityResult> &fr, const std::vector<PasskeyResult> &pr) {
+    const int windows = fr.empty() ? 0 : (int)fr[0].window_kl.size();
     if (!fr.empty()) {
-        std::printf("\nContinuation fidelity: KL(full || compressed) per teacher-forced token (nats)\n");
-        std::printf("%-7s %-7s %-18s %7s %10s %10s %10s %8s %8s\n", "context", "budget", "method", "kept",
-                    "KL mean", "KL p99", "KL max", "top-1", "ppl");
+        std::printf("\nContinuation fidelity: KL(full || compressed) per teacher-forced token (nats), %d window%s of\n"
+                    "%lld tokens per setting. KL mean: the mean over windows of each window's mean KL, with its\n"
+                    "95%% bootstrap interval over windows; p99 and max over all tokens; top-1: agreement with the\n"
+                    "full cache's most likely token, all tokens.\n",
+                    windows, windows == 1 ? "" : "s", (long long)(fr[0].runs ? fr[0].tokens / fr[0].runs : 0));
+        std::printf("%-7s %-7s %-18s %7s %10s %-21s %10s %10s %8s %8s\n", "context", "budget", "method", "kept",
+                    "KL mean", "[95% CI]", "KL p99", "KL max", "top-1", "ppl");
         for (const FidelityResult &r : fr) {
-            const double mean = r.kl.empty() ? 0 : [&] {
-                double s = 0;
-                for (double x : r.kl) s += x;
-                return s / r.kl.size();
-            }();
-            std::printf("%-7d %-7s %-18s %7s %10.4f %10.4f %10.4f %7.1f%% %8.2f\n", r.context,
-                        r.method == "full" ? "100%" : pct(r.budget).c_str(), r.method.c_str(),
-                        pct(r.kept_fraction).c_str(), mean, percentile(r.kl, 0.99),
-                        r.kl.empty() ? 0.0 : *std::max_element(r.kl.begin(), r.kl.end()),
+            char ci[48] = "";
+            if (windows > 1) std::snprintf(ci, sizeof ci, "[%.4f, %.4f]", r.kl_ci_lo, r.kl_ci_hi);
+            std::printf("%-7d %-7s %-18s %7s %10.4f %-21s %10.4f %10.4f %7.1f%% %8.2f\n", r.context,
+                        budget_label(r).c_str(), r.method.c_str(), pct(r.kept_fraction).c_str(), r.kl_mean, ci,
+                        percentile(r.kl, 0.99), r.kl.empty() ? 0.0 : *std::max_element(r.kl.begin(), r.kl.end()),
                         r.tokens ? 100.0 * r.top1_agree / r.tokens : 0.0,
                         r.nll_count ? std::exp(r.nll_sum / r.nll_count) : NAN);
         }
+    }
+    if (windows > 1) {
+        std::printf("\nPaired comparison per (context, budget), the same %d windows for every method: on how many\n"
+                    "windows A's mean KL is lower than B's, B's lower than A's, equal; p: two-sided exact sign\n"
+                    "test (binomial, ties dropped).\n",
+                    windows);
+        std::printf("%-7s %-7s %-18s %-18s %10s %10s %8s %8s %5s %10s\n", "context", "budget", "method A", "method B",
+                    "KL mean A", "KL mean B", "A lower", "B lower", "ties", "p");
+        for (const PairedComparison &c : compare_pairs(fr))
+            std::printf("%-7d %-7s %-18s %-18s %10.4f %10.4f %8d %8d %5d %10.3g\n", c.context, pct(c.budget).c_str(),
+                        c.a.c_str(), c.b.c_str(), c.mean_a, c.mean_b, c.count.a_lower, c.count.b_lower, c.count.ties,
+                        c.p);
     }
     if (!fr.empty() && fr[0].page_bytes > 0) {
         std::printf("\nPaged KV cache: per-head pages of 16 tokens (%lld bytes of keys and values each), per run\n",
@@ -98,10 +114,39 @@ const char *aggregation_of(const std::string &method) {
     return "";
 }
 
-double mean_of(const std::vector<double> &v) {
-    double s = 0;
-    for (double x : v) s += x;
-    return v.empty() ? 0.0 : s / (double)v.size();
+// The demo's one-picture summary: per method, the memory it keeps next to the two qualities
+// (the hidden key found; the same next word as the full cache), as bars where longer is more.
+void print_at_a_glance(const std::vector<FidelityResult> &fr, const std::vector<PasskeyResult> &pr) {
+    std::vector<std::string> methods;
+    for (const FidelityResult &r : fr)
+        if (std::find(methods.begin(), methods.end(), r.method) == methods.end()) methods.push_back(r.method);
+    for (const PasskeyResult &r : pr)
+        if (std::find(methods.begin(), methods.end(), r.method) == methods.end()) methods.push_back(r.method);
+    if (methods.empty()) return;
+    const int w = 20;
+    std::printf("\nAt a glance: memory kept against answer quality (every bar: full length = the full cache)\n");
+    std::printf("   %-18s %-*s %-*s %-*s\n", "method", w + 6, "memory kept", w + 7, "key found (passkey)", w + 7,
+                "same next word as full");
+    for (const std::string &m : methods) {
+        const PasskeyResult *p = nullptr;
+        const FidelityResult *f = nullptr;
+        for (const PasskeyResult &r : pr)
+            if (r.method == m) p = &r;
+        for (const FidelityResult &r : fr)
+            if (r.method == m) f = &r;
+        const double kept = p ? p->kept_fraction : f ? f->kept_fraction : 0;
+        char mem[64], key[64] = "", top[64] = "";
+        std::snprintf(mem, sizeof mem, "%-*s %4s", w, bar(kept, w).c_str(), pct(kept).c_str());
+        if (p && p->trials)
+            std::snprintf(key, sizeof key, "%-*s %2d/%-2d", w, bar((double)p->correct / p->trials, w).c_str(), p->correct,
+                          p->trials);
+        if (f && f->tokens) {
+            const double a = (double)f->top1_agree / f->tokens;
+            std::snprintf(top, sizeof top, "%-*s %4s", w, bar(a, w).c_str(), pct(a).c_str());
+        }
+        std::printf("   %-18s %-*s %-*s %s\n", m == "full" ? "full cache" : m.c_str(), w + 6, mem, w + 7, key, top);
+    }
+    std::printf("   A good method keeps the right bars long with a short memory bar.\n");
 }
 
 // The demo's output: memory, passkey retrieval, fidelity and time, each with a text bar, then a
@@ -193,6 +238,7 @@ void print_demo(const ModelConfig &c, const std::vector<FidelityResult> &fr, con
                     "   %d layers by defkv (scoring, selection, compaction) %.0f ms on average (%.0f%% of the prefill).\n",
                     !pr.empty() ? pr[0].context : fr[0].context, 1000.0 * pre / n_pre, c.n_layers,
                     1000.0 * comp / n_comp, 100.0 * (comp / n_comp) / (pre / n_pre));
+    print_at_a_glance(fr, pr);
     std::printf(
         "\nWhat the columns mean\n"
         "  kept            fraction of the cached key/value entries still in memory after compression\n"
@@ -217,6 +263,17 @@ void print_demo(const ModelConfig &c, const std::vector<FidelityResult> &fr, con
     std::fflush(stdout);
 }
 
+// The per-window CSV next to PATH: name.csv -> name-windows.csv (PATH + "-windows.csv" when
+// PATH does not end in .csv).
+std::string windows_csv_path(const std::string &path) {
+    const size_t n = path.size();
+    return n > 4 && path.compare(n - 4, 4, ".csv") == 0 ? path.substr(0, n - 4) + "-windows.csv"
+                                                        : path + "-windows.csv";
+}
+
+// One row per setting (kl_mean: the mean over windows of the per-window mean KL; kl_ci_low/high
+// its 95% bootstrap interval), and a second file with one row per setting and window, from which
+// every statistic (the intervals, the paired sign tests) can be recomputed.
 bool write_csv(const std::string &path, const std::vector<FidelityResult> &fr, const std::vector<PasskeyResult> &pr,
                std::string *err) {
     std::ofstream o(path);
@@ -225,25 +282,44 @@ bool write_csv(const std::string &path, const std::vector<FidelityResult> &fr, c
         return false;
     }
     o << "task,context,budget,method,kept_fraction,kl_mean,kl_p99,kl_max,top1_agreement,ppl,tokens,correct,trials,"
-         "accuracy\n";
+         "accuracy,windows,kl_ci_low,kl_ci_high\n";
     char b[512];
     for (const FidelityResult &r : fr) {
-        double s = 0;
-        for (double x : r.kl) s += x;
-        std::snprintf(b, sizeof b, "fidelity,%d,%.4f,%s,%.5f,%.6g,%.6g,%.6g,%.5f,%.5f,%lld,,,\n", r.context, r.budget,
-                      r.method.c_str(), r.kept_fraction, r.kl.empty() ? 0 : s / r.kl.size(), percentile(r.kl, 0.99),
+        std::snprintf(b, sizeof b, "fidelity,%d,%.4f,%s,%.5f,%.6g,%.6g,%.6g,%.5f,%.5f,%lld,,,,%d,%.6g,%.6g\n",
+                      r.context, r.budget, r.method.c_str(), r.kept_fraction, r.kl_mean, percentile(r.kl, 0.99),
                       r.kl.empty() ? 0.0 : *std::max_element(r.kl.begin(), r.kl.end()),
                       r.tokens ? (double)r.top1_agree / r.tokens : 0.0,
-                      r.nll_count ? std::exp(r.nll_sum / r.nll_count) : NAN, (long long)r.tokens);
+                      r.nll_count ? std::exp(r.nll_sum / r.nll_count) : NAN, (long long)r.tokens,
+                      (int)r.window_kl.size(), r.kl_ci_lo, r.kl_ci_hi);
         o << b;
     }
     for (const PasskeyResult &r : pr) {
-        std::snprintf(b, sizeof b, "passkey,%d,%.4f,%s,%.5f,,,,,,,%d,%d,%.5f\n", r.context, r.budget,
+        std::snprintf(b, sizeof b, "passkey,%d,%.4f,%s,%.5f,,,,,,,%d,%d,%.5f,,,\n", r.context, r.budget,
                       r.method.c_str(), r.kept_fraction, r.correct, r.trials,
                       r.trials ? (double)r.correct / r.trials : 0.0);
         o << b;
     }
-    return (bool)o;
+    if (!o) {
+        *err = "cannot write --csv file '" + path + "'";
+        return false;
+    }
+    if (fr.empty()) return true;
+    const std::string wpath = windows_csv_path(path);
+    std::ofstream w(wpath);
+    if (!w) {
+        *err = "cannot write the per-window CSV '" + wpath + "'";
+        return false;
+    }
+    w << "context,budget,method,window,offset,kl_mean,top1_agreement\n";
+    for (const FidelityResult &r : fr)
+        for (size_t i = 0; i < r.window_kl.size(); ++i) {
+            std::snprintf(b, sizeof b, "%d,%.4f,%s,%zu,%lld,%.17g,%.17g\n", r.context, r.budget, r.method.c_str(),
+                          i + 1, (long long)(i < r.offsets.size() ? r.offsets[i] : -1), r.window_kl[i],
+                          r.window_top1[i]);
+            w << b;
+        }
+    if (!w) *err = "cannot write the per-window CSV '" + wpath + "'";
+    return (bool)w;
 }
 
 // A plot of mean KL (log scale) versus cache budget, one panel per context, one line per
@@ -267,16 +343,11 @@ bool write_svg(const std::string &path, const std::vector<FidelityResult> &fr, c
                             "#bcbd22", "#17becf"};
     double kmin = 1e9, kmax = -1e9;
     double bmin = 1, bmax = 0;
-    auto mean_kl = [](const FidelityResult &r) {
-        double s = 0;
-        for (double x : r.kl) s += x;
-        return r.kl.empty() ? 0.0 : s / r.kl.size();
-    };
+    // The y range holds the means and their confidence intervals.
     for (const FidelityResult &r : fr)
         if (r.method != "full") {
-            const double k = std::max(mean_kl(r), 1e-6);
-            kmin = std::min(kmin, k);
-            kmax = std::max(kmax, k);
+            kmin = std::min(kmin, std::max(std::min(r.kl_mean, r.kl_ci_lo), 1e-6));
+            kmax = std::max(kmax, std::max(std::max(r.kl_mean, r.kl_ci_hi), 1e-6));
         }
     for (const FidelityResult &r : fr)
         if (r.method != "full") bmin = std::min(bmin, r.budget), bmax = std::max(bmax, r.budget);
@@ -309,7 +380,13 @@ bool write_svg(const std::string &path, const std::vector<FidelityResult> &fr, c
               << "</text>\n";
     };
     for (int c : ctxs) {
-        axes(panel, "mean KL(full||compressed), context " + std::to_string(c), "mean KL (nats, log scale)");
+        int nwin = 0;
+        for (const FidelityResult &r : fr)
+            if (r.context == c) nwin = (int)r.window_kl.size();
+        axes(panel,
+             "mean KL, context " + std::to_string(c) +
+                 (nwin > 1 ? " (" + std::to_string(nwin) + " windows, 95% CI)" : std::string()),
+             "mean KL (nats, log scale)");
         const int x0 = ml + panel * (pw + gap);
         for (double e = lo; e <= lhi; e += 1) {
             const double y = mt + ph - (e - lo) / (lhi - lo) * ph;
@@ -317,18 +394,26 @@ bool write_svg(const std::string &path, const std::vector<FidelityResult> &fr, c
               << "\" stroke=\"#ddd\"/><text x=\"" << x0 - 4 << "\" y=\"" << y + 4 << "\" text-anchor=\"end\">1e"
               << (int)e << "</text>\n";
         }
+        auto yof = [&](double kl) { return mt + ph - (std::log10(std::max(kl, 1e-6)) - lo) / (lhi - lo) * ph; };
         for (size_t mi = 0; mi < methods.size(); ++mi) {
-            std::vector<std::pair<double, double>> pts;
+            std::vector<const FidelityResult *> pts;
             for (const FidelityResult &r : fr)
-                if (r.context == c && r.method == methods[mi]) pts.push_back({r.budget, std::max(mean_kl(r), 1e-6)});
-            std::sort(pts.begin(), pts.end());
+                if (r.context == c && r.method == methods[mi]) pts.push_back(&r);
+            std::sort(pts.begin(), pts.end(),
+                      [](const FidelityResult *x, const FidelityResult *y) { return x->budget < y->budget; });
+            // Methods side by side around each budget so that their error bars do not hide each other.
+            const double dx = methods.size() > 1 ? (mi - (methods.size() - 1) / 2.0) * 2.0 : 0.0;
             s << "<polyline fill=\"none\" stroke-width=\"2\" stroke=\"" << colors[mi % 10] << "\" points=\"";
-            for (auto &pt : pts)
-                s << xof(panel, pt.first) << "," << mt + ph - (std::log10(pt.second) - lo) / (lhi - lo) * ph << " ";
+            for (const FidelityResult *r : pts) s << xof(panel, r->budget) + dx << "," << yof(r->kl_mean) << " ";
             s << "\"/>\n";
-            for (auto &pt : pts)
-                s << "<circle r=\"3\" fill=\"" << colors[mi % 10] << "\" cx=\"" << xof(panel, pt.first) << "\" cy=\""
-                  << mt + ph - (std::log10(pt.second) - lo) / (lhi - lo) * ph << "\"/>\n";
+            for (const FidelityResult *r : pts) {
+                const double x = xof(panel, r->budget) + dx;
+                if (r->window_kl.size() > 1)  // the 95% bootstrap interval of the mean over windows
+                    s << "<line stroke-width=\"1\" stroke=\"" << colors[mi % 10] << "\" x1=\"" << x << "\" x2=\"" << x
+                      << "\" y1=\"" << yof(r->kl_ci_lo) << "\" y2=\"" << yof(r->kl_ci_hi) << "\"/>\n";
+                s << "<circle r=\"3\" fill=\"" << colors[mi % 10] << "\" cx=\"" << x << "\" cy=\"" << yof(r->kl_mean)
+                  << "\"/>\n";
+            }
         }
         ++panel;
     }
@@ -382,7 +467,10 @@ const char *kEvalHelp =
     "  --model PATH            GGUF model (default: $DEFKV_MODEL or the fetch_assets.sh cache)\n"
     "  --text PATH             English text (default: $DEFKV_TEXT or the cached mobydick.txt)\n"
     "  --contexts N,N,...      fidelity context lengths in tokens (default %s)\n"
-    "  --samples N             text windows per context length (default %d)\n"
+    "  --samples N             book windows per context length for the fidelity (default %d):\n"
+    "                          non-overlapping, spread over the whole book, drawn with --seed, the\n"
+    "                          same for every method; the tables then give a 95%% bootstrap interval\n"
+    "                          of the mean KL and paired sign tests between the methods\n"
     "  --continuation N        teacher-forced tokens after the context (default 256)\n"
     "  --budgets B,B,...       cache budgets kept, fractions or percentages (default %s)\n"
     "  --methods M,M,...       defkv methods (default: %s);\n"
@@ -390,12 +478,43 @@ const char *kEvalHelp =
     "  --passkey-contexts N,.. passkey context lengths in tokens (default %s)\n"
     "  --passkey-trials N      random keys and depths per setting (default %d)\n"
     "  --no-fidelity / --no-passkey   skip one of the two measurements\n"
-    "  --csv PATH / --svg PATH also write the results as CSV / an SVG plot\n"
-    "  --seed N                passkey random seed (default 1234)\n"
+    "  --csv PATH / --svg PATH also write the results as CSV (and the per-window KL to the\n"
+    "                          same name with -windows.csv) / an SVG plot (mean KL, 95%% interval)\n"
+    "  --seed N                seed of the fidelity windows, the bootstrap and the passkey keys\n"
+    "                          and depths (default 1234)\n"
+    "  contexts + continuation must fit the model's 8192 positions (e.g. --contexts\n"
+    "  1024,2048,4096,7936 with the 256-token continuation)\n"
     "  --cache paged|contiguous  the engine's KV cache: page pools of 16 tokens through block\n"
     "                          tables (default), or contiguous buffers; the same figures either way\n"
+    "  --threads N             fidelity settings of a window run side by side on N threads, each\n"
+    "                          with a copy of the model (~540 MB) and a one-thread BLAS; the same\n"
+    "                          figures as N = 1 (default %d)\n"
     "  --quiet                 no progress bar\n"
     "  --decode                decode-time eviction with streams instead (defkv eval --decode --help)\n";
+
+bool getenv_flag(const char *name) {
+    const char *v = std::getenv(name);
+    return v && *v && std::strcmp(v, "0") != 0;
+}
+
+// Where a fidelity window's time goes, per context (DEFKV_EVAL_TIMING=1): the prefill, and
+// summed over the settings the compression, the continuation's forward and its scoring.
+void print_fidelity_timing(const std::vector<FidelityResult> &fr) {
+    std::map<int, std::array<double, 5>> t;  // prefill, compress, forward, score, windows
+    for (const FidelityResult &r : fr) {
+        std::array<double, 5> &x = t[r.context];
+        if (r.method == "full") x[0] += r.prefill_seconds, x[4] = std::max(r.runs, 1);
+        x[1] += r.compress_seconds, x[2] += r.forward_seconds, x[3] += r.score_seconds;
+    }
+    for (auto &kv : t) {
+        const std::array<double, 5> &x = kv.second;
+        const double n = x[4];
+        std::fprintf(stderr,
+                     "timing ctx=%d per window: prefill %.2f s, compress %.2f s, forward %.2f s, score %.2f s, "
+                     "total %.2f s\n",
+                     kv.first, x[0] / n, x[1] / n, x[2] / n, x[3] / n, (x[0] + x[1] + x[2] + x[3]) / n);
+    }
+}
 
 int run_eval_like(int argc, char **argv, const char *cmd, EvalConfig cfg, const char *ctx_def, const char *bud_def,
                   const char *pk_def) {
@@ -404,13 +523,14 @@ int run_eval_like(int argc, char **argv, const char *cmd, EvalConfig cfg, const 
     if (argc >= 2 && (!std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h"))) {
         std::string methods;
         for (const std::string &m : cfg.methods) methods += (methods.empty() ? "" : ",") + m;
-        std::printf(kEvalHelp, cmd, ctx_def, cfg.samples, bud_def, methods.c_str(), pk_def, cfg.passkey_trials);
+        std::printf(kEvalHelp, cmd, ctx_def, cfg.samples, bud_def, methods.c_str(), pk_def, cfg.passkey_trials,
+                    cfg.threads);
         return 0;
     }
     long v = 0;
     if (!a.parse(argc, argv,
                  {"--model", "--text", "--contexts", "--samples", "--continuation", "--budgets", "--methods",
-                  "--passkey-contexts", "--passkey-trials", "--csv", "--svg", "--seed", "--cache"},
+                  "--passkey-contexts", "--passkey-trials", "--csv", "--svg", "--seed", "--cache", "--threads"},
                  {"--no-fidelity", "--no-passkey", "--quiet"}) ||
         !a.int_list("--contexts", 64, 8192, &cfg.contexts) || !a.budget_list("--budgets", &cfg.budgets) ||
         !a.method_list("--methods", &cfg.methods) || !a.int_list("--passkey-contexts", 128, 8192, &cfg.passkey_contexts)) {
@@ -429,6 +549,9 @@ int run_eval_like(int argc, char **argv, const char *cmd, EvalConfig cfg, const 
     v = (long)cfg.seed;
     if (!a.integer("--seed", 0, 2147483647L, &v)) goto bad;
     cfg.seed = (uint64_t)v;
+    v = cfg.threads;
+    if (!a.integer("--threads", 1, 64, &v)) goto bad;
+    cfg.threads = (int)v;
     cfg.fidelity = !a.has("--no-fidelity");
     cfg.passkey = !a.has("--no-passkey");
     if (!parse_cache(a, &cfg.cache)) goto bad;
@@ -445,26 +568,29 @@ int run_eval_like(int argc, char **argv, const char *cmd, EvalConfig cfg, const 
         if (rc) return rc;
         std::vector<int> toks;
         if (cfg.fidelity) {
-            int maxc = *std::max_element(cfg.contexts.begin(), cfg.contexts.end());
-            size_t chars = (size_t)(cfg.samples * (maxc + cfg.continuation) + 2000) * 6;
-            rc = load_text_tokens(a.str("--text", default_text()), env.model, chars, &toks, cmd);
+            // The whole book: the windows are spread over all of it.
+            rc = load_text_tokens(a.str("--text", default_text()), env.model, (size_t)-1, &toks, cmd);
             if (rc) return rc;
         }
         const int nm = (int)cfg.methods.size() * (int)cfg.budgets.size() + 1;
         Progress prog;
         prog.enabled = !a.has("--quiet");
-        int64_t total = 0;
-        if (cfg.fidelity) total += (int64_t)cfg.contexts.size() * cfg.samples * nm;
-        if (cfg.passkey) total += (int64_t)cfg.passkey_contexts.size() * cfg.passkey_trials * nm;
-        prog.begin(total);
         std::vector<FidelityResult> fr;
         std::vector<PasskeyResult> pr;
         std::string err;
-        if (cfg.fidelity && !run_fidelity(env.ctx, env.model, toks, cfg, prog, &fr, &err)) {
+        // One progress bar (and time-left estimate) per measurement.
+        if (cfg.fidelity) {
+            prog.begin(fidelity_weight(cfg));
+            if (!run_fidelity(env.ctx, env.model, toks, cfg, prog, &fr, &err)) {
+                prog.finish();
+                std::fprintf(stderr, "defkv %s: %s\n", cmd, err.c_str());
+                return 1;
+            }
             prog.finish();
-            std::fprintf(stderr, "defkv %s: %s\n", cmd, err.c_str());
-            return 1;
+            summarize_fidelity(&fr, 10000, cfg.seed);
+            if (getenv_flag("DEFKV_EVAL_TIMING")) print_fidelity_timing(fr);
         }
+        prog.begin((int64_t)cfg.passkey_contexts.size() * cfg.passkey_trials * nm);
         if (cfg.passkey && !run_passkey(env.ctx, env.model, cfg, prog, &pr, &err)) {
             prog.finish();
             std::fprintf(stderr, "defkv %s: %s\n", cmd, err.c_str());
@@ -502,7 +628,7 @@ int defkv_cmd_eval(int argc, char **argv) {
     EvalConfig cfg;
     cfg.contexts = {1024};
     cfg.budgets = {0.1, 0.2, 0.4};
-    cfg.samples = 1;
+    cfg.samples = 16;
     cfg.passkey_contexts = {1024};
     cfg.passkey_trials = 10;
     return run_eval_like(argc, argv, "eval", cfg, "1024", "10%,20%,40%", "1024");

@@ -331,23 +331,6 @@ bool parse_decode_method(const std::string &name, DecodeMethod *out, std::string
     return true;
 }
 
-bool pick_windows(size_t n_tokens, int len, int count, uint64_t seed, std::vector<int64_t> *offsets,
-                  std::string *error) {
-    const int64_t start = 1000, slots = n_tokens > (size_t)start ? ((int64_t)n_tokens - start) / len : 0;
-    if (slots < count) {
-        *error = "the text holds " + std::to_string(slots) + " windows of " + std::to_string(len) + " tokens, " +
-                 std::to_string(count) + " are needed";
-        return false;
-    }
-    std::vector<int64_t> idx((size_t)slots);
-    for (int64_t i = 0; i < slots; ++i) idx[(size_t)i] = i;
-    std::mt19937_64 rng(seed);
-    for (int64_t i = slots - 1; i > 0; --i) std::swap(idx[(size_t)i], idx[(size_t)(rng() % (uint64_t)(i + 1))]);
-    offsets->clear();
-    for (int i = 0; i < count; ++i) offsets->push_back(start + idx[(size_t)i] * len);
-    return true;
-}
-
 int64_t decode_kl_steps(const DecodeConfig &cfg) {
     const int64_t blocks = (cfg.tokens + cfg.interval - 1) / cfg.interval;
     return cfg.kl ? (int64_t)cfg.samples * blocks * (1 + (int64_t)cfg.caps.size() * (int64_t)cfg.methods.size()) : 0;

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "model.hpp"
+#include "stats.hpp"
 #include "workloads.hpp"
 
 struct defkv_context;
@@ -80,10 +81,7 @@ struct DecodeRetrievalResult {
     int64_t rounds = 0;
 };
 
-// The book windows: `count` non-overlapping windows of `len` tokens from token 1000 on, in a
-// seeded random order.
-bool pick_windows(size_t n_tokens, int len, int count, uint64_t seed, std::vector<int64_t> *offsets,
-                  std::string *error);
+// The book windows: pick_windows (stats.hpp).
 
 // The KL of every method x cap against the full cache, per window (out: the per-window rows;
 // the pooled rows are made by the caller).

@@ -1,5 +1,7 @@
 #include "workloads.hpp"
 
+#include <cblas.h>
+#include <defkv/defkv.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -8,7 +10,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <atomic>
+#include <memory>
+#include <mutex>
 #include <sstream>
+#include <thread>
 
 namespace defkv_engine {
 
@@ -71,33 +77,28 @@ double kl_divergence(const float *logp, const float *logq, int n) {
     return std::max(0.0, kl);
 }
 
-double percentile(std::vector<double> v, double q) {
-    if (v.empty()) return NAN;
-    std::sort(v.begin(), v.end());
-    size_t idx = (size_t)std::ceil(q * (double)v.size());
-    idx = idx == 0 ? 0 : idx - 1;
-    return v[std::min(idx, v.size() - 1)];
-}
-
 void Progress::begin(int64_t t) {
     total = t;
     done = 0;
+    next_print = 0;
     start = now_s();
 }
 
-void Progress::step(const std::string &what) {
-    ++done;
+void Progress::step(const std::string &what, int64_t weight) {
+    done += weight;
     if (!enabled) return;
     const double el = now_s() - start;
     const double eta = done > 0 ? el / done * (total - done) : -1;
-    const int width = 30, fill = total > 0 ? (int)(width * done / total) : 0;
+    const int width = 30, fill = total > 0 ? (int)(width * std::min(done, total) / total) : 0;
     std::string bar(fill, '#');
     bar.resize(width, '.');
     const bool tty = isatty(2);
-    if (tty || done == total || done % std::max<int64_t>(1, total / 20) == 0) {
-        std::fprintf(stderr, "%s[%s] %lld/%lld %-40.40s elapsed %s eta %s%s", tty ? "\r" : "", bar.c_str(),
-                     (long long)done, (long long)total, what.c_str(), fmt_time(el).c_str(), fmt_time(eta).c_str(),
-                     tty ? "" : "\n");
+    // Not a terminal (a log file): about every 5% of the work, and the end.
+    if (tty || done >= total || done >= next_print) {
+        if (!tty) next_print = done + std::max<int64_t>(1, total / 20);
+        std::fprintf(stderr, "%s[%s] %3.0f%% %-40.40s elapsed %s, about %s left%s", tty ? "\r" : "", bar.c_str(),
+                     total > 0 ? 100.0 * done / total : 100.0, what.c_str(), fmt_time(el).c_str(),
+                     fmt_time(eta).c_str(), tty ? "" : "\n");
         std::fflush(stderr);
     }
 }
@@ -108,11 +109,179 @@ void Progress::finish() {
 
 // --------------------------------------------------------------------------------------------
 
+namespace {
+
+// Relative costs for the progress estimate, roughly milliseconds of the 2-core machine under load
+// (DEFKV_EVAL_TIMING at 1k to 8k tokens): a prefill of C tokens is linear in C plus the
+// quadratic attention; a setting (compression, the continuation's forward through the kept
+// cache, scoring) has a large fixed part (the matrix products of the continuation) and a part
+// linear in C (the fork of the cache, the scoring by defkv). Settings on `threads` threads
+// share the cores.
+int64_t prefill_weight(int C) { return (int64_t)C * 10 + (int64_t)C * C / 2048; }
+int64_t setting_weight(int C, int C2, int threads) {
+    const int cores = std::max(1, (int)std::thread::hardware_concurrency());
+    return ((int64_t)C2 * 20 + C / 2) / std::max(1, std::min(threads, cores));
+}
+
+// Runs fn(begin, end) over [0, n) split between the cores (the BLAS is idle while the
+// continuation is scored); each index is independent of the others.
+template <class Fn> void parallel_ranges(int n, Fn fn) {
+    const int k = std::max(1, std::min<int>(std::min<int>(8, (int)std::thread::hardware_concurrency()), n));
+    std::vector<std::thread> th;
+    for (int i = 1; i < k; ++i) th.emplace_back(fn, (int)((int64_t)n * i / k), (int)((int64_t)n * (i + 1) / k));
+    fn(0, (int)((int64_t)n / k));
+    for (std::thread &t : th) t.join();
+}
+
+}  // namespace
+
+int64_t fidelity_weight(const EvalConfig &cfg) {
+    int64_t w = 0;
+    const int64_t settings = 1 + (int64_t)cfg.budgets.size() * (int64_t)cfg.methods.size();
+    const int workers = (int)std::max<int64_t>(1, std::min<int64_t>(cfg.threads, settings - 1));
+    for (int C : cfg.contexts)
+        w += cfg.samples * (prefill_weight(C) + setting_weight(C, cfg.continuation, 1) +
+                            (settings - 1) * setting_weight(C, cfg.continuation, workers));
+    return w;
+}
+
+namespace {
+
+// One thread's share of a fidelity window: its own model (the forward's scratch buffers are the
+// model's), defkv context and buffers. Worker 0 uses the caller's model and context.
+struct FidelityWorker {
+    Model *model = nullptr;
+    std::unique_ptr<Model> own_model;
+    defkv_context *ctx = nullptr;
+    std::unique_ptr<defkv_context, void (*)(defkv_context *)> own_ctx{nullptr, defkv_context_destroy};
+    std::vector<float> cmp;
+    std::vector<double> tok_kl, tok_nll;
+    std::vector<char> tok_agree;
+    std::string error;
+};
+
+// The shared, read-only part of a window (after its full-cache row): the reference logits as
+// log-probabilities, their exp and argmax per token.
+struct FidelityReference {
+    std::vector<float> logp;
+    std::vector<double> p;
+    std::vector<int> arg;
+};
+
+// One setting of one window: compress `pre`, teacher-force `cont`, score every token against the
+// reference (the full-cache row fills the reference instead). score_threads > 1 splits the
+// scoring over threads (only when no other setting runs alongside).
+bool run_setting(FidelityWorker &w, FidelityReference &ref, const EvalConfig &cfg, const KVState &pre,
+                 const std::vector<int> &cont, int s, double prefill_s, bool score_in_parallel, FidelityResult &r) {
+    const int V = w.model->config().vocab, C2 = (int)cont.size();
+    KVState st;
+    CompressStats cs;
+    const bool is_ref = r.method == "full";
+    if (!compress_state(w.ctx, *w.model, pre, r.method, r.budget, C2, &st, &cs, &w.error)) return false;
+    float *dst = is_ref ? ref.logp.data() : w.cmp.data();
+    const double t_fwd = now_s();
+    if (!w.model->forward(st, cont.data(), C2, dst, C2, 0, &w.error)) return false;
+    const double t_score = now_s();
+    if (st.paged) cs.peak_bytes = st.paged->peak_bytes;
+    auto score = [&](int t0, int t1) {
+        for (int t = t0; t < t1; ++t) {
+            float *q = dst + (size_t)t * V;
+            log_softmax(q, V);
+            const int aq = (int)(std::max_element(q, q + V) - q);
+            if (is_ref) {
+                double *pe = ref.p.data() + (size_t)t * V;
+                for (int i = 0; i < V; ++i) pe[i] = std::exp((double)q[i]);
+                ref.arg[t] = aq;
+            }
+            // kl_divergence(ref, q) with the reference's exp computed once per window.
+            const float *lp = ref.logp.data() + (size_t)t * V;
+            const double *pe = ref.p.data() + (size_t)t * V;
+            double kl = 0;
+            if (!is_ref) {
+                for (int i = 0; i < V; ++i) kl += pe[i] * ((double)lp[i] - q[i]);
+                kl = std::max(0.0, kl);
+            }
+            w.tok_kl[t] = kl;
+            w.tok_agree[t] = ref.arg[t] == aq;
+            w.tok_nll[t] = t + 1 < C2 ? -q[cont[t + 1]] : 0.0;
+        }
+    };
+    if (score_in_parallel) parallel_ranges(C2, score);
+    else score(0, C2);
+    // Summed in token order, as before the scoring was split.
+    double window_kl = 0;
+    int64_t window_agree = 0;
+    for (int t = 0; t < C2; ++t) {
+        r.kl.push_back(w.tok_kl[t]);
+        window_kl += w.tok_kl[t];
+        window_agree += w.tok_agree[t];
+        if (t + 1 < C2) {
+            r.nll_sum += w.tok_nll[t];
+            ++r.nll_count;
+        }
+    }
+    r.top1_agree += window_agree;
+    r.tokens += C2;
+    r.window_kl.push_back(window_kl / C2);
+    r.window_top1.push_back((double)window_agree / C2);
+    r.forward_seconds += t_score - t_fwd;
+    r.score_seconds += now_s() - t_score;
+    r.kept_fraction += (double)cs.kept / (double)cs.total / cfg.samples;
+    r.compress_seconds += cs.seconds;
+    r.prefill_seconds += prefill_s;
+    r.kept_entries += cs.kept;
+    r.total_entries += cs.total;
+    add_pages(cs, &r);
+    ++r.runs;
+    r.min_head = s == 0 ? cs.min_head_len : std::min(r.min_head, cs.min_head_len);
+    r.max_head = std::max(r.max_head, cs.max_head_len);
+    return true;
+}
+
+}  // namespace
+
 bool run_fidelity(defkv_context *ctx, Model &m, const std::vector<int> &toks, const EvalConfig &cfg,
                   Progress &prog, std::vector<FidelityResult> *out, std::string *error) {
     const int V = m.config().vocab, C2 = cfg.continuation;
-    std::vector<float> ref((size_t)C2 * V), cmp((size_t)C2 * V);
+    const int n_settings = 1 + (int)cfg.budgets.size() * (int)cfg.methods.size();
+    const int n_workers = std::max(1, std::min(cfg.threads, n_settings - 1));
+    FidelityReference ref;
+    ref.logp.resize((size_t)C2 * V);
+    ref.p.resize((size_t)C2 * V);
+    ref.arg.resize(C2);
+    std::vector<FidelityWorker> workers(n_workers);
+    for (int i = 0; i < n_workers; ++i) {
+        FidelityWorker &w = workers[i];
+        if (i == 0) {
+            w.model = &m;
+            w.ctx = ctx;
+        } else {
+            w.own_model.reset(new Model(m));  // the weights too (about 540 MB): forward is not reentrant
+            w.model = w.own_model.get();
+            defkv_context_options o;
+            defkv_context_options_default(&o);
+            o.backend = DEFKV_BACKEND_CPU;
+            o.n_threads = 1;
+            defkv_context *c = nullptr;
+            if (defkv_context_create(&o, &c) != DEFKV_SUCCESS) {
+                *error = std::string("defkv_context_create: ") + defkv_last_error_global();
+                return false;
+            }
+            w.own_ctx.reset(c);
+            w.ctx = c;
+        }
+        w.cmp.resize((size_t)C2 * V);
+        w.tok_kl.resize(C2);
+        w.tok_nll.resize(C2);
+        w.tok_agree.resize(C2);
+    }
+    std::mutex prog_mutex;
     for (int C : cfg.contexts) {
+        if (C + C2 > m.config().context_length && m.config().context_length > 0) {
+            *error = "context " + std::to_string(C) + " + continuation " + std::to_string(C2) +
+                     " exceeds the model's " + std::to_string(m.config().context_length) + " positions";
+            return false;
+        }
         std::vector<FidelityResult> rows;
         FidelityResult full_row;
         full_row.context = C;
@@ -127,57 +296,103 @@ bool run_fidelity(defkv_context *ctx, Model &m, const std::vector<int> &toks, co
                 r.method = meth;
                 rows.push_back(r);
             }
+        // Non-overlapping windows spread over the whole book, the same for every method; one
+        // seed per context length (cfg.seed + C).
+        std::vector<int64_t> offsets;
+        if (!pick_windows(toks.size(), C + C2, cfg.samples, cfg.seed + (uint64_t)C, &offsets, error)) return false;
+        for (FidelityResult &r : rows) r.offsets = offsets;
         for (int s = 0; s < cfg.samples; ++s) {
-            // Non-overlapping windows of the book, spread over its first part.
-            const size_t off = (size_t)s * (size_t)(C + C2) + 1000;
-            if (off + C + C2 > toks.size()) {
-                *error = "the text is too short for " + std::to_string(cfg.samples) + " samples of " +
-                         std::to_string(C + C2) + " tokens";
-                return false;
-            }
+            const size_t off = (size_t)offsets[(size_t)s];
             std::vector<int> context(toks.begin() + off, toks.begin() + off + C);
             std::vector<int> cont(toks.begin() + off + C, toks.begin() + off + C + C2);
             KVState pre = m.new_state(C, cfg.cache);
             const double t_pre = now_s();
             if (!m.prefill(pre, context, cfg.chunk, 32, error)) return false;
             const double prefill_s = now_s() - t_pre;
-            for (FidelityResult &r : rows) {
-                KVState st;
-                CompressStats cs;
-                const bool is_ref = r.method == "full";
-                if (!compress_state(ctx, m, pre, r.method, r.budget, C2, &st, &cs, error)) return false;
-                float *dst = is_ref ? ref.data() : cmp.data();
-                if (!m.forward(st, cont.data(), C2, dst, C2, 0, error)) return false;
-                if (st.paged) cs.peak_bytes = st.paged->peak_bytes;
-                for (int t = 0; t < C2; ++t) log_softmax(dst + (size_t)t * V, V);
-                for (int t = 0; t < C2; ++t) {
-                    const float *p = ref.data() + (size_t)t * V, *q = dst + (size_t)t * V;
-                    r.kl.push_back(is_ref ? 0.0 : kl_divergence(p, q, V));
-                    const int ap = (int)(std::max_element(p, p + V) - p), aq = (int)(std::max_element(q, q + V) - q);
-                    r.top1_agree += ap == aq;
-                    ++r.tokens;
-                    if (t + 1 < C2) {
-                        r.nll_sum -= q[cont[t + 1]];
-                        ++r.nll_count;
-                    }
-                }
-                r.kept_fraction += (double)cs.kept / (double)cs.total / cfg.samples;
-                r.compress_seconds += cs.seconds;
-                r.prefill_seconds += prefill_s;
-                r.kept_entries += cs.kept;
-                r.total_entries += cs.total;
-                add_pages(cs, &r);
-                ++r.runs;
-                r.min_head = s == 0 ? cs.min_head_len : std::min(r.min_head, cs.min_head_len);
-                r.max_head = std::max(r.max_head, cs.max_head_len);
+            auto step = [&](const FidelityResult &r, int64_t weight) {
                 char what[96];
-                std::snprintf(what, sizeof what, "fidelity ctx=%d %s %.0f%%", C, r.method.c_str(), r.budget * 100);
-                prog.step(what);
+                std::snprintf(what, sizeof what, "fidelity ctx=%d window %d/%d %s %.0f%%", C, s + 1, cfg.samples,
+                              r.method.c_str(), r.budget * 100);
+                std::lock_guard<std::mutex> lock(prog_mutex);
+                prog.step(what, weight);
+            };
+            {
+                char what[96];
+                std::snprintf(what, sizeof what, "fidelity ctx=%d window %d/%d prefill", C, s + 1, cfg.samples);
+                prog.step(what, prefill_weight(C));
+            }
+            // The full cache first: every other setting is scored against it.
+            if (!run_setting(workers[0], ref, cfg, pre, cont, s, prefill_s, true, rows[0])) {
+                *error = workers[0].error;
+                return false;
+            }
+            step(rows[0], setting_weight(C, C2, 1));
+            if (n_workers == 1) {
+                for (size_t i = 1; i < rows.size(); ++i) {
+                    if (!run_setting(workers[0], ref, cfg, pre, cont, s, prefill_s, true, rows[i])) {
+                        *error = workers[0].error;
+                        return false;
+                    }
+                    step(rows[i], setting_weight(C, C2, n_workers));
+                }
+                continue;
+            }
+            // The other settings side by side, one per worker, each with a single-threaded BLAS
+            // (the same bits: OpenBLAS splits a product's output, not its sums, over threads).
+            const int blas_threads = openblas_get_num_threads();
+            openblas_set_num_threads(1);
+            std::atomic<size_t> next{1};
+            std::atomic<bool> failed{false};
+            auto work = [&](int wi) {
+                for (size_t i = next++; i < rows.size() && !failed; i = next++) {
+                    if (!run_setting(workers[wi], ref, cfg, pre, cont, s, prefill_s, false, rows[i])) {
+                        failed = true;
+                        return;
+                    }
+                    step(rows[i], setting_weight(C, C2, n_workers));
+                }
+            };
+            std::vector<std::thread> th;
+            for (int wi = 1; wi < n_workers; ++wi) th.emplace_back(work, wi);
+            work(0);
+            for (std::thread &t : th) t.join();
+            openblas_set_num_threads(blas_threads);
+            if (failed) {
+                for (const FidelityWorker &w : workers)
+                    if (!w.error.empty()) *error = w.error;
+                return false;
             }
         }
         out->insert(out->end(), rows.begin(), rows.end());
     }
     return true;
+}
+
+void summarize_fidelity(std::vector<FidelityResult> *rows, int resamples, uint64_t seed) {
+    for (FidelityResult &r : *rows) {
+        r.kl_mean = mean_of(r.window_kl);
+        bootstrap_mean_ci(r.window_kl, resamples, 0.95, seed, &r.kl_ci_lo, &r.kl_ci_hi);
+    }
+}
+
+std::vector<PairedComparison> compare_pairs(const std::vector<FidelityResult> &rows) {
+    std::vector<PairedComparison> out;
+    for (size_t i = 0; i < rows.size(); ++i)
+        for (size_t j = i + 1; j < rows.size(); ++j) {
+            const FidelityResult &a = rows[i], &b = rows[j];
+            if (a.method == "full" || b.method == "full" || a.context != b.context || a.budget != b.budget) continue;
+            PairedComparison c;
+            c.context = a.context;
+            c.budget = a.budget;
+            c.a = a.method;
+            c.b = b.method;
+            c.count = sign_count(a.window_kl, b.window_kl);
+            c.p = sign_test_p(c.count.a_lower, c.count.b_lower);
+            c.mean_a = mean_of(a.window_kl);
+            c.mean_b = mean_of(b.window_kl);
+            out.push_back(c);
+        }
+    return out;
 }
 
 PasskeyPrompt make_passkey_prompt(const Model &m, int context_tokens, double depth, const std::string &key) {

@@ -8,6 +8,7 @@
 
 #include "compress.hpp"
 #include "model.hpp"
+#include "stats.hpp"
 
 namespace defkv_engine {
 
@@ -20,12 +21,15 @@ void log_softmax(float *row, int n);
 // KL(p || q) of two log-probability rows.
 double kl_divergence(const float *logp, const float *logq, int n);
 
+// A progress bar on stderr with the elapsed time and an estimate of the time left (elapsed /
+// done x what is left). Steps carry a weight, their expected cost, so that the estimate holds
+// when the steps differ in cost (a prefill of 8k tokens against a 256-token forward at 1k).
 struct Progress {
-    int64_t total = 0, done = 0;
+    int64_t total = 0, done = 0, next_print = 0;
     double start = 0;
     bool enabled = true;
-    void begin(int64_t total_steps);
-    void step(const std::string &what);
+    void begin(int64_t total_weight);
+    void step(const std::string &what, int64_t weight = 1);
     void finish();
 };
 
@@ -34,12 +38,19 @@ struct FidelityResult {
     double budget = 0;  // keep fraction; 1 for the full cache
     std::string method;
     std::vector<double> kl;  // per token, all samples
+    // Per window (sample), in the order of `offsets` (the same windows for every method of a
+    // context): the mean KL over its tokens, the top-1 agreement, the window's first token.
+    std::vector<double> window_kl, window_top1;
+    std::vector<int64_t> offsets;
+    // Filled by summarize_fidelity: the mean over windows of window_kl and its bootstrap CI.
+    double kl_mean = 0, kl_ci_lo = 0, kl_ci_hi = 0;
     int64_t top1_agree = 0, tokens = 0;
     double nll_sum = 0;  // of the real next tokens (tokens - samples of them)
     int64_t nll_count = 0;
     double kept_fraction = 0;
     int min_head = 0, max_head = 0;
     double compress_seconds = 0, prefill_seconds = 0;  // summed over `runs` (prefill shared by the rows)
+    double forward_seconds = 0, score_seconds = 0;     // the continuation, and its KL/top-1/NLL
     int64_t kept_entries = 0, total_entries = 0;       // K/V rows, all layers, summed over `runs`
     int runs = 0;
     // Paged cache (zero for contiguous): per-head pages before/after compression summed over
@@ -77,7 +88,7 @@ struct EvalConfig {
     std::vector<double> budgets{0.1, 0.2, 0.4};
     std::vector<std::string> methods{"snapkv", "ada-snapkv", "ada-criticalkv", "defensivekv",
                                      "layer-defensivekv", "streamingllm"};
-    int samples = 1;
+    int samples = 1;  // fidelity windows per context
     int continuation = 256;
     bool fidelity = true;
     bool passkey = true;
@@ -85,14 +96,34 @@ struct EvalConfig {
     int passkey_trials = 20;
     uint64_t seed = 1234;
     int chunk = 256;
+    // Fidelity settings of a window run side by side on this many threads, each with its own
+    // copy of the model and a single-threaded BLAS (1: one after the other, the BLAS on all cores).
+    int threads = 1;
     CacheKind cache = CacheKind::paged;
 };
 
+// The expected cost of the fidelity run in Progress weights (prefills and settings).
+int64_t fidelity_weight(const EvalConfig &cfg);
 bool run_fidelity(defkv_context *ctx, Model &m, const std::vector<int> &text_tokens, const EvalConfig &cfg,
                   Progress &prog, std::vector<FidelityResult> *out, std::string *error);
+// Per row: kl_mean (the mean over windows of the per-window mean KL) and its 95% percentile
+// bootstrap interval over windows (`resamples` resamples seeded with `seed`).
+void summarize_fidelity(std::vector<FidelityResult> *rows, int resamples, uint64_t seed);
+
+// Every pair of methods at the same (context, budget), the full cache excluded: on how many
+// windows each has the lower mean KL, the ties, and the two-sided exact sign-test p-value.
+struct PairedComparison {
+    int context = 0;
+    double budget = 0;
+    std::string a, b;
+    SignCount count;
+    double p = 1;
+    double mean_a = 0, mean_b = 0;
+};
+std::vector<PairedComparison> compare_pairs(const std::vector<FidelityResult> &rows);
+
 bool run_passkey(defkv_context *ctx, Model &m, const EvalConfig &cfg, Progress &prog,
                  std::vector<PasskeyResult> *out, std::string *error);
 
-double percentile(std::vector<double> v, double q);
 
 }  // namespace defkv_engine
