@@ -4,7 +4,12 @@
  * selection and checks that its part of the sharded one is identical bit for bit: keep masks,
  * scores, head_lens and indices. Then a fault test: one rank's collective returns an error at
  * each call in turn, and every rank must return an error with nothing written.
- * Run: mpirun -n N mpi_shard CONFORMANCE_DIR. Prints the number of checks; 0 checks fails. */
+ * Run: mpirun -n N mpi_shard [--backend cpu|vulkan|cuda] [--quick] CONFORMANCE_DIR. Prints the number
+ * of checks; 0 checks fails. --backend runs the reference and the sharded selections on that
+ * backend (the comparison is with the same backend's single-process selection); a backend that is
+ * not available here prints the reason and exits 77 (SKIP). --quick: the first golden case and
+ * the synthetic one only, and no fault test. --methods a,b,...: those methods only (defkv method
+ * names; layer-defensivekv selects the defkv_global runs), for the slow CUDA emulation. */
 #include <mpi.h>
 #include <math.h>
 #include <stdio.h>
@@ -325,15 +330,57 @@ int main(int argc, char **argv) {
     MPI_Init(&argc, &argv);
     MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
     MPI_Comm_size(MPI_COMM_WORLD, &g_size);
-    const char *dir = argc > 1 ? argv[1] : g_conf_dir;
+    const char *dir = g_conf_dir, *backend = "cpu";
+    int quick = 0, want[DEFKV_METHOD_COUNT];
+    for (int m = 0; m < DEFKV_METHOD_COUNT; m++) want[m] = 1;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--backend") == 0 && i + 1 < argc) backend = argv[++i];
+        else if (strcmp(argv[i], "--methods") == 0 && i + 1 < argc) {
+            char list[256];
+            snprintf(list, sizeof list, "%s", argv[++i]);
+            for (int m = 0; m < DEFKV_METHOD_COUNT; m++) want[m] = 0;
+            for (char *t = strtok(list, ","); t; t = strtok(NULL, ",")) {
+                int32_t m;
+                if (defkv_method_from_name(t, &m) != DEFKV_SUCCESS) {
+                    if (g_rank == 0) fprintf(stderr, "unknown method %s\n", t);
+                    MPI_Finalize();
+                    return 2;
+                }
+                want[m] = 1;
+            }
+        }
+        else if (strcmp(argv[i], "--quick") == 0) quick = 1;
+        else dir = argv[i];
+    }
     defkv_context_options o;
     defkv_context_options_default(&o);
     o.n_threads = 1;
-    if (defkv_context_create(&o, &g_ctx) != DEFKV_SUCCESS) return 1;
+    if (strcmp(backend, "cpu") == 0) o.backend = DEFKV_BACKEND_CPU;
+    else if (strcmp(backend, "vulkan") == 0) o.backend = DEFKV_BACKEND_VULKAN;
+    else if (strcmp(backend, "cuda") == 0) o.backend = DEFKV_BACKEND_CUDA;
+    else {
+        if (g_rank == 0) fprintf(stderr, "unknown backend %s (cpu, vulkan or cuda)\n", backend);
+        MPI_Finalize();
+        return 2;
+    }
+    /* Every rank sees the same machine: all skip or none does. */
+    const defkv_status av = defkv_backend_available(o.backend);
+    if (av != DEFKV_SUCCESS) {
+        if (defkv_context_create(&o, &g_ctx) == DEFKV_SUCCESS) defkv_context_destroy(g_ctx); /* for the reason */
+        if (g_rank == 0)
+            fprintf(stderr, "SKIP: the %s backend is not available here (defkv_backend_available: status %d: %s)\n",
+                    backend, (int)av, defkv_last_error_global());
+        MPI_Finalize();
+        return 77;
+    }
+    if (defkv_context_create(&o, &g_ctx) != DEFKV_SUCCESS) {
+        fprintf(stderr, "[rank %d] cannot create a %s context\n", g_rank, backend);
+        return 1;
+    }
     mcase cases[5];
     memset(cases, 0, sizeof cases);
     int nc = 0;
-    for (int i = 0; i < 4; i++) {
+    for (int i = 0; i < (quick ? 1 : 4); i++) {
         cases[nc].name = k_case_names[i];
         if (!gc_load(&cases[nc].gc, dir, k_case_names[i])) {
             fprintf(stderr, "cannot load %s from %s\n", k_case_names[i], dir);
@@ -343,14 +390,15 @@ int main(int argc, char **argv) {
     }
     cases[nc].name = "synth-hk8-4layer";
     make_synthetic(&cases[nc++]);
-    if (g_rank == 0) printf("mpi_shard: %d ranks\n", g_size);
+    if (g_rank == 0) printf("mpi_shard: %d ranks, %s backend%s\n", g_size, backend, quick ? ", quick" : "");
     for (int i = 0; i < nc; i++) {
         const golden_case *c = &cases[i].gc;
         const int tp = g_size < c->Hk ? g_size : (int)c->Hk;
         for (int m = 0; m < DEFKV_METHOD_COUNT; m++) {
-            if (m == DEFKV_METHOD_LAYER_DEFENSIVEKV) continue;
+            if (m == DEFKV_METHOD_LAYER_DEFENSIVEKV || !want[m]) continue;
             run_tp(&cases[i], m, tp);
         }
+        if (!want[DEFKV_METHOD_LAYER_DEFENSIVEKV]) continue;
         int pp = g_size < c->n_layers ? g_size : c->n_layers;
         run_global(&cases[i], 1, pp);  /* PP */
         run_global(&cases[i], tp, 1);  /* TP */
@@ -358,13 +406,13 @@ int main(int argc, char **argv) {
         if (tp2 > 1 && pp2 < 2 && tp2 > 2) tp2 /= 2, pp2 = g_size / tp2 < c->n_layers ? g_size / tp2 : c->n_layers;
         run_global(&cases[i], tp2, pp2 < 1 ? 1 : pp2); /* TP x PP */
     }
-    if (g_size >= 2) {
+    if (g_size >= 2 && !quick && want[DEFKV_METHOD_DEFENSIVEKV] && want[DEFKV_METHOD_ADA_SNAPKV]) {
         run_fault(&cases[0], DEFKV_METHOD_DEFENSIVEKV, 2);
         run_fault(&cases[0], DEFKV_METHOD_ADA_SNAPKV, 2);
     }
     long tot[2] = {g_checks, g_fail}, all[2];
     MPI_Allreduce(tot, all, 2, MPI_LONG, MPI_SUM, MPI_COMM_WORLD);
-    if (g_rank == 0) printf("mpi_shard: %ld checks on %d ranks, %ld failed\n", all[0], g_size, all[1]);
+    if (g_rank == 0) printf("mpi_shard: %ld checks on %d ranks (%s backend), %ld failed\n", all[0], g_size, backend, all[1]);
     for (int i = 0; i < nc; i++) {
         if (cases[i].own) free(cases[i].own);
         else gc_free(&cases[i].gc);
