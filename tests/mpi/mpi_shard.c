@@ -8,8 +8,9 @@
  * of checks; 0 checks fails. --backend runs the reference and the sharded selections on that
  * backend (the comparison is with the same backend's single-process selection); a backend that is
  * not available here prints the reason and exits 77 (SKIP). --quick: the first golden case and
- * the synthetic one only, and no fault test. --methods a,b,...: those methods only (defkv method
- * names; layer-defensivekv selects the defkv_global runs), for the slow CUDA emulation. */
+ * the synthetic one only, and no fault test. --cases N: the first N golden cases (0-4) and the
+ * synthetic one. --methods a,b,...: those methods only (defkv method names; layer-defensivekv
+ * selects the defkv_global runs). The last two are for the slow CUDA emulation. */
 #include <mpi.h>
 #include <math.h>
 #include <stdio.h>
@@ -331,7 +332,7 @@ int main(int argc, char **argv) {
     MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
     MPI_Comm_size(MPI_COMM_WORLD, &g_size);
     const char *dir = g_conf_dir, *backend = "cpu";
-    int quick = 0, want[DEFKV_METHOD_COUNT];
+    int quick = 0, n_golden = 4, want[DEFKV_METHOD_COUNT];
     for (int m = 0; m < DEFKV_METHOD_COUNT; m++) want[m] = 1;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--backend") == 0 && i + 1 < argc) backend = argv[++i];
@@ -349,7 +350,8 @@ int main(int argc, char **argv) {
                 want[m] = 1;
             }
         }
-        else if (strcmp(argv[i], "--quick") == 0) quick = 1;
+        else if (strcmp(argv[i], "--quick") == 0) quick = 1, n_golden = n_golden < 1 ? n_golden : 1;
+        else if (strcmp(argv[i], "--cases") == 0 && i + 1 < argc) n_golden = atoi(argv[++i]);
         else dir = argv[i];
     }
     defkv_context_options o;
@@ -380,7 +382,8 @@ int main(int argc, char **argv) {
     mcase cases[5];
     memset(cases, 0, sizeof cases);
     int nc = 0;
-    for (int i = 0; i < (quick ? 1 : 4); i++) {
+    if (n_golden < 0 || n_golden > 4) n_golden = 4;
+    for (int i = 0; i < n_golden; i++) {
         cases[nc].name = k_case_names[i];
         if (!gc_load(&cases[nc].gc, dir, k_case_names[i])) {
             fprintf(stderr, "cannot load %s from %s\n", k_case_names[i], dir);
