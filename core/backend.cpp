@@ -128,6 +128,20 @@ defkv_status Backend::norm_weight(const Buf &m, const Buf &pn, int64_t Hk, int64
     STAGED_RUN(host::norm_weight(a, b, Hk, P, s, L));
 }
 
+defkv_status Backend::omega_from_rows(const Buf &rows, int64_t n, const Buf &omega, std::string *msg) {
+    STAGE(2);
+    const double *r = sg.in<double>(rows, 2 * n);
+    double *o = sg.out<double>(omega, 2);
+    STAGED_RUN(host::omega_from_rows(r, n, o));
+}
+
+defkv_status Backend::last_row_mean(const Buf &x, int64_t rows, int64_t n, const Buf &out, std::string *msg) {
+    STAGE(2);
+    const float *a = sg.in<float>(x, rows * n);
+    float *o = sg.out<float>(out, n);
+    STAGED_RUN(host::last_row_mean(a, rows, n, o));
+}
+
 defkv_status Backend::mass_threshold(const Buf &avg, int64_t Hk, int64_t P, const Buf &omega, int32_t omega_index,
                                      double threshold, int64_t cap, const Buf &bad, const Buf &tier, int64_t L,
                                      std::string *msg) {

@@ -145,6 +145,16 @@ public:
     // out f32 [Hk, L] = -|| K[k, j, :] ||_2.
     virtual defkv_status key_norm(const SeqViews &in, const SeqShape &s, const Buf &out, std::string *msg) = 0;
 
+    // ---- the attention op's last sums, from its per-head terms (sharded selection) --------
+    // For backends with attention_rows(): the same arithmetic, in the same order, as the
+    // attention op forms omega and last_row_mean from the terms it writes to omega_rows and
+    // last_rows, so that terms gathered from every rank give the single-process values bit for
+    // bit. The base class runs the CPU backend's (host_ops.cpp), on staged copies.
+    // omega f64 [2] = the mean over i < n of rows[i] and of rows[n + i] (rows f64 [2, n]).
+    virtual defkv_status omega_from_rows(const Buf &rows, int64_t n, const Buf &omega, std::string *msg);
+    // out f32 [n] = the mean over r < rows of x[r, :] (x f32 [rows, n]).
+    virtual defkv_status last_row_mean(const Buf &x, int64_t rows, int64_t n, const Buf &out, std::string *msg);
+
     // ---- selection ops (host fallbacks in the base class) ------------------------------
     // [rows, L] arrays are row-major with row stride L. f32 scores, u8 tiers and flags,
     // i64 counts. Absent optional buffers are written as a default Buf.

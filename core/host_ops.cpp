@@ -166,5 +166,24 @@ void write_selection(const uint8_t *keep, int64_t Hk, int64_t L, int64_t head0, 
     }
 }
 
+// Sequential float64 sums in row order, as attention_host sums omega_off / omega_win.
+void omega_from_rows(const double *rows, int64_t n, double *omega) {
+    double so = 0.0, sw = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        so += rows[i];
+        sw += rows[n + i];
+    }
+    omega[0] = so / static_cast<double>(n);
+    omega[1] = sw / static_cast<double>(n);
+}
+
+// Float64 sums in head order, as attention_host accumulates tova_acc.
+void last_row_mean(const float *x, int64_t rows, int64_t n, float *out) {
+    std::vector<double> acc(static_cast<size_t>(n), 0.0);
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t j = 0; j < n; j++) acc[j] += x[r * n + j];
+    for (int64_t j = 0; j < n; j++) out[j] = static_cast<float>(acc[j] / static_cast<double>(rows));
+}
+
 } // namespace host
 } // namespace defkv

@@ -31,6 +31,9 @@ void top_k(TopK mode, const float *score, const uint8_t *tier, int64_t rows, int
            const int64_t *counts, uint8_t *keep, int64_t *scratch);
 void write_selection(const uint8_t *keep, int64_t Hk, int64_t L, int64_t head0, int32_t *head_lens, int32_t *cu,
                      int32_t *indices);
+// The CPU attention op's last sums (cpu_backend.cpp attention_host), from its per-head terms.
+void omega_from_rows(const double *rows, int64_t n, double *omega);
+void last_row_mean(const float *x, int64_t rows, int64_t n, float *out);
 
 } // namespace host
 } // namespace defkv

@@ -278,7 +278,7 @@ defkv_status shard_norm_weight(Exec &x, const SeqShape &s, const AttentionOut &a
     const int64_t Hk_g = sr.Hk_g, H_g = Hk_g * s.G, P = s.P, W = s.W, L = s.L;
     const int64_t n_pn = (Hk_g * P + 1) / 2, n_om = 2 * H_g * W; // pn as float pairs, omega as doubles
     const Buf m_g = x.ar.take_n<float>(Hk_g * P), pn_g = x.ar.take_n<float>(Hk_g * P),
-              score_g = x.ar.take_n<float>(Hk_g * L);
+              score_g = x.ar.take_n<float>(Hk_g * L), om_g = x.ar.take_n<double>(n_om);
     if (measuring(x)) return DEFKV_SUCCESS;
     std::vector<int64_t> slots;
     if (!x.ar.dry()) {
@@ -296,12 +296,9 @@ defkv_status shard_norm_weight(Exec &x, const SeqShape &s, const AttentionOut &a
     DEFKV_FORWARD(x.sh->i64(slots.data(), n_pn + n_om, DEFKV_REDUCE_SUM,
                             "exact gather of the projected value norms and window-bias terms", msg));
     if (x.ar.dry()) return DEFKV_SUCCESS;
-    // omega over every (h, w) in the single-process order (cpu_backend.cpp attention_host)
-    const double *om = reinterpret_cast<const double *>(slots.data() + n_pn);
-    double so = 0.0, sw = 0.0;
-    for (int64_t i = 0; i < H_g * W; i++) so += om[i], sw += om[H_g * W + i];
-    const double omega[2] = {so / static_cast<double>(H_g * W), sw / static_cast<double>(H_g * W)};
-    DEFKV_FORWARD(x.be.upload(a.omega, omega, 16, msg));
+    // omega over every (h, w): the backend's own last sum of its attention op, on the global terms
+    DEFKV_FORWARD(x.be.upload(om_g, slots.data() + n_pn, n_om * 8, msg));
+    DEFKV_FORWARD(x.be.omega_from_rows(om_g, H_g * W, a.omega, msg));
     // norm_weight over every KV head: the op itself, on global arrays, then this rank's rows
     DEFKV_FORWARD(x.be.upload(pn_g, slots.data(), Hk_g * P * 4, msg));
     DEFKV_FORWARD(x.be.fill_bytes(m_g, 0, Hk_g * P * 4, msg));
@@ -317,6 +314,7 @@ defkv_status shard_tova_mean(Exec &x, const SeqShape &s, const AttentionOut &a) 
     DEFKV_FORWARD(need_rows(x, "tova"));
     const ShardRun &sr = *x.sh;
     const int64_t H_g = sr.Hk_g * s.G, n = s.L - 1, n_slots = (H_g * n + 1) / 2;
+    const Buf rows_g = x.ar.take_n<float>(H_g * n);
     if (measuring(x)) return DEFKV_SUCCESS;
     std::vector<int64_t> slots;
     if (!x.ar.dry()) {
@@ -327,13 +325,9 @@ defkv_status shard_tova_mean(Exec &x, const SeqShape &s, const AttentionOut &a) 
     }
     DEFKV_FORWARD(x.sh->i64(slots.data(), n_slots, DEFKV_REDUCE_SUM, "exact gather of the last query rows (tova)", msg));
     if (x.ar.dry()) return DEFKV_SUCCESS;
-    const float *rows = reinterpret_cast<const float *>(slots.data());
-    std::vector<double> acc(static_cast<size_t>(n), 0.0);
-    for (int64_t h = 0; h < H_g; h++)
-        for (int64_t j = 0; j < n; j++) acc[j] += rows[h * n + j];
-    std::vector<float> mean(static_cast<size_t>(n));
-    for (int64_t j = 0; j < n; j++) mean[j] = static_cast<float>(acc[j] / static_cast<double>(H_g));
-    return x.be.upload(a.last_row_mean, mean.data(), n * 4, msg);
+    // the mean over every query head: the backend's own last sum of its attention op
+    DEFKV_FORWARD(x.be.upload(rows_g, slots.data(), H_g * n * 4, msg));
+    return x.be.last_row_mean(rows_g, H_g, n, a.last_row_mean, msg);
 }
 
 defkv_status shard_fill_uniform(Exec &x, const Buf &score, int64_t Hk, int64_t L, uint64_t seed) {

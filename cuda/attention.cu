@@ -216,14 +216,19 @@ __global__ void columns_kernel(const float *probs /* [G*W, L] */, const float *r
     }
 }
 
-// last_row_sum[j] += sum_g A[kG+g, W-1, j] (double, in head order), j < L-1.
-__global__ void last_row_kernel(const float *probs /* [G*W, L] */, int64_t G, int64_t W, int64_t L,
-                                double *last_row_sum /* [L-1] */) {
+// last_row_sum[j] += sum_g A[kG+g, W-1, j] (double, in head order), j < L-1; each term also to
+// last_rows[(kG+g), j] when asked (either output may be null).
+__global__ void last_row_kernel(const float *probs /* [G*W, L] */, int64_t k, int64_t G, int64_t W, int64_t L,
+                                double *last_row_sum /* [L-1] */, float *last_rows /* [H, L-1] */) {
     for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < L - 1;
          j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-        double acc = last_row_sum[j];
-        for (int64_t g = 0; g < G; g++) acc += probs[(g * W + W - 1) * L + j];
-        last_row_sum[j] = acc;
+        double acc = last_row_sum ? last_row_sum[j] : 0.0;
+        for (int64_t g = 0; g < G; g++) {
+            const float a = probs[(g * W + W - 1) * L + j];
+            acc += a;
+            if (last_rows) last_rows[(k * G + g) * (L - 1) + j] = a;
+        }
+        if (last_row_sum) last_row_sum[j] = acc;
     }
 }
 
@@ -264,9 +269,9 @@ defkv_status legacy_window_attention(const AttentionArgs &a, cudaStream_t stream
                                                                   a.kernel, a.mean_w, a.def_max, a.def_avg);
             DEFKV_CUDA_LAUNCHED("columns_kernel");
         }
-        if (a.last_row_sum) {
-            last_row_kernel<<<grid_1d(a.L - 1, kThreads), kThreads, 0, stream>>>(a.probs, a.G, a.W, a.L,
-                                                                                 a.last_row_sum);
+        if ((a.last_row_sum || a.last_rows) && a.L > 1) {
+            last_row_kernel<<<grid_1d(a.L - 1, kThreads), kThreads, 0, stream>>>(a.probs, k, a.G, a.W, a.L,
+                                                                                 a.last_row_sum, a.last_rows);
             DEFKV_CUDA_LAUNCHED("last_row_kernel");
         }
     }
@@ -588,7 +593,7 @@ __global__ void combine_kernel(const RowPart *part, int64_t n_split, int64_t Hk,
 template <typename T, int MODE>
 __global__ void __launch_bounds__(kFThreads)
 fused_columns_kernel(FusedParams p, const RowFinal *fin /* [Hk, R] */, int halo, float *mean_w, float *def_max,
-                     float *def_avg, double *last_row_sum) {
+                     float *def_avg, double *last_row_sum, float *last_rows) {
     extern __shared__ __align__(16) unsigned char fsm[];
     float *S = reinterpret_cast<float *>(fsm + p.off_s);
     RowFinal *fs = reinterpret_cast<RowFinal *>(fsm + p.off_fin);
@@ -667,8 +672,12 @@ fused_columns_kernel(FusedParams p, const RowFinal *fin /* [Hk, R] */, int halo,
                     def_max[k * p.P + j] = mx;
                 }
             }
-            if (last_row_sum && j < p.L - 1)
-                for (int64_t g = 0; g < p.G; g++) last_acc += S[(g * p.W + p.W - 1) * nc + halo + c_own];
+            if ((last_row_sum || last_rows) && j < p.L - 1)
+                for (int64_t g = 0; g < p.G; g++) {
+                    const float v = S[(g * p.W + p.W - 1) * nc + halo + c_own];
+                    last_acc += v;
+                    if (last_rows) last_rows[(k * p.G + g) * (p.L - 1) + j] = v;
+                }
         }
     }
     if (last_row_sum && part == 0 && j < p.L - 1) last_row_sum[j] = last_acc;
@@ -689,11 +698,11 @@ defkv_status launch_fused(const AttentionArgs &a, FusedParams p, int64_t n_split
                                                                  MODE == kModeProbs ? 1 : 0, a.row_omega, fin);
     DEFKV_CUDA_LAUNCHED("combine_kernel");
     const int64_t n_cols = a.P > a.L - 1 ? a.P : a.L - 1;
-    if (n_cols > 0 && (a.mean_w || a.def_max || a.def_avg || a.last_row_sum)) {
+    if (n_cols > 0 && (a.mean_w || a.def_max || a.def_avg || a.last_row_sum || a.last_rows)) {
         DEFKV_CUDA_TRY(cudaFuncSetAttribute(fused_columns_kernel<T, MODE>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(smem_c)));
         fused_columns_kernel<T, MODE><<<static_cast<unsigned>(ceil_div(n_cols, kColTile)), kFThreads, smem_c, stream>>>(
-            pc, fin, halo, a.mean_w, a.def_max, a.def_avg, a.last_row_sum);
+            pc, fin, halo, a.mean_w, a.def_max, a.def_avg, a.last_row_sum, a.last_rows);
         DEFKV_CUDA_LAUNCHED("fused_columns_kernel");
     }
     return DEFKV_SUCCESS;

@@ -23,6 +23,7 @@ struct AttentionArgs {
     float *def_avg = nullptr;       // [Hk, P]
     double *row_omega = nullptr;    // [H*W, 2]: (official, window) mass of each query row
     double *last_row_sum = nullptr; // [L-1]: sum_h A[h, W-1, j] (the caller divides by H)
+    float *last_rows = nullptr;     // [H, L-1]: A[h, W-1, j], the terms of last_row_sum (sharded selection)
     // Workspace, device.
     float *probs = nullptr;         // [G*W, L]: one KV head's group of rows at a time
     float *row_stats = nullptr;     // [G*W, 2]: (base, pooled sum) per row

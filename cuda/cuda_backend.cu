@@ -97,6 +97,9 @@ public:
     int32_t kind() const override { return DEFKV_BACKEND_CUDA; }
     const char *name() const override { return "cuda"; }
     bool paged_views() const override { return true; }
+    // attention() writes omega_rows and last_rows; omega_from_rows and last_row_mean finish them
+    // with the attention op's own kernels (select.cu).
+    bool attention_rows() const override { return true; }
 
     // ---- memory ----
     int32_t memory() const override { return DEFKV_MEMORY_CUDA_DEVICE; }
@@ -210,6 +213,16 @@ public:
         if (!all_on_device({&m, &pn, &score})) return Backend::norm_weight(m, pn, Hk, P, score, L, msg);
         DEFKV_CUDA_TRY(cudaSetDevice(device_));
         return cuda::norm_weight(m.ptr<float>(), pn.ptr<float>(), Hk, P, score.ptr<float>(), L, stream_, msg);
+    }
+    defkv_status omega_from_rows(const Buf &rows, int64_t n, const Buf &omega, std::string *msg) override {
+        if (!all_on_device({&rows, &omega})) return Backend::omega_from_rows(rows, n, omega, msg);
+        DEFKV_CUDA_TRY(cudaSetDevice(device_));
+        return cuda::omega_from_rows(rows.ptr<double>(), n, omega.ptr<double>(), stream_, msg);
+    }
+    defkv_status last_row_mean(const Buf &x, int64_t rows, int64_t n, const Buf &out, std::string *msg) override {
+        if (!all_on_device({&x, &out})) return Backend::last_row_mean(x, rows, n, out, msg);
+        DEFKV_CUDA_TRY(cudaSetDevice(device_));
+        return cuda::last_row_mean(x.ptr<float>(), rows, n, out.ptr<float>(), stream_, msg);
     }
     defkv_status mass_threshold(const Buf &avg, int64_t Hk, int64_t P, const Buf &omega, int32_t omega_index,
                                 double threshold, int64_t cap, const Buf &bad, const Buf &tier, int64_t L,
@@ -493,7 +506,8 @@ defkv_status CudaBackend::unstage(const View &v, const Stage &stage, std::string
 
 defkv_status CudaBackend::attention(const SeqViews &in, const SeqShape &s, float scale, int32_t kernel,
                                     const Buf &masked, const AttentionOut &out, std::string *msg) {
-    if (!all_on_device({&out.mean_w, &out.def_max, &out.def_avg, &out.omega, &out.last_row_mean})) {
+    if (!all_on_device({&out.mean_w, &out.def_max, &out.def_avg, &out.omega, &out.last_row_mean, &out.omega_rows,
+                        &out.last_rows})) {
         *msg = "CUDA backend: attention outputs must be CUDA device buffers";
         return DEFKV_ERROR_INTERNAL;
     }
@@ -516,7 +530,7 @@ defkv_status CudaBackend::attention(const SeqViews &in, const SeqShape &s, float
         DEFKV_FORWARD(bind(in.attention, "attention", &stage_a_, &a.attention, msg));
     }
     DEFKV_FORWARD(bind_bytes(masked, s.Hk * s.L, &masked_, &a.masked, msg));
-    const bool want_omega = static_cast<bool>(out.omega), want_last = static_cast<bool>(out.last_row_mean);
+    const bool want_omega = out.omega || out.omega_rows, want_last = static_cast<bool>(out.last_row_mean);
     Carve res, work;
     const size_t o_omega = res.take(want_omega ? sizeof(double) * 2 * s.H * s.W : 0);
     const size_t o_last = res.take(want_last ? sizeof(double) * (s.L - 1) : 0);
@@ -530,9 +544,11 @@ defkv_status CudaBackend::attention(const SeqViews &in, const SeqShape &s, float
     a.def_avg = dptr<float>(out.def_avg);
     if (want_omega) a.row_omega = reinterpret_cast<double *>(rb + o_omega);
     if (want_last) a.last_row_sum = reinterpret_cast<double *>(rb + o_last);
+    if (s.L > 1) a.last_rows = dptr<float>(out.last_rows);
     a.probs = reinterpret_cast<float *>(wb + w_probs);
     a.row_stats = reinterpret_cast<float *>(wb + w_stats);
     DEFKV_FORWARD(window_attention(a, stream_, msg));
+    if (out.omega_rows) DEFKV_FORWARD(cuda::omega_terms(a.row_omega, s.H * s.W, out.omega_rows.ptr<double>(), stream_, msg));
     // the query rows' omega masses summed in row order, the last row divided by H, as the CPU
     return attention_finish(a.row_omega, s.H * s.W, dptr<double>(out.omega), a.last_row_sum, s.L - 1, s.H,
                             dptr<float>(out.last_row_mean), stream_, msg);

@@ -553,12 +553,14 @@ __global__ void __launch_bounds__(kThreads) write_indices_kernel(const uint8_t *
         if (j0 + r < L && keep[k * L + j0 + r]) indices[at++] = static_cast<int32_t>(j0 + r);
 }
 
-__global__ void omega_kernel(const double *row_omega, int64_t n_rows, double *omega) {
+// omega from the terms off[i * step], win[i * step]: the attention op's row_omega [n_rows, 2]
+// (step 2) or the sharded selection's omega_rows [2, n_rows] (step 1): one order, one arithmetic.
+__global__ void omega_kernel(const double *off, const double *win, int64_t step, int64_t n_rows, double *omega) {
     if (threadIdx.x != 0 || blockIdx.x != 0) return;
     double so = 0.0, sw = 0.0;
     for (int64_t i = 0; i < n_rows; i++) {
-        so += row_omega[2 * i];
-        sw += row_omega[2 * i + 1];
+        so += off[i * step];
+        sw += win[i * step];
     }
     omega[0] = so / static_cast<double>(n_rows);
     omega[1] = sw / static_cast<double>(n_rows);
@@ -566,6 +568,24 @@ __global__ void omega_kernel(const double *row_omega, int64_t n_rows, double *om
 
 __global__ void __launch_bounds__(kThreads) last_row_kernel(const double *sum, int64_t n, int64_t H, float *out) {
     GRID_STRIDE(j, n) out[j] = static_cast<float>(sum[j] / static_cast<double>(H));
+}
+
+// omega_rows [2, n_rows] from row_omega [n_rows, 2].
+__global__ void __launch_bounds__(kThreads) omega_terms_kernel(const double *row_omega, int64_t n_rows, double *rows) {
+    GRID_STRIDE(i, n_rows) {
+        rows[i] = row_omega[2 * i];
+        rows[n_rows + i] = row_omega[2 * i + 1];
+    }
+}
+
+// The attention kernels' last-row sum (double from 0, in head order) over rows x [H, n], then
+// last_row_kernel's division.
+__global__ void __launch_bounds__(kThreads) rows_mean_kernel(const float *x, int64_t H, int64_t n, float *out) {
+    GRID_STRIDE(j, n) {
+        double acc = 0.0;
+        for (int64_t h = 0; h < H; h++) acc += x[h * n + j];
+        out[j] = static_cast<float>(acc / static_cast<double>(H));
+    }
 }
 
 // ---- sorting ---------------------------------------------------------------------------------------
@@ -910,13 +930,34 @@ defkv_status write_selection(const uint8_t *keep, int64_t Hk, int64_t L, int64_t
 defkv_status attention_finish(const double *row_omega, int64_t n_rows, double *omega, const double *last_row_sum,
                               int64_t n_last, int64_t H, float *last_row_mean, cudaStream_t stream, std::string *msg) {
     if (omega && row_omega) {
-        omega_kernel<<<1, 32, 0, stream>>>(row_omega, n_rows, omega);
+        omega_kernel<<<1, 32, 0, stream>>>(row_omega, row_omega + 1, 2, n_rows, omega);
         DEFKV_LAUNCHED("omega_kernel");
     }
     if (last_row_mean && last_row_sum && n_last > 0) {
         last_row_kernel<<<grid_1d(n_last, kThreads), kThreads, 0, stream>>>(last_row_sum, n_last, H, last_row_mean);
         DEFKV_LAUNCHED("last_row_kernel");
     }
+    return DEFKV_SUCCESS;
+}
+
+defkv_status omega_terms(const double *row_omega, int64_t n_rows, double *omega_rows, cudaStream_t stream,
+                         std::string *msg) {
+    if (n_rows <= 0) return DEFKV_SUCCESS;
+    omega_terms_kernel<<<grid_1d(n_rows, kThreads), kThreads, 0, stream>>>(row_omega, n_rows, omega_rows);
+    DEFKV_LAUNCHED("omega_terms_kernel");
+    return DEFKV_SUCCESS;
+}
+
+defkv_status omega_from_rows(const double *rows, int64_t n_rows, double *omega, cudaStream_t stream, std::string *msg) {
+    omega_kernel<<<1, 32, 0, stream>>>(rows, rows + n_rows, 1, n_rows, omega);
+    DEFKV_LAUNCHED("omega_kernel");
+    return DEFKV_SUCCESS;
+}
+
+defkv_status last_row_mean(const float *x, int64_t H, int64_t n, float *out, cudaStream_t stream, std::string *msg) {
+    if (n <= 0) return DEFKV_SUCCESS;
+    rows_mean_kernel<<<grid_1d(n, kThreads), kThreads, 0, stream>>>(x, H, n, out);
+    DEFKV_LAUNCHED("rows_mean_kernel");
     return DEFKV_SUCCESS;
 }
 

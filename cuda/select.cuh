@@ -67,6 +67,13 @@ defkv_status write_selection(const uint8_t *keep, int64_t Hk, int64_t L, int64_t
 // last_row_mean[j] = float(last_row_sum[j] / H), j < n_last. Either output may be null.
 defkv_status attention_finish(const double *row_omega, int64_t n_rows, double *omega, const double *last_row_sum,
                               int64_t n_last, int64_t H, float *last_row_mean, cudaStream_t stream, std::string *msg);
+// Sharded selection: omega_rows [2, n_rows] (AttentionOut::omega_rows) from row_omega [n_rows, 2];
+// omega from omega_rows with attention_finish's kernel (the same order and arithmetic); out[j] =
+// the mean over h < H of x[h, j] (x [H, n]) summed as the attention kernels sum the last row.
+defkv_status omega_terms(const double *row_omega, int64_t n_rows, double *omega_rows, cudaStream_t stream,
+                         std::string *msg);
+defkv_status omega_from_rows(const double *rows, int64_t n_rows, double *omega, cudaStream_t stream, std::string *msg);
+defkv_status last_row_mean(const float *x, int64_t H, int64_t n, float *out, cudaStream_t stream, std::string *msg);
 
 } // namespace cuda
 } // namespace defkv

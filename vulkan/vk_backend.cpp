@@ -123,6 +123,8 @@ defkv_status VulkanBackend::open_caller_device(const defkv_context_options &o, s
 
 // An own device: the best (or options->device_index), with shaderFloat64 when offered and the
 // cooperative-matrix extension and features when all are offered (retried without them).
+// DEFKV_VULKAN_NO_FP64=1 (a test switch) leaves shaderFloat64 off, so that the shaders' integer
+// f64 builds run on a device that has float64 (lavapipe).
 defkv_status VulkanBackend::open_own_device(const defkv_context_options &o, std::string *msg) {
     if (!create_instance(&dv_.inst, &fi_, &dv_.messenger, &dv_.vlog, msg)) return DEFKV_ERROR_BACKEND_UNAVAILABLE;
     dv_.own_instance = true;
@@ -133,7 +135,7 @@ defkv_status VulkanBackend::open_own_device(const defkv_context_options &o, std:
     VkPhysicalDeviceFeatures offered{};
     fi_.vkGetPhysicalDeviceFeatures(dv_.pd, &offered);
     VkPhysicalDeviceFeatures want{};
-    want.shaderFloat64 = offered.shaderFloat64;
+    want.shaderFloat64 = env_on("DEFKV_VULKAN_NO_FP64") ? VK_FALSE : offered.shaderFloat64;
     float prio = 1.0f;
     VkDeviceQueueCreateInfo qci{};
     qci.sType = VK_STRUCTURE_TYPE_DEVICE_QUEUE_CREATE_INFO;

@@ -101,6 +101,10 @@ public:
     defkv_status projected_norm(const SeqViews &in, const SeqShape &s, int64_t n_tokens, const Buf &masked,
                                 const Buf &out, std::string *msg) override;
     defkv_status key_norm(const SeqViews &in, const SeqShape &s, const Buf &out, std::string *msg) override;
+    // Writes omega_rows and last_rows; omega_from_rows and last_row_mean run attn_finish's sums.
+    bool attention_rows() const override { return true; }
+    defkv_status omega_from_rows(const Buf &rows, int64_t n, const Buf &omega, std::string *msg) override;
+    defkv_status last_row_mean(const Buf &x, int64_t rows, int64_t n, const Buf &out, std::string *msg) override;
 
     // ---- selection (vk_select.cpp) ----
     defkv_status pool_group(const Buf &mean_w, int64_t H, int64_t G, int64_t P, int32_t kernel, const Buf &score,

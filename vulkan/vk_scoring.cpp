@@ -48,9 +48,10 @@ struct AttnJob {
     Src q, k, a;
     Bind rows_b, stats_b;
     int64_t Wb = 0;
-    bool want_mean = false, want_max = false, want_avg = false, want_last = false;
+    bool want_mean = false, want_max = false, want_avg = false, want_last = false, want_rows = false;
     uint32_t flags() const {
-        return (want_mean ? 1u : 0u) | (want_max ? 2u : 0u) | (want_avg ? 4u : 0u) | (want_last ? 8u : 0u);
+        return (want_mean ? 1u : 0u) | (want_max ? 2u : 0u) | (want_avg ? 4u : 0u) | (want_last ? 8u : 0u) |
+               (want_rows ? 16u : 0u);
     }
 };
 
@@ -125,15 +126,16 @@ defkv_status VulkanBackend::attn_reduce(const AttnJob &j, int64_t h, int64_t wb0
     Binds rb = {};
     rb[B_ROWS] = j.rows_b;
     rb[B_STATS] = j.stats_b;
-    uint32_t mean_base = 0, dmax_base = 0, davg_base = 0, last_base = 0;
+    uint32_t mean_base = 0, dmax_base = 0, davg_base = 0, last_base = 0, lrows_base = 0;
     if (j.want_mean) VK_TRY(window(buf_src(j.out.mean_w, 4), h * P, P, &rb[B_MEAN], &mean_base, msg));
     if (j.want_max) VK_TRY(window(buf_src(j.out.def_max, 4), kh * P, P, &rb[B_DMAX], &dmax_base, msg));
     if (j.want_avg) VK_TRY(window(buf_src(j.out.def_avg, 4), kh * P, P, &rb[B_DAVG], &davg_base, msg));
     if (j.want_last) VK_TRY(window(buf_src(j.out.last_row_mean, 4), 0, L - 1, &rb[B_OUT], &last_base, msg));
+    if (j.want_rows) VK_TRY(window(buf_src(j.out.last_rows, 4), h * (L - 1), L - 1, &rb[B_LROWS], &lrows_base, msg));
     const bool has_last = wb0 + nb == W;
     PcColreduce cp = {u32(L), u32(P), u32(nb), u32(j.kernel), j.flags(),
                       (wb0 == 0 ? 1u : 0u) | (g == 0 ? 2u : 0u) | (h == 0 ? 4u : 0u), u32(h * W + wb0),
-                      has_last ? u32(nb - 1) : 0xffffffffu, mean_base, dmax_base, davg_base, last_base};
+                      has_last ? u32(nb - 1) : 0xffffffffu, mean_base, dmax_base, davg_base, last_base, lrows_base};
     return dispatch(P_COLREDUCE, rb, &cp, sizeof cp, u32((L + 255) / 256), 1, 1, msg);
 }
 
@@ -141,7 +143,7 @@ defkv_status VulkanBackend::attn_reduce(const AttnJob &j, int64_t h, int64_t wb0
 defkv_status VulkanBackend::attn_finish(const AttnJob &j, std::string *msg) {
     const SeqShape &s = j.s;
     auto scale = [&](const Buf &x, int64_t n, int64_t div, float mul) -> defkv_status {
-        PcAttnFinish pc = {ATTN_FINISH_SCALE, u32(n), 0, u32(div), mul};
+        PcAttnFinish pc = {ATTN_FINISH_SCALE, u32(n), 0, u32(div), mul, 0, 0};
         Binds bs = {};
         VK_TRY(bind_span(x.at(0, n * 4), 4, &bs[B_FIN_X], &pc.base, msg));
         return dispatch(P_ATTN_FINISH, bs, &pc, sizeof pc, groups_for(n, 256), 1, 1, msg);
@@ -149,18 +151,64 @@ defkv_status VulkanBackend::attn_finish(const AttnJob &j, std::string *msg) {
     if (j.want_mean) VK_TRY(scale(j.out.mean_w, s.H * s.P, s.W, 1.0f));
     if (j.want_avg) VK_TRY(scale(j.out.def_avg, s.Hk * s.P, s.W, 1.0f / static_cast<float>(s.G)));
     if (j.want_last) VK_TRY(scale(j.out.last_row_mean, s.L - 1, s.H, 1.0f));
+    if (j.out.omega_rows) { // the terms of omega, for sharded selection (omega_from_rows)
+        PcAttnFinish pc = {ATTN_FINISH_TERMS, u32(s.H * s.W), 0, 1, 1.0f, 0, 0};
+        Binds bs = {};
+        bs[B_STATS] = j.stats_b;
+        VK_TRY(bind_span(j.out.omega_rows.at(0, 16 * s.H * s.W), 4, &bs[B_FIN_X], &pc.base, msg));
+        VK_TRY(dispatch(P_ATTN_FINISH, bs, &pc, sizeof pc, groups_for(s.H * s.W, 256), 1, 1, msg));
+    }
     if (!j.out.omega) return DEFKV_SUCCESS;
-    PcAttnFinish pc = {ATTN_FINISH_OMEGA, u32(s.H * s.W), 0, 1, 1.0f};
+    PcAttnFinish pc = {ATTN_FINISH_OMEGA, u32(s.H * s.W), 0, 1, 1.0f, 0, 0};
     Binds bs = {};
     bs[B_STATS] = j.stats_b;
     VK_TRY(bind_span(j.out.omega.at(0, 16), 4, &bs[B_FIN_X], &pc.base, msg));
     return dispatch(P_ATTN_FINISH, bs, &pc, sizeof pc, 1, 1, 1, msg);
 }
 
+// The same last sums from terms gathered from every rank (sharded selection): the shader modes
+// that read f64 terms or f32 rows do the arithmetic of the modes above in the same order.
+defkv_status VulkanBackend::omega_from_rows(const Buf &rows, int64_t n, const Buf &omega, std::string *msg) {
+    if (!on_device({&rows, &omega})) return Backend::omega_from_rows(rows, n, omega, msg);
+    OpScope scope{this};
+    if (n <= 0 || !fits_u32(2 * n * 2)) {
+        *msg = "internal: omega_from_rows: no terms, or too many for 32-bit indices";
+        return DEFKV_ERROR_INTERNAL;
+    }
+    PcAttnFinish pc = {ATTN_FINISH_OMEGA_ROWS, u32(n), 0, 1, 1.0f, 0, 0};
+    Binds bs = {};
+    VK_TRY(bind_span(rows.at(0, 16 * n), 4, &bs[B_STATS], &pc.src, msg));
+    VK_TRY(bind_span(omega.at(0, 16), 4, &bs[B_FIN_X], &pc.base, msg));
+    VK_TRY(dispatch(P_ATTN_FINISH, bs, &pc, sizeof pc, 1, 1, 1, msg));
+    VK_TRY(settle({vkbuf(omega)}, msg));
+    return scope.ok();
+}
+
+defkv_status VulkanBackend::last_row_mean(const Buf &x, int64_t rows, int64_t n, const Buf &out, std::string *msg) {
+    if (!on_device({&x, &out})) return Backend::last_row_mean(x, rows, n, out, msg);
+    OpScope scope{this};
+    if (n <= 0 || rows <= 0) return scope.ok();
+    if (!fits_u32(rows * n)) {
+        *msg = "internal: last_row_mean: too many terms for 32-bit indices";
+        return DEFKV_ERROR_INTERNAL;
+    }
+    PcAttnFinish pc = {ATTN_FINISH_ROWSUM, u32(n), 0, 1, 1.0f, u32(rows), 0};
+    Binds bs = {};
+    VK_TRY(bind_span(x.at(0, 4 * rows * n), 4, &bs[B_STATS], &pc.src, msg));
+    VK_TRY(bind_span(out.at(0, 4 * n), 4, &bs[B_FIN_X], &pc.base, msg));
+    VK_TRY(dispatch(P_ATTN_FINISH, bs, &pc, sizeof pc, groups_for(n, 256), 1, 1, msg));
+    PcAttnFinish sc = {ATTN_FINISH_SCALE, u32(n), pc.base, u32(rows), 1.0f, 0, 0};
+    VK_TRY(dispatch(P_ATTN_FINISH, bs, &sc, sizeof sc, groups_for(n, 256), 1, 1, msg));
+    VK_TRY(settle({vkbuf(out)}, msg));
+    return scope.ok();
+}
+
 defkv_status VulkanBackend::attention(const SeqViews &in, const SeqShape &s, float scale, int32_t kernel,
                                       const Buf &masked_in, const AttentionOut &out, std::string *msg) {
     OpScope scope{this};
-    if (!device_outputs({&out.mean_w, &out.def_max, &out.def_avg, &out.omega, &out.last_row_mean}, msg))
+    if (!device_outputs({&out.mean_w, &out.def_max, &out.def_avg, &out.omega, &out.last_row_mean, &out.omega_rows,
+                         &out.last_rows},
+                        msg))
         return DEFKV_ERROR_INTERNAL;
     const int64_t H = s.H, d = s.d, L = s.L, W = s.W, P = s.P;
     const bool have_q = in.queries.present();
@@ -193,6 +241,7 @@ defkv_status VulkanBackend::attention(const SeqViews &in, const SeqShape &s, flo
     j.want_max = out.def_max && P > 0;
     j.want_avg = out.def_avg && P > 0;
     j.want_last = out.last_row_mean && L > 1;
+    j.want_rows = out.last_rows && L > 1;
     uint32_t zero;
     VK_TRY(window(own(S_ROWS, 4), 0, j.Wb * L, &j.rows_b, &zero, msg));
     VK_TRY(window(own(S_STATS, 4), 0, H * W * 4, &j.stats_b, &zero, msg));
@@ -205,7 +254,8 @@ defkv_status VulkanBackend::attention(const SeqViews &in, const SeqShape &s, flo
     VK_TRY(attn_finish(j, msg));
     trace("attention", fmt("H=%lld L=%lld W=%lld, %lld query rows per block", static_cast<long long>(H),
                             static_cast<long long>(L), static_cast<long long>(W), static_cast<long long>(j.Wb)));
-    VK_TRY(settle({vkbuf(out.mean_w), vkbuf(out.def_max), vkbuf(out.def_avg), vkbuf(out.omega), vkbuf(out.last_row_mean)},
+    VK_TRY(settle({vkbuf(out.mean_w), vkbuf(out.def_max), vkbuf(out.def_avg), vkbuf(out.omega), vkbuf(out.last_row_mean),
+                   vkbuf(out.omega_rows), vkbuf(out.last_rows)},
                   msg));
     return scope.ok();
 }

@@ -5,7 +5,13 @@
  * scores, head_lens and indices. Then a fault test: one rank's collective returns an error at
  * each data call in turn, and every rank must return an error with nothing written; at the last
  * call (the status agreement) only the failing rank does.
- * Run: mpirun -n N mpi_shard CONFORMANCE_DIR. Prints the number of checks; 0 checks fails. */
+ * Run: mpirun -n N mpi_shard [--backend cpu|vulkan|cuda] [--quick] CONFORMANCE_DIR. Prints the number
+ * of checks; 0 checks fails. --backend runs the reference and the sharded selections on that
+ * backend (the comparison is with the same backend's single-process selection); a backend that is
+ * not available here prints the reason and exits 77 (SKIP). --quick: the first golden case and
+ * the synthetic one only, and no fault test. --cases N: the first N golden cases (0-4) and the
+ * synthetic one. --methods a,b,...: those methods only (defkv method names; layer-defensivekv
+ * selects the defkv_global runs). The last two are for the slow CUDA emulation. */
 #include <mpi.h>
 #include <math.h>
 #include <stdio.h>
@@ -176,6 +182,49 @@ static void compare(const char *what, const sel_buf *ref, int64_t L, int64_t k0,
 
 static defkv_context *g_ctx;
 
+#ifdef DEFKV_MPI_DEVMEM
+#include "devmem_c.h"
+static mpi_devmem *g_dev; /* the device memory of a Vulkan or CUDA context, or NULL */
+
+/* The sharded selection again, into device memory (out->memory of the backend): downloaded, it
+ * must equal the host-memory one bit for bit. */
+static void check_device_outputs(const char *what, const defkv_params *p, const defkv_layer *layer,
+                                 const defkv_shard *sh, const sel_buf *host) {
+    const int64_t nh = host->nh, n = host->n;
+    void *d[5] = {mpi_devmem_alloc(g_dev, 4 * (size_t)nh, 0x5A), mpi_devmem_alloc(g_dev, 4 * (size_t)(nh + 1), 0x5A),
+                  mpi_devmem_alloc(g_dev, 4 * (size_t)n, 0x5A), mpi_devmem_alloc(g_dev, (size_t)n, 0x5A),
+                  mpi_devmem_alloc(g_dev, 4 * (size_t)n, 0x5A)};
+    int ok = 1;
+    for (int i = 0; i < 5; i++) ok &= d[i] != NULL;
+    CHECK(ok, "%s: device buffers", what);
+    if (ok) {
+        defkv_selection out;
+        memset(&out, 0, sizeof out);
+        out.struct_size = sizeof out;
+        out.memory = mpi_devmem_memory(g_dev);
+        out.head_lens = d[0], out.cu_seqlens = d[1], out.indices = d[2], out.indices_capacity = n;
+        out.keep_mask = d[3], out.scores = d[4];
+        const defkv_status st = defkv_select_sharded(g_ctx, p, layer, sh, &out);
+        CHECK(st == DEFKV_SUCCESS, "%s, device outputs: %s", what, defkv_context_last_error(g_ctx));
+        if (st == DEFKV_SUCCESS) {
+            sel_buf got;
+            sel_alloc(&got, nh, n);
+            ok = mpi_devmem_download(g_dev, got.lens, d[0], 4 * (size_t)nh) &&
+                 mpi_devmem_download(g_dev, got.cu, d[1], 4 * (size_t)(nh + 1)) &&
+                 mpi_devmem_download(g_dev, got.idx, d[2], 4 * (size_t)n) &&
+                 mpi_devmem_download(g_dev, got.keep, d[3], (size_t)n) &&
+                 mpi_devmem_download(g_dev, got.scores, d[4], 4 * (size_t)n);
+            CHECK(ok, "%s: download of the device outputs", what);
+            char w[200];
+            snprintf(w, sizeof w, "%s, device outputs", what);
+            if (ok) compare(w, host, host->n / host->nh, 0, nh, &got);
+            sel_free(&got);
+        }
+    }
+    for (int i = 0; i < 5; i++) mpi_devmem_release(g_dev, d[i]);
+}
+#endif
+
 /* Per-layer methods, heads split over tp ranks (the ranks below tp take part). */
 static void run_tp(const mcase *mc, int method, int tp) {
     const golden_case *c = &mc->gc;
@@ -209,6 +258,9 @@ static void run_tp(const mcase *mc, int method, int tp) {
         snprintf(what, sizeof what, "%s %s layer %d TP=%d", mc->name, defkv_method_name(method), li, tp);
         CHECK(st == DEFKV_SUCCESS, "%s: %s", what, defkv_context_last_error(g_ctx));
         if (st == DEFKV_SUCCESS) compare(what, &ref, c->L, k0, k1, &got);
+#ifdef DEFKV_MPI_DEVMEM
+        if (g_dev && li == 0 && st == DEFKV_SUCCESS) check_device_outputs(what, &p, &layer, &sh, &got);
+#endif
         if (g_rank == 0 && li == 0 && tp > 1)
             printf("  %-18s %-18s TP=%d: %ld collective calls, %ld bytes\n", mc->name, defkv_method_name(method), tp,
                    mc_heads.calls, mc_heads.bytes);
@@ -343,15 +395,69 @@ int main(int argc, char **argv) {
     MPI_Init(&argc, &argv);
     MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
     MPI_Comm_size(MPI_COMM_WORLD, &g_size);
-    const char *dir = argc > 1 ? argv[1] : g_conf_dir;
+    const char *dir = g_conf_dir, *backend = "cpu";
+    int quick = 0, n_golden = 4, want[DEFKV_METHOD_COUNT];
+    for (int m = 0; m < DEFKV_METHOD_COUNT; m++) want[m] = 1;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--backend") == 0 && i + 1 < argc) backend = argv[++i];
+        else if (strcmp(argv[i], "--methods") == 0 && i + 1 < argc) {
+            char list[256];
+            snprintf(list, sizeof list, "%s", argv[++i]);
+            for (int m = 0; m < DEFKV_METHOD_COUNT; m++) want[m] = 0;
+            for (char *t = strtok(list, ","); t; t = strtok(NULL, ",")) {
+                int32_t m;
+                if (defkv_method_from_name(t, &m) != DEFKV_SUCCESS) {
+                    if (g_rank == 0) fprintf(stderr, "unknown method %s\n", t);
+                    MPI_Finalize();
+                    return 2;
+                }
+                want[m] = 1;
+            }
+        }
+        else if (strcmp(argv[i], "--quick") == 0) quick = 1, n_golden = n_golden < 1 ? n_golden : 1;
+        else if (strcmp(argv[i], "--cases") == 0 && i + 1 < argc) n_golden = atoi(argv[++i]);
+        else dir = argv[i];
+    }
     defkv_context_options o;
     defkv_context_options_default(&o);
     o.n_threads = 1;
-    if (defkv_context_create(&o, &g_ctx) != DEFKV_SUCCESS) return 1;
+    if (strcmp(backend, "cpu") == 0) o.backend = DEFKV_BACKEND_CPU;
+    else if (strcmp(backend, "vulkan") == 0) o.backend = DEFKV_BACKEND_VULKAN;
+    else if (strcmp(backend, "cuda") == 0) o.backend = DEFKV_BACKEND_CUDA;
+    else {
+        if (g_rank == 0) fprintf(stderr, "unknown backend %s (cpu, vulkan or cuda)\n", backend);
+        MPI_Finalize();
+        return 2;
+    }
+    /* Every rank sees the same machine: all skip or none does. */
+    const defkv_status av = defkv_backend_available(o.backend);
+    if (av != DEFKV_SUCCESS) {
+        if (defkv_context_create(&o, &g_ctx) == DEFKV_SUCCESS) defkv_context_destroy(g_ctx); /* for the reason */
+        if (g_rank == 0)
+            fprintf(stderr, "SKIP: the %s backend is not available here (defkv_backend_available: status %d: %s)\n",
+                    backend, (int)av, defkv_last_error_global());
+        MPI_Finalize();
+        return 77;
+    }
+#ifdef DEFKV_MPI_DEVMEM
+    if (o.backend != DEFKV_BACKEND_CPU) { /* the context on the device whose buffers the test allocates */
+        char why[256] = "";
+        g_dev = mpi_devmem_open(o.backend, &o, why, sizeof why);
+        if (!g_dev && g_rank == 0) printf("mpi_shard: device-memory outputs not checked: %s\n", why);
+    }
+#else
+    if (o.backend != DEFKV_BACKEND_CPU && g_rank == 0)
+        printf("mpi_shard: device-memory outputs not checked (built without tools/devmem)\n");
+#endif
+    if (defkv_context_create(&o, &g_ctx) != DEFKV_SUCCESS) {
+        fprintf(stderr, "[rank %d] cannot create a %s context\n", g_rank, backend);
+        return 1;
+    }
     mcase cases[5];
     memset(cases, 0, sizeof cases);
     int nc = 0;
-    for (int i = 0; i < 4; i++) {
+    if (n_golden < 0 || n_golden > 4) n_golden = 4;
+    for (int i = 0; i < n_golden; i++) {
         cases[nc].name = k_case_names[i];
         if (!gc_load(&cases[nc].gc, dir, k_case_names[i])) {
             fprintf(stderr, "cannot load %s from %s\n", k_case_names[i], dir);
@@ -361,14 +467,15 @@ int main(int argc, char **argv) {
     }
     cases[nc].name = "synth-hk8-4layer";
     make_synthetic(&cases[nc++]);
-    if (g_rank == 0) printf("mpi_shard: %d ranks\n", g_size);
+    if (g_rank == 0) printf("mpi_shard: %d ranks, %s backend%s\n", g_size, backend, quick ? ", quick" : "");
     for (int i = 0; i < nc; i++) {
         const golden_case *c = &cases[i].gc;
         const int tp = g_size < c->Hk ? g_size : (int)c->Hk;
         for (int m = 0; m < DEFKV_METHOD_COUNT; m++) {
-            if (m == DEFKV_METHOD_LAYER_DEFENSIVEKV) continue;
+            if (m == DEFKV_METHOD_LAYER_DEFENSIVEKV || !want[m]) continue;
             run_tp(&cases[i], m, tp);
         }
+        if (!want[DEFKV_METHOD_LAYER_DEFENSIVEKV]) continue;
         int pp = g_size < c->n_layers ? g_size : c->n_layers;
         run_global(&cases[i], 1, pp);  /* PP */
         run_global(&cases[i], tp, 1);  /* TP */
@@ -376,18 +483,21 @@ int main(int argc, char **argv) {
         if (tp2 > 1 && pp2 < 2 && tp2 > 2) tp2 /= 2, pp2 = g_size / tp2 < c->n_layers ? g_size / tp2 : c->n_layers;
         run_global(&cases[i], tp2, pp2 < 1 ? 1 : pp2); /* TP x PP */
     }
-    if (g_size >= 2) {
+    if (g_size >= 2 && !quick && want[DEFKV_METHOD_DEFENSIVEKV] && want[DEFKV_METHOD_ADA_SNAPKV]) {
         run_fault(&cases[0], DEFKV_METHOD_DEFENSIVEKV, 2);
         run_fault(&cases[0], DEFKV_METHOD_ADA_SNAPKV, 2);
     }
     long tot[2] = {g_checks, g_fail}, all[2];
     MPI_Allreduce(tot, all, 2, MPI_LONG, MPI_SUM, MPI_COMM_WORLD);
-    if (g_rank == 0) printf("mpi_shard: %ld checks on %d ranks, %ld failed\n", all[0], g_size, all[1]);
+    if (g_rank == 0) printf("mpi_shard: %ld checks on %d ranks (%s backend), %ld failed\n", all[0], g_size, backend, all[1]);
     for (int i = 0; i < nc; i++) {
         if (cases[i].own) free(cases[i].own);
         else gc_free(&cases[i].gc);
     }
     defkv_context_destroy(g_ctx);
+#ifdef DEFKV_MPI_DEVMEM
+    if (g_dev) mpi_devmem_close(g_dev);
+#endif
     MPI_Finalize();
     return all[1] == 0 && all[0] > 0 ? 0 : 1;
 }

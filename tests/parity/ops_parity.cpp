@@ -722,6 +722,45 @@ void check_scoring(const ScoreCase &c) {
                     compare_vals<float>(what, cs, out[0][i]->fetch(what, cs), out[1][i]->fetch(what, cs), rt, 1e-4, 1e-7);
             }
         }
+        // The per-head terms of sharded selection, where the backend writes them: omega_rows and
+        // last_rows agree with the CPU's within tolerance, and the backend's omega_from_rows and
+        // last_row_mean on its own terms give its attention op's omega and last-row mean bit for
+        // bit (what the ranks' gathered terms rely on).
+        if (g_test->attention_rows() && g_ref->attention_rows() && s.L > 1) {
+            const int64_t n_hw = s.H * s.W, n = s.L - 1;
+            std::unique_ptr<DevArray> om[2], lm[2], omr[2], lr[2];
+            for (int side = 0; side < 2; side++) {
+                Backend &b = side == 0 ? *g_test : *g_ref;
+                om[side].reset(new DevArray(b, nullptr, 16));
+                lm[side].reset(new DevArray(b, nullptr, n * 4));
+                omr[side].reset(new DevArray(b, nullptr, 2 * n_hw * 8));
+                lr[side].reset(new DevArray(b, nullptr, s.H * n * 4));
+                AttentionOut o;
+                o.omega = om[side]->span(), o.last_row_mean = lm[side]->span();
+                o.omega_rows = omr[side]->span(), o.last_rows = lr[side]->span();
+                std::unique_ptr<DevArray> mk;
+                if (c.masked) mk.reset(new DevArray(b, in.masked.data(), s.Hk * s.L));
+                std::string msg;
+                const defkv_status st =
+                    b.attention(side == 0 ? in.test : in.host, s, scale, c.kernel, mk ? mk->span() : Buf(), o, &msg);
+                CHECK(st == DEFKV_SUCCESS, "attention [%s] with the per-head terms on %s: status %d: %s", cs.c_str(),
+                      b.name(), st, msg.c_str());
+            }
+            compare_vals<double>("attention omega_rows", cs, omr[0]->fetch("omega_rows", cs), omr[1]->fetch("omega_rows", cs),
+                                 rt, 1e-5, 1e-9);
+            compare_vals<float>("attention last_rows", cs, lr[0]->fetch("last_rows", cs), lr[1]->fetch("last_rows", cs), rt,
+                                1e-4, 1e-7);
+            DevArray om2(*g_test, nullptr, 16), lm2(*g_test, nullptr, n * 4);
+            std::string msg;
+            defkv_status st = g_test->omega_from_rows(omr[0]->span(), n_hw, om2.span(), &msg);
+            CHECK(st == DEFKV_SUCCESS, "omega_from_rows [%s] on %s: %s", cs.c_str(), g_test->name(), msg.c_str());
+            st = g_test->last_row_mean(lr[0]->span(), s.H, n, lm2.span(), &msg);
+            CHECK(st == DEFKV_SUCCESS, "last_row_mean [%s] on %s: %s", cs.c_str(), g_test->name(), msg.c_str());
+            CHECK(om2.fetch("omega", cs) == om[0]->fetch("omega", cs),
+                  "omega_from_rows [%s] on %s differs from the attention op's omega", cs.c_str(), g_test->name());
+            CHECK(lm2.fetch("last_row_mean", cs) == lm[0]->fetch("last_row_mean", cs),
+                  "last_row_mean [%s] on %s differs from the attention op's last-row mean", cs.c_str(), g_test->name());
+        }
         // projected norm over the prefix, over every token, and over one token
         for (int64_t n : {s.P, s.L, int64_t(1)}) {
             std::unique_ptr<DevArray> pn[2];

@@ -5,6 +5,7 @@
 //   davg  [j] (+)= sum_w a[w, j]                                   (accumulated over the group)
 //   dmax  [j] = max(dmax[j], max_w pool(a_w)[j] / psum_w * base_w)  j < P
 //   last  [j] (+)= a[W-1, j] (the last query row)                      j < L-1, last block only
+//   lrows [j] = a[W-1, j] (head h's last row, sharded selection)        j < L-1, last block only
 // The first contribution of a head (or of a group, or of the sequence for the last row) overwrites.
 #extension GL_GOOGLE_include_directive : enable
 #include "push.h"
@@ -17,6 +18,7 @@ layout(std430, binding = B_ROWS) readonly buffer BR { float rows[]; };
 layout(std430, binding = B_DAVG) buffer BAvg { float davg[]; };
 layout(std430, binding = B_STATS) readonly buffer BS { float stats[]; };
 layout(std430, binding = B_OUT) buffer BT { float last[]; };
+layout(std430, binding = B_LROWS) buffer BL { float lrows[]; };
 layout(push_constant) uniform Push { PcColreduce pc; };
 
 void main() {
@@ -56,4 +58,6 @@ void main() {
         const float a = rows[pc.last_row * pc.L + j];
         last[o] = ((pc.first & 4u) != 0u) ? a : last[o] + a;
     }
+    if ((pc.flags & 16u) != 0u && pc.last_row != 0xffffffffu && j + 1u < pc.L)
+        lrows[pc.lrows_base + j] = rows[pc.last_row * pc.L + j];
 }

@@ -35,6 +35,7 @@ typedef float f32;
 #define B_MEAN 0   // colreduce: mean over w
 #define B_DMAX 1   // colreduce: the max over (g, w) of the pooled, renormalised rows
 #define B_DAVG 3   // colreduce: the group mean
+#define B_LROWS 6  // colreduce: every head's last query row (AttentionOut::last_rows)
 
 struct PcLogits {
     u32 q_dtype, k_dtype, q_base, k_base;
@@ -54,21 +55,32 @@ struct PcSoftmax {
 };
 struct PcColreduce {
     u32 L, P, Wb, kernel;
-    u32 flags;      // 1 mean, 2 dmax, 4 davg, 8 last
+    u32 flags;      // 1 mean, 2 dmax, 4 davg, 8 last, 16 the last row itself (lrows)
     u32 first;      // 1: first block of this head, 2: first head of the group, 4: first head overall
     u32 stats_base; // row index of (h, wb0) in stats
     u32 last_row;   // row (within the block) of query W-1, or 0xffffffff when absent
     u32 mean_base, dmax_base, davg_base, last_base;
+    u32 lrows_base; // element of head h's row in B_LROWS
 };
 // attn_finish: the sums colreduce leaves in the outputs become means (in place), omega from the
 // row statistics. mode: ATTN_FINISH_SCALE x[i] = float(x[i] / div) * mul for i < n;
 // ATTN_FINISH_OMEGA omega[0..1] (f64) = mean over n rows of stats[4 r + 0], stats[4 r + 1].
+// Sharded selection (the per-head terms and the same last sums from gathered terms):
+// ATTN_FINISH_TERMS x (f64 [2, n]) = the f64 widening of stats[4 r + 0], then of stats[4 r + 1];
+// ATTN_FINISH_OMEGA_ROWS omega as ATTN_FINISH_OMEGA, from such terms at word src of B_STATS
+// (every term the widening of an f32: the same values, the same order, the same arithmetic);
+// ATTN_FINISH_ROWSUM x[j] = sum over r < rows of f32 stats[src + r * n + j] for j < n, in r order
+// from r = 0 (as colreduce accumulates the last row over heads); SCALE then makes it a mean.
 #define ATTN_FINISH_SCALE 0u
 #define ATTN_FINISH_OMEGA 1u
-#define B_FIN_X 5 // f32 x (SCALE) or the omega words (OMEGA)
+#define ATTN_FINISH_OMEGA_ROWS 2u
+#define ATTN_FINISH_TERMS 3u
+#define ATTN_FINISH_ROWSUM 4u
+#define B_FIN_X 5 // f32 x (SCALE, ROWSUM), the omega words (OMEGA, OMEGA_ROWS) or the terms (TERMS)
 struct PcAttnFinish {
     u32 mode, n, base, div;
     f32 mul;
+    u32 rows, src;
 };
 struct PcNorm { // keynorm
     u32 dtype, base, s1, s2;
