@@ -9,17 +9,10 @@ set(args eval --contexts 256 --budgets 20% --continuation 16 --samples 3 --passk
 # depend on it either.
 set(threads_contiguous 1)
 set(threads_paged 2)
+include(${CMAKE_CURRENT_LIST_DIR}/run_engine.cmake)
 foreach(cache contiguous paged)
-  execute_process(COMMAND ${ENGINE} ${args} --cache ${cache} --threads ${threads_${cache}}
-                          --csv ${WORKDIR}/cache_${cache}.csv
-                  RESULT_VARIABLE rc OUTPUT_VARIABLE out_${cache} ERROR_VARIABLE err)
-  if(rc EQUAL 3)
-    message("SKIPPED: the model or the text is not cached; run tools/engine/fetch_assets.sh\n${err}")
-    return()
-  endif()
-  if(NOT rc EQUAL 0)
-    message(FATAL_ERROR "eval --cache ${cache} failed (${rc}):\n${err}")
-  endif()
+  run_engine("eval --cache ${cache}" out_${cache} ${args} --cache ${cache} --threads ${threads_${cache}}
+             --csv ${WORKDIR}/cache_${cache}.csv)
   file(READ ${WORKDIR}/cache_${cache}.csv csv_${cache})
   file(READ ${WORKDIR}/cache_${cache}-windows.csv win_${cache})
 endforeach()

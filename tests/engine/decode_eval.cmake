@@ -7,16 +7,9 @@
 # text is not cached (exit 3 of the engine).
 set(args eval --decode --prompt 64 --tokens 128 --caps 48,1024 --methods snapkv-latest,defensivekv-max
     --samples 1 --interval 32 --retrieval-trials 1 --retrieval-gap 64 --retrieval-lead 8 --quiet)
+include(${CMAKE_CURRENT_LIST_DIR}/run_engine.cmake)
 foreach(cache paged contiguous)
-  execute_process(COMMAND ${ENGINE} ${args} --cache ${cache} --csv ${WORKDIR}/decode_${cache}.csv
-                  RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
-  if(rc EQUAL 3)
-    message("SKIPPED: the model or the text is not cached; run tools/engine/fetch_assets.sh\n${err}")
-    return()
-  endif()
-  if(NOT rc EQUAL 0)
-    message(FATAL_ERROR "eval --decode --cache ${cache} failed (${rc}):\n${out}\n${err}")
-  endif()
+  run_engine("eval --decode --cache ${cache}" out ${args} --cache ${cache} --csv ${WORKDIR}/decode_${cache}.csv)
   message("${out}")
 endforeach()
 # The figures without the seconds column (14th): the two caches must agree on everything else.

@@ -5,16 +5,9 @@
 set(csv ${WORKDIR}/tasks_smoke.csv)
 set(svg ${WORKDIR}/tasks_smoke.svg)
 file(REMOVE ${csv} ${svg})
-execute_process(COMMAND ${ENGINE} tasks --tasks niah_single --contexts 512 --trials 1 --budgets 40%
-                        --methods snapkv,defensivekv --threshold 0 --quiet --csv ${csv} --svg ${svg}
-                RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
-if(rc EQUAL 3)
-  message("SKIPPED: the model or the text is not cached; run tools/engine/fetch_assets.sh\n${err}")
-  return()
-endif()
-if(NOT rc EQUAL 0)
-  message(FATAL_ERROR "tasks failed (${rc}):\n${out}\n${err}")
-endif()
+include(${CMAKE_CURRENT_LIST_DIR}/run_engine.cmake)
+run_engine("tasks" out tasks --tasks niah_single --contexts 512 --trials 1 --budgets 40% --methods snapkv,defensivekv
+           --threshold 0 --quiet --csv ${csv} --svg ${svg})
 foreach(want "Full cache, per task" "Query-agnostic" "Query-aware" "Summary, agnostic" "Summary, aware")
   string(FIND "${out}" "${want}" pos)
   if(pos EQUAL -1)
