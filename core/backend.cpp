@@ -142,6 +142,34 @@ defkv_status Backend::last_row_mean(const Buf &x, int64_t rows, int64_t n, const
     STAGED_RUN(host::last_row_mean(a, rows, n, o));
 }
 
+defkv_status Backend::shard_key_histogram(TopK mode, const Buf &score, const Buf &tier, int64_t n, int shift,
+                                          uint64_t prefix, const Buf &hist, std::string *msg) {
+    STAGE(3);
+    const float *s = sg.in<float>(score, n);
+    const uint8_t *t = sg.in<uint8_t>(tier, n);
+    int64_t *h = sg.out<int64_t>(hist, kShardBins);
+    STAGED_RUN(host::shard_key_histogram(mode, s, t, n, shift, prefix, h));
+}
+
+defkv_status Backend::shard_key_ties(TopK mode, const Buf &score, const Buf &tier, int64_t rows, int64_t L,
+                                     uint64_t key, const Buf &ties, std::string *msg) {
+    STAGE(3);
+    const float *s = sg.in<float>(score, rows * L);
+    const uint8_t *t = sg.in<uint8_t>(tier, rows * L);
+    int64_t *c = sg.out<int64_t>(ties, rows);
+    STAGED_RUN(host::shard_key_ties(mode, s, t, rows, L, key, c));
+}
+
+defkv_status Backend::shard_key_keep(TopK mode, const Buf &score, const Buf &tier, int64_t rows, int64_t L,
+                                     uint64_t key, const Buf &take, const Buf &keep, std::string *msg) {
+    STAGE(4);
+    const float *s = sg.in<float>(score, rows * L);
+    const uint8_t *t = sg.in<uint8_t>(tier, rows * L);
+    const int64_t *k = sg.in<int64_t>(take, rows);
+    uint8_t *out = sg.out<uint8_t>(keep, rows * L);
+    STAGED_RUN(host::shard_key_keep(mode, s, t, rows, L, key, k, out));
+}
+
 defkv_status Backend::mass_threshold(const Buf &avg, int64_t Hk, int64_t P, const Buf &omega, int32_t omega_index,
                                      double threshold, int64_t cap, const Buf &bad, const Buf &tier, int64_t L,
                                      std::string *msg) {

@@ -90,6 +90,9 @@ struct AttentionOut {
 // (score desc, tier desc, position asc) over the concatenation with TIER_BAD entries last.
 enum class TopK : int32_t { PER_HEAD = 0, PER_HEAD_BUDGET = 1, HEAD_ADAPTIVE = 2, LAYER_ADAPTIVE = 3 };
 
+// The sharded top-k's radix select (shard.cpp): 4 rounds of 9-bit digits over 36-bit keys.
+constexpr int kShardDigitBits = 9, kShardRounds = 4, kShardBins = 1 << kShardDigitBits;
+
 class Backend {
 public:
     virtual ~Backend() = default;
@@ -99,6 +102,8 @@ public:
     // ---- memory --------------------------------------------------------------------------
     // The memory kind the ops run on (DEFKV_MEMORY_HOST for the CPU backend).
     virtual int32_t memory() const { return DEFKV_MEMORY_HOST; }
+    // The native stream the backend works on (CUDA: its cudaStream_t); null otherwise.
+    virtual void *native_stream() const { return nullptr; }
     // A new buffer of at least `bytes` bytes (alignment 256) or DEFKV_ERROR_OUT_OF_MEMORY.
     virtual defkv_status alloc(int64_t bytes, Buf *out, std::string *msg);
     virtual void release(Buf *b);
@@ -154,6 +159,20 @@ public:
     virtual defkv_status omega_from_rows(const Buf &rows, int64_t n, const Buf &omega, std::string *msg);
     // out f32 [n] = the mean over r < rows of x[r, :] (x f32 [rows, n]).
     virtual defkv_status last_row_mean(const Buf &x, int64_t rows, int64_t n, const Buf &out, std::string *msg);
+
+    // ---- the sharded top-k's local steps (shard.cpp; keys: host::shard_key) --------------
+    // mode HEAD_ADAPTIVE or LAYER_ADAPTIVE; tier (u8) may be absent (every entry normal).
+    // hist i64 [kShardBins] := over the n entries whose key >> (shift + kShardDigitBits) ==
+    // prefix, the count of each digit (key >> shift) & (kShardBins - 1). Integer counts only.
+    virtual defkv_status shard_key_histogram(TopK mode, const Buf &score, const Buf &tier, int64_t n, int shift,
+                                             uint64_t prefix, const Buf &hist, std::string *msg);
+    // ties i64 [rows] := the number of entries of row r of [rows, L] whose key equals key.
+    virtual defkv_status shard_key_ties(TopK mode, const Buf &score, const Buf &tier, int64_t rows, int64_t L,
+                                        uint64_t key, const Buf &ties, std::string *msg);
+    // keep u8 [rows, L] := the entry's key > key, or == key and among the first take[r] (i64
+    // [rows]) such entries of its row by position.
+    virtual defkv_status shard_key_keep(TopK mode, const Buf &score, const Buf &tier, int64_t rows, int64_t L,
+                                        uint64_t key, const Buf &take, const Buf &keep, std::string *msg);
 
     // ---- selection ops (host fallbacks in the base class) ------------------------------
     // [rows, L] arrays are row-major with row stride L. f32 scores, u8 tiers and flags,

@@ -185,5 +185,49 @@ void last_row_mean(const float *x, int64_t rows, int64_t n, float *out) {
     for (int64_t j = 0; j < n; j++) out[j] = static_cast<float>(acc[j] / static_cast<double>(rows));
 }
 
+uint64_t shard_key(TopK mode, float score, uint8_t tier) {
+    if (score == 0.0f) score = 0.0f;
+    uint32_t u;
+    std::memcpy(&u, &score, 4);
+    const uint64_t o = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    if (mode == TopK::LAYER_ADAPTIVE) return (uint64_t(tier != TIER_BAD) << 34) | (o << 2) | (tier & 3u);
+    return (uint64_t(tier & 3u) << 32) | o;
+}
+
+void shard_key_histogram(TopK mode, const float *score, const uint8_t *tier, int64_t n, int shift, uint64_t prefix,
+                         int64_t *hist) {
+    std::fill(hist, hist + kShardBins, int64_t{0});
+    for (int64_t i = 0; i < n; i++) {
+        const uint64_t key = shard_key(mode, score[i], tier ? tier[i] : uint8_t(TIER_NORMAL));
+        if ((key >> (shift + kShardDigitBits)) == prefix) hist[(key >> shift) & (kShardBins - 1)]++;
+    }
+}
+
+void shard_key_ties(TopK mode, const float *score, const uint8_t *tier, int64_t rows, int64_t L, uint64_t key,
+                    int64_t *ties) {
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t c = 0;
+        for (int64_t j = 0; j < L; j++) {
+            const int64_t i = r * L + j;
+            c += shard_key(mode, score[i], tier ? tier[i] : uint8_t(TIER_NORMAL)) == key;
+        }
+        ties[r] = c;
+    }
+}
+
+void shard_key_keep(TopK mode, const float *score, const uint8_t *tier, int64_t rows, int64_t L, uint64_t key,
+                    const int64_t *take, uint8_t *keep) {
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t left = take[r];
+        for (int64_t j = 0; j < L; j++) {
+            const int64_t i = r * L + j;
+            const uint64_t k = shard_key(mode, score[i], tier ? tier[i] : uint8_t(TIER_NORMAL));
+            uint8_t kp = k > key;
+            if (k == key && left > 0) kp = 1, left--;
+            keep[i] = kp;
+        }
+    }
+}
+
 } // namespace host
 } // namespace defkv

@@ -35,5 +35,16 @@ void write_selection(const uint8_t *keep, int64_t Hk, int64_t L, int64_t head0, 
 void omega_from_rows(const double *rows, int64_t n, double *omega);
 void last_row_mean(const float *x, int64_t rows, int64_t n, float *out);
 
+// The sharded top-k's ranking key of an entry (a larger key ranks first; equal keys go to the
+// lower global index): HEAD_ADAPTIVE (tier, score), LAYER_ADAPTIVE (not bad, score, tier), with
+// the score's float order as an unsigned order (-0 as +0). 36 bits.
+uint64_t shard_key(TopK mode, float score, uint8_t tier);
+void shard_key_histogram(TopK mode, const float *score, const uint8_t *tier, int64_t n, int shift, uint64_t prefix,
+                         int64_t *hist);
+void shard_key_ties(TopK mode, const float *score, const uint8_t *tier, int64_t rows, int64_t L, uint64_t key,
+                    int64_t *ties);
+void shard_key_keep(TopK mode, const float *score, const uint8_t *tier, int64_t rows, int64_t L, uint64_t key,
+                    const int64_t *take, uint8_t *keep);
+
 } // namespace host
 } // namespace defkv

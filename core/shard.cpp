@@ -16,11 +16,30 @@ namespace defkv {
 
 // ---- the call schedule --------------------------------------------------------------------
 
-void ShardRun::begin(bool dry) {
-    dry_ = dry;
-    if (dry) schedule_.clear();
+void ShardRun::begin_dry() {
+    dry_ = true;
+    schedule_.clear();
     pos_ = 0;
     failed_ = false;
+}
+
+defkv_status ShardRun::begin_real(std::string *msg) {
+    dry_ = false;
+    pos_ = 0;
+    failed_ = false;
+    if (!device()) return DEFKV_SUCCESS;
+    int64_t need = 8;
+    for (const Call &c : schedule_) need = std::max(need, (c.count + 1) * 8);
+    if (scratch_ && scratch_->bytes >= need) return DEFKV_SUCCESS;
+    scratch_.reset();
+    Buf b;
+    DEFKV_FORWARD(be_->alloc(need, &b, msg));
+    Backend *be = be_;
+    scratch_ = std::shared_ptr<Buf>(new Buf(b), [be](Buf *p) {
+        be->release(p);
+        delete p;
+    });
+    return DEFKV_SUCCESS;
 }
 
 int64_t ShardRun::scheduled_bytes() const {
@@ -29,7 +48,7 @@ int64_t ShardRun::scheduled_bytes() const {
     return b;
 }
 
-defkv_status ShardRun::call(Kind kind, void *data, int64_t count, const char *what, std::string *msg) {
+defkv_status ShardRun::exchange(Kind kind, const Buf *data, int64_t count, const char *what, std::string *msg) {
     if (dry_) {
         if (active()) schedule_.push_back(Call{kind, count, what});
         return DEFKV_SUCCESS;
@@ -38,25 +57,50 @@ defkv_status ShardRun::call(Kind kind, void *data, int64_t count, const char *wh
     if (pos_ >= schedule_.size() || schedule_[pos_].kind != kind || schedule_[pos_].count != count)
         DEFKV_FAIL(DEFKV_ERROR_INTERNAL, "collective %zu (%s) does not match the schedule of the dry run", pos_, what);
     const size_t n = schedule_.size(), i = pos_++;
-    int rc;
+    const int64_t esz = kind == F32_MAX ? 4 : 8, bytes = (count + 1) * esz;
+    const int32_t op = kind == I64_SUM ? DEFKV_REDUCE_SUM : DEFKV_REDUCE_MAX;
+    // The status word: 1 (or 1.0f) once this rank has failed, else 0.
+    int64_t word_i = failed_ ? 1 : 0;
+    float word_f = failed_ ? 1.0f : 0.0f;
+    const void *word = kind == F32_MAX ? static_cast<const void *>(&word_f) : static_cast<const void *>(&word_i);
+    auto remote_of = [&](const void *w) {
+        if (kind == F32_MAX) {
+            float f;
+            std::memcpy(&f, w, 4);
+            return f != 0.0f;
+        }
+        int64_t v;
+        std::memcpy(&v, w, 8);
+        return v != 0;
+    };
+    int rc = 0;
     bool remote = false;
-    if (kind == F32_MAX) {
-        std::vector<float> buf(static_cast<size_t>(count + 1));
-        if (count) std::memcpy(buf.data(), data, static_cast<size_t>(count) * 4);
-        buf[count] = failed_ ? 1.0f : 0.0f;
-        rc = c_->allreduce_f32(c_->user, buf.data(), count + 1, DEFKV_REDUCE_MAX);
-        if (rc == 0) {
-            if (count) std::memcpy(data, buf.data(), static_cast<size_t>(count) * 4);
-            remote = buf[count] != 0.0f;
+    defkv_status local = DEFKV_SUCCESS; // staging the status word or the payload failed here
+    std::string local_msg;
+    if (device() && !data && !scratch_)
+        DEFKV_FAIL(DEFKV_ERROR_INTERNAL, "collective %zu (%s): the device scratch was not allocated", i, what);
+    if (device()) {
+        // The payload stays in device memory: only the status word goes up and comes back.
+        const Buf buf = data ? *data : scratch_->at(0, bytes);
+        if (!data) local = be_->fill_bytes(buf, 0, bytes, &local_msg);
+        if (local == DEFKV_SUCCESS) local = be_->upload(buf.at(count * esz, esz), word, esz, &local_msg);
+        void *p = buf.ptr<void>();
+        rc = kind == F32_MAX ? c_->allreduce_f32(c_->user, static_cast<float *>(p), count + 1, op)
+                             : c_->allreduce_i64(c_->user, static_cast<int64_t *>(p), count + 1, op);
+        if (rc == 0 && local == DEFKV_SUCCESS) {
+            uint8_t w[8];
+            local = be_->download(w, buf.at(count * esz, esz), esz, &local_msg);
+            if (local == DEFKV_SUCCESS) remote = remote_of(w);
         }
     } else {
-        std::vector<int64_t> buf(static_cast<size_t>(count + 1));
-        if (count) std::memcpy(buf.data(), data, static_cast<size_t>(count) * 8);
-        buf[count] = failed_ ? 1 : 0;
-        rc = c_->allreduce_i64(c_->user, buf.data(), count + 1, kind == I64_SUM ? DEFKV_REDUCE_SUM : DEFKV_REDUCE_MAX);
+        std::vector<uint8_t> host(static_cast<size_t>(bytes), 0);
+        if (data && count) local = be_->download(host.data(), *data, count * esz, &local_msg);
+        std::memcpy(host.data() + count * esz, word, static_cast<size_t>(esz));
+        rc = kind == F32_MAX ? c_->allreduce_f32(c_->user, reinterpret_cast<float *>(host.data()), count + 1, op)
+                             : c_->allreduce_i64(c_->user, reinterpret_cast<int64_t *>(host.data()), count + 1, op);
         if (rc == 0) {
-            if (count) std::memcpy(data, buf.data(), static_cast<size_t>(count) * 8);
-            remote = buf[count] != 0;
+            remote = remote_of(host.data() + count * esz);
+            if (data && count && local == DEFKV_SUCCESS) local = be_->upload(*data, host.data(), count * esz, &local_msg);
         }
     }
     if (failed_) return DEFKV_ERROR_BACKEND_FAILURE; // draining: the message is already set
@@ -66,6 +110,11 @@ defkv_status ShardRun::call(Kind kind, void *data, int64_t count, const char *wh
                    "the caller's collective (%s, call %zu of %zu of this selection: %s) failed on this rank (rank %d) "
                    "with code %d; the other ranks are told at the next call",
                    kind == F32_MAX ? "allreduce_f32" : "allreduce_i64", i + 1, n, what, c_->rank, rc);
+    }
+    if (local != DEFKV_SUCCESS) {
+        failed_ = true;
+        DEFKV_FAIL(local, "staging collective %zu of %zu (%s) on rank %d: %s; the other ranks are told at the next call",
+                   i + 1, n, what, c_->rank, local_msg.c_str());
     }
     if (remote) {
         failed_ = true;
@@ -77,16 +126,12 @@ defkv_status ShardRun::call(Kind kind, void *data, int64_t count, const char *wh
     return DEFKV_SUCCESS;
 }
 
-defkv_status ShardRun::i64(int64_t *data, int64_t count, int32_t op, const char *what, std::string *msg) {
-    return call(op == DEFKV_REDUCE_MAX ? I64_MAX : I64_SUM, data, count, what, msg);
-}
-
-defkv_status ShardRun::f32_max(float *data, int64_t count, const char *what, std::string *msg) {
-    return call(F32_MAX, data, count, what, msg);
+defkv_status ShardRun::reduce(Kind kind, const Buf &data, int64_t count, const char *what, std::string *msg) {
+    return exchange(kind, &data, count, what, msg);
 }
 
 defkv_status ShardRun::agree(std::string *msg) {
-    return call(I64_MAX, nullptr, 0, "status agreement (every rank succeeded; nothing is written otherwise)", msg);
+    return exchange(I64_MAX, nullptr, 0, "status agreement (every rank succeeded; nothing is written otherwise)", msg);
 }
 
 defkv_status ShardRun::finish(defkv_status st, std::string *msg) {
@@ -95,14 +140,8 @@ defkv_status ShardRun::finish(defkv_status st, std::string *msg) {
     std::string keep = *msg;
     while (pos_ < schedule_.size()) {
         const Call c = schedule_[pos_];
-        std::vector<int64_t> zeros(static_cast<size_t>(c.count) + 1, 0);
         std::string ignored;
-        if (c.kind == F32_MAX) {
-            std::vector<float> z(static_cast<size_t>(c.count) + 1, 0.0f);
-            (void)call(c.kind, z.data(), c.count, c.what, &ignored);
-        } else {
-            (void)call(c.kind, zeros.data(), c.count, c.what, &ignored);
-        }
+        (void)exchange(c.kind, nullptr, c.count, c.what, &ignored);
     }
     *msg = keep;
     return st;
@@ -110,28 +149,19 @@ defkv_status ShardRun::finish(defkv_status st, std::string *msg) {
 
 // ---- the distributed top-k ----------------------------------------------------------------
 
-namespace {
-
-constexpr int kDigitBits = 9, kRounds = 4, kBins = 1 << kDigitBits; // 36-bit keys
-
-// Float order as an unsigned order; -0 ranks as +0 (the ranking compares with ==).
-uint64_t ord(float f) {
-    if (f == 0.0f) f = 0.0f;
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-// Larger key = ranked first; equal keys go to the lower global index (host_ops.cpp ranks).
-uint64_t rank_key(TopK mode, float s, uint8_t t) {
-    if (mode == TopK::LAYER_ADAPTIVE) return (uint64_t(t != TIER_BAD) << 34) | (ord(s) << 2) | (t & 3u);
-    return (uint64_t(t & 3u) << 32) | ord(s);
-}
-
-} // namespace
-
-defkv_status shard_top_k(ShardRun &sr, TopK mode, std::vector<ShardTopKJob> &jobs, std::string *msg) {
+defkv_status shard_top_k(Exec &x, ShardRun &sr, TopK mode, std::vector<ShardTopKJob> &jobs, bool measure_only) {
+    std::string *msg = x.msg;
+    Backend &be = x.be;
     const size_t B = jobs.size();
+    std::vector<int64_t> off(B + 1, 0);
+    for (size_t b = 0; b < B; b++) off[b + 1] = off[b] + jobs[b].R_g;
+    // The calls' buffers (payload + status slot) and each job's per-row tie quota.
+    const Buf hist = x.ar.take_n<int64_t>(static_cast<int64_t>(B) * kShardBins + 1);
+    const Buf ties = x.ar.take_n<int64_t>(off[B] + 1);
+    std::vector<Buf> take(B);
+    for (size_t b = 0; b < B; b++) take[b] = x.ar.take_n<int64_t>(jobs[b].rows);
+    if (measure_only) return DEFKV_SUCCESS;
+    const bool real = !sr.dry();
     std::vector<int64_t> need(B), prefix(B, 0);
     std::vector<uint8_t> done(B);
     for (size_t b = 0; b < B; b++) {
@@ -139,28 +169,27 @@ defkv_status shard_top_k(ShardRun &sr, TopK mode, std::vector<ShardTopKJob> &job
         need[b] = std::max<int64_t>(0, std::min(jb.k, jb.R_g * jb.L));
         done[b] = need[b] == 0 || need[b] == jb.R_g * jb.L; // nothing or everything
     }
-    std::vector<int64_t> hist(B * kBins);
-    for (int r = 0; r < kRounds; r++) {
-        const int shift = (kRounds - 1 - r) * kDigitBits;
-        std::fill(hist.begin(), hist.end(), 0);
-        if (!sr.dry())
+    std::vector<int64_t> h(real ? B * kShardBins : 0);
+    for (int r = 0; r < kShardRounds; r++) {
+        const int shift = (kShardRounds - 1 - r) * kShardDigitBits;
+        if (real)
             for (size_t b = 0; b < B; b++) {
                 const ShardTopKJob &jb = jobs[b];
-                if (done[b]) continue;
-                int64_t *h = &hist[b * kBins];
-                for (int64_t i = 0; i < jb.rows * jb.L; i++) {
-                    const uint64_t key = rank_key(mode, jb.score[i], jb.tier ? jb.tier[i] : uint8_t(TIER_NORMAL));
-                    if (static_cast<int64_t>(key >> (shift + kDigitBits)) == prefix[b]) h[(key >> shift) & (kBins - 1)]++;
-                }
+                const Buf hb = hist.at(static_cast<int64_t>(b) * kShardBins * 8, kShardBins * 8);
+                if (done[b]) DEFKV_FORWARD(be.fill_bytes(hb, 0, kShardBins * 8, msg));
+                else
+                    DEFKV_FORWARD(be.shard_key_histogram(mode, jb.score, jb.tier, jb.rows * jb.L, shift,
+                                                         static_cast<uint64_t>(prefix[b]), hb, msg));
             }
-        DEFKV_FORWARD(sr.i64(hist.data(), static_cast<int64_t>(hist.size()), DEFKV_REDUCE_SUM, "top-k radix histogram", msg));
-        if (sr.dry()) continue;
+        DEFKV_FORWARD(sr.reduce(ShardRun::I64_SUM, hist, static_cast<int64_t>(B) * kShardBins, "top-k radix histogram", msg));
+        if (!real) continue;
+        DEFKV_FORWARD(be.download(h.data(), hist, static_cast<int64_t>(B) * kShardBins * 8, msg));
         for (size_t b = 0; b < B; b++) {
             if (done[b]) continue;
-            const int64_t *h = &hist[b * kBins];
+            const int64_t *hb = &h[b * kShardBins];
             int digit = -1;
-            for (int bin = kBins - 1; bin >= 0; bin--) {
-                if (h[bin] < need[b]) need[b] -= h[bin];
+            for (int bin = kShardBins - 1; bin >= 0; bin--) {
+                if (hb[bin] < need[b]) need[b] -= hb[bin];
                 else {
                     digit = bin;
                     break;
@@ -169,47 +198,43 @@ defkv_status shard_top_k(ShardRun &sr, TopK mode, std::vector<ShardTopKJob> &job
             if (digit < 0)
                 DEFKV_FAIL(DEFKV_ERROR_INTERNAL, "sharded top-k: the histograms count fewer entries than the budget "
                                                  "(do the ranks hold the same sequences?)");
-            prefix[b] = (prefix[b] << kDigitBits) | digit;
+            prefix[b] = (prefix[b] << kShardDigitBits) | digit;
         }
     }
-    // Ties at the threshold key: taken in global (row, position) order.
-    std::vector<int64_t> off(B + 1, 0);
-    for (size_t b = 0; b < B; b++) off[b + 1] = off[b] + jobs[b].R_g;
-    std::vector<int64_t> ties(static_cast<size_t>(off[B]), 0);
-    if (!sr.dry())
+    // Ties at the threshold key, counted per global row: taken in global (row, position) order.
+    if (real) {
+        DEFKV_FORWARD(be.fill_bytes(ties, 0, off[B] * 8, msg));
         for (size_t b = 0; b < B; b++) {
             const ShardTopKJob &jb = jobs[b];
             if (done[b]) continue;
-            for (int64_t r = 0; r < jb.rows; r++)
-                for (int64_t j = 0; j < jb.L; j++) {
-                    const int64_t i = r * jb.L + j;
-                    if (static_cast<int64_t>(rank_key(mode, jb.score[i], jb.tier ? jb.tier[i] : uint8_t(TIER_NORMAL))) ==
-                        prefix[b])
-                        ties[off[b] + jb.row_id[r]]++;
-                }
+            for (int64_t r0 = 0, r1; r0 < jb.rows; r0 = r1) { // runs of consecutive global rows
+                for (r1 = r0 + 1; r1 < jb.rows && jb.row_id[r1] == jb.row_id[r1 - 1] + 1;) r1++;
+                const int64_t nr = r1 - r0, nl = nr * jb.L;
+                DEFKV_FORWARD(be.shard_key_ties(mode, jb.score.at(r0 * jb.L * 4, nl * 4),
+                                                jb.tier ? jb.tier.at(r0 * jb.L, nl) : Buf{}, nr, jb.L,
+                                                static_cast<uint64_t>(prefix[b]),
+                                                ties.at((off[b] + jb.row_id[r0]) * 8, nr * 8), msg));
+            }
         }
-    DEFKV_FORWARD(sr.i64(ties.data(), static_cast<int64_t>(ties.size()), DEFKV_REDUCE_SUM, "top-k threshold ties", msg));
-    if (sr.dry()) return DEFKV_SUCCESS;
+    }
+    DEFKV_FORWARD(sr.reduce(ShardRun::I64_SUM, ties, off[B], "top-k threshold ties", msg));
+    if (!real) return DEFKV_SUCCESS;
+    std::vector<int64_t> t(static_cast<size_t>(off[B]));
+    DEFKV_FORWARD(be.download(t.data(), ties, off[B] * 8, msg));
     for (size_t b = 0; b < B; b++) {
         ShardTopKJob &jb = jobs[b];
         const int64_t n = jb.rows * jb.L;
         if (done[b]) {
-            std::memset(jb.keep, need[b] > 0 ? 1 : 0, static_cast<size_t>(n));
+            DEFKV_FORWARD(be.fill_bytes(jb.keep, need[b] > 0 ? 1 : 0, n, msg));
             continue;
         }
-        const uint64_t T = static_cast<uint64_t>(prefix[b]);
-        std::vector<int64_t> before(static_cast<size_t>(jb.R_g) + 1, 0);
-        for (int64_t g = 0; g < jb.R_g; g++) before[g + 1] = before[g] + ties[off[b] + g];
-        for (int64_t r = 0; r < jb.rows; r++) {
-            int64_t take = std::max<int64_t>(0, std::min(need[b] - before[jb.row_id[r]], ties[off[b] + jb.row_id[r]]));
-            for (int64_t j = 0; j < jb.L; j++) {
-                const int64_t i = r * jb.L + j;
-                const uint64_t key = rank_key(mode, jb.score[i], jb.tier ? jb.tier[i] : uint8_t(TIER_NORMAL));
-                uint8_t kp = key > T;
-                if (key == T && take > 0) kp = 1, take--;
-                jb.keep[i] = kp;
-            }
-        }
+        std::vector<int64_t> before(static_cast<size_t>(jb.R_g) + 1, 0), quota(static_cast<size_t>(jb.rows));
+        for (int64_t g = 0; g < jb.R_g; g++) before[g + 1] = before[g] + t[off[b] + g];
+        for (int64_t r = 0; r < jb.rows; r++)
+            quota[r] = std::max<int64_t>(0, std::min(need[b] - before[jb.row_id[r]], t[off[b] + jb.row_id[r]]));
+        DEFKV_FORWARD(be.upload(take[b], quota.data(), jb.rows * 8, msg));
+        DEFKV_FORWARD(be.shard_key_keep(mode, jb.score, jb.tier, jb.rows, jb.L, static_cast<uint64_t>(prefix[b]), take[b],
+                                        jb.keep, msg));
     }
     return DEFKV_SUCCESS;
 }
@@ -217,25 +242,6 @@ defkv_status shard_top_k(ShardRun &sr, TopK mode, std::vector<ShardTopKJob> &job
 // ---- hooks of the plans ---------------------------------------------------------------------
 
 namespace {
-
-// Host copy of a backend buffer (the CPU backend's memory is the host: no copy).
-struct HostView {
-    std::vector<uint8_t> own;
-    void *p = nullptr;
-};
-defkv_status host_view(Backend &be, const Buf &b, int64_t bytes, HostView *hv, std::string *msg) {
-    if (be.memory() == DEFKV_MEMORY_HOST) {
-        hv->p = b.ptr<void>();
-        return DEFKV_SUCCESS;
-    }
-    hv->own.resize(static_cast<size_t>(bytes));
-    hv->p = hv->own.data();
-    return be.download(hv->p, b, bytes, msg);
-}
-defkv_status host_back(Backend &be, const Buf &b, int64_t bytes, const HostView &hv, std::string *msg) {
-    if (be.memory() == DEFKV_MEMORY_HOST) return DEFKV_SUCCESS;
-    return be.upload(b, hv.p, bytes, msg);
-}
 
 defkv_status need_rows(const Exec &x, const char *what) {
     std::string *msg = x.msg;
@@ -259,11 +265,13 @@ bool measuring(const Exec &x) { return x.ar.dry() && !x.sh->dry(); }
 
 defkv_status shard_layer_max(Exec &x, const Buf &mx) {
     std::string *msg = x.msg;
-    if (!x.sh || measuring(x)) return DEFKV_SUCCESS;
-    float v = 0.0f;
-    if (!x.ar.dry() && x.sh->active()) DEFKV_FORWARD(x.be.download(&v, mx, 4, msg));
-    DEFKV_FORWARD(x.sh->f32_max(&v, 1, "layer maximum (window sentinel)", msg));
-    if (!x.ar.dry() && x.sh->active()) DEFKV_FORWARD(x.be.upload(mx, &v, 4, msg));
+    if (!x.sh) return DEFKV_SUCCESS;
+    const Buf buf = x.ar.take_n<float>(2); // the maximum and the status slot
+    if (measuring(x)) return DEFKV_SUCCESS;
+    const bool real = !x.ar.dry() && x.sh->active();
+    if (real) DEFKV_FORWARD(x.be.copy(buf, mx, 4, msg));
+    DEFKV_FORWARD(x.sh->reduce(ShardRun::F32_MAX, buf, 1, "layer maximum (window sentinel)", msg));
+    if (real) DEFKV_FORWARD(x.be.copy(mx, buf, 4, msg));
     return DEFKV_SUCCESS;
 }
 
@@ -278,29 +286,25 @@ defkv_status shard_norm_weight(Exec &x, const SeqShape &s, const AttentionOut &a
     const int64_t Hk_g = sr.Hk_g, H_g = Hk_g * s.G, P = s.P, W = s.W, L = s.L;
     const int64_t n_pn = (Hk_g * P + 1) / 2, n_om = 2 * H_g * W; // pn as float pairs, omega as doubles
     const Buf m_g = x.ar.take_n<float>(Hk_g * P), pn_g = x.ar.take_n<float>(Hk_g * P),
-              score_g = x.ar.take_n<float>(Hk_g * L), om_g = x.ar.take_n<double>(n_om);
+              score_g = x.ar.take_n<float>(Hk_g * L), om_g = x.ar.take_n<double>(n_om),
+              slots = x.ar.take_n<int64_t>(n_pn + n_om + 1);
     if (measuring(x)) return DEFKV_SUCCESS;
-    std::vector<int64_t> slots;
     if (!x.ar.dry()) {
-        slots.assign(static_cast<size_t>(n_pn + n_om), 0);
-        HostView hp, ho;
-        DEFKV_FORWARD(host_view(x.be, pn, s.Hk * P * 4, &hp, msg));
-        DEFKV_FORWARD(host_view(x.be, a.omega_rows, 2 * s.H * W * 8, &ho, msg));
         // Disjoint slots: every other rank adds integer zeros, so the bits arrive unchanged.
-        std::memcpy(reinterpret_cast<char *>(slots.data()) + sr.k0 * P * 4, hp.p, static_cast<size_t>(s.Hk * P * 4));
-        const double *om = static_cast<const double *>(ho.p);
-        double *dst = reinterpret_cast<double *>(slots.data() + n_pn);
-        for (int part = 0; part < 2; part++)
-            std::memcpy(dst + part * H_g * W + sr.k0 * s.G * W, om + part * s.H * W, static_cast<size_t>(s.H * W * 8));
+        DEFKV_FORWARD(x.be.fill_bytes(slots, 0, (n_pn + n_om) * 8, msg));
+        DEFKV_FORWARD(x.be.copy(slots.at(sr.k0 * P * 4, s.Hk * P * 4), pn, s.Hk * P * 4, msg));
+        for (int64_t part = 0; part < 2; part++)
+            DEFKV_FORWARD(x.be.copy(slots.at((n_pn + part * H_g * W + sr.k0 * s.G * W) * 8, s.H * W * 8),
+                                    a.omega_rows.at(part * s.H * W * 8, s.H * W * 8), s.H * W * 8, msg));
     }
-    DEFKV_FORWARD(x.sh->i64(slots.data(), n_pn + n_om, DEFKV_REDUCE_SUM,
-                            "exact gather of the projected value norms and window-bias terms", msg));
+    DEFKV_FORWARD(x.sh->reduce(ShardRun::I64_SUM, slots, n_pn + n_om,
+                               "exact gather of the projected value norms and window-bias terms", msg));
     if (x.ar.dry()) return DEFKV_SUCCESS;
     // omega over every (h, w): the backend's own last sum of its attention op, on the global terms
-    DEFKV_FORWARD(x.be.upload(om_g, slots.data() + n_pn, n_om * 8, msg));
+    DEFKV_FORWARD(x.be.copy(om_g, slots.at(n_pn * 8, n_om * 8), n_om * 8, msg));
     DEFKV_FORWARD(x.be.omega_from_rows(om_g, H_g * W, a.omega, msg));
     // norm_weight over every KV head: the op itself, on global arrays, then this rank's rows
-    DEFKV_FORWARD(x.be.upload(pn_g, slots.data(), Hk_g * P * 4, msg));
+    DEFKV_FORWARD(x.be.copy(pn_g, slots.at(0, Hk_g * P * 4), Hk_g * P * 4, msg));
     DEFKV_FORWARD(x.be.fill_bytes(m_g, 0, Hk_g * P * 4, msg));
     DEFKV_FORWARD(x.be.copy(m_g.at(sr.k0 * P * 4, s.Hk * P * 4), a.def_max, s.Hk * P * 4, msg));
     DEFKV_FORWARD(x.be.fill_bytes(score_g, 0, Hk_g * L * 4, msg));
@@ -314,19 +318,16 @@ defkv_status shard_tova_mean(Exec &x, const SeqShape &s, const AttentionOut &a) 
     DEFKV_FORWARD(need_rows(x, "tova"));
     const ShardRun &sr = *x.sh;
     const int64_t H_g = sr.Hk_g * s.G, n = s.L - 1, n_slots = (H_g * n + 1) / 2;
-    const Buf rows_g = x.ar.take_n<float>(H_g * n);
+    const Buf rows_g = x.ar.take_n<float>(H_g * n), slots = x.ar.take_n<int64_t>(n_slots + 1);
     if (measuring(x)) return DEFKV_SUCCESS;
-    std::vector<int64_t> slots;
     if (!x.ar.dry()) {
-        slots.assign(static_cast<size_t>(n_slots), 0);
-        HostView hv;
-        DEFKV_FORWARD(host_view(x.be, a.last_rows, s.H * n * 4, &hv, msg));
-        std::memcpy(reinterpret_cast<char *>(slots.data()) + sr.k0 * s.G * n * 4, hv.p, static_cast<size_t>(s.H * n * 4));
+        DEFKV_FORWARD(x.be.fill_bytes(slots, 0, n_slots * 8, msg));
+        DEFKV_FORWARD(x.be.copy(slots.at(sr.k0 * s.G * n * 4, s.H * n * 4), a.last_rows, s.H * n * 4, msg));
     }
-    DEFKV_FORWARD(x.sh->i64(slots.data(), n_slots, DEFKV_REDUCE_SUM, "exact gather of the last query rows (tova)", msg));
+    DEFKV_FORWARD(x.sh->reduce(ShardRun::I64_SUM, slots, n_slots, "exact gather of the last query rows (tova)", msg));
     if (x.ar.dry()) return DEFKV_SUCCESS;
     // the mean over every query head: the backend's own last sum of its attention op
-    DEFKV_FORWARD(x.be.upload(rows_g, slots.data(), H_g * n * 4, msg));
+    DEFKV_FORWARD(x.be.copy(rows_g, slots.at(0, H_g * n * 4), H_g * n * 4, msg));
     return x.be.last_row_mean(rows_g, H_g, n, a.last_row_mean, msg);
 }
 
@@ -350,34 +351,32 @@ defkv_status shard_head_top_k(Exec &x, const Buf &score, const Buf &tier, int64_
         if (!x.ar.dry()) DEFKV_FORWARD(x.be.top_k(TopK::HEAD_ADAPTIVE, score, tier, Hk, L, k, Buf{}, keep, msg));
         return DEFKV_SUCCESS;
     }
-    if (measuring(x)) return DEFKV_SUCCESS;
     std::vector<ShardTopKJob> jobs(1);
-    HostView hs, ht, hk;
     ShardTopKJob &jb = jobs[0];
+    jb.score = score, jb.tier = tier, jb.keep = keep;
     jb.rows = Hk, jb.L = L, jb.R_g = x.sh->Hk_g, jb.k = k;
     for (int64_t r = 0; r < Hk; r++) jb.row_id.push_back(x.sh->k0 + r);
-    if (!x.ar.dry()) {
-        DEFKV_FORWARD(host_view(x.be, score, Hk * L * 4, &hs, msg));
-        DEFKV_FORWARD(host_view(x.be, tier, Hk * L, &ht, msg));
-        DEFKV_FORWARD(host_view(x.be, keep, Hk * L, &hk, msg));
-        jb.score = static_cast<const float *>(hs.p), jb.tier = static_cast<const uint8_t *>(ht.p);
-        jb.keep = static_cast<uint8_t *>(hk.p);
-    }
-    DEFKV_FORWARD(shard_top_k(*x.sh, TopK::HEAD_ADAPTIVE, jobs, msg));
-    if (!x.ar.dry()) DEFKV_FORWARD(host_back(x.be, keep, Hk * L, hk, msg));
-    return DEFKV_SUCCESS;
+    return shard_top_k(x, *x.sh, TopK::HEAD_ADAPTIVE, jobs, measuring(x));
 }
 
 // ---- defkv_select_sharded -------------------------------------------------------------------
 
 namespace {
 
-defkv_status check_collectives(const defkv_collectives *c, const char *name, std::string *msg) {
+defkv_status check_collectives(const defkv_collectives *c, const char *name, const Backend &be, std::string *msg) {
     if (!c) return DEFKV_SUCCESS;
     if (c->struct_size < sizeof(defkv_collectives))
         DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "shard->%s->struct_size is %u, expected %zu", name, c->struct_size,
                    sizeof(defkv_collectives));
-    if (c->reserved0 != 0) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "shard->%s->reserved0 must be 0", name);
+    if (c->memory != DEFKV_MEMORY_HOST && c->memory != DEFKV_MEMORY_CUDA_DEVICE)
+        DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT,
+                   "shard->%s->memory is %d; expected DEFKV_MEMORY_HOST (0) or DEFKV_MEMORY_CUDA_DEVICE (%d)", name,
+                   c->memory, DEFKV_MEMORY_CUDA_DEVICE);
+    if (c->memory == DEFKV_MEMORY_CUDA_DEVICE && be.kind() != DEFKV_BACKEND_CUDA)
+        DEFKV_FAIL(DEFKV_ERROR_UNSUPPORTED,
+                   "shard->%s->memory is DEFKV_MEMORY_CUDA_DEVICE but the context's backend is %s: device-memory "
+                   "collectives need a CUDA context (use DEFKV_MEMORY_HOST)",
+                   name, be.name());
     if (c->n_ranks < 1 || c->rank < 0 || c->rank >= c->n_ranks)
         DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "shard->%s: rank %d of n_ranks %d is out of range", name, c->rank,
                    c->n_ranks);
@@ -386,7 +385,7 @@ defkv_status check_collectives(const defkv_collectives *c, const char *name, std
     return DEFKV_SUCCESS;
 }
 
-defkv_status check_shard(const defkv_shard *sh, bool global, std::string *msg) {
+defkv_status check_shard(const defkv_shard *sh, bool global, const Backend &be, std::string *msg) {
     if (!sh) DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "shard is NULL");
     if (sh->struct_size < sizeof(defkv_shard))
         DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT, "shard->struct_size is %u, expected sizeof(defkv_shard) = %zu",
@@ -402,8 +401,8 @@ defkv_status check_shard(const defkv_shard *sh, bool global, std::string *msg) {
         DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT,
                    "shard holds layers [%d, %d) of n_layers %d; expected a non-empty range inside [0, n_layers)",
                    sh->layer_begin, sh->layer_end, sh->n_layers);
-    DEFKV_FORWARD(check_collectives(sh->heads, "heads", msg));
-    DEFKV_FORWARD(check_collectives(sh->model, "model", msg));
+    DEFKV_FORWARD(check_collectives(sh->heads, "heads", be, msg));
+    DEFKV_FORWARD(check_collectives(sh->model, "model", be, msg));
     const bool all_heads = sh->kv_head_begin == 0 && sh->kv_head_end == sh->n_kv_heads;
     if (!all_heads && !sh->heads)
         DEFKV_FAIL(DEFKV_ERROR_INVALID_ARGUMENT,
@@ -445,7 +444,7 @@ defkv_status score_and_select(Exec &x, const Params &p, const LayerInfo &li, con
     }
     if (check_finite && !x.ar.dry()) DEFKV_FORWARD(check_scores_finite(x, p, *res, li.Hk));
     std::vector<ShardTopKJob> jobs;
-    std::vector<HostView> hv(3 * li.seqs.size());
+    std::vector<size_t> job_seq;
     for (size_t b = 0; b < li.seqs.size(); b++) {
         SeqResult &r = (*res)[b];
         const SeqShape &s = li.seqs[b].s;
@@ -454,24 +453,17 @@ defkv_status score_and_select(Exec &x, const Params &p, const LayerInfo &li, con
             continue;
         }
         ShardTopKJob jb;
+        jb.score = r.sc.score, jb.tier = r.sc.tier, jb.keep = r.keep;
         jb.rows = s.Hk, jb.L = s.L, jb.R_g = sh->n_kv_heads, jb.k = r.sc.k;
         for (int64_t k = 0; k < s.Hk; k++) jb.row_id.push_back(sh->kv_head_begin + k);
-        if (!x.ar.dry()) {
-            DEFKV_FORWARD(host_view(x.be, r.sc.score, s.Hk * s.L * 4, &hv[3 * b], msg));
-            DEFKV_FORWARD(host_view(x.be, r.sc.tier, s.Hk * s.L, &hv[3 * b + 1], msg));
-            DEFKV_FORWARD(host_view(x.be, r.keep, s.Hk * s.L, &hv[3 * b + 2], msg));
-            jb.score = static_cast<const float *>(hv[3 * b].p), jb.tier = static_cast<const uint8_t *>(hv[3 * b + 1].p);
-            jb.keep = static_cast<uint8_t *>(hv[3 * b + 2].p);
-        }
         jobs.push_back(std::move(jb));
+        job_seq.push_back(b);
     }
     if (jobs.empty()) return DEFKV_SUCCESS;
-    DEFKV_FORWARD(shard_top_k(*x.sh, TopK::HEAD_ADAPTIVE, jobs, msg));
+    DEFKV_FORWARD(shard_top_k(x, *x.sh, TopK::HEAD_ADAPTIVE, jobs, false));
     if (x.ar.dry()) return DEFKV_SUCCESS;
-    for (size_t b = 0; b < li.seqs.size(); b++) {
+    for (size_t b : job_seq) {
         SeqResult &r = (*res)[b];
-        if (r.sc.mode != TopK::HEAD_ADAPTIVE) continue;
-        DEFKV_FORWARD(host_back(x.be, r.keep, li.Hk * r.L, hv[3 * b + 2], msg));
         if (r.sc.max_kept) DEFKV_FORWARD(x.be.max_where(r.sc.out_score, r.sc.out_score, r.keep, li.Hk * r.L, msg));
     }
     return DEFKV_SUCCESS;
@@ -482,11 +474,11 @@ defkv_status select_sharded_impl(defkv_context &ctx, const defkv_params *params,
                                  int64_t *bytes, std::string *msg) {
     Params p;
     DEFKV_FORWARD(resolve_params(params, &p, msg));
-    DEFKV_FORWARD(check_shard(sh, false, msg));
+    DEFKV_FORWARD(check_shard(sh, false, *ctx.backend, msg));
     LayerInfo li;
     DEFKV_FORWARD(resolve_layer(ctx, layer, p, "defkv_select_sharded", &li, msg));
     DEFKV_FORWARD(check_layer_heads(li, sh, msg));
-    ShardRun sr(sh->heads, sh->n_kv_heads, sh->kv_head_begin, li.H / li.Hk);
+    ShardRun sr(sh->heads, ctx.backend.get(), sh->n_kv_heads, sh->kv_head_begin, li.H / li.Hk);
     std::vector<std::vector<uint8_t>> bad(li.seqs.size());
     Exec x{*ctx.backend, *ctx.arena, msg, &sr};
     std::vector<SeqResult> res;
@@ -494,7 +486,7 @@ defkv_status select_sharded_impl(defkv_context &ctx, const defkv_params *params,
         if (p.nonfinite == DEFKV_NONFINITE_LOWEST && (method_reads_keys(p.method) || method_reads_values(p.method)))
             for (size_t b = 0; b < li.seqs.size(); b++) bad[b].resize(static_cast<size_t>(li.Hk * li.seqs[b].s.L));
         x.ar.measure();
-        sr.begin(true);
+        sr.begin_dry();
         DEFKV_FORWARD(score_and_select(x, p, li, bad, sh, false, &res));
         DEFKV_FORWARD(sr.agree(msg));
         *calls = sr.scheduled_calls();
@@ -521,7 +513,7 @@ defkv_status select_sharded_impl(defkv_context &ctx, const defkv_params *params,
     std::string dry_msg;
     Exec xd{*ctx.backend, *ctx.arena, &dry_msg, &sr};
     xd.ar.measure();
-    sr.begin(true);
+    sr.begin_dry();
     defkv_status dst = score_and_select(xd, p, li, shape_bad, sh, false, &res);
     if (dst == DEFKV_SUCCESS) dst = sr.agree(&dry_msg);
     if (dst == DEFKV_SUCCESS) dst = write_outputs(xd, li.Hk, res, out, true);
@@ -529,8 +521,10 @@ defkv_status select_sharded_impl(defkv_context &ctx, const defkv_params *params,
         *msg = dry_msg;
         return dst;
     }
+    // Device collectives: the scratch of the largest call first, so that a rank whose
+    // workspace cannot grow still drains the schedule through it.
+    DEFKV_FORWARD(sr.begin_real(msg));
     if (st == DEFKV_SUCCESS) st = x.ar.commit(msg);
-    sr.begin(false);
     if (st == DEFKV_SUCCESS) st = score_and_select(x, p, li, bad, sh, true, &res);
     if (st == DEFKV_SUCCESS) st = sr.agree(msg);
     st = sr.finish(st, msg);
@@ -562,8 +556,9 @@ namespace {
 struct ShardGlobal {
     defkv_shard desc;
     ShardRun heads, model;
-    ShardGlobal(const defkv_shard &d, int64_t G)
-        : desc(d), heads(d.heads, d.n_kv_heads, d.kv_head_begin, G), model(d.model, d.n_kv_heads, d.kv_head_begin, G) {}
+    ShardGlobal(const defkv_shard &d, Backend *be, int64_t G)
+        : desc(d), heads(d.heads, be, d.n_kv_heads, d.kv_head_begin, G),
+          model(d.model, be, d.n_kv_heads, d.kv_head_begin, G) {}
 };
 
 ShardGlobal &state(defkv_global &g) { return *static_cast<ShardGlobal *>(g.shard.get()); }
@@ -577,7 +572,7 @@ defkv_status do_global_create_sharded(defkv_context &ctx, const defkv_params *pa
     if (!out) return with_prefix(DEFKV_ERROR_INVALID_ARGUMENT, &(*msg = "global (the output pointer) is NULL"), fn);
     Params p;
     DEFKV_FORWARD(with_prefix(resolve_params(params, &p, msg), msg, fn));
-    DEFKV_FORWARD(with_prefix(check_shard(shard, true, msg), msg, fn));
+    DEFKV_FORWARD(with_prefix(check_shard(shard, true, *ctx.backend, msg), msg, fn));
     if (p.method != DEFKV_METHOD_LAYER_DEFENSIVEKV)
         return with_prefix(DEFKV_ERROR_INVALID_ARGUMENT, &(*msg = "params->method must be layer-defensivekv"), fn);
     // The shards must tile heads x layers exactly once: every rank's ranges, gathered.
@@ -586,7 +581,23 @@ defkv_status do_global_create_sharded(defkv_context &ctx, const defkv_params *pa
         const int32_t mine[6] = {shard->n_kv_heads, shard->n_layers, shard->kv_head_begin, shard->kv_head_end,
                                  shard->layer_begin, shard->layer_end};
         std::vector<int32_t> all(static_cast<size_t>(6 * m->n_ranks));
-        const int rc = m->allgather(m->user, mine, sizeof mine, all.data());
+        int rc = 0;
+        if (m->memory == DEFKV_MEMORY_CUDA_DEVICE) { // [every rank's | this rank's] in device memory
+            Backend &be = *ctx.backend;
+            const int64_t bytes = static_cast<int64_t>(sizeof mine) * (m->n_ranks + 1);
+            Buf dev;
+            DEFKV_FORWARD(with_prefix(be.alloc(bytes, &dev, msg), msg, fn));
+            const Buf send = dev.at(static_cast<int64_t>(sizeof mine) * m->n_ranks, sizeof mine);
+            defkv_status st = be.upload(send, mine, sizeof mine, msg);
+            if (st == DEFKV_SUCCESS) {
+                rc = m->allgather(m->user, send.ptr<void>(), sizeof mine, dev.ptr<void>());
+                if (rc == 0) st = be.download(all.data(), dev, static_cast<int64_t>(sizeof mine) * m->n_ranks, msg);
+            }
+            be.release(&dev);
+            DEFKV_FORWARD(with_prefix(st, msg, fn));
+        } else {
+            rc = m->allgather(m->user, mine, sizeof mine, all.data());
+        }
         if (rc != 0)
             return with_prefix(DEFKV_ERROR_BACKEND_FAILURE,
                                &(*msg = fmt("the caller's allgather failed on this rank with code %d", rc)), fn);
@@ -616,7 +627,7 @@ defkv_status do_global_create_sharded(defkv_context &ctx, const defkv_params *pa
     g->n_layers = shard->layer_end - shard->layer_begin;
     g->layer0 = shard->layer_begin;
     g->added.assign(static_cast<size_t>(g->n_layers), 0);
-    g->shard = std::make_shared<ShardGlobal>(*shard, 1);
+    g->shard = std::make_shared<ShardGlobal>(*shard, ctx.backend.get(), 1);
     *out = g.release();
     return DEFKV_SUCCESS;
 }
@@ -636,11 +647,11 @@ defkv_status shard_global_add(defkv_global &g, int32_t layer_index, const defkv_
     DEFKV_FORWARD(with_prefix(resolve_layer(*g.ctx, layer, g.params, fn, &li, msg), msg, fn));
     DEFKV_FORWARD(with_prefix(check_layer_heads(li, &sg.desc, msg), msg, fn));
     // The heads group's schedule of this layer, from a dry run of the plan on its shapes.
-    sg.heads = ShardRun(sg.desc.heads, sg.desc.n_kv_heads, sg.desc.kv_head_begin, li.H / li.Hk);
+    sg.heads = ShardRun(sg.desc.heads, g.ctx->backend.get(), sg.desc.n_kv_heads, sg.desc.kv_head_begin, li.H / li.Hk);
     {
         Exec xd{*g.ctx->backend, *g.ctx->arena, msg, &sg.heads};
         xd.ar.measure();
-        sg.heads.begin(true);
+        sg.heads.begin_dry();
         std::vector<SeqResult> res(li.seqs.size());
         for (size_t b = 0; b < li.seqs.size(); b++) {
             Buf bad;
@@ -650,7 +661,7 @@ defkv_status shard_global_add(defkv_global &g, int32_t layer_index, const defkv_
         xd.ar.measure();
         DEFKV_FORWARD(with_prefix(xd.ar.commit(msg), msg, fn));
     }
-    sg.heads.begin(false);
+    DEFKV_FORWARD(with_prefix(sg.heads.begin_real(msg), msg, fn));
     defkv_status st = global_add_local(g, local, layer); // the plans with the heads group (global.cpp)
     return sg.heads.finish(st, msg);
 }
@@ -671,36 +682,27 @@ defkv_status shard_global_select(defkv_global &g) {
     // Sequences: known from the first added layer. A rank without them cannot join the
     // schedule's shapes: it fails alone (documented: add every layer before selecting).
     if (g.seq_lens.empty()) return with_prefix(st != DEFKV_SUCCESS ? st : DEFKV_ERROR_INVALID_STATE, msg, fn);
-    Backend &be = *g.ctx->backend;
     const int64_t Hk = g.Hk, NL = g.n_layers, Hk_g = sg.desc.n_kv_heads, NL_g = sg.desc.n_layers;
     std::vector<ShardTopKJob> jobs(g.seq_lens.size());
-    std::vector<HostView> hv(3 * jobs.size());
     for (size_t b = 0; b < jobs.size(); b++) {
         ShardTopKJob &jb = jobs[b];
         SeqShape s;
         s.Hk = Hk_g, s.L = g.seq_lens[b];
         jb.rows = NL * Hk, jb.L = s.L, jb.R_g = NL_g * Hk_g;
         jb.k = std::min(jb.R_g * s.L, seq_kept_count(g.params, s, NL_g));
+        jb.score = g.seqs[b].score, jb.tier = g.seqs[b].tier, jb.keep = g.seqs[b].keep;
         for (int64_t l = 0; l < NL; l++)
             for (int64_t k = 0; k < Hk; k++) jb.row_id.push_back((g.layer0 + l) * Hk_g + sg.desc.kv_head_begin + k);
     }
     ShardRun &sr = sg.model;
-    sr.begin(true);
-    DEFKV_FORWARD(with_prefix(shard_top_k(sr, TopK::LAYER_ADAPTIVE, jobs, msg), msg, fn));
+    Exec x{*g.ctx->backend, *g.ctx->arena, msg, &sr};
+    x.ar.measure();
+    sr.begin_dry();
+    DEFKV_FORWARD(with_prefix(shard_top_k(x, sr, TopK::LAYER_ADAPTIVE, jobs, false), msg, fn));
     DEFKV_FORWARD(sr.agree(msg));
-    sr.begin(false);
-    for (size_t b = 0; b < jobs.size() && st == DEFKV_SUCCESS; b++) {
-        const int64_t N = NL * Hk * jobs[b].L;
-        const defkv_global::Seq &q = g.seqs[b];
-        st = host_view(be, q.score, N * 4, &hv[3 * b], msg);
-        if (st == DEFKV_SUCCESS) st = host_view(be, q.tier, N, &hv[3 * b + 1], msg);
-        if (st == DEFKV_SUCCESS) st = host_view(be, q.keep, N, &hv[3 * b + 2], msg);
-        jobs[b].score = static_cast<const float *>(hv[3 * b].p), jobs[b].tier = static_cast<const uint8_t *>(hv[3 * b + 1].p);
-        jobs[b].keep = static_cast<uint8_t *>(hv[3 * b + 2].p);
-    }
-    if (st == DEFKV_SUCCESS) st = shard_top_k(sr, TopK::LAYER_ADAPTIVE, jobs, msg);
-    for (size_t b = 0; b < jobs.size() && st == DEFKV_SUCCESS; b++)
-        st = host_back(be, g.seqs[b].keep, NL * Hk * jobs[b].L, hv[3 * b + 2], msg);
+    DEFKV_FORWARD(with_prefix(sr.begin_real(msg), msg, fn));
+    if (st == DEFKV_SUCCESS) st = x.ar.commit(msg);
+    if (st == DEFKV_SUCCESS) st = shard_top_k(x, sr, TopK::LAYER_ADAPTIVE, jobs, false);
     if (st == DEFKV_SUCCESS) st = sr.agree(msg);
     st = sr.finish(st, msg);
     if (st != DEFKV_SUCCESS) return with_prefix(st, msg, fn);

@@ -11,6 +11,7 @@
 // every rank of the group makes the same calls and learns the error (shard.cpp).
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -27,18 +28,28 @@ public:
         const char *what;
     };
 
-    // c may be null (a group of one rank: no calls). Hk_g, k0, G: the model's KV heads, this
-    // rank's first one and the group size.
-    ShardRun(const defkv_collectives *c, int64_t Hk_g, int64_t k0, int64_t G) : Hk_g(Hk_g), k0(k0), G(G), c_(c) {}
+    // c may be null (a group of one rank: no calls). be: the context's backend (the buffers of
+    // the calls live in its memory). Hk_g, k0, G: the model's KV heads, this rank's first one
+    // and the group size.
+    ShardRun(const defkv_collectives *c, Backend *be, int64_t Hk_g, int64_t k0, int64_t G)
+        : Hk_g(Hk_g), k0(k0), G(G), c_(c), be_(be) {}
 
     bool active() const { return c_ != nullptr && c_->n_ranks > 1; }
-    // Starts a dry run (recording) or a real one (replaying the schedule recorded last).
-    void begin(bool dry);
+    // The collectives take CUDA device memory (defkv_collectives.memory).
+    bool device() const { return active() && c_->memory == DEFKV_MEMORY_CUDA_DEVICE; }
+    // Starts a dry run: records the schedule (kind and count of every call) from the shapes.
+    void begin_dry();
+    // Starts the real run, replaying the schedule of the last dry run. With device collectives
+    // it first allocates the scratch that the status agreement and a drain use (the largest
+    // call); a failure there returns before the first call (the one case where the other ranks
+    // are left waiting: defkv.h).
+    defkv_status begin_real(std::string *msg);
     bool dry() const { return dry_; }
-    // One collective of the schedule: data[0..count) in place (ignored in a dry run). Returns
+    // One collective of the schedule over data: count payload elements followed by the status
+    // word's slot (count + 1 elements of 8 bytes, or 4 for F32_MAX) in the backend's memory;
+    // the payload is reduced in place (nothing happens in a dry run). Returns
     // DEFKV_ERROR_BACKEND_FAILURE when it fails here or reports a failure elsewhere.
-    defkv_status i64(int64_t *data, int64_t count, int32_t op, const char *what, std::string *msg);
-    defkv_status f32_max(float *data, int64_t count, const char *what, std::string *msg);
+    defkv_status reduce(Kind kind, const Buf &data, int64_t count, const char *what, std::string *msg);
     // The last call of every schedule: the status words alone (one i64 max over count 0),
     // issued after the last data collective and every local step that can fail, before anything
     // is written. A failure in any data collective or op is thus seen by every rank; only the
@@ -54,26 +65,31 @@ public:
     int64_t Hk_g, k0, G;
 
 private:
-    defkv_status call(Kind kind, void *data, int64_t count, const char *what, std::string *msg);
+    // data null: zeros (the agreement, a drain) from host memory or the device scratch.
+    defkv_status exchange(Kind kind, const Buf *data, int64_t count, const char *what, std::string *msg);
     const defkv_collectives *c_;
+    Backend *be_;
+    std::shared_ptr<Buf> scratch_; // device collectives: count + 1 elements of the largest call
     std::vector<Call> schedule_;
     size_t pos_ = 0;
     bool dry_ = true, failed_ = false;
 };
 
-// A top-k over entries spread across ranks: the rank's rows [rows, L] (host), their global row
-// ids (ascending), out of R_g global rows of L entries each; k is the global budget.
+// A top-k over entries spread across ranks: the rank's rows [rows, L] in the backend's memory
+// (tier may be absent), their global row ids (ascending), out of R_g global rows of L entries
+// each; k is the global budget.
 struct ShardTopKJob {
-    const float *score = nullptr;
-    const uint8_t *tier = nullptr;
-    uint8_t *keep = nullptr;
+    Buf score, tier, keep;
     int64_t rows = 0, L = 0, R_g = 0, k = 0;
     std::vector<int64_t> row_id;
 };
 // HEAD_ADAPTIVE or LAYER_ADAPTIVE ranking, exactly as host::top_k ranks the concatenation of
 // every rank's rows: 4 radix rounds over 36-bit keys with all-reduced 512-bin histograms, then
-// one all-reduced count of threshold ties per global row. 5 calls for all jobs together.
-defkv_status shard_top_k(ShardRun &sr, TopK mode, std::vector<ShardTopKJob> &jobs, std::string *msg);
+// one all-reduced count of threshold ties per global row. 5 calls for all jobs together. The
+// histograms, tie counts and keep masks are backend ops (the scores stay in the backend's
+// memory); the host reads the reduced histograms and counts to pick the digits. Its buffers
+// come from x.ar; measure_only: take them and return (an arena-measuring pass).
+defkv_status shard_top_k(Exec &x, ShardRun &sr, TopK mode, std::vector<ShardTopKJob> &jobs, bool measure_only);
 
 // ---- hooks the plans call (no-ops, or the single-process op, without a shard) ----------------
 // The KV heads of the whole layer (s.Hk without a shard).

@@ -96,6 +96,7 @@ public:
     }
     int32_t kind() const override { return DEFKV_BACKEND_CUDA; }
     const char *name() const override { return "cuda"; }
+    void *native_stream() const override { return stream_; }
     bool paged_views() const override { return true; }
     // attention() writes omega_rows and last_rows; omega_from_rows and last_row_mean finish them
     // with the attention op's own kernels (select.cu).
@@ -223,6 +224,29 @@ public:
         if (!all_on_device({&x, &out})) return Backend::last_row_mean(x, rows, n, out, msg);
         DEFKV_CUDA_TRY(cudaSetDevice(device_));
         return cuda::last_row_mean(x.ptr<float>(), rows, n, out.ptr<float>(), stream_, msg);
+    }
+    defkv_status shard_key_histogram(TopK mode, const Buf &score, const Buf &tier, int64_t n, int shift,
+                                     uint64_t prefix, const Buf &hist, std::string *msg) override {
+        if (!all_on_device({&score, &tier, &hist}))
+            return Backend::shard_key_histogram(mode, score, tier, n, shift, prefix, hist, msg);
+        DEFKV_CUDA_TRY(cudaSetDevice(device_));
+        return cuda::shard_key_histogram(mode, score.ptr<float>(), dptr<uint8_t>(tier), n, shift, prefix,
+                                         hist.ptr<int64_t>(), stream_, msg);
+    }
+    defkv_status shard_key_ties(TopK mode, const Buf &score, const Buf &tier, int64_t rows, int64_t L, uint64_t key,
+                                const Buf &ties, std::string *msg) override {
+        if (!all_on_device({&score, &tier, &ties})) return Backend::shard_key_ties(mode, score, tier, rows, L, key, ties, msg);
+        DEFKV_CUDA_TRY(cudaSetDevice(device_));
+        return cuda::shard_key_ties(mode, score.ptr<float>(), dptr<uint8_t>(tier), rows, L, key, ties.ptr<int64_t>(),
+                                    stream_, msg);
+    }
+    defkv_status shard_key_keep(TopK mode, const Buf &score, const Buf &tier, int64_t rows, int64_t L, uint64_t key,
+                                const Buf &take, const Buf &keep, std::string *msg) override {
+        if (!all_on_device({&score, &tier, &take, &keep}))
+            return Backend::shard_key_keep(mode, score, tier, rows, L, key, take, keep, msg);
+        DEFKV_CUDA_TRY(cudaSetDevice(device_));
+        return cuda::shard_key_keep(mode, score.ptr<float>(), dptr<uint8_t>(tier), rows, L, key, take.ptr<int64_t>(),
+                                    keep.ptr<uint8_t>(), stream_, msg);
     }
     defkv_status mass_threshold(const Buf &avg, int64_t Hk, int64_t P, const Buf &omega, int32_t omega_index,
                                 double threshold, int64_t cap, const Buf &bad, const Buf &tier, int64_t L,

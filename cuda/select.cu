@@ -339,6 +339,74 @@ __device__ int block_exclusive_scan(int v, int *sh /* [kThreads] */, int *total)
     return incl - v;
 }
 
+// ---- the sharded top-k's local steps (core/host_ops.cpp shard_key_*) ---------------------
+
+// host::shard_key: a larger key ranks first. layer: LAYER_ADAPTIVE (not bad, score, tier),
+// else HEAD_ADAPTIVE (tier, score).
+__device__ __forceinline__ uint64_t shard_key(int layer, float s, uint8_t t) {
+    const uint64_t o = ord(s);
+    if (layer) return (static_cast<uint64_t>(t != kBad ? 1 : 0) << 34) | (o << 2) | (t & 3u);
+    return (static_cast<uint64_t>(t & 3u) << 32) | o;
+}
+
+// Per-block shared histograms added to hist with integer atomics (order-independent).
+__global__ void __launch_bounds__(kThreads) shard_hist_kernel(int layer, const float *score, const uint8_t *tier,
+                                                              int64_t n, int shift, uint64_t prefix,
+                                                              unsigned long long *hist) {
+    __shared__ unsigned int h[kShardBins];
+    for (int b = static_cast<int>(threadIdx.x); b < kShardBins; b += kThreads) h[b] = 0u;
+    __syncthreads();
+    GRID_STRIDE(i, n) {
+        const uint64_t key = shard_key(layer, score[i], tier ? tier[i] : kNormal);
+        if ((key >> (shift + kShardDigitBits)) == prefix) atomicAdd(&h[(key >> shift) & (kShardBins - 1)], 1u);
+    }
+    __syncthreads();
+    for (int b = static_cast<int>(threadIdx.x); b < kShardBins; b += kThreads)
+        if (h[b]) atomicAdd(&hist[b], static_cast<unsigned long long>(h[b]));
+}
+
+// One block per row: ties[r] = entries of row r whose key equals key.
+__global__ void __launch_bounds__(kThreads) shard_ties_kernel(int layer, const float *score, const uint8_t *tier,
+                                                              int64_t L, uint64_t key, int64_t *ties) {
+    __shared__ int64_t sh[kThreads];
+    const int64_t r = blockIdx.x;
+    int64_t c = 0;
+    for (int64_t j = threadIdx.x; j < L; j += kThreads) {
+        const int64_t i = r * L + j;
+        c += shard_key(layer, score[i], tier ? tier[i] : kNormal) == key ? 1 : 0;
+    }
+    sh[threadIdx.x] = c;
+    __syncthreads();
+    for (int o = kThreads / 2; o > 0; o >>= 1) {
+        if (static_cast<int>(threadIdx.x) < o) sh[threadIdx.x] += sh[threadIdx.x + o];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) ties[r] = sh[0];
+}
+
+// One block per row, in position order: keep = key above the threshold, or equal to it and
+// among the first take[r] such entries of the row (a block scan per chunk of kThreads).
+__global__ void __launch_bounds__(kThreads) shard_keep_kernel(int layer, const float *score, const uint8_t *tier,
+                                                              int64_t L, uint64_t key, const int64_t *take,
+                                                              uint8_t *keep) {
+    __shared__ int sh[kThreads];
+    const int64_t r = blockIdx.x, want = take[r];
+    int64_t base = 0;
+    for (int64_t j0 = 0; j0 < L; j0 += kThreads) {
+        const int64_t j = j0 + threadIdx.x;
+        uint64_t k = 0;
+        int eq = 0;
+        if (j < L) {
+            k = shard_key(layer, score[r * L + j], tier ? tier[r * L + j] : kNormal);
+            eq = k == key ? 1 : 0;
+        }
+        int total = 0;
+        const int before = block_exclusive_scan(eq, sh, &total);
+        if (j < L) keep[r * L + j] = (k > key || (eq && base + before < want)) ? 1 : 0;
+        base += total;
+    }
+}
+
 // ---- ranking: a deterministic radix select ---------------------------------------------------------
 //
 // Each segment (a row, or the whole block for the flat modes) keeps its k smallest 64-bit keys,
@@ -958,6 +1026,35 @@ defkv_status last_row_mean(const float *x, int64_t H, int64_t n, float *out, cud
     if (n <= 0) return DEFKV_SUCCESS;
     rows_mean_kernel<<<grid_1d(n, kThreads), kThreads, 0, stream>>>(x, H, n, out);
     DEFKV_LAUNCHED("rows_mean_kernel");
+    return DEFKV_SUCCESS;
+}
+
+defkv_status shard_key_histogram(TopK mode, const float *score, const uint8_t *tier, int64_t n, int shift,
+                                 uint64_t prefix, int64_t *hist, cudaStream_t stream, std::string *msg) {
+    DEFKV_CUDA_TRY(cudaMemsetAsync(hist, 0, sizeof(int64_t) * kShardBins, stream));
+    if (n <= 0) return DEFKV_SUCCESS;
+    shard_hist_kernel<<<grid_1d(n, kThreads), kThreads, 0, stream>>>(mode == TopK::LAYER_ADAPTIVE ? 1 : 0, score, tier,
+                                                                     n, shift, prefix,
+                                                                     reinterpret_cast<unsigned long long *>(hist));
+    DEFKV_LAUNCHED("shard_hist_kernel");
+    return DEFKV_SUCCESS;
+}
+
+defkv_status shard_key_ties(TopK mode, const float *score, const uint8_t *tier, int64_t rows, int64_t L, uint64_t key,
+                            int64_t *ties, cudaStream_t stream, std::string *msg) {
+    if (rows <= 0) return DEFKV_SUCCESS;
+    shard_ties_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(mode == TopK::LAYER_ADAPTIVE ? 1 : 0, score,
+                                                                            tier, L, key, ties);
+    DEFKV_LAUNCHED("shard_ties_kernel");
+    return DEFKV_SUCCESS;
+}
+
+defkv_status shard_key_keep(TopK mode, const float *score, const uint8_t *tier, int64_t rows, int64_t L, uint64_t key,
+                            const int64_t *take, uint8_t *keep, cudaStream_t stream, std::string *msg) {
+    if (rows <= 0 || L <= 0) return DEFKV_SUCCESS;
+    shard_keep_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(mode == TopK::LAYER_ADAPTIVE ? 1 : 0, score,
+                                                                            tier, L, key, take, keep);
+    DEFKV_LAUNCHED("shard_keep_kernel");
     return DEFKV_SUCCESS;
 }
 

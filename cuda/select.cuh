@@ -74,6 +74,13 @@ defkv_status omega_terms(const double *row_omega, int64_t n_rows, double *omega_
                          std::string *msg);
 defkv_status omega_from_rows(const double *rows, int64_t n_rows, double *omega, cudaStream_t stream, std::string *msg);
 defkv_status last_row_mean(const float *x, int64_t H, int64_t n, float *out, cudaStream_t stream, std::string *msg);
+// The sharded top-k's local steps (core/backend.hpp shard_key_*; keys as host::shard_key).
+defkv_status shard_key_histogram(TopK mode, const float *score, const uint8_t *tier, int64_t n, int shift,
+                                 uint64_t prefix, int64_t *hist, cudaStream_t stream, std::string *msg);
+defkv_status shard_key_ties(TopK mode, const float *score, const uint8_t *tier, int64_t rows, int64_t L, uint64_t key,
+                            int64_t *ties, cudaStream_t stream, std::string *msg);
+defkv_status shard_key_keep(TopK mode, const float *score, const uint8_t *tier, int64_t rows, int64_t L, uint64_t key,
+                            const int64_t *take, uint8_t *keep, cudaStream_t stream, std::string *msg);
 
 } // namespace cuda
 } // namespace defkv

@@ -233,6 +233,9 @@ DEFKV_API const char *defkv_context_last_error(const defkv_context *ctx) {
 DEFKV_API const char *defkv_last_error_global(void) { return g_create_error.c_str(); }
 DEFKV_API int32_t defkv_context_backend(const defkv_context *ctx) { return ctx ? ctx->backend->kind() : -1; }
 DEFKV_API int32_t defkv_context_n_threads(const defkv_context *ctx) { return ctx ? ctx->n_threads : 0; }
+DEFKV_API void *defkv_context_cuda_stream(const defkv_context *ctx) {
+    return ctx && ctx->backend->kind() == DEFKV_BACKEND_CUDA ? ctx->backend->native_stream() : nullptr;
+}
 
 // Entry of every function that works on a context: NULL check, the in-use guard, a fresh
 // message. A call that finds the context in use returns before touching anything.

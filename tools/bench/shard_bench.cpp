@@ -79,12 +79,14 @@ int defkv_bench_shard(int argc, char **argv) {
         defkv_collectives c{};
         c.struct_size = sizeof c, c.n_ranks = R, c.rank = 0;
         c.allreduce_i64 = never_i64, c.allreduce_f32 = never_f32;
-        defkv::ShardRun sr(&c, Hk, 0, H / Hk);
-        sr.begin(true);
+        defkv::ShardRun sr(&c, ctx->backend.get(), Hk, 0, H / Hk);
+        sr.begin_dry();
         std::vector<defkv::ShardTopKJob> jobs(1);
         jobs[0].R_g = NL * Hk, jobs[0].L = 8192, jobs[0].k = 1;
         std::string msg;
-        (void)defkv::shard_top_k(sr, defkv::TopK::LAYER_ADAPTIVE, jobs, &msg);
+        defkv::Exec x{*ctx->backend, *ctx->arena, &msg, &sr};
+        x.ar.measure(); // a dry run: no buffer is handed out, no op runs
+        (void)defkv::shard_top_k(x, sr, defkv::TopK::LAYER_ADAPTIVE, jobs, false);
         (void)sr.agree(&msg); // as shard_global_select issues it
         std::printf("%-18s %6s %5d %7lld %10lld  (defkv_global_select, once for all %lld layers: %.0f bytes per layer; "
                     "any L)\n",

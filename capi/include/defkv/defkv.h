@@ -376,6 +376,10 @@ DEFKV_API const char *defkv_last_error_global(void);
 DEFKV_API int32_t defkv_context_backend(const defkv_context *ctx);
 /* Threads the CPU backend uses. since 0.1 */
 DEFKV_API int32_t defkv_context_n_threads(const defkv_context *ctx);
+/* The cudaStream_t a CUDA context works on (options->cuda_stream, or the stream it created);
+ * NULL for other backends and for NULL. Device-memory collectives (defkv_collectives.memory)
+ * are issued in this stream's order. since 0.2 */
+DEFKV_API void *defkv_context_cuda_stream(const defkv_context *ctx);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Scoring and selection of one layer                                                        */
@@ -636,17 +640,35 @@ typedef enum defkv_reduce_op {
 } defkv_reduce_op;
 
 /* The engine's collectives over one group of ranks. Every function is called by every rank of
- * the group in the same order with the same count (a blocking collective, e.g. MPI_Allreduce
- * with MPI_IN_PLACE); it returns 0 on success, anything else on failure. Buffers are host
- * memory (GPU backends download the few reduced values; see below). user is passed through.
- * A NULL function is never needed by this version except the two it calls:
+ * the group in the same order with the same count (e.g. MPI_Allreduce with MPI_IN_PLACE, or
+ * ncclAllReduce in place); it returns 0 on success, anything else on failure. user is passed
+ * through. A NULL function is never needed by this version except the two it calls:
  * allreduce_i64 (sum and max) and allreduce_f32 (max); allreduce_f64 and allgather are used
- * by defkv_global_create_sharded only when present (a check that the shards tile the model). */
+ * by defkv_global_create_sharded only when present (a check that the shards tile the model).
+ *
+ * memory says where the buffers handed to the functions live:
+ *   DEFKV_MEMORY_HOST (0): host memory; the call is complete when the function returns. Any
+ *     backend. GPU backends stage the reduced values through the host (and wait for the device).
+ *   DEFKV_MEMORY_CUDA_DEVICE: CUDA device memory of the context's device, on a CUDA context
+ *     only (NCCL takes these directly). Each function is called in the order of the context's
+ *     stream (defkv_context_cuda_stream: the caller's options->cuda_stream, or the context's own)
+ *     and may return once the collective is enqueued on that stream (ncclAllReduce(..., stream));
+ *     defkv reads the result in stream order. The scores never leave the device: the top-k
+ *     histograms, tie counts and exact gathers are formed and consumed by kernels; the host reads
+ *     only each call's status word and the reduced histograms and tie counts (a few KiB per
+ *     selection) to steer the radix rounds, so a sharded call still waits for the stream there.
+ *     The buffers belong to the context's workspace: an out-of-memory is found before the first
+ *     call (the workspace of the largest earlier call of the same shapes is reused, without
+ *     allocating); a rank that cannot get its workspace then drains the schedule through a
+ *     smaller buffer of the largest single call, and only if that allocation fails too does it
+ *     return DEFKV_ERROR_OUT_OF_MEMORY without joining (the other ranks then wait in their next
+ *     call, as with any rank that stops calling a collective: abort the communicator). */
 typedef struct defkv_collectives {
     uint32_t struct_size; /* sizeof(defkv_collectives) */
     int32_t n_ranks;      /* ranks in the group, >= 1 */
     int32_t rank;         /* this rank, in [0, n_ranks) */
-    int32_t reserved0;    /* must be 0 */
+    int32_t memory;       /* defkv_memory of the buffers: HOST (0, the default) or CUDA_DEVICE
+                             (was reserved0, which had to be 0: the same layout and meaning) */
     void *user;
     /* data[0..count) := the element-wise op (defkv_reduce_op) over the group, in place. */
     int32_t (*allreduce_i64)(void *user, int64_t *data, int64_t count, int32_t op);
@@ -685,10 +707,12 @@ DEFKV_API void defkv_shard_default(defkv_shard *shard);
  * n_seqs * Hk_local entries, per-entry arrays [Hk_local, L] blocks, as defkv_select writes them
  * for a layer of Hk_local heads. The outputs may be host memory or, as for defkv_select, the
  * context's device memory (out->memory); the caches may be in the context's device memory.
- * The collectives take host buffers: the reduced values are downloaded and uploaded (a few
- * floats, histograms and counts, plus the gathers listed above), so a sharded call waits for
- * the device. out->indices_capacity, when indices is given, must be at least
- * Hk_local * sum(L) (the exact count is known only after the collectives). The last
+ * With host collectives (shard->heads->memory HOST) the reduced values are downloaded and
+ * uploaded (a few floats, histograms and counts, plus the gathers listed above); with CUDA
+ * device collectives they stay on the device (see defkv_collectives). Either way a sharded
+ * call waits for the device to read the status words. out->indices_capacity, when indices
+ * is given, must be at least Hk_local * sum(L) (the exact count is known only after the
+ * collectives). The last
  * collective of every call carries only the ranks' status words: nothing is written unless
  * every rank succeeded up to it. With every head local (heads NULL) this is defkv_select.
  * since 0.2 */
