@@ -7,6 +7,9 @@
 
 #include "devmem.hpp"
 #include "devmem_c.h"
+#ifdef DEFKV_CUDA_EMULATED
+#include <cuda_runtime.h> // the emulation's, for its allocation-failure hook
+#endif
 
 struct mpi_devmem {
     std::unique_ptr<defkv_devmem::DeviceMemory> m;
@@ -36,4 +39,12 @@ extern "C" void mpi_devmem_release(mpi_devmem *d, void *p) {
 extern "C" int mpi_devmem_download(mpi_devmem *d, void *dst, const void *src, size_t bytes) {
     return d->m->sync() && d->m->download(dst, src, bytes) ? 1 : 0;
 }
+extern "C" int mpi_devmem_upload(mpi_devmem *d, void *dst, const void *src, size_t bytes) {
+    return d->m->upload(dst, src, bytes) ? 1 : 0;
+}
+extern "C" int mpi_devmem_is_device(const mpi_devmem *d, const void *p) { return d->m->is_device(p) ? 1 : 0; }
 extern "C" void mpi_devmem_close(mpi_devmem *d) { delete d; }
+
+#ifdef DEFKV_CUDA_EMULATED
+extern "C" void mpi_devmem_emu_fail_above(size_t bytes) { emu::fail_above() = bytes; }
+#endif

@@ -17,7 +17,13 @@ int32_t mpi_devmem_memory(const mpi_devmem *d); /* DEFKV_MEMORY_* of its buffers
 void *mpi_devmem_alloc(mpi_devmem *d, size_t bytes, int fill);
 void mpi_devmem_release(mpi_devmem *d, void *p);
 int mpi_devmem_download(mpi_devmem *d, void *dst, const void *src, size_t bytes); /* waits first; 1 ok */
+int mpi_devmem_upload(mpi_devmem *d, void *dst, const void *src, size_t bytes);   /* 1 ok */
+int mpi_devmem_is_device(const mpi_devmem *d, const void *p);                      /* 1: device memory */
 void mpi_devmem_close(mpi_devmem *d);
+#ifdef DEFKV_CUDA_EMULATED
+/* The CUDA emulation only: every cudaMalloc of more than `bytes` fails (SIZE_MAX: none). */
+void mpi_devmem_emu_fail_above(size_t bytes);
+#endif
 #ifdef __cplusplus
 }
 #endif

@@ -70,6 +70,50 @@ static int gather(void *u, const void *send, int64_t bytes, void *recv) {
     c->calls++;
     return MPI_Allgather(send, (int)bytes, MPI_BYTE, recv, (int)bytes, MPI_BYTE, c->comm);
 }
+#ifdef DEFKV_MPI_DEVMEM
+#include "devmem_c.h"
+static mpi_devmem *g_dev; /* the device memory of a Vulkan or CUDA context, or NULL */
+#endif
+
+/* ---- device-memory collectives (defkv_collectives.memory = CUDA_DEVICE), --device-collectives ----
+ * What an NCCL adapter does with ncclAllReduce on the context's stream, done here through MPI on
+ * host copies (this test has no NCCL): every buffer handed over must be CUDA device memory. */
+static int g_devcoll;
+static long g_devcoll_calls, g_devcoll_host_ptrs;
+#ifdef DEFKV_MPI_DEVMEM
+static int dev_reduce(mpi_coll *c, void *d, int64_t n, int64_t esz, MPI_Datatype t, int32_t op) {
+    const long call = c->calls++;
+    c->bytes += n * esz;
+    g_devcoll_calls++;
+    if (!mpi_devmem_is_device(g_dev, d)) g_devcoll_host_ptrs++;
+    void *h = calloc((size_t)n, (size_t)esz);
+    int ok = h && mpi_devmem_download(g_dev, h, d, (size_t)(n * esz));
+    /* every rank takes part even when its copy failed (no rank may be left waiting) */
+    int rc = MPI_Allreduce(MPI_IN_PLACE, h, (int)n, t, op == DEFKV_REDUCE_MAX ? MPI_MAX : MPI_SUM, c->comm);
+    if (ok && rc == MPI_SUCCESS) ok = mpi_devmem_upload(g_dev, d, h, (size_t)(n * esz));
+    free(h);
+    if (call == c->fail_at) return -42;
+    return rc != MPI_SUCCESS ? rc : (ok ? 0 : -7);
+}
+static int dev_i64(void *u, int64_t *d, int64_t n, int32_t op) { return dev_reduce(u, d, n, 8, MPI_INT64_T, op); }
+static int dev_f64(void *u, double *d, int64_t n, int32_t op) { return dev_reduce(u, d, n, 8, MPI_DOUBLE, op); }
+static int dev_f32(void *u, float *d, int64_t n, int32_t op) { return dev_reduce(u, d, n, 4, MPI_FLOAT, op); }
+static int dev_gather(void *u, const void *send, int64_t bytes, void *recv) {
+    mpi_coll *c = u;
+    int n = 0;
+    MPI_Comm_size(c->comm, &n);
+    c->calls++;
+    g_devcoll_calls++;
+    if (!mpi_devmem_is_device(g_dev, send) || !mpi_devmem_is_device(g_dev, recv)) g_devcoll_host_ptrs++;
+    char *hs = calloc((size_t)bytes, 1), *hr = calloc((size_t)(bytes * n), 1);
+    int ok = hs && hr && mpi_devmem_download(g_dev, hs, send, (size_t)bytes);
+    int rc = MPI_Allgather(hs, (int)bytes, MPI_BYTE, hr, (int)bytes, MPI_BYTE, c->comm);
+    if (ok && rc == MPI_SUCCESS) ok = mpi_devmem_upload(g_dev, recv, hr, (size_t)(bytes * n));
+    free(hs), free(hr);
+    return rc != MPI_SUCCESS ? rc : (ok ? 0 : -7);
+}
+#endif
+
 static defkv_collectives make_coll(mpi_coll *c, MPI_Comm comm) {
     defkv_collectives k;
     memset(&k, 0, sizeof k);
@@ -84,6 +128,12 @@ static defkv_collectives make_coll(mpi_coll *c, MPI_Comm comm) {
     k.allreduce_f64 = ar_f64;
     k.allreduce_f32 = ar_f32;
     k.allgather = gather;
+#ifdef DEFKV_MPI_DEVMEM
+    if (g_devcoll) {
+        k.memory = DEFKV_MEMORY_CUDA_DEVICE;
+        k.allreduce_i64 = dev_i64, k.allreduce_f64 = dev_f64, k.allreduce_f32 = dev_f32, k.allgather = dev_gather;
+    }
+#endif
     return k;
 }
 
@@ -183,9 +233,6 @@ static void compare(const char *what, const sel_buf *ref, int64_t L, int64_t k0,
 static defkv_context *g_ctx;
 
 #ifdef DEFKV_MPI_DEVMEM
-#include "devmem_c.h"
-static mpi_devmem *g_dev; /* the device memory of a Vulkan or CUDA context, or NULL */
-
 /* The sharded selection again, into device memory (out->memory of the backend): downloaded, it
  * must equal the host-memory one bit for bit. */
 static void check_device_outputs(const char *what, const defkv_params *p, const defkv_layer *layer,
@@ -258,12 +305,12 @@ static void run_tp(const mcase *mc, int method, int tp) {
         snprintf(what, sizeof what, "%s %s layer %d TP=%d", mc->name, defkv_method_name(method), li, tp);
         CHECK(st == DEFKV_SUCCESS, "%s: %s", what, defkv_context_last_error(g_ctx));
         if (st == DEFKV_SUCCESS) compare(what, &ref, c->L, k0, k1, &got);
-#ifdef DEFKV_MPI_DEVMEM
-        if (g_dev && li == 0 && st == DEFKV_SUCCESS) check_device_outputs(what, &p, &layer, &sh, &got);
-#endif
         if (g_rank == 0 && li == 0 && tp > 1)
             printf("  %-18s %-18s TP=%d: %ld collective calls, %ld bytes\n", mc->name, defkv_method_name(method), tp,
                    mc_heads.calls, mc_heads.bytes);
+#ifdef DEFKV_MPI_DEVMEM
+        if (g_dev && li == 0 && st == DEFKV_SUCCESS) check_device_outputs(what, &p, &layer, &sh, &got);
+#endif
         sel_free(&ref), sel_free(&got);
     }
     MPI_Comm_free(&comm);
@@ -387,8 +434,83 @@ static void run_fault(const mcase *mc, int method, int tp) {
         CHECK(m.calls == n_calls, "fault at the agreement: %ld calls, the schedule has %ld", m.calls, n_calls);
     }
     m.fail_at = -1;
+#if defined(DEFKV_MPI_DEVMEM) && defined(DEFKV_CUDA_EMULATED)
+    /* Device collectives, out of device memory on the last rank: a fresh context there (an empty
+     * workspace) whose every device allocation above 16 KiB fails. The scratch of the largest
+     * call (a few KiB) is allocated first, so that rank drains the schedule through it and
+     * returns DEFKV_ERROR_OUT_OF_MEMORY; the others fail at their next call; nothing is written. */
+    if (g_devcoll) {
+        defkv_context *fresh = NULL, *mine = g_ctx;
+        if (g_rank == tp - 1) {
+            defkv_context_options o;
+            defkv_context_options_default(&o);
+            o.backend = DEFKV_BACKEND_CUDA, o.n_threads = 1;
+            CHECK(defkv_context_create(&o, &fresh) == DEFKV_SUCCESS, "fresh context");
+            mine = fresh;
+            mpi_devmem_emu_fail_above(16384);
+        }
+        sel_free(&b);
+        sel_alloc(&b, k1 - k0, (k1 - k0) * c->L);
+        m.calls = 0;
+        defkv_status st = defkv_select_sharded(mine, &p, &layer, &sh, &b.s);
+        const char *e = defkv_context_last_error(mine);
+        if (g_rank == tp - 1) {
+            mpi_devmem_emu_fail_above((size_t)-1);
+            CHECK(st == DEFKV_ERROR_OUT_OF_MEMORY, "%s out of device memory: status %d (%s)", defkv_method_name(method),
+                  st, e);
+            printf("  out of device memory on rank %d: %s\n", g_rank, e);
+        } else {
+            CHECK(st == DEFKV_ERROR_BACKEND_FAILURE, "%s, another rank out of memory: status %d (%s)",
+                  defkv_method_name(method), st, e);
+        }
+        CHECK(untouched(&b), "%s out of device memory: outputs written", defkv_method_name(method));
+        CHECK(m.calls == n_calls, "out of device memory: %ld calls, the schedule has %ld", m.calls, n_calls);
+        /* and the same context then works */
+        sel_free(&b);
+        sel_alloc(&b, k1 - k0, (k1 - k0) * c->L);
+        st = defkv_select_sharded(mine, &p, &layer, &sh, &b.s);
+        CHECK(st == DEFKV_SUCCESS, "%s after the out-of-memory: %s", defkv_method_name(method),
+              defkv_context_last_error(mine));
+        if (fresh) defkv_context_destroy(fresh);
+    }
+#endif
     sel_free(&b);
     MPI_Comm_free(&comm);
+}
+
+/* defkv_collectives.memory: CUDA device memory needs a CUDA context; other values are invalid.
+ * Both are argument errors, returned before the first collective (no rank is left waiting). */
+static void run_bad_memory(const mcase *mc) {
+    const golden_case *c = &mc->gc;
+    mpi_coll m;
+    defkv_collectives coll = make_coll(&m, MPI_COMM_WORLD);
+    defkv_params p;
+    gc_params(c, DEFKV_METHOD_ADA_SNAPKV, &p);
+    defkv_sequence seq;
+    defkv_layer layer;
+    const int64_t k0 = g_rank * c->Hk / g_size, k1 = (g_rank + 1) * c->Hk / g_size;
+    if (k1 <= k0) return;
+    part_layer(c, 0, k0, k1, &seq, &layer);
+    defkv_shard sh;
+    defkv_shard_default(&sh);
+    sh.n_kv_heads = (int32_t)c->Hk, sh.kv_head_begin = (int32_t)k0, sh.kv_head_end = (int32_t)k1;
+    sh.heads = &coll;
+    sel_buf b;
+    sel_alloc(&b, k1 - k0, (k1 - k0) * c->L);
+    const int32_t mem[2] = {DEFKV_MEMORY_CUDA_DEVICE, 5};
+    const defkv_status want[2] = {DEFKV_ERROR_UNSUPPORTED, DEFKV_ERROR_INVALID_ARGUMENT};
+    const char *says[2] = {"need a CUDA context", "memory is 5"};
+    for (int i = 0; i < 2; i++) {
+        coll.memory = mem[i];
+        m.calls = 0;
+        const defkv_status st = defkv_select_sharded(g_ctx, &p, &layer, &sh, &b.s);
+        const char *e = defkv_context_last_error(g_ctx);
+        CHECK(st == want[i], "collectives memory %d on a non-CUDA context: status %d (%s)", mem[i], st, e);
+        CHECK(strstr(e, says[i]) != NULL, "collectives memory %d: unclear message: %s", mem[i], e);
+        CHECK(m.calls == 0 && untouched(&b), "collectives memory %d: a call was made or an output written", mem[i]);
+        if (g_rank == 0 && i == 0) printf("  device collectives on a %s context: %s\n", defkv_backend_name(defkv_context_backend(g_ctx)), e);
+    }
+    sel_free(&b);
 }
 
 int main(int argc, char **argv) {
@@ -416,6 +538,7 @@ int main(int argc, char **argv) {
         }
         else if (strcmp(argv[i], "--quick") == 0) quick = 1, n_golden = n_golden < 1 ? n_golden : 1;
         else if (strcmp(argv[i], "--cases") == 0 && i + 1 < argc) n_golden = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--device-collectives") == 0) g_devcoll = 1;
         else dir = argv[i];
     }
     defkv_context_options o;
@@ -449,10 +572,26 @@ int main(int argc, char **argv) {
     if (o.backend != DEFKV_BACKEND_CPU && g_rank == 0)
         printf("mpi_shard: device-memory outputs not checked (built without tools/devmem)\n");
 #endif
+    if (g_devcoll) { /* every rank sees the same build and machine: all skip or none does */
+        const char *why = NULL;
+#ifdef DEFKV_MPI_DEVMEM
+        if (o.backend != DEFKV_BACKEND_CUDA) why = "--device-collectives needs --backend cuda";
+        else if (!g_dev || mpi_devmem_memory(g_dev) != DEFKV_MEMORY_CUDA_DEVICE) why = "no CUDA device memory here";
+#else
+        why = "built without tools/devmem (no device memory to hand over)";
+#endif
+        if (why) {
+            if (g_rank == 0) fprintf(stderr, "SKIP: device-memory collectives not tested: %s\n", why);
+            MPI_Finalize();
+            return 77;
+        }
+    }
     if (defkv_context_create(&o, &g_ctx) != DEFKV_SUCCESS) {
         fprintf(stderr, "[rank %d] cannot create a %s context\n", g_rank, backend);
         return 1;
     }
+    if (o.backend == DEFKV_BACKEND_CUDA) CHECK(defkv_context_cuda_stream(g_ctx) != NULL, "defkv_context_cuda_stream is NULL");
+    else CHECK(defkv_context_cuda_stream(g_ctx) == NULL, "defkv_context_cuda_stream of a non-CUDA context");
     mcase cases[5];
     memset(cases, 0, sizeof cases);
     int nc = 0;
@@ -467,7 +606,9 @@ int main(int argc, char **argv) {
     }
     cases[nc].name = "synth-hk8-4layer";
     make_synthetic(&cases[nc++]);
-    if (g_rank == 0) printf("mpi_shard: %d ranks, %s backend%s\n", g_size, backend, quick ? ", quick" : "");
+    if (g_rank == 0)
+        printf("mpi_shard: %d ranks, %s backend%s%s\n", g_size, backend, quick ? ", quick" : "",
+               g_devcoll ? ", device-memory collectives" : "");
     for (int i = 0; i < nc; i++) {
         const golden_case *c = &cases[i].gc;
         const int tp = g_size < c->Hk ? g_size : (int)c->Hk;
@@ -483,9 +624,18 @@ int main(int argc, char **argv) {
         if (tp2 > 1 && pp2 < 2 && tp2 > 2) tp2 /= 2, pp2 = g_size / tp2 < c->n_layers ? g_size / tp2 : c->n_layers;
         run_global(&cases[i], tp2, pp2 < 1 ? 1 : pp2); /* TP x PP */
     }
-    if (g_size >= 2 && !quick && want[DEFKV_METHOD_DEFENSIVEKV] && want[DEFKV_METHOD_ADA_SNAPKV]) {
+    if (g_size >= 2 && (!quick || g_devcoll) && want[DEFKV_METHOD_DEFENSIVEKV] && want[DEFKV_METHOD_ADA_SNAPKV]) {
         run_fault(&cases[0], DEFKV_METHOD_DEFENSIVEKV, 2);
         run_fault(&cases[0], DEFKV_METHOD_ADA_SNAPKV, 2);
+    }
+    if (g_size >= 2 && o.backend != DEFKV_BACKEND_CUDA) run_bad_memory(&cases[nc - 1]);
+    if (g_devcoll && g_size >= 2) {
+        CHECK(g_devcoll_calls > 0, "no device-memory collective was called");
+        CHECK(g_devcoll_host_ptrs == 0, "%ld of %ld device-memory collective calls got a pointer that is not device memory",
+              g_devcoll_host_ptrs, g_devcoll_calls);
+        long calls = g_devcoll_calls, all_calls = 0;
+        MPI_Allreduce(&calls, &all_calls, 1, MPI_LONG, MPI_SUM, MPI_COMM_WORLD);
+        if (g_rank == 0) printf("mpi_shard: %ld device-memory collective calls over all ranks, all on device pointers\n", all_calls);
     }
     long tot[2] = {g_checks, g_fail}, all[2];
     MPI_Allreduce(tot, all, 2, MPI_LONG, MPI_SUM, MPI_COMM_WORLD);

@@ -1,7 +1,9 @@
-/* An example defkv_collectives adapter over NCCL (compiled where the CUDA headers exist; it runs
- * only on a machine with GPUs, which this project's CI does not have: it is built, not run).
- * defkv hands host buffers to the collectives (a few reduced values per call; see defkv.h), so
- * the adapter stages them through a device scratch buffer on the engine's stream. */
+/* An example defkv_collectives adapter over NCCL (compiled where the CUDA headers and nccl.h
+ * exist; it runs only on a machine with GPUs, which this project's CI does not have: it is built,
+ * not run). With memory = DEFKV_MEMORY_CUDA_DEVICE, defkv hands the collectives device buffers
+ * of the context's device, in the order of the context's stream, so the adapter enqueues NCCL's
+ * in-place collective on that stream and returns: no staging, no synchronisation here (defkv
+ * reads the results in stream order). */
 #include <cuda_runtime.h>
 #include <nccl.h>
 #include <stdint.h>
@@ -10,42 +12,32 @@
 
 typedef struct nccl_coll {
     ncclComm_t comm;
-    cudaStream_t stream;
-    void *scratch;       /* device memory of at least scratch_bytes */
-    int64_t scratch_bytes;
+    cudaStream_t stream; /* defkv_context_cuda_stream(ctx) of the context that selects */
 } nccl_coll;
 
-static int reduce(nccl_coll *c, void *host, int64_t n, int64_t elem, ncclDataType_t type, int32_t op) {
-    const size_t bytes = (size_t)(n * elem);
-    if ((int64_t)bytes > c->scratch_bytes) return -1;
-    if (cudaMemcpyAsync(c->scratch, host, bytes, cudaMemcpyHostToDevice, c->stream) != cudaSuccess) return -2;
-    if (ncclAllReduce(c->scratch, c->scratch, (size_t)n, type, op == DEFKV_REDUCE_MAX ? ncclMax : ncclSum, c->comm,
-                      c->stream) != ncclSuccess)
-        return -3;
-    if (cudaMemcpyAsync(host, c->scratch, bytes, cudaMemcpyDeviceToHost, c->stream) != cudaSuccess) return -4;
-    return cudaStreamSynchronize(c->stream) == cudaSuccess ? 0 : -5;
+static int reduce(nccl_coll *c, void *dev, int64_t n, ncclDataType_t type, int32_t op) {
+    return ncclAllReduce(dev, dev, (size_t)n, type, op == DEFKV_REDUCE_MAX ? ncclMax : ncclSum, c->comm, c->stream) ==
+                   ncclSuccess
+               ? 0
+               : -1;
 }
 
-static int32_t nccl_i64(void *u, int64_t *d, int64_t n, int32_t op) { return reduce(u, d, n, 8, ncclInt64, op); }
-static int32_t nccl_f64(void *u, double *d, int64_t n, int32_t op) { return reduce(u, d, n, 8, ncclFloat64, op); }
-static int32_t nccl_f32(void *u, float *d, int64_t n, int32_t op) { return reduce(u, d, n, 4, ncclFloat32, op); }
+static int32_t nccl_i64(void *u, int64_t *d, int64_t n, int32_t op) { return reduce(u, d, n, ncclInt64, op); }
+static int32_t nccl_f64(void *u, double *d, int64_t n, int32_t op) { return reduce(u, d, n, ncclFloat64, op); }
+static int32_t nccl_f32(void *u, float *d, int64_t n, int32_t op) { return reduce(u, d, n, ncclFloat32, op); }
 static int32_t nccl_gather(void *u, const void *send, int64_t bytes, void *recv) {
     nccl_coll *c = u;
-    int n = 0;
-    if (ncclCommCount(c->comm, &n) != ncclSuccess || bytes * (n + 1) > c->scratch_bytes) return -1;
-    char *dsend = (char *)c->scratch + bytes * n;
-    if (cudaMemcpyAsync(dsend, send, (size_t)bytes, cudaMemcpyHostToDevice, c->stream) != cudaSuccess) return -2;
-    if (ncclAllGather(dsend, c->scratch, (size_t)bytes, ncclChar, c->comm, c->stream) != ncclSuccess) return -3;
-    if (cudaMemcpyAsync(recv, c->scratch, (size_t)(bytes * n), cudaMemcpyDeviceToHost, c->stream) != cudaSuccess)
-        return -4;
-    return cudaStreamSynchronize(c->stream) == cudaSuccess ? 0 : -5;
+    return ncclAllGather(send, recv, (size_t)bytes, ncclChar, c->comm, c->stream) == ncclSuccess ? 0 : -1;
 }
 
-/* Fills *out for comm (rank and size from NCCL). scratch: the largest call, e.g. 1.1 MiB for
- * defensivekv at L = 32k on Llama-3.1-8B (defkv bench shard). */
-int nccl_collectives(nccl_coll *c, defkv_collectives *out) {
+/* Fills *out for comm (rank and size from NCCL) on ctx's stream. A failure that NCCL reports
+ * later (ncclCommGetAsyncError) is the engine's to handle: abort the communicator. */
+int nccl_collectives(nccl_coll *c, const defkv_context *ctx, defkv_collectives *out) {
     int n = 0, r = 0;
     if (ncclCommCount(c->comm, &n) != ncclSuccess || ncclCommUserRank(c->comm, &r) != ncclSuccess) return -1;
-    *out = (defkv_collectives){sizeof *out, n, r, 0, c, nccl_i64, nccl_f64, nccl_f32, nccl_gather};
+    c->stream = (cudaStream_t)defkv_context_cuda_stream(ctx);
+    if (!c->stream) return -2; /* not a CUDA context */
+    *out = (defkv_collectives){sizeof *out, n, r, DEFKV_MEMORY_CUDA_DEVICE, c, nccl_i64, nccl_f64, nccl_f32,
+                               nccl_gather};
     return 0;
 }

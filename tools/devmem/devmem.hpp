@@ -28,6 +28,11 @@ public:
     virtual bool download(void *dst, const void *src, size_t bytes) = 0;
     // Waits until the device has finished the work queued on the context's stream or queue.
     virtual bool sync() = 0;
+    // Whether p points into device memory of this kind (CUDA: cudaPointerGetAttributes).
+    virtual bool is_device(const void *p) const {
+        (void)p;
+        return false;
+    }
     const std::string &why() const { return why_; }
 
 protected:

@@ -31,6 +31,10 @@ public:
         return ok(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
     }
     bool sync() override { return ok(cudaDeviceSynchronize()); }
+    bool is_device(const void *p) const override {
+        cudaPointerAttributes a{};
+        return cudaPointerGetAttributes(&a, p) == cudaSuccess && a.type == cudaMemoryTypeDevice;
+    }
     bool ok(cudaError_t e) {
         if (e == cudaSuccess) return true;
         why_ = cudaGetErrorString(e);

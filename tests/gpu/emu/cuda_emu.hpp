@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
@@ -145,8 +146,14 @@ inline char *map_base(void *p, size_t n) {
     const size_t r = (n + 255) / 256 * 256;
     return static_cast<char *>(p) + r - (map_bytes(n) - 4096);
 }
+// Tests of out-of-device-memory paths: every cudaMalloc of more than this many bytes fails.
+inline std::atomic<size_t> &fail_above() {
+    static std::atomic<size_t> v{~size_t{0}};
+    return v;
+}
 } // namespace emu
 inline cudaError_t cudaMalloc(void **p, size_t n) {
+    if (n > emu::fail_above().load()) return cudaErrorMemoryAllocation;
     const size_t bytes = emu::map_bytes(n), r = (n + 255) / 256 * 256;
     void *m = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (m == MAP_FAILED) return cudaErrorMemoryAllocation;

@@ -218,6 +218,9 @@ extern "C" {
     pub fn defkv_context_n_threads(ctx: *const defkv_context) -> i32;
 }
 extern "C" {
+    pub fn defkv_context_cuda_stream(ctx: *const defkv_context) -> *mut ::std::os::raw::c_void;
+}
+extern "C" {
     pub fn defkv_kept_count(
         ctx: *mut defkv_context,
         params: *const defkv_params,
@@ -414,7 +417,7 @@ pub struct defkv_collectives {
     pub struct_size: u32,
     pub n_ranks: i32,
     pub rank: i32,
-    pub reserved0: i32,
+    pub memory: i32,
     pub user: *mut ::std::os::raw::c_void,
     pub allreduce_i64: ::std::option::Option<
         unsafe extern "C" fn(
