@@ -305,6 +305,9 @@ static void run_tp(const mcase *mc, int method, int tp) {
         snprintf(what, sizeof what, "%s %s layer %d TP=%d", mc->name, defkv_method_name(method), li, tp);
         CHECK(st == DEFKV_SUCCESS, "%s: %s", what, defkv_context_last_error(g_ctx));
         if (st == DEFKV_SUCCESS) compare(what, &ref, c->L, k0, k1, &got);
+        if (tp > 1 && (method == DEFKV_METHOD_STREAMINGLLM || method == DEFKV_METHOD_KNORM ||
+                       method == DEFKV_METHOD_RANDOM))
+            CHECK(mc_heads.calls == 0, "%s: a per-head method made %ld collective calls", what, mc_heads.calls);
         if (g_rank == 0 && li == 0 && tp > 1)
             printf("  %-18s %-18s TP=%d: %ld collective calls, %ld bytes\n", mc->name, defkv_method_name(method), tp,
                    mc_heads.calls, mc_heads.bytes);

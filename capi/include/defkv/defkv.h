@@ -602,9 +602,10 @@ DEFKV_API defkv_status defkv_stream_round(defkv_stream *stream, const defkv_stre
  * Communication goes through the engine's own collectives (MPI, NCCL, gloo, ...), given as
  * the function pointers below. What each method sends, per layer selection of one sequence
  * (B sequences of a batch: the top-k rounds are batched, the other reductions are per sequence):
- *   Every method with one TP rank: nothing. With two or more, each call ends with one
- *   status agreement (i64 max of the status words, 8 bytes) after the calls below:
- *   streamingllm, knorm, tova without TP, random: no other call.
+ *   Every method with one TP rank: nothing. With two or more, a method that makes any of
+ *   the calls below ends with one status agreement (i64 max of the status words, 8 bytes):
+ *   streamingllm, knorm, tova without TP, random: no call at all (each rank's heads are its own;
+ *   an error there is that rank's alone).
  *   snapkv, criticalkv: 1 all-reduce (f32 max, 2 values): the layer maximum (window sentinel).
  *   ada-snapkv: that, then the head-adaptive top-k: 4 radix rounds (i64 sum of 512-bin
  *     histograms of the 36-bit rank keys) + 1 tie round (i64 sum of the number of entries
