@@ -186,6 +186,13 @@ static void part_layer(const golden_case *c, int li, int64_t k0, int64_t k1, def
     layer->o_proj.strides[1] = 1;
 }
 
+/* A TP shard: KV heads [k0, k1) of the case's Hk, the other heads' ranks through coll. */
+static void tp_shard(defkv_shard *sh, const golden_case *c, int64_t k0, int64_t k1, const defkv_collectives *coll) {
+    defkv_shard_default(sh);
+    sh->n_kv_heads = (int32_t)c->Hk, sh->kv_head_begin = (int32_t)k0, sh->kv_head_end = (int32_t)k1;
+    sh->heads = coll;
+}
+
 typedef struct sel_buf {
     int32_t *lens, *cu, *idx;
     uint8_t *keep;
@@ -296,9 +303,7 @@ static void run_tp(const mcase *mc, int method, int tp) {
         part_layer(c, li, k0, k1, &seq, &layer);
         sel_alloc(&got, k1 - k0, (k1 - k0) * c->L);
         defkv_shard sh;
-        defkv_shard_default(&sh);
-        sh.n_kv_heads = (int32_t)c->Hk, sh.kv_head_begin = (int32_t)k0, sh.kv_head_end = (int32_t)k1;
-        sh.heads = &coll;
+        tp_shard(&sh, c, k0, k1, &coll);
         mc_heads.calls = mc_heads.bytes = 0;
         st = defkv_select_sharded(g_ctx, &p, &layer, &sh, &got.s);
         char what[160];
@@ -398,9 +403,7 @@ static void run_fault(const mcase *mc, int method, int tp) {
     defkv_layer layer;
     part_layer(c, 0, k0, k1, &seq, &layer);
     defkv_shard sh;
-    defkv_shard_default(&sh);
-    sh.n_kv_heads = (int32_t)c->Hk, sh.kv_head_begin = (int32_t)k0, sh.kv_head_end = (int32_t)k1;
-    sh.heads = &coll;
+    tp_shard(&sh, c, k0, k1, &coll);
     sel_buf b;
     sel_alloc(&b, k1 - k0, (k1 - k0) * c->L);
     CHECK(defkv_select_sharded(g_ctx, &p, &layer, &sh, &b.s) == DEFKV_SUCCESS, "fault baseline");
@@ -495,9 +498,7 @@ static void run_bad_memory(const mcase *mc) {
     if (k1 <= k0) return;
     part_layer(c, 0, k0, k1, &seq, &layer);
     defkv_shard sh;
-    defkv_shard_default(&sh);
-    sh.n_kv_heads = (int32_t)c->Hk, sh.kv_head_begin = (int32_t)k0, sh.kv_head_end = (int32_t)k1;
-    sh.heads = &coll;
+    tp_shard(&sh, c, k0, k1, &coll);
     sel_buf b;
     sel_alloc(&b, k1 - k0, (k1 - k0) * c->L);
     const int32_t mem[2] = {DEFKV_MEMORY_CUDA_DEVICE, 5};
