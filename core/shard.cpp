@@ -32,13 +32,13 @@ defkv_status ShardRun::begin_real(std::string *msg) {
     for (const Call &c : schedule_) need = std::max(need, (c.count + 1) * 8);
     if (scratch_ && scratch_->bytes >= need) return DEFKV_SUCCESS;
     scratch_.reset();
-    Buf b;
-    DEFKV_FORWARD(be_->alloc(need, &b, msg));
     Backend *be = be_;
-    scratch_ = std::shared_ptr<Buf>(new Buf(b), [be](Buf *p) {
+    std::shared_ptr<Buf> holder(new Buf(), [be](Buf *p) { // before the device allocation: no leak if it throws
         be->release(p);
         delete p;
     });
+    DEFKV_FORWARD(be_->alloc(need, holder.get(), msg));
+    scratch_ = std::move(holder);
     return DEFKV_SUCCESS;
 }
 
