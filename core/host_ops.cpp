@@ -194,11 +194,18 @@ uint64_t shard_key(TopK mode, float score, uint8_t tier) {
     return (uint64_t(tier & 3u) << 32) | o;
 }
 
+namespace {
+// The key of entry i (an absent tier: every entry normal).
+uint64_t entry_key(TopK mode, const float *score, const uint8_t *tier, int64_t i) {
+    return shard_key(mode, score[i], tier ? tier[i] : uint8_t(TIER_NORMAL));
+}
+} // namespace
+
 void shard_key_histogram(TopK mode, const float *score, const uint8_t *tier, int64_t n, int shift, uint64_t prefix,
                          int64_t *hist) {
     std::fill(hist, hist + kShardBins, int64_t{0});
     for (int64_t i = 0; i < n; i++) {
-        const uint64_t key = shard_key(mode, score[i], tier ? tier[i] : uint8_t(TIER_NORMAL));
+        const uint64_t key = entry_key(mode, score, tier, i);
         if ((key >> (shift + kShardDigitBits)) == prefix) hist[(key >> shift) & (kShardBins - 1)]++;
     }
 }
@@ -208,8 +215,7 @@ void shard_key_ties(TopK mode, const float *score, const uint8_t *tier, int64_t 
     for (int64_t r = 0; r < rows; r++) {
         int64_t c = 0;
         for (int64_t j = 0; j < L; j++) {
-            const int64_t i = r * L + j;
-            c += shard_key(mode, score[i], tier ? tier[i] : uint8_t(TIER_NORMAL)) == key;
+            c += entry_key(mode, score, tier, r * L + j) == key;
         }
         ties[r] = c;
     }
@@ -221,7 +227,7 @@ void shard_key_keep(TopK mode, const float *score, const uint8_t *tier, int64_t 
         int64_t left = take[r];
         for (int64_t j = 0; j < L; j++) {
             const int64_t i = r * L + j;
-            const uint64_t k = shard_key(mode, score[i], tier ? tier[i] : uint8_t(TIER_NORMAL));
+            const uint64_t k = entry_key(mode, score, tier, i);
             uint8_t kp = k > key;
             if (k == key && left > 0) kp = 1, left--;
             keep[i] = kp;

@@ -343,8 +343,10 @@ __device__ int block_exclusive_scan(int v, int *sh /* [kThreads] */, int *total)
 
 // host::shard_key: a larger key ranks first. layer: LAYER_ADAPTIVE (not bad, score, tier),
 // else HEAD_ADAPTIVE (tier, score).
-__device__ __forceinline__ uint64_t shard_key(int layer, float s, uint8_t t) {
-    const uint64_t o = ord(s);
+// Entry i's key; an absent tier: every entry normal.
+__device__ __forceinline__ uint64_t shard_key(int layer, const float *score, const uint8_t *tier, int64_t i) {
+    const uint8_t t = tier ? tier[i] : kNormal;
+    const uint64_t o = ord(score[i]);
     if (layer) return (static_cast<uint64_t>(t != kBad ? 1 : 0) << 34) | (o << 2) | (t & 3u);
     return (static_cast<uint64_t>(t & 3u) << 32) | o;
 }
@@ -357,7 +359,7 @@ __global__ void __launch_bounds__(kThreads) shard_hist_kernel(int layer, const f
     for (int b = static_cast<int>(threadIdx.x); b < kShardBins; b += kThreads) h[b] = 0u;
     __syncthreads();
     GRID_STRIDE(i, n) {
-        const uint64_t key = shard_key(layer, score[i], tier ? tier[i] : kNormal);
+        const uint64_t key = shard_key(layer, score, tier, i);
         if ((key >> (shift + kShardDigitBits)) == prefix) atomicAdd(&h[(key >> shift) & (kShardBins - 1)], 1u);
     }
     __syncthreads();
@@ -372,8 +374,7 @@ __global__ void __launch_bounds__(kThreads) shard_ties_kernel(int layer, const f
     const int64_t r = blockIdx.x;
     int64_t c = 0;
     for (int64_t j = threadIdx.x; j < L; j += kThreads) {
-        const int64_t i = r * L + j;
-        c += shard_key(layer, score[i], tier ? tier[i] : kNormal) == key ? 1 : 0;
+        c += shard_key(layer, score, tier, r * L + j) == key ? 1 : 0;
     }
     sh[threadIdx.x] = c;
     __syncthreads();
@@ -397,7 +398,7 @@ __global__ void __launch_bounds__(kThreads) shard_keep_kernel(int layer, const f
         uint64_t k = 0;
         int eq = 0;
         if (j < L) {
-            k = shard_key(layer, score[r * L + j], tier ? tier[r * L + j] : kNormal);
+            k = shard_key(layer, score, tier, r * L + j);
             eq = k == key ? 1 : 0;
         }
         int total = 0;
