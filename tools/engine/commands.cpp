@@ -966,6 +966,38 @@ int defkv_cmd_cache_parity(int argc, char **argv) {
                     ok ? "" : "  WRONG");
         check(ok, std::string("page accounting of ") + m);
     }
+    // 3. A forward on 1 and on 3 threads (the query heads and the products' columns split over
+    // them): the same bits, for the prefill and for a compressed cache's continuation.
+    const std::vector<int> next(toks.begin() + 1000 + ctx_len, toks.begin() + 1000 + ctx_len + cont);
+    const int saved_threads = env.model.threads();
+    for (CacheKind kind : {CacheKind::contiguous, CacheKind::paged}) {
+        std::vector<float> logits[2], comp_logits[2];
+        std::vector<std::vector<float>> win_q[2];
+        for (int k = 0; k < 2; ++k) {
+            env.model.set_threads(k ? 3 : 1);
+            KVState s = env.model.new_state((int)(ctx_len + cont), kind), st;
+            CompressStats cs;
+            logits[k].resize((size_t)cont * mc.vocab);
+            comp_logits[k].resize((size_t)cont * mc.vocab);
+            if (!env.model.prefill(s, context, 256, 32, &err) ||
+                !compress_state(env.ctx, env.model, s, "defensivekv", 0.2, (int)cont, &st, &cs, &err) ||
+                !env.model.forward(st, next.data(), (int)cont, comp_logits[k].data(), (int)cont, 0, &err) ||
+                !env.model.forward(s, next.data(), (int)cont, logits[k].data(), (int)cont, 0, &err)) {
+                std::printf("FAIL: forward on %d threads: %s\n", env.model.threads(), err.c_str());
+                env.model.set_threads(saved_threads);
+                return 1;
+            }
+            win_q[k] = s.win_q;
+        }
+        const char *name = kind == CacheKind::paged ? "paged" : "contiguous";
+        const bool same = logits[0] == logits[1] && win_q[0] == win_q[1];
+        const bool same_comp = comp_logits[0] == comp_logits[1];
+        std::printf("threads 1 vs 3, %s cache: full-cache logits %s, compressed-cache logits %s\n", name,
+                    same ? "identical" : "DIFFERENT", same_comp ? "identical" : "DIFFERENT");
+        check(same, std::string("the full-cache forward differs between 1 and 3 threads (") + name + ")");
+        check(same_comp, std::string("the compressed-cache forward differs between 1 and 3 threads (") + name + ")");
+    }
+    env.model.set_threads(saved_threads);
     if (checks == 0) ++failures;
     std::printf("%s: %d checks, %d failures\n", failures ? "FAIL" : "PASS", checks, failures);
     return failures ? 1 : 0;

@@ -3,8 +3,10 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
+#include <thread>
 
 namespace defkv_engine {
 
@@ -102,12 +104,84 @@ void rmsnorm(const float *x, const float *w, float *y, int n, float eps) {
     for (int i = 0; i < n; ++i) y[i] = x[i] * inv * w[i];
 }
 
-// y[T, out] = x[T, in] * W[out, in]^T
-void matmul(const float *x, const float *w, float *y, int T, int in, int out) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, out, in, 1.0f, x, in, w, in, 0.0f, y, out);
+// Softmax of row[0, valid) in place (max subtracted, sums in double); row[valid, ncol) = 0.
+void softmax_row(float *row, int valid, int ncol) {
+    float m4[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};  // the max is exact in any order
+    int j = 0;
+    for (; j + 4 <= valid; j += 4)
+        for (int k = 0; k < 4; ++k) m4[k] = std::max(m4[k], row[j + k]);
+    float mx = std::max(std::max(m4[0], m4[1]), std::max(m4[2], m4[3]));
+    for (; j < valid; ++j) mx = std::max(mx, row[j]);
+    double sum = 0;
+    for (j = 0; j < valid; ++j) {
+        row[j] = std::exp(row[j] - mx);
+        sum += row[j];
+    }
+    const float inv = (float)(1.0 / sum);
+    for (j = 0; j < valid; ++j) row[j] *= inv;
+    for (j = valid; j < ncol; ++j) row[j] = 0.0f;
 }
 
+// fn(i) for i in [0, n) on n threads, 0 on the caller's.
+template <class Fn> void run_threads(int n, Fn fn) {
+    if (n <= 1) {
+        fn(0);
+        return;
+    }
+    std::vector<std::thread> th;
+    th.reserve((size_t)n - 1);
+    for (int i = 1; i < n; ++i) th.emplace_back(fn, i);
+    fn(0);
+    for (std::thread &t : th) t.join();
+}
+
+// Work (elements) below which a call stays on one thread: a decoding step's attention and
+// element-wise loops take microseconds, less than starting a thread.
+constexpr int64_t kParallelWork = 1 << 15;
+constexpr int64_t kParallelMacs = 1 << 21;
+constexpr int kMaxKvHeads = 64;
+
+struct HeadBlocks {
+    const float *Ks, *Vs, *Kt, *Vt;  // [ns, d] segment, [n_tail, d] tail
+    int ns;
+};
+
+// y[T, out] = x[T, in] * W[out, in]^T + beta * y, the columns of y split over `threads` threads
+// (each slice a one-thread product over the whole of `in`, so every element is summed as in
+// the undivided call). Small products stay on the caller's thread.
+void matmul(const float *x, const float *w, float *y, int T, int in, int out, int threads, float beta = 0.0f) {
+    const int64_t work = (int64_t)T * in * out;
+    const int n = work >= kParallelMacs ? std::max(1, std::min(threads, out / 64)) : 1;
+    run_threads(n, [&](int i) {
+        const int c0 = (int)((int64_t)out * i / n) / 64 * 64, c1 = i + 1 == n ? out : (int)((int64_t)out * (i + 1) / n) / 64 * 64;
+        if (c1 > c0)
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, c1 - c0, in, 1.0f, x, in, w + (size_t)c0 * in, in,
+                        beta, y + c0, out);
+    });
+}
+
+// While it lives, OpenBLAS runs every product on the calling thread (a forward on several
+// threads splits the products itself: no BLAS threads spinning beside them).
+class OneThreadBlas {
+public:
+    explicit OneThreadBlas(bool on) : saved_(on ? openblas_get_num_threads() : 0) {
+        if (on) openblas_set_num_threads(1);
+    }
+    ~OneThreadBlas() {
+        if (saved_ > 0) openblas_set_num_threads(saved_);
+    }
+    OneThreadBlas(const OneThreadBlas &) = delete;
+    OneThreadBlas &operator=(const OneThreadBlas &) = delete;
+
+private:
+    int saved_;
+};
+
 }  // namespace
+
+int Model::default_threads() {
+    return (int)std::max(1u, std::min(8u, std::thread::hardware_concurrency()));
+}
 
 bool Model::load(const std::string &path, std::string *error) {
     GgufFile f;
@@ -242,6 +316,7 @@ bool Model::forward(KVState &st, const int *tokens, int T, float *logits, int n_
             *error = "token id " + std::to_string(tokens[t]) + " is outside the vocabulary";
             return false;
         }
+    const OneThreadBlas one_blas(threads_ > 1);
     ensure_rope(st.pos + T);
     x_.resize((size_t)T * D);
     xn_.resize((size_t)T * D);
@@ -264,9 +339,9 @@ bool Model::forward(KVState &st, const int *tokens, int T, float *logits, int n_
         LayerKV &kv = st.layers[l];
         for (int t = 0; t < T; ++t)
             rmsnorm(&x_[(size_t)t * D], w.attn_norm.data(), &xn_[(size_t)t * D], D, cfg_.norm_eps);
-        matmul(xn_.data(), w.wq.data(), q_.data(), T, D, H * d);
-        matmul(xn_.data(), w.wk.data(), k_.data(), T, D, Hk * d);
-        matmul(xn_.data(), w.wv.data(), v_.data(), T, D, Hk * d);
+        matmul(xn_.data(), w.wq.data(), q_.data(), T, D, H * d, threads_);
+        matmul(xn_.data(), w.wk.data(), k_.data(), T, D, Hk * d, threads_);
+        matmul(xn_.data(), w.wv.data(), v_.data(), T, D, Hk * d, threads_);
         // Rotary embedding on adjacent pairs (GGUF llama weights are permuted for this form).
         for (int t = 0; t < T; ++t) {
             const float *c = &rope_cos_[(size_t)(st.pos + t) * half];
@@ -310,84 +385,103 @@ bool Model::forward(KVState &st, const int *tokens, int T, float *logits, int n_
         }
         // Attention, one query head at a time: scores over [segment | tail], causal in the tail.
         const int n_tail_all = n_old + T;
-        // A paged cache's head is first gathered through its block table into the same two
-        // contiguous blocks, so the BLAS calls (and their sums) are the contiguous cache's.
-        const float *Ks = nullptr, *Vs = nullptr, *Kt = nullptr, *Vt = nullptr;
-        int ns = 0;
-        for (int h = 0; h < H; ++h) {
-            const int kh = h / G;
-            if (st.paged && h % G == 0) {
-                const PagedLayer &pl = st.paged->layers[l];
-                ns = pl.seg[kh];
-                if (pl.len[kh] - ns != n_tail_all) {
+        // Each KV head's two contiguous blocks. A paged cache's head is first gathered through
+        // its block table into such blocks, so the BLAS calls (and their sums) are the
+        // contiguous cache's.
+        HeadBlocks hb[kMaxKvHeads];
+        if (Hk > kMaxKvHeads) {
+            *error = "the model has more than " + std::to_string(kMaxKvHeads) + " KV heads";
+            return false;
+        }
+        if (st.paged) {
+            const PagedLayer &pl = st.paged->layers[l];
+            size_t seg_rows = 0;
+            for (int kh = 0; kh < Hk; ++kh) {
+                if (pl.len[kh] - pl.seg[kh] != n_tail_all) {
                     *error = "internal: paged cache head length does not match the tail";
                     return false;
                 }
-                seg_k_.resize((size_t)std::max(ns, 1) * d);
-                seg_v_.resize((size_t)std::max(ns, 1) * d);
-                tail_k_.resize((size_t)n_tail_all * d);
-                tail_v_.resize((size_t)n_tail_all * d);
-                st.paged->gather(l, kh, 0, ns, seg_k_.data(), seg_v_.data());
-                st.paged->gather(l, kh, ns, pl.len[kh], tail_k_.data(), tail_v_.data());
-                Ks = seg_k_.data(), Vs = seg_v_.data(), Kt = tail_k_.data(), Vt = tail_v_.data();
-            } else if (st.per_head && h % G == 0) {
-                ns = kv.head_seg[kh];
+                seg_rows += (size_t)pl.seg[kh];
+            }
+            seg_k_.resize(std::max<size_t>(seg_rows, 1) * d);
+            seg_v_.resize(std::max<size_t>(seg_rows, 1) * d);
+            tail_k_.resize((size_t)Hk * n_tail_all * d);
+            tail_v_.resize((size_t)Hk * n_tail_all * d);
+            size_t off = 0;
+            for (int kh = 0; kh < Hk; ++kh) {
+                const int ns = pl.seg[kh];
+                float *sk = &seg_k_[off * d], *sv = &seg_v_[off * d];
+                float *tk = &tail_k_[(size_t)kh * n_tail_all * d], *tv = &tail_v_[(size_t)kh * n_tail_all * d];
+                st.paged->gather(l, kh, 0, ns, sk, sv);
+                st.paged->gather(l, kh, ns, pl.len[kh], tk, tv);
+                hb[kh] = {sk, sv, tk, tv, ns};
+                off += (size_t)ns;
+            }
+        } else if (st.per_head) {
+            for (int kh = 0; kh < Hk; ++kh) {
+                const int ns = kv.head_seg[kh];
                 if (kv.head_len[kh] - ns != n_tail_all) {
                     *error = "internal: per-head cache length does not match the tail";
                     return false;
                 }
-                Ks = &kv.head_k[(size_t)kh * st.tail_cap * d], Vs = &kv.head_v[(size_t)kh * st.tail_cap * d];
-                Kt = Ks + (size_t)ns * d, Vt = Vs + (size_t)ns * d;
-            } else if (!st.paged && !st.per_head) {
-                const int s0 = kv.seg_cu[kh];
-                ns = kv.seg_cu[kh + 1] - s0;
-                Ks = kv.seg_k.data() + (size_t)s0 * d, Vs = kv.seg_v.data() + (size_t)s0 * d;
-                Kt = &kv.tail_k[(size_t)kh * st.tail_cap * d];
-                Vt = &kv.tail_v[(size_t)kh * st.tail_cap * d];
+                const float *Ks = &kv.head_k[(size_t)kh * st.tail_cap * d], *Vs = &kv.head_v[(size_t)kh * st.tail_cap * d];
+                hb[kh] = {Ks, Vs, Ks + (size_t)ns * d, Vs + (size_t)ns * d, ns};
             }
-            const int ncol = ns + n_tail_all;
-            scores_.resize((size_t)T * ncol);
-            float *S = scores_.data();
+        } else {
+            for (int kh = 0; kh < Hk; ++kh) {
+                const int s0 = kv.seg_cu[kh];
+                hb[kh] = {kv.seg_k.data() + (size_t)s0 * d, kv.seg_v.data() + (size_t)s0 * d,
+                          &kv.tail_k[(size_t)kh * st.tail_cap * d], &kv.tail_v[(size_t)kh * st.tail_cap * d],
+                          kv.seg_cu[kh + 1] - s0};
+            }
+        }
+        auto head = [&](int h, std::vector<float> &scores) {
+            const HeadBlocks &b = hb[h / G];
+            const int ns = b.ns, ncol = ns + n_tail_all;
+            scores.resize((size_t)T * ncol);
+            float *S = scores.data();
             const float *Qh = &q_[(size_t)h * d];
             if (ns > 0)
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, ns, d, scale, Qh, H * d, Ks, d, 0.0f, S,
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, ns, d, scale, Qh, H * d, b.Ks, d, 0.0f, S,
                             ncol);
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, n_tail_all, d, scale, Qh, H * d, Kt, d,
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, n_tail_all, d, scale, Qh, H * d, b.Kt, d,
                         0.0f, S + ns, ncol);
-            for (int t = 0; t < T; ++t) {
-                float *row = S + (size_t)t * ncol;
-                const int valid = ns + n_old + t + 1;
-                float mx = -INFINITY;
-                for (int j = 0; j < valid; ++j) mx = std::max(mx, row[j]);
-                double sum = 0;
-                for (int j = 0; j < valid; ++j) {
-                    row[j] = std::exp(row[j] - mx);
-                    sum += row[j];
-                }
-                const float inv = (float)(1.0 / sum);
-                for (int j = 0; j < valid; ++j) row[j] *= inv;
-                for (int j = valid; j < ncol; ++j) row[j] = 0.0f;
-            }
+            for (int t = 0; t < T; ++t) softmax_row(S + (size_t)t * ncol, ns + n_old + t + 1, ncol);
             float *Oh = &att_[(size_t)h * d];
             if (ns > 0)
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, d, ns, 1.0f, S, ncol, Vs, d, 0.0f, Oh,
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, d, ns, 1.0f, S, ncol, b.Vs, d, 0.0f, Oh,
                             H * d);
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, d, n_tail_all, 1.0f, S + ns, ncol, Vt, d,
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, d, n_tail_all, 1.0f, S + ns, ncol, b.Vt, d,
                         ns > 0 ? 1.0f : 0.0f, Oh, H * d);
+        };
+        // Large calls split the heads over the threads, each head's products on one BLAS thread
+        // (OpenBLAS splits a product's output, not its sums, so the bits do not change).
+        const int n_par = (int64_t)T * (hb[0].ns + n_tail_all) >= kParallelWork ? std::min(threads_, H) : 1;
+        if (n_par > 1) {
+            thread_scores_.resize((size_t)n_par - 1);
+            std::atomic<int> next{0};
+            run_threads(n_par, [&](int i) {
+                std::vector<float> &sc = i == 0 ? scores_ : thread_scores_[(size_t)i - 1];
+                for (int h = next++; h < H; h = next++) head(h, sc);
+            });
+        } else {
+            for (int h = 0; h < H; ++h) head(h, scores_);
         }
         // x += att * Wo^T
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, D, H * d, 1.0f, att_.data(), H * d,
-                    w.wo.data(), H * d, 1.0f, x_.data(), D);
+        matmul(att_.data(), w.wo.data(), x_.data(), T, H * d, D, threads_, 1.0f);
         for (int t = 0; t < T; ++t)
             rmsnorm(&x_[(size_t)t * D], w.ffn_norm.data(), &xn_[(size_t)t * D], D, cfg_.norm_eps);
-        matmul(xn_.data(), w.w_gate.data(), gate_.data(), T, D, F);
-        matmul(xn_.data(), w.w_up.data(), up_.data(), T, D, F);
-        for (size_t i = 0; i < (size_t)T * F; ++i) {
-            const float g = gate_[i];
-            gate_[i] = g / (1.0f + std::exp(-g)) * up_[i];
-        }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, D, F, 1.0f, gate_.data(), F, w.w_down.data(), F,
-                    1.0f, x_.data(), D);
+        matmul(xn_.data(), w.w_gate.data(), gate_.data(), T, D, F, threads_);
+        matmul(xn_.data(), w.w_up.data(), up_.data(), T, D, F, threads_);
+        const size_t n_ff = (size_t)T * F;
+        const int n_ff_par = (int64_t)n_ff >= kParallelWork ? threads_ : 1;
+        run_threads(n_ff_par, [&](int i) {
+            for (size_t j = n_ff * i / n_ff_par, e = n_ff * (i + 1) / n_ff_par; j < e; ++j) {
+                const float g = gate_[j];
+                gate_[j] = g / (1.0f + std::exp(-g)) * up_[j];
+            }
+        });
+        matmul(gate_.data(), w.w_down.data(), x_.data(), T, F, D, threads_, 1.0f);
     }
     st.n_tail += T;
     st.pos += T;
@@ -396,7 +490,7 @@ bool Model::forward(KVState &st, const int *tokens, int T, float *logits, int n_
         for (int t = t0; t < T; ++t)
             rmsnorm(&x_[(size_t)t * D], out_norm_.data(), &xn_[(size_t)t * D], D, cfg_.norm_eps);
         const std::vector<float> &ow = out_w_.empty() ? tok_embd_ : out_w_;
-        matmul(&xn_[(size_t)t0 * D], ow.data(), logits, n_logits, D, cfg_.vocab);
+        matmul(&xn_[(size_t)t0 * D], ow.data(), logits, n_logits, D, cfg_.vocab, threads_);
     }
     return true;
 }

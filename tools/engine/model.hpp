@@ -102,6 +102,11 @@ public:
     // Greedy decoding from the state after a prompt whose last-token logits are `last_logits`.
     std::vector<int> generate_greedy(KVState &state, std::vector<float> last_logits, int max_new,
                                      std::string *error);
+    // Threads of a forward's attention and element-wise loops (default: the machine's cores, at
+    // most 8). A large call splits its query heads over them, each head with a one-thread BLAS;
+    // the results are the same bits for every count. 1 when several models run side by side.
+    void set_threads(int n) { threads_ = n < 1 ? 1 : n; }
+    int threads() const { return threads_; }
 
 private:
     ModelConfig cfg_;
@@ -114,7 +119,10 @@ private:
     void ensure_rope(int max_pos);
     // scratch, reused between calls
     std::vector<float> x_, xn_, q_, k_, v_, att_, gate_, up_, scores_;
-    std::vector<float> seg_k_, seg_v_, tail_k_, tail_v_;  // one KV head gathered from pages
+    std::vector<float> seg_k_, seg_v_, tail_k_, tail_v_;  // every KV head gathered from pages
+    std::vector<std::vector<float>> thread_scores_;       // a score block per extra thread
+    int threads_ = default_threads();
+    static int default_threads();
 };
 
 }  // namespace defkv_engine

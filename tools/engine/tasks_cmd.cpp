@@ -42,6 +42,9 @@ const char *kTasksHelp =
     "  --csv PATH / --svg PATH  also write the results as CSV / an SVG plot\n"
     "  --model PATH / --text PATH  the GGUF model / the text whose words the tasks use\n"
     "  --cache paged|contiguous  the engine's KV cache (default paged)\n"
+    "  --threads N            work side by side on N threads (the full cache's trials, a trial's\n"
+    "                         answers), each with a copy of the model (~540 MB); the same figures\n"
+    "                         as N = 1 (default 1)\n"
     "  --verbose              every answer on stderr\n"
     "  --quiet                no progress line\n";
 
@@ -272,18 +275,19 @@ int defkv_cmd_tasks(int argc, char **argv) {
     }
     TaskConfig cfg;
     Args a;
-    long trials = cfg.trials, seed = (long)cfg.seed, threshold = 80;
+    long trials = cfg.trials, seed = (long)cfg.seed, threshold = 80, threads = cfg.threads;
     if (!a.parse(argc, argv,
                  {"--model", "--text", "--tasks", "--contexts", "--budgets", "--methods", "--modes", "--trials",
-                  "--seed", "--threshold", "--csv", "--svg", "--cache"},
+                  "--seed", "--threshold", "--csv", "--svg", "--cache", "--threads"},
                  {"--verbose", "--quiet", "--full-only"}) ||
         !parse_tasks(a, &cfg.tasks) || !a.int_list("--contexts", 256, 8000, &cfg.contexts) ||
         !a.budget_list("--budgets", &cfg.budgets) || !a.method_list("--methods", &cfg.methods) ||
         !parse_modes(a, &cfg.modes) || !a.integer("--trials", 1, 100000, &trials) ||
         !a.integer("--seed", 0, 2147483647L, &seed) || !a.integer("--threshold", 0, 100, &threshold) ||
-        !parse_cache(a, &cfg.cache))
+        !parse_cache(a, &cfg.cache) || !a.integer("--threads", 1, 64, &threads))
         return fail(cmd, a.error + " (see --help)", 2);
     cfg.trials = (int)trials;
+    cfg.threads = (int)threads;
     cfg.seed = (uint64_t)seed;
     cfg.threshold = threshold / 100.0;
     cfg.verbose = a.has("--verbose");

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <mutex>
 
 namespace defkv_engine {
 
@@ -142,31 +143,58 @@ std::string refs_text(const std::vector<std::string> &refs) {
     return s;
 }
 
+// Adds one trial's row to the running sums of `into` (in trial order: the same sums as one
+// row filled trial by trial).
+void add_trial(TaskRow *into, const TaskRow &one) {
+    into->trials += one.trials;
+    into->score += one.score;
+    into->kept_fraction += one.kept_fraction;
+    into->prompt_tokens += one.prompt_tokens;
+    into->seconds += one.seconds;
+    into->prefill_seconds += one.prefill_seconds;
+}
+
 }  // namespace
 
 bool run_tasks_full(defkv_context *ctx, Model &m, const std::vector<std::string> &words, const TaskConfig &cfg,
                     Progress &prog, std::vector<TaskRow> *out, std::string *error) {
+    // The trials of a (task, length) side by side on the workers, each with its own prefill.
+    ModelWorkers workers;
+    if (!workers.init(ctx, m, std::min(cfg.threads, cfg.trials), error)) return false;
+    std::mutex prog_mutex;
     for (int C : cfg.contexts)
         for (TaskKind kind : cfg.tasks) {
+            std::vector<TaskRow> trial((size_t)cfg.trials);
+            std::vector<std::string> refs((size_t)cfg.trials), answers((size_t)cfg.trials);
+            const bool ok = workers.run(
+                cfg.trials,
+                [&](int wi, int t, std::string *err) {
+                    Model &wm = workers.model(wi);
+                    TaskPrompt p;
+                    Prefilled pre;
+                    if (!build_prompt(wm, kind, C, t, words, cfg, &p, err) || !prefill_trial(wm, p, cfg, false, &pre, err))
+                        return false;
+                    trial[(size_t)t].prefill_seconds = pre.seconds;
+                    if (!answer(workers.context(wi), wm, pre, p, "agnostic", "full", 1.0, &trial[(size_t)t],
+                                &answers[(size_t)t], err))
+                        return false;
+                    refs[(size_t)t] = refs_text(p.refs);
+                    std::lock_guard<std::mutex> lock(prog_mutex);
+                    prog.step(std::string("full ") + task_name(kind) + " " + std::to_string(C));
+                    return true;
+                },
+                error);
+            if (!ok) return false;
             TaskRow row;
             row.task = kind;
             row.context = C;
             row.mode = "full";
             row.method = "full";
             for (int t = 0; t < cfg.trials; ++t) {
-                TaskPrompt p;
-                Prefilled pre;
-                if (!build_prompt(m, kind, C, t, words, cfg, &p, error) ||
-                    !prefill_trial(m, p, cfg, false, &pre, error))
-                    return false;
-                row.prefill_seconds += pre.seconds;
-                std::string ans;
-                const double before = row.score;
-                if (!answer(ctx, m, pre, p, "agnostic", "full", 1.0, &row, &ans, error)) return false;
+                add_trial(&row, trial[(size_t)t]);
                 if (cfg.verbose)
                     std::fprintf(stderr, "\n%s %d trial %d full: %.0f%% refs [%s] answer '%s'\n", task_name(kind), C, t,
-                                 100 * (row.score - before), refs_text(p.refs).c_str(), ans.c_str());
-                prog.step(std::string("full ") + task_name(kind) + " " + std::to_string(C));
+                                 100 * trial[(size_t)t].score, refs[(size_t)t].c_str(), answers[(size_t)t].c_str());
             }
             finish_row(&row);
             out->push_back(row);
@@ -178,6 +206,10 @@ bool run_tasks_compressed(defkv_context *ctx, Model &m, const std::vector<std::s
                           const TaskConfig &cfg, const std::vector<TaskRow> &kept, Progress &prog,
                           std::vector<TaskRow> *out, std::string *error) {
     const bool with_aware = std::find(cfg.modes.begin(), cfg.modes.end(), "aware") != cfg.modes.end();
+    ModelWorkers workers;
+    const int per_trial = (int)(cfg.modes.size() * cfg.budgets.size() * cfg.methods.size());
+    if (!workers.init(ctx, m, std::min(cfg.threads, std::max(1, per_trial)), error)) return false;
+    std::mutex prog_mutex;
     for (const TaskRow &pair : kept) {
         std::vector<TaskRow> rows;
         for (const std::string &mode : cfg.modes)
@@ -191,26 +223,41 @@ bool run_tasks_compressed(defkv_context *ctx, Model &m, const std::vector<std::s
                     r.budget = b;
                     rows.push_back(r);
                 }
+        std::vector<std::string> answers(rows.size());
+        std::vector<double> scores(rows.size());
         for (int t = 0; t < cfg.trials; ++t) {
             TaskPrompt p;
             Prefilled pre;
             if (!build_prompt(m, pair.task, pair.context, t, words, cfg, &p, error) ||
                 !prefill_trial(m, p, cfg, with_aware, &pre, error))
                 return false;
-            for (TaskRow &r : rows) {
-                std::string ans;
-                const double before = r.score;
-                r.prefill_seconds += pre.seconds / (double)rows.size();
-                if (!answer(ctx, m, pre, p, r.mode, r.method, r.budget, &r, &ans, error)) return false;
-                if (cfg.verbose)
+            // The trial's answers side by side on the workers; each row only on one of them.
+            const bool ok = workers.run(
+                (int)rows.size(),
+                [&](int wi, int i, std::string *err) {
+                    TaskRow &r = rows[(size_t)i];
+                    const double before = r.score;
+                    r.prefill_seconds += pre.seconds / (double)rows.size();
+                    if (!answer(workers.context(wi), workers.model(wi), pre, p, r.mode, r.method, r.budget, &r,
+                                &answers[(size_t)i], err))
+                        return false;
+                    scores[(size_t)i] = r.score - before;
+                    char what[96];
+                    std::snprintf(what, sizeof what, "%s %d %s %s %.0f%%", task_name(r.task), r.context,
+                                  r.mode.c_str(), r.method.c_str(), 100 * r.budget);
+                    std::lock_guard<std::mutex> lock(prog_mutex);
+                    prog.step(what);
+                    return true;
+                },
+                error);
+            if (!ok) return false;
+            if (cfg.verbose)
+                for (size_t i = 0; i < rows.size(); ++i) {
+                    const TaskRow &r = rows[i];
                     std::fprintf(stderr, "\n%s %d trial %d %s %s %.0f%%: %.0f%% answer '%s'\n", task_name(r.task),
-                                 r.context, t, r.mode.c_str(), r.method.c_str(), 100 * r.budget,
-                                 100 * (r.score - before), ans.c_str());
-                char what[96];
-                std::snprintf(what, sizeof what, "%s %d %s %s %.0f%%", task_name(r.task), r.context, r.mode.c_str(),
-                              r.method.c_str(), 100 * r.budget);
-                prog.step(what);
-            }
+                                 r.context, t, r.mode.c_str(), r.method.c_str(), 100 * r.budget, 100 * scores[i],
+                                 answers[i].c_str());
+                }
         }
         for (TaskRow &r : rows) finish_row(&r);
         out->insert(out->end(), rows.begin(), rows.end());

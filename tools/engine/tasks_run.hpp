@@ -38,6 +38,9 @@ struct TaskConfig {
     int window = 32, chunk = 256;
     CacheKind cache = CacheKind::paged;
     bool verbose = false;  // every answer on stderr
+    // Work side by side on this many threads (the full cache's trials, a trial's answers), each
+    // with its own copy of the model; the same figures for every count.
+    int threads = 1;
 };
 
 // One (task, length, mode, method, budget). The full cache has method "full", budget 1 and

@@ -135,6 +135,64 @@ template <class Fn> void parallel_ranges(int n, Fn fn) {
 
 }  // namespace
 
+bool ModelWorkers::init(defkv_context *ctx, Model &m, int n, std::string *error) {
+    models_.assign(1, &m);
+    ctxs_.assign(1, ctx);
+    for (int i = 1; i < n; ++i) {
+        defkv_context_options o;
+        defkv_context_options_default(&o);
+        o.backend = DEFKV_BACKEND_CPU;
+        o.n_threads = 1;
+        defkv_context *c = nullptr;
+        if (defkv_context_create(&o, &c) != DEFKV_SUCCESS) {
+            *error = std::string("defkv_context_create: ") + defkv_last_error_global();
+            return false;
+        }
+        own_ctxs_.emplace_back(c, defkv_context_destroy);
+        own_models_.emplace_back(new Model(m));
+        own_models_.back()->set_threads(1);
+        models_.push_back(own_models_.back().get());
+        ctxs_.push_back(c);
+    }
+    return true;
+}
+
+bool ModelWorkers::run(int n_items, const std::function<bool(int, int, std::string *)> &fn, std::string *error) {
+    const int n = std::min(size(), n_items);
+    if (n <= 1) {
+        for (int i = 0; i < n_items; ++i)
+            if (!fn(0, i, error)) return false;
+        return true;
+    }
+    // The caller's model and the BLAS on one thread while the workers share the cores.
+    const int blas_threads = openblas_get_num_threads(), model_threads = models_[0]->threads();
+    openblas_set_num_threads(1);
+    models_[0]->set_threads(1);
+    std::atomic<int> next{0};
+    std::atomic<bool> failed{false};
+    std::vector<std::string> errors((size_t)n);
+    auto work = [&](int wi) {
+        for (int i = next++; i < n_items && !failed; i = next++)
+            if (!fn(wi, i, &errors[(size_t)wi])) {
+                failed = true;
+                return;
+            }
+    };
+    std::vector<std::thread> th;
+    for (int wi = 1; wi < n; ++wi) th.emplace_back(work, wi);
+    work(0);
+    for (std::thread &t : th) t.join();
+    models_[0]->set_threads(model_threads);
+    openblas_set_num_threads(blas_threads);
+    if (!failed) return true;
+    for (const std::string &e : errors)
+        if (!e.empty()) {
+            *error = e;
+            break;
+        }
+    return false;
+}
+
 int64_t fidelity_weight(const EvalConfig &cfg) {
     int64_t w = 0;
     const int64_t settings = 1 + (int64_t)cfg.budgets.size() * (int64_t)cfg.methods.size();
@@ -147,17 +205,11 @@ int64_t fidelity_weight(const EvalConfig &cfg) {
 
 namespace {
 
-// One thread's share of a fidelity window: its own model (the forward's scratch buffers are the
-// model's), defkv context and buffers. Worker 0 uses the caller's model and context.
-struct FidelityWorker {
-    Model *model = nullptr;
-    std::unique_ptr<Model> own_model;
-    defkv_context *ctx = nullptr;
-    std::unique_ptr<defkv_context, void (*)(defkv_context *)> own_ctx{nullptr, defkv_context_destroy};
+// One worker's buffers for the settings of a fidelity window.
+struct FidelityBuffers {
     std::vector<float> cmp;
     std::vector<double> tok_kl, tok_nll;
     std::vector<char> tok_agree;
-    std::string error;
 };
 
 // The shared, read-only part of a window (after its full-cache row): the reference logits as
@@ -171,16 +223,17 @@ struct FidelityReference {
 // One setting of one window: compress `pre`, teacher-force `cont`, score every token against the
 // reference (the full-cache row fills the reference instead). score_threads > 1 splits the
 // scoring over threads (only when no other setting runs alongside).
-bool run_setting(FidelityWorker &w, FidelityReference &ref, const EvalConfig &cfg, const KVState &pre,
-                 const std::vector<int> &cont, int s, double prefill_s, bool score_in_parallel, FidelityResult &r) {
-    const int V = w.model->config().vocab, C2 = (int)cont.size();
+bool run_setting(Model &m, defkv_context *ctx, FidelityBuffers &w, FidelityReference &ref, const EvalConfig &cfg,
+                 const KVState &pre, const std::vector<int> &cont, int s, double prefill_s, bool score_in_parallel,
+                 FidelityResult &r, std::string *error) {
+    const int V = m.config().vocab, C2 = (int)cont.size();
     KVState st;
     CompressStats cs;
     const bool is_ref = r.method == "full";
-    if (!compress_state(w.ctx, *w.model, pre, r.method, r.budget, C2, &st, &cs, &w.error)) return false;
+    if (!compress_state(ctx, m, pre, r.method, r.budget, C2, &st, &cs, error)) return false;
     float *dst = is_ref ? ref.logp.data() : w.cmp.data();
     const double t_fwd = now_s();
-    if (!w.model->forward(st, cont.data(), C2, dst, C2, 0, &w.error)) return false;
+    if (!m.forward(st, cont.data(), C2, dst, C2, 0, error)) return false;
     const double t_score = now_s();
     if (st.paged) cs.peak_bytes = st.paged->peak_bytes;
     auto score = [&](int t0, int t1) {
@@ -249,27 +302,10 @@ bool run_fidelity(defkv_context *ctx, Model &m, const std::vector<int> &toks, co
     ref.logp.resize((size_t)C2 * V);
     ref.p.resize((size_t)C2 * V);
     ref.arg.resize(C2);
-    std::vector<FidelityWorker> workers(n_workers);
-    for (int i = 0; i < n_workers; ++i) {
-        FidelityWorker &w = workers[i];
-        if (i == 0) {
-            w.model = &m;
-            w.ctx = ctx;
-        } else {
-            w.own_model.reset(new Model(m));  // the weights too (about 540 MB): forward is not reentrant
-            w.model = w.own_model.get();
-            defkv_context_options o;
-            defkv_context_options_default(&o);
-            o.backend = DEFKV_BACKEND_CPU;
-            o.n_threads = 1;
-            defkv_context *c = nullptr;
-            if (defkv_context_create(&o, &c) != DEFKV_SUCCESS) {
-                *error = std::string("defkv_context_create: ") + defkv_last_error_global();
-                return false;
-            }
-            w.own_ctx.reset(c);
-            w.ctx = c;
-        }
+    ModelWorkers workers;
+    if (!workers.init(ctx, m, n_workers, error)) return false;
+    std::vector<FidelityBuffers> bufs((size_t)n_workers);
+    for (FidelityBuffers &w : bufs) {
         w.cmp.resize((size_t)C2 * V);
         w.tok_kl.resize(C2);
         w.tok_nll.resize(C2);
@@ -322,46 +358,22 @@ bool run_fidelity(defkv_context *ctx, Model &m, const std::vector<int> &toks, co
                 prog.step(what, prefill_weight(C));
             }
             // The full cache first: every other setting is scored against it.
-            if (!run_setting(workers[0], ref, cfg, pre, cont, s, prefill_s, true, rows[0])) {
-                *error = workers[0].error;
-                return false;
-            }
+            if (!run_setting(m, ctx, bufs[0], ref, cfg, pre, cont, s, prefill_s, true, rows[0], error)) return false;
             step(rows[0], setting_weight(C, C2, 1));
-            if (n_workers == 1) {
-                for (size_t i = 1; i < rows.size(); ++i) {
-                    if (!run_setting(workers[0], ref, cfg, pre, cont, s, prefill_s, true, rows[i])) {
-                        *error = workers[0].error;
-                        return false;
-                    }
-                    step(rows[i], setting_weight(C, C2, n_workers));
-                }
-                continue;
-            }
-            // The other settings side by side, one per worker, each with a single-threaded BLAS
-            // (the same bits: OpenBLAS splits a product's output, not its sums, over threads).
-            const int blas_threads = openblas_get_num_threads();
-            openblas_set_num_threads(1);
-            std::atomic<size_t> next{1};
-            std::atomic<bool> failed{false};
-            auto work = [&](int wi) {
-                for (size_t i = next++; i < rows.size() && !failed; i = next++) {
-                    if (!run_setting(workers[wi], ref, cfg, pre, cont, s, prefill_s, false, rows[i])) {
-                        failed = true;
-                        return;
-                    }
-                    step(rows[i], setting_weight(C, C2, n_workers));
-                }
-            };
-            std::vector<std::thread> th;
-            for (int wi = 1; wi < n_workers; ++wi) th.emplace_back(work, wi);
-            work(0);
-            for (std::thread &t : th) t.join();
-            openblas_set_num_threads(blas_threads);
-            if (failed) {
-                for (const FidelityWorker &w : workers)
-                    if (!w.error.empty()) *error = w.error;
+            // The other settings, side by side when there are several workers (the scoring of a
+            // setting then stays on its worker's thread).
+            const bool alone = workers.size() == 1;
+            if (!workers.run((int)rows.size() - 1,
+                             [&](int wi, int i, std::string *err) {
+                                 FidelityResult &r = rows[(size_t)i + 1];
+                                 if (!run_setting(workers.model(wi), workers.context(wi), bufs[(size_t)wi], ref, cfg,
+                                                  pre, cont, s, prefill_s, alone, r, err))
+                                     return false;
+                                 step(r, setting_weight(C, C2, n_workers));
+                                 return true;
+                             },
+                             error))
                 return false;
-            }
         }
         out->insert(out->end(), rows.begin(), rows.end());
     }

@@ -2,6 +2,7 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -31,6 +32,29 @@ struct Progress {
     void begin(int64_t total_weight);
     void step(const std::string &what, int64_t weight = 1);
     void finish();
+};
+
+// Models side by side, for measurements whose settings are independent: worker 0 is the
+// caller's model and defkv context, every other one a copy of the model (the weights too, about
+// 540 MB: a forward is not reentrant) with its own one-thread CPU context. The figures do not
+// depend on the number of workers: a forward gives the same bits on any number of threads.
+class ModelWorkers {
+public:
+    bool init(defkv_context *ctx, Model &m, int n, std::string *error);
+    int size() const { return (int)models_.size(); }
+    Model &model(int i) { return *models_[(size_t)i]; }
+    defkv_context *context(int i) { return ctxs_[(size_t)i]; }
+    // fn(worker, item) for every item in [0, n_items), handed out in order to the free workers;
+    // meanwhile every model and the BLAS run on one thread. After the first item that fails (fn
+    // returns false, its message in *error) no new item starts; returns false then.
+    bool run(int n_items, const std::function<bool(int worker, int item, std::string *error)> &fn,
+             std::string *error);
+
+private:
+    std::vector<Model *> models_;
+    std::vector<defkv_context *> ctxs_;
+    std::vector<std::unique_ptr<Model>> own_models_;
+    std::vector<std::unique_ptr<defkv_context, void (*)(defkv_context *)>> own_ctxs_;
 };
 
 struct FidelityResult {
