@@ -38,6 +38,8 @@ const char *kTasksHelp =
     "                         seed, the task, the length and the trial number\n"
     "  --threshold P          keep (task, length) pairs whose full-cache score is >= P%% (default 80;\n"
     "                         0 keeps all)\n"
+    "  --every-length         run the full cache on every length; by default a task below the\n"
+    "                         threshold at one length is not run at the longer ones\n"
     "  --full-only            stop after the full-cache table\n"
     "  --csv PATH / --svg PATH  also write the results as CSV / an SVG plot\n"
     "  --model PATH / --text PATH  the GGUF model / the text whose words the tasks use\n"
@@ -119,7 +121,8 @@ void print_full(const TaskConfig &cfg, const std::vector<TaskRow> &full, double 
             for (const TaskRow &r : full)
                 if (r.task == k && r.context == c) {
                     char b[32];
-                    std::snprintf(b, sizeof b, "%.0f%% %s", r.accuracy(), r.accuracy() >= threshold * 100 - 1e-9 ? "kept" : "drop");
+                    if (r.trials == 0) std::snprintf(b, sizeof b, "not run");
+                    else std::snprintf(b, sizeof b, "%.0f%% %s", r.accuracy(), r.accuracy() >= threshold * 100 - 1e-9 ? "kept" : "drop");
                     std::printf(" %12s", b);
                 }
         std::printf("\n");
@@ -279,7 +282,7 @@ int defkv_cmd_tasks(int argc, char **argv) {
     if (!a.parse(argc, argv,
                  {"--model", "--text", "--tasks", "--contexts", "--budgets", "--methods", "--modes", "--trials",
                   "--seed", "--threshold", "--csv", "--svg", "--cache", "--threads"},
-                 {"--verbose", "--quiet", "--full-only"}) ||
+                 {"--verbose", "--quiet", "--full-only", "--every-length"}) ||
         !parse_tasks(a, &cfg.tasks) || !a.int_list("--contexts", 256, 8000, &cfg.contexts) ||
         !a.budget_list("--budgets", &cfg.budgets) || !a.method_list("--methods", &cfg.methods) ||
         !parse_modes(a, &cfg.modes) || !a.integer("--trials", 1, 100000, &trials) ||
@@ -291,6 +294,7 @@ int defkv_cmd_tasks(int argc, char **argv) {
     cfg.seed = (uint64_t)seed;
     cfg.threshold = threshold / 100.0;
     cfg.verbose = a.has("--verbose");
+    cfg.every_length = a.has("--every-length");
     for (int c : cfg.contexts)
         for (double b : cfg.budgets)
             if ((int)(c * b) <= cfg.window)
@@ -321,6 +325,11 @@ int defkv_cmd_tasks(int argc, char **argv) {
     prog.finish();
     print_full(cfg, full, cfg.threshold);
     for (const TaskRow &r : full) {
+        if (r.trials == 0) {
+            std::printf("not run: %s at %d tokens (below %.0f%% at a shorter length; --every-length runs it)\n",
+                        task_name(r.task), r.context, cfg.threshold * 100);
+            continue;
+        }
         if (r.accuracy() >= cfg.threshold * 100 - 1e-9) {
             kept.push_back(r);
             continue;
@@ -328,6 +337,7 @@ int defkv_cmd_tasks(int argc, char **argv) {
         std::printf("dropped: %s at %d tokens (full cache %.1f%% < %.0f%%: the model cannot do it uncompressed)\n",
                     task_name(r.task), r.context, r.accuracy(), cfg.threshold * 100);
     }
+    full.erase(std::remove_if(full.begin(), full.end(), [](const TaskRow &r) { return r.trials == 0; }), full.end());
     std::fflush(stdout);
     if (!a.has("--full-only") && !kept.empty() && !cfg.methods.empty()) {
         const int64_t per_trial = (int64_t)(cfg.modes.size() * cfg.budgets.size() * cfg.methods.size());

@@ -162,8 +162,22 @@ bool run_tasks_full(defkv_context *ctx, Model &m, const std::vector<std::string>
     ModelWorkers workers;
     if (!workers.init(ctx, m, std::min(cfg.threads, cfg.trials), error)) return false;
     std::mutex prog_mutex;
-    for (int C : cfg.contexts)
+    // Shortest length first: a task below the bar at one length is not run at the longer ones
+    // (unless cfg.every_length); its rows there have no trials.
+    std::vector<int> lengths = cfg.contexts;
+    std::sort(lengths.begin(), lengths.end());
+    std::vector<TaskKind> below;
+    for (int C : lengths)
         for (TaskKind kind : cfg.tasks) {
+            if (!cfg.every_length && std::find(below.begin(), below.end(), kind) != below.end()) {
+                TaskRow skipped;
+                skipped.task = kind;
+                skipped.context = C;
+                skipped.mode = skipped.method = "full";
+                out->push_back(skipped);
+                prog.total -= cfg.trials;
+                continue;
+            }
             std::vector<TaskRow> trial((size_t)cfg.trials);
             std::vector<std::string> refs((size_t)cfg.trials), answers((size_t)cfg.trials);
             const bool ok = workers.run(
@@ -198,6 +212,7 @@ bool run_tasks_full(defkv_context *ctx, Model &m, const std::vector<std::string>
             }
             finish_row(&row);
             out->push_back(row);
+            if (row.accuracy() < cfg.threshold * 100 - 1e-9) below.push_back(kind);
         }
     return true;
 }

@@ -41,6 +41,9 @@ struct TaskConfig {
     // Work side by side on this many threads (the full cache's trials, a trial's answers), each
     // with its own copy of the model; the same figures for every count.
     int threads = 1;
+    // Phase 1 runs a task at a length only if it reached the threshold at every shorter one
+    // (RULER's scores fall with the length); true: at every length regardless.
+    bool every_length = false;
 };
 
 // One (task, length, mode, method, budget). The full cache has method "full", budget 1 and
@@ -59,7 +62,8 @@ struct TaskRow {
     double accuracy() const { return trials ? 100.0 * score / trials : 0.0; }
 };
 
-// Phase 1: the full cache on every (task, length) pair; out gets one row per pair.
+// Phase 1: the full cache on every (task, length) pair; out gets one row per pair (with no
+// trials where the task was below the threshold at a shorter length, see every_length).
 bool run_tasks_full(defkv_context *ctx, Model &m, const std::vector<std::string> &words, const TaskConfig &cfg,
                     Progress &prog, std::vector<TaskRow> *out, std::string *error);
 // Phase 2: every mode x method x budget on the pairs in `kept` (rows of phase 1).
