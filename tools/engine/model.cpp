@@ -122,15 +122,17 @@ void softmax_row(float *row, int valid, int ncol) {
     for (j = valid; j < ncol; ++j) row[j] = 0.0f;
 }
 
-// fn(i) for i in [0, n) on n threads, 0 on the caller's.
+// fn(i) for i in [0, n) on n threads, 0 on the caller's. A share whose thread cannot be started
+// (no memory, a thread limit) runs on the caller's thread instead. fn must not throw.
 template <class Fn> void run_threads(int n, Fn fn) {
-    if (n <= 1) {
-        fn(0);
-        return;
-    }
     std::vector<std::thread> th;
-    th.reserve((size_t)n - 1);
-    for (int i = 1; i < n; ++i) th.emplace_back(fn, i);
+    int started = 1;
+    try {
+        th.reserve((size_t)std::max(0, n - 1));
+        for (; started < n; ++started) th.emplace_back(fn, started);
+    } catch (...) {
+    }
+    for (int i = started; i < n; ++i) fn(i);
     fn(0);
     for (std::thread &t : th) t.join();
 }
@@ -438,8 +440,7 @@ bool Model::forward(KVState &st, const int *tokens, int T, float *logits, int n_
         auto head = [&](int h, std::vector<float> &scores) {
             const HeadBlocks &b = hb[h / G];
             const int ns = b.ns, ncol = ns + n_tail_all;
-            scores.resize((size_t)T * ncol);
-            float *S = scores.data();
+            float *S = scores.data();  // sized below for the longest head (no allocation on a thread)
             const float *Qh = &q_[(size_t)h * d];
             if (ns > 0)
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, ns, d, scale, Qh, H * d, b.Ks, d, 0.0f, S,
@@ -457,8 +458,13 @@ bool Model::forward(KVState &st, const int *tokens, int T, float *logits, int n_
         // Large calls split the heads over the threads, each head's products on one BLAS thread
         // (OpenBLAS splits a product's output, not its sums, so the bits do not change).
         const int n_par = (int64_t)T * (hb[0].ns + n_tail_all) >= kParallelWork ? std::min(threads_, H) : 1;
+        int max_ns = 0;
+        for (int kh = 0; kh < Hk; ++kh) max_ns = std::max(max_ns, hb[kh].ns);
+        const size_t score_len = (size_t)T * (size_t)(max_ns + n_tail_all);
+        scores_.resize(score_len);
         if (n_par > 1) {
             thread_scores_.resize((size_t)n_par - 1);
+            for (std::vector<float> &sc : thread_scores_) sc.resize(score_len);
             std::atomic<int> next{0};
             run_threads(n_par, [&](int i) {
                 std::vector<float> &sc = i == 0 ? scores_ : thread_scores_[(size_t)i - 1];

@@ -13,6 +13,7 @@
 #include <atomic>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <sstream>
 #include <thread>
 
@@ -172,14 +173,28 @@ bool ModelWorkers::run(int n_items, const std::function<bool(int, int, std::stri
     std::atomic<bool> failed{false};
     std::vector<std::string> errors((size_t)n);
     auto work = [&](int wi) {
-        for (int i = next++; i < n_items && !failed; i = next++)
-            if (!fn(wi, i, &errors[(size_t)wi])) {
+        for (int i = next++; i < n_items && !failed; i = next++) {
+            bool ok = false;
+            try {  // an exception must not leave its thread (std::terminate)
+                ok = fn(wi, i, &errors[(size_t)wi]);
+            } catch (const std::bad_alloc &) {
+                errors[(size_t)wi] = "out of memory";
+            } catch (const std::exception &e) {
+                errors[(size_t)wi] = std::string("internal error: ") + e.what();
+            }
+            if (!ok) {
+                if (errors[(size_t)wi].empty()) errors[(size_t)wi] = "a worker failed";
                 failed = true;
                 return;
             }
+        }
     };
+    // Workers whose thread cannot be started leave their items to the others.
     std::vector<std::thread> th;
-    for (int wi = 1; wi < n; ++wi) th.emplace_back(work, wi);
+    try {
+        for (int wi = 1; wi < n; ++wi) th.emplace_back(work, wi);
+    } catch (...) {
+    }
     work(0);
     for (std::thread &t : th) t.join();
     models_[0]->set_threads(model_threads);
