@@ -162,24 +162,16 @@ void matmul(const float *x, const float *w, float *y, int T, int in, int out, in
     });
 }
 
-// While it lives, OpenBLAS runs every product on the calling thread (a forward on several
-// threads splits the products itself: no BLAS threads spinning beside them).
-class OneThreadBlas {
-public:
-    explicit OneThreadBlas(bool on) : saved_(on ? openblas_get_num_threads() : 0) {
-        if (on) openblas_set_num_threads(1);
-    }
-    ~OneThreadBlas() {
-        if (saved_ > 0) openblas_set_num_threads(saved_);
-    }
-    OneThreadBlas(const OneThreadBlas &) = delete;
-    OneThreadBlas &operator=(const OneThreadBlas &) = delete;
-
-private:
-    int saved_;
-};
 
 }  // namespace
+
+OneThreadBlas::OneThreadBlas(bool on) : saved_(on ? openblas_get_num_threads() : 0) {
+    if (on) openblas_set_num_threads(1);
+}
+
+OneThreadBlas::~OneThreadBlas() {
+    if (saved_ > 0) openblas_set_num_threads(saved_);
+}
 
 int Model::default_threads() {
     return (int)std::max(1u, std::min(8u, std::thread::hardware_concurrency()));

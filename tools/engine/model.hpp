@@ -76,6 +76,20 @@ struct KVState {
     int head_len(int l, int kh) const;
 };
 
+// While it lives, OpenBLAS runs every product on the calling thread (a forward on several
+// threads, or several models side by side, split the work themselves: no BLAS threads spinning
+// beside them). `on` false: nothing changes.
+class OneThreadBlas {
+public:
+    explicit OneThreadBlas(bool on = true);
+    ~OneThreadBlas();
+    OneThreadBlas(const OneThreadBlas &) = delete;
+    OneThreadBlas &operator=(const OneThreadBlas &) = delete;
+
+private:
+    int saved_;
+};
+
 class Model {
 public:
     bool load(const std::string &path, std::string *error);

@@ -166,8 +166,8 @@ bool ModelWorkers::run(int n_items, const std::function<bool(int, int, std::stri
         return true;
     }
     // The caller's model and the BLAS on one thread while the workers share the cores.
-    const int blas_threads = openblas_get_num_threads(), model_threads = models_[0]->threads();
-    openblas_set_num_threads(1);
+    const OneThreadBlas one_blas;
+    const int model_threads = models_[0]->threads();
     models_[0]->set_threads(1);
     std::atomic<int> next{0};
     std::atomic<bool> failed{false};
@@ -198,7 +198,6 @@ bool ModelWorkers::run(int n_items, const std::function<bool(int, int, std::stri
     work(0);
     for (std::thread &t : th) t.join();
     models_[0]->set_threads(model_threads);
-    openblas_set_num_threads(blas_threads);
     if (!failed) return true;
     for (const std::string &e : errors)
         if (!e.empty()) {
