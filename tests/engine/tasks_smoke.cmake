@@ -1,8 +1,9 @@
 # A short real-model run of `defkv-engine tasks`: two passkey trials at 512 tokens, the full cache
 # and two methods at 40% in both modes (threshold 0, so the compressed phase runs whatever the
 # full cache scored), with the CSV and the SVG written; then the same with --threads 2 (the
-# trials of the full cache and a trial's answers side by side), which must give the same CSV
-# but for the two timing columns. Prints SKIPPED when the model or the text is not cached (exit
+# trials of the full cache and a trial's compressions side by side, the answers decoded in one
+# batch on two threads), and with --keep-prefills 0 (phase 2 prefills every trial again instead
+# of taking phase 1's), which must give the same CSV but for the two timing columns. Prints SKIPPED when the model or the text is not cached (exit
 # 3 of the engine).
 include(${CMAKE_CURRENT_LIST_DIR}/run_engine.cmake)
 # The CSV without its timing columns (answer_seconds, prefill_seconds: fields 10 and 11).
@@ -17,12 +18,18 @@ function(csv_without_times path out_var)
   endforeach()
   set(${out_var} "${kept}" PARENT_SCOPE)
 endfunction()
-foreach(threads 1 2)
-  set(csv ${WORKDIR}/tasks_smoke_${threads}.csv)
-  set(svg ${WORKDIR}/tasks_smoke_${threads}.svg)
+foreach(run 1 2 2nokeep)
+  set(csv ${WORKDIR}/tasks_smoke_${run}.csv)
+  set(svg ${WORKDIR}/tasks_smoke_${run}.svg)
   file(REMOVE ${csv} ${svg})
-  run_engine("tasks --threads ${threads}" out tasks --tasks niah_single --contexts 512 --trials 2 --budgets 40%
-             --methods snapkv,defensivekv --threshold 0 --quiet --threads ${threads} --csv ${csv} --svg ${svg})
+  string(SUBSTRING ${run} 0 1 threads)
+  set(keep "")
+  if(run STREQUAL "2nokeep")
+    set(keep --keep-prefills 0)
+  endif()
+  run_engine("tasks --threads ${threads} ${keep}" out tasks --tasks niah_single --contexts 512 --trials 2
+             --budgets 40% --methods snapkv,defensivekv --threshold 0 --quiet --threads ${threads} ${keep}
+             --csv ${csv} --svg ${svg})
   foreach(want "Full cache, per task" "Query-agnostic" "Query-aware" "Summary, agnostic" "Summary, aware")
     string(FIND "${out}" "${want}" pos)
     if(pos EQUAL -1)
@@ -40,10 +47,13 @@ foreach(threads 1 2)
   if(pos EQUAL -1)
     message(FATAL_ERROR "the SVG is incomplete")
   endif()
-  csv_without_times(${csv} figures_${threads})
+  csv_without_times(${csv} figures_${run})
 endforeach()
 if(NOT figures_1 STREQUAL figures_2)
   message(FATAL_ERROR "--threads 2 changed the figures:\n--threads 1:\n${figures_1}\n--threads 2:\n${figures_2}")
+endif()
+if(NOT figures_2 STREQUAL figures_2nokeep)
+  message(FATAL_ERROR "--keep-prefills 0 changed the figures:\nkept:\n${figures_2}\nprefilled again:\n${figures_2nokeep}")
 endif()
 # A task below the threshold at one length is not run at the longer ones (vartrack is far
 # beyond this model: 0% at 512 tokens, the seed fixes the sample).
@@ -59,4 +69,4 @@ list(LENGTH skip_rows n_skip)
 if(NOT n_skip EQUAL 1)
   message(FATAL_ERROR "expected one vartrack row (512 tokens), got ${n_skip}:\n${skip_csv}")
 endif()
-message("PASS: tasks smoke (${n} CSV rows of 2 trials; --threads 1 and 2 give the same figures)\n${out}")
+message("PASS: tasks smoke (${n} CSV rows of 2 trials; --threads 1 and 2, --keep-prefills 0 give the same figures)\n${out}")

@@ -997,7 +997,89 @@ int defkv_cmd_cache_parity(int argc, char **argv) {
         check(same, std::string("the full-cache forward differs between 1 and 3 threads (") + name + ")");
         check(same_comp, std::string("the compressed-cache forward differs between 1 and 3 threads (") + name + ")");
     }
-    env.model.set_threads(saved_threads);
+    // 4. One-token steps (decode_batch): states of every layout decoded together on 3 threads
+    // give the bits each gets decoded alone on 1 thread, step after step; and the steps agree
+    // with the multi-token forward (another summation order: close, not equal).
+    {
+        const char *kinds[] = {"paged defensivekv", "paged snapkv", "paged full", "contiguous defensivekv",
+                               "contiguous full"};
+        const int n_states = 5, steps = (int)std::min<long>(cont, 8);
+        auto make = [&](std::vector<KVState> *out) {
+            out->clear();
+            for (int i = 0; i < n_states; ++i) {
+                const CacheKind kind = i < 3 ? CacheKind::paged : CacheKind::contiguous;
+                const std::string m = std::string(kinds[i]).substr(std::string(kinds[i]).find(' ') + 1);
+                KVState s = env.model.new_state((int)ctx_len, kind), st;
+                CompressStats cs;
+                if (!env.model.prefill(s, context, 256, 32, &err) ||
+                    !compress_state(env.ctx, env.model, s, m, 0.2, steps + 2, &st, &cs, &err))
+                    return false;
+                out->push_back(std::move(st));
+            }
+            return true;
+        };
+        std::vector<KVState> alone, batch;
+        const size_t V = (size_t)mc.vocab;
+        std::vector<float> la((size_t)n_states * V), lb((size_t)n_states * V);
+        bool same = true, ok = make(&alone) && make(&batch);
+        for (int t = 0; ok && t < steps; ++t) {
+            std::vector<int> tok((size_t)n_states, next[(size_t)t]);
+            env.model.set_threads(1);
+            for (int i = 0; ok && i < n_states; ++i)
+                ok = env.model.forward(alone[(size_t)i], &tok[0], 1, &la[(size_t)i * V], 1, 0, &err);
+            env.model.set_threads(3);
+            std::vector<KVState *> ptr;
+            for (KVState &s : batch) ptr.push_back(&s);
+            ok = ok && env.model.decode_batch(ptr.data(), tok.data(), n_states, lb.data(), &err);
+            same = same && la == lb;
+        }
+        env.model.set_threads(saved_threads);
+        if (!ok) {
+            std::printf("FAIL: one-token steps: %s\n", err.c_str());
+            return 1;
+        }
+        std::printf("one-token steps, %d states (%s, %s, %s, %s, %s) x %d steps: batch on 3 threads vs alone on 1: %s\n",
+                    n_states, kinds[0], kinds[1], kinds[2], kinds[3], kinds[4], steps, same ? "identical" : "DIFFERENT");
+        check(same, "a state decoded in a batch differs from the same state decoded alone");
+        // Bad input changes nothing: a duplicated state, a token outside the vocabulary.
+        KVState *dup[2] = {&batch[0], &batch[0]};
+        KVState *two[2] = {&batch[0], &batch[1]};
+        const int toks2[2] = {next[0], mc.vocab};
+        const int pos0 = batch[0].pos, tail0 = batch[0].n_tail;
+        const int64_t held0 = batch[0].cached_entries();
+        std::string e1, e2;
+        const bool r1 = env.model.decode_batch(dup, toks2, 2, lb.data(), &e1);
+        const bool r2 = env.model.decode_batch(two, toks2, 2, lb.data(), &e2);
+        const bool unchanged = batch[0].pos == pos0 && batch[0].n_tail == tail0 && batch[0].cached_entries() == held0;
+        std::printf("decode_batch rejects a repeated state (%s) and a bad token (%s), state unchanged: %s\n", e1.c_str(),
+                    e2.c_str(), unchanged ? "yes" : "NO");
+        check(!r1 && !r2 && e1.find("state 1") != std::string::npos && e2.find("vocabulary") != std::string::npos &&
+                  unchanged,
+              "decode_batch accepted bad input or changed a state");
+        // The step against the multi-token forward: the full cache after `context`, then two tokens.
+        KVState s1 = env.model.new_state((int)ctx_len + 2, CacheKind::paged);
+        KVState s2 = env.model.new_state((int)ctx_len + 2, CacheKind::paged);
+        std::vector<float> l1(2 * V), l2(V);
+        ok = env.model.prefill(s1, context, 256, 0, &err) && env.model.prefill(s2, context, 256, 0, &err) &&
+             env.model.forward(s1, next.data(), 2, l1.data(), 2, 0, &err) &&
+             env.model.forward(s2, next.data(), 1, l2.data(), 1, 0, &err) &&
+             env.model.forward(s2, next.data() + 1, 1, l2.data(), 1, 0, &err);
+        if (!ok) {
+            std::printf("FAIL: forward: %s\n", err.c_str());
+            return 1;
+        }
+        double worst = 0, range = 0;
+        for (size_t j = 0; j < V; ++j) {
+            worst = std::max(worst, (double)std::fabs(l1[V + j] - l2[j]));
+            range = std::max(range, (double)std::fabs(l1[V + j]));
+        }
+        const bool same_top = std::max_element(l1.begin() + (long)V, l1.end()) - (l1.begin() + (long)V) ==
+                              std::max_element(l2.begin(), l2.end()) - l2.begin();
+        std::printf("one-token steps vs a two-token forward: largest logit difference %.3g (logits up to %.3g), "
+                    "same top-1: %s\n",
+                    worst, range, same_top ? "yes" : "NO");
+        check(same_top && worst <= 1e-3 * std::max(1.0, range), "one-token steps disagree with the multi-token forward");
+    }
     if (checks == 0) ++failures;
     std::printf("%s: %d checks, %d failures\n", failures ? "FAIL" : "PASS", checks, failures);
     return failures ? 1 : 0;

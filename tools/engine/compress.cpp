@@ -291,6 +291,7 @@ bool compress_state(defkv_context *ctx, const Model &model, const KVState &full,
     if (paged) {
         stats->pages_after = out->paged->head_pages_in_use();
         stats->peak_bytes = out->paged->peak_bytes;
+        out->paged->nhd.trim();  // every NHD page was gathered and freed: the fork's copy goes
     }
     stats->seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     return true;

@@ -1,5 +1,7 @@
 #include "model.hpp"
 
+#include "rowdot.hpp"
+
 #include <cblas.h>
 
 #include <algorithm>
@@ -163,6 +165,34 @@ void matmul(const float *x, const float *w, float *y, int T, int in, int out, in
 }
 
 
+// Appends T tokens' keys and values (k, v: [T, Hk, d]) to layer l of the state: paged pages,
+// each head's own rows (per-head contiguous) or the tail after its n_tail tokens.
+bool append_tokens(KVState &st, int l, int Hk, int d, const float *k, const float *v, int T, std::string *error) {
+    LayerKV &kv = st.layers[l];
+    const int n_old = st.n_tail;
+    if (st.paged) {
+        for (int t = 0; t < T; ++t)
+            if (!st.paged->append(l, &k[(size_t)t * Hk * d], &v[(size_t)t * Hk * d], error)) return false;
+    } else if (st.per_head) {
+        for (int kh = 0; kh < Hk; ++kh) {
+            const size_t dst = ((size_t)kh * st.tail_cap + kv.head_len[kh]) * d;
+            for (int t = 0; t < T; ++t) {
+                std::memcpy(&kv.head_k[dst + (size_t)t * d], &k[((size_t)t * Hk + kh) * d], sizeof(float) * d);
+                std::memcpy(&kv.head_v[dst + (size_t)t * d], &v[((size_t)t * Hk + kh) * d], sizeof(float) * d);
+            }
+            kv.head_len[kh] += T;
+        }
+    } else {
+        for (int kh = 0; kh < Hk; ++kh)
+            for (int t = 0; t < T; ++t) {
+                const size_t dst = ((size_t)kh * st.tail_cap + n_old + t) * d;
+                std::memcpy(&kv.tail_k[dst], &k[((size_t)t * Hk + kh) * d], sizeof(float) * d);
+                std::memcpy(&kv.tail_v[dst], &v[((size_t)t * Hk + kh) * d], sizeof(float) * d);
+            }
+    }
+    return true;
+}
+
 }  // namespace
 
 OneThreadBlas::OneThreadBlas(bool on) : saved_(on ? openblas_get_num_threads() : 0) {
@@ -305,6 +335,9 @@ bool Model::forward(KVState &st, const int *tokens, int T, float *logits, int n_
         *error = "internal: window or logits count exceeds the tokens of the call";
         return false;
     }
+    // One token: the fixed-order step (decode_batch), whose bits do not depend on a batch.
+    KVState *one = &st;
+    if (T == 1) return step(&one, tokens, 1, n_logits > 0 ? logits : nullptr, capture_window == 1, error);
     for (int t = 0; t < T; ++t)
         if (tokens[t] < 0 || tokens[t] >= cfg_.vocab) {
             *error = "token id " + std::to_string(tokens[t]) + " is outside the vocabulary";
@@ -351,26 +384,7 @@ bool Model::forward(KVState &st, const int *tokens, int T, float *logits, int n_
             rot(&q_[(size_t)t * H * d], H);
             rot(&k_[(size_t)t * Hk * d], Hk);
         }
-        if (st.paged) {
-            for (int t = 0; t < T; ++t)
-                if (!st.paged->append(l, &k_[(size_t)t * Hk * d], &v_[(size_t)t * Hk * d], error)) return false;
-        } else if (st.per_head) {
-            for (int kh = 0; kh < Hk; ++kh) {
-                const size_t dst = ((size_t)kh * st.tail_cap + kv.head_len[kh]) * d;
-                for (int t = 0; t < T; ++t) {
-                    std::memcpy(&kv.head_k[dst + (size_t)t * d], &k_[((size_t)t * Hk + kh) * d], sizeof(float) * d);
-                    std::memcpy(&kv.head_v[dst + (size_t)t * d], &v_[((size_t)t * Hk + kh) * d], sizeof(float) * d);
-                }
-                kv.head_len[kh] += T;
-            }
-        } else {
-            for (int kh = 0; kh < Hk; ++kh)
-                for (int t = 0; t < T; ++t) {
-                    const size_t dst = ((size_t)kh * st.tail_cap + n_old + t) * d;
-                    std::memcpy(&kv.tail_k[dst], &k_[((size_t)t * Hk + kh) * d], sizeof(float) * d);
-                    std::memcpy(&kv.tail_v[dst], &v_[((size_t)t * Hk + kh) * d], sizeof(float) * d);
-                }
-        }
+        if (!append_tokens(st, l, Hk, d, k_.data(), v_.data(), T, error)) return false;
         if (capture_window > 0) {
             for (int h = 0; h < H; ++h)
                 for (int wi = 0; wi < capture_window; ++wi)
@@ -510,6 +524,224 @@ bool Model::prefill(KVState &st, const std::vector<int> &tokens, int chunk, int 
         const bool last = i + len == n;
         if (!forward(st, tokens.data() + i, len, nullptr, 0, last ? capture_window : 0, error)) return false;
         i += len;
+    }
+    return true;
+}
+
+bool Model::decode_batch(KVState *const *states, const int *tokens, int n, float *logits, std::string *error) {
+    if (n < 1 || !states || !tokens) {
+        *error = "decode_batch: expected at least one state and its token";
+        return false;
+    }
+    for (int b = 0; b < n; ++b) {
+        if (!states[b]) {
+            *error = "decode_batch: state " + std::to_string(b) + " is null";
+            return false;
+        }
+        for (int c = 0; c < b; ++c)
+            if (states[c] == states[b]) {
+                *error = "decode_batch: state " + std::to_string(b) + " is also state " + std::to_string(c);
+                return false;
+            }
+    }
+    return step(states, tokens, n, logits, false, error);
+}
+
+namespace {
+
+// A run of consecutive cache rows of one KV head: row j's key at k + j * ld (value: v + j * ld).
+struct RowRun {
+    const float *k, *v;
+    int n;
+    int64_t ld;
+};
+
+}  // namespace
+
+// One token for each of B states. Every product is rowdot.hpp's fixed-order kernel, split over
+// the threads by output columns (projections) or by (state, query head) (attention), so no sum
+// depends on B or on the thread count.
+bool Model::step(KVState *const *states, const int *tokens, int B, float *logits, bool capture, std::string *error) {
+    const int D = cfg_.d_model, H = cfg_.n_heads, Hk = cfg_.n_kv_heads, d = cfg_.head_dim;
+    const int G = H / Hk, F = cfg_.d_ff, half = d / 2;
+    if (Hk > kMaxKvHeads) {
+        *error = "the model has more than " + std::to_string(kMaxKvHeads) + " KV heads";
+        return false;
+    }
+    int max_pos = 0;
+    for (int b = 0; b < B; ++b) {  // everything checked before anything changes
+        const KVState &st = *states[b];
+        const std::string which = B > 1 ? "state " + std::to_string(b) + ": " : "";
+        if (tokens[b] < 0 || tokens[b] >= cfg_.vocab) {
+            *error = which + "token id " + std::to_string(tokens[b]) + " is outside the vocabulary";
+            return false;
+        }
+        if ((int)st.layers.size() != cfg_.n_layers) {
+            *error = which + "the state was not made by this model";
+            return false;
+        }
+        if (st.n_tail + 1 > st.tail_cap) {
+            *error = which + "KV cache tail is full (" + std::to_string(st.tail_cap) + " tokens)";
+            return false;
+        }
+        if (st.per_head && !st.paged)
+            for (const LayerKV &l : st.layers)
+                for (int32_t len : l.head_len)
+                    if (len + 1 > st.tail_cap) {
+                        *error = which + "KV cache head is full (" + std::to_string(st.tail_cap) + " rows)";
+                        return false;
+                    }
+        max_pos = std::max(max_pos, st.pos + 1);
+    }
+    const OneThreadBlas one_blas(threads_ > 1);
+    ensure_rope(max_pos);
+    x_.resize((size_t)B * D);
+    xn_.resize((size_t)B * D);
+    q_.resize((size_t)B * H * d);
+    k_.resize((size_t)B * Hk * d);
+    v_.resize((size_t)B * Hk * d);
+    att_.resize((size_t)B * H * d);
+    gate_.resize((size_t)B * F);
+    up_.resize((size_t)B * F);
+    if (capture) {
+        states[0]->window = 1;
+        states[0]->win_q.assign(cfg_.n_layers, std::vector<float>((size_t)H * d));
+    }
+    // y[B, out] (+)= x[B, in] * W[out, in]^T, the columns split over the threads.
+    auto project = [&](const float *x, const float *w, float *y, int in, int out, bool accumulate) {
+        const int64_t work = (int64_t)B * in * out;
+        const int n = work >= kParallelMacs ? std::max(1, std::min(threads_, out / 64)) : 1;
+        run_threads(n, [&](int i) {
+            const int c0 = (int)((int64_t)out * i / n) / 64 * 64;
+            const int c1 = i + 1 == n ? out : (int)((int64_t)out * (i + 1) / n) / 64 * 64;
+            if (c1 > c0) dot_rows(x, in, B, w + (size_t)c0 * in, in, c1 - c0, in, y + c0, out, accumulate);
+        });
+    };
+    for (int b = 0; b < B; ++b)
+        std::memcpy(&x_[(size_t)b * D], &tok_embd_[(size_t)tokens[b] * D], sizeof(float) * D);
+    const float scale = 1.0f / std::sqrt((float)d);
+    std::vector<std::vector<RowRun>> runs((size_t)B * Hk);
+    for (int l = 0; l < cfg_.n_layers; ++l) {
+        const LayerWeights &w = layers_[l];
+        for (int b = 0; b < B; ++b)
+            rmsnorm(&x_[(size_t)b * D], w.attn_norm.data(), &xn_[(size_t)b * D], D, cfg_.norm_eps);
+        project(xn_.data(), w.wq.data(), q_.data(), D, H * d, false);
+        project(xn_.data(), w.wk.data(), k_.data(), D, Hk * d, false);
+        project(xn_.data(), w.wv.data(), v_.data(), D, Hk * d, false);
+        for (int b = 0; b < B; ++b) {
+            KVState &st = *states[b];
+            const float *c = &rope_cos_[(size_t)st.pos * half];
+            const float *s = &rope_sin_[(size_t)st.pos * half];
+            auto rot = [&](float *x, int nh) {
+                for (int h = 0; h < nh; ++h)
+                    for (int i = 0; i < half; ++i) {
+                        const float a = x[h * d + 2 * i], e = x[h * d + 2 * i + 1];
+                        x[h * d + 2 * i] = a * c[i] - e * s[i];
+                        x[h * d + 2 * i + 1] = a * s[i] + e * c[i];
+                    }
+            };
+            rot(&q_[(size_t)b * H * d], H);
+            rot(&k_[(size_t)b * Hk * d], Hk);
+            if (!append_tokens(st, l, Hk, d, &k_[(size_t)b * Hk * d], &v_[(size_t)b * Hk * d], 1, error)) return false;
+            if (capture) std::memcpy(st.win_q[l].data(), &q_[(size_t)b * H * d], sizeof(float) * H * d);
+        }
+        // Each (state, KV head)'s rows in order (segment, then tail) as runs of contiguous rows,
+        // read in place (pages through the block table).
+        size_t longest = 1;
+        for (int b = 0; b < B; ++b) {
+            const KVState &st = *states[b];
+            const LayerKV &kv = st.layers[l];
+            const int n_tail_all = st.n_tail + 1;
+            for (int kh = 0; kh < Hk; ++kh) {
+                std::vector<RowRun> &r = runs[(size_t)b * Hk + kh];
+                r.clear();
+                int rows = 0;
+                if (st.paged) {
+                    const PagedLayer &pl = st.paged->layers[l];
+                    if (pl.len[kh] - pl.seg[kh] != n_tail_all) {
+                        *error = "internal: paged cache head length does not match the tail";
+                        return false;
+                    }
+                    rows = pl.len[kh];
+                    const int row = pl.per_head ? kh : 0;
+                    for (int j = 0; j < rows; j += kPageSize) {
+                        const int32_t id = pl.table[(size_t)(row * pl.stride + j / kPageSize)];
+                        const int n = std::min(kPageSize, rows - j);
+                        if (pl.per_head)
+                            r.push_back({st.paged->head.k(id), st.paged->head.v(id), n, d});
+                        else
+                            r.push_back({st.paged->nhd.k(id) + (size_t)kh * d, st.paged->nhd.v(id) + (size_t)kh * d, n,
+                                         (int64_t)Hk * d});
+                    }
+                } else if (st.per_head) {
+                    if (kv.head_len[kh] - kv.head_seg[kh] != n_tail_all) {
+                        *error = "internal: per-head cache length does not match the tail";
+                        return false;
+                    }
+                    rows = kv.head_len[kh];
+                    r.push_back({&kv.head_k[(size_t)kh * st.tail_cap * d], &kv.head_v[(size_t)kh * st.tail_cap * d],
+                                 rows, d});
+                } else {
+                    const int s0 = kv.seg_cu[kh], ns = kv.seg_cu[kh + 1] - s0;
+                    if (ns > 0) r.push_back({&kv.seg_k[(size_t)s0 * d], &kv.seg_v[(size_t)s0 * d], ns, d});
+                    r.push_back({&kv.tail_k[(size_t)kh * st.tail_cap * d], &kv.tail_v[(size_t)kh * st.tail_cap * d],
+                                 n_tail_all, d});
+                    rows = ns + n_tail_all;
+                }
+                longest = std::max(longest, (size_t)rows);
+            }
+        }
+        // Attention of every (state, query head): scores, softmax, the weighted sum of values.
+        auto head = [&](int pair, std::vector<float> &scores) {
+            const int b = pair / H, h = pair % H;
+            const std::vector<RowRun> &r = runs[(size_t)b * Hk + h / G];
+            const float *q = &q_[((size_t)b * H + h) * d];
+            float *S = scores.data();
+            int n = 0;
+            for (const RowRun &run : r) {
+                dot_rows(q, d, 1, run.k, run.ld, run.n, d, S + n, run.n, false);
+                n += run.n;
+            }
+            for (int j = 0; j < n; ++j) S[j] *= scale;
+            softmax_row(S, n, n);
+            float *o = &att_[((size_t)b * H + h) * d];
+            std::fill(o, o + d, 0.0f);
+            n = 0;
+            for (const RowRun &run : r) {
+                axpy_rows(S + n, run.n, run.v, run.ld, d, o);
+                n += run.n;
+            }
+        };
+        const int pairs = B * H;
+        const int n_par = (int64_t)pairs * (int64_t)longest >= kParallelWork ? std::min(threads_, pairs) : 1;
+        scores_.resize(longest);
+        thread_scores_.resize((size_t)std::max(0, n_par - 1));
+        for (std::vector<float> &sc : thread_scores_) sc.resize(longest);
+        std::atomic<int> next{0};
+        run_threads(n_par, [&](int i) {
+            std::vector<float> &sc = i == 0 ? scores_ : thread_scores_[(size_t)i - 1];
+            for (int p = next++; p < pairs; p = next++) head(p, sc);
+        });
+        project(att_.data(), w.wo.data(), x_.data(), H * d, D, true);  // x += att * Wo^T
+        for (int b = 0; b < B; ++b)
+            rmsnorm(&x_[(size_t)b * D], w.ffn_norm.data(), &xn_[(size_t)b * D], D, cfg_.norm_eps);
+        project(xn_.data(), w.w_gate.data(), gate_.data(), D, F, false);
+        project(xn_.data(), w.w_up.data(), up_.data(), D, F, false);
+        for (size_t j = 0; j < (size_t)B * F; ++j) {
+            const float g = gate_[j];
+            gate_[j] = g / (1.0f + std::exp(-g)) * up_[j];
+        }
+        project(gate_.data(), w.w_down.data(), x_.data(), F, D, true);
+    }
+    for (int b = 0; b < B; ++b) {
+        ++states[b]->n_tail;
+        ++states[b]->pos;
+    }
+    if (logits) {
+        for (int b = 0; b < B; ++b)
+            rmsnorm(&x_[(size_t)b * D], out_norm_.data(), &xn_[(size_t)b * D], D, cfg_.norm_eps);
+        const std::vector<float> &ow = out_w_.empty() ? tok_embd_ : out_w_;
+        project(xn_.data(), ow.data(), logits, D, cfg_.vocab, false);
     }
     return true;
 }

@@ -110,6 +110,14 @@ public:
     // Returns false (with error) if the tail has no room.
     bool forward(KVState &state, const int *tokens, int n_tokens, float *logits, int n_logits,
                  int capture_window, std::string *error);
+    // One token for each of n states at once (a batch of sequences, each with its own cache,
+    // layout and position): tokens[b] is appended to states[b] and, if logits is not null, row b
+    // of logits [n, vocab] receives its prediction. The weights are read once for the batch.
+    // Every product is summed in a fixed order (rowdot.hpp) that depends neither on the batch nor
+    // on the thread count, and forward() with one token runs this same step: a sequence gets the
+    // same bits decoded alone or in any batch. States must be distinct; on a bad argument
+    // (a full cache, a token outside the vocabulary) nothing changes.
+    bool decode_batch(KVState *const *states, const int *tokens, int n, float *logits, std::string *error);
     // Chunked forward over a long input (chunks of `chunk` tokens); same contract.
     bool prefill(KVState &state, const std::vector<int> &tokens, int chunk, int capture_window,
                  std::string *error);
@@ -131,6 +139,7 @@ private:
     std::vector<LayerWeights> layers_;
     std::vector<float> rope_cos_, rope_sin_;  // [context_cap, d/2], grown on demand
     void ensure_rope(int max_pos);
+    bool step(KVState *const *states, const int *tokens, int n, float *logits, bool capture, std::string *error);
     // scratch, reused between calls
     std::vector<float> x_, xn_, q_, k_, v_, att_, gate_, up_, scores_;
     std::vector<float> seg_k_, seg_v_, tail_k_, tail_v_;  // every KV head gathered from pages

@@ -26,6 +26,14 @@ void PagePool::release(int32_t id) {
     --in_use_;
 }
 
+void PagePool::trim() {
+    if (in_use_ != 0) return;
+    std::vector<float>().swap(k_);
+    std::vector<float>().swap(v_);
+    std::vector<int32_t>().swap(free_);
+    capacity_ = 0;
+}
+
 void PagedLayer::reserve_pages(int64_t pages_per_row) {
     if (pages_per_row <= stride) return;
     std::vector<int32_t> t((size_t)(rows() * pages_per_row), -1);

@@ -20,6 +20,8 @@ public:
     explicit PagePool(int64_t page_floats = 0) : page_floats_(page_floats) {}
     int32_t alloc();  // from the free list; the pool doubles when the list is empty
     void release(int32_t id);
+    // With no page in use, gives the pool's memory back (capacity 0; ids start again at 0).
+    void trim();
     int64_t capacity() const { return capacity_; }
     int64_t in_use() const { return in_use_; }
     float *k(int32_t id) { return &k_[(size_t)id * page_floats_]; }

@@ -47,6 +47,9 @@ const char *kTasksHelp =
     "  --threads N            work side by side on N threads (the full cache's trials, a trial's\n"
     "                         answers), each with a copy of the model (~540 MB); the same figures\n"
     "                         as N = 1 (default 1)\n"
+    "  --keep-prefills MIB    keep phase 1's prefilled contexts of the kept pairs for phase 2, up to\n"
+    "                         MIB mebibytes of cache (default 8192; 0: phase 2 prefills every\n"
+    "                         trial again); the same figures either way\n"
     "  --verbose              every answer on stderr\n"
     "  --quiet                no progress line\n";
 
@@ -278,19 +281,22 @@ int defkv_cmd_tasks(int argc, char **argv) {
     }
     TaskConfig cfg;
     Args a;
-    long trials = cfg.trials, seed = (long)cfg.seed, threshold = 80, threads = cfg.threads;
+    long trials = cfg.trials, seed = (long)cfg.seed, threshold = 80, threads = cfg.threads,
+         keep_mib = (long)(cfg.keep_prefill_bytes >> 20);
     if (!a.parse(argc, argv,
                  {"--model", "--text", "--tasks", "--contexts", "--budgets", "--methods", "--modes", "--trials",
-                  "--seed", "--threshold", "--csv", "--svg", "--cache", "--threads"},
+                  "--seed", "--threshold", "--csv", "--svg", "--cache", "--threads", "--keep-prefills"},
                  {"--verbose", "--quiet", "--full-only", "--every-length"}) ||
         !parse_tasks(a, &cfg.tasks) || !a.int_list("--contexts", 256, 8000, &cfg.contexts) ||
         !a.budget_list("--budgets", &cfg.budgets) || !a.method_list("--methods", &cfg.methods) ||
         !parse_modes(a, &cfg.modes) || !a.integer("--trials", 1, 100000, &trials) ||
         !a.integer("--seed", 0, 2147483647L, &seed) || !a.integer("--threshold", 0, 100, &threshold) ||
-        !parse_cache(a, &cfg.cache) || !a.integer("--threads", 1, 64, &threads))
+        !parse_cache(a, &cfg.cache) || !a.integer("--threads", 1, 64, &threads) ||
+        !a.integer("--keep-prefills", 0, 1L << 30, &keep_mib))
         return fail(cmd, a.error + " (see --help)", 2);
     cfg.trials = (int)trials;
     cfg.threads = (int)threads;
+    cfg.keep_prefill_bytes = (int64_t)keep_mib << 20;
     cfg.seed = (uint64_t)seed;
     cfg.threshold = threshold / 100.0;
     cfg.verbose = a.has("--verbose");
@@ -318,7 +324,8 @@ int defkv_cmd_tasks(int argc, char **argv) {
                  cfg.tasks.size(), cfg.contexts.size(), cfg.trials);
     prog.begin((int64_t)cfg.tasks.size() * (int64_t)cfg.contexts.size() * cfg.trials);
     std::vector<TaskRow> full, kept, rows;
-    if (!run_tasks_full(env.ctx, env.model, words, cfg, prog, &full, &err)) {
+    TaskPrefills prefills;  // phase 1's, for phase 2
+    if (!run_tasks_full(env.ctx, env.model, words, cfg, prog, &full, &err, &prefills)) {
         prog.finish();
         return fail(cmd, err, 1);
     }
@@ -344,7 +351,7 @@ int defkv_cmd_tasks(int argc, char **argv) {
         std::fprintf(stderr, "defkv %s: phase 2, %zu kept pairs x %d trials x %lld answers\n", cmd, kept.size(),
                      cfg.trials, (long long)per_trial);
         prog.begin((int64_t)kept.size() * cfg.trials * per_trial);
-        if (!run_tasks_compressed(env.ctx, env.model, words, cfg, kept, prog, &rows, &err)) {
+        if (!run_tasks_compressed(env.ctx, env.model, words, cfg, kept, prog, &rows, &err, &prefills)) {
             prog.finish();
             return fail(cmd, err, 1);
         }

@@ -51,23 +51,52 @@ bool build_prompt(const Model &m, TaskKind kind, int C, int trial, const std::ve
     return true;
 }
 
-// Greedy answer from `logits`. Stops at the end of text, at a blank line, or once every reference
-// is in the answer: string matching can only find more references in a longer answer, so stopping
-// there leaves the score as it is and saves the remaining steps.
-bool generate(Model &m, KVState &st, std::vector<float> logits, int max_new, const std::vector<std::string> &refs,
-              std::string *answer, std::string *error) {
+// Greedy answers, one per state, decoded together (Model::decode_batch: each answer gets the
+// bits it would get alone). Answer i starts from logits[i] (consumed) and stops at the end of
+// text, at a blank line, after max_new tokens, or once every reference is in it: string matching
+// can only find more references in a longer answer, so stopping there leaves the score as it
+// is and saves the remaining steps. seconds[i], if given, gets answer i's share of every step it
+// took part in (a step's time divided among its states).
+bool generate(Model &m, const std::vector<KVState *> &states, std::vector<std::vector<float>> &logits, int max_new,
+              const std::vector<std::string> &refs, std::vector<std::string> *answers, std::vector<double> *seconds,
+              std::string *error) {
     const Tokenizer &tk = m.tokenizer();
     const int eot = tk.token_id("<|endoftext|>"), im_end = tk.token_id("<|im_end|>");
-    std::vector<int> out;
-    answer->clear();
-    for (int i = 0; i < max_new; ++i) {
-        const int next = (int)(std::max_element(logits.begin(), logits.end()) - logits.begin());
-        if (next == tk.eos || next == eot || next == im_end) break;
-        out.push_back(next);
-        *answer = tk.decode(out);
-        if (score_answer(*answer, refs) >= 1.0 || answer->find("\n\n") != std::string::npos) break;
-        if (i + 1 == max_new) break;
-        if (!m.forward(st, &next, 1, logits.data(), 1, 0, error)) return false;
+    const size_t n = states.size(), V = (size_t)m.config().vocab;
+    std::vector<std::vector<int>> out(n);
+    answers->assign(n, std::string());
+    std::vector<size_t> active(n);
+    for (size_t i = 0; i < n; ++i) active[i] = i;
+    std::vector<KVState *> batch;
+    std::vector<int> tokens;
+    std::vector<float> batch_logits;
+    for (int step = 0; step < max_new && !active.empty(); ++step) {
+        std::vector<size_t> going;
+        batch.clear();
+        tokens.clear();
+        for (size_t i : active) {
+            const std::vector<float> &lg = logits[i];
+            const int next = (int)(std::max_element(lg.begin(), lg.end()) - lg.begin());
+            if (next == tk.eos || next == eot || next == im_end) continue;
+            out[i].push_back(next);
+            std::string &a = (*answers)[i];
+            a = tk.decode(out[i]);
+            if (score_answer(a, refs) >= 1.0 || a.find("\n\n") != std::string::npos || step + 1 == max_new) continue;
+            going.push_back(i);
+            batch.push_back(states[i]);
+            tokens.push_back(next);
+        }
+        active.swap(going);
+        if (active.empty()) break;
+        const double t0 = now_s();
+        batch_logits.resize(active.size() * V);
+        if (!m.decode_batch(batch.data(), tokens.data(), (int)active.size(), batch_logits.data(), error)) return false;
+        for (size_t b = 0; b < active.size(); ++b)
+            std::copy_n(&batch_logits[b * V], V, logits[active[b]].begin());
+        if (seconds) {
+            const double share = (now_s() - t0) / (double)active.size();
+            for (size_t i : active) (*seconds)[i] += share;
+        }
     }
     return true;
 }
@@ -81,17 +110,23 @@ struct Prefilled {
     double seconds = 0;
 };
 
-bool prefill_trial(Model &m, const TaskPrompt &p, const TaskConfig &cfg, bool with_aware, Prefilled *out,
-                   std::string *error) {
-    const double t0 = now_s();
+// The trial's base state: its context but the last `window` tokens, prefilled.
+bool prefill_base(Model &m, const TaskPrompt &p, const TaskConfig &cfg, KVState *base, std::string *error) {
     const int n = (int)p.context.size(), W = cfg.window, q = (int)p.question.size();
     if (n <= W) {
         *error = "the context (" + std::to_string(n) + " tokens) is not longer than the observation window";
         return false;
     }
-    KVState base = m.new_state(n + q, cfg.cache);
+    *base = m.new_state(n + q, cfg.cache);
     const std::vector<int> head(p.context.begin(), p.context.end() - W);
-    if (!m.prefill(base, head, cfg.chunk, 0, error)) return false;
+    return m.prefill(*base, head, cfg.chunk, 0, error);
+}
+
+// The prefilled states from the base (moved in, or a clone of a kept one): the last `window`
+// tokens (agnostic), and those tokens with the question (aware, when `with_aware`).
+bool finish_prefill(Model &m, const TaskPrompt &p, const TaskConfig &cfg, KVState base, bool with_aware,
+                    Prefilled *out, std::string *error) {
+    const int W = cfg.window;
     std::vector<int> last(p.context.end() - W, p.context.end());
     if (with_aware) {
         out->aware = base.clone();
@@ -102,33 +137,44 @@ bool prefill_trial(Model &m, const TaskPrompt &p, const TaskConfig &cfg, bool wi
     }
     if (!m.forward(base, last.data(), W, nullptr, 0, W, error)) return false;
     out->agnostic = std::move(base);
+    return true;
+}
+
+// A mode's cache compressed by a method at a budget, and the logits its answer starts from
+// (agnostic: the question run through the compressed cache; aware: the prefill's).
+struct Prepared {
+    KVState st;
+    std::vector<std::vector<float>> logits;  // one row, as generate() takes it
+    double kept_fraction = 1, seconds = 0;
+};
+
+bool prepare(defkv_context *ctx, Model &m, const Prefilled &pre, const TaskPrompt &p, const std::string &mode,
+             const std::string &method, double budget, Prepared *out, std::string *error) {
+    const double t0 = now_s();
+    const bool aware = mode == "aware";
+    CompressStats cs;
+    const int tail = (aware ? 0 : (int)p.question.size()) + p.max_new;
+    if (!compress_state(ctx, m, aware ? pre.aware : pre.agnostic, method, budget, tail, &out->st, &cs, error))
+        return false;
+    out->kept_fraction = cs.total ? (double)cs.kept / (double)cs.total : 1.0;
+    if (aware) {
+        out->logits.assign(1, pre.aware_logits);
+    } else {
+        out->logits.assign(1, std::vector<float>((size_t)m.config().vocab, 0.0f));
+        if (!m.forward(out->st, p.question.data(), (int)p.question.size(), out->logits[0].data(), 1, 0, error))
+            return false;
+    }
     out->seconds = now_s() - t0;
     return true;
 }
 
-// One answer of a mode with a method at a budget; adds it to the row.
-bool answer(defkv_context *ctx, Model &m, const Prefilled &pre, const TaskPrompt &p, const std::string &mode,
-            const std::string &method, double budget, TaskRow *row, std::string *ans, std::string *error) {
-    const double t0 = now_s();
-    const bool aware = mode == "aware";
-    KVState st;
-    CompressStats cs;
-    const int tail = (aware ? 0 : (int)p.question.size()) + p.max_new;
-    if (!compress_state(ctx, m, aware ? pre.aware : pre.agnostic, method, budget, tail, &st, &cs, error)) return false;
-    std::vector<float> logits;
-    if (aware) {
-        logits = pre.aware_logits;
-    } else {
-        logits.assign((size_t)m.config().vocab, 0.0f);
-        if (!m.forward(st, p.question.data(), (int)p.question.size(), logits.data(), 1, 0, error)) return false;
-    }
-    if (!generate(m, st, logits, p.max_new, p.refs, ans, error)) return false;
+// Adds an answer to its row (seconds: its compression, question and decoding steps).
+void add_answer(TaskRow *row, const TaskPrompt &p, const std::string &ans, double kept_fraction, double seconds) {
     ++row->trials;
-    row->score += score_answer(*ans, p.refs);
-    row->kept_fraction += cs.total ? (double)cs.kept / (double)cs.total : 1.0;
+    row->score += score_answer(ans, p.refs);
+    row->kept_fraction += kept_fraction;
     row->prompt_tokens += (double)(p.context.size() + p.question.size());
-    row->seconds += now_s() - t0;
-    return true;
+    row->seconds += seconds;
 }
 
 void finish_row(TaskRow *r) {
@@ -157,7 +203,11 @@ void add_trial(TaskRow *into, const TaskRow &one) {
 }  // namespace
 
 bool run_tasks_full(defkv_context *ctx, Model &m, const std::vector<std::string> &words, const TaskConfig &cfg,
-                    Progress &prog, std::vector<TaskRow> *out, std::string *error) {
+                    Progress &prog, std::vector<TaskRow> *out, std::string *error, TaskPrefills *keep) {
+    // Prefills kept for phase 2: the first trials of a pair, as many as the byte budget allows
+    // (an estimate from the length: the same choice on every run and thread count).
+    const ModelConfig &mc = m.config();
+    int64_t keep_left = keep ? cfg.keep_prefill_bytes : 0;
     // The trials of a (task, length) side by side on the workers, each with its own prefill.
     ModelWorkers workers;
     if (!workers.init(ctx, m, std::min(cfg.threads, cfg.trials), error)) return false;
@@ -180,18 +230,30 @@ bool run_tasks_full(defkv_context *ctx, Model &m, const std::vector<std::string>
             }
             std::vector<TaskRow> trial((size_t)cfg.trials);
             std::vector<std::string> refs((size_t)cfg.trials), answers((size_t)cfg.trials);
+            const int64_t state_bytes = 8LL * mc.n_layers * mc.n_kv_heads * mc.head_dim * (C + 64);
+            const int n_keep = (int)std::min<int64_t>(cfg.trials, std::max<int64_t>(0, keep_left / state_bytes));
+            std::vector<KVState> bases((size_t)n_keep);
             const bool ok = workers.run(
                 cfg.trials,
                 [&](int wi, int t, std::string *err) {
                     Model &wm = workers.model(wi);
                     TaskPrompt p;
                     Prefilled pre;
-                    if (!build_prompt(wm, kind, C, t, words, cfg, &p, err) || !prefill_trial(wm, p, cfg, false, &pre, err))
+                    KVState base;
+                    const double t0 = now_s();
+                    if (!build_prompt(wm, kind, C, t, words, cfg, &p, err) || !prefill_base(wm, p, cfg, &base, err) ||
+                        !finish_prefill(wm, p, cfg, t < n_keep ? base.clone() : std::move(base), false, &pre, err))
                         return false;
-                    trial[(size_t)t].prefill_seconds = pre.seconds;
-                    if (!answer(workers.context(wi), wm, pre, p, "agnostic", "full", 1.0, &trial[(size_t)t],
-                                &answers[(size_t)t], err))
+                    if (t < n_keep) bases[(size_t)t] = std::move(base);  // each item its own slot
+                    trial[(size_t)t].prefill_seconds = now_s() - t0;
+                    Prepared pr;
+                    std::vector<std::string> ans;
+                    std::vector<double> secs(1, 0.0);
+                    if (!prepare(workers.context(wi), wm, pre, p, "agnostic", "full", 1.0, &pr, err) ||
+                        !generate(wm, {&pr.st}, pr.logits, p.max_new, p.refs, &ans, &secs, err))
                         return false;
+                    answers[(size_t)t] = ans[0];
+                    add_answer(&trial[(size_t)t], p, ans[0], pr.kept_fraction, pr.seconds + secs[0]);
                     refs[(size_t)t] = refs_text(p.refs);
                     std::lock_guard<std::mutex> lock(prog_mutex);
                     prog.step(std::string("full ") + task_name(kind) + " " + std::to_string(C));
@@ -212,14 +274,19 @@ bool run_tasks_full(defkv_context *ctx, Model &m, const std::vector<std::string>
             }
             finish_row(&row);
             out->push_back(row);
-            if (row.accuracy() < cfg.threshold * 100 - 1e-9) below.push_back(kind);
+            if (row.accuracy() < cfg.threshold * 100 - 1e-9) {
+                below.push_back(kind);
+            } else if (n_keep > 0) {
+                keep->bases[{(int)kind, C}] = std::move(bases);
+                keep_left -= n_keep * state_bytes;
+            }
         }
     return true;
 }
 
 bool run_tasks_compressed(defkv_context *ctx, Model &m, const std::vector<std::string> &words,
                           const TaskConfig &cfg, const std::vector<TaskRow> &kept, Progress &prog,
-                          std::vector<TaskRow> *out, std::string *error) {
+                          std::vector<TaskRow> *out, std::string *error, TaskPrefills *keep) {
     const bool with_aware = std::find(cfg.modes.begin(), cfg.modes.end(), "aware") != cfg.modes.end();
     ModelWorkers workers;
     const int per_trial = (int)(cfg.modes.size() * cfg.budgets.size() * cfg.methods.size());
@@ -240,23 +307,33 @@ bool run_tasks_compressed(defkv_context *ctx, Model &m, const std::vector<std::s
                 }
         std::vector<std::string> answers(rows.size());
         std::vector<double> scores(rows.size());
+        std::vector<KVState> *bases = nullptr;
+        if (keep) {
+            auto it = keep->bases.find({(int)pair.task, pair.context});
+            if (it != keep->bases.end()) bases = &it->second;
+        }
         for (int t = 0; t < cfg.trials; ++t) {
             TaskPrompt p;
             Prefilled pre;
+            KVState base;
+            const double t0 = now_s();
+            const bool kept_base = bases && t < (int)bases->size() && !(*bases)[(size_t)t].layers.empty();
+            if (kept_base) base = std::move((*bases)[(size_t)t]);  // phase 1's prefill, used once
             if (!build_prompt(m, pair.task, pair.context, t, words, cfg, &p, error) ||
-                !prefill_trial(m, p, cfg, with_aware, &pre, error))
+                (!kept_base && !prefill_base(m, p, cfg, &base, error)) ||
+                !finish_prefill(m, p, cfg, std::move(base), with_aware, &pre, error))
                 return false;
-            // The trial's answers side by side on the workers; each row only on one of them.
+            pre.seconds = now_s() - t0;
+            // The trial's compressions (and agnostic questions) side by side on the workers, then
+            // every answer decoded in one batch on the caller's model (all its threads).
+            std::vector<Prepared> prep(rows.size());
             const bool ok = workers.run(
                 (int)rows.size(),
                 [&](int wi, int i, std::string *err) {
-                    TaskRow &r = rows[(size_t)i];
-                    const double before = r.score;
-                    r.prefill_seconds += pre.seconds / (double)rows.size();
-                    if (!answer(workers.context(wi), workers.model(wi), pre, p, r.mode, r.method, r.budget, &r,
-                                &answers[(size_t)i], err))
+                    const TaskRow &r = rows[(size_t)i];
+                    if (!prepare(workers.context(wi), workers.model(wi), pre, p, r.mode, r.method, r.budget,
+                                 &prep[(size_t)i], err))
                         return false;
-                    scores[(size_t)i] = r.score - before;
                     char what[96];
                     std::snprintf(what, sizeof what, "%s %d %s %s %.0f%%", task_name(r.task), r.context,
                                   r.mode.c_str(), r.method.c_str(), 100 * r.budget);
@@ -266,6 +343,21 @@ bool run_tasks_compressed(defkv_context *ctx, Model &m, const std::vector<std::s
                 },
                 error);
             if (!ok) return false;
+            std::vector<KVState *> states;
+            std::vector<std::vector<float>> logits;
+            for (Prepared &pr : prep) {
+                states.push_back(&pr.st);
+                logits.push_back(std::move(pr.logits[0]));
+            }
+            std::vector<double> secs(rows.size(), 0.0);
+            if (!generate(m, states, logits, p.max_new, p.refs, &answers, &secs, error)) return false;
+            for (size_t i = 0; i < rows.size(); ++i) {
+                TaskRow &r = rows[i];
+                const double before = r.score;
+                r.prefill_seconds += pre.seconds / (double)rows.size();
+                add_answer(&r, p, answers[i], prep[i].kept_fraction, prep[i].seconds + secs[i]);
+                scores[i] = r.score - before;
+            }
             if (cfg.verbose)
                 for (size_t i = 0; i < rows.size(); ++i) {
                     const TaskRow &r = rows[i];
@@ -276,6 +368,7 @@ bool run_tasks_compressed(defkv_context *ctx, Model &m, const std::vector<std::s
         }
         for (TaskRow &r : rows) finish_row(&r);
         out->insert(out->end(), rows.begin(), rows.end());
+        if (bases) keep->bases.erase({(int)pair.task, pair.context});
     }
     return true;
 }

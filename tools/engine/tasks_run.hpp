@@ -14,6 +14,7 @@
 // (aware); every method and budget of a mode compresses the same prefilled state.
 #pragma once
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -44,6 +45,15 @@ struct TaskConfig {
     // Phase 1 runs a task at a length only if it reached the threshold at every shorter one
     // (RULER's scores fall with the length); true: at every length regardless.
     bool every_length = false;
+    // Phase 1's prefilled contexts kept for phase 2 (which then does not prefill them again), up
+    // to about this many bytes of cache (f32 keys and values); 0: phase 2 prefills every trial.
+    int64_t keep_prefill_bytes = 8LL << 30;
+};
+
+// Phase 1's prefills kept for phase 2: per (task, context) pair, each trial's context but its
+// last `window` tokens (an empty state where the trial's was not kept).
+struct TaskPrefills {
+    std::map<std::pair<int, int>, std::vector<KVState>> bases;
 };
 
 // One (task, length, mode, method, budget). The full cache has method "full", budget 1 and
@@ -64,11 +74,12 @@ struct TaskRow {
 
 // Phase 1: the full cache on every (task, length) pair; out gets one row per pair (with no
 // trials where the task was below the threshold at a shorter length, see every_length).
+// keep (may be null): receives the kept pairs' prefills, up to cfg.keep_prefill_bytes.
 bool run_tasks_full(defkv_context *ctx, Model &m, const std::vector<std::string> &words, const TaskConfig &cfg,
-                    Progress &prog, std::vector<TaskRow> *out, std::string *error);
+                    Progress &prog, std::vector<TaskRow> *out, std::string *error, TaskPrefills *keep = nullptr);
 // Phase 2: every mode x method x budget on the pairs in `kept` (rows of phase 1).
 bool run_tasks_compressed(defkv_context *ctx, Model &m, const std::vector<std::string> &words,
                           const TaskConfig &cfg, const std::vector<TaskRow> &kept, Progress &prog,
-                          std::vector<TaskRow> *out, std::string *error);
+                          std::vector<TaskRow> *out, std::string *error, TaskPrefills *keep = nullptr);
 
 }  // namespace defkv_engine
