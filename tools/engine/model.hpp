@@ -9,7 +9,9 @@
 //            the tail into a segment.
 // Or paged (CacheKind::paged, the default): the same segment and tail held in page pools
 // through block tables (paged.hpp); the attention reads the pages through the tables into the
-// same two blocks per head, so both caches give the same bits.
+// same two blocks per head, so both caches give the same bits. A one-token step (decoding)
+// reads every layout in place, row by row in the same order, with its own fixed-order products
+// (rowdot.hpp): again the same bits for every layout.
 // Positions keep counting through eviction: a token appended after compression gets the
 // rotary position it would have had with the full cache.
 #pragma once
@@ -107,7 +109,8 @@ public:
     // logits: if non-null, receives [n, vocab] logits for the last n tokens (n = n_logits).
     // capture_window > 0: record post-rotary queries of the last capture_window tokens of this
     // call into state.win_q (the call must contain at least that many tokens).
-    // Returns false (with error) if the tail has no room.
+    // Returns false (with error) if the tail has no room. One token (n_tokens == 1) is
+    // decode_batch's step with this one state; more run as OpenBLAS products.
     bool forward(KVState &state, const int *tokens, int n_tokens, float *logits, int n_logits,
                  int capture_window, std::string *error);
     // One token for each of n states at once (a batch of sequences, each with its own cache,

@@ -1,6 +1,7 @@
 // Fixed-order products of a one-token step (rowdot.hpp).
 #include "rowdot.hpp"
 
+#include <atomic>
 #include <cmath>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -144,13 +145,28 @@ __attribute__((target("avx2,fma"))) void axpy_rows_avx2(const float *p, int nv, 
         for (int j = 0; j < nv; ++j) out[i] = std::fma(p[j], v[j * ldv + i], out[i]);
 }
 
-bool have_avx2() {
+bool cpu_has_avx2() {
     static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     return yes;
 }
 #endif
 
+std::atomic<bool> g_simd{true};
+
+#ifdef DEFKV_ENGINE_X86
+bool have_avx2() { return g_simd.load(std::memory_order_relaxed) && cpu_has_avx2(); }
+#endif
+
 }  // namespace
+
+bool rowdot_simd(bool use_simd) {
+    g_simd = use_simd;
+#ifdef DEFKV_ENGINE_X86
+    return cpu_has_avx2();
+#else
+    return false;
+#endif
+}
 
 void dot_rows(const float *x, int64_t ldx, int nb, const float *w, int64_t ldw, int no, int n, float *y, int64_t ldy,
               bool accumulate) {

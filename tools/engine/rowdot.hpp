@@ -20,4 +20,8 @@ void dot_rows(const float *x, int64_t ldx, int nb, const float *w, int64_t ldw, 
 // out[i] = fma(p[j], v[j * ldv + i], out[i]) for j = 0, 1, ..., nv - 1 in that order, i < d.
 void axpy_rows(const float *p, int nv, const float *v, int64_t ldv, int d, float *out);
 
+// For tests: use_simd false makes both functions above run their portable versions (process-
+// wide; not to be changed while they run). Returns whether the CPU has the AVX2+FMA ones.
+bool rowdot_simd(bool use_simd);
+
 }  // namespace defkv_engine
