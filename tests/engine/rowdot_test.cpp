@@ -9,19 +9,14 @@
 #include <string>
 #include <vector>
 
+#include "check.hpp"
 #include "rowdot.hpp"
 
 using namespace defkv_engine;
+using engine_test::check;
+using engine_test::report;
 
 namespace {
-int checks = 0, failures = 0;
-void check(bool ok, const std::string &what) {
-    ++checks;
-    if (!ok) {
-        ++failures;
-        std::printf("FAIL: %s\n", what.c_str());
-    }
-}
 
 // The documented order: lane l sums k = l, l + 8, ... below n - n % 8 by fused multiply-adds;
 // lanes added as ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)); then the tail, one fma each.
@@ -100,6 +95,5 @@ int main() {
         }
         rowdot_simd(true);
     }
-    std::printf("%s: %d checks, %d failures\n", failures ? "FAIL" : "PASS", checks, failures);
-    return failures ? 1 : 0;
+    return report();
 }

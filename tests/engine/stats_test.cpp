@@ -5,19 +5,14 @@
 #include <string>
 #include <vector>
 
+#include "check.hpp"
 #include "stats.hpp"
 
 using namespace defkv_engine;
+using engine_test::check;
+using engine_test::report;
 
 namespace {
-int checks = 0, failures = 0;
-void check(bool ok, const std::string &what) {
-    ++checks;
-    if (!ok) {
-        ++failures;
-        std::printf("FAIL: %s\n", what.c_str());
-    }
-}
 bool near(double a, double b, double rel) { return std::fabs(a - b) <= rel * std::max(std::fabs(a), std::fabs(b)); }
 }  // namespace
 
@@ -93,6 +88,5 @@ int main() {
     check(pick_windows(n_tokens, len, 16, 1234 + len, &off2, &err) && off == off2, "windows reproducible");
     check(pick_windows(n_tokens, len, 16, 99, &off2, &err) && off != off2, "windows depend on the seed");
     check(!pick_windows(20000, 1024, 30, 1, &off2, &err) && !err.empty(), "too short a text is an error");
-    std::printf("%s: %d checks, %d failures\n", failures ? "FAIL" : "PASS", checks, failures);
-    return failures ? 1 : 0;
+    return report();
 }

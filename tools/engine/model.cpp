@@ -165,6 +165,34 @@ void matmul(const float *x, const float *w, float *y, int T, int in, int out, in
 }
 
 
+// Rotary embedding of nh heads of x (each d wide) on adjacent pairs (GGUF llama weights are
+// permuted for this form), at the position whose cos/sin rows are c and s.
+void rotate(float *x, int nh, int d, const float *c, const float *s) {
+    for (int h = 0; h < nh; ++h)
+        for (int i = 0; i < d / 2; ++i) {
+            const float a = x[h * d + 2 * i], b = x[h * d + 2 * i + 1];
+            x[h * d + 2 * i] = a * c[i] - b * s[i];
+            x[h * d + 2 * i + 1] = a * s[i] + b * c[i];
+        }
+}
+
+// Whether the state has room for T more tokens: in its tail and, for a per-head contiguous
+// state, in every head. `which` prefixes the message.
+bool check_room(const KVState &st, int T, const std::string &which, std::string *error) {
+    if (st.n_tail + T > st.tail_cap) {
+        *error = which + "KV cache tail is full (" + std::to_string(st.tail_cap) + " tokens)";
+        return false;
+    }
+    if (st.per_head && !st.paged)
+        for (const LayerKV &l : st.layers)
+            for (int32_t len : l.head_len)
+                if (len + T > st.tail_cap) {
+                    *error = which + "KV cache head is full (" + std::to_string(st.tail_cap) + " rows)";
+                    return false;
+                }
+    return true;
+}
+
 // Appends T tokens' keys and values (k, v: [T, Hk, d]) to layer l of the state: paged pages,
 // each head's own rows (per-head contiguous) or the tail after its n_tail tokens.
 bool append_tokens(KVState &st, int l, int Hk, int d, const float *k, const float *v, int T, std::string *error) {
@@ -275,6 +303,19 @@ void Model::ensure_rope(int max_pos) {
         }
 }
 
+void Model::size_scratch(int rows) {
+    const size_t r = (size_t)rows, D = (size_t)cfg_.d_model, Hd = (size_t)cfg_.n_heads * cfg_.head_dim;
+    const size_t KVd = (size_t)cfg_.n_kv_heads * cfg_.head_dim, F = (size_t)cfg_.d_ff;
+    x_.resize(r * D);
+    xn_.resize(r * D);
+    q_.resize(r * Hd);
+    k_.resize(r * KVd);
+    v_.resize(r * KVd);
+    att_.resize(r * Hd);
+    gate_.resize(r * F);
+    up_.resize(r * F);
+}
+
 KVState Model::new_state(int tail_cap, CacheKind kind) const {
     KVState s;
     s.tail_cap = tail_cap;
@@ -320,17 +361,7 @@ bool Model::forward(KVState &st, const int *tokens, int T, float *logits, int n_
     const int D = cfg_.d_model, H = cfg_.n_heads, Hk = cfg_.n_kv_heads, d = cfg_.head_dim;
     const int G = H / Hk, F = cfg_.d_ff, half = d / 2;
     if (T <= 0) return true;
-    if (st.n_tail + T > st.tail_cap) {
-        *error = "KV cache tail is full (" + std::to_string(st.tail_cap) + " tokens)";
-        return false;
-    }
-    if (st.per_head && !st.paged)
-        for (const LayerKV &l : st.layers)
-            for (int32_t len : l.head_len)
-                if (len + T > st.tail_cap) {
-                    *error = "KV cache head is full (" + std::to_string(st.tail_cap) + " rows)";
-                    return false;
-                }
+    if (!check_room(st, T, "", error)) return false;
     if (capture_window > T || n_logits > T) {
         *error = "internal: window or logits count exceeds the tokens of the call";
         return false;
@@ -345,14 +376,7 @@ bool Model::forward(KVState &st, const int *tokens, int T, float *logits, int n_
         }
     const OneThreadBlas one_blas(threads_ > 1);
     ensure_rope(st.pos + T);
-    x_.resize((size_t)T * D);
-    xn_.resize((size_t)T * D);
-    q_.resize((size_t)T * H * d);
-    k_.resize((size_t)T * Hk * d);
-    v_.resize((size_t)T * Hk * d);
-    att_.resize((size_t)T * H * d);
-    gate_.resize((size_t)T * F);
-    up_.resize((size_t)T * F);
+    size_scratch(T);
     if (capture_window > 0) {
         st.window = capture_window;
         st.win_q.assign(cfg_.n_layers, std::vector<float>((size_t)H * capture_window * d));
@@ -369,20 +393,10 @@ bool Model::forward(KVState &st, const int *tokens, int T, float *logits, int n_
         matmul(xn_.data(), w.wq.data(), q_.data(), T, D, H * d, threads_);
         matmul(xn_.data(), w.wk.data(), k_.data(), T, D, Hk * d, threads_);
         matmul(xn_.data(), w.wv.data(), v_.data(), T, D, Hk * d, threads_);
-        // Rotary embedding on adjacent pairs (GGUF llama weights are permuted for this form).
         for (int t = 0; t < T; ++t) {
-            const float *c = &rope_cos_[(size_t)(st.pos + t) * half];
-            const float *s = &rope_sin_[(size_t)(st.pos + t) * half];
-            auto rot = [&](float *x, int nh) {
-                for (int h = 0; h < nh; ++h)
-                    for (int i = 0; i < half; ++i) {
-                        const float a = x[h * d + 2 * i], b = x[h * d + 2 * i + 1];
-                        x[h * d + 2 * i] = a * c[i] - b * s[i];
-                        x[h * d + 2 * i + 1] = a * s[i] + b * c[i];
-                    }
-            };
-            rot(&q_[(size_t)t * H * d], H);
-            rot(&k_[(size_t)t * Hk * d], Hk);
+            const float *c = &rope_cos_[(size_t)(st.pos + t) * half], *s = &rope_sin_[(size_t)(st.pos + t) * half];
+            rotate(&q_[(size_t)t * H * d], H, d, c, s);
+            rotate(&k_[(size_t)t * Hk * d], Hk, d, c, s);
         }
         if (!append_tokens(st, l, Hk, d, k_.data(), v_.data(), T, error)) return false;
         if (capture_window > 0) {
@@ -580,29 +594,12 @@ bool Model::step(KVState *const *states, const int *tokens, int B, float *logits
             *error = which + "the state was not made by this model";
             return false;
         }
-        if (st.n_tail + 1 > st.tail_cap) {
-            *error = which + "KV cache tail is full (" + std::to_string(st.tail_cap) + " tokens)";
-            return false;
-        }
-        if (st.per_head && !st.paged)
-            for (const LayerKV &l : st.layers)
-                for (int32_t len : l.head_len)
-                    if (len + 1 > st.tail_cap) {
-                        *error = which + "KV cache head is full (" + std::to_string(st.tail_cap) + " rows)";
-                        return false;
-                    }
+        if (!check_room(st, 1, which, error)) return false;
         max_pos = std::max(max_pos, st.pos + 1);
     }
     const OneThreadBlas one_blas(threads_ > 1);
     ensure_rope(max_pos);
-    x_.resize((size_t)B * D);
-    xn_.resize((size_t)B * D);
-    q_.resize((size_t)B * H * d);
-    k_.resize((size_t)B * Hk * d);
-    v_.resize((size_t)B * Hk * d);
-    att_.resize((size_t)B * H * d);
-    gate_.resize((size_t)B * F);
-    up_.resize((size_t)B * F);
+    size_scratch(B);
     if (capture) {
         states[0]->window = 1;
         states[0]->win_q.assign(cfg_.n_layers, std::vector<float>((size_t)H * d));
@@ -630,18 +627,9 @@ bool Model::step(KVState *const *states, const int *tokens, int B, float *logits
         project(xn_.data(), w.wv.data(), v_.data(), D, Hk * d, false);
         for (int b = 0; b < B; ++b) {
             KVState &st = *states[b];
-            const float *c = &rope_cos_[(size_t)st.pos * half];
-            const float *s = &rope_sin_[(size_t)st.pos * half];
-            auto rot = [&](float *x, int nh) {
-                for (int h = 0; h < nh; ++h)
-                    for (int i = 0; i < half; ++i) {
-                        const float a = x[h * d + 2 * i], e = x[h * d + 2 * i + 1];
-                        x[h * d + 2 * i] = a * c[i] - e * s[i];
-                        x[h * d + 2 * i + 1] = a * s[i] + e * c[i];
-                    }
-            };
-            rot(&q_[(size_t)b * H * d], H);
-            rot(&k_[(size_t)b * Hk * d], Hk);
+            const float *c = &rope_cos_[(size_t)st.pos * half], *s = &rope_sin_[(size_t)st.pos * half];
+            rotate(&q_[(size_t)b * H * d], H, d, c, s);
+            rotate(&k_[(size_t)b * Hk * d], Hk, d, c, s);
             if (!append_tokens(st, l, Hk, d, &k_[(size_t)b * Hk * d], &v_[(size_t)b * Hk * d], 1, error)) return false;
             if (capture) std::memcpy(st.win_q[l].data(), &q_[(size_t)b * H * d], sizeof(float) * H * d);
         }

@@ -142,6 +142,7 @@ private:
     std::vector<LayerWeights> layers_;
     std::vector<float> rope_cos_, rope_sin_;  // [context_cap, d/2], grown on demand
     void ensure_rope(int max_pos);
+    void size_scratch(int rows);  // the per-call buffers below for `rows` tokens
     bool step(KVState *const *states, const int *tokens, int n, float *logits, bool capture, std::string *error);
     // scratch, reused between calls
     std::vector<float> x_, xn_, q_, k_, v_, att_, gate_, up_, scores_;
