@@ -6,7 +6,9 @@
 #   1. build-asan  : -DDEFKV_SANITIZE=ON (ASan + UBSan, no recovery), runs ctest -L unit,
 #                    the CLI tests (-R '^cli\.') when the defkv program is built, -L reliability
 #                    (which includes the allocation fault-injection sweep
-#                    reliability_fault_injection, run here with leak detection).
+#                    reliability_fault_injection, run here with leak detection), and the
+#                    real-model engine's tests (-L engine: tools/engine built here too; the
+#                    tests that need the cached model say SKIPPED without it).
 #   2. build-tsan  : -DDEFKV_TSAN=ON, runs the multithreaded tests (-L threads, and the unit
 #                    determinism/threads tests).
 #   3. build-valgrind: a plain RelWithDebInfo build; every `unit` and `reliability` C test
@@ -47,7 +49,7 @@ run_ctest() { # dir, args...
 # ---- 1. AddressSanitizer + UndefinedBehaviorSanitizer ------------------------------------
 if want asan; then
 step "ASan+UBSan build (build-asan)"
-cmake -S . -B build-asan "${COMMON[@]}" -DDEFKV_SANITIZE=ON >/dev/null
+cmake -S . -B build-asan "${COMMON[@]}" -DDEFKV_SANITIZE=ON -DDEFKV_TOOLS_ENGINE=ON >/dev/null
 cmake --build build-asan -j "$JOBS"
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
@@ -62,6 +64,8 @@ step "ASan+UBSan: reliability tests (the fault-injection sweep included)"
 run_ctest build-asan -L reliability -E oversized
 step "ASan+UBSan: the paged-cache harness"
 run_ctest build-asan -R '^paged_cpu$'
+step "ASan+UBSan: the real-model engine (forward, one-token batches, compression, tasks)"
+run_ctest build-asan -L engine
 unset ASAN_OPTIONS UBSAN_OPTIONS LSAN_OPTIONS
 fi
 
