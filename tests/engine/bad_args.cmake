@@ -15,6 +15,7 @@ set(cases
   "tasks --contexts 100|--contexts"
   "tasks --trials 0|--trials"
   "tasks --threshold 150|--threshold"
+  "tasks --keep-prefills -1|--keep-prefills"
   "tasks --budgets 1%|--budgets"
   "tasks --methods nosuchmethod|--methods"
   "tasks --model /nonexistent/model.gguf|model file not found"
