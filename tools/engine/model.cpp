@@ -150,20 +150,26 @@ struct HeadBlocks {
     int ns;
 };
 
+// fn(c0, c1) for slices of the columns [0, out) of a product of `macs` multiply-adds, one
+// slice per thread (64-aligned), on up to `threads` threads; small products stay on the caller's
+// thread. Each column is computed whole by one call, so the split never changes a sum.
+template <class Fn> void split_columns(int64_t macs, int out, int threads, Fn fn) {
+    const int n = macs >= kParallelMacs ? std::max(1, std::min(threads, out / 64)) : 1;
+    run_threads(n, [&](int i) {
+        const int c0 = (int)((int64_t)out * i / n) / 64 * 64, c1 = i + 1 == n ? out : (int)((int64_t)out * (i + 1) / n) / 64 * 64;
+        if (c1 > c0) fn(c0, c1);
+    });
+}
+
 // y[T, out] = x[T, in] * W[out, in]^T + beta * y, the columns of y split over `threads` threads
 // (each slice a one-thread product over the whole of `in`, so every element is summed as in
 // the undivided call). Small products stay on the caller's thread.
 void matmul(const float *x, const float *w, float *y, int T, int in, int out, int threads, float beta = 0.0f) {
-    const int64_t work = (int64_t)T * in * out;
-    const int n = work >= kParallelMacs ? std::max(1, std::min(threads, out / 64)) : 1;
-    run_threads(n, [&](int i) {
-        const int c0 = (int)((int64_t)out * i / n) / 64 * 64, c1 = i + 1 == n ? out : (int)((int64_t)out * (i + 1) / n) / 64 * 64;
-        if (c1 > c0)
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, c1 - c0, in, 1.0f, x, in, w + (size_t)c0 * in, in,
-                        beta, y + c0, out);
+    split_columns((int64_t)T * in * out, out, threads, [&](int c0, int c1) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, c1 - c0, in, 1.0f, x, in, w + (size_t)c0 * in, in, beta,
+                    y + c0, out);
     });
 }
-
 
 // Rotary embedding of nh heads of x (each d wide) on adjacent pairs (GGUF llama weights are
 // permuted for this form), at the position whose cos/sin rows are c and s.
@@ -606,12 +612,8 @@ bool Model::step(KVState *const *states, const int *tokens, int B, float *logits
     }
     // y[B, out] (+)= x[B, in] * W[out, in]^T, the columns split over the threads.
     auto project = [&](const float *x, const float *w, float *y, int in, int out, bool accumulate) {
-        const int64_t work = (int64_t)B * in * out;
-        const int n = work >= kParallelMacs ? std::max(1, std::min(threads_, out / 64)) : 1;
-        run_threads(n, [&](int i) {
-            const int c0 = (int)((int64_t)out * i / n) / 64 * 64;
-            const int c1 = i + 1 == n ? out : (int)((int64_t)out * (i + 1) / n) / 64 * 64;
-            if (c1 > c0) dot_rows(x, in, B, w + (size_t)c0 * in, in, c1 - c0, in, y + c0, out, accumulate);
+        split_columns((int64_t)B * in * out, out, threads_, [&](int c0, int c1) {
+            dot_rows(x, in, B, w + (size_t)c0 * in, in, c1 - c0, in, y + c0, out, accumulate);
         });
     };
     for (int b = 0; b < B; ++b)
